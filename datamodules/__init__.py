@@ -1,0 +1,3 @@
+from .text import TextDataModule
+
+__all__ = ["TextDataModule"]

@@ -1,0 +1,1 @@
+"""Model-agnostic ROME math and model plumbing; free of Lightning."""

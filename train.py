@@ -1,0 +1,48 @@
+"""Entry point: compose configs/ with key=value overrides and dispatch on ``stage``.
+
+    python train.py stage=stats model.name=smollm2-135m stats.layers=[6] stats.tokens=200000
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+STAGES = {"stats": "recipes.stats"}
+
+
+def _quiet() -> None:
+    """Keep the console for our own progress bars and results: no framework banners or tips."""
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*predict returned None.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str]) -> int:
+    from pipeline.config import compose
+    from pipeline.errors import UserError
+
+    _quiet()
+    try:
+        cfg = compose(argv)
+        if cfg.stage not in STAGES:
+            raise UserError(f"stage={cfg.stage} is not one of {', '.join(STAGES)}")
+        importlib.import_module(STAGES[cfg.stage]).run(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
