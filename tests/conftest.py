@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny randomly initialised models of every family, saved as real HF directories.
+
+No download: a byte-level BPE tokenizer is trained in a second on the shared Wikipedia sample, and the
+models are built from configs.  ``tiny_model_dir(family)`` is what ``model.name=`` takes in CLI tests.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+WIKI = DATA / "wikipedia" / "wikipedia_en_sample.jsonl.gz"
+sys.path.insert(0, str(ROOT))
+
+FAMILIES = ("gpt2", "llama", "gptj", "gpt_neox", "mistral", "qwen2")
+
+
+def wiki_texts(n: int) -> list[str]:
+    out = []
+    with gzip.open(WIKI, "rt") as f:
+        for line in f:
+            out.append(json.loads(line)["text"])
+            if len(out) == n:
+                break
+    return out
+
+
+def _train_tokenizer(bos: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([t[:3000] for t in wiki_texts(300)], trainer)
+    if bos:  # Llama-style: every encoding starts with <s>
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def _config(family: str, vocab: int):
+    import transformers as tf
+
+    small = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=0, pad_token_id=0)
+    if family == "gpt2":
+        return tf.GPT2Config(n_layer=4, n_embd=64, n_head=4, n_positions=512, **small)
+    if family == "gptj":
+        return tf.GPTJConfig(n_layer=4, n_embd=64, n_head=4, rotary_dim=8, n_positions=512, **small)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=256,
+                                max_position_embeddings=512, **small)
+    llama_like = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=160, max_position_embeddings=512, **small)
+    return {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family](**llama_like)
+
+
+def build_tiny_model(family: str, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tok = _train_tokenizer(bos=family in ("llama", "mistral"))
+    model = AutoModelForCausalLM.from_config(_config(family, len(tok)))
+    # Random init at 0.02 gives near-uniform outputs; a larger scale makes the tiny models opinionated,
+    # so that edits and traces have real effects to measure.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def get(family: str = "gpt2") -> Path:
+        if family not in made:
+            made[family] = build_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def small_wiki(tmp_path_factory) -> Path:
+    """The first 40 articles of the shared sample as a local jsonl file."""
+    path = tmp_path_factory.mktemp("data") / "wiki40.jsonl"
+    with open(path, "w") as f:
+        for i, t in enumerate(wiki_texts(40)):
+            f.write(json.dumps({"id": str(i), "text": t}) + "\n")
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
+    """``python train.py args...`` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)
