@@ -99,7 +99,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gpt_neox": dict(
         blocks="gpt_neox.layers", mlp="mlp", down_proj="mlp.dense_4h_to_h", down_proj_conv1d=False,
         attn="attention", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head=("lm_head", "embed_out"),  # transformers 5 renamed embed_out
     ),
     **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
 }
@@ -108,7 +108,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
 def arch_for(model: nn.Module, overrides: Mapping[str, Any] | None = None) -> ArchSpec:
     """The adapter for ``model`` from its ``config.model_type``, with fields overridden from config."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    fields = dict(FAMILIES.get(model_type, {}))
+    # a tuple lists candidate paths across transformers versions: take the first the model has
+    fields = {k: next((c for c in v if _has(model, c)), v[0]) if isinstance(v, tuple) else v
+              for k, v in FAMILIES.get(model_type, {}).items()}
     fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
     missing = [f.name for f in dataclasses.fields(ArchSpec) if f.name not in fields]
     if missing:

@@ -57,11 +57,11 @@ def model_file_for(name: str, config_dir: Path = CONFIG_DIR) -> DictConfig | Non
 
 def _model_type(name: str) -> str | None:
     """``config.model_type`` of a local directory or hub id, or None when it cannot be read."""
-    try:
-        from transformers import AutoConfig
+    from .loading import model_config
 
-        return AutoConfig.from_pretrained(name).model_type
-    except Exception:  # unknown or offline: load_model reports it properly later
+    try:
+        return model_config(name).model_type
+    except UserError:  # unknown or offline: load_model reports it (the failure is remembered, not retried)
         return None
 
 

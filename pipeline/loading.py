@@ -17,7 +17,7 @@ from .arch import ArchSpec, arch_for
 from .atomic import atomic_dir, write_json
 from .errors import UserError
 
-__all__ = ["LoadedModel", "load_model", "resolve_device", "resolve_dtype", "default_cache_dir", "EMBEDDED"]
+__all__ = ["LoadedModel", "load_model", "model_config", "resolve_device", "resolve_dtype", "default_cache_dir", "EMBEDDED"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,34 @@ def _local_identity(path: Path, name: str) -> dict[str, str]:
     return {"name": name, "revision": f"weights-sha256:{_sha256_files(weights)}"}
 
 
+_CONFIGS: dict[tuple[str, str | None], Any] = {}
+
+
+def model_config(name: str, revision: str | None = None):
+    """The HF config of a local directory or hub id. One network round trip per process: failures are
+    remembered too, since an unreachable hub costs ~20 s of retries each time."""
+    if (name, revision) not in _CONFIGS:
+        _CONFIGS[name, revision] = _fetch_config(name, revision)
+    found = _CONFIGS[name, revision]
+    if isinstance(found, UserError):
+        raise found
+    return found
+
+
+def _fetch_config(name: str, revision: str | None):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, revision=revision)
+    except (OSError, ValueError) as err:
+        if os.path.isdir(name):
+            return UserError(f"cannot load a causal LM from {name}: {str(err).splitlines()[0]}")
+        return UserError(
+            f"model '{name}' is neither a local directory nor reachable on the Hugging Face hub "
+            f"(offline or unknown id); pass model.name=<local dir> or one of: {', '.join(EMBEDDED)}"
+        )
+
+
 def load_model(
     name: str,
     *,
@@ -142,16 +170,12 @@ def load_model(
     else:
         path = None
     where = str(path) if path is not None else name
+    model_config(where, revision)  # fails fast, with one clear line, for unknown or unreachable models
     try:
         tok = AutoTokenizer.from_pretrained(where, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(where, revision=revision, dtype=torch_dtype)
     except (OSError, ValueError) as err:
-        if path is not None:
-            raise UserError(f"cannot load a causal LM from {where}: {str(err).splitlines()[0]}") from err
-        raise UserError(
-            f"model '{name}' is neither a local directory nor reachable on the Hugging Face hub "
-            f"(offline or unknown id); pass model.name=<local dir> or one of: {', '.join(EMBEDDED)}"
-        ) from err
+        raise UserError(f"cannot load a causal LM from {where}: {str(err).splitlines()[0]}") from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(dev).eval().requires_grad_(False)

@@ -1,0 +1,146 @@
+"""The stats stage through its command line: correctness, DDP merge, SIGKILL resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROOT, WIKI, run_cli
+from pipeline.hooks import Trace, get_module
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def stats_args(model_dir, data, stats_dir, *extra):
+    return ("stage=stats", f"model.name={model_dir}", f"data.files={data}", f"stats.dir={stats_dir}",
+            "data.max_length=48", "data.batch_tokens=192", "trainer.accelerator=cpu", *extra)
+
+
+def layer_file(stats_dir: Path, layer: int) -> Path:
+    (f,) = stats_dir.glob(f"*/layer_{layer}.safetensors")
+    return f
+
+
+def naive_second_moment(model_dir, texts, layer, max_length):
+    """What the stage must equal: one text at a time, full forward, keys read by a hook."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    module = get_module(model, f"model.layers.{layer}.mlp.down_proj")
+    total, n = 0, 0
+    for text in texts:
+        ids = tok(text, truncation=True, max_length=max_length, return_tensors="pt").input_ids
+        with torch.no_grad(), Trace(module, retain_input=True) as t:
+            model(ids)
+        k = t.input[0].double()
+        total, n = total + k.T @ k, n + k.shape[0]
+    return total / n, n
+
+
+def test_stats_equal_naive_hook_reference(tiny_model_dir, small_wiki, tmp_path):
+    model_dir = tiny_model_dir("llama")
+    r = run_cli(*stats_args(model_dir, small_wiki, tmp_path, "stats.layers=[1,2]", "stats.tokens=100000"), env=OFFLINE)
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stdout and str(layer_file(tmp_path, 2)) in r.stdout
+    texts = [json.loads(line)["text"] for line in open(small_wiki)]
+    for layer in (1, 2):
+        expect, n = naive_second_moment(model_dir, texts, layer, 48)
+        got = load_file(layer_file(tmp_path, layer))
+        assert int(got["count"]) == n  # the data ran out before the budget: every token counted once
+        torch.testing.assert_close(got["second_moment"], expect, rtol=1e-5, atol=1e-7)
+    manifest = json.loads(next(tmp_path.glob("*/manifest.json")).read_text())
+    assert manifest["key"]["max_length"] == 48 and set(manifest["layers"]) == {"1", "2"}
+    assert manifest["layers"]["1"]["module"] == "model.layers.1.mlp.down_proj"
+    assert not list(tmp_path.rglob("partial")) and not list(tmp_path.rglob("*.tmp"))
+    # the same command again finds everything in the cache
+    again = run_cli(*stats_args(model_dir, small_wiki, tmp_path, "stats.layers=[1,2]", "stats.tokens=100000"), env=OFFLINE)
+    assert again.returncode == 0 and "tokens/s" not in again.stdout
+
+
+def test_budget_is_exact(tiny_model_dir, small_wiki, tmp_path):
+    r = run_cli(*stats_args(tiny_model_dir("gpt2"), small_wiki, tmp_path, "stats.layers=[3]", "stats.tokens=777",
+                            "data.num_workers=2"), env=OFFLINE)
+    assert r.returncode == 0, r.stderr
+    assert int(load_file(layer_file(tmp_path, 3))["count"]) == 777
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(tiny_model_dir, small_wiki, tmp_path):
+    model_dir = tiny_model_dir("gpt2")
+    common = ("stats.layers=[1,3]", "stats.tokens=1000000")
+    one = run_cli(*stats_args(model_dir, small_wiki, tmp_path / "one", *common), env=OFFLINE)
+    two = run_cli(*stats_args(model_dir, small_wiki, tmp_path / "two", *common, "trainer.devices=2",
+                              "trainer.strategy=ddp"), env=OFFLINE)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    for layer in (1, 3):
+        a, b = load_file(layer_file(tmp_path / "one", layer)), load_file(layer_file(tmp_path / "two", layer))
+        assert int(a["count"]) == int(b["count"]) > 0
+        torch.testing.assert_close(a["second_moment"], b["second_moment"], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.slow
+def test_sigkill_then_same_command_resumes_to_identical_statistics(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir("gpt2")
+    args = lambda d: stats_args(model_dir, WIKI, d, "stats.layers=[2]", "stats.tokens=40000",
+                                "stats.checkpoint_every=3", "data.max_length=24", "data.batch_tokens=48")
+    ref = run_cli(*args(tmp_path / "ref"), env=OFFLINE)
+    assert ref.returncode == 0, ref.stderr
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(killed)], cwd=ROOT,
+                            env={**os.environ, **OFFLINE}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not list(killed.glob("*/partial/rank0.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # let it run on past the first checkpoint
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = torch.load(next(killed.glob("*/partial/rank0.pt")), weights_only=True)
+    assert 0 < partial["count"] < 40000
+    assert not list(killed.glob("*/layer_2.safetensors"))
+
+    resumed = run_cli(*args(killed), env=OFFLINE)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_file(layer_file(tmp_path / "ref", 2)), load_file(layer_file(killed, 2))
+    assert int(a["count"]) == int(b["count"]) == 40000
+    torch.testing.assert_close(b["second_moment"], a["second_moment"], rtol=1e-12, atol=0)
+    assert not list(killed.rglob("partial")) and not list(killed.rglob("*.tmp"))
+
+
+def test_bad_input_one_line_error_exit_2_nothing_left(tiny_model_dir, small_wiki, tmp_path):
+    model_dir = tiny_model_dir("gpt2")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = {
+        "out of range": stats_args(model_dir, small_wiki, tmp_path / "s", "stats.layers=[9]"),
+        "positive token budget": stats_args(model_dir, small_wiki, tmp_path / "s", "stats.layers=[1]", "stats.tokens=0"),
+        "is empty": stats_args(model_dir, empty, tmp_path / "s", "stats.layers=[1]"),
+        "neither a local directory": stats_args("nobody/no-such-model", small_wiki, tmp_path / "s", "stats.layers=[1]"),
+    }
+    for expect, args in cases.items():
+        r = run_cli(*args, env=OFFLINE)
+        assert r.returncode == 2, (expect, r.stderr)
+        lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1 and expect in lines[0], (expect, r.stderr)
+        assert not (tmp_path / "s").exists() or not list((tmp_path / "s").rglob("*.safetensors"))
+
+
+def test_corrupt_cache_file_errors_and_is_removed(tiny_model_dir, small_wiki, tmp_path):
+    args = stats_args(tiny_model_dir("gpt2"), small_wiki, tmp_path, "stats.layers=[1]", "stats.tokens=500")
+    assert run_cli(*args, env=OFFLINE).returncode == 0
+    f = layer_file(tmp_path, 1)
+    f.write_bytes(f.read_bytes()[:-100])
+    r = run_cli(*args, env=OFFLINE)
+    assert r.returncode == 2 and "corrupt" in r.stderr and "removed" in r.stderr
+    assert not f.exists()
+    assert run_cli(*args, env=OFFLINE).returncode == 0 and f.exists()  # the same command recomputes
