@@ -9,12 +9,14 @@ import importlib
 import logging
 import sys
 
-STAGES = {"stats": "recipes.stats"}
+STAGES = {"stats": "recipes.stats", "edit": "recipes.edit", "revert": "recipes.revert"}
 
 
 def _quiet() -> None:
     """Keep the console for our own progress bars and results: no framework banners or tips."""
     import warnings
+
+    import lightning.pytorch  # noqa: F401  (it sets its loggers to INFO on import: import first, then quiet)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
@@ -22,6 +24,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*predict returned None.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -1,0 +1,92 @@
+"""The edit ledger: every applied rank-one edit, enough to rebuild or revert the model exactly.
+
+``DIR/ledger.json`` lists the entries in order (request, layer, module, norms, probabilities, timings,
+model and statistics identities, status); ``DIR/edits/<id>.safetensors`` holds u = C⁻¹k* and Λ in float64.
+A model is rebuilt from its base weights by applying the entries still ``applied``, in order, with the
+same ``apply_rank_one`` the edit used -- so a revert is bitwise exact, never a floating-point subtraction.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .arch import ArchSpec
+from .atomic import atomic_path, write_json
+from .errors import UserError
+from .rank_one import RankOne, apply_rank_one
+
+__all__ = ["Ledger"]
+
+
+class Ledger:
+    def __init__(self, directory: str | Path, data: dict[str, Any]) -> None:
+        self.dir, self.data = Path(directory), data
+
+    @classmethod
+    def open(cls, directory: str | Path, model: dict[str, str] | None = None, model_dtype: str | None = None,
+             create: bool = True) -> "Ledger":
+        directory = Path(directory)
+        path = directory / "ledger.json"
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise UserError(f"ledger {path} is not valid JSON; restore it or use another directory") from err
+            if model is not None and data["model"] != model:
+                raise UserError(f"ledger {directory} belongs to model {data['model']['name']} "
+                                f"({data['model']['revision']}); use another edit.out for this model")
+            return cls(directory, data)
+        if not create:
+            raise UserError(f"no ledger at {path}; pass the edit.out directory of an earlier edit as ledger=")
+        return cls(directory, {"model": model, "model_dtype": model_dtype, "entries": [], "saved_to": None})
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        return self.data["entries"]
+
+    def active(self) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e["status"] == "applied"]
+
+    def next_id(self) -> int:
+        return 1 + max((e["id"] for e in self.entries), default=0)
+
+    def append(self, entry: dict[str, Any], edit: RankOne) -> None:
+        """Vectors first, then the ledger that names them: a crash leaves no entry without its file."""
+        name = f"edits/{entry['id']:06d}.safetensors"
+        with atomic_path(self.dir / name) as tmp:
+            save_file({"u": edit.u.cpu().contiguous(), "lam": edit.lam.cpu().contiguous()}, str(tmp),
+                      metadata={"denominator": repr(edit.denominator)})
+        self.entries.append({**entry, "file": name})
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.dir / "ledger.json", self.data)
+
+    def rank_one(self, entry: dict[str, Any]) -> RankOne:
+        t = load_file(self.dir / entry["file"])
+        return RankOne(u=t["u"], lam=t["lam"], denominator=float(entry["denominator"]))
+
+    def rebuild(self, model: torch.nn.Module, spec: ArchSpec) -> int:
+        """Apply every active entry, in order, to a model holding the base weights."""
+        for e in self.active():
+            apply_rank_one(spec.down_proj_weight(model, e["layer"]), self.rank_one(e), spec.down_proj_conv1d)
+        return len(self.active())
+
+    def revert(self, edit_id: int | str) -> list[int]:
+        """Mark ``edit_id`` (or ``"all"``) reverted; returns the ids that changed."""
+        if str(edit_id) == "all":
+            targets = self.active()
+        else:
+            targets = [e for e in self.entries if e["id"] == int(edit_id)]
+            if not targets:
+                raise UserError(f"edit_id={edit_id} is not in the ledger (ids: {[e['id'] for e in self.entries]})")
+            if targets[0]["status"] != "applied":
+                raise UserError(f"edit {edit_id} is already {targets[0]['status']}")
+        for e in targets:
+            e["status"] = "reverted"
+        return [e["id"] for e in targets]
