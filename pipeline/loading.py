@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import logging
 import os
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, arch_for
-from .atomic import atomic_dir, write_json
+from .atomic import atomic_dir, sha256_files, write_json
 from .errors import UserError
 
 __all__ = ["LoadedModel", "load_model", "model_config", "resolve_device", "resolve_dtype", "default_cache_dir", "EMBEDDED"]
@@ -93,21 +92,12 @@ def _embedded_dir(name: str, cache_dir: Path) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    digest = _sha256_files([gguf])
+    digest = sha256_files(gguf)[:16]
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_json(tmp / "rome_identity.json", {"name": name, "revision": f"gguf-sha256:{digest}", "source": emb.hub_id})
     return out
-
-
-def _sha256_files(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in sorted(files):
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _local_identity(path: Path, name: str) -> dict[str, str]:
@@ -118,7 +108,7 @@ def _local_identity(path: Path, name: str) -> dict[str, str]:
         ident = json.loads(marker.read_text())
         return {"name": ident["name"], "revision": ident["revision"]}
     weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
-    return {"name": name, "revision": f"weights-sha256:{_sha256_files(weights)}"}
+    return {"name": name, "revision": f"weights-sha256:{sha256_files(*sorted(weights))[:16]}"}
 
 
 _CONFIGS: dict[tuple[str, str | None], Any] = {}

@@ -8,7 +8,6 @@ checksum in the manifest, so a later stage never reuses wrong or damaged statist
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path, json_digest, sha256_files, write_json
 from .errors import UserError
 
 __all__ = ["accumulate_second_moment", "StatsKey", "StatsCache", "LayerStats"]
@@ -45,7 +44,7 @@ class StatsKey:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(self.as_dict())
 
 
 @dataclasses.dataclass
@@ -59,14 +58,6 @@ class LayerStats:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-60:]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class StatsCache:
@@ -107,7 +98,7 @@ class StatsCache:
         problem = None
         if not path.exists():
             problem = "is missing"
-        elif _file_sha256(path) != entry["sha256"]:
+        elif sha256_files(path) != entry["sha256"]:
             problem = "is corrupt (checksum mismatch)"
         else:
             try:
@@ -138,7 +129,7 @@ class StatsCache:
                       metadata={"module": module, "layer": str(layer)})
         manifest = self._manifest(key)
         manifest["layers"][str(layer)] = {
-            "module": module, "file": path.name, "sha256": _file_sha256(path), "tokens": count,
+            "module": module, "file": path.name, "sha256": sha256_files(path), "tokens": count,
             "d_ff": int(total.shape[0]), "dtype": str(total.dtype).removeprefix("torch."),
         }
         write_json(directory / "manifest.json", manifest)

@@ -7,14 +7,13 @@ call, seeded, and cached per model so every edit of that model uses the same tem
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .atomic import write_json
+from .atomic import json_digest, write_json
 
 __all__ = ["context_templates"]
 
@@ -55,7 +54,7 @@ def context_templates(model, tokenizer, identity: dict[str, str], cfg: Any, cach
     """``["{}", "<prefix 1>. {}", ...]``; cached in ``cache_dir`` per model identity and settings."""
     lengths = [tuple(int(x) for x in pair) for pair in cfg.lengths]
     settings = {"model": identity, "seeds": list(cfg.seeds), "lengths": lengths, "top_k": int(cfg.top_k), "seed": seed}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    digest = json_digest(settings)
     path = Path(cache_dir) / "templates" / f"{digest}.json" if cache_dir else None
     if path is not None and path.exists():
         return json.loads(path.read_text())["templates"]

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import os
 from typing import Any, Iterator
 
 import torch
 
+from .atomic import sha256_files
 from .errors import UserError
 
 __all__ = ["TextSource", "TokenBatch", "pack_batches", "shard_budget"]
@@ -52,7 +52,7 @@ class TextSource:
     def identity(self) -> dict[str, Any]:
         """What statistics are keyed by: file names and content hashes, or the hub id and revision."""
         if self.files:
-            return {"files": {os.path.basename(p): _sha256(p) for p in self.local_files()}, "text_field": self.text_field}
+            return {"files": {os.path.basename(p): sha256_files(p)[:16] for p in self.local_files()}, "text_field": self.text_field}
         return {"path": self.path, "name": self.name, "split": self.split, "revision": self.revision or "main",
                 "text_field": self.text_field}
 
@@ -97,14 +97,6 @@ class TextSource:
             raise UserError(f"cannot read {where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{hint}") from err
         if first is None:
             raise UserError(f"{self.files or self.path} holds no records")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def shard_budget(total: int, shard: int, num_shards: int) -> int:
