@@ -99,7 +99,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gpt_neox": dict(
         blocks="gpt_neox.layers", mlp="mlp", down_proj="mlp.dense_4h_to_h", down_proj_conv1d=False,
         attn="attention", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",  # transformers 5 renamed NeoX's embed_out to lm_head
     ),
     **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
 }
