@@ -1,6 +1,7 @@
 """Entry point: compose configs/ with key=value overrides and dispatch on ``stage``.
 
     python train.py stage=stats model.name=smollm2-135m stats.layers=[6] stats.tokens=200000
+    python train.py stage=trace prompt="{} is located in the city of" subject="The Eiffel Tower"
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import importlib
 import logging
 import sys
 
-STAGES = {"stats": "recipes.stats", "edit": "recipes.edit", "revert": "recipes.revert"}
+STAGES = {"stats": "recipes.stats", "edit": "recipes.edit", "revert": "recipes.revert", "trace": "recipes.trace"}
 
 
 def _quiet() -> None:

@@ -1,0 +1,226 @@
+"""Recipe: ``python train.py stage=trace`` -- causal tracing of one fact or of a file of known facts.
+
+    python train.py stage=trace prompt="{} is located in the city of" subject="The Eiffel Tower"
+    python train.py stage=trace trace.dataset=../shared/data/known_1000.json trace.n=200
+
+1. load the model; the noise level nu (trace.noise, else 3 sigma of the subjects' embeddings, cached);
+2. the facts: prompt/subject(/answer), or the first trace.n records of trace.dataset of which only
+   those the model predicts correctly are kept;
+3. trace each fact (batched), write its scores.npz and three heatmaps (PNG + PDF) into its directory;
+4. over a dataset: the average indirect effects (summary.json, Figure-2 heatmaps, line plots with 95%
+   confidence intervals) and the recommended edit layer (recommendation.json, and the per-model record
+   that ``edit.layer=auto`` reads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from pipeline.atomic import atomic_dir, write_json
+from pipeline.errors import UserError
+from pipeline.facts import Fact, load_facts
+from pipeline.loading import LoadedModel, default_cache_dir
+from pipeline.plots import plot_average, plot_fact, plot_lines
+from pipeline.subject import fill_prompt
+from pipeline.tracing import (BUCKETS, KINDS, TraceResult, answer_tokens, average_effects, greedy_tokens,
+                              make_prompt, predicts, recommend_layer, save_recommendation, subject_noise,
+                              trace_fact)
+
+from .common import loaded_model
+
+
+def _check(cfg: DictConfig) -> None:
+    t = cfg.trace
+    kinds = list(t.kinds)
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise UserError(f"trace.kinds={kinds} must be a non-empty list of {', '.join(KINDS)}")
+    for key in ("samples", "window", "batch_size"):
+        if not isinstance(t[key], int) or t[key] <= 0:
+            raise UserError(f"trace.{key}={t[key]} must be a positive integer")
+    if t.noise is not None and (not isinstance(t.noise, (int, float)) or t.noise < 0):
+        raise UserError(f"trace.noise={t.noise} must be a non-negative number (or null for 3 sigma)")
+    single = cfg.prompt is not None or cfg.subject is not None
+    if single and t.dataset is not None:
+        raise UserError("give either prompt=... subject=... (one fact) or trace.dataset=... (many), not both")
+    if not single and t.dataset is None:
+        raise UserError('nothing to trace: pass prompt="{} is located in the city of" subject="The Eiffel Tower" '
+                        "or trace.dataset=../shared/data/known_1000.json")
+    if single and (not cfg.prompt or not cfg.subject):
+        raise UserError("one fact needs both prompt=... and subject=...")
+
+
+def _cache_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.model.cache_dir or default_cache_dir())
+
+
+def _noise(cfg: DictConfig, loaded: LoadedModel) -> float:
+    if cfg.trace.noise is not None:
+        return float(cfg.trace.noise)
+    level, path = subject_noise(loaded.model, loaded.spec, loaded.tokenizer, loaded.identity,
+                                cfg.trace.noise_subjects, _cache_dir(cfg), float(cfg.trace.noise_factor))
+    print(f"noise: nu = {level:.4f} ({cfg.trace.noise_factor} x the subject-embedding std, {path})")
+    return level
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:40] or "fact"
+
+
+def _settings(cfg: DictConfig, loaded: LoadedModel, noise: float, seed: int, fact: dict) -> dict:
+    """Everything a fact's scores depend on: an existing directory with the same settings is reused."""
+    t = cfg.trace
+    return {"model": loaded.identity, "dtype": cfg.model.dtype, "noise": noise, "samples": t.samples,
+            "window": t.window, "seed": seed, "kinds": list(t.kinds), **fact}
+
+
+def _trace(cfg: DictConfig, loaded: LoadedModel, fact_dir: Path, prompt: str, subject: str, answer_id: int,
+           noise: float, seed: int, settings: dict) -> TraceResult:
+    """Trace one fact into ``fact_dir`` (scores.npz + heatmaps, written as a whole), or reuse it."""
+    scores = fact_dir / "scores.npz"
+    if scores.exists():
+        res, meta = TraceResult.load(scores)
+        if meta.get("settings") == json.loads(json.dumps(settings)):
+            return res
+    t = cfg.trace
+    p = make_prompt(loaded.tokenizer, prompt, subject, answer_id)
+    start = time.perf_counter()
+    res = trace_fact(loaded.model, loaded.spec, p, noise=noise, samples=t.samples, seed=seed,
+                     kinds=list(t.kinds), window=t.window, batch_size=t.batch_size)
+    seconds = time.perf_counter() - start
+    with atomic_dir(fact_dir) as tmp:
+        res.save(tmp / "scores.npz", settings=settings, prompt=p.text, seconds=seconds)
+        if t.plots:
+            for kind in res.effects:
+                plot_fact(res, kind, tmp / kind, model_name=str(cfg.model.name))
+    return res
+
+
+def _peaks(res: TraceResult) -> str:
+    parts = []
+    for kind, eff in res.effects.items():
+        tok, layer = np.unravel_index(int(np.argmax(eff)), eff.shape)
+        parts.append(f"{kind} {eff[tok, layer]:+.3f} at token {tok} ({res.tokens[tok]!r}), layer {layer}")
+    return "; ".join(parts)
+
+
+def trace_one(cfg: DictConfig, loaded: LoadedModel, noise: float) -> TraceResult:
+    tok, model = loaded.tokenizer, loaded.model
+    text = fill_prompt(cfg.prompt, cfg.subject)[0]
+    ids = torch.tensor([tok(text)["input_ids"]])
+    greedy = greedy_tokens(model, ids, 1)[0]
+    if cfg.answer is None:
+        word = tok.decode([greedy])
+        if greedy in tok.all_special_ids or not any(ch.isalnum() for ch in word):
+            raise UserError(f"the model does not know this fact: after '{text}' it predicts {word!r}, not an "
+                            "answer; pass answer=... to trace a given answer")
+        answer_id = greedy
+    else:
+        answer_id = answer_tokens(tok, text, str(cfg.answer))[0]
+        if answer_id != greedy:
+            print(f"note: the model predicts {tok.decode([greedy])!r}, not {tok.decode([answer_id])!r}; "
+                  f"tracing p({tok.decode([answer_id]).strip()}) as asked")
+    out = Path(cfg.trace.out)
+    key = hashlib.sha256(f"{text}\0{cfg.subject}\0{answer_id}".encode()).hexdigest()[:8]
+    fact_dir = out / f"{_slug(cfg.subject)}-{key}"
+    settings = _settings(cfg, loaded, noise, int(cfg.seed), {"prompt": text, "subject": cfg.subject,
+                                                           "answer_id": answer_id})
+    res = _trace(cfg, loaded, fact_dir, cfg.prompt, cfg.subject, answer_id, noise, int(cfg.seed), settings)
+    print(f"p({res.answer.strip()}): clean {res.p_clean:.4f}, corrupted {res.p_corrupted:.4f}, "
+          f"total effect {res.total_effect:+.4f}")
+    print(f"largest effects: {_peaks(res)}")
+    print(f"scores and heatmaps: {fact_dir}")
+    return res
+
+
+def _known(loaded: LoadedModel, fact: Fact) -> tuple[bool, str, int]:
+    text = fill_prompt(fact.prompt, fact.subject)[0]
+    known, got = predicts(loaded.model, loaded.tokenizer, text, fact.answer)
+    return known, got, answer_tokens(loaded.tokenizer, text, fact.answer)[0]
+
+
+def trace_dataset(cfg: DictConfig, loaded: LoadedModel, noise: float) -> dict:
+    t = cfg.trace
+    facts = load_facts(t.dataset, t.n)
+    out = Path(t.out)
+    results: list[TraceResult] = []
+    skipped: list[dict] = []
+    start = time.perf_counter()
+    bar = tqdm(facts, desc="trace", unit="fact", dynamic_ncols=True)
+    for fact in bar:
+        try:
+            known, got, answer_id = _known(loaded, fact)
+        except UserError as err:  # e.g. the subject is not in the prompt: skip, say why
+            skipped.append({"id": fact.id, "subject": fact.subject, "reason": str(err)})
+            continue
+        if not known:
+            skipped.append({"id": fact.id, "subject": fact.subject,
+                            "reason": f"the model predicts {got!r}, not {fact.answer!r}"})
+            continue
+        seed = int(cfg.seed) + fact.index  # the fact's own noise, whatever else is traced
+        settings = _settings(cfg, loaded, noise, seed, {"prompt": fact.prompt, "subject": fact.subject,
+                                                      "answer": fact.answer})
+        fact_dir = out / "facts" / f"{fact.id}-{_slug(fact.subject)}"
+        results.append(_trace(cfg, loaded, fact_dir, fact.prompt, fact.subject, answer_id, noise, seed, settings))
+        bar.set_postfix(kept=len(results), skipped=len(skipped))
+    bar.close()
+    seconds = time.perf_counter() - start
+    print(f"kept {len(results)} of {len(facts)} facts: the model predicts the answer of those "
+          f"(skipped {len(skipped)}: {', '.join(s['subject'] for s in skipped[:3])}{', ...' if len(skipped) > 3 else ''})")
+    if not results:
+        raise UserError(f"the model knows none of the {len(facts)} facts in {t.dataset}; nothing to average")
+    return _summarise(cfg, loaded, noise, results, skipped, len(facts), seconds)
+
+
+def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list[TraceResult],
+               skipped: list[dict], n_records: int, seconds: float) -> dict:
+    t, out = cfg.trace, Path(cfg.trace.out)
+    aie = average_effects(results)
+    layer = recommend_layer(aie)
+    last_subj = aie["mlp"]["mean"][BUCKETS.index("last subject token")]
+    name = str(cfg.model.name)
+    summary = {
+        "model": loaded.identity, "dataset": str(t.dataset), "records": n_records, "known": len(results),
+        "skipped": skipped, "noise": noise, "samples": t.samples, "window": t.window, "seed": int(cfg.seed),
+        "mean_p_clean": float(np.mean([r.p_clean for r in results])),
+        "mean_p_corrupted": float(np.mean([r.p_corrupted for r in results])),
+        "mean_total_effect": float(np.mean([r.total_effect for r in results])),
+        "buckets": list(BUCKETS),
+        "average_indirect_effect": {k: {"mean": v["mean"].tolist(), "ci95": v["ci95"].tolist(),
+                                        "facts_per_bucket": v["count"].tolist()} for k, v in aie.items()},
+        "recommended_layer": layer,
+        "recommendation_rule": "argmax over layers of the average MLP effect at the last subject token",
+        "mlp_effect_at_last_subject_token": last_subj.tolist(),
+        "seconds": seconds,
+    }
+    summary = json.loads(json.dumps(summary).replace("NaN", "null"))  # strict JSON: no NaN
+    write_json(out / "summary.json", summary)
+    for kind in aie:
+        plot_average(aie, kind, out / f"aie_{kind}", len(results), name)
+    plot_lines(aie, out / "aie_lines", len(results), name)
+    write_json(out / "recommendation.json", {"layer": layer, "model": loaded.identity, "n_facts": len(results),
+                                             "summary": str((out / "summary.json").resolve())})
+    record = save_recommendation(_cache_dir(cfg), loaded.identity, layer, len(results), out / "summary.json")
+    print(f"mean p(answer): clean {summary['mean_p_clean']:.4f}, corrupted {summary['mean_p_corrupted']:.4f}")
+    print(f"recommended edit layer: {layer} (largest average MLP effect at the last subject token, "
+          f"{last_subj[layer]:+.4f}); recorded in {record}")
+    print(f"summary and average-effect plots: {out}")
+    return summary
+
+
+def run(cfg: DictConfig) -> TraceResult | dict:
+    _check(cfg)
+    torch.manual_seed(cfg.seed)
+    loaded = loaded_model(cfg)
+    noise = _noise(cfg, loaded)
+    if cfg.trace.dataset is not None:
+        return trace_dataset(cfg, loaded, noise)
+    return trace_one(cfg, loaded, noise)
