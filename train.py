@@ -9,7 +9,7 @@ import importlib
 import logging
 import sys
 
-STAGES = {"stats": "recipes.stats", "edit": "recipes.edit", "revert": "recipes.revert"}
+STAGES = {"stats": "recipes.stats", "edit": "recipes.edit", "revert": "recipes.revert", "eval": "recipes.eval"}
 
 
 def _quiet() -> None:
