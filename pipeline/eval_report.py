@@ -53,8 +53,13 @@ def _cell(stat: Mapping[str, Any] | None) -> str:
     return f"{stat['mean']:.1f}" + (f" ± {stat['ci95']:.1f}" if stat.get("ci95") is not None else "")
 
 
+def _methods(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The rows in ``eval.methods`` order (summary.json stores its keys sorted)."""
+    return {name: summary["methods"][name] for name in summary.get("order", summary["methods"])}
+
+
 def markdown_table(summary: Mapping[str, Any]) -> str:
-    kind, methods = summary["kind"], summary["methods"]
+    kind, methods = summary["kind"], _methods(summary)
     cols = [k for k in METRICS[kind] if any(k in m["metrics"] for m in methods.values())]
     head = ["Method", "n"] + (["S"] if kind == "counterfact" else []) + [LABELS[k] for k in cols]
     lines = [f"**{summary['title']}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -74,7 +79,7 @@ def bar_chart(summary: Mapping[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kind, methods = summary["kind"], summary["methods"]
+    kind, methods = summary["kind"], _methods(summary)
     panels = ([["s", "es", "ps", "ns"], ["em", "pm", "nm"], ["ge"]] if kind == "counterfact"
               else [METRICS["zsre"]])
     panels = [[k for k in p if k == "s" or any(k in m["metrics"] for m in methods.values())] for p in panels]

@@ -98,6 +98,7 @@ def _write_outputs(out: Path, cfg: DictConfig, module: CaseEvaluator, cases: lis
                "protocol": PROTOCOL[kind], "dataset": str(cfg.eval.dataset), "start": int(cfg.eval.start),
                "n": cfg.eval.n, "cases": {"usable": len(cases), "skipped_at_load": len(load_skipped)},
                "methods": summarize(kind, {m: values[m] for m in module.method_names}, counts),
+               "order": module.method_names,
                "skipped": skipped, "notes": _notes(cfg, cases, skipped, gen), "run": run}
     write_json(out / "summary.json", summary)
     table = markdown_table(summary)
