@@ -95,7 +95,7 @@ class CaseEvaluator(L.LightningModule):
         out = []
         for m in methods:
             rec = {"index": case.index, "case_id": case.case_id, "method": m.name, "request": case.request.as_dict(),
-                   "pre": pre["metrics"], "pre_probs": pre.get("probs"),
+                   "pre": pre["metrics"], "pre_probs": pre.get("probs"), "pre_timings": pre["timings"],
                    "generations": {"pre": pre.get("generations", [])}}
             if not m.edits:
                 out.append({**rec, "status": "ok", "post": pre["metrics"], "post_probs": pre.get("probs"),
