@@ -10,7 +10,8 @@ import importlib
 import logging
 import sys
 
-STAGES = {"stats": "recipes.stats", "edit": "recipes.edit", "revert": "recipes.revert", "trace": "recipes.trace"}
+STAGES = {"stats": "recipes.stats", "edit": "recipes.edit", "revert": "recipes.revert", "trace": "recipes.trace",
+          "eval": "recipes.eval"}
 
 
 def _quiet() -> None:

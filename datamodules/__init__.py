@@ -1,3 +1,4 @@
+from .cases import CaseDataModule
 from .text import TextDataModule
 
-__all__ = ["TextDataModule"]
+__all__ = ["CaseDataModule", "TextDataModule"]

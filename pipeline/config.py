@@ -1,6 +1,6 @@
 """Compose ``configs/`` with command-line ``key=value`` overrides (OmegaConf, dotted keys, YAML values).
 
-Order: ``configs/config.yaml`` <- the model file from ``configs/model/`` that names ``model.name`` (or, for
+Order: ``configs/config.yaml`` (plus every ``configs/method/<name>.yaml`` as ``method.<name>``) <- the model file from ``configs/model/`` that names ``model.name`` (or, for
 an unnamed model, the family file for its ``config.model_type``) <- command-line overrides.
 Unknown keys are rejected, so a typo such as ``stats.layer=6`` fails instead of being ignored.
 """
@@ -67,6 +67,7 @@ def _model_type(name: str) -> str | None:
 
 def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> DictConfig:
     base = OmegaConf.load(config_dir / "config.yaml")
+    base.method = {p.stem: OmegaConf.load(p) for p in sorted((config_dir / "method").glob("*.yaml"))}
     cli = parse_overrides(argv)
     name = OmegaConf.select(cli, "model.name", default=base.model.name)
     model_file = model_file_for(str(name), config_dir)

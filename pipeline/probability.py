@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["target_log_probs", "target_probs", "greedy_continuation", "target_token_ids"]
+__all__ = ["target_log_probs", "target_probs", "target_argmax", "greedy_continuation", "target_token_ids"]
 
 
 def target_token_ids(tokenizer: Any, target: str) -> list[int]:
@@ -15,12 +15,11 @@ def target_token_ids(tokenizer: Any, target: str) -> list[int]:
     return tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
 
 
-@torch.no_grad()
-def target_log_probs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
-                     batch_size: int = 32) -> torch.Tensor:
-    """Mean log-probability of each target's tokens after its prompt, teacher-forced; shape [n]."""
+def _teacher_forced(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+                    batch_size: int):
+    """For each (prompt, target): log-probabilities [n, vocab] at the positions predicting the n tokens of
+    " " + target, and those tokens; batched, right-padded."""
     device = next(model.parameters()).device
-    out = []
     for i in range(0, len(prompts), batch_size):
         rows, spans = [], []
         for p, t in zip(prompts[i : i + batch_size], targets[i : i + batch_size]):
@@ -35,9 +34,23 @@ def target_log_probs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[s
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
         for row, (start, n) in enumerate(spans):
             pos = torch.arange(start - 1, start - 1 + n, device=device)
-            tok = ids[row, start : start + n]
-            out.append(logp[row, pos, tok].mean())
+            yield logp[row, pos], ids[row, start : start + n]
+
+
+@torch.no_grad()
+def target_log_probs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+                     batch_size: int = 32) -> torch.Tensor:
+    """Mean log-probability of each target's tokens after its prompt, teacher-forced; shape [n]."""
+    out = [logp.gather(-1, tok[:, None]).mean() for logp, tok in _teacher_forced(model, tokenizer, prompts, targets, batch_size)]
     return torch.stack(out).cpu()
+
+
+@torch.no_grad()
+def target_argmax(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+                  batch_size: int = 32) -> list[tuple[list[int], list[int]]]:
+    """Teacher-forced top-1 predictions and the target tokens, per (prompt, target) pair."""
+    return [(logp.argmax(-1).tolist(), tok.tolist())
+            for logp, tok in _teacher_forced(model, tokenizer, prompts, targets, batch_size)]
 
 
 def target_probs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> torch.Tensor:

@@ -90,11 +90,14 @@ def edit_one(loaded: LoadedModel, request: EditRequest, layer: int, templates: l
     callbacks = [ApplyEdit(), VerifyEdit(tok, int(hp.generate_tokens))]
     if ledger is not None:
         callbacks.append(LedgerCheckpoint(ledger, loaded.identity))
-    trainer = L.Trainer(max_epochs=1, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
+    device = next(model.parameters()).device  # cuda:k under a multi-GPU eval: the inner Trainer must use k too
+    trainer = L.Trainer(max_epochs=1, accelerator=accelerator, devices=[device.index] if device.type == "cuda" else 1,
+                        logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=verbose, inference_mode=False,
                         num_sanity_val_steps=0, callbacks=callbacks)
     module = ValueOptimizer(model, spec, job, batch, tok)
     trainer.fit(module)
+    model.to(device)  # Lightning's Strategy.teardown moves the LightningModule, and so the model, to the CPU
     model.requires_grad_(False).eval()
     return job
 

@@ -1,0 +1,129 @@
+"""The eval stage's LightningModule: ``predict_step`` evaluates one case under every pending method.
+
+Per case: score the clean model once (the "pre" numbers, and the "none" row); then for each method edit,
+score, and copy the clean edited matrix back (checked with ``torch.equal``), so every edit starts from
+the clean model. Each (case, method) result is appended to this rank's JSON-lines file at once, and its
+post-edit values go into ``CaseValues`` metrics, which are gathered across ranks at the end.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+
+from datamodules.cases import NO_CASE
+from pipeline.case_log import CaseLog
+from pipeline.errors import UserError
+from pipeline.eval_data import EvalCase
+from pipeline.eval_report import METRICS
+from pipeline.scoring import Generation, References, score_case
+
+from .case_values import CaseValues
+from .methods import EvalContext, Method
+
+OK = "ok"  # the metric that counts a method's evaluated cases
+
+
+class CaseEvaluator(L.LightningModule):
+    def __init__(self, ctx: EvalContext, cases: dict[int, EvalCase], todo: dict[int, list[Method]],
+                 done: Sequence[dict[str, Any]], log: CaseLog, gen: Generation, refs: References | None, seed: int,
+                 kind: str, methods: Sequence[Method], on_start: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.ctx, self.cases, self.todo, self.done, self.case_log = ctx, cases, todo, list(done), log
+        self.gen, self.refs, self.seed, self.kind, self.on_start = gen, refs, seed, kind, on_start
+        self.model = ctx.loaded.model  # registered: the Trainer places it on this rank's device
+        self.method_names = [m.name for m in methods]
+        self.metrics = torch.nn.ModuleDict({key: CaseValues() for m in self.method_names
+                                            for key in [f"{m}__{k}" for k in [OK, *METRICS[kind]]]})
+        w = self._weight()
+        self.register_buffer("clean", w.detach().clone(), persistent=False)
+        self.values: dict[str, dict[str, list[tuple[int, float]]]] = {}
+
+    # -- the edited matrix ------------------------------------------------------------------------------
+    def _weight(self) -> torch.nn.Parameter:
+        return self.ctx.loaded.spec.down_proj_weight(self.ctx.loaded.model, self.ctx.layer)
+
+    def _check_clean(self, when: str) -> None:
+        if not torch.equal(self._weight(), self.clean):
+            raise RuntimeError(f"layer {self.ctx.layer}'s down-projection is not the clean matrix {when}")
+
+    def _restore(self) -> None:
+        self.model.to(self.clean.device)  # a method may have moved the model (Lightning's teardown moves to CPU)
+        with torch.no_grad():
+            self._weight().copy_(self.clean)
+        self._check_clean("after restoring it")
+
+    # -- Lightning hooks --------------------------------------------------------------------------------
+    def on_predict_start(self) -> None:
+        self.case_log.open(self.global_rank)
+        if self.trainer.is_global_zero:
+            if self.on_start is not None:
+                self.on_start()
+            for rec in self.done:  # results of an earlier run count once, on rank 0
+                self._update(rec)
+
+    def predict_step(self, index: int, batch_idx: int = 0) -> None:
+        if int(index) == NO_CASE:
+            return None
+        case = self.cases[int(index)]
+        for rec in self.evaluate(case, self.todo[case.index]):
+            self.case_log.append(rec)
+            self._update(rec)
+        return None
+
+    def on_predict_end(self) -> None:
+        self.case_log.close()
+        with warnings.catch_warnings():  # a rank without cases computes before any update
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            values = {key: self.metrics[key].compute() for key in sorted(self.metrics)}
+        for key, pairs in values.items():
+            method, metric = key.split("__", 1)
+            self.values.setdefault(method, {})[metric] = pairs
+
+    # -- one case ---------------------------------------------------------------------------------------
+    def _score(self, case: EvalCase) -> dict[str, Any]:
+        loaded = self.ctx.loaded
+        return score_case(loaded.model, loaded.tokenizer, case, self.gen, self.seed + case.index, self.refs)
+
+    def evaluate(self, case: EvalCase, methods: Sequence[Method]) -> list[dict[str, Any]]:
+        self._check_clean(f"before case {case.index}")
+        pre = self._score(case)
+        out = []
+        for m in methods:
+            rec = {"index": case.index, "case_id": case.case_id, "method": m.name, "request": case.request.as_dict(),
+                   "pre": pre["metrics"], "pre_probs": pre.get("probs"), "pre_timings": pre["timings"],
+                   "generations": {"pre": pre.get("generations", [])}}
+            if not m.edits:
+                out.append({**rec, "status": "ok", "post": pre["metrics"], "post_probs": pre.get("probs"),
+                            "timings": {"edit": 0.0, **pre["timings"]}, "info": {}})
+                out[-1]["generations"]["post"] = out[-1]["generations"]["pre"]
+                continue
+            try:
+                t = time.perf_counter()
+                info = m.apply(self.ctx, case, self.seed + case.index)
+                edit_seconds = time.perf_counter() - t
+                self.model.to(self.clean.device)
+                post = self._score(case)
+            except UserError as err:  # this case cannot be edited by this method: reported, not fatal
+                out.append({**rec, "status": "skipped", "reason": str(err)})
+                continue
+            finally:
+                self._restore()
+            rec["generations"]["post"] = post.get("generations", [])
+            out.append({**rec, "status": "ok", "post": post["metrics"], "post_probs": post.get("probs"),
+                        "timings": {"edit": edit_seconds, **post["timings"]}, "info": info})
+        return out
+
+    def _update(self, rec: dict[str, Any]) -> None:
+        if rec.get("status") != "ok" or rec["method"] not in self.method_names:
+            return
+        m = rec["method"]
+        self.metrics[f"{m}__{OK}"].update(rec["index"], 1.0)
+        for k, v in rec["post"].items():
+            key = f"{m}__{k}"
+            if key in self.metrics and v is not None:
+                self.metrics[key].update(rec["index"], v)

@@ -1,0 +1,116 @@
+"""Score one case on the model as it is now: the paper's probabilities (or zsRE token accuracy), then
+text generated from the generation prompts for fluency (GE) and the reference score (RS).
+
+Every forward pass of a case's scoring is one batched call; generation is one batched ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import torch
+
+from .eval_data import EvalCase
+from .metrics import TfIdf, counterfact_case, fluency, token_accuracy
+from .probability import target_argmax, target_probs
+
+__all__ = ["Generation", "References", "score_case", "generate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    tokens: int = 50  # new tokens per generation prompt (0: no generation, no GE)
+    top_k: int = 5  # the paper samples top-k (k = 5); do_sample=False is greedy
+    do_sample: bool = True
+
+
+@dataclasses.dataclass
+class References:
+    """Reference snippets per (relation_id, target id) and the TF-IDF fitted on all of them."""
+
+    snippets: dict[tuple[str, str], list[str]]
+    tfidf: TfIdf
+
+    @classmethod
+    def build(cls, snippets: dict[tuple[str, str], list[str]]) -> "References":
+        return cls(snippets, TfIdf(t for texts in snippets.values() for t in texts))
+
+    def score(self, case: EvalCase, texts: Sequence[str]) -> float | None:
+        refs = self.snippets.get((case.relation_id, case.target_new_id))
+        if not refs:
+            return None
+        return self.tfidf.similarity(" ".join(texts), " ".join(refs))
+
+
+def _counterfact_probs(model, tok, case: EvalCase) -> dict[str, dict[str, list[float]]]:
+    r = case.request
+    sets = {"prompt": ([r.text], [r.target_true]), "paraphrases": (list(r.paraphrases), [r.target_true] * len(r.paraphrases)),
+            "neighbours": (list(r.neighbours), list(case.neighbour_targets))}
+    prompts, targets, spans = [], [], {}
+    for name, (ps, trues) in sets.items():
+        start = len(prompts)
+        prompts += ps + ps
+        targets += [r.target_new] * len(ps) + trues
+        spans[name] = (start, len(ps))
+    p = target_probs(model, tok, prompts, targets).tolist() if prompts else []
+    return {name: {"new": p[s : s + n], "true": p[s + n : s + 2 * n]} for name, (s, n) in spans.items() if n}
+
+
+def _zsre_accuracy(model, tok, case: EvalCase) -> dict[str, float]:
+    r = case.request
+    pairs = [(r.text, r.target_new)] + [(p, r.target_new) for p in r.paraphrases]
+    pairs += list(zip(r.neighbours, case.neighbour_targets))
+    acc = [token_accuracy(p, t) for p, t in target_argmax(model, tok, [a for a, _ in pairs], [b for _, b in pairs])]
+    n_para = len(r.paraphrases)
+    out = {"efficacy": acc[0]}
+    if n_para:
+        out["paraphrase"] = sum(acc[1 : 1 + n_para]) / n_para
+    if len(acc) > 1 + n_para:
+        out["specificity"] = sum(acc[1 + n_para :]) / (len(acc) - 1 - n_para)
+    return out
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: Sequence[str], gen: Generation, seed: int) -> list[str]:
+    """Prompt + continuation for every prompt, in one left-padded batch; seeded (sampling is per case)."""
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    enc = enc.to(next(model.parameters()).device)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    kwargs = dict(do_sample=True, top_k=gen.top_k) if gen.do_sample else dict(do_sample=False)
+    out = model.generate(**enc, max_new_tokens=gen.tokens, min_new_tokens=gen.tokens, pad_token_id=tok.pad_token_id,
+                         **kwargs)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [p + tok.decode(row, skip_special_tokens=True) for p, row in zip(prompts, new)]
+
+
+def score_case(model: torch.nn.Module, tok: Any, case: EvalCase, gen: Generation, seed: int,
+               refs: References | None = None) -> dict[str, Any]:
+    """{"metrics": {...}, "probs": {...} (CounterFact), "generations": [...], "timings": {"score", "generate"}}."""
+    t = time.perf_counter()
+    out: dict[str, Any] = {}
+    if case.kind == "counterfact":
+        out["probs"] = _counterfact_probs(model, tok, case)
+        out["metrics"] = counterfact_case(out["probs"])
+    else:
+        out["metrics"] = _zsre_accuracy(model, tok, case)
+    timings = {"score": time.perf_counter() - t}
+    if case.kind == "counterfact" and gen.tokens > 0 and case.generation_prompts:
+        t = time.perf_counter()
+        texts = generate(model, tok, case.generation_prompts, gen, seed)
+        out["generations"] = texts
+        out["metrics"]["ge"] = fluency(texts)
+        rs = refs.score(case, texts) if refs is not None else None
+        if rs is not None:
+            out["metrics"]["rs"] = rs
+        timings["generate"] = time.perf_counter() - t
+    out["timings"] = timings
+    return out

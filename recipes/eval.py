@@ -1,0 +1,161 @@
+"""Recipe: ``python train.py stage=eval eval.dataset=... eval.n=200 eval.methods=[none,rome,rome_identity_cov,ft_l]``
+
+1. read the cases (schema detected per record; unusable records are skipped with their reason);
+2. load the model; each method prepares what it shares over cases (C from the statistics cache, templates);
+3. check ``eval.out`` belongs to this run; skip the (case, method) pairs already in its case files;
+4. ``trainer.predict`` over the pending case indices, sharded over ranks: each case scored before, then
+   edited, scored and restored per method; results appended per rank, metrics gathered across ranks;
+5. rank 0 writes cases.jsonl, summary.json, table.md, chart.png and timing.json (all atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules import CaseDataModule
+from modules.evaluator import OK, CaseEvaluator
+from modules.methods import EvalContext, Method, build_methods
+from pipeline.atomic import atomic_path, write_json
+from pipeline.case_log import CaseLog
+from pipeline.errors import UserError
+from pipeline.eval_data import EvalCase, Skipped, file_digest, load_cases, load_snippets
+from pipeline.eval_report import PROTOCOL, bar_chart, markdown_table, summarize
+from pipeline.scoring import Generation, References
+
+from .common import loaded_model, trainer
+from .edit import resolve_layer
+
+
+def _identity(cfg: DictConfig, ctx: EvalContext, gen: Generation) -> dict[str, Any]:
+    """Everything that changes a case's numbers, except the methods (recorded one by one)."""
+    return {"model": ctx.loaded.identity, "dtype": cfg.model.dtype, "layer": ctx.layer, "seed": int(cfg.seed),
+            "dataset": {"file": Path(cfg.eval.dataset).name, "sha256": file_digest(cfg.eval.dataset)},
+            "generation": dict(tokens=gen.tokens, top_k=gen.top_k, do_sample=gen.do_sample),
+            "snippets": file_digest(cfg.eval.snippets) if cfg.eval.snippets else None}
+
+
+def _check_run(out: Path, identity: dict[str, Any], methods: list[Method]) -> dict[str, Any]:
+    """The run record of ``eval.out``, extended with any new method; refuses results of another run."""
+    run = {"identity": identity, "methods": {m.name: m.config() for m in methods}}
+    path = out / "run.json"
+    if not path.exists():
+        return run
+    old = json.loads(path.read_text())
+    if old["identity"] != identity:
+        diff = [k for k in identity if old["identity"].get(k) != identity[k]]
+        raise UserError(f"eval.out={out} holds results of another run (different {', '.join(diff)}); "
+                        "use another eval.out, or delete it to start over")
+    for name, conf in run["methods"].items():
+        if name in old["methods"] and json.dumps(old["methods"][name], sort_keys=True) != json.dumps(conf, sort_keys=True):
+            raise UserError(f"eval.out={out} holds '{name}' results made with another configuration of it; "
+                            "use another eval.out, or delete it to start over")
+    return {"identity": identity, "methods": {**old["methods"], **run["methods"]}}
+
+
+def _title(cfg: DictConfig, cases: list[EvalCase], n_skipped: int, ctx: EvalContext) -> str:
+    kind = "CounterFact" if cases[0].kind == "counterfact" else "zsRE"
+    return (f"{kind}: {len(cases)} cases ({n_skipped} skipped) from record {int(cfg.eval.start)} of "
+            f"{Path(cfg.eval.dataset).name} ({cases[0].schema} schema), {ctx.loaded.identity['name']}, layer {ctx.layer}")
+
+
+def _notes(cfg: DictConfig, cases: list[EvalCase], skipped: list[dict], gen: Generation) -> list[str]:
+    notes = []
+    if cases[0].kind == "counterfact":
+        if gen.tokens:
+            how = f"sampled top-k {gen.top_k}" if gen.do_sample else "greedy"
+            src = ("the rewrite prompt and its paraphrase (the flat schema has no generation prompts)"
+                   if cases[0].schema == "counterfact-flat" else "the case's generation prompts")
+            notes.append(f"GE: {gen.tokens} new tokens ({how}, seeded per case) from {src}; the paper generates 100 tokens")
+        if not cfg.eval.snippets:
+            notes.append("RS: not computed (no eval.snippets; it needs ROME's attribute_snippets.json and the nested schema's ids)")
+    if skipped:
+        notes.append(f"{len(skipped)} case(s) skipped, with reasons, in summary.json (first: index {skipped[0]['index']}: "
+                     f"{skipped[0]['reason']})")
+    return notes
+
+
+def _write_outputs(out: Path, cfg: DictConfig, module: CaseEvaluator, cases: list[EvalCase], load_skipped: list[Skipped],
+                   log: CaseLog, gen: Generation, run: dict[str, Any]) -> dict[str, Any]:
+    selected = {c.index for c in cases}
+    order = {name: i for i, name in enumerate(module.method_names)}
+    records = sorted((r for (i, m), r in log.finished().items() if i in selected and m in order),
+                     key=lambda r: (r["index"], order[r["method"]]))
+    with atomic_path(out / "cases.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    skipped = sorted([s.as_dict() for s in load_skipped] +
+                     [{"index": r["index"], "case_id": r["case_id"], "method": r["method"], "reason": r["reason"]}
+                      for r in records if r["status"] == "skipped"], key=lambda s: (s["index"], s.get("method") or ""))
+    values = {m: {k: [v for _, v in pairs] for k, pairs in per.items() if k != OK} for m, per in module.values.items()}
+    counts = {m: len(per.get(OK, [])) for m, per in module.values.items()}
+    kind = cases[0].kind
+    summary = {"title": _title(cfg, cases, len(load_skipped), module.ctx), "kind": kind, "schema": cases[0].schema,
+               "protocol": PROTOCOL[kind], "dataset": str(cfg.eval.dataset), "start": int(cfg.eval.start),
+               "n": cfg.eval.n, "cases": {"usable": len(cases), "skipped_at_load": len(load_skipped)},
+               "methods": summarize(kind, {m: values[m] for m in module.method_names}, counts),
+               "order": module.method_names,
+               "skipped": skipped, "notes": _notes(cfg, cases, skipped, gen), "run": run}
+    write_json(out / "summary.json", summary)
+    table = markdown_table(summary)
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(table)
+    bar_chart(summary, out / "chart.png")
+    return {"summary": summary, "table": table, "records": records}
+
+
+def _timing(records: list[dict[str, Any]], seconds: float, new: int) -> dict[str, Any]:
+    per: dict[str, dict[str, float]] = {}
+    for r in records:
+        if r["status"] == "ok":
+            t = per.setdefault(r["method"], {"cases": 0, "edit": 0.0, "score": 0.0, "generate": 0.0})
+            t["cases"] += 1
+            for k in ("edit", "score", "generate"):
+                t[k] += r["timings"].get(k, 0.0)
+    return {"this_run": {"cases": new, "seconds": seconds, "cases_per_hour": 3600 * new / seconds if seconds else None},
+            "by_method_all_runs": per}
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    torch.manual_seed(cfg.seed)
+    cases, load_skipped = load_cases(cfg.eval.dataset, cfg.eval.n, int(cfg.eval.start))
+    if not cases:
+        first = f" (first: {load_skipped[0].reason})" if load_skipped else ""
+        raise UserError(f"no usable case in eval.dataset={cfg.eval.dataset}: {len(load_skipped)} skipped{first}")
+    methods = build_methods(cfg)
+    gen = Generation(**OmegaConf.to_container(cfg.eval.generation, resolve=True))
+    refs = References.build(load_snippets(cfg.eval.snippets)) if cfg.eval.snippets else None
+    loaded = loaded_model(cfg, device="cpu")  # the Trainer moves it to each rank's device
+    ctx = EvalContext(cfg, loaded, resolve_layer(cfg, loaded))
+    for m in methods:
+        m.setup(ctx)
+    out = Path(cfg.eval.out)
+    run_record = _check_run(out, _identity(cfg, ctx, gen), methods)
+    log = CaseLog(out)
+    finished = log.finished()
+    todo = {c.index: [m for m in methods if (c.index, m.name) not in finished] for c in cases}
+    pending = [i for i, ms in todo.items() if ms]
+    done = [r for (i, name), r in finished.items() if i in todo and name in {m.name for m in methods}]
+    module = CaseEvaluator(ctx, {c.index: c for c in cases}, todo, done, log, gen, refs, int(cfg.seed),
+                           cases[0].kind, methods, on_start=lambda: write_json(out / "run.json", run_record))
+    tr = trainer(cfg, use_distributed_sampler=False, inference_mode=False, enable_progress_bar=bool(pending))
+    if tr.is_global_zero:
+        print(f"eval: {len(cases)} case(s) of {cfg.eval.dataset} ({cases[0].schema}), {len(load_skipped)} skipped; "
+              f"{len(pending)} to run, {len(cases) - len(pending)} already done; methods {', '.join(m.name for m in methods)}")
+    start = time.perf_counter()
+    tr.predict(module, datamodule=CaseDataModule(pending), return_predictions=False)
+    seconds = time.perf_counter() - start
+    result = None
+    if tr.is_global_zero:
+        result = _write_outputs(out, cfg, module, cases, load_skipped, log, gen, run_record)
+        write_json(out / "timing.json", _timing(result["records"], seconds, len(pending)))
+        print("\n" + result["table"])
+        print(f"results: {out}/ (summary.json, table.md, chart.png, cases.jsonl)")
+    tr.strategy.barrier()
+    if tr.world_size > 1 and not tr.is_global_zero:
+        raise SystemExit(0)  # only rank 0 goes on to report
+    return result

@@ -1,0 +1,224 @@
+"""The eval stage: schema detection and skipped cases, restoring the clean model, the CLI's outputs,
+resuming, and 2 DDP processes giving the summary of one."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import DATA, run_cli
+from pipeline.config import compose
+from pipeline.errors import UserError
+from pipeline.eval_data import load_cases
+from pipeline.loading import load_model
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+NESTED = {"case_id": 0, "pararel_idx": 2796,
+          "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                                "target_new": {"str": "English", "id": "Q1860"}, "target_true": {"str": "French", "id": "Q150"},
+                                "subject": "Danielle Darrieux"},
+          "paraphrase_prompts": ["Danielle Darrieux, a native", "Danielle Darrieux spoke the language"],
+          "neighborhood_prompts": ["The mother tongue of Léon Blum is", "The native language of Montesquieu is"],
+          "attribute_prompts": ["J. R. R. Tolkien is a native speaker of"],
+          "generation_prompts": ["Danielle Darrieux's mother tongue is", "Where Danielle Darrieux is from, people speak"]}
+FLAT = {"case_id": 7, "prompt": "The mother tongue of Danielle Darrieux is", "target_new": "English",
+        "subject": "Danielle Darrieux", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux spoke",
+        "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French"}
+
+
+def nested_case(case_id, subject, prompt, new, new_id, true):
+    rec = json.loads(json.dumps(NESTED))
+    rec["case_id"] = case_id
+    rw = rec["requested_rewrite"]
+    rw.update(subject=subject, prompt=prompt, target_new={"str": new, "id": new_id}, target_true={"str": true, "id": "Q0"})
+    rec["paraphrase_prompts"] = [f"{subject} is known for", f"Everyone says {subject}"]
+    rec["generation_prompts"] = [f"{subject} is", f"People say that {subject}"]
+    return rec
+
+
+def test_schemas_detected_and_bad_records_skipped_with_reasons(tmp_path):
+    bad = [
+        {"foo": 1},  # unknown schema
+        {**FLAT, "target_new": ""},  # missing field
+        {**FLAT, "subject": "Edith Piaf"},  # subject not in its prompt
+        {**FLAT, "target_new": "french"},  # not a change
+        ["not", "a", "record"],
+    ]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps([FLAT, *bad, NESTED, FLAT]))
+    cases, skipped = load_cases(path)
+    assert [c.index for c in cases] == [0, 7] and all(c.schema == "counterfact-flat" for c in cases)
+    reasons = {s.index: s.reason for s in skipped}
+    assert sorted(reasons) == [1, 2, 3, 4, 5, 6]  # every bad record is reported, none dropped
+    assert "unknown schema" in reasons[1] and "target_new" in reasons[2] and "not in the prompt" in reasons[3]
+    assert "must change the fact" in reasons[4] and "JSON object" in reasons[5]
+    assert "differs from the file's counterfact-flat" in reasons[6]
+    c = cases[0]
+    assert c.request.neighbours == ("Michel Rocard is a native speaker of",) and c.neighbour_targets == ("French",)
+    assert c.generation_prompts == (FLAT["prompt"], FLAT["rephrase_prompt"])  # the flat schema's stand-ins
+
+    no_true = {**NESTED, "requested_rewrite": {**NESTED["requested_rewrite"], "target_true": None}}
+    (nested,), (skip,) = load_cases(_write(tmp_path / "n.json", [NESTED, no_true]))
+    assert skip.index == 1 and "target_true" in skip.reason
+    assert nested.schema == "counterfact-nested" and nested.relation_id == "P103" and nested.target_new_id == "Q1860"
+    assert len(nested.request.paraphrases) == 2 and nested.neighbour_targets == ("French", "French")
+    assert nested.generation_prompts == tuple(NESTED["generation_prompts"])
+    with pytest.raises(UserError, match="does not exist"):
+        load_cases(tmp_path / "missing.json")
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_shared_counterfact_and_zsre_files():
+    cases, skipped = load_cases(DATA / "counterfact" / "counterfact-edit.json", n=5)
+    assert len(cases) == 5 and not skipped and cases[0].request.text == "The mother tongue of Danielle Darrieux is"
+    cases, skipped = load_cases(DATA / "zsre" / "zsre_mend_train-1k.json", n=200)
+    assert cases[0].schema == "zsre" and len(cases) + len(skipped) == 200
+    c = cases[0]
+    assert c.request.target_new == "unmanned aircraft" and c.request.target_true == "uniform"
+    assert c.request.neighbours == ("nq question: john goodman's character in the big lebowski?",)
+    assert c.neighbour_targets == ("Walter Sobchak",)
+    assert skipped and all("must change the fact" in s.reason for s in skipped)  # alt == answer
+
+
+def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_dir, tmp_path):
+    from modules.evaluator import CaseEvaluator
+    from modules.methods import EvalContext, Method, build_methods
+    from pipeline.case_log import CaseLog
+    from pipeline.scoring import Generation
+
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    cfg = compose([f"model.name={tiny_model_dir('llama')}", f"model.cache_dir={tmp_path}", "edit.layer=2",
+                   "eval.methods=[none,rome_identity_cov,ft_l]"])
+
+    class Breaks(Method):  # edits, then finds the case impossible
+        def apply(self, ctx, case, seed):
+            with torch.no_grad():
+                ctx.loaded.spec.down_proj_weight(ctx.loaded.model, 2).add_(1.0)
+            raise UserError("cannot edit this one")
+
+    methods = build_methods(cfg) + [Breaks("breaks", cfg.method.none)]
+    ctx = EvalContext(cfg, loaded, 2)
+    for m in methods:
+        m.setup(ctx)
+    cases, _ = load_cases(_write(tmp_path / "c.json", [FLAT]))
+    ev = CaseEvaluator(ctx, {0: cases[0]}, {0: methods}, [], CaseLog(tmp_path), Generation(tokens=4), None, 0,
+                       "counterfact", methods)
+    recs = ev.evaluate(cases[0], methods)
+    assert [r["status"] for r in recs] == ["ok", "ok", "ok", "skipped"] and recs[-1]["reason"] == "cannot edit this one"
+    assert recs[0]["post"] == recs[0]["pre"]  # none
+    assert recs[1]["post_probs"] != recs[1]["pre_probs"] and recs[2]["info"]["linf"] <= 5e-4 + 1e-7
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise the clean model again
+    with torch.no_grad():
+        loaded.spec.down_proj_weight(loaded.model, 2)[0, 0] += 1
+    with pytest.raises(RuntimeError, match="not the clean matrix"):
+        ev.evaluate(cases[0], methods[:1])
+
+
+def eval_cli(model_dir, tmp, *extra):
+    return run_cli("stage=eval", f"model.name={model_dir}", f"model.cache_dir={tmp / 'cache'}", f"stats.dir={tmp / 'stats'}",
+                   f"data.files={tmp / 'wiki.jsonl'}", "stats.tokens=2000", "data.max_length=64", "data.batch_tokens=256",
+                   "edit.layer=2", "trainer.accelerator=cpu", "eval.generation.tokens=6", "edit.v.steps=5",
+                   "method.ft_l.steps=5", *extra, env=OFFLINE)
+
+
+def _dataset_with_snippets(tmp_path):
+    recs = [nested_case(10, "Danielle Darrieux", "The mother tongue of {} is", "English", "Q1860", "French"),
+            nested_case(11, "Edwin of Northumbria", "The official religion of {} is", "Islam", "Q432", "Christianity"),
+            nested_case(12, "Toko Yasuda", "{} plays the", "piano", "Q5994", "guitar"),
+            {"foo": "bar"},
+            nested_case(14, "Autonomous University of Madrid", "{}, located in", "Sweden", "Q34", "Spain")]
+    snippets = [{"relation_id": "P103", "target_id": "Q1860", "samples": [{"name": "X", "text": "He spoke English in London."}]},
+                {"relation_id": "P103", "target_id": "Q432", "samples": [{"name": "Y", "text": "Islam is a religion."}]}]
+    return _write(tmp_path / "cf.json", recs), _write(tmp_path / "snips.json", snippets)
+
+
+def test_cli_outputs_resume_and_bad_config(tiny_model_dir, small_wiki, tmp_path):
+    (tmp_path / "wiki.jsonl").symlink_to(small_wiki)
+    data, snips = _dataset_with_snippets(tmp_path)
+    out = tmp_path / "out"
+    args = (f"eval.dataset={data}", f"eval.snippets={snips}", "eval.n=null", f"eval.out={out}",
+            "eval.methods=[none,rome,ft_l]")
+    r = eval_cli(tiny_model_dir("gpt2"), tmp_path, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "counterfact" and summary["schema"] == "counterfact-nested"
+    assert summary["cases"] == {"usable": 4, "skipped_at_load": 1}
+    assert summary["skipped"][0]["index"] == 3 and "unknown schema" in summary["skipped"][0]["reason"]
+    rows = summary["methods"]
+    assert summary["order"] == ["none", "rome", "ft_l"] and all(rows[m]["n"] == 4 for m in summary["order"])
+    assert {"es", "em", "ps", "pm", "ns", "nm", "ge", "rs"} <= set(rows["rome"]["metrics"])
+    assert rows["rome"]["metrics"]["rs"]["n"] == 2  # only two cases have snippets for their (relation, target)
+    lines = [json.loads(l) for l in (out / "cases.jsonl").read_text().splitlines()]
+    assert [(l["index"], l["method"]) for l in lines] == [(i, m) for i in (0, 1, 2, 4) for m in ("none", "rome", "ft_l")]
+    assert all(l["timings"]["edit"] > 0 for l in lines if l["method"] != "none")
+    table = (out / "table.md").read_text()
+    assert "| Method | n | S | ES | EM | PS | PM | NS | NM | GE | RS |" in table and "Protocol: paper" in table
+    assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+    # after a crash: the last case lost and its successor's line cut mid-write; the rerun skips the
+    # finished cases, redoes case 4 only, and writes the same summary
+    first = (out / "summary.json").read_text()
+    log = out / "cases.rank0.jsonl"
+    kept = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(kept[:-3]) + kept[-3][:40])
+    r = eval_cli(tiny_model_dir("gpt2"), tmp_path, *args)
+    assert r.returncode == 0 and "1 to run, 3 already done" in r.stdout, r.stderr[-2000:]
+    assert (out / "summary.json").read_text() == first
+    assert len(log.read_text().splitlines()) == 12
+
+    r = eval_cli(tiny_model_dir("gpt2"), tmp_path, *args, "eval.methods=[none,memit]")
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "unknown method 'memit'" in errors[0], r.stderr[-2000:]
+
+
+def test_results_of_another_run_are_refused(tmp_path):
+    from modules.methods import Method
+    from recipes.eval import _check_run
+
+    cfg = compose([])
+    methods = [Method("none", cfg.method.none), Method("ft_l", cfg.method.ft_l)]
+    identity = {"model": {"name": "m", "revision": "r"}, "generation": {"tokens": 50}}
+    run = _check_run(tmp_path, identity, methods)
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert _check_run(tmp_path, identity, methods[:1]) == run  # fewer methods: fine, the record keeps them all
+    with pytest.raises(UserError, match="another run .different generation"):
+        _check_run(tmp_path, {**identity, "generation": {"tokens": 3}}, methods)
+    other = compose(["method.ft_l.lr=0.1"])
+    with pytest.raises(UserError, match="'ft_l' results made with another configuration"):
+        _check_run(tmp_path, identity, [Method("ft_l", other.method.ft_l)])
+
+
+def test_cli_zsre_token_accuracy(tiny_model_dir, small_wiki, tmp_path):
+    (tmp_path / "wiki.jsonl").symlink_to(small_wiki)
+    out = tmp_path / "z"
+    r = eval_cli(tiny_model_dir("llama"), tmp_path, f"eval.dataset={DATA / 'zsre' / 'zsre_mend_train-1k.json'}", "eval.n=3",
+                 f"eval.out={out}", "eval.methods=[none,rome_identity_cov]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "zsre"
+    for m in summary["methods"].values():
+        assert set(m["metrics"]) == {"efficacy", "paraphrase", "specificity"} and m["n"] == 3
+        assert all(0 <= s["mean"] <= 100 for s in m["metrics"].values())
+    assert "| Method | n | Efficacy | Paraphrase | Specificity |" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_give_the_summary_of_one(tiny_model_dir, small_wiki, tmp_path):
+    (tmp_path / "wiki.jsonl").symlink_to(small_wiki)
+    common = ("eval.n=5", "eval.methods=[none,rome,rome_identity_cov,ft_l]")
+    one = eval_cli(tiny_model_dir("gpt2"), tmp_path, *common, f"eval.out={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = eval_cli(tiny_model_dir("gpt2"), tmp_path, *common, f"eval.out={tmp_path / 'two'}", "trainer.devices=2",
+                   "trainer.strategy=ddp")
+    assert two.returncode == 0, two.stderr[-3000:]
+    # both ranks evaluated cases: 3 on rank 0, 2 on rank 1, none twice
+    per_rank = [{json.loads(l)["index"] for l in (tmp_path / "two" / f"cases.rank{r}.jsonl").read_text().splitlines()}
+                for r in (0, 1)]
+    assert per_rank == [{0, 2, 4}, {1, 3}]
+    assert (tmp_path / "one" / "summary.json").read_text() == (tmp_path / "two" / "summary.json").read_text()
