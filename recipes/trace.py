@@ -180,6 +180,11 @@ def trace_dataset(cfg: DictConfig, loaded: LoadedModel, noise: float) -> dict:
     return _summarise(cfg, loaded, noise, results, skipped, len(facts), seconds)
 
 
+def _json_array(a: np.ndarray) -> list:
+    """Nested lists with None for NaN (a bucket no fact has, a CI over one fact): strict JSON."""
+    return [[None if np.isnan(x) else float(x) for x in row] for row in a]
+
+
 def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list[TraceResult],
                skipped: list[dict], n_records: int, seconds: float) -> dict:
     t, out = cfg.trace, Path(cfg.trace.out)
@@ -194,14 +199,13 @@ def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list
         "mean_p_corrupted": float(np.mean([r.p_corrupted for r in results])),
         "mean_total_effect": float(np.mean([r.total_effect for r in results])),
         "buckets": list(BUCKETS),
-        "average_indirect_effect": {k: {"mean": v["mean"].tolist(), "ci95": v["ci95"].tolist(),
+        "average_indirect_effect": {k: {"mean": _json_array(v["mean"]), "ci95": _json_array(v["ci95"]),
                                         "facts_per_bucket": v["count"].tolist()} for k, v in aie.items()},
         "recommended_layer": layer,
         "recommendation_rule": "argmax over layers of the average MLP effect at the last subject token",
         "mlp_effect_at_last_subject_token": last_subj.tolist(),
         "seconds": seconds,
     }
-    summary = json.loads(json.dumps(summary).replace("NaN", "null"))  # strict JSON: no NaN
     write_json(out / "summary.json", summary)
     for kind in aie:
         plot_average(aie, kind, out / f"aie_{kind}", len(results), name)

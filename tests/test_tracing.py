@@ -1,0 +1,232 @@
+"""Causal tracing: the batched method against ROME's one-pass-per-cell method, its invariants, the
+Figure-2 averaging, the layer recommendation and the ``stage=trace`` command line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA, FAMILIES, run_cli
+
+from pipeline.errors import UserError
+from pipeline.facts import load_facts
+from pipeline.loading import load_model
+from pipeline.tracing import (BUCKETS, KINDS, TraceResult, average_effects, bucket_scores, greedy_tokens,
+                              latest_recommendation, make_prompt, recommend_layer, save_recommendation,
+                              trace_fact, trace_fact_per_cell, trace_with_patch, fact_noise)
+
+PROMPT, SUBJECT = "In Paris, {} is in", "the Eiffel Tower"  # the subject mid-prompt: tokens before it too
+
+
+def _fact(model_dir):
+    lm = load_model(str(model_dir), device="cpu")
+    text = PROMPT.replace("{}", SUBJECT)
+    answer = greedy_tokens(lm.model, torch.tensor([lm.tokenizer(text)["input_ids"]]), 1)[0]
+    return lm, make_prompt(lm.tokenizer, PROMPT, SUBJECT, answer)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_equals_one_cell_at_a_time(tiny_model_dir, family):
+    lm, p = _fact(tiny_model_dir(family))
+    assert p.subject[0] > 1, "the prompt must have tokens before the subject"
+    opts = dict(noise=1.0, samples=3, seed=7, window=2)
+    ref = trace_fact_per_cell(lm.model, lm.spec, p, **opts)
+    assert max(np.abs(ref.effects[k]).max() for k in KINDS) > 1e-3  # real effects to compare
+    # big passes with the KV prefix; small passes that cut tokens and layers apart; no prefix at all
+    for batch_size, prefix in [(320, True), (6, True), (9, False)]:
+        fast = trace_fact(lm.model, lm.spec, p, batch_size=batch_size, prefix=prefix, **opts)
+        assert fast.p_clean == pytest.approx(ref.p_clean, abs=1e-7)
+        assert fast.p_corrupted == pytest.approx(ref.p_corrupted, abs=1e-7)
+        for k in KINDS:
+            assert fast.effects[k].shape == (len(p.tokens), lm.spec.num_layers(lm.model))
+            np.testing.assert_allclose(fast.effects[k], ref.effects[k], rtol=0, atol=5e-7, err_msg=k)
+            assert (fast.effects[k][: p.subject[0]] == 0).all()  # before the subject: 0 without running
+
+
+def test_restoring_every_hidden_state_gives_back_the_clean_probability(tiny_model_dir):
+    lm, p = _fact(tiny_model_dir("llama"))
+    n, T = lm.spec.num_layers(lm.model), len(p.tokens)
+    noise = fact_noise(lm.model, lm.spec, p, 1.0, 4, seed=0)
+    p_clean, p_corrupted = trace_with_patch(lm.model, lm.spec, p, noise, [])
+    assert abs(p_clean - p_corrupted) > 1e-3
+    everything = [(t, lm.spec.block_name(l)) for t in range(T) for l in range(n)]
+    assert trace_with_patch(lm.model, lm.spec, p, noise, everything)[1] == pytest.approx(p_clean, abs=1e-7)
+    for l in range(n):  # one layer's hidden state at every token determines everything after it
+        every_token = [(t, lm.spec.block_name(l)) for t in range(T)]
+        assert trace_with_patch(lm.model, lm.spec, p, noise, every_token)[1] == pytest.approx(p_clean, abs=1e-7)
+    # batched: the last layer's state at the last token is the whole answer
+    res = trace_fact(lm.model, lm.spec, p, noise=1.0, samples=4, seed=0, kinds=["hidden"])
+    assert res.effects["hidden"][T - 1, n - 1] == pytest.approx(res.total_effect, abs=1e-7)
+    assert np.abs(res.effects["hidden"][: T - 1, n - 1]).max() < 1e-7  # other tokens' last states: unused
+
+
+def test_zero_noise_gives_zero_effect_everywhere(tiny_model_dir):
+    lm, p = _fact(tiny_model_dir("gpt2"))
+    res = trace_fact(lm.model, lm.spec, p, noise=0.0, samples=3, seed=0, window=2)
+    assert res.p_corrupted == pytest.approx(res.p_clean, abs=1e-7)
+    for k in KINDS:
+        assert np.abs(res.effects[k]).max() < 1e-7
+
+
+def test_same_seed_same_scores(tiny_model_dir):
+    lm, p = _fact(tiny_model_dir("qwen2"))
+    run = lambda seed, bs=320: trace_fact(lm.model, lm.spec, p, noise=1.0, samples=3, seed=seed, batch_size=bs)  # noqa: E731
+    a, b, c, small = run(3), run(3), run(4), run(3, bs=3)
+    for k in KINDS:
+        assert np.array_equal(a.effects[k], b.effects[k])
+        np.testing.assert_allclose(small.effects[k], a.effects[k], rtol=0, atol=5e-8)  # chunking: same noise
+    assert a.p_corrupted == b.p_corrupted != c.p_corrupted
+    assert not np.allclose(a.effects["hidden"], c.effects["hidden"], atol=1e-6)
+
+
+def test_scores_file_round_trip(tmp_path, tiny_model_dir):
+    lm, p = _fact(tiny_model_dir("gpt2"))
+    res = trace_fact(lm.model, lm.spec, p, noise=1.0, samples=2, seed=0, window=2, kinds=["mlp", "hidden"])
+    res.save(tmp_path / "scores.npz", settings={"a": 1})
+    back, meta = TraceResult.load(tmp_path / "scores.npz")
+    assert meta["settings"] == {"a": 1} and back.tokens == p.tokens and back.subject == p.subject
+    assert back.total_effect == pytest.approx(res.total_effect)
+    for k in ("mlp", "hidden"):
+        assert np.array_equal(back.effects[k], res.effects[k])
+
+
+def _result(effect, subject):
+    return TraceResult(["t"] * effect.shape[0], subject, "a", 0, 1.0, 0.0, {"mlp": effect, "hidden": effect},
+                       1.0, 1, 1)
+
+
+def test_buckets_follow_figure_2():
+    e = np.arange(8 * 3, dtype=float).reshape(8, 3)  # 8 tokens, 3 layers; subject = tokens 2..4
+    first, mid, last, nxt, further, final = bucket_scores(e, (2, 5))
+    assert np.array_equal(first, e[2]) and np.array_equal(mid, e[3]) and np.array_equal(last, e[4])
+    assert np.array_equal(nxt, e[5]) and np.array_equal(further, e[6]) and np.array_equal(final, e[7])
+    one = bucket_scores(e, (0, 1))  # one-token subject: first = last, no middle
+    assert one[1] is None and np.array_equal(one[0], one[2]) and np.array_equal(one[4], e[2:7].mean(0))
+
+
+def test_average_effects_and_recommended_layer():
+    a, b = np.zeros((6, 4)), np.zeros((6, 4))
+    a[2, 1], b[2, 1], b[2, 3] = 0.5, 0.3, 0.35  # last subject token (subject 0..2): layer 1 on average
+    aie = average_effects([_result(a, (0, 3)), _result(b, (0, 3))])
+    row = aie["mlp"]["mean"][BUCKETS.index("last subject token")]
+    np.testing.assert_allclose(row, [0, 0.4, 0, 0.175])
+    assert aie["mlp"]["ci95"][2, 1] == pytest.approx(1.96 * np.std([0.5, 0.3], ddof=1) / np.sqrt(2))
+    assert list(aie["mlp"]["count"]) == [2, 2, 2, 2, 2, 2]
+    assert recommend_layer(aie) == 1
+
+
+def test_recommendation_lookup(tmp_path):
+    ident = {"name": "some/model", "revision": "abc"}
+    with pytest.raises(UserError, match="stage=trace"):
+        latest_recommendation(tmp_path, ident)
+    path = save_recommendation(tmp_path, ident, 7, 120, tmp_path / "summary.json")
+    assert latest_recommendation(tmp_path, ident) == (7, path)
+    with pytest.raises(UserError):
+        latest_recommendation(tmp_path, {"name": "some/model", "revision": "other"})
+
+
+def test_known_facts_file():
+    facts = load_facts(DATA / "known_1000.json", n=3)
+    assert [f.subject for f in facts] == ["Vinson Massif", "Beats Music", "Audible.com"]
+    assert facts[0].prompt == "{} is located in the continent of"  # the prompt, not the shorter template
+    assert facts[0].answer == "Antarctica"
+
+
+def test_bad_fact_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_facts(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read"):
+        load_facts(tmp_path / "bad.json")
+    (tmp_path / "keys.json").write_text(json.dumps([{"subject": "x"}]))
+    with pytest.raises(UserError, match="lacks"):
+        load_facts(tmp_path / "keys.json")
+
+
+# ----------------------------------------------------------------------------------- command line
+
+
+def _cli(model_dir, tmp_path, *args):
+    return run_cli("stage=trace", f"model.name={model_dir}", "model.device=cpu", f"model.cache_dir={tmp_path / 'cache'}",
+                   f"trace.out={tmp_path / 'out'}", "trace.samples=2", "trace.window=2", *args)
+
+
+def test_cli_one_fact_and_bad_input(tiny_model_dir, tmp_path):
+    d = tiny_model_dir("gpt2")
+    r = _cli(d, tmp_path, "prompt={} is located in the city of", "subject=The Eiffel Tower", "answer=Paris")
+    assert r.returncode == 0, r.stderr
+    (fact_dir,) = (tmp_path / "out").iterdir()
+    assert sorted(p.name for p in fact_dir.iterdir()) == sorted(
+        ["scores.npz"] + [f"{k}.{e}" for k in KINDS for e in ("png", "pdf")])
+    assert "clean" in r.stdout and "note: the model predicts" in r.stdout
+
+    r = _cli(d, tmp_path, "prompt={} is in Paris", "subject=The Louvre", "trace.noise=0.1", "prompt=Paris is nice")
+    assert r.returncode == 2 and "error: subject 'The Louvre' is not in the prompt" in r.stderr
+    r = _cli(d, tmp_path, f"trace.dataset={tmp_path / 'nope.json'}")
+    assert r.returncode == 2 and "error: fact file" in r.stderr and "does not exist" in r.stderr
+
+    lm = load_model(str(d), device="cpu")
+    for tpl in ("{} and the", "{} and", "{},", "{} (", "{} -"):
+        text = tpl.replace("{}", "The Eiffel Tower")
+        word = lm.tokenizer.decode(greedy_tokens(lm.model, torch.tensor([lm.tokenizer(text)["input_ids"]]), 1))
+        if not any(ch.isalnum() for ch in word):
+            r = _cli(d, tmp_path, f"prompt={tpl}", "subject=The Eiffel Tower", "trace.noise=0.1")
+            assert r.returncode == 2 and "error: the model does not know this fact" in r.stderr
+            break
+    else:
+        pytest.fail("no prompt found where the tiny model predicts no word")
+
+
+def test_cli_dataset_summary_and_recommendation(tiny_model_dir, tmp_path):
+    d = tiny_model_dir("llama")
+    lm = load_model(str(d), device="cpu")
+    records = []
+    for i, (tpl, subject) in enumerate([("{} is located in the city of", "The Eiffel Tower"),
+                                        ("The capital of {} is", "France"), ("{} was born in", "Albert Einstein")]):
+        text = tpl.replace("{}", subject)
+        answer = lm.tokenizer.decode(greedy_tokens(lm.model, torch.tensor([lm.tokenizer(text)["input_ids"]]), 2))
+        records.append({"known_id": i, "subject": subject, "template": tpl, "prompt": text, "attribute": answer.strip()})
+    records.append({"known_id": 3, "subject": "Miles Davis", "prompt": "Miles Davis plays the", "attribute": "qqqq"})
+    records.append({"known_id": 4, "subject": "Mars", "prompt": "The moon of Jupiter is", "attribute": "Io"})
+    (tmp_path / "facts.json").write_text(json.dumps(records))
+
+    r = _cli(d, tmp_path, f"trace.dataset={tmp_path / 'facts.json'}", "trace.plots=false")
+    assert r.returncode == 0, r.stderr
+    assert "kept 3 of 5 facts" in r.stdout
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["known"] == 3 and summary["records"] == 5
+    reasons = {s["subject"]: s["reason"] for s in summary["skipped"]}
+    assert "not 'qqqq'" in reasons["Miles Davis"] and "not in the prompt" in reasons["Mars"]
+    mlp = np.array(summary["average_indirect_effect"]["mlp"]["mean"], dtype=float)
+    assert mlp.shape == (len(BUCKETS), 4)
+    assert summary["recommended_layer"] == int(np.argmax(mlp[BUCKETS.index("last subject token")]))
+    for stem in ("aie_hidden", "aie_mlp", "aie_attn", "aie_lines"):
+        assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.pdf").stat().st_size > 0
+    layer, path = latest_recommendation(tmp_path / "cache", lm.identity)
+    assert layer == summary["recommended_layer"] and path.name == "recommended_layer.json"
+    assert json.loads((out / "recommendation.json").read_text())["layer"] == layer
+
+
+@pytest.mark.slow
+def test_smollm2_eiffel_tower(tmp_path):
+    """The embedded SmolLM2 on the paper's example.  What it shows (docs/trace.md): the answer is
+    recalled from the subject's informative token ('iffel', not the predictable last token ' Tower'),
+    through MLPs in the early layers; attention carries it to the last token in late layers."""
+    r = run_cli("stage=trace", "prompt={} is located in the city of", "subject=The Eiffel Tower",
+                "model.device=cpu", f"trace.out={tmp_path}", "trace.samples=3")
+    assert r.returncode == 0, r.stderr
+    (fact_dir,) = tmp_path.iterdir()
+    for kind in KINDS:
+        assert (fact_dir / f"{kind}.png").stat().st_size > 5000 and (fact_dir / f"{kind}.pdf").exists()
+    res, meta = TraceResult.load(fact_dir / "scores.npz")
+    assert res.answer.strip() == "Paris" and res.subject == (0, 4)
+    assert res.p_clean > 0.6 and res.p_corrupted < 0.1  # corrupting the subject destroys the fact
+    n = res.effects["mlp"].shape[1]
+    mlp_subject = res.effects["mlp"][res.subject[0] : res.subject[1]]
+    tok, layer = np.unravel_index(int(mlp_subject.argmax()), mlp_subject.shape)
+    assert res.tokens[tok] == "iffel" and mlp_subject.max() > 0.2 and layer < n // 3  # early MLP site
+    attn_last = res.effects["attn"][-1]
+    assert attn_last.max() > 0.3 and attn_last.argmax() >= n // 2  # late attention site at the last token
+    assert np.abs(res.effects["mlp"][3]).max() < 0.05  # ' Tower' itself carries almost nothing
