@@ -83,7 +83,8 @@ def plot_lines(aie: dict, stem: Path, n_facts: int, model_name: str,
                buckets: Sequence[str] = ("last subject token", "last token")) -> list[Path]:
     """The average indirect effect across layers at chosen token buckets, one line per kind, with a
     shaded 95% confidence interval."""
-    fig, axes = plt.subplots(1, len(buckets), figsize=(4.0 * len(buckets), 2.6), sharey=True)
+    fig, axes = plt.subplots(1, len(buckets), figsize=(4.0 * len(buckets), 2.8), sharey=True,
+                             layout="constrained")  # keeps the suptitle clear of the panel titles
     for ax, bucket in zip(np.atleast_1d(axes), buckets):
         b = BUCKETS.index(bucket)
         for kind in aie:
