@@ -50,8 +50,9 @@ def _fact(i: int, rec: Any, where: str) -> Fact:
     return Fact(i, subject, prompt, answer, str(ident))
 
 
-def load_facts(path: str | Path, n: int | None = None) -> list[Fact]:
-    """The first ``n`` facts (all when None) of a JSON list file; one clear UserError if unreadable."""
+def load_facts(path: str | Path, n: int | None = None, start: int = 0) -> list[Fact]:
+    """Facts ``start`` .. ``start + n`` (to the end when n is None) of a JSON list file, keeping their
+    index in the file (it seeds their noise); one clear UserError if unreadable."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -63,4 +64,7 @@ def load_facts(path: str | Path, n: int | None = None) -> list[Fact]:
         raise UserError(f"fact file {path} must hold a non-empty JSON list of records like known_1000.json")
     if n is not None and int(n) <= 0:
         raise UserError(f"trace.n={n} must be a positive number of records (or null for all)")
-    return [_fact(i, rec, str(path)) for i, rec in enumerate(data[: None if n is None else int(n)])]
+    if int(start) < 0 or int(start) >= len(data):
+        raise UserError(f"trace.start={start} is outside the {len(data)} records of {path}")
+    stop = None if n is None else int(start) + int(n)
+    return [_fact(int(start) + i, rec, str(path)) for i, rec in enumerate(data[int(start):stop])]

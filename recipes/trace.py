@@ -4,7 +4,7 @@
     python train.py stage=trace trace.dataset=../shared/data/known_1000.json trace.n=200
 
 1. load the model; the noise level nu (trace.noise, else 3 sigma of the subjects' embeddings, cached);
-2. the facts: prompt/subject(/answer), or the first trace.n records of trace.dataset of which only
+2. the facts: prompt/subject(/answer), or trace.n records of trace.dataset from trace.start of which only
    those the model predicts correctly are kept;
 3. trace each fact (batched), write its scores.npz and three heatmaps (PNG + PDF) into its directory;
 4. over a dataset: the average indirect effects (summary.json, Figure-2 heatmaps, line plots with 95%
@@ -149,7 +149,7 @@ def _known(loaded: LoadedModel, fact: Fact) -> tuple[bool, str, int]:
 
 def trace_dataset(cfg: DictConfig, loaded: LoadedModel, noise: float) -> dict:
     t = cfg.trace
-    facts = load_facts(t.dataset, t.n)
+    facts = load_facts(t.dataset, t.n, t.start)
     out = Path(t.out)
     results: list[TraceResult] = []
     skipped: list[dict] = []
@@ -193,7 +193,7 @@ def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list
     last_subj = aie["mlp"]["mean"][BUCKETS.index("last subject token")]
     name = str(cfg.model.name)
     summary = {
-        "model": loaded.identity, "dataset": str(t.dataset), "records": n_records, "known": len(results),
+        "model": loaded.identity, "dataset": str(t.dataset), "start": int(t.start), "records": n_records, "known": len(results),
         "skipped": skipped, "noise": noise, "samples": t.samples, "window": t.window, "seed": int(cfg.seed),
         "mean_p_clean": float(np.mean([r.p_clean for r in results])),
         "mean_p_corrupted": float(np.mean([r.p_corrupted for r in results])),

@@ -131,6 +131,11 @@ def test_known_facts_file():
     assert [f.subject for f in facts] == ["Vinson Massif", "Beats Music", "Audible.com"]
     assert facts[0].prompt == "{} is located in the continent of"  # the prompt, not the shorter template
     assert facts[0].answer == "Antarctica"
+    # a later slice keeps each record's index in the file, so its noise seed matches a run from 0
+    later = load_facts(DATA / "known_1000.json", n=2, start=1)
+    assert [(f.index, f.subject) for f in later] == [(1, "Beats Music"), (2, "Audible.com")]
+    with pytest.raises(UserError, match="trace.start=5000 is outside"):
+        load_facts(DATA / "known_1000.json", start=5000)
 
 
 def test_bad_fact_files(tmp_path):
