@@ -64,7 +64,7 @@ def reference_v_star(loaded, job, rows, hp) -> tuple[torch.Tensor, list[float]]:
 
 def run_reference(loaded, request, layer, templates, c, hp, t_templates):
     """Same steps as ``edit_one`` (keys, v*, solve, apply, verify) with the reference v* loop."""
-    from modules.callbacks import VerifyEdit, measure
+    from modules.callbacks import measure
     from modules.rome import EditJob
     from pipeline.hooks import get_module
     from pipeline.rank_one import apply_rank_one, rank_one_update
