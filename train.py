@@ -28,6 +28,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
+    warnings.filterwarnings("ignore", message=".*`configure_optimizers` returned `None`.*")  # Adam is the pipeline's
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

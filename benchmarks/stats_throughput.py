@@ -38,7 +38,7 @@ def batches(loaded, args):
     """The same stream of batches the stage reads, through a DataLoader worker as in the stage."""
     from torch.utils.data import DataLoader
 
-    stream = ShardedTokenStream(TextSource(files=str(WIKI)), loaded.tokenizer, max_length=args.max_length,
+    stream = ShardedTokenStream(TextSource(files=str(WIKI)), loaded.tokenizer, max_length=args.max_length, chars_per_token=8,
                                 batch_tokens=args.batch_tokens, tokens=args.tokens, rank=0, world_size=1, resume={})
     return DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
 
@@ -47,7 +47,7 @@ def run_stage(loaded, args) -> tuple[float, torch.Tensor, int]:
     import lightning as L
 
     module = SecondMomentModule(loaded.model, loaded.spec, [args.layer])
-    data = TextDataModule(TextSource(files=str(WIKI)), loaded.tokenizer, max_length=args.max_length,
+    data = TextDataModule(TextSource(files=str(WIKI)), loaded.tokenizer, max_length=args.max_length, chars_per_token=8,
                           batch_tokens=args.batch_tokens, tokens=args.tokens, num_workers=1)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False)

@@ -19,10 +19,11 @@ ResumeState = Mapping[int, tuple[int, int]]
 
 
 class ShardedTokenStream(IterableDataset):
-    def __init__(self, source: TextSource, tokenizer, *, max_length: int, batch_tokens: int, tokens: int,
-                 rank: int, world_size: int, resume: ResumeState) -> None:
+    def __init__(self, source: TextSource, tokenizer, *, max_length: int, chars_per_token: int, batch_tokens: int,
+                 tokens: int, rank: int, world_size: int, resume: ResumeState) -> None:
         self.source, self.tokenizer = source, tokenizer
-        self.max_length, self.batch_tokens, self.tokens = max_length, batch_tokens, tokens
+        self.max_length, self.chars_per_token = max_length, chars_per_token
+        self.batch_tokens, self.tokens = batch_tokens, tokens
         self.rank, self.world_size, self.resume = rank, world_size, dict(resume)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -32,7 +33,7 @@ class ShardedTokenStream(IterableDataset):
         position, done = self.resume.get(shard, (0, 0))
         budget = shard_budget(self.tokens, shard, num_shards) - done
         texts = self.source.open(shard, num_shards, skip=position)
-        for batch in pack_batches(texts, self.tokenizer, max_length=self.max_length,
+        for batch in pack_batches(texts, self.tokenizer, max_length=self.max_length, chars_per_token=self.chars_per_token,
                                   batch_tokens=self.batch_tokens, budget=budget, position=position):
             yield {**batch.as_dict(), "shard": shard}
 
@@ -40,11 +41,12 @@ class ShardedTokenStream(IterableDataset):
 class TextDataModule(L.LightningDataModule):
     """Streams ``source`` for ``trainer.predict``; ``resume(rank)`` gives a partial run's shard positions."""
 
-    def __init__(self, source: TextSource, tokenizer, *, max_length: int, batch_tokens: int, tokens: int,
-                 num_workers: int = 1, resume: Callable[[int], ResumeState] | None = None) -> None:
+    def __init__(self, source: TextSource, tokenizer, *, max_length: int, chars_per_token: int, batch_tokens: int,
+                 tokens: int, num_workers: int = 1, resume: Callable[[int], ResumeState] | None = None) -> None:
         super().__init__()
         self.source, self.tokenizer = source, tokenizer
-        self.max_length, self.batch_tokens, self.tokens = max_length, batch_tokens, tokens
+        self.max_length, self.chars_per_token = max_length, chars_per_token
+        self.batch_tokens, self.tokens = batch_tokens, tokens
         self.num_workers, self.resume = num_workers, resume
 
     def prepare_data(self) -> None:
@@ -53,7 +55,8 @@ class TextDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size
         stream = ShardedTokenStream(
-            self.source, self.tokenizer, max_length=self.max_length, batch_tokens=self.batch_tokens,
+            self.source, self.tokenizer, max_length=self.max_length, chars_per_token=self.chars_per_token,
+            batch_tokens=self.batch_tokens,
             tokens=self.tokens, rank=rank, world_size=world, resume=self.resume(rank) if self.resume else {},
         )
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers,

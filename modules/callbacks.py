@@ -1,121 +1,53 @@
-"""Callbacks that turn a finished v* optimisation into an applied, verified and recorded edit.
-
-Order matters and is the list order given to the Trainer: ApplyEdit, VerifyEdit, LedgerCheckpoint.
+"""Callbacks that turn a finished v* optimisation into an applied, verified and recorded edit, plus a
+one-line-per-edit progress display. Each acts on ``pl_module.finished`` (set on the batch where an edit's
+optimisation ends) and calls the pipeline; the list order is the order they run in:
+ApplyEdit, VerifyEdit, LedgerCheckpoint, EditProgress.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 import lightning as L
-import torch
+from tqdm.auto import tqdm
 
-from pipeline.hooks import get_module
+from pipeline import rome
 from pipeline.ledger import Ledger
-from pipeline.probability import greedy_continuation, target_probs
-from pipeline.rank_one import apply_rank_one, rank_one_delta, rank_one_update
 
-from .rome import EditJob, ValueOptimizer
+from .rome import ValueOptimizer
+
+__all__ = ["ApplyEdit", "VerifyEdit", "LedgerCheckpoint", "EditProgress", "ledger_entry"]
 
 
 class ApplyEdit(L.Callback):
     """Solve Λ (C⁻¹k*)ᵀ in float64 and write it into the down-projection in its own orientation."""
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: ValueOptimizer) -> None:
-        job, spec, model = pl_module.finish(), pl_module.spec, pl_module.model
-        t = time.perf_counter()
-        weight = spec.down_proj_weight(model, job.layer)
-        w = spec.down_proj_matrix(model, job.layer).detach()
-        bias = getattr(get_module(model, spec.down_proj_name(job.layer)), "bias", None)
-        v_star = job.v0.double() + job.delta.double()  # what the layer should output at k*
-        if bias is not None:
-            v_star = v_star - bias.detach().double()
-        job.edit = rank_one_update(w, job.k_star, v_star, job.second_moment, float(job.hp.ridge))
-        job.timings["solve"] = time.perf_counter() - t
-        t = time.perf_counter()
-        job.backup = weight.detach().clone()
-        apply_rank_one(weight, job.edit, spec.down_proj_conv1d)
-        job.timings["apply"] = time.perf_counter() - t
-        delta_w = rank_one_delta(job.edit)
-        job.norms = {
-            "delta_w": float(delta_w.norm()), "w": float(w.double().norm()),
-            "relative_update": float(delta_w.norm() / job.backup.double().norm()),
-            "denominator": job.edit.denominator, "delta": float(job.delta.norm()), "v0": float(job.v0.norm()),
-        }
-        job.status = "applied"
-
-
-def prompt_sets(job: EditJob) -> dict[str, list[str]]:
-    r = job.request
-    return {"prompt": [r.text], "paraphrases": list(r.paraphrases), "neighbours": list(r.neighbours)}
-
-
-def measure(model: torch.nn.Module, tokenizer: Any, job: EditJob) -> dict[str, dict[str, list[float]]]:
-    """P(target_new) and P(target_true) on every prompt set of the request."""
-    r, out = job.request, {}
-    for name, prompts in prompt_sets(job).items():
-        if not prompts:
-            continue
-        targets = [r.target_new] + ([r.target_true] if r.target_true else [])
-        probs = target_probs(model, tokenizer, prompts * len(targets), [t for t in targets for _ in prompts])
-        n = len(prompts)
-        out[name] = {"new": probs[:n].tolist(), "true": probs[n:].tolist() if r.target_true else []}
-    return out
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: ValueOptimizer, *args: Any) -> None:
+        if pl_module.finished is not None:
+            rome.apply_edit(pl_module.ctx, pl_module.finished)
 
 
 class VerifyEdit(L.Callback):
     """Checks the edit took (P(new) > P(true) on the prompt and paraphrases, P(true) > P(new) on
     neighbours) and is not a disabling edit (‖ΔW‖/‖W‖ and (C⁻¹k*)ᵀk* within limits); rolls back on failure."""
 
-    def __init__(self, tokenizer: Any, generate_tokens: int = 20) -> None:
-        self.tokenizer, self.generate_tokens = tokenizer, generate_tokens
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: ValueOptimizer, *args: Any) -> None:
+        if pl_module.finished is not None:
+            rome.verify_edit(pl_module.ctx, pl_module.finished)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: ValueOptimizer) -> None:
-        job = pl_module.job
-        job.probs["pre"] = measure(pl_module.model, self.tokenizer, job)
-        if self.generate_tokens:
-            job.generations["pre"] = greedy_continuation(pl_module.model, self.tokenizer, job.request.text,
-                                                         self.generate_tokens)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: ValueOptimizer) -> None:
-        job, model = pl_module.finish(), pl_module.model
-        t = time.perf_counter()
-        job.probs["post"] = post = measure(model, self.tokenizer, job)
-        if self.generate_tokens:
-            job.generations["post"] = greedy_continuation(model, self.tokenizer, job.request.text, self.generate_tokens)
-        problems = self.problems(job, post)
-        job.timings["verify"] = time.perf_counter() - t
-        if problems:
-            job.reason = "; ".join(problems)
-            if job.hp.verify.rollback:
-                with torch.no_grad():
-                    pl_module.spec.down_proj_weight(model, job.layer).copy_(job.backup)
-                job.status = "rolled_back"
-            else:
-                job.status = "failed_verification"
-
-    @staticmethod
-    def problems(job: EditJob, post: dict[str, dict[str, list[float]]]) -> list[str]:
-        v = job.hp.verify
-        out = []
-        if not v.enabled:
-            return out
-        if job.norms["relative_update"] > float(v.max_relative_update):
-            out.append(f"‖ΔW‖/‖W‖ = {job.norms['relative_update']:.3g} exceeds edit.verify.max_relative_update="
-                       f"{v.max_relative_update} (a disabling edit)")
-        if job.norms["denominator"] < float(v.min_denominator):
-            out.append(f"(C⁻¹k*)ᵀk* = {job.norms['denominator']:.3g} is below edit.verify.min_denominator="
-                       f"{v.min_denominator}")
-        for name, want_new in (("prompt", True), ("paraphrases", True), ("neighbours", False)):
-            p = post.get(name)
-            if not p or not p["true"]:
-                continue
-            bad = [i for i, (n, t) in enumerate(zip(p["new"], p["true"])) if (n > t) != want_new]
-            if bad:
-                which = "P(new) > P(true)" if want_new else "P(true) > P(new)"
-                out.append(f"{which} fails on {len(bad)} of {len(p['new'])} {name}")
-        return out
+def ledger_entry(ctx: rome.EditContext, result: rome.EditResult, model_identity: dict[str, str]) -> dict[str, Any]:
+    return {
+        # a failed check without rollback leaves the edit in the weights: it stays "applied"
+        "status": "rolled_back" if result.status == "rolled_back" else "applied",
+        "verified": result.status == "applied", "reason": result.reason, "request": result.request.as_dict(),
+        "layer": result.layer, "module": result.module, "conv1d": ctx.spec.down_proj_conv1d,
+        "denominator": result.update.denominator, "norms": result.norms, "probs": result.probs,
+        "generations": result.generations, "losses": result.losses, "timings": result.timings,
+        "model": model_identity, "stats": ctx.stats_id,
+    }
 
 
 class LedgerCheckpoint(L.Callback):
@@ -124,18 +56,51 @@ class LedgerCheckpoint(L.Callback):
     def __init__(self, ledger: Ledger, model_identity: dict[str, str]) -> None:
         self.ledger, self.model_identity = ledger, model_identity
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: ValueOptimizer) -> None:
-        job = pl_module.finish()
-        if job.edit is None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: ValueOptimizer, *args: Any) -> None:
+        result = pl_module.finished
+        if result is None or result.update is None:
             return
-        job.entry_id = self.ledger.next_id()
-        entry = {
-            # a failed check without rollback leaves the edit in the weights: it stays "applied"
-            "id": job.entry_id, "status": "rolled_back" if job.status == "rolled_back" else "applied",
-            "verified": job.status == "applied", "reason": job.reason, "request": job.request.as_dict(), "layer": job.layer,
-            "module": pl_module.spec.down_proj_name(job.layer), "conv1d": pl_module.spec.down_proj_conv1d,
-            "denominator": job.edit.denominator, "norms": job.norms, "probs": job.probs,
-            "generations": job.generations, "losses": job.losses, "timings": job.timings,
-            "model": self.model_identity, "stats": job.stats_id,
-        }
-        self.ledger.append(entry, job.edit)
+        t = time.perf_counter()
+        result.entry_id = self.ledger.append(ledger_entry(pl_module.ctx, result, self.model_identity), result.update)
+        result.timings["ledger"] = time.perf_counter() - t
+
+
+class EditProgress(L.Callback):
+    """One line per edit: a live bar on a terminal (step, loss, P(target); read from the numbers the early
+    stop already brought to the host, so it forces no sync), one summary line when the edit is done.
+    Also records each edit's outer wall time (``timings['wall']``): from the end of the previous edit (or
+    the start of the fit) to the end of this one, the framework's own work included."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled, self.live = enabled, enabled and sys.stderr.isatty()
+        self.bar: tqdm | None = None
+        self._mark = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: ValueOptimizer) -> None:
+        rome.sync(pl_module.ctx.model)
+        self._mark = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: ValueOptimizer, *args: Any) -> None:
+        result = pl_module.current
+        if result is None:
+            return
+        opt, n = result.optimisation, len(pl_module.requests)
+        label = f"v* [{pl_module.results.index(result) + 1}/{n}]"
+        if self.live and self.bar is None and pl_module.finished is None:
+            self.bar = tqdm(total=opt.steps, desc=label, leave=False, dynamic_ncols=True, file=sys.stderr)
+        if self.bar is not None and opt.losses[0]:
+            self.bar.n = len(opt.losses[0])
+            self.bar.set_postfix_str(f"loss {opt.losses[0][-1]:.3f}, P(target) {opt.p_target[0]:.3f}", refresh=True)
+        if pl_module.finished is not None:
+            rome.sync(pl_module.ctx.model)
+            now = time.perf_counter()
+            result.timings["wall"] = now - self._mark
+            self._mark = now
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            if self.enabled:
+                losses = opt.losses[0]
+                print(f"{label} {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+                      f"P(target) {opt.p_target[0]:.3f}, {result.timings['v_star']:.2f} s; {result.status}",
+                      file=sys.stderr, flush=True)

@@ -52,7 +52,6 @@ class CaseEvaluator(L.LightningModule):
             raise RuntimeError(f"layer {self.ctx.layer}'s down-projection is not the clean matrix {when}")
 
     def _restore(self) -> None:
-        self.model.to(self.clean.device)  # a method may have moved the model (Lightning's teardown moves to CPU)
         with torch.no_grad():
             self._weight().copy_(self.clean)
         self._check_clean("after restoring it")
@@ -87,7 +86,8 @@ class CaseEvaluator(L.LightningModule):
     # -- one case ---------------------------------------------------------------------------------------
     def _score(self, case: EvalCase) -> dict[str, Any]:
         loaded = self.ctx.loaded
-        return score_case(loaded.model, loaded.tokenizer, case, self.gen, self.seed + case.index, self.refs)
+        return score_case(loaded.model, loaded.tokenizer, case, self.gen, self.seed + case.index,
+                          int(self.ctx.cfg.eval.score_batch_size), self.refs)
 
     def evaluate(self, case: EvalCase, methods: Sequence[Method]) -> list[dict[str, Any]]:
         self._check_clean(f"before case {case.index}")
@@ -106,7 +106,6 @@ class CaseEvaluator(L.LightningModule):
                 t = time.perf_counter()
                 info = m.apply(self.ctx, case, self.seed + case.index)
                 edit_seconds = time.perf_counter() - t
-                self.model.to(self.clean.device)
                 post = self._score(case)
             except UserError as err:  # this case cannot be edited by this method: reported, not fatal
                 out.append({**rec, "status": "skipped", "reason": str(err)})

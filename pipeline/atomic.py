@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -11,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "atomic_dir", "write_json", "sha256_files", "json_digest"]
+__all__ = ["atomic_path", "atomic_dir", "write_json"]
 
 
 @contextlib.contextmanager
@@ -53,18 +52,3 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def sha256_files(*paths: str | os.PathLike) -> str:
-    """Hex sha256 over the contents of ``paths``, read in order (identities and checksums)."""
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def json_digest(obj: Any) -> str:
-    """A short, stable digest of a JSON-able object (cache keys)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

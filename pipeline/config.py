@@ -8,7 +8,7 @@ Unknown keys are rejected, so a typo such as ``stats.layer=6`` fails instead of 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +16,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import UserError
 
-__all__ = ["CONFIG_DIR", "compose", "parse_overrides", "model_file_for"]
+__all__ = ["CONFIG_DIR", "compose", "parse_overrides", "model_file_for", "cache_root", "edit_defaults", "edit_layer"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -42,13 +42,14 @@ def _model_files(config_dir: Path) -> list[tuple[Path, DictConfig]]:
     return [(p, OmegaConf.load(p)) for p in sorted((config_dir / "model").glob("*.yaml"))]
 
 
-def model_file_for(name: str, config_dir: Path = CONFIG_DIR) -> DictConfig | None:
-    """The model file whose ``name`` or ``aliases`` match, else the family file for its model_type."""
+def model_file_for(name: str, config_dir: Path = CONFIG_DIR, model_type: str | None = None) -> DictConfig | None:
+    """The model file whose ``name`` or ``aliases`` match, else the family file for its model_type
+    (read from the model's config when not given)."""
     files = _model_files(config_dir)
     for _, f in files:
         if name == f.get("name") or name in (f.get("aliases") or []):
             return f
-    model_type = _model_type(name)
+    model_type = model_type or _model_type(name)
     for _, f in files:
         if model_type and model_type in (f.get("model_types") or []):
             return f
@@ -65,12 +66,14 @@ def _model_type(name: str) -> str | None:
         return None
 
 
-def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> DictConfig:
+def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR, model_file: DictConfig | None = None) -> DictConfig:
+    """configs/ + the model's file (found from ``model.name`` unless given) + ``key=value`` overrides."""
     base = OmegaConf.load(config_dir / "config.yaml")
     base.method = {p.stem: OmegaConf.load(p) for p in sorted((config_dir / "method").glob("*.yaml"))}
     cli = parse_overrides(argv)
-    name = OmegaConf.select(cli, "model.name", default=base.model.name)
-    model_file = model_file_for(str(name), config_dir)
+    if model_file is None:
+        name = OmegaConf.select(cli, "model.name", default=base.model.name)
+        model_file = model_file_for(str(name), config_dir)
     if model_file is not None:
         base = OmegaConf.merge(base, {"model": {k: v for k, v in model_file.items() if k not in ("name", "aliases", "model_types")}})
     OmegaConf.set_struct(base, True)
@@ -82,3 +85,40 @@ def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> DictConf
     except OmegaConfBaseException as err:
         raise UserError(f"bad configuration: {str(err).splitlines()[0]}") from err
     return cfg
+
+
+def cache_root(cfg: DictConfig) -> Path:
+    """Where everything the project caches lives: ``model.cache_dir``, else $ROME_CACHE or ~/.cache/rome-lightning."""
+    from .loading import default_cache_dir
+
+    return Path(cfg.model.cache_dir or default_cache_dir())
+
+
+def edit_defaults(model: Any = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The ``edit`` group as configured in ``configs/`` for ``model`` (a loaded HF model, a name, or None for
+    the default model), with ``edit.x=y`` style overrides: what the Python API uses when given no hparams."""
+    if model is None or isinstance(model, str):
+        return compose([*( [f"model.name={model}"] if model else []), *overrides]).edit
+    config = getattr(model, "config", None)
+    names = [getattr(config, "name_or_path", "") or ""]
+    marker = Path(names[0]) / "rome_identity.json" if names[0] else None
+    if marker is not None and marker.is_file():  # the embedded models' converted copies name themselves
+        import json
+
+        names.insert(0, json.loads(marker.read_text()).get("name", ""))
+    model_type = getattr(config, "model_type", None)
+    found = next((f for f in (model_file_for(n, model_type=model_type) for n in names if n) if f is not None), None)
+    return compose(list(overrides), model_file=found).edit
+
+
+def edit_layer(cfg: DictConfig, loaded: Any) -> int:
+    """``edit.layer`` checked against the model; ``auto`` takes the trace stage's latest recommendation."""
+    layer = cfg.edit.layer
+    if isinstance(layer, str) and layer == "auto":
+        from .tracing import latest_recommendation
+
+        layer, path = latest_recommendation(cache_root(cfg), loaded.identity)
+        print(f"edit.layer=auto: layer {layer}, recommended by the trace stage in {path}")
+    if layer is None:
+        raise UserError("this model has no default edit layer; pass edit.layer=N (or edit.layer=auto after a trace)")
+    return loaded.spec.check_layer(loaded.model, layer, "edit.layer")

@@ -1,17 +1,18 @@
 """Fact files for tracing: ROME's ``known_1000.json`` and files of the same shape.
 
 A record needs a subject, a prompt (``prompt`` with the subject in it, or ``template`` with ``{}``) and
-its true answer (``attribute``; CounterFact's ``ground_truth`` or ``target_true`` are read too).
+its true answer (``attribute``; CounterFact's ``ground_truth`` or ``target_true`` are read too); the
+schemas are ``pipeline.records``'.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .records import read_record, read_records
 
 __all__ = ["Fact", "load_facts"]
 
@@ -25,42 +26,28 @@ class Fact:
     id: str  # the record's own id (known_id / case_id) or the index
 
 
-def _answer(rec: dict[str, Any]) -> Any:
-    for key in ("attribute", "ground_truth"):
-        if rec.get(key):
-            return rec[key]
-    target = rec.get("target_true")
-    return target.get("str") if isinstance(target, dict) else target
-
-
 def _fact(i: int, rec: Any, where: str) -> Fact:
-    if not isinstance(rec, dict):
-        raise UserError(f"{where}: record {i} is a {type(rec).__name__}, not an object")
-    rec = {**rec.get("requested_rewrite", {}), **rec}  # CounterFact's nested schema
-    subject, answer = rec.get("subject"), _answer(rec)
-    # ``prompt`` first: known_1000's ``template`` sometimes lacks the prompt's last word ("... continent"
-    # for "... continent of"), and ROME traces ``prompt``.
-    prompt = rec.get("prompt") or rec.get("template")
+    try:
+        r = read_record(rec, i)
+    except UserError as err:
+        raise UserError(f"{where}: record {i}: {err}") from None
+    subject, prompt, answer = r.subject, r.prompt, r.target_true
     if not (isinstance(subject, str) and isinstance(prompt, str) and isinstance(answer, str)):
         raise UserError(f"{where}: record {i} lacks a subject, a template/prompt or an attribute (answer); "
                         "trace files look like known_1000.json")
     if "{}" not in prompt and subject in prompt:
         prompt = prompt.replace(subject, "{}", 1)  # else tracing says the subject is missing, and skips it
-    ident = rec.get("known_id", rec.get("case_id", i))
-    return Fact(i, subject, prompt, answer, str(ident))
+    return Fact(i, subject, prompt, answer, str(r.case_id))
 
 
 def load_facts(path: str | Path, n: int | None = None, start: int = 0) -> list[Fact]:
     """Facts ``start`` .. ``start + n`` (to the end when n is None) of a JSON list file, keeping their
     index in the file (it seeds their noise); one clear UserError if unreadable."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"fact file {path} does not exist (known facts: ../shared/data/known_1000.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read fact file {path}: {err}") from err
-    if not isinstance(data, list) or not data:
+    if not path.exists():
+        raise UserError(f"fact file {path} does not exist (known facts: ../shared/data/known_1000.json)")
+    data = read_records(path, "trace.dataset", single=False)
+    if not data:
         raise UserError(f"fact file {path} must hold a non-empty JSON list of records like known_1000.json")
     if n is not None and int(n) <= 0:
         raise UserError(f"trace.n={n} must be a positive number of records (or null for all)")

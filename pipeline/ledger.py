@@ -55,14 +55,17 @@ class Ledger:
     def next_id(self) -> int:
         return 1 + max((e["id"] for e in self.entries), default=0)
 
-    def append(self, entry: dict[str, Any], edit: RankOne) -> None:
-        """Vectors first, then the ledger that names them: a crash leaves no entry without its file."""
+    def append(self, entry: dict[str, Any], edit: RankOne) -> int:
+        """Record ``entry`` under the next id; returns the id. Vectors first, then the ledger that names
+        them: a crash leaves no entry without its file."""
+        entry = {"id": self.next_id(), **entry}
         name = f"edits/{entry['id']:06d}.safetensors"
         with atomic_path(self.dir / name) as tmp:
             save_file({"u": edit.u.cpu().contiguous(), "lam": edit.lam.cpu().contiguous()}, str(tmp),
                       metadata={"denominator": repr(edit.denominator)})
         self.entries.append({**entry, "file": name})
         self.save()
+        return entry["id"]
 
     def save(self) -> None:
         write_json(self.dir / "ledger.json", self.data)

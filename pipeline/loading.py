@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, arch_for
-from .atomic import atomic_dir, sha256_files, write_json
+from .atomic import atomic_dir, write_json
+from .digest import file_sha256, short
 from .errors import UserError
 
-__all__ = ["LoadedModel", "load_model", "model_config", "resolve_device", "resolve_dtype", "default_cache_dir", "EMBEDDED"]
+__all__ = ["LoadedModel", "load_model", "load_configured", "model_config", "resolve_device", "resolve_dtype", "default_cache_dir", "EMBEDDED"]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _embedded_dir(name: str, cache_dir: Path) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    digest = sha256_files(gguf)[:16]
+    digest = short(file_sha256(gguf))
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -108,7 +109,7 @@ def _local_identity(path: Path, name: str) -> dict[str, str]:
         ident = json.loads(marker.read_text())
         return {"name": ident["name"], "revision": ident["revision"]}
     weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
-    return {"name": name, "revision": f"weights-sha256:{sha256_files(*sorted(weights))[:16]}"}
+    return {"name": name, "revision": f"weights-sha256:{short(file_sha256(*sorted(weights)))}"}
 
 
 _CONFIGS: dict[tuple[str, str | None], Any] = {}
@@ -175,3 +176,12 @@ def load_model(
         commit = getattr(model.config, "_commit_hash", None) or revision or "unknown"
         identity = {"name": name, "revision": str(commit)}
     return LoadedModel(model=model, tokenizer=tok, spec=arch_for(model, arch), identity=identity, path=where)
+
+
+def load_configured(model_cfg: Any, device: str | None = None) -> LoadedModel:
+    """``load_model`` from the ``model`` config group (``device`` overrides ``model.device``)."""
+    from omegaconf import OmegaConf
+
+    arch = OmegaConf.to_container(model_cfg.arch, resolve=True) if model_cfg.arch is not None else None
+    return load_model(model_cfg.name, dtype=model_cfg.dtype, device=device or model_cfg.device,
+                      revision=model_cfg.revision, cache_dir=model_cfg.cache_dir, arch=arch)

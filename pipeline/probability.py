@@ -3,11 +3,13 @@ batched over (prompt, target) pairs; and greedy continuations."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["target_log_probs", "target_probs", "target_argmax", "greedy_continuation", "target_token_ids"]
+from .padding import right_pad
+
+__all__ = ["target_log_probs", "target_probs", "target_argmax", "greedy_continuation", "target_token_ids", "new_and_true_probs"]
 
 
 def target_token_ids(tokenizer: Any, target: str) -> list[int]:
@@ -27,10 +29,7 @@ def _teacher_forced(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[st
             t_ids = target_token_ids(tokenizer, t)
             rows.append(p_ids + t_ids)
             spans.append((len(p_ids), len(t_ids)))
-        width = max(map(len, rows))
-        pad = tokenizer.pad_token_id or 0
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        ids, mask = right_pad(rows, tokenizer.pad_token_id or 0, device)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
         for row, (start, n) in enumerate(spans):
             pos = torch.arange(start - 1, start - 1 + n, device=device)
@@ -39,7 +38,7 @@ def _teacher_forced(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[st
 
 @torch.no_grad()
 def target_log_probs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
-                     batch_size: int = 32) -> torch.Tensor:
+                     batch_size: int) -> torch.Tensor:
     """Mean log-probability of each target's tokens after its prompt, teacher-forced; shape [n]."""
     out = [logp.gather(-1, tok[:, None]).mean() for logp, tok in _teacher_forced(model, tokenizer, prompts, targets, batch_size)]
     return torch.stack(out).cpu()
@@ -47,18 +46,39 @@ def target_log_probs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[s
 
 @torch.no_grad()
 def target_argmax(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
-                  batch_size: int = 32) -> list[tuple[list[int], list[int]]]:
+                  batch_size: int) -> list[tuple[list[int], list[int]]]:
     """Teacher-forced top-1 predictions and the target tokens, per (prompt, target) pair."""
     return [(logp.argmax(-1).tolist(), tok.tolist())
             for logp, tok in _teacher_forced(model, tokenizer, prompts, targets, batch_size)]
 
 
-def target_probs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> torch.Tensor:
-    return target_log_probs(model, tokenizer, prompts, targets).exp()
+def target_probs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int) -> torch.Tensor:
+    return target_log_probs(model, tokenizer, prompts, targets, batch_size).exp()
+
+
+def new_and_true_probs(model: torch.nn.Module, tokenizer: Any, sets: Mapping[str, tuple[Sequence[str], Sequence[str | None]]],
+                       target_new: str, batch_size: int) -> dict[str, dict[str, list[float]]]:
+    """P(target_new) and P(true object) on named prompt sets, in one batched pass over all pairs.
+
+    ``sets``: name -> (prompts, the true object of each prompt, or None where there is none). Returns
+    name -> {"new": [...], "true": [...]} ("true" empty when no true object is known); empty sets are left out.
+    """
+    prompts, targets, spans = [], [], {}
+    for name, (ps, trues) in sets.items():
+        ps, trues = list(ps), list(trues)
+        if not ps:
+            continue
+        known = all(t is not None for t in trues)
+        spans[name] = (len(prompts), len(ps), known)
+        prompts += ps + (ps if known else [])
+        targets += [target_new] * len(ps) + (trues if known else [])
+    p = target_probs(model, tokenizer, prompts, targets, batch_size).tolist() if prompts else []
+    return {name: {"new": p[s : s + n], "true": p[s + n : s + 2 * n] if known else []}
+            for name, (s, n, known) in spans.items()}
 
 
 @torch.no_grad()
-def greedy_continuation(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 12) -> str:
+def greedy_continuation(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,

@@ -15,7 +15,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["RankOne", "solve_c_inv_k", "rank_one_update", "apply_rank_one", "rank_one_delta"]
+__all__ = ["RankOne", "KeySolver", "rank_one_update", "apply_rank_one", "rank_one_delta", "update_norm"]
 
 
 @dataclasses.dataclass
@@ -25,28 +25,39 @@ class RankOne:
     denominator: float  # (C⁻¹k*)ᵀ k*
 
 
-def solve_c_inv_k(second_moment: torch.Tensor | None, k: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
-    """C⁻¹k in float64 by Cholesky of C + ridge·I; C = None means the identity (no covariance adjustment)."""
-    k = k.to(torch.float64)
-    if second_moment is None:
-        return k.clone()
-    c = second_moment.to(device=k.device, dtype=torch.float64)
-    if ridge:
-        c = c + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    chol, info = torch.linalg.cholesky_ex(c)
-    if int(info) != 0:
-        raise UserError("the key second moment C is not positive definite (too few statistics tokens?); "
-                        "collect more with stats.tokens=... or add a ridge with edit.ridge=1e-4")
-    return torch.cholesky_solve(k[:, None], chol)[:, 0]
+class KeySolver:
+    """C⁻¹k for any key k, by one Cholesky factor of C + ridge·I (float64, on ``device``) computed once and
+    reused for every edit of the layer; ``second_moment=None`` is C = I (no covariance adjustment)."""
+
+    def __init__(self, second_moment: torch.Tensor | None, ridge: float = 0.0, device: torch.device | str | None = None) -> None:
+        self.factor: torch.Tensor | None = None
+        if second_moment is None:
+            return
+        c = second_moment.to(device=device or second_moment.device, dtype=torch.float64)
+        if ridge:
+            c = c + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+        chol, info = torch.linalg.cholesky_ex(c)
+        del c
+        if int(info) != 0:
+            raise UserError("the key second moment C is not positive definite (too few statistics tokens?); "
+                            "collect more with stats.tokens=... or add a ridge with edit.ridge=1e-4")
+        self.factor = chol
+
+    def solve(self, k: torch.Tensor) -> torch.Tensor:
+        """C⁻¹k in float64 for k [d] (or [d, n])."""
+        k = k.to(torch.float64)
+        if self.factor is None:
+            return k.clone()
+        k = k.to(self.factor.device)
+        return torch.cholesky_solve(k[:, None] if k.dim() == 1 else k, self.factor).reshape(k.shape)
 
 
-def rank_one_update(w: torch.Tensor, k_star: torch.Tensor, v_star: torch.Tensor, second_moment: torch.Tensor | None,
-                    ridge: float = 0.0) -> RankOne:
+def rank_one_update(w: torch.Tensor, k_star: torch.Tensor, v_star: torch.Tensor, solver: KeySolver) -> RankOne:
     """``w`` is [d_model, d_ff] (out x in); ``v_star`` is the wanted W' k* (bias excluded)."""
-    k = k_star.to(torch.float64)
-    u = solve_c_inv_k(second_moment, k, ridge)
+    u = solver.solve(k_star)
+    k = k_star.to(device=u.device, dtype=torch.float64)
     denominator = float(u @ k)
-    lam = (v_star.to(torch.float64) - w.to(torch.float64) @ k) / denominator
+    lam = (v_star.to(device=u.device, dtype=torch.float64) - w.to(device=u.device, dtype=torch.float64) @ k) / denominator
     return RankOne(u=u, lam=lam, denominator=denominator)
 
 
@@ -57,9 +68,15 @@ def rank_one_delta(edit: RankOne) -> torch.Tensor:
 
 @torch.no_grad()
 def apply_rank_one(weight: torch.Tensor, edit: RankOne, conv1d: bool) -> None:
-    """Add ΔW to a down-projection weight in place, in its storage orientation (Conv1D [in, out] or
-    Linear [out, in]); the sum is formed in float64 and cast to the weight's dtype once."""
-    delta = rank_one_delta(edit).to(weight.device)
-    if conv1d:
-        delta = delta.T
-    weight.copy_((weight.to(torch.float64) + delta).to(weight.dtype))
+    """Add ΔW = Λ uᵀ to a down-projection weight in place, in its storage orientation (Conv1D [in, out] or
+    Linear [out, in]): the sum is formed in float64 (one d_model x d_ff buffer, no separate ΔW) and cast to
+    the weight's dtype once. Edit and ledger rebuild both go through here, so a rebuild is bitwise."""
+    lam, u = edit.lam.to(weight.device), edit.u.to(weight.device)
+    total = weight.to(torch.float64)
+    total.addr_(u, lam) if conv1d else total.addr_(lam, u)
+    weight.copy_(total)
+
+
+def update_norm(edit: RankOne) -> float:
+    """‖ΔW‖_F of a rank-one update: ‖Λ‖ ‖u‖ (no d_model x d_ff matrix needed)."""
+    return float(edit.lam.norm() * edit.u.norm())

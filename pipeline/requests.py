@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Iterable
 
-import yaml
-
 from .errors import UserError
+from .records import parse_text, read_record, read_records
 from .subject import to_template
 
 __all__ = ["EditRequest", "parse_requests", "request_from_record"]
@@ -35,36 +33,13 @@ class EditRequest:
         return d
 
 
-def _str(value: Any) -> str | None:
-    if isinstance(value, dict):  # CounterFact {"str": ..., "id": ...}
-        value = value.get("str")
-    return None if value is None else str(value)
-
-
-def _list(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    return (str(value),) if isinstance(value, str) else tuple(str(v) for v in value)
-
-
-def request_from_record(rec: dict[str, Any]) -> EditRequest:
-    """One request from our schema, CounterFact's nested schema or the flat (EasyEdit) schema."""
+def request_from_record(rec: Any, zsre_target: str = "answer") -> EditRequest:
+    """One request from a record of any schema ``pipeline.records`` reads (ours, CounterFact, zsRE)."""
     if not isinstance(rec, dict):
         raise UserError(f"a request must be a mapping with prompt, subject and target_new, got {type(rec).__name__}")
-    if "requested_rewrite" in rec:  # original nested CounterFact
-        rw = rec["requested_rewrite"]
-        fields = dict(prompt=rw.get("prompt"), subject=rw.get("subject"), target_new=_str(rw.get("target_new")),
-                      target_true=_str(rw.get("target_true")), paraphrases=_list(rec.get("paraphrase_prompts")),
-                      neighbours=_list(rec.get("neighborhood_prompts")), case_id=rec.get("case_id"))
-    elif "ground_truth" in rec or "rephrase_prompt" in rec:  # flat CounterFact
-        fields = dict(prompt=rec.get("prompt"), subject=rec.get("subject"), target_new=_str(rec.get("target_new")),
-                      target_true=_str(rec.get("ground_truth")), paraphrases=_list(rec.get("rephrase_prompt")),
-                      neighbours=_list(rec.get("locality_prompt")), case_id=rec.get("case_id"))
-    else:
-        fields = dict(prompt=rec.get("prompt"), subject=rec.get("subject"), target_new=_str(rec.get("target_new")),
-                      target_true=_str(rec.get("target_true")), paraphrases=_list(rec.get("paraphrases")),
-                      neighbours=_list(rec.get("neighbours", rec.get("neighbors"))), case_id=rec.get("case_id"))
-    return _validated(**fields)
+    r = read_record(rec, zsre_target=zsre_target)
+    return _validated(prompt=r.prompt, subject=r.subject, target_new=r.target_new, target_true=r.target_true,
+                      paraphrases=r.paraphrases, neighbours=r.neighbours, case_id=r.case_id)
 
 
 def _validated(**f: Any) -> EditRequest:
@@ -80,13 +55,6 @@ def _validated(**f: Any) -> EditRequest:
     return EditRequest(prompt, f["subject"], new, true, f["paraphrases"], f["neighbours"], f["case_id"])
 
 
-def _load_text(text: str, where: str) -> Any:
-    try:
-        return yaml.safe_load(text)  # YAML is a superset of JSON
-    except yaml.YAMLError as err:
-        raise UserError(f"request {where} is not valid JSON/YAML: {str(err).splitlines()[0]}") from err
-
-
 def parse_requests(value: Any) -> list[EditRequest]:
     """``request=`` as given: a mapping or list (already parsed), inline JSON/YAML, or a file path
     (.json, .jsonl, .yaml/.yml) holding one request or a list."""
@@ -96,20 +64,10 @@ def parse_requests(value: Any) -> list[EditRequest]:
         from omegaconf import OmegaConf
 
         data = OmegaConf.to_container(value) if not isinstance(value, (dict, list)) else value
-    elif os.path.isfile(value):
-        text = open(value, encoding="utf-8").read()
-        if value.endswith(".jsonl"):
-            try:
-                data = [json.loads(line) for line in text.splitlines() if line.strip()]
-            except json.JSONDecodeError as err:
-                raise UserError(f"request file {value} is not valid JSON lines: {err}") from err
-        else:
-            data = _load_text(text, f"file {value}")
     else:
-        stripped = value.strip()
-        if not stripped.startswith(("{", "[")) and (stripped.endswith((".json", ".jsonl", ".yaml", ".yml"))):
-            raise UserError(f"request file {value} does not exist")
-        data = _load_text(value, "text")
+        stripped = str(value).strip()
+        inline = stripped.startswith(("{", "[")) or "\n" in stripped or ": " in stripped
+        data = parse_text(stripped, "request") if inline and not os.path.isfile(stripped) else read_records(stripped, "request")
     records = data if isinstance(data, list) else [data]
     if not records:
         raise UserError("the request list is empty")

@@ -14,16 +14,18 @@ import torch
 
 from .eval_data import EvalCase
 from .metrics import TfIdf, counterfact_case, fluency, token_accuracy
-from .probability import target_argmax, target_probs
+from .probability import new_and_true_probs, target_argmax
 
 __all__ = ["Generation", "References", "score_case", "generate"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    tokens: int = 50  # new tokens per generation prompt (0: no generation, no GE)
-    top_k: int = 5  # the paper samples top-k (k = 5); do_sample=False is greedy
-    do_sample: bool = True
+    """How GE/RS texts are generated (``eval.generation`` in configs/config.yaml)."""
+
+    tokens: int  # new tokens per generation prompt (0: no generation, no GE)
+    top_k: int  # the paper samples top-k (k = 5); do_sample=False is greedy
+    do_sample: bool
 
 
 @dataclasses.dataclass
@@ -44,25 +46,18 @@ class References:
         return self.tfidf.similarity(" ".join(texts), " ".join(refs))
 
 
-def _counterfact_probs(model, tok, case: EvalCase) -> dict[str, dict[str, list[float]]]:
+def _counterfact_probs(model, tok, case: EvalCase, batch_size: int) -> dict[str, dict[str, list[float]]]:
     r = case.request
-    sets = {"prompt": ([r.text], [r.target_true]), "paraphrases": (list(r.paraphrases), [r.target_true] * len(r.paraphrases)),
-            "neighbours": (list(r.neighbours), list(case.neighbour_targets))}
-    prompts, targets, spans = [], [], {}
-    for name, (ps, trues) in sets.items():
-        start = len(prompts)
-        prompts += ps + ps
-        targets += [r.target_new] * len(ps) + trues
-        spans[name] = (start, len(ps))
-    p = target_probs(model, tok, prompts, targets).tolist() if prompts else []
-    return {name: {"new": p[s : s + n], "true": p[s + n : s + 2 * n]} for name, (s, n) in spans.items() if n}
+    sets = {"prompt": ([r.text], [r.target_true]), "paraphrases": (r.paraphrases, [r.target_true] * len(r.paraphrases)),
+            "neighbours": (r.neighbours, case.neighbour_targets)}
+    return new_and_true_probs(model, tok, sets, r.target_new, batch_size)
 
 
-def _zsre_accuracy(model, tok, case: EvalCase) -> dict[str, float]:
+def _zsre_accuracy(model, tok, case: EvalCase, batch_size: int) -> dict[str, float]:
     r = case.request
     pairs = [(r.text, r.target_new)] + [(p, r.target_new) for p in r.paraphrases]
     pairs += list(zip(r.neighbours, case.neighbour_targets))
-    acc = [token_accuracy(p, t) for p, t in target_argmax(model, tok, [a for a, _ in pairs], [b for _, b in pairs])]
+    acc = [token_accuracy(p, t) for p, t in target_argmax(model, tok, [a for a, _ in pairs], [b for _, b in pairs], batch_size)]
     n_para = len(r.paraphrases)
     out = {"efficacy": acc[0]}
     if n_para:
@@ -92,16 +87,16 @@ def generate(model, tok, prompts: Sequence[str], gen: Generation, seed: int) -> 
     return [p + tok.decode(row, skip_special_tokens=True) for p, row in zip(prompts, new)]
 
 
-def score_case(model: torch.nn.Module, tok: Any, case: EvalCase, gen: Generation, seed: int,
+def score_case(model: torch.nn.Module, tok: Any, case: EvalCase, gen: Generation, seed: int, batch_size: int,
                refs: References | None = None) -> dict[str, Any]:
     """{"metrics": {...}, "probs": {...} (CounterFact), "generations": [...], "timings": {"score", "generate"}}."""
     t = time.perf_counter()
     out: dict[str, Any] = {}
     if case.kind == "counterfact":
-        out["probs"] = _counterfact_probs(model, tok, case)
+        out["probs"] = _counterfact_probs(model, tok, case, batch_size)
         out["metrics"] = counterfact_case(out["probs"])
     else:
-        out["metrics"] = _zsre_accuracy(model, tok, case)
+        out["metrics"] = _zsre_accuracy(model, tok, case, batch_size)
     timings = {"score": time.perf_counter() - t}
     if case.kind == "counterfact" and gen.tokens > 0 and case.generation_prompts:
         t = time.perf_counter()

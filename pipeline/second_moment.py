@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path, json_digest, sha256_files, write_json
+from .atomic import atomic_path, write_json
+from .digest import file_sha256, json_digest, slug
 from .errors import UserError
 
 __all__ = ["accumulate_second_moment", "StatsKey", "StatsCache", "LayerStats"]
@@ -56,10 +56,6 @@ class LayerStats:
     path: Path
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-60:]
-
-
 class StatsCache:
     """``root/<model>-<digest>/{manifest.json, layer_<l>.safetensors}``."""
 
@@ -67,7 +63,7 @@ class StatsCache:
         self.root = Path(root)
 
     def entry_dir(self, key: StatsKey) -> Path:
-        return self.root / f"{_slug(key.model['name'])}-{key.digest()}"
+        return self.root / f"{slug(key.model['name'])}-{key.digest()}"
 
     def _manifest(self, key: StatsKey) -> dict[str, Any]:
         path = self.entry_dir(key) / "manifest.json"
@@ -98,7 +94,7 @@ class StatsCache:
         problem = None
         if not path.exists():
             problem = "is missing"
-        elif sha256_files(path) != entry["sha256"]:
+        elif file_sha256(path) != entry["sha256"]:
             problem = "is corrupt (checksum mismatch)"
         else:
             try:
@@ -129,7 +125,7 @@ class StatsCache:
                       metadata={"module": module, "layer": str(layer)})
         manifest = self._manifest(key)
         manifest["layers"][str(layer)] = {
-            "module": module, "file": path.name, "sha256": sha256_files(path), "tokens": count,
+            "module": module, "file": path.name, "sha256": file_sha256(path), "tokens": count,
             "d_ff": int(total.shape[0]), "dtype": str(total.dtype).removeprefix("torch."),
         }
         write_json(directory / "manifest.json", manifest)

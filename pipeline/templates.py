@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .atomic import json_digest, write_json
+from .atomic import write_json
+from .digest import json_digest
 
 __all__ = ["context_templates"]
 

@@ -13,8 +13,9 @@ from typing import Any, Iterator
 
 import torch
 
-from .atomic import sha256_files
+from .digest import file_sha256, short
 from .errors import UserError
+from .padding import right_pad
 
 __all__ = ["TextSource", "TokenBatch", "pack_batches", "shard_budget"]
 
@@ -52,7 +53,7 @@ class TextSource:
     def identity(self) -> dict[str, Any]:
         """What statistics are keyed by: file names and content hashes, or the hub id and revision."""
         if self.files:
-            return {"files": {os.path.basename(p): sha256_files(p)[:16] for p in self.local_files()}, "text_field": self.text_field}
+            return {"files": {os.path.basename(p): short(file_sha256(p)) for p in self.local_files()}, "text_field": self.text_field}
         return {"path": self.path, "name": self.name, "split": self.split, "revision": self.revision or "main",
                 "text_field": self.text_field}
 
@@ -115,10 +116,10 @@ class TokenBatch:
         return dataclasses.asdict(self)
 
 
-def _tokenize(tokenizer, text: str, max_length: int) -> list[int]:
+def _tokenize(tokenizer, text: str, max_length: int, chars_per_token: int) -> list[int]:
     # Whole Wikipedia articles run to 100k characters; tokenising only a generous prefix is exact as
     # long as that prefix already yields max_length tokens (else retokenise the whole text).
-    prefix = text[: max_length * 8]
+    prefix = text[: max_length * chars_per_token]
     ids = tokenizer(prefix, truncation=True, max_length=max_length)["input_ids"]
     if len(ids) < max_length and len(prefix) < len(text):
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
@@ -130,13 +131,15 @@ def pack_batches(
     tokenizer,
     *,
     max_length: int,
+    chars_per_token: int,
     batch_tokens: int,
     budget: int,
     position: int = 0,
 ) -> Iterator[TokenBatch]:
     """Greedy packing of tokenised texts into right-padded batches of at most ``batch_tokens`` padded
     tokens; stops after exactly ``budget`` tokens (the last text is cut) or when the texts run out.
-    ``position`` is the number of texts already consumed before ``texts`` starts."""
+    ``position`` is the number of texts already consumed before ``texts`` starts; each text is tokenised
+    from its first ``max_length x chars_per_token`` characters when they suffice (exact either way)."""
     if batch_tokens < max_length:
         raise UserError(f"data.batch_tokens={batch_tokens} must be at least data.max_length={max_length}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -144,7 +147,7 @@ def pack_batches(
     for text in texts:
         if budget <= 0:
             break
-        ids = _tokenize(tokenizer, text, max_length)[:budget]
+        ids = _tokenize(tokenizer, text, max_length, chars_per_token)[:budget]
         if rows and (len(rows) + 1) * max(len(ids), max(map(len, rows))) > batch_tokens:
             yield _collate(rows, pad, position)
             rows = []
@@ -157,10 +160,5 @@ def pack_batches(
 
 
 def _collate(rows: list[list[int]], pad: int, position: int) -> TokenBatch:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    ids, mask = right_pad(rows, pad)
     return TokenBatch(ids, mask, position, sum(map(len, rows)))

@@ -25,9 +25,7 @@ plain one-pass-per-cell method (as ROME), used by the tests and the benchmark to
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -37,8 +35,10 @@ from torch import nn
 
 from .arch import ArchSpec
 from .atomic import atomic_path, write_json
+from .digest import file_sha256, json_digest, short, slug
 from .errors import UserError
 from .hooks import Trace, TraceDict, get_module
+from .padding import right_pad
 from .subject import fill_prompt, subject_token_range
 
 __all__ = [
@@ -117,14 +117,10 @@ def embedding_std(model: nn.Module, spec: ArchSpec, tokenizer: Any, subjects: Se
     rows = [r for r in rows if r]
     if not rows:
         raise UserError("no subject tokens to measure the embedding spread over")
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+    ids, mask = right_pad(rows, 0, _device(model))
     with Trace(get_module(model, spec.embed), retain_output=True, stop=True) as t:
-        model(input_ids=ids.to(_device(model)), use_cache=False)  # stops right after the embedding
-    return float(t.output[mask.to(t.output.device)].float().std())
+        model(input_ids=ids, use_cache=False)  # stops right after the embedding
+    return float(t.output[mask.bool()].float().std())
 
 
 def subject_noise(model: nn.Module, spec: ArchSpec, tokenizer: Any, identity: dict[str, str],
@@ -134,7 +130,7 @@ def subject_noise(model: nn.Module, spec: ArchSpec, tokenizer: Any, identity: di
     from .facts import load_facts
 
     try:
-        digest = hashlib.sha256(Path(subjects_file).read_bytes()).hexdigest()[:16]
+        digest = short(file_sha256(subjects_file))
     except OSError as err:
         raise UserError(f"cannot read trace.noise_subjects={subjects_file} ({err.strerror}); point it at "
                         "known_1000.json or give the noise level itself: trace.noise=0.1") from None
@@ -501,9 +497,7 @@ def recommend_layer(aie: dict[str, dict[str, np.ndarray]]) -> int:
 
 def model_slug(identity: dict[str, str]) -> str:
     """A directory name for a model: its readable name plus a hash of its full identity."""
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", identity.get("name", "model").strip("/"))[-60:]
-    return f"{name}-{digest}"
+    return f"{slug(identity.get('name', 'model').strip('/'))}-{json_digest(identity)}"
 
 
 def model_dir(cache_dir: str | Path, identity: dict[str, str]) -> Path:

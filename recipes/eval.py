@@ -21,23 +21,30 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules import CaseDataModule
 from modules.evaluator import OK, CaseEvaluator
 from modules.methods import EvalContext, Method, build_methods
+from modules.trainer import make_trainer
 from pipeline.atomic import atomic_path, write_json
 from pipeline.case_log import CaseLog
 from pipeline.errors import UserError
-from pipeline.eval_data import EvalCase, Skipped, file_digest, load_cases, load_snippets
+from pipeline.loading import load_configured
+from pipeline.config import edit_layer
+from pipeline.digest import file_sha256
+from pipeline.eval_data import EvalCase, Skipped, load_cases, load_snippets
 from pipeline.eval_report import PROTOCOL, bar_chart, markdown_table, summarize
 from pipeline.scoring import Generation, References
 
-from .common import loaded_model, trainer
-from .edit import resolve_layer
 
 
-def _identity(cfg: DictConfig, ctx: EvalContext, gen: Generation) -> dict[str, Any]:
+ZSRE_CONVENTION = {"answer": "edits write the true answer answers[0] (ROME's dsets/zsre.py)",
+                   "alt": "edits write alt (MEND's and EasyEdit's convention)"}
+
+
+def _identity(cfg: DictConfig, ctx: EvalContext, gen: Generation, kind: str) -> dict[str, Any]:
     """Everything that changes a case's numbers, except the methods (recorded one by one)."""
-    return {"model": ctx.loaded.identity, "dtype": cfg.model.dtype, "layer": ctx.layer, "seed": int(cfg.seed),
-            "dataset": {"file": Path(cfg.eval.dataset).name, "sha256": file_digest(cfg.eval.dataset)},
+    zsre = {"zsre_target": str(cfg.eval.zsre_target)} if kind == "zsre" else {}
+    return {**zsre, "model": ctx.loaded.identity, "dtype": cfg.model.dtype, "layer": ctx.layer, "seed": int(cfg.seed),
+            "dataset": {"file": Path(cfg.eval.dataset).name, "sha256": file_sha256(cfg.eval.dataset)},
             "generation": dict(tokens=gen.tokens, top_k=gen.top_k, do_sample=gen.do_sample),
-            "snippets": file_digest(cfg.eval.snippets) if cfg.eval.snippets else None}
+            "snippets": file_sha256(cfg.eval.snippets) if cfg.eval.snippets else None}
 
 
 def _check_run(out: Path, identity: dict[str, Any], methods: list[Method]) -> dict[str, Any]:
@@ -59,7 +66,7 @@ def _check_run(out: Path, identity: dict[str, Any], methods: list[Method]) -> di
 
 
 def _title(cfg: DictConfig, cases: list[EvalCase], n_skipped: int, ctx: EvalContext) -> str:
-    kind = "CounterFact" if cases[0].kind == "counterfact" else "zsRE"
+    kind = "CounterFact" if cases[0].kind == "counterfact" else f"zsRE ({ZSRE_CONVENTION[str(cfg.eval.zsre_target)]})"
     return (f"{kind}: {len(cases)} cases ({n_skipped} skipped) from record {int(cfg.eval.start)} of "
             f"{Path(cfg.eval.dataset).name} ({cases[0].schema} schema), {ctx.loaded.identity['name']}, layer {ctx.layer}")
 
@@ -122,19 +129,19 @@ def _timing(records: list[dict[str, Any]], seconds: float, new: int) -> dict[str
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     torch.manual_seed(cfg.seed)
-    cases, load_skipped = load_cases(cfg.eval.dataset, cfg.eval.n, int(cfg.eval.start))
+    cases, load_skipped = load_cases(cfg.eval.dataset, cfg.eval.n, int(cfg.eval.start), str(cfg.eval.zsre_target))
     if not cases:
         first = f" (first: {load_skipped[0].reason})" if load_skipped else ""
         raise UserError(f"no usable case in eval.dataset={cfg.eval.dataset}: {len(load_skipped)} skipped{first}")
     methods = build_methods(cfg)
     gen = Generation(**OmegaConf.to_container(cfg.eval.generation, resolve=True))
     refs = References.build(load_snippets(cfg.eval.snippets)) if cfg.eval.snippets else None
-    loaded = loaded_model(cfg, device="cpu")  # the Trainer moves it to each rank's device
-    ctx = EvalContext(cfg, loaded, resolve_layer(cfg, loaded))
+    loaded = load_configured(cfg.model, device="cpu")  # the Trainer moves it to each rank's device
+    ctx = EvalContext(cfg, loaded, edit_layer(cfg, loaded))
     for m in methods:
         m.setup(ctx)
     out = Path(cfg.eval.out)
-    run_record = _check_run(out, _identity(cfg, ctx, gen), methods)
+    run_record = _check_run(out, _identity(cfg, ctx, gen, cases[0].kind), methods)
     log = CaseLog(out)
     finished = log.finished()
     todo = {c.index: [m for m in methods if (c.index, m.name) not in finished] for c in cases}
@@ -142,7 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     done = [r for (i, name), r in finished.items() if i in todo and name in {m.name for m in methods}]
     module = CaseEvaluator(ctx, {c.index: c for c in cases}, todo, done, log, gen, refs, int(cfg.seed),
                            cases[0].kind, methods, on_start=lambda: write_json(out / "run.json", run_record))
-    tr = trainer(cfg, use_distributed_sampler=False, inference_mode=False, enable_progress_bar=bool(pending))
+    tr = make_trainer(cfg, use_distributed_sampler=False, inference_mode=False, enable_progress_bar=bool(pending))
     if tr.is_global_zero:
         print(f"eval: {len(cases)} case(s) of {cfg.eval.dataset} ({cases[0].schema}), {len(load_skipped)} skipped; "
               f"{len(pending)} to run, {len(cases) - len(pending)} already done; methods {', '.join(m.name for m in methods)}")

@@ -13,8 +13,7 @@ from omegaconf import DictConfig
 from pipeline.errors import UserError
 from pipeline.ledger import Ledger
 from pipeline.loading import load_model
-
-from .edit import save_model
+from pipeline.saving import save_model
 
 
 def run(cfg: DictConfig) -> None:

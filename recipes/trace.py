@@ -14,9 +14,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import time
 from pathlib import Path
 
@@ -26,16 +24,17 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_dir, write_json
+from pipeline.digest import slug, text_digest
 from pipeline.errors import UserError
 from pipeline.facts import Fact, load_facts
-from pipeline.loading import LoadedModel, default_cache_dir
+from pipeline.config import cache_root
+from pipeline.loading import LoadedModel, load_configured
 from pipeline.plots import plot_average, plot_fact, plot_lines
 from pipeline.subject import fill_prompt
 from pipeline.tracing import (BUCKETS, KINDS, TraceResult, answer_tokens, average_effects, greedy_tokens,
                               make_prompt, predicts, recommend_layer, save_recommendation, subject_noise,
                               trace_fact)
 
-from .common import loaded_model
 
 
 def _check(cfg: DictConfig) -> None:
@@ -58,21 +57,13 @@ def _check(cfg: DictConfig) -> None:
         raise UserError("one fact needs both prompt=... and subject=...")
 
 
-def _cache_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.model.cache_dir or default_cache_dir())
-
-
 def _noise(cfg: DictConfig, loaded: LoadedModel) -> float:
     if cfg.trace.noise is not None:
         return float(cfg.trace.noise)
     level, path = subject_noise(loaded.model, loaded.spec, loaded.tokenizer, loaded.identity,
-                                cfg.trace.noise_subjects, _cache_dir(cfg), float(cfg.trace.noise_factor))
+                                cfg.trace.noise_subjects, cache_root(cfg), float(cfg.trace.noise_factor))
     print(f"noise: nu = {level:.4f} ({cfg.trace.noise_factor} x the subject-embedding std, {path})")
     return level
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:40] or "fact"
 
 
 def _settings(cfg: DictConfig, loaded: LoadedModel, noise: float, seed: int, fact: dict) -> dict:
@@ -129,8 +120,8 @@ def trace_one(cfg: DictConfig, loaded: LoadedModel, noise: float) -> TraceResult
             print(f"note: the model predicts {tok.decode([greedy])!r}, not {tok.decode([answer_id])!r}; "
                   f"tracing p({tok.decode([answer_id]).strip()}) as asked")
     out = Path(cfg.trace.out)
-    key = hashlib.sha256(f"{text}\0{cfg.subject}\0{answer_id}".encode()).hexdigest()[:8]
-    fact_dir = out / f"{_slug(cfg.subject)}-{key}"
+    key = text_digest(f"{text}\0{cfg.subject}\0{answer_id}")
+    fact_dir = out / f"{slug(cfg.subject)}-{key}"
     settings = _settings(cfg, loaded, noise, int(cfg.seed), {"prompt": text, "subject": cfg.subject,
                                                            "answer_id": answer_id})
     res = _trace(cfg, loaded, fact_dir, cfg.prompt, cfg.subject, answer_id, noise, int(cfg.seed), settings)
@@ -168,7 +159,7 @@ def trace_dataset(cfg: DictConfig, loaded: LoadedModel, noise: float) -> dict:
         seed = int(cfg.seed) + fact.index  # the fact's own noise, whatever else is traced
         settings = _settings(cfg, loaded, noise, seed, {"prompt": fact.prompt, "subject": fact.subject,
                                                       "answer": fact.answer})
-        fact_dir = out / "facts" / f"{fact.id}-{_slug(fact.subject)}"
+        fact_dir = out / "facts" / f"{fact.id}-{slug(fact.subject)}"
         results.append(_trace(cfg, loaded, fact_dir, fact.prompt, fact.subject, answer_id, noise, seed, settings))
         bar.set_postfix(kept=len(results), skipped=len(skipped))
     bar.close()
@@ -212,7 +203,7 @@ def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list
     plot_lines(aie, out / "aie_lines", len(results), name)
     write_json(out / "recommendation.json", {"layer": layer, "model": loaded.identity, "n_facts": len(results),
                                              "summary": str((out / "summary.json").resolve())})
-    record = save_recommendation(_cache_dir(cfg), loaded.identity, layer, len(results), out / "summary.json")
+    record = save_recommendation(cache_root(cfg), loaded.identity, layer, len(results), out / "summary.json")
     print(f"mean p(answer): clean {summary['mean_p_clean']:.4f}, corrupted {summary['mean_p_corrupted']:.4f}")
     print(f"recommended edit layer: {layer} (largest average MLP effect at the last subject token, "
           f"{last_subj[layer]:+.4f}); recorded in {record}")
@@ -223,7 +214,7 @@ def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list
 def run(cfg: DictConfig) -> TraceResult | dict:
     _check(cfg)
     torch.manual_seed(cfg.seed)
-    loaded = loaded_model(cfg)
+    loaded = load_configured(cfg.model)
     noise = _noise(cfg, loaded)
     if cfg.trace.dataset is not None:
         return trace_dataset(cfg, loaded, noise)

@@ -13,8 +13,8 @@ from pipeline.config import compose
 from pipeline.hooks import get_module
 from pipeline.loading import load_model
 from pipeline.requests import parse_requests
+from pipeline import rome
 from pipeline.value import ValueBatch, build_rows, reference_loss, value_loss
-from recipes.edit import edit_one
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
@@ -36,11 +36,12 @@ def test_update_writes_v_star_is_rank_one_and_spares_orthogonal_keys(tiny_model_
     module = get_module(loaded.model, spec.down_proj_name(layer))
     w_before = spec.down_proj_matrix(loaded.model, layer).detach().clone()
     hp = compose(["edit.generate_tokens=0"]).edit
-    job = edit_one(loaded, parse_requests(EIFFEL)[0], layer, TEMPLATES, c, hp, None, verbose=False, accelerator="cpu")
+    job = rome.edit(loaded.model, loaded.tokenizer, EIFFEL, layer=layer, second_moment=c, hparams=hp, templates=TEMPLATES)
     assert job.status in ("applied", "rolled_back")
     if job.status == "rolled_back":  # a random model may fail verification; redo without checks
         hp = compose(["edit.generate_tokens=0", "edit.verify.enabled=false"]).edit
-        job = edit_one(loaded, parse_requests(EIFFEL)[0], layer, TEMPLATES, c, hp, None, verbose=False, accelerator="cpu")
+        job = rome.edit(loaded.model, loaded.tokenizer, parse_requests(EIFFEL)[0], layer=layer, second_moment=c,
+                        hparams=hp, templates=TEMPLATES)
     w_after = spec.down_proj_matrix(loaded.model, layer).detach()
     delta_w = (w_after - w_before).double()
     # W' k* = v* (bias excluded), to 1e-5 relative
@@ -70,15 +71,16 @@ def test_fast_value_loss_equals_full_forward_reference(tiny_model_dir, family):
     loaded = load_model(str(tiny_model_dir(family)), device="cpu")
     tok, model, spec = loaded.tokenizer, loaded.model, loaded.spec
     hp = types.SimpleNamespace(kl_factor=0.0625, weight_decay=0.5)
-    rows = build_rows(tok, TEMPLATES, EIFFEL["prompt"], EIFFEL["subject"], " Rome")
-    batch = ValueBatch.build(model, rows, tok.pad_token_id)
-    delta = torch.randn(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd) * 0.5
-    fast0, kl0 = value_loss(model, spec, 1, batch, delta * 0, 3.0, None, hp)
-    ref0, kl_ref0 = reference_loss(model, spec, 1, rows, tok.pad_token_id, delta * 0, 3.0, None, hp)
-    torch.testing.assert_close(kl0, kl_ref0, rtol=1e-4, atol=1e-5)
-    fast, _ = value_loss(model, spec, 1, batch, delta, 3.0, kl0, hp)
-    ref, _ = reference_loss(model, spec, 1, rows, tok.pad_token_id, delta, 3.0, kl0, hp)
-    for a, b in ((fast.nll, ref.nll), (fast.kl, ref.kl), (fast.total, ref.total)):
+    rows = build_rows(tok, TEMPLATES, EIFFEL["prompt"], EIFFEL["subject"], " Rome", ["{} is a"])
+    batch = ValueBatch.build(model, [rows], tok.pad_token_id)
+    d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    delta, v0_norm, mlp = torch.randn(1, d) * 0.5, torch.tensor([3.0]), spec.mlp_name(1)
+    fast0 = value_loss(model, spec, mlp, batch, delta * 0, v0_norm, None, hp)
+    ref0 = reference_loss(model, spec, mlp, rows, tok.pad_token_id, delta * 0, v0_norm, None, hp)
+    torch.testing.assert_close(fast0.kl_logp, ref0.kl_logp, rtol=1e-4, atol=1e-5)
+    fast = value_loss(model, spec, mlp, batch, delta, v0_norm, fast0.kl_logp, hp)
+    ref = reference_loss(model, spec, mlp, rows, tok.pad_token_id, delta, v0_norm, fast0.kl_logp, hp)
+    for a, b in ((fast.nll, ref.nll), (fast.kl, ref.kl), (fast.total, ref.total), (fast.p_target, ref.p_target)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert float(fast.kl) > 0 and float(fast0.kl) == 0
 
@@ -108,7 +110,7 @@ def test_sequential_edits_ledger_and_bitwise_revert(tiny_model_dir, small_wiki, 
     assert [e["status"] for e in ledger["entries"]] == ["applied", "applied"]
     e = ledger["entries"][0]
     assert e["module"] == "transformer.h.2.mlp.c_proj" and e["conv1d"] is True and e["stats"]["tokens"] == 2000
-    assert {"keys", "v_star", "solve", "apply", "verify", "templates"} <= set(e["timings"])
+    assert {"pre", "keys", "v_star", "solve", "apply", "verify", "ledger"} <= set(e["timings"])
     assert set(load_file(out / e["file"])) == {"u", "lam"}
     w0, w1, w2 = weights(base), weights(m1), weights(m2)
     name = "transformer.h.2.mlp.c_proj.weight"
@@ -143,7 +145,7 @@ def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wik
         "not in the prompt": [f"request={json.dumps({**EIFFEL, 'prompt': 'The Louvre is in', 'subject': 'X'})}"],
         "target_new": [f"request={json.dumps({**EIFFEL, 'target_new': ''})}"],
         "equals the true object": [f"request={json.dumps({**EIFFEL, 'target_new': 'Paris'})}"],
-        "not valid JSON/YAML": ['request={"prompt": "{} is", "subject"'],
+        "not valid JSON": ['request={"prompt": "{} is", "subject"'],
         "out of range": [f"request={json.dumps(EIFFEL)}", "edit.layer=7"],
         "are for model": [f"request={json.dumps(EIFFEL)}", f"edit.stats={other_entry}"],
     }

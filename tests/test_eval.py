@@ -75,12 +75,16 @@ def _write(path, obj):
 def test_shared_counterfact_and_zsre_files():
     cases, skipped = load_cases(DATA / "counterfact" / "counterfact-edit.json", n=5)
     assert len(cases) == 5 and not skipped and cases[0].request.text == "The mother tongue of Danielle Darrieux is"
-    cases, skipped = load_cases(DATA / "zsre" / "zsre_mend_train-1k.json", n=200)
-    assert cases[0].schema == "zsre" and len(cases) + len(skipped) == 200
+    zsre = DATA / "zsre" / "zsre_mend_train-1k.json"
+    cases, skipped = load_cases(zsre, n=200)  # ROME's convention: the edit writes the true answer
+    assert cases[0].schema == "zsre" and len(cases) == 200 and not skipped
     c = cases[0]
-    assert c.request.target_new == "unmanned aircraft" and c.request.target_true == "uniform"
+    assert c.request.target_new == "uniform" and c.request.target_true is None
     assert c.request.neighbours == ("nq question: john goodman's character in the big lebowski?",)
     assert c.neighbour_targets == ("Walter Sobchak",)
+    cases, skipped = load_cases(zsre, n=200, zsre_target="alt")  # MEND's / EasyEdit's: towards alt
+    assert len(cases) + len(skipped) == 200
+    assert cases[0].request.target_new == "unmanned aircraft" and cases[0].request.target_true == "uniform"
     assert skipped and all("must change the fact" in s.reason for s in skipped)  # alt == answer
 
 
@@ -106,7 +110,7 @@ def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_di
     for m in methods:
         m.setup(ctx)
     cases, _ = load_cases(_write(tmp_path / "c.json", [FLAT]))
-    ev = CaseEvaluator(ctx, {0: cases[0]}, {0: methods}, [], CaseLog(tmp_path), Generation(tokens=4), None, 0,
+    ev = CaseEvaluator(ctx, {0: cases[0]}, {0: methods}, [], CaseLog(tmp_path), Generation(tokens=4, top_k=5, do_sample=True), None, 0,
                        "counterfact", methods)
     recs = ev.evaluate(cases[0], methods)
     assert [r["status"] for r in recs] == ["ok", "ok", "ok", "skipped"] and recs[-1]["reason"] == "cannot edit this one"

@@ -40,7 +40,7 @@ def test_files_and_counterfact_schemas(tmp_path):
     ({**EIFFEL, "target_new": " "}, "target_new"),
     ({**EIFFEL, "target_true": "rome"}, "equals the true object"),
     ({"prompt": "{} is in", "subject": "X"}, "target_new"),
-    ('{"prompt": "{} is in", "subject": ', "not valid JSON/YAML"),
+    ('{"prompt": "{} is in", "subject": ', "not valid JSON: Expecting value at line 1, column 34"),
     ("missing.json", "does not exist"),
     ({**EIFFEL, "prompt": "{} and {}"}, "exactly one"),
 ])

@@ -24,14 +24,14 @@ def test_every_text_in_exactly_one_shard(small_wiki):
 def test_packing_is_exact_in_budget_and_resumable(tiny_model_dir, small_wiki):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir("gpt2"))
     src = TextSource(files=str(small_wiki))
-    batches = list(pack_batches(src.open(), tok, max_length=64, batch_tokens=256, budget=1000))
+    batches = list(pack_batches(src.open(), tok, max_length=64, chars_per_token=8, batch_tokens=256, budget=1000))
     assert sum(b.tokens for b in batches) == 1000
     assert all(b.input_ids.numel() <= 256 and b.input_ids.shape[1] <= 64 for b in batches)
     assert all(int(b.attention_mask.sum()) == b.tokens for b in batches)
     # restarting after batch 3 at its position with the remaining budget reproduces the rest exactly
     cut = batches[3]
     done = sum(b.tokens for b in batches[:4])
-    rest = list(pack_batches(src.open(skip=cut.position), tok, max_length=64, batch_tokens=256,
+    rest = list(pack_batches(src.open(skip=cut.position), tok, max_length=64, chars_per_token=8, batch_tokens=256,
                              budget=1000 - done, position=cut.position))
     assert len(rest) == len(batches) - 4
     for a, b in zip(rest, batches[4:]):
@@ -41,7 +41,7 @@ def test_packing_is_exact_in_budget_and_resumable(tiny_model_dir, small_wiki):
 def test_prefix_tokenisation_equals_full(tiny_model_dir, small_wiki):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir("gpt2"))
     texts = list(itertools.islice(TextSource(files=str(small_wiki)).open(), 10))
-    batch = next(pack_batches(iter(texts[:1]), tok, max_length=64, batch_tokens=64, budget=10**9))
+    batch = next(pack_batches(iter(texts[:1]), tok, max_length=64, chars_per_token=8, batch_tokens=64, budget=10**9))
     assert batch.input_ids[0].tolist() == tok(texts[0], truncation=True, max_length=64)["input_ids"]
 
 

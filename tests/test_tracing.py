@@ -142,7 +142,7 @@ def test_bad_fact_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_facts(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match="not valid JSON: .* line 1, column 2"):
         load_facts(tmp_path / "bad.json")
     (tmp_path / "keys.json").write_text(json.dumps([{"subject": "x"}]))
     with pytest.raises(UserError, match="lacks"):

@@ -4,15 +4,17 @@ it, then restores the edited matrix); ``setup`` prepares what is shared by all c
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.eval_data import EvalCase
-from pipeline.loading import LoadedModel, default_cache_dir
+from pipeline.config import cache_root
+from pipeline.loading import LoadedModel
 from pipeline.templates import context_templates
+
+from ..statistics import second_moment
 
 __all__ = ["Method", "EvalContext", "register", "REGISTRY"]
 
@@ -37,23 +39,16 @@ class EvalContext:
     _templates: list[str] | None = None
     _moment: tuple[torch.Tensor | None, dict | None] | None = None
 
-    @property
-    def accelerator(self) -> str:
-        return "gpu" if next(self.loaded.model.parameters()).is_cuda else "cpu"
-
     def templates(self) -> list[str]:
         """ROME's context templates (sampled once per model from the clean model, cached on disk)."""
         if self._templates is None:
-            cache = Path(self.cfg.model.cache_dir or default_cache_dir())
             self._templates = context_templates(self.loaded.model, self.loaded.tokenizer, self.loaded.identity,
-                                                self.cfg.edit.templates, cache, seed=int(self.cfg.seed))
+                                                self.cfg.edit.templates, cache_root(self.cfg), seed=int(self.cfg.seed))
         return self._templates
 
     def second_moment(self) -> tuple[torch.Tensor | None, dict | None]:
         """C of the edit layer from the statistics cache; computed now, in this process only, when missing."""
         if self._moment is None:
-            from recipes.edit import second_moment
-
             one = OmegaConf.merge(self.cfg, {"edit": {"mom2_adjustment": True},
                                              "trainer": {"devices": 1, "strategy": "auto", "num_nodes": 1}})
             self._moment = second_moment(one, self.loaded, self.layer)

@@ -1,9 +1,9 @@
-"""ROME as the edit stage makes it (``recipes.edit.edit_one``): k*, v* by a Lightning loop, rank-one update.
+"""ROME as the eval stage measures it: ``pipeline.rome`` directly (no Trainer nested in ``predict_step``).
 
 ``mom2_adjustment: true`` uses C from the statistics cache (the paper); ``false`` uses C = I (what EasyEdit
 ships). Hyperparameters are the ``edit`` group's. For evaluation the edit is measured as made: the
 edit stage's verification and rollback are off (a rolled-back edit would score as no edit) and no text is
-generated inside the edit. The request given to ``edit_one`` carries only the rewrite: paraphrases and
+generated inside the edit. The request given to the edit carries only the rewrite: paraphrases and
 neighbours are for scoring, never seen by the edit.
 """
 
@@ -14,6 +14,9 @@ import dataclasses
 import torch
 from omegaconf import OmegaConf
 
+from pipeline import rome
+from pipeline.rank_one import KeySolver
+
 from .base import Method, register
 
 
@@ -21,21 +24,28 @@ from .base import Method, register
 class Rome(Method):
     def setup(self, ctx):
         self.templates = ctx.templates()
-        self.c, self.stats_id = ctx.second_moment() if self.conf.mom2_adjustment else (None, None)
+        c, self.stats_id = ctx.second_moment() if self.conf.mom2_adjustment else (None, None)
         self.hp = OmegaConf.merge(ctx.cfg.edit, {"mom2_adjustment": bool(self.conf.mom2_adjustment), "generate_tokens": 0,
                                                  "verify": {"enabled": False, "rollback": False}})
+        self._c = c
+        self._context: rome.EditContext | None = None
 
     def config(self):
         return {**super().config(), "edit": OmegaConf.to_container(self.hp, resolve=True), "stats": self.stats_id}
 
-    def apply(self, ctx, case, seed):
-        from recipes.edit import edit_one
+    def context(self, ctx) -> rome.EditContext:
+        """Built on first use, on the device the model is on by then (a DDP rank's), with C factorised once."""
+        if self._context is None:
+            loaded = ctx.loaded
+            solver = KeySolver(self._c, float(self.hp.ridge), next(loaded.model.parameters()).device)
+            self._context = rome.EditContext(loaded.model, loaded.tokenizer, loaded.spec, ctx.layer, self.templates,
+                                             solver, self.hp, self.stats_id)
+        return self._context
 
+    def apply(self, ctx, case, seed):
         torch.manual_seed(seed)
         request = dataclasses.replace(case.request, paraphrases=(), neighbours=())
-        with torch.enable_grad():
-            job = edit_one(ctx.loaded, request, ctx.layer, self.templates, self.c, self.hp, None, self.stats_id,
-                           accelerator=ctx.accelerator, verbose=False)
-        return {"timings": {k: v for k, v in job.timings.items() if k != "templates"}, "steps": len(job.losses),
-                "loss": [job.losses[0], job.losses[-1]] if job.losses else [],
-                "relative_update": job.norms.get("relative_update"), "denominator": job.norms.get("denominator")}
+        result = rome.edit_in_context(self.context(ctx), request)
+        return {"timings": dict(result.timings), "steps": len(result.losses),
+                "loss": [result.losses[0], result.losses[-1]] if result.losses else [],
+                "relative_update": result.norms.get("relative_update"), "denominator": result.norms.get("denominator")}
