@@ -52,9 +52,12 @@ class KeySolver:
         return torch.cholesky_solve(k[:, None] if k.dim() == 1 else k, self.factor).reshape(k.shape)
 
 
-def rank_one_update(w: torch.Tensor, k_star: torch.Tensor, v_star: torch.Tensor, solver: KeySolver) -> RankOne:
-    """``w`` is [d_model, d_ff] (out x in); ``v_star`` is the wanted W' k* (bias excluded)."""
-    u = solver.solve(k_star)
+def rank_one_update(w: torch.Tensor, k_star: torch.Tensor, v_star: torch.Tensor, solver: KeySolver,
+                    key_direction: torch.Tensor | None = None) -> RankOne:
+    """``w`` is [d_model, d_ff] (out x in); ``v_star`` is the wanted W' k* (bias excluded). The update's
+    direction is u = C⁻¹ ``key_direction`` (default k* itself; ROME's original takes the template-averaged
+    key there while writing v* at the bare prompt's key)."""
+    u = solver.solve(k_star if key_direction is None else key_direction)
     k = k_star.to(device=u.device, dtype=torch.float64)
     denominator = float(u @ k)
     lam = (v_star.to(device=u.device, dtype=torch.float64) - w.to(device=u.device, dtype=torch.float64) @ k) / denominator

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, arch_for
+from .errors import UserError
 from .hooks import Trace, get_module
 from .padding import right_pad
 from .probability import greedy_continuation, new_and_true_probs
@@ -36,7 +37,8 @@ from .rank_one import KeySolver, RankOne, apply_rank_one, rank_one_update, updat
 from .requests import EditRequest, request_from_record
 from .value import ValueBatch, ValueOptimisation, build_rows, subject_rows
 
-__all__ = ["EditContext", "EditResult", "edit", "begin", "apply_edit", "verify_edit", "key_and_value", "measure",
+__all__ = ["EditContext", "EditResult", "edit", "begin", "apply_edit", "verify_edit", "key_and_value", "keys_and_values",
+           "KEY_VARIANTS", "measure",
            "verification_problems", "sync", "edit_in_context", "optimise"]
 
 
@@ -71,8 +73,9 @@ class EditResult:
     request: EditRequest
     layer: int
     module: str
-    k_star: torch.Tensor  # [d_ff] float32, averaged over the templates
-    v0: torch.Tensor  # [d_model] float32, the current value, averaged over the same templates
+    k_star: torch.Tensor  # [d_ff] float32: the key v* is written at (``edit.keys``; averaged over the templates by default)
+    v0: torch.Tensor  # [d_model] float32: the value the optimisation starts from (v* = v₀ + δ)
+    k_direction: torch.Tensor  # [d_ff] float32: the template-averaged key; the update's direction is u = C⁻¹ k_direction
     optimisation: ValueOptimisation | None = None
     delta: torch.Tensor | None = None  # [d_model]: v* = v₀ + δ
     update: RankOne | None = None
@@ -108,11 +111,19 @@ class _Clock:
 # ---------------------------------------------------------------------------------------------- keys
 
 
+KEY_VARIANTS = {
+    # name: (key v* is written at, value the optimisation starts from); u = C⁻¹ (template-averaged key) in all
+    "averaged": ("averaged", "averaged"),  # both over the same templates: W'k̄ = v̄ + δ, no key/value mismatch
+    "rrome": ("averaged", "bare"),  # r-ROME (Gupta et al. 2024): the averaged key, the bare prompt's value
+    "original": ("bare", "bare"),  # ROME's release: the bare prompt's key and value for Λ
+}
+
+
 @torch.no_grad()
-def key_and_value(model: nn.Module, tokenizer: Any, spec: ArchSpec, layer: int, templates: list[str], prompt: str,
-                  subject: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """k* and v₀: the down-projection's input and output at the subject's last token, each averaged
-    (in float32) over *the same* templates -- one batched pass in the model's dtype that stops after the layer."""
+def keys_and_values(model: nn.Module, tokenizer: Any, spec: ArchSpec, layer: int, templates: list[str], prompt: str,
+                    subject: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The down-projection's input and output at the subject's last token under every template ([templates,
+    d_ff] and [templates, d_model], float32): one batched pass in the model's dtype that stops after the layer."""
     device = next(model.parameters()).device
     rows = subject_rows(tokenizer, [t.replace("{}", prompt) for t in templates], subject)
     ids, mask = right_pad([r for r, _ in rows], tokenizer.pad_token_id or 0, device)
@@ -120,7 +131,20 @@ def key_and_value(model: nn.Module, tokenizer: Any, spec: ArchSpec, layer: int, 
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     idx = torch.tensor([s for _, s in rows], device=device)
     at = torch.arange(len(rows), device=device)
-    return t.input[at, idx].float().mean(0), t.output[at, idx].float().mean(0)
+    return t.input[at, idx].float(), t.output[at, idx].float()
+
+
+def key_and_value(model: nn.Module, tokenizer: Any, spec: ArchSpec, layer: int, templates: list[str], prompt: str,
+                  subject: str, variant: str = "averaged") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k*, v₀ and the direction key for ``variant`` (``KEY_VARIANTS``); "bare" is template 0, ``"{}"``."""
+    keys, values = keys_and_values(model, tokenizer, spec, layer, templates, prompt, subject)
+    if variant not in KEY_VARIANTS:
+        raise UserError(f"edit.variant={variant} is not one of {', '.join(KEY_VARIANTS)}")
+    key_from, value_from = KEY_VARIANTS[variant]
+    if "bare" in (key_from, value_from) and templates[0] != "{}":
+        raise UserError(f"edit.variant={variant} needs the bare prompt as the first context template ('{{}}')")
+    pick = {"averaged": lambda x: x.mean(0), "bare": lambda x: x[0]}
+    return pick[key_from](keys), pick[value_from](values), keys.mean(0)
 
 
 # ----------------------------------------------------------------------------------------- measuring
@@ -172,12 +196,13 @@ def begin(ctx: EditContext, request: EditRequest) -> EditResult:
     if int(hp.generate_tokens):
         generations["pre"] = greedy_continuation(model, tok, request.text, int(hp.generate_tokens))
     clock.lap("pre")
-    k_star, v0 = key_and_value(model, tok, ctx.spec, ctx.layer, ctx.templates, request.prompt, request.subject)
+    k_star, v0, k_direction = key_and_value(model, tok, ctx.spec, ctx.layer, ctx.templates, request.prompt,
+                                            request.subject, str(hp.variant))
     rows = build_rows(tok, ctx.templates, request.prompt, request.subject, request.target_new, list(hp.kl_prompts))
     batch = ValueBatch.build(model, [rows], tok.pad_token_id or 0)
     opt = ValueOptimisation(model, ctx.spec, ctx.spec.mlp_name(ctx.layer), batch, v0[None], hp.v)
     clock.lap("keys")
-    return EditResult(request, ctx.layer, ctx.module, k_star, v0, opt, probs=probs, generations=generations,
+    return EditResult(request, ctx.layer, ctx.module, k_star, v0, k_direction, opt, probs=probs, generations=generations,
                       timings=timings)
 
 
@@ -200,7 +225,7 @@ def apply_edit(ctx: EditContext, result: EditResult) -> None:
     if bias is not None:
         v_star = v_star - bias.detach().double()
     w = ctx.spec.down_proj_matrix(ctx.model, ctx.layer).detach()
-    result.update = rank_one_update(w, result.k_star, v_star, ctx.solver)
+    result.update = rank_one_update(w, result.k_star, v_star, ctx.solver, result.k_direction)
     clock.lap("solve")
     result.backup = weight.detach().clone()
     apply_rank_one(weight, result.update, ctx.spec.down_proj_conv1d)

@@ -142,3 +142,30 @@ def test_python_api_defaults_come_from_configs(tiny_model_dir):
     assert edit_defaults(types.SimpleNamespace(config=types.SimpleNamespace(name_or_path="smollm2-135m",
                                                                             model_type="llama"))).layer == 6
     assert edit_defaults("gpt2-xl").layer == 17
+
+
+@pytest.mark.parametrize("variant", ["averaged", "rrome", "original"])
+def test_key_variants_write_v_star_at_their_key_along_the_averaged_direction(tiny_model_dir, variant):
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    spec, layer = loaded.spec, 1
+    keys, values = rome.keys_and_values(loaded.model, loaded.tokenizer, spec, layer, TEMPLATES, EIFFEL["prompt"],
+                                        EIFFEL["subject"])
+    hp = compose(["edit.generate_tokens=0", "edit.verify.enabled=false", "edit.v.steps=3", f"edit.variant={variant}"]).edit
+    d = spec.key_size(loaded.model, layer)
+    c = torch.eye(d, dtype=torch.float64) + 0.1 * torch.ones(d, d, dtype=torch.float64) / d
+    result = rome.edit(loaded.model, loaded.tokenizer, EIFFEL, layer=layer, hparams=hp, templates=TEMPLATES, second_moment=c)
+    bare, mean = {"averaged": (False, False), "rrome": (False, True), "original": (True, True)}[variant]
+    torch.testing.assert_close(result.k_star, keys[0] if bare else keys.mean(0))
+    torch.testing.assert_close(result.v0, values[0] if mean else values.mean(0))
+    torch.testing.assert_close(result.update.u, torch.linalg.solve(c, keys.mean(0).double()))
+    bias = get_bias(loaded, layer)
+    w = spec.down_proj_matrix(loaded.model, layer).detach().double()
+    v_star = result.v0.double() + result.delta.double() - bias
+    assert float((w @ result.k_star.double() - v_star).norm() / v_star.norm()) < 1e-5
+
+
+def get_bias(loaded, layer):
+    from pipeline.hooks import get_module
+
+    b = getattr(get_module(loaded.model, loaded.spec.down_proj_name(layer)), "bias", None)
+    return b.detach().double() if b is not None else 0
