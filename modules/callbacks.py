@@ -43,6 +43,7 @@ def ledger_entry(ctx: rome.EditContext, result: rome.EditResult, model_identity:
         # a failed check without rollback leaves the edit in the weights: it stays "applied"
         "status": "rolled_back" if result.status == "rolled_back" else "applied",
         "verified": result.status == "applied", "reason": result.reason, "request": result.request.as_dict(),
+        "true_from_model": result.true_from_model,
         "layer": result.layer, "module": result.module, "conv1d": ctx.spec.down_proj_conv1d,
         "denominator": result.update.denominator, "norms": result.norms, "probs": result.probs,
         "generations": result.generations, "losses": result.losses, "timings": result.timings,

@@ -22,6 +22,7 @@ Nothing here moves or copies the model: its parameters stay where they are, in t
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Any, Callable, Mapping
 
@@ -87,6 +88,7 @@ class EditResult:
     status: str = "pending"  # applied | rolled_back | failed_verification
     reason: str = ""
     entry_id: int | None = None  # the ledger's id, when recorded
+    true_from_model: bool = False  # target_true is the model's own pre-edit answer (none was given)
 
     @property
     def losses(self) -> list[float]:
@@ -185,12 +187,25 @@ def verification_problems(result: EditResult, post: Mapping[str, Mapping[str, li
 # ------------------------------------------------------------------------------------------- phases
 
 
+def model_answer(model: nn.Module, tokenizer: Any, prompt: str, max_tokens: int) -> str | None:
+    """The model's own answer to ``prompt``: the first word of its greedy continuation (None if it has none)."""
+    found = re.search(r"\w[\w'-]*", greedy_continuation(model, tokenizer, prompt, max_tokens))
+    return found.group(0) if found else None
+
+
 def begin(ctx: EditContext, request: EditRequest) -> EditResult:
-    """Measure the unedited model (when verifying), compute k* and v₀, and set up the v* optimisation."""
+    """Measure the unedited model (when verifying), compute k* and v₀, and set up the v* optimisation.
+
+    Verification compares P(new) with P(true): without a ``target_true`` the model's own pre-edit answer
+    stands in for it (recorded as ``true_from_model``), so an edit that leaves the old answer in place fails."""
     model, tok, hp = ctx.model, ctx.tokenizer, ctx.hp
     timings: dict[str, float] = {}
     clock = _Clock(model, timings)
-    probs, generations = {}, {}
+    probs, generations, true_from_model = {}, {}, False
+    if hp.verify.enabled and request.target_true is None:
+        answer = model_answer(model, tok, request.text, int(hp.verify.answer_tokens))
+        if answer and answer.lower() != request.target_new.lower():
+            request, true_from_model = dataclasses.replace(request, target_true=answer), True
     if hp.verify.enabled:
         probs["pre"] = measure(model, tok, request, int(hp.verify.batch_size))
     if int(hp.generate_tokens):
@@ -203,7 +218,7 @@ def begin(ctx: EditContext, request: EditRequest) -> EditResult:
     opt = ValueOptimisation(model, ctx.spec, ctx.spec.mlp_name(ctx.layer), batch, v0[None], hp.v)
     clock.lap("keys")
     return EditResult(request, ctx.layer, ctx.module, k_star, v0, k_direction, opt, probs=probs, generations=generations,
-                      timings=timings)
+                      timings=timings, true_from_model=true_from_model)
 
 
 def optimise(result: EditResult, on_step: Callable[[EditResult], None] | None = None) -> None:
@@ -252,6 +267,13 @@ def verify_edit(ctx: EditContext, result: EditResult) -> None:
             with torch.no_grad():
                 ctx.spec.down_proj_weight(model, ctx.layer).copy_(result.backup)
             result.status = "rolled_back"
+            # the model is bitwise the unedited one again: its numbers are the pre-edit ones
+            result.probs["rejected"] = result.probs.get("post", {})
+            if "pre" in result.probs:
+                result.probs["post"] = result.probs["pre"]
+            if "pre" in result.generations:
+                result.generations["rejected"] = result.generations.get("post", "")
+                result.generations["post"] = result.generations["pre"]
         else:
             result.status = "failed_verification"
     clock.lap("verify")

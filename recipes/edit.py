@@ -39,15 +39,21 @@ def _fmt(p: list[float]) -> str:
 def print_table(result: rome.EditResult) -> None:
     r = result.request
     pre, post = result.probs.get("pre", {}), result.probs.get("post", {})
-    print(f"\n[{result.entry_id or '-'}] {r.text} -> {r.target_new}" + (f" (was {r.target_true})" if r.target_true else ""))
-    print(f"  {'prompts':<12} {'P(true) before':>15} {'P(true) after':>15} {'P(new) before':>15} {'P(new) after':>15}")
+    was = f" (was {r.target_true}{', the model’s own answer' if result.true_from_model else ''})" if r.target_true else ""
+    print(f"\n[{result.entry_id or '-'}] {r.text} -> {r.target_new}{was}")
+    after = "after" if result.status != "rolled_back" else "rolled back"
+    print(f"  {'prompts':<12} {'P(true) before':>15} {'P(true) ' + after:>15} {'P(new) before':>15} {'P(new) ' + after:>15}")
     for name in ("prompt", "paraphrases", "neighbours"):
         if name in pre:
             b, a = pre[name], post.get(name, {"new": [], "true": []})
             print(f"  {name:<12} {_fmt(b['true']):>15} {_fmt(a['true']):>15} {_fmt(b['new']):>15} {_fmt(a['new']):>15}")
+    if result.status == "rolled_back" and result.probs.get("rejected", {}).get("prompt"):
+        rej = result.probs["rejected"]["prompt"]
+        print(f"  the rejected edit gave P(true) {_fmt(rej['true'])}, P(new) {_fmt(rej['new'])} on the prompt; "
+              "the model above is the restored one")
     if result.generations:
         print(f"  before: {r.text}{result.generations.get('pre', '')!r}")
-        print(f"  after:  {r.text}{result.generations.get('post', '')!r}")
+        print(f"  {after + ':':<7} {r.text}{result.generations.get('post', '')!r}")
     t = result.timings
     print("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) + f" | ‖ΔW‖/‖W‖ {result.norms.get('relative_update', 0):.3g}"
           f" | status: {result.status}" + (f" ({result.reason})" if result.reason else ""))

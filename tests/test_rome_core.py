@@ -133,7 +133,9 @@ def test_python_api_defaults_come_from_configs(tiny_model_dir):
     result = rome.edit(loaded.model, loaded.tokenizer, EIFFEL, hparams=hp, templates=TEMPLATES,
                        second_moment=torch.eye(loaded.spec.key_size(loaded.model, 1)) * 2)
     assert result.layer == 1 and result.module == "transformer.h.1.mlp.c_proj"
-    assert set(result.probs) == {"pre", "post"} and set(result.probs["post"]) == {"prompt", "paraphrases", "neighbours"}
+    assert {"pre", "post"} <= set(result.probs) and set(result.probs["post"]) == {"prompt", "paraphrases", "neighbours"}
+    if result.status == "rolled_back":  # the table and ledger show the restored (= unedited) model's numbers
+        assert result.probs["post"] == result.probs["pre"] and result.probs["rejected"] != result.probs["pre"]
     assert len(result.losses) <= 4 and {"pre", "keys", "v_star", "solve", "apply", "verify"} <= set(result.timings)
     assert result.status in ("applied", "rolled_back") and result.generations["pre"]
     # C = 2I solves to u = k*/2: the update's factors are what the docstring says
