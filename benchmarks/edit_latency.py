@@ -1,19 +1,30 @@
-"""Latency of one ROME edit vs the original's v* loop, same requests, hyperparameters and seed.
+"""Latency of ROME edits through the edit stage vs the original's v* loop, same requests, hyperparameters, seed.
 
-    python benchmarks/edit_latency.py --cases 5
+    python benchmarks/edit_latency.py --cases 5                                   # SmolLM2 on the CPU
+    python benchmarks/edit_latency.py --device cuda --dtype bfloat16 --shape llama3-8b --cases 5
+    python benchmarks/edit_latency.py --device cuda --model EleutherAI/gpt-j-6b --cov identity
 
-Each method runs in its own process (so its peak memory is its own) on the embedded SmolLM2, layer 6,
-C from the statistics cache (50k Wikipedia-sample tokens; computed first if missing):
-- stage:     the edit stage's ``edit_one`` (prefix KV cache, suffix-only steps, LM head at loss positions);
-- reference: the same edit with the v* loop the original runs -- the whole model over all prompts for
-             every optimisation step, logits over every position.
-Model load and statistics are excluded; the context templates are sampled fresh (not from the cache).
+Each method runs in its own process (its peak memory is its own), edits the requests one after another
+(sequentially, as a user's run does) and reports, per edit, the outer wall time (device synchronised) and
+every phase:
+- stage:     the edit stage's own loop (``recipes.edit.edit_requests``: one Trainer, one fit, the callbacks
+             apply / verify), k* and v* with the prefix KV cache, suffix-only steps, LM head at loss positions.
+             Its outer wall per edit is measured by the stage's EditProgress callback from the end of the
+             previous edit (or the start of the fit) to the end of this one, so nothing the framework does
+             between edits is left out; the whole call (Trainer construction included) is reported too.
+- reference: the same edit with the v* loop the original runs: the whole model over all prompts for every
+             optimisation step, logits over every position (k*, v₀, solve, apply and verification are the
+             same code). Its outer wall is a clock around the whole edit.
+``--shape gptj-6b|llama3-8b`` builds a randomly initialised model of that architecture's real size directly
+on the device, with the embedded SmolLM2 tokenizer: those numbers are **timing only** (the outcomes of a
+random model mean nothing). Model load, statistics and context templates are outside the edits.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -24,145 +35,217 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-WIKI = ROOT.parent / "shared" / "data" / "wikipedia" / "wikipedia_en_sample.jsonl.gz"
-COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+DATA = ROOT.parent / "shared" / "data"
+WIKI = DATA / "wikipedia" / "wikipedia_en_sample.jsonl.gz"
+COUNTERFACT = DATA / "counterfact" / "counterfact-edit.json"
 EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
           "target_true": "Paris"}
+PHASES = ["pre", "keys", "v_star", "solve", "apply", "verify"]
+SHAPES = {  # the real sizes (timing only: random weights)
+    "gptj-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_positions=2048, vocab_size=50400,
+                             n_inner=16384), 5),
+    "llama3-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+                                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                                rope_theta=500000.0), 5),
+}
 
 
 def requests(n: int):
     from pipeline.requests import parse_requests
 
-    cases = [EIFFEL] + json.loads(COUNTERFACT.read_text())[: n - 1]
-    return parse_requests(cases)
+    return parse_requests([EIFFEL] + json.loads(COUNTERFACT.read_text())[: n - 1])
 
 
-def reference_v_star(loaded, job, rows, hp) -> tuple[torch.Tensor, list[float]]:
-    """The original's loop: full forward on every prompt each step, same loss, Adam, clamp, early stop."""
-    from pipeline.value import reference_loss
+def build_shape(shape: str, device: str, dtype: torch.dtype, num_layers: int | None):
+    """A randomly initialised model of the real shape, built directly on ``device``, with SmolLM2's tokenizer."""
+    import transformers as tf
 
-    delta = torch.zeros_like(job.v0, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=float(hp.v.lr))
-    v0_norm, kl_init, losses = float(job.v0.norm()), None, []
-    for step in range(int(hp.v.steps)):
-        opt.zero_grad()
-        parts, kl_logp = reference_loss(loaded.model, loaded.spec, job.layer, rows, loaded.tokenizer.pad_token_id or 0,
-                                        delta, v0_norm, kl_init, hp.v)
-        if kl_init is None:
-            kl_init = kl_logp.detach()
-        losses.append(parts.total.item())
-        if losses[-1] < float(hp.v.early_stop_loss) or step == int(hp.v.steps) - 1:
-            break
-        parts.total.backward()
-        opt.step()
-        with torch.no_grad():
-            max_norm = float(hp.v.clamp_norm_factor) * v0_norm
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    return delta.detach(), losses
+    from pipeline.arch import arch_for
+    from pipeline.loading import LoadedModel, load_model
+
+    family, kwargs, layer = SHAPES[shape]
+    if num_layers:  # a smaller stack of the same width: only for smoke-running the script without the memory
+        kwargs = {**kwargs, ("n_layer" if family == "gptj" else "num_hidden_layers"): num_layers}
+    config = (tf.GPTJConfig if family == "gptj" else tf.LlamaConfig)(**kwargs)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    tok = load_model("smollm2-135m", device="cpu").tokenizer
+    return LoadedModel(model, tok, arch_for(model), {"name": f"random-{shape}", "revision": "timing-only"},
+                       f"random-{shape}"), layer
 
 
-def run_reference(loaded, request, layer, templates, c, hp, t_templates):
-    """Same steps as ``edit_one`` (keys, v*, solve, apply, verify) with the reference v* loop."""
-    from modules.callbacks import measure
-    from modules.rome import EditJob
-    from pipeline.hooks import get_module
-    from pipeline.rank_one import apply_rank_one, rank_one_update
-    from pipeline.value import build_rows, key_and_value
+def second_moment(args, cfg, loaded, layer):
+    if args.cov == "identity":
+        return None
+    if args.cov == "random":  # an SPD matrix of the real size (timing only)
+        d = loaded.spec.key_size(loaded.model, layer)
+        g = torch.Generator(device=args.device).manual_seed(0)
+        a = torch.randn(d, 2 * d, generator=g, device=args.device, dtype=torch.float32)
+        return (a @ a.T / (2 * d)).double()
+    from modules.statistics import collect
 
-    model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
-    timings = {"templates": t_templates}
-    t = time.perf_counter()
-    k, v0 = key_and_value(model, tok, spec, layer, templates, request.prompt, request.subject)
-    rows = build_rows(tok, templates, request.prompt, request.subject, request.target_new, list(hp.kl_prompts))
-    timings["keys"] = time.perf_counter() - t
-    job = EditJob(request, layer, k, v0, c, hp)
-    job.probs["pre"] = measure(model, tok, job)
-    t = time.perf_counter()
-    job.delta, job.losses = reference_v_star(loaded, job, rows, hp)
-    timings["v_star"] = time.perf_counter() - t
-    t = time.perf_counter()
-    bias = getattr(get_module(model, spec.down_proj_name(layer)), "bias", None)
-    v_star = v0.double() + job.delta.double() - (bias.double() if bias is not None else 0)
-    job.edit = rank_one_update(spec.down_proj_matrix(model, layer).detach(), k, v_star, c, float(hp.ridge))
-    timings["solve"] = time.perf_counter() - t
-    t = time.perf_counter()
-    job.backup = spec.down_proj_weight(model, layer).detach().clone()
-    apply_rank_one(spec.down_proj_weight(model, layer), job.edit, spec.down_proj_conv1d)
-    timings["apply"] = time.perf_counter() - t
-    t = time.perf_counter()
-    job.probs["post"] = measure(model, tok, job)
-    timings["verify"] = time.perf_counter() - t
-    job.timings = timings
-    return job
+    return collect(cfg, loaded, [layer])[layer].second_moment
 
 
-def child(method: str, n: int) -> None:
+def reference_edit(ctx, request, hp):
+    """The original's v* loop (full forward over every prompt, every step) between the same k*/v₀ and the
+    same solve, apply and verification as the stage."""
+    from pipeline import rome
+    from pipeline.value import build_rows, reference_loss
+
+    result = rome.EditResult(request, ctx.layer, ctx.module, None, None, None)
+    clock = rome._Clock(ctx.model, result.timings)
+    if hp.verify.enabled:
+        result.probs["pre"] = rome.measure(ctx.model, ctx.tokenizer, request, int(hp.verify.batch_size))
+    clock.lap("pre")
+    result.k_star, result.v0, result.k_direction = rome.key_and_value(
+        ctx.model, ctx.tokenizer, ctx.spec, ctx.layer, ctx.templates, request.prompt, request.subject, str(hp.variant))
+    rows = build_rows(ctx.tokenizer, ctx.templates, request.prompt, request.subject, request.target_new, list(hp.kl_prompts))
+    clock.lap("keys")
+    delta = torch.zeros(1, result.v0.shape[0], device=result.v0.device, requires_grad=True)
+    adam = torch.optim.Adam([delta], lr=float(hp.v.lr))
+    v0_norm, kl_init, losses = result.v0.norm()[None], None, []
+    with torch.enable_grad():
+        for step in range(int(hp.v.steps)):
+            parts = reference_loss(ctx.model, ctx.spec, ctx.spec.mlp_name(ctx.layer), rows,
+                                   ctx.tokenizer.pad_token_id or 0, delta, v0_norm, kl_init, hp.v)
+            if kl_init is None:
+                kl_init = parts.kl_logp.detach()
+            losses.append(parts.total.item())
+            if losses[-1] < float(hp.v.early_stop_loss) or step == int(hp.v.steps) - 1:
+                break
+            adam.zero_grad()
+            parts.total.sum().backward()
+            adam.step()
+            with torch.no_grad():
+                max_norm = float(hp.v.clamp_norm_factor) * v0_norm
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    result.delta, result.losses = delta.detach()[0].clone(), losses
+    clock.lap("v_star")
+    rome.apply_edit(ctx, result)
+    rome.verify_edit(ctx, result)
+    return result
+
+
+def child(args) -> None:
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    from pipeline import rome
     from pipeline.config import compose
-    from pipeline.loading import load_model
+    from pipeline.loading import load_model, resolve_dtype
+    from pipeline.rank_one import KeySolver
     from pipeline.templates import context_templates
-    from recipes.edit import edit_one
-    from recipes.stats import collect
 
-    cfg = compose([f"data.files={WIKI}", "stats.tokens=50000", "edit.generate_tokens=0"])
-    loaded = load_model("smollm2-135m", device="cpu")
-    layer = int(cfg.edit.layer)
-    c = collect(cfg, loaded, [layer])[layer].second_moment
+    dtype = resolve_dtype(args.dtype)
+    overrides = [f"data.files={WIKI}", "stats.tokens=50000", "edit.generate_tokens=0", f"edit.v.steps={args.steps}",
+                 "trainer.accelerator=cpu" if args.device == "cpu" else "trainer.accelerator=gpu"]
+    if args.shape:
+        loaded, layer = build_shape(args.shape, args.device, dtype, args.num_layers)
+        cfg = compose(overrides)
+    else:
+        cfg = compose([f"model.name={args.model}", *overrides])
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        layer = int(cfg.edit.layer)
+    layer = args.layer if args.layer is not None else layer
+    c = second_moment(args, cfg, loaded, layer)
+    solver = KeySolver(c, 0.0, args.device)
+    del c
     t = time.perf_counter()
-    templates = context_templates(loaded.model, loaded.tokenizer, loaded.identity, cfg.edit.templates, None, seed=0)
+    templates = context_templates(loaded.model, loaded.tokenizer, None, cfg.edit.templates, None, seed=0)
     t_templates = time.perf_counter() - t
-    weight = loaded.spec.down_proj_weight(loaded.model, layer)
-    original = weight.detach().clone()
-    results = []
-    for i, req in enumerate(requests(n)):
-        torch.manual_seed(0)
-        if method == "stage":
-            job = edit_one(loaded, req, layer, templates, c, cfg.edit, None, verbose=False, accelerator="cpu",
-                           templates_seconds=t_templates if i == 0 else 0.0)
-        else:
-            job = run_reference(loaded, req, layer, templates, c, cfg.edit, t_templates if i == 0 else 0.0)
-        post = job.probs["post"]["prompt"]
-        results.append({"case": req.case_id, "timings": job.timings, "steps": len(job.losses),
-                        "final_loss": job.losses[-1], "p_new": post["new"][0], "p_true": post["true"][0],
-                        "success": post["new"][0] > post["true"][0]})
-        with torch.no_grad():
-            weight.copy_(original)  # every edit starts from the clean model
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"method": method, "results": results, "peak_rss_gib": peak}))
+    reqs = requests(args.cases)
+    weights_gb = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**30
+    ctx = rome.EditContext(loaded.model, loaded.tokenizer, loaded.spec, layer, templates, solver, cfg.edit)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    rome.sync(loaded.model)
+    t = time.perf_counter()
+    if args.method == "stage":
+        from recipes.edit import edit_requests
+
+        results = edit_requests(ctx, reqs, None, loaded.identity, cfg, progress=False)
+    else:
+        results = []
+        for req in reqs:
+            rome.sync(loaded.model)
+            t0 = time.perf_counter()
+            results.append(reference_edit(ctx, req, cfg.edit))
+            rome.sync(loaded.model)
+            results[-1].timings["wall"] = time.perf_counter() - t0
+    rome.sync(loaded.model)
+    whole = time.perf_counter() - t
+    out = []
+    for r in results:
+        post = r.probs["post"]["prompt"]
+        out.append({"case": r.request.case_id, "timings": r.timings, "steps": len(r.losses), "final_loss": r.losses[-1],
+                    "p_new": post["new"][0], "p_true": post["true"][0] if post["true"] else None,
+                    "success": bool(post["true"]) and post["new"][0] > post["true"][0]})
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+    print(json.dumps({"method": args.method, "results": out, "whole_call_s": whole, "templates_s": t_templates,
+                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "peak_gpu_gib": peak_gpu, "weights_gib": weights_gb, "threads": torch.get_num_threads(),
+                      "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=5)
-    p.add_argument("--child", choices=["stage", "reference"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--model", default="smollm2-135m", help="embedded key, local directory or hub id")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="a random model of this real shape (timing only)")
+    p.add_argument("--num-layers", type=int, help="with --shape: fewer blocks (a smoke run, not a measurement)")
+    p.add_argument("--layer", type=int)
+    p.add_argument("--steps", type=int, default=20, help="v* steps (ROME's 20)")
+    p.add_argument("--cov", choices=["stats", "identity", "random"], default=None,
+                   help="C from the statistics cache (default for real models), I, or a random SPD (default for --shape)")
+    p.add_argument("--methods", default="stage,reference")
+    p.add_argument("--method", choices=["stage", "reference"], help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
-        return child(args.child, args.cases)
+    args.cov = args.cov or ("random" if args.shape else "stats")
+    if args.method:
+        return child(args)
     out = {}
-    for method in ("stage", "reference"):
-        r = subprocess.run([sys.executable, __file__, "--child", method, "--cases", str(args.cases)],
-                           capture_output=True, text=True, check=True)
+    for method in args.methods.split(","):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--method", method]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if r.returncode != 0:
+            sys.exit(f"{method} failed:\n{r.stderr[-3000:]}")
         out[method] = json.loads(r.stdout.strip().splitlines()[-1])
-    steps = ["templates", "keys", "v_star", "solve", "apply", "verify"]
-    print(f"| method | {' | '.join(steps)} | total s/edit | efficacy | peak RSS GiB |")
-    print("|---" * (len(steps) + 4) + "|")
-    totals = {}
+    label = f"random {args.shape} (timing only)" if args.shape else args.model
+    first = next(iter(out.values()))
+    print(f"{label}, {args.dtype}, {first['device']}, layer C={args.cov}, {args.cases} edits, {first['threads']} threads")
+    print(f"| method | edit | {' | '.join(PHASES)} | sum of phases | outer wall | wall / sum | steps | P(new) | success |")
+    print("|---" * (len(PHASES) + 8) + "|")
+    for method, res in out.items():
+        for i, r in enumerate(res["results"]):
+            phases = sum(r["timings"].get(s, 0.0) for s in PHASES)
+            print(f"| {method} | {i + 1} | " + " | ".join(f"{r['timings'].get(s, 0.0):.3f}" for s in PHASES)
+                  + f" | {phases:.3f} | {r['timings']['wall']:.3f} | {r['timings']['wall'] / phases:.3f} | {r['steps']} "
+                  f"| {r['p_new']:.4f} | {r['success']} |")
+    print()
+    means = {}
     for method, res in out.items():
         rs = res["results"]
-        mean = {s: sum(r["timings"].get(s, 0) for r in rs) / len(rs) for s in steps}
-        totals[method] = sum(mean.values())
-        eff = sum(r["success"] for r in rs)
-        print(f"| {method} | " + " | ".join(f"{mean[s]:.2f}" for s in steps)
-              + f" | {totals[method]:.2f} | {eff}/{len(rs)} | {res['peak_rss_gib']:.2f} |")
-    same = [a["success"] == b["success"] for a, b in zip(out["stage"]["results"], out["reference"]["results"])]
-    dl = max(abs(a["p_new"] - b["p_new"]) for a, b in zip(out["stage"]["results"], out["reference"]["results"]))
-    print(f"\nstage / reference time: {totals['stage'] / totals['reference']:.2f}; same outcome on "
-          f"{sum(same)}/{len(same)} cases; max |ΔP(new)| between methods {dl:.2e}; threads {torch.get_num_threads()}")
+        means[method] = sum(r["timings"]["wall"] for r in rs) / len(rs)
+        gpu = f", peak GPU {res['peak_gpu_gib']:.2f} GiB (weights {res['weights_gib']:.2f} GiB)" if res["peak_gpu_gib"] else ""
+        print(f"{method}: {means[method]:.3f} s/edit outer wall; whole call {res['whole_call_s']:.2f} s "
+              f"= {res['whole_call_s'] / len(rs):.3f} s/edit; peak RSS {res['peak_rss_gib']:.2f} GiB{gpu}; "
+              f"templates {res['templates_s']:.2f} s (once, outside)")
+    if {"stage", "reference"} <= set(out):
+        a, b = out["stage"]["results"], out["reference"]["results"]
+        same = sum(x["success"] == y["success"] for x, y in zip(a, b))
+        dl = max(abs(x["p_new"] - y["p_new"]) for x, y in zip(a, b))
+        print(f"stage / reference outer wall: {means['stage'] / means['reference']:.3f}; same outcome on {same}/{len(a)} "
+              f"edits; max |ΔP(new)| {dl:.2e}")
 
 
 if __name__ == "__main__":

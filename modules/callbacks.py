@@ -101,7 +101,7 @@ class EditProgress(L.Callback):
                 self.bar.close()
                 self.bar = None
             if self.enabled:
-                losses = opt.losses[0]
+                losses = result.losses
                 print(f"{label} {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-                      f"P(target) {opt.p_target[0]:.3f}, {result.timings['v_star']:.2f} s; {result.status}",
+                      f"P(target) {result.p_target:.3f}, {result.timings['v_star']:.2f} s; {result.status}",
                       file=sys.stderr, flush=True)

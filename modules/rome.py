@@ -54,6 +54,7 @@ class ValueOptimizer(L.LightningModule):
         if opt.done:  # early-stopped: its remaining steps are skipped
             return None
         if opt.step():
+            self.current.finish_value()
             self.current.timings["v_star"] = time.perf_counter() - self._t0  # step() ended in a host sync
             self.finished = self.current
         return None

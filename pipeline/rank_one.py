@@ -15,7 +15,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["RankOne", "KeySolver", "rank_one_update", "apply_rank_one", "rank_one_delta", "update_norm"]
+__all__ = ["RankOne", "KeySolver", "rank_one_update", "apply_rank_one", "rank_one_delta", "update_norm", "frobenius_norm"]
 
 
 @dataclasses.dataclass
@@ -60,8 +60,16 @@ def rank_one_update(w: torch.Tensor, k_star: torch.Tensor, v_star: torch.Tensor,
     u = solver.solve(k_star if key_direction is None else key_direction)
     k = k_star.to(device=u.device, dtype=torch.float64)
     denominator = float(u @ k)
-    lam = (v_star.to(device=u.device, dtype=torch.float64) - w.to(device=u.device, dtype=torch.float64) @ k) / denominator
+    w_k = torch.cat([block.to(device=u.device, dtype=torch.float64) @ k for block in _row_blocks(w)])
+    lam = (v_star.to(device=u.device, dtype=torch.float64) - w_k) / denominator
     return RankOne(u=u, lam=lam, denominator=denominator)
+
+
+def _row_blocks(w: torch.Tensor, max_bytes: int = 1 << 27):
+    """Views of ``w``'s rows in blocks whose float64 copy stays under ``max_bytes`` (128 MiB): a 7B
+    model's down-projection in float64 would be half a gigabyte of scratch at once."""
+    rows = max(1, max_bytes // (8 * w.shape[1]))
+    return w.split(rows, dim=0)
 
 
 def rank_one_delta(edit: RankOne) -> torch.Tensor:
@@ -75,9 +83,18 @@ def apply_rank_one(weight: torch.Tensor, edit: RankOne, conv1d: bool) -> None:
     Linear [out, in]): the sum is formed in float64 (one d_model x d_ff buffer, no separate ΔW) and cast to
     the weight's dtype once. Edit and ledger rebuild both go through here, so a rebuild is bitwise."""
     lam, u = edit.lam.to(weight.device), edit.u.to(weight.device)
-    total = weight.to(torch.float64)
-    total.addr_(u, lam) if conv1d else total.addr_(lam, u)
-    weight.copy_(total)
+    left, right = (u, lam) if conv1d else (lam, u)  # ΔW in the storage orientation: left ⊗ right
+    start = 0
+    for block in _row_blocks(weight):  # elementwise: the same result as one pass over the whole matrix
+        total = block.to(torch.float64)
+        total.addr_(left[start : start + block.shape[0]], right)
+        block.copy_(total)
+        start += block.shape[0]
+
+
+def frobenius_norm(w: torch.Tensor) -> float:
+    """‖W‖_F accumulated in float64 over row blocks (no full float64 copy of W)."""
+    return float(sum(block.to(torch.float64).square().sum() for block in _row_blocks(w)).sqrt())
 
 
 def update_norm(edit: RankOne) -> float:

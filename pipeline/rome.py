@@ -34,7 +34,7 @@ from .errors import UserError
 from .hooks import Trace, get_module
 from .padding import right_pad
 from .probability import greedy_continuation, new_and_true_probs
-from .rank_one import KeySolver, RankOne, apply_rank_one, rank_one_update, update_norm
+from .rank_one import KeySolver, RankOne, apply_rank_one, frobenius_norm, rank_one_update, update_norm
 from .requests import EditRequest, request_from_record
 from .value import ValueBatch, ValueOptimisation, build_rows, subject_rows
 
@@ -78,7 +78,9 @@ class EditResult:
     v0: torch.Tensor  # [d_model] float32: the value the optimisation starts from (v* = v₀ + δ)
     k_direction: torch.Tensor  # [d_ff] float32: the template-averaged key; the update's direction is u = C⁻¹ k_direction
     optimisation: ValueOptimisation | None = None
-    delta: torch.Tensor | None = None  # [d_model]: v* = v₀ + δ
+    delta: torch.Tensor | None = None  # [d_model]: v* = v₀ + δ (set when the optimisation ends)
+    losses: list[float] = dataclasses.field(default_factory=list)  # the loss at every v* step
+    p_target: float = 0.0  # the model's mean P(target) over the rewriting prompts at the last step
     update: RankOne | None = None
     backup: torch.Tensor | None = None  # the weight before the update (for a rollback)
     norms: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -90,9 +92,10 @@ class EditResult:
     entry_id: int | None = None  # the ledger's id, when recorded
     true_from_model: bool = False  # target_true is the model's own pre-edit answer (none was given)
 
-    @property
-    def losses(self) -> list[float]:
-        return self.optimisation.losses[0] if self.optimisation is not None else []
+    def finish_value(self) -> None:
+        """Take δ, the losses and P(target) from the finished optimisation."""
+        opt = self.optimisation
+        self.delta, self.losses, self.p_target = opt.result()[0], opt.losses[0], opt.p_target[0]
 
 
 class _Clock:
@@ -214,7 +217,7 @@ def begin(ctx: EditContext, request: EditRequest) -> EditResult:
     k_star, v0, k_direction = key_and_value(model, tok, ctx.spec, ctx.layer, ctx.templates, request.prompt,
                                             request.subject, str(hp.variant))
     rows = build_rows(tok, ctx.templates, request.prompt, request.subject, request.target_new, list(hp.kl_prompts))
-    batch = ValueBatch.build(model, [rows], tok.pad_token_id or 0)
+    batch = ValueBatch.build(model, ctx.spec, [rows], tok.pad_token_id or 0)
     opt = ValueOptimisation(model, ctx.spec, ctx.spec.mlp_name(ctx.layer), batch, v0[None], hp.v)
     clock.lap("keys")
     return EditResult(request, ctx.layer, ctx.module, k_star, v0, k_direction, opt, probs=probs, generations=generations,
@@ -227,13 +230,13 @@ def optimise(result: EditResult, on_step: Callable[[EditResult], None] | None = 
     while not result.optimisation.step():
         if on_step is not None:
             on_step(result)
+    result.finish_value()
     clock.lap("v_star")
 
 
 def apply_edit(ctx: EditContext, result: EditResult) -> None:
     """Solve Λ (C⁻¹k*)ᵀ in float64 and add it to the down-projection in place, in its own orientation."""
     clock = _Clock(ctx.model, result.timings)
-    result.delta = result.optimisation.result()[0]
     weight = ctx.spec.down_proj_weight(ctx.model, ctx.layer)
     bias = getattr(get_module(ctx.model, ctx.module), "bias", None)
     v_star = result.v0.double() + result.delta.double()  # what the layer should output at k*
@@ -244,7 +247,7 @@ def apply_edit(ctx: EditContext, result: EditResult) -> None:
     clock.lap("solve")
     result.backup = weight.detach().clone()
     apply_rank_one(weight, result.update, ctx.spec.down_proj_conv1d)
-    norm_w = float(result.backup.double().norm())
+    norm_w = frobenius_norm(result.backup)
     result.norms = {"delta_w": update_norm(result.update), "w": norm_w,
                     "relative_update": update_norm(result.update) / norm_w, "denominator": result.update.denominator,
                     "delta": float(result.delta.norm()), "v0": float(result.v0.norm())}

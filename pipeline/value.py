@@ -99,7 +99,7 @@ class ValueBatch:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model: torch.nn.Module, requests: Sequence[Rows], pad: int) -> "ValueBatch":
+    def build(cls, model: torch.nn.Module, spec: ArchSpec, requests: Sequence[Rows], pad: int) -> "ValueBatch":
         device = next(model.parameters()).device
         ids = [r for rows in requests for r in rows.ids]
         last = [s for rows in requests for s in rows.subject_last]
@@ -107,10 +107,16 @@ class ValueBatch:
         suffix_ids, suffix_mask = right_pad([r[s:] for r, s in zip(ids, last)], pad, device)
         prefix_kv = None
         if max(last) > 0:
+            from transformers import DynamicCache
+
             pos = torch.arange(prefix_ids.shape[1], device=device).expand_as(prefix_ids)
-            out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=pos, use_cache=True)
+            cache = DynamicCache(config=model.config)
+            # only the keys and values are needed: stop before the final norm (no LM head over the prefixes)
+            with Trace(get_module(model, spec.final_norm), stop=True):
+                model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=pos, past_key_values=cache,
+                      use_cache=True)
             keep = prefix_mask[:, None, :, None].bool()  # zero the pads: a 0-weight NaN would still poison
-            prefix_kv = [(torch.where(keep, l.keys, 0), torch.where(keep, l.values, 0)) for l in out.past_key_values.layers]
+            prefix_kv = [(torch.where(keep, l.keys, 0), torch.where(keep, l.values, 0)) for l in cache.layers]
         else:
             prefix_mask = prefix_mask[:, :0]
         suffix_pos = torch.tensor(last, device=device)[:, None] + torch.arange(suffix_ids.shape[1], device=device)[None]
@@ -283,7 +289,7 @@ class ValueOptimisation:
             frozen = torch.tensor([r not in stepping for r in range(len(self.active))], device=self.delta.device)
             kept = self.delta.detach().clone()
         self.opt.zero_grad(set_to_none=True)
-        parts.total[stepping].sum().backward()
+        (parts.total.sum() if len(stepping) == len(self.active) else parts.total[stepping].sum()).backward()
         self.opt.step()
         with torch.no_grad():
             # finished requests keep their δ (Adam's momentum would still move it); the others are clamped

@@ -72,7 +72,7 @@ def test_fast_value_loss_equals_full_forward_reference(tiny_model_dir, family):
     tok, model, spec = loaded.tokenizer, loaded.model, loaded.spec
     hp = types.SimpleNamespace(kl_factor=0.0625, weight_decay=0.5)
     rows = build_rows(tok, TEMPLATES, EIFFEL["prompt"], EIFFEL["subject"], " Rome", ["{} is a"])
-    batch = ValueBatch.build(model, [rows], tok.pad_token_id)
+    batch = ValueBatch.build(model, spec, [rows], tok.pad_token_id)
     d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
     delta, v0_norm, mlp = torch.randn(1, d) * 0.5, torch.tensor([3.0]), spec.mlp_name(1)
     fast0 = value_loss(model, spec, mlp, batch, delta * 0, v0_norm, None, hp)

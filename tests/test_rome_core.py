@@ -3,7 +3,6 @@ layering rule holds, batched v* equals one request at a time, bf16 edits, the Py
 
 import ast
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -95,11 +94,11 @@ def test_batched_v_star_equals_one_request_at_a_time(tiny_model_dir):
     mlp = spec.mlp_name(1)
     alone = []
     for i, r in enumerate(rows):
-        opt = ValueOptimisation(model, spec, mlp, ValueBatch.build(model, [r], tok.pad_token_id), v0[i:i + 1], hp)
+        opt = ValueOptimisation(model, spec, mlp, ValueBatch.build(model, spec, [r], tok.pad_token_id), v0[i:i + 1], hp)
         while not opt.step():
             pass
         alone.append((opt.result()[0], opt.losses[0]))
-    together = ValueOptimisation(model, spec, mlp, ValueBatch.build(model, rows, tok.pad_token_id), v0, hp)
+    together = ValueOptimisation(model, spec, mlp, ValueBatch.build(model, spec, rows, tok.pad_token_id), v0, hp)
     while not together.step():
         pass
     for i, (delta, losses) in enumerate(alone):
