@@ -5,6 +5,7 @@ With C = E[k k^T] over Wikipedia keys, the minimal-disturbance W' with W' k* = v
     W' = W + Λ (C⁻¹ k*)ᵀ,     Λ = (v* − W k*) / ((C⁻¹ k*)ᵀ k*)
 
 (v* here excludes the layer's bias). C⁻¹k* is solved in float64 by Cholesky, never by an explicit inverse.
+A batch edit (MEMIT, AlphaEdit) writes a low-rank ΔW = L Rᵀ (``LowRank``) through the same float64 path.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["RankOne", "KeySolver", "rank_one_update", "apply_rank_one", "rank_one_delta", "update_norm", "frobenius_norm"]
+__all__ = ["RankOne", "LowRank", "apply_low_rank", "KeySolver", "rank_one_update", "apply_rank_one", "rank_one_delta", "update_norm", "frobenius_norm"]
 
 
 @dataclasses.dataclass
@@ -23,6 +24,18 @@ class RankOne:
     u: torch.Tensor  # C⁻¹k*, [d_ff], float64 (the "left" vector)
     lam: torch.Tensor  # Λ, [d_model], float64 (the "right" vector)
     denominator: float  # (C⁻¹k*)ᵀ k*
+
+
+@dataclasses.dataclass
+class LowRank:
+    """ΔW = left @ rightᵀ in W's [d_model, d_ff] orientation (float64): a batch edit's update of one layer."""
+
+    left: torch.Tensor  # [d_model, n]
+    right: torch.Tensor  # [d_ff, n]
+
+    def norm(self) -> float:
+        """‖ΔW‖_F without forming ΔW: sqrt(trace((LᵀL)(RᵀR)))."""
+        return float(((self.left.T @ self.left) * (self.right.T @ self.right)).sum().clamp_min(0).sqrt())
 
 
 class KeySolver:
@@ -100,3 +113,18 @@ def frobenius_norm(w: torch.Tensor) -> float:
 def update_norm(edit: RankOne) -> float:
     """‖ΔW‖_F of a rank-one update: ‖Λ‖ ‖u‖ (no d_model x d_ff matrix needed)."""
     return float(edit.lam.norm() * edit.u.norm())
+
+
+@torch.no_grad()
+def apply_low_rank(weight: torch.Tensor, update: LowRank, conv1d: bool) -> None:
+    """Add ΔW = L Rᵀ to a down-projection weight in place, in its storage orientation, formed in float64 per
+    row block and cast once (the ledger's rebuild goes through here too: reverts stay bitwise)."""
+    left, right = update.left.to(weight.device), update.right.to(weight.device)
+    if conv1d:  # stored [d_ff, d_model] = ΔWᵀ = R Lᵀ
+        left, right = right, left
+    start = 0
+    for block in _row_blocks(weight):
+        total = block.to(torch.float64)
+        total.addmm_(left[start : start + block.shape[0]], right.T)
+        block.copy_(total)
+        start += block.shape[0]

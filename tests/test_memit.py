@@ -1,0 +1,121 @@
+"""MEMIT and AlphaEdit (pipeline/memit.py) on tiny random models: the normal equations, lambda -> infinity,
+one request in one layer is ROME, the null-space projection spares preserved keys."""
+
+import pytest
+import torch
+
+from pipeline import memit, rome
+from pipeline.config import compose
+from pipeline.loading import load_model
+from pipeline.rank_one import KeySolver
+from pipeline.requests import parse_requests
+
+TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
+REQUESTS = [
+    {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"},
+    {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "target_new": "tennis"},
+]
+
+
+def random_spd(d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, 3 * d, generator=g, dtype=torch.float64)
+    return a @ a.T / (3 * d)
+
+
+def context(loaded, method, layers, *overrides, c=None):
+    hp = compose(["edit.v.steps=3", "edit.memit.v.steps=4", *overrides]).edit
+    d = loaded.spec.key_size(loaded.model, layers[0])
+    c = random_spd(d) if c is None else c
+    ctx = memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, method, layers, TEMPLATES, hp)
+    for l in layers:
+        ctx.solvers[l] = KeySolver(c)
+        ctx.projectors[l] = memit.null_space_projector(c, float(hp.alphaedit.nullspace_threshold))[0]
+    return ctx, c
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_memit_update_satisfies_its_normal_equations(tiny_model_dir, family):
+    loaded = load_model(str(tiny_model_dir(family)), device="cpu")
+    ctx, c = context(loaded, "memit", [2], "edit.memit.mom2_update_weight=3.0")
+    w0 = loaded.spec.down_proj_matrix(loaded.model, 2).detach().double().clone()
+    result = memit.batch_edit(ctx, parse_requests(REQUESTS))
+    k, update = result.keys[2], result.updates[2]
+    # K of the final model is read after the edit; the solve used the keys before it: same layer, same inputs
+    delta_w = update.left @ update.right.T  # [d_model, d_ff]
+    w1 = loaded.spec.down_proj_matrix(loaded.model, 2).detach().double()
+    assert float((w1 - w0 - delta_w).norm() / delta_w.norm()) < 1e-5  # written as computed (float32 weights)
+    lhs = delta_w @ (3.0 * c + k @ k.T)
+    rhs = update.left @ k.T
+    assert float((lhs - rhs).norm() / rhs.norm()) < 1e-8
+    assert result.norms[2]["delta_w"] == pytest.approx(float(delta_w.norm()), rel=1e-9)
+
+
+def test_memit_with_huge_lambda_changes_nothing(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    ctx, _ = context(loaded, "memit", [1, 2], "edit.memit.mom2_update_weight=1e12")
+    before = {l: loaded.spec.down_proj_weight(loaded.model, l).detach().clone() for l in (1, 2)}
+    result = memit.batch_edit(ctx, parse_requests(REQUESTS))
+    for l in (1, 2):
+        assert result.norms[l]["relative_update"] < 1e-8
+        torch.testing.assert_close(loaded.spec.down_proj_weight(loaded.model, l), before[l], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_one_request_one_layer_is_rome(tiny_model_dir, family):
+    """δ on the block output = δ on the MLP output (the residual stream adds it), so with the same loss
+    settings MEMIT's residual is ROME's v* − v₀, and as λ → 0 the update is ROME's rank-one update."""
+    same_v = ["lr=0.2", "steps=5", "weight_decay=0.0", "clamp_norm_factor=100.0", "early_stop_loss=0.0"]
+    overrides = [f"edit.v.{x}" for x in same_v] + [f"edit.memit.v.{x}" for x in same_v]
+    overrides += ["edit.memit.mom2_update_weight=1e-9", "edit.verify.enabled=false", "edit.generate_tokens=0"]
+    loaded = load_model(str(tiny_model_dir(family)), device="cpu")
+    ctx, c = context(loaded, "memit", [2], *overrides)
+    request = parse_requests(REQUESTS[:1])
+    w0 = loaded.spec.down_proj_weight(loaded.model, 2).detach().clone()
+    batch = memit.batch_edit(ctx, request)
+    memit_dw = batch.updates[2].left @ batch.updates[2].right.T
+    with torch.no_grad():
+        loaded.spec.down_proj_weight(loaded.model, 2).copy_(w0)
+    single = rome.edit(loaded.model, loaded.tokenizer, request[0], layer=2, hparams=ctx.hp, templates=TEMPLATES,
+                       second_moment=c)
+    torch.testing.assert_close(batch.updates[2].left[:, 0].float(), single.delta, rtol=1e-3, atol=1e-5)  # R = δ
+    rome_dw = torch.outer(single.update.lam, single.update.u)
+    assert float((memit_dw - rome_dw).norm() / rome_dw.norm()) < 1e-3
+
+
+def test_alphaedit_spares_keys_in_the_preserved_space_and_accumulates(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    d = loaded.spec.key_size(loaded.model, 2)
+    # a C with a clear null space: rank d/2
+    g = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.cat([torch.linspace(1.0, 2.0, d // 2), torch.full((d - d // 2,), 1e-6)]).double()
+    c = basis @ torch.diag(spectrum) @ basis.T
+    ctx, _ = context(loaded, "alphaedit", [1, 2], c=c)
+    p, rank = memit.null_space_projector(c, 0.01)
+    assert rank == d - d // 2 and float((p @ p - p).norm()) < 1e-9
+    before = {l: loaded.spec.down_proj_matrix(loaded.model, l).detach().double().clone() for l in (1, 2)}
+    result = memit.batch_edit(ctx, parse_requests(REQUESTS[:2]))
+    kept = basis[:, : d // 2] @ torch.randn(d // 2, 5, generator=g, dtype=torch.float64)  # keys C preserves
+    for l in (1, 2):
+        w = loaded.spec.down_proj_matrix(loaded.model, l).detach().double()
+        assert result.norms[l]["delta_w"] > 0
+        change = (w - before[l]) @ kept
+        assert float(change.norm() / (before[l] @ kept).norm()) < 1e-6
+        torch.testing.assert_close(ctx.preserved[l], result.keys[l] @ result.keys[l].T)
+    # a second batch adds its keys to the preserved sum
+    second = memit.batch_edit(ctx, parse_requests(REQUESTS[2:]))
+    torch.testing.assert_close(ctx.preserved[2], result.keys[2] @ result.keys[2].T + second.keys[2] @ second.keys[2].T)
+
+
+def test_bad_layer_sets_are_refused(tiny_model_dir):
+    from pipeline.errors import UserError
+
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    hp = compose([]).edit
+    for layers, match in (([3, 2], "increasing"), ([], "increasing"), ([2, 9], "out of range")):
+        with pytest.raises(UserError, match=match):
+            memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, "memit", layers, TEMPLATES, hp)
+    with pytest.raises(UserError, match="not a batch method"):
+        memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, "rome", [1], TEMPLATES, hp)
