@@ -44,7 +44,10 @@ def main(argv: list[str]) -> int:
         cfg = compose(argv)
         if cfg.stage not in STAGES:
             raise UserError(f"stage={cfg.stage} is not one of {', '.join(STAGES)}")
-        importlib.import_module(STAGES[cfg.stage]).run(cfg)
+        recipe = STAGES[cfg.stage]
+        if cfg.stage == "eval" and cfg.eval.mode != "case":  # many edits into one model: its own recipe
+            recipe = "recipes.eval_scale"
+        importlib.import_module(recipe).run(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

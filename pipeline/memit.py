@@ -16,7 +16,7 @@ For a batch of n requests and consecutive MLP layers l_1 < ... < l_L (the "layer
    - MEMIT:     ΔW = R Kᵀ (λC + K Kᵀ)⁻¹, right = C⁻¹K (λI + Kᵀ C⁻¹K)⁻¹ by Woodbury on the cached Cholesky
                 factor of C (an n x n solve instead of a d_ff x d_ff one), float64;
    - AlphaEdit: ΔW = R Kᵀ P (K_all K_allᵀ P + α I)⁻¹ with P the projector onto C's null space (eigenvalues
-                below a threshold relative to the largest) and K_all K_allᵀ = K Kᵀ + the keys of every
+                below a threshold relative to the mean eigenvalue) and K_all K_allᵀ = K Kᵀ + the keys of every
                 earlier batch (``preserved``); right = (P B + α I)⁻¹ P K, which lies in P's range, so
                 ΔW k = 0 for every key k in C's preserved subspace.
 Nothing here keys a cache on the request alone: z is recomputed on the model as it is (the original's z cache
@@ -41,7 +41,7 @@ from .rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
 from .requests import EditRequest
 from .value import ValueBatch, ValueOptimisation, build_rows, subject_rows
 
-__all__ = ["BatchContext", "BatchResult", "batch_edit", "subject_states", "optimise_targets", "memit_right",
+__all__ = ["BatchContext", "BatchResult", "batch_edit", "write_targets", "subject_states", "optimise_targets", "memit_right",
            "alphaedit_right", "null_space_projector", "METHODS"]
 
 METHODS = ("memit", "alphaedit")
@@ -166,33 +166,46 @@ def alphaedit_right(keys: torch.Tensor, projector: torch.Tensor, preserved: torc
 
 
 def null_space_projector(second_moment: torch.Tensor, relative_threshold: float) -> tuple[torch.Tensor, int]:
-    """P = U₀U₀ᵀ over C's eigenvectors whose eigenvalue is below ``relative_threshold`` x the largest (float64),
-    and how many there are (P's rank)."""
-    c = second_moment.to(torch.float64)
-    values, vectors = torch.linalg.eigh(c)
-    keep = values < relative_threshold * values.max()
+    """P = U₀U₀ᵀ over C's eigenvectors whose eigenvalue is below ``relative_threshold`` x the mean eigenvalue
+    (trace(C)/d: scale-free, and unlike a fraction of the largest one not set by a single outlier direction),
+    in float64, and how many there are (P's rank)."""
+    values, vectors = torch.linalg.eigh(second_moment.to(torch.float64))
+    keep = values < relative_threshold * values.mean()
     u0 = vectors[:, keep]
     return u0 @ u0.T, int(keep.sum())
 
 
 def batch_edit(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchResult:
     """One batch: z for every request, then one low-rank update per layer, written into the model in place."""
+    _sync(ctx.model)
+    t = time.perf_counter()
+    _, h0 = subject_states(ctx, requests, [], ctx.layers[-1])
+    _sync(ctx.model)
+    t_keys = time.perf_counter() - t
+    opt = optimise_targets(ctx, requests, h0)
+    z = h0 + opt.result()  # [n, d_model]
+    _sync(ctx.model)
+    t_v = time.perf_counter() - t - t_keys
+    result = write_targets(ctx, requests, z)
+    result.losses, result.p_target = opt.losses, opt.p_target
+    result.timings["keys"] += t_keys
+    result.timings["v_star"] = t_v
+    return result
+
+
+def write_targets(ctx: BatchContext, requests: Sequence[EditRequest], z: torch.Tensor) -> BatchResult:
+    """Spread z − h̄ over the layer set, ascending, one low-rank update per layer written in place."""
     model, spec, hp, layers = ctx.model, ctx.spec, ctx.hp, ctx.layers
-    timings: dict[str, float] = {}
+    timings = {"keys": 0.0, "solve": 0.0}
 
     def lap(name: str, since: float) -> float:
         _sync(model)
         now = time.perf_counter()
-        timings[name] = timings.get(name, 0.0) + now - since
+        timings[name] += now - since
         return now
 
-    _sync(model)
+    z = z.double()
     t = time.perf_counter()
-    _, h0 = subject_states(ctx, requests, [], layers[-1])
-    t = lap("keys", t)
-    opt = optimise_targets(ctx, requests, h0)
-    z = (h0 + opt.result()).double()  # [n, d_model]
-    t = lap("v_star", t)
     updates, norms, residual = {}, {}, []
     for i, layer in enumerate(layers):
         keys, h_now = subject_states(ctx, requests, [layer], layers[-1])
@@ -220,5 +233,4 @@ def batch_edit(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchResul
             add = k @ k.T
             ctx.preserved[l] = add if l not in ctx.preserved else ctx.preserved[l] + add
     lap("keys", t)
-    return BatchResult(list(requests), list(layers), updates, final_keys, z.float(), opt.losses, opt.p_target,
-                       residual, norms, timings)
+    return BatchResult(list(requests), list(layers), updates, final_keys, z.float(), [], [], residual, norms, timings)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from datamodules import CaseDataModule
 from modules.evaluator import OK, CaseEvaluator
@@ -134,7 +134,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         first = f" (first: {load_skipped[0].reason})" if load_skipped else ""
         raise UserError(f"no usable case in eval.dataset={cfg.eval.dataset}: {len(load_skipped)} skipped{first}")
     methods = build_methods(cfg)
-    gen = Generation(**OmegaConf.to_container(cfg.eval.generation, resolve=True))
+    g = cfg.eval.generation
+    gen = Generation(tokens=int(g.tokens), top_k=int(g.top_k), do_sample=bool(g.do_sample))
     refs = References.build(load_snippets(cfg.eval.snippets)) if cfg.eval.snippets else None
     loaded = load_configured(cfg.model, device="cpu")  # the Trainer moves it to each rank's device
     ctx = EvalContext(cfg, loaded, edit_layer(cfg, loaded))

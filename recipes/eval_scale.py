@@ -1,0 +1,260 @@
+"""Recipe: ``python train.py stage=eval eval.mode=sequential eval.methods=[rome,memit,alphaedit] eval.batch_size=100``
+
+Many edits into one model (AlphaEdit's protocol), and what the model still knows afterwards:
+1. read the cases (CounterFact); load the model; C for every layer a method edits (statistics cache);
+2. the unedited model: every case's scores, perplexity on held-out Wikipedia articles (never read for C),
+   and the known_1000 facts it answers (the reference for "still knows");
+3. per method, from the clean model: apply the cases' edits cumulatively in batches of ``eval.batch_size``
+   (``eval.mode=batch``: all of them in one batch; ROME one request at a time), and every ``eval.eval_every``
+   batches score the cases edited so far (ES/PS/NS: the curve); after the last batch score every case (GE
+   too), the held-out perplexity and the known-fact accuracy; restore the clean weights (checked bitwise);
+4. write summary.json, table.md, curve.png and cases.jsonl to ``eval.out`` after every method (a rerun with
+   the same settings skips the methods already there).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from modules.statistics import collect
+from pipeline import memit, rome
+from pipeline.atomic import atomic_path, write_json
+from pipeline.config import cache_root, edit_layer
+from pipeline.digest import file_sha256
+from pipeline.errors import UserError
+from pipeline.eval_data import EvalCase, load_cases
+from pipeline.eval_report import PROTOCOL, summarize
+from pipeline.facts import load_facts
+from pipeline.loading import LoadedModel, load_configured
+from pipeline.metrics import harmonic_mean
+from pipeline.rank_one import KeySolver
+from pipeline.retention import fact_accuracy, heldout_texts, known_facts, perplexity, texts_read
+from pipeline.scale_report import curve_plot, scale_table
+from pipeline.metrics import fluency
+from pipeline.scoring import Generation, generate, score_case
+from pipeline.templates import context_templates
+
+EDITORS = ("none", "rome", "memit", "alphaedit")
+
+
+class Editor:
+    """Applies one method's edits to the model in place, a batch of requests at a time."""
+
+    def __init__(self, name: str, conf: DictConfig, cfg: DictConfig, loaded: LoadedModel, stats: dict) -> None:
+        self.name, self.kind = name, str(conf.get("class", name))
+        if self.kind not in EDITORS:
+            raise UserError(f"eval.mode={cfg.eval.mode} runs {', '.join(EDITORS)} (and their configs); "
+                            f"'{name}' is a {self.kind} method")
+        model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
+        device = next(model.parameters()).device
+        hp = OmegaConf.merge(cfg.edit, {"generate_tokens": 0, "verify": {"enabled": False, "rollback": False}})
+        self.layers: list[int] = []
+        if self.kind == "rome":
+            layer = edit_layer(cfg, loaded)
+            c = stats[layer].second_moment if conf.get("mom2_adjustment", True) else None
+            templates = context_templates(model, tok, loaded.identity, cfg.edit.templates, cache_root(cfg), seed=int(cfg.seed))
+            self.ctx = rome.EditContext(model, tok, spec, layer, templates, KeySolver(c, float(hp.ridge), device), hp)
+            self.layers = [layer]
+        elif self.kind in memit.METHODS:
+            layers = list(cfg.edit.layers or [])
+            templates = context_templates(model, tok, loaded.identity, cfg.edit.memit.templates, cache_root(cfg),
+                                          seed=int(cfg.seed))
+            self.ctx = memit.BatchContext(model, tok, spec, self.kind, layers, templates, hp)
+            for l in layers:
+                self.ctx.solvers[l] = KeySolver(stats[l].second_moment, float(hp.ridge), device)
+                if self.kind == "alphaedit":
+                    self.ctx.projectors[l] = memit.null_space_projector(
+                        stats[l].second_moment, float(hp.alphaedit.nullspace_threshold))[0].to(device)
+            self.layers = layers
+
+    def edit(self, requests: list) -> dict[str, float]:
+        if self.kind == "rome":
+            for r in requests:
+                rome.edit_in_context(self.ctx, r)
+            return {}
+        if self.kind in memit.METHODS:
+            return memit.batch_edit(self.ctx, requests).timings
+        return {}
+
+
+def edited_layers(cfg: DictConfig, loaded: LoadedModel, kinds: set[str]) -> list[int]:
+    layers = set()
+    if "rome" in kinds:
+        layers.add(edit_layer(cfg, loaded))
+    if kinds & set(memit.METHODS):
+        if not cfg.edit.layers:
+            raise UserError("memit / alphaedit need a layer set: pass edit.layers=[...] (or set edit_layers in the model file)")
+        layers |= set(cfg.edit.layers)
+    return sorted(layers)
+
+
+def _scores(loaded: LoadedModel, cases: list[EvalCase], gen: Generation, cfg: DictConfig, desc: str) -> list[dict]:
+    """Every case's CounterFact metrics; with ``gen.tokens``, GE from texts generated in batches across cases
+    (``eval.generation.batch_size`` prompts per ``generate`` call, seeded per call)."""
+    no_text = Generation(tokens=0, top_k=gen.top_k, do_sample=gen.do_sample)
+    out = [score_case(loaded.model, loaded.tokenizer, c, no_text, int(cfg.seed) + c.index, int(cfg.eval.score_batch_size))["metrics"]
+           for c in tqdm(cases, desc=desc, leave=False, dynamic_ncols=True)]
+    if gen.tokens:
+        owner = [i for i, c in enumerate(cases) for _ in c.generation_prompts]
+        prompts = [p for c in cases for p in c.generation_prompts]
+        size = int(cfg.eval.generation.batch_size)
+        texts: list[list[str]] = [[] for _ in cases]
+        for j in tqdm(range(0, len(prompts), size), desc=f"{desc}: generating", leave=False, dynamic_ncols=True):
+            for i, text in zip(owner[j : j + size], generate(loaded.model, loaded.tokenizer, prompts[j : j + size], gen,
+                                                             int(cfg.seed) + j)):
+                texts[i].append(text)
+        for metrics, t in zip(out, texts):
+            if t:
+                metrics["ge"] = fluency(t)
+    return out
+
+
+def _curve_point(edits: int, scores: list[dict]) -> dict[str, float]:
+    point = {k: 100 * sum(s[k] for s in scores) / len(scores) for k in ("es", "ps", "ns")}
+    return {"edits": edits, **point, "s": harmonic_mean([point[k] for k in ("es", "ps", "ns")])}
+
+
+def _method_row(kind: str, scores: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
+    keys = {k for s in scores for k in s}
+    row = summarize(kind, {"m": {k: [s[k] for s in scores if k in s] for k in keys}}, {"m": len(scores)})["m"]
+    return {**row, **extra}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    mode = str(cfg.eval.mode)
+    if mode not in ("sequential", "batch"):
+        raise UserError(f"eval.mode={mode} is not one of case, sequential, batch")
+    cases, skipped = load_cases(cfg.eval.dataset, cfg.eval.n, int(cfg.eval.start), str(cfg.eval.zsre_target))
+    if not cases or cases[0].kind != "counterfact":
+        raise UserError(f"eval.mode={mode} needs CounterFact cases; eval.dataset={cfg.eval.dataset} gave "
+                        f"{len(cases)} usable ({len(skipped)} skipped)")
+    names = list(cfg.eval.methods or [])
+    unknown = [m for m in names if m not in cfg.method]
+    if unknown:
+        raise UserError(f"eval.methods: unknown method(s) {unknown} (configs/method/ has: {', '.join(sorted(cfg.method))})")
+    batch_size = len(cases) if mode == "batch" else int(cfg.eval.batch_size)
+    if batch_size <= 0:
+        raise UserError(f"eval.batch_size={cfg.eval.batch_size} must be a positive number of edits per batch")
+    loaded = load_configured(cfg.model)
+    kinds = {str(cfg.method[m].get("class", m)) for m in names}
+    layers = edited_layers(cfg, loaded, kinds)
+    stats = collect(cfg, loaded, layers) if layers and kinds - {"none"} else {}
+    gen = Generation(tokens=int(cfg.eval.generation.tokens), top_k=int(cfg.eval.generation.top_k),
+                     do_sample=bool(cfg.eval.generation.do_sample))
+    no_text = Generation(tokens=0, top_k=gen.top_k, do_sample=gen.do_sample)
+    out = Path(cfg.eval.out)
+
+    heldout, records = heldout_texts(cfg.data.files, int(cfg.eval.heldout.articles), cfg.data.text_field) \
+        if cfg.data.files else (None, None)
+    if heldout is None:
+        raise UserError("the held-out perplexity needs local text: pass data.files=../shared/data/wikipedia/wikipedia_en_sample.jsonl.gz")
+    read = texts_read(cfg.data.files, loaded.tokenizer, int(cfg.stats.tokens), int(cfg.data.max_length), cfg.data.text_field)
+    if read > records.start:
+        raise UserError(f"the statistics read {read} articles, into the {len(records)} held out at the end; "
+                        "lower stats.tokens or eval.heldout.articles")
+    ppl = lambda: perplexity(loaded.model, loaded.tokenizer, heldout, int(cfg.eval.heldout.max_length),  # noqa: E731
+                             int(cfg.eval.heldout.batch_size))
+    facts = load_facts(cfg.eval.known.dataset, int(cfg.eval.known.n))
+    identity = {"model": loaded.identity, "dtype": cfg.model.dtype, "mode": mode, "batch_size": batch_size,
+                "eval_every": int(cfg.eval.eval_every), "seed": int(cfg.seed), "start": int(cfg.eval.start),
+                "n": len(cases), "dataset": file_sha256(cfg.eval.dataset), "stats_tokens": int(cfg.stats.tokens),
+                "generation": OmegaConf.to_container(cfg.eval.generation, resolve=True),
+                "heldout": OmegaConf.to_container(cfg.eval.heldout, resolve=True),
+                "known": OmegaConf.to_container(cfg.eval.known, resolve=True)}
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    if summary is not None and summary.get("identity") != identity:
+        raise UserError(f"eval.out={out} holds a many-edit run with other settings; use another eval.out or delete it")
+    if summary is None:
+        print(f"unedited model: scoring {len(cases)} cases, held-out perplexity, known facts")
+        pre = _scores(loaded, cases, gen, cfg, "unedited")
+        known = known_facts(loaded.model, loaded.tokenizer, facts)
+        summary = {"identity": identity, "kind": "counterfact", "protocol": PROTOCOL["counterfact"],
+                   "known_facts": [f.index for f in known], "pre": pre, "pre_perplexity": ppl(), "methods": {},
+                   "order": []}
+    known = [f for f in facts if f.index in set(summary["known_facts"])]
+    weights = {l: loaded.spec.down_proj_weight(loaded.model, l) for l in layers}
+    clean = {l: w.detach().clone() for l, w in weights.items()}
+    for name in names:
+        if name in summary["methods"]:
+            print(f"{name}: already in {summary_path}, skipped")
+            continue
+        conf = cfg.method[name]
+        editor = Editor(name, conf, cfg, loaded, stats)
+        requests = [dataclass_request(c) for c in cases]
+        curve, timings, seconds = [], {}, 0.0
+        batches = [list(range(i, min(i + batch_size, len(cases)))) for i in range(0, len(cases), batch_size)]
+        bar = tqdm(batches, desc=f"{name}: batches of {batch_size}", dynamic_ncols=True)
+        for b, idx in enumerate(bar):
+            rome.sync(loaded.model)
+            t = time.perf_counter()
+            for k, v in editor.edit([requests[i] for i in idx]).items():
+                timings[k] = timings.get(k, 0.0) + v
+            rome.sync(loaded.model)
+            seconds += time.perf_counter() - t
+            every = int(cfg.eval.eval_every)
+            if editor.kind != "none" and every and ((b + 1) % every == 0) and b + 1 < len(batches):
+                done = cases[: idx[-1] + 1]
+                curve.append(_curve_point(len(done), _scores(loaded, done, no_text, cfg, f"{name}: curve")))
+                bar.set_postfix_str(f"{len(done)} edits: ES {curve[-1]['es']:.0f} PS {curve[-1]['ps']:.0f} NS {curve[-1]['ns']:.0f}")
+        post = _scores(loaded, cases, gen, cfg, f"{name}: all cases") if editor.kind != "none" else summary["pre"]
+        curve.append(_curve_point(len(cases), post))
+        row = _method_row("counterfact", post, {
+            "edits": len(cases) if editor.kind != "none" else 0, "class": editor.kind, "layers": editor.layers,
+            "perplexity": ppl() if editor.kind != "none" else summary["pre_perplexity"],
+            "known_accuracy": fact_accuracy(loaded.model, loaded.tokenizer, known) if editor.kind != "none" else 1.0,
+            "edit_seconds": seconds, "edits_per_second": len(cases) / seconds if editor.kind != "none" and seconds else None,
+            "timings": timings, "curve": curve, "config": OmegaConf.to_container(conf, resolve=True)})
+        summary["methods"][name] = row
+        summary["order"] = [m for m in names if m in summary["methods"]]
+        with torch.no_grad():
+            for l, w in weights.items():
+                w.copy_(clean[l])
+        if not all(torch.equal(weights[l], clean[l]) for l in layers):
+            raise RuntimeError("the clean weights could not be restored")
+        _write(out, summary, cfg, loaded, cases, len(skipped), records, read, batch_size)
+        print(f"{name}: ES {row['metrics']['es']['mean']:.1f} PS {row['metrics']['ps']['mean']:.1f} "
+              f"NS {row['metrics']['ns']['mean']:.1f} ppl {row['perplexity']:.2f} known {100 * row['known_accuracy']:.1f}")
+    table = scale_table(summary)
+    print("\n" + table)
+    print(f"results: {out}/ (summary.json, table.md, curve.png)")
+    return summary
+
+
+def dataclass_request(case: EvalCase):
+    """The request an edit gets: the rewrite alone (paraphrases and neighbours are for scoring)."""
+    import dataclasses
+
+    return dataclasses.replace(case.request, paraphrases=(), neighbours=())
+
+
+def _write(out: Path, summary: dict, cfg: DictConfig, loaded: LoadedModel, cases: list[EvalCase], n_skipped: int,
+           records: range, read: int, batch_size: int) -> None:
+    mode = str(cfg.eval.mode)
+    how = f"sequential, batches of {batch_size}" if mode == "sequential" else f"all {len(cases)} edits in one batch"
+    summary["title"] = (f"CounterFact, {len(cases)} edits into one {loaded.identity['name']} ({how}; "
+                        f"records {int(cfg.eval.start)}-{int(cfg.eval.start) + len(cases) - 1} of "
+                        f"{Path(cfg.eval.dataset).name}, {n_skipped} skipped)")
+    summary["notes"] = [
+        "every case is scored after the last batch (its edit has had every later edit applied on top)",
+        f"ppl: perplexity on the last {len(records)} articles of {Path(cfg.data.files).name} (records "
+        f"{records.start}-{records.stop - 1}, max {int(cfg.eval.heldout.max_length)} tokens each); C read the first {read}",
+        f"known facts: of the first {int(cfg.eval.known.n)} records of {Path(cfg.eval.known.dataset).name}, the "
+        f"{len(summary['known_facts'])} the unedited model answers; the share still answered",
+        "ROME applies its edits one at a time; curve points score the cases edited so far without generation",
+    ]
+    pre = _method_row("counterfact", summary["pre"], {"edits": 0, "perplexity": summary["pre_perplexity"],
+                                                       "known_accuracy": 1.0, "edits_per_second": None})
+    summary["unedited"] = pre
+    write_json(out / "summary.json", summary)
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(scale_table(summary))
+    curve_plot(summary, out / "curve.png")

@@ -1,0 +1,60 @@
+"""eval.mode=sequential / batch on a tiny model: cumulative edits of every method, the curve, held-out
+perplexity, known facts, resuming, and bad input."""
+
+import json
+
+from conftest import DATA, run_cli
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def scale_cli(model_dir, data, tmp, *extra):
+    return run_cli("stage=eval", "eval.mode=sequential", f"model.name={model_dir}", "model.device=cpu",
+                   f"data.files={data}", f"stats.dir={tmp / 'stats'}", f"model.cache_dir={tmp / 'cache'}",
+                   "stats.tokens=1000", "data.max_length=64", "data.batch_tokens=256", "trainer.accelerator=cpu",
+                   f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}", "eval.n=4", "eval.batch_size=2",
+                   "eval.generation.tokens=3", "eval.heldout.articles=5", "eval.heldout.max_length=32",
+                   "eval.known.n=30", "edit.layer=2", "edit.layers=[1,2]", "edit.v.steps=2", "edit.memit.v.steps=2",
+                   f"eval.out={tmp / 'out'}", *extra, env=OFFLINE)
+
+
+def test_sequential_protocol_end_to_end_and_resume(tiny_model_dir, small_wiki, tmp_path):
+    base = tiny_model_dir("llama")
+    r = scale_cli(base, small_wiki, tmp_path, "eval.methods=[none,rome,memit,alphaedit]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["order"] == ["none", "rome", "memit", "alphaedit"]
+    pre = summary["unedited"]
+    for name in ("rome", "memit", "alphaedit"):
+        m = summary["methods"][name]
+        assert m["edits"] == 4 and m["metrics"]["es"]["n"] == 4 and "ge" in m["metrics"]
+        assert [p["edits"] for p in m["curve"]] == [2, 4]  # after batch 1 (2 cases) and at the end (4)
+        assert m["perplexity"] > 1 and 0 <= m["known_accuracy"] <= 1 and m["edits_per_second"] > 0
+    assert summary["methods"]["memit"]["layers"] == [1, 2] and summary["methods"]["rome"]["layers"] == [2]
+    none = summary["methods"]["none"]  # the clean weights came back after every method
+    assert none["perplexity"] == pre["perplexity"] and none["metrics"]["es"] == pre["metrics"]["es"]
+    assert (tmp_path / "out" / "curve.png").stat().st_size > 0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| unedited |" in table and "| memit |" in table and "ppl" in table
+    # a rerun skips what is there; another batch size is another run
+    again = scale_cli(base, small_wiki, tmp_path, "eval.methods=[none,rome,memit,alphaedit]")
+    assert again.returncode == 0 and again.stdout.count("already in") == 4
+    other = scale_cli(base, small_wiki, tmp_path, "eval.methods=[rome]", "eval.batch_size=1")
+    assert other.returncode == 2 and "other settings" in other.stderr
+
+
+def test_batch_mode_and_bad_input(tiny_model_dir, small_wiki, tmp_path):
+    base = tiny_model_dir("gpt2")
+    r = scale_cli(base, small_wiki, tmp_path, "eval.methods=[memit]", "eval.mode=batch")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "out" / "summary.json").read_text())["methods"]["memit"]
+    assert [p["edits"] for p in m["curve"]] == [4]  # one batch
+    for extra, expect in ((["eval.methods=[memit]", "eval.mode=parallel"], "not one of case, sequential, batch"),
+                          (["eval.methods=[ft_l]", f"eval.out={tmp_path / 'o2'}"], "runs none, rome, memit, alphaedit"),
+                          (["eval.methods=[memit]", "stats.tokens=100000", f"eval.out={tmp_path / 'o3'}"], "held out")):
+        bad = scale_cli(base, small_wiki, tmp_path, *extra)
+        errors = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
+        assert bad.returncode == 2 and len(errors) == 1 and expect in errors[0], (extra, bad.stderr[-1500:])
+    case_mode = run_cli("stage=eval", f"model.name={base}", "eval.methods=[memit]", "trainer.accelerator=cpu", "edit.layer=2",
+                        f"eval.out={tmp_path / 'o4'}", env=OFFLINE)
+    assert case_mode.returncode == 2 and "eval.mode=sequential" in case_mode.stderr
