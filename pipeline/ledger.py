@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from .arch import ArchSpec
 from .atomic import atomic_path, write_json
 from .errors import UserError
-from .rank_one import RankOne, apply_rank_one
+from .rank_one import LowRank, RankOne, apply_low_rank, apply_rank_one
 
 __all__ = ["Ledger"]
 
@@ -74,10 +74,54 @@ class Ledger:
         t = load_file(self.dir / entry["file"])
         return RankOne(u=t["u"], lam=t["lam"], denominator=float(entry["denominator"]))
 
+    def append_batch(self, ctx: Any, result: Any, model_identity: dict[str, str], stats: dict | None) -> int:
+        """Record a MEMIT / AlphaEdit batch: its requests and, per layer, ΔW = L Rᵀ as the factors L, R
+        (float64), plus for AlphaEdit the batch's keys K, whose K Kᵀ later batches preserve."""
+        tensors = {}
+        for layer, update in result.updates.items():
+            tensors[f"left.{layer}"], tensors[f"right.{layer}"] = update.left, update.right
+            if ctx.method == "alphaedit":
+                tensors[f"keys.{layer}"] = result.keys[layer]
+        entry = {"kind": "batch", "method": ctx.method, "status": "applied", "layers": list(result.layers),
+                 "modules": [ctx.spec.down_proj_name(l) for l in result.layers], "conv1d": ctx.spec.down_proj_conv1d,
+                 "requests": [r.as_dict() for r in result.requests], "norms": {str(l): v for l, v in result.norms.items()},
+                 "residual": result.residual, "losses": result.losses, "p_target": result.p_target,
+                 "timings": result.timings, "model": model_identity, "stats": stats,
+                 "hparams": {"memit": _plain(ctx.hp.memit), "alphaedit": _plain(ctx.hp.alphaedit)}}
+        return self._append(entry, tensors)
+
+    def _append(self, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> int:
+        entry = {"id": self.next_id(), **entry}
+        name = f"edits/{entry['id']:06d}.safetensors"
+        with atomic_path(self.dir / name) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        self.entries.append({**entry, "file": name})
+        self.save()
+        return entry["id"]
+
+    def low_rank(self, entry: dict[str, Any]) -> dict[int, LowRank]:
+        t = load_file(self.dir / entry["file"])
+        return {l: LowRank(t[f"left.{l}"], t[f"right.{l}"]) for l in entry["layers"]}
+
+    def preserved_keys(self, method: str = "alphaedit") -> dict[int, torch.Tensor]:
+        """Σ K Kᵀ per layer over the active AlphaEdit batches: what a new AlphaEdit batch must preserve."""
+        out: dict[int, torch.Tensor] = {}
+        for e in self.active():
+            if e.get("kind") == "batch" and e["method"] == method:
+                t = load_file(self.dir / e["file"])
+                for l in e["layers"]:
+                    k = t[f"keys.{l}"].double()
+                    out[l] = k @ k.T if l not in out else out[l] + k @ k.T
+        return out
+
     def rebuild(self, model: torch.nn.Module, spec: ArchSpec) -> int:
         """Apply every active entry, in order, to a model holding the base weights."""
         for e in self.active():
-            apply_rank_one(spec.down_proj_weight(model, e["layer"]), self.rank_one(e), spec.down_proj_conv1d)
+            if e.get("kind") == "batch":
+                for layer, update in self.low_rank(e).items():
+                    apply_low_rank(spec.down_proj_weight(model, layer), update, spec.down_proj_conv1d)
+            else:
+                apply_rank_one(spec.down_proj_weight(model, e["layer"]), self.rank_one(e), spec.down_proj_conv1d)
         return len(self.active())
 
     def revert(self, edit_id: int | str) -> list[int]:
@@ -93,3 +137,9 @@ class Ledger:
         for e in targets:
             e["status"] = "reverted"
         return [e["id"] for e in targets]
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node

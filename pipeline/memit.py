@@ -41,7 +41,8 @@ from .rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
 from .requests import EditRequest
 from .value import ValueBatch, ValueOptimisation, build_rows, subject_rows
 
-__all__ = ["BatchContext", "BatchResult", "batch_edit", "write_targets", "subject_states", "optimise_targets", "memit_right",
+__all__ = ["BatchContext", "BatchResult", "batch_edit", "begin_batch", "finish_batch", "BatchState", "write_targets",
+           "subject_states", "target_optimisation", "memit_right",
            "alphaedit_right", "null_space_projector", "METHODS"]
 
 METHODS = ("memit", "alphaedit")
@@ -132,17 +133,13 @@ def subject_states(ctx: BatchContext, requests: Sequence[EditRequest], key_layer
     return {l: k / n_templates for l, k in keys.items()}, (out / n_templates if out is not None else None)
 
 
-def optimise_targets(ctx: BatchContext, requests: Sequence[EditRequest], h0: torch.Tensor) -> ValueOptimisation:
+def target_optimisation(ctx: BatchContext, requests: Sequence[EditRequest], h0: torch.Tensor) -> ValueOptimisation:
     """δ for every request at once: added to the last layer's block output at the subject's last token,
     ROME's loss per request, Adam per element (so each request gets what it would get alone)."""
     tok, hp = ctx.tokenizer, ctx.hp
     rows = [build_rows(tok, ctx.templates, r.prompt, r.subject, r.target_new, list(hp.kl_prompts)) for r in requests]
     batch = ValueBatch.build(ctx.model, ctx.spec, rows, tok.pad_token_id or 0)
-    opt = ValueOptimisation(ctx.model, ctx.spec, ctx.spec.block_name(ctx.layers[-1]), batch, h0, hp.memit.v)
-    with torch.enable_grad():
-        while not opt.step():
-            pass
-    return opt
+    return ValueOptimisation(ctx.model, ctx.spec, ctx.spec.block_name(ctx.layers[-1]), batch, h0, hp.memit.v)
 
 
 def memit_right(keys: torch.Tensor, solver: KeySolver, mom2_update_weight: float) -> torch.Tensor:
@@ -175,22 +172,45 @@ def null_space_projector(second_moment: torch.Tensor, relative_threshold: float)
     return u0 @ u0.T, int(keep.sum())
 
 
-def batch_edit(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchResult:
-    """One batch: z for every request, then one low-rank update per layer, written into the model in place."""
+@dataclasses.dataclass
+class BatchState:
+    """A batch between ``begin_batch`` and ``write_targets``: h̄ and the running z optimisation."""
+
+    requests: list[EditRequest]
+    h0: torch.Tensor  # [n, d_model] the last layer's residual stream, averaged over the templates
+    optimisation: ValueOptimisation
+    timings: dict[str, float]
+
+
+def begin_batch(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchState:
+    """Read h̄ at the last layer for every request and set up their δ optimisation (one batch of rows)."""
     _sync(ctx.model)
     t = time.perf_counter()
     _, h0 = subject_states(ctx, requests, [], ctx.layers[-1])
+    opt = target_optimisation(ctx, requests, h0)
     _sync(ctx.model)
-    t_keys = time.perf_counter() - t
-    opt = optimise_targets(ctx, requests, h0)
-    z = h0 + opt.result()  # [n, d_model]
-    _sync(ctx.model)
-    t_v = time.perf_counter() - t - t_keys
-    result = write_targets(ctx, requests, z)
-    result.losses, result.p_target = opt.losses, opt.p_target
-    result.timings["keys"] += t_keys
-    result.timings["v_star"] = t_v
+    return BatchState(list(requests), h0, opt, {"keys": time.perf_counter() - t})
+
+
+def finish_batch(ctx: BatchContext, state: BatchState) -> BatchResult:
+    """z = h̄ + δ once the optimisation is done, written into the layers."""
+    result = write_targets(ctx, state.requests, state.h0 + state.optimisation.result())
+    result.losses, result.p_target = state.optimisation.losses, state.optimisation.p_target
+    result.timings = {k: result.timings.get(k, 0.0) + state.timings.get(k, 0.0)
+                      for k in {*result.timings, *state.timings}}
     return result
+
+
+def batch_edit(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchResult:
+    """One batch: z for every request, then one low-rank update per layer, written into the model in place."""
+    state = begin_batch(ctx, requests)
+    t = time.perf_counter()
+    with torch.enable_grad():
+        while not state.optimisation.step():
+            pass
+    _sync(ctx.model)
+    state.timings["v_star"] = time.perf_counter() - t
+    return finish_batch(ctx, state)
 
 
 def write_targets(ctx: BatchContext, requests: Sequence[EditRequest], z: torch.Tensor) -> BatchResult:

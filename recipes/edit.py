@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from modules.batch import BatchLedger, BatchProgress, TargetOptimizer, WriteBatch
 from modules.callbacks import ApplyEdit, EditProgress, LedgerCheckpoint, VerifyEdit
 from modules.rome import ValueOptimizer
-from modules.statistics import second_moment
+from modules.statistics import collect, second_moment
 from modules.trainer import make_trainer
-from pipeline import rome
+from pipeline import memit, rome
 from pipeline.config import cache_root, edit_layer
 from pipeline.errors import UserError
 from pipeline.ledger import Ledger
@@ -29,7 +30,17 @@ from pipeline.loading import load_configured
 from pipeline.rank_one import KeySolver
 from pipeline.requests import parse_requests
 from pipeline.saving import save_model
+from pipeline.statistics import stats_identity
 from pipeline.templates import context_templates
+
+
+def _save_and_report(cfg: DictConfig, loaded, ledger: Ledger) -> None:
+    if cfg.edit.save_to:
+        save_model(loaded, cfg.edit.save_to)
+        ledger.data["saved_to"] = str(Path(cfg.edit.save_to).resolve())
+        ledger.save()
+        print(f"edited model saved to {cfg.edit.save_to}")
+    print(f"ledger: {ledger.dir / 'ledger.json'} ({len(ledger.active())} active edit(s))")
 
 
 def _fmt(p: list[float]) -> str:
@@ -75,13 +86,70 @@ def edit_requests(ctx: rome.EditContext, requests: list, ledger: Ledger | None, 
     return module.results
 
 
-def run(cfg: DictConfig) -> list[rome.EditResult]:
+def edit_batches(ctx: memit.BatchContext, batches: list[list], ledger: Ledger | None, model_identity: dict[str, str],
+                 cfg: DictConfig, stats_id: dict | None, progress: bool = True) -> list[memit.BatchResult]:
+    """Every batch, in order, through one Trainer and one ``fit`` (z optimised for a whole batch per step)."""
+    device = next(ctx.model.parameters()).device
+    callbacks = [WriteBatch()] + ([BatchLedger(ledger, model_identity, stats_id)] if ledger is not None else [])
+    callbacks.append(BatchProgress(enabled=progress))
+    trainer = make_trainer(cfg, max_epochs=1, accelerator="gpu" if device.type == "cuda" else "cpu",
+                           devices=[device.index or 0] if device.type == "cuda" else 1, strategy="auto", num_nodes=1,
+                           enable_progress_bar=False, num_sanity_val_steps=0, callbacks=callbacks)
+    module = TargetOptimizer(ctx, batches)
+    trainer.fit(module)
+    return module.results
+
+
+def run_batches(cfg: DictConfig, requests: list, loaded, ledger: Ledger) -> list[memit.BatchResult]:
+    """``edit.method=memit|alphaedit``: the requests in batches of ``edit.batch_size``, one solve per layer each."""
+    if not cfg.edit.layers:
+        raise UserError(f"edit.method={cfg.edit.method} needs a layer set: pass edit.layers=[...] "
+                        "(or set edit_layers in the model's file)")
+    if int(cfg.edit.batch_size) <= 0:
+        raise UserError(f"edit.batch_size={cfg.edit.batch_size} must be a positive number of requests")
+    layers = [loaded.spec.check_layer(loaded.model, l, "edit.layers") for l in cfg.edit.layers]
+    stats = collect(cfg, loaded, layers)
+    torch.manual_seed(cfg.seed)
+    templates = context_templates(loaded.model, loaded.tokenizer, loaded.identity, cfg.edit.memit.templates,
+                                  cache_root(cfg), seed=int(cfg.seed))
+    ctx = memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, str(cfg.edit.method), layers, templates, cfg.edit)
+    device = next(loaded.model.parameters()).device
+    for l in layers:
+        ctx.solvers[l] = KeySolver(stats[l].second_moment, float(cfg.edit.ridge), device)
+        if ctx.method == "alphaedit":
+            ctx.projectors[l], rank = memit.null_space_projector(stats[l].second_moment,
+                                                                 float(cfg.edit.alphaedit.nullspace_threshold))
+            ctx.projectors[l] = ctx.projectors[l].to(device)
+            print(f"layer {l}: null space of C has {rank} of {stats[l].second_moment.shape[0]} dimensions")
+    if ctx.method == "alphaedit":
+        ctx.preserved = {l: k.to(device) for l, k in ledger.preserved_keys().items() if l in layers}
+        if ctx.preserved:
+            print(f"preserving the keys of the ledger's earlier AlphaEdit batches (layers {sorted(ctx.preserved)})")
+    size = int(cfg.edit.batch_size)
+    batches = [requests[i : i + size] for i in range(0, len(requests), size)]
+    stats_id = {str(l): stats_identity(s) for l, s in stats.items()}
+    results = edit_batches(ctx, batches, ledger, loaded.identity, cfg, stats_id)
+    known = [r for r in requests if r.target_true]
+    if known:
+        won = sum(p["prompt"]["new"][0] > p["prompt"]["true"][0] for p in
+                  (rome.measure(loaded.model, loaded.tokenizer, r, int(cfg.edit.verify.batch_size)) for r in known))
+        print(f"after the edits: P(new) > P(true) on {won} of {len(known)} requests' prompts")
+    return results
+
+
+def run(cfg: DictConfig) -> list:
     requests = parse_requests(cfg.request)  # every request checked before the model is touched
     loaded = load_configured(cfg.model)
-    layer = edit_layer(cfg, loaded)
     ledger = Ledger.open(cfg.edit.out, loaded.identity, cfg.model.dtype)
     if ledger.active():
         print(f"re-applying {ledger.rebuild(loaded.model, loaded.spec)} earlier edit(s) from {ledger.dir}")
+    if cfg.edit.method != "rome":
+        if cfg.edit.method not in memit.METHODS:
+            raise UserError(f"edit.method={cfg.edit.method} is not one of rome, {', '.join(memit.METHODS)}")
+        results = run_batches(cfg, requests, loaded, ledger)
+        _save_and_report(cfg, loaded, ledger)
+        return results
+    layer = edit_layer(cfg, loaded)
     c, stats_id = second_moment(cfg, loaded, layer)
     solver = KeySolver(c, float(cfg.edit.ridge), next(loaded.model.parameters()).device)
     del c
@@ -94,12 +162,7 @@ def run(cfg: DictConfig) -> list[rome.EditResult]:
     results = edit_requests(ctx, requests, ledger, loaded.identity, cfg)
     for result in results:
         print_table(result)
-    if cfg.edit.save_to:
-        save_model(loaded, cfg.edit.save_to)
-        ledger.data["saved_to"] = str(Path(cfg.edit.save_to).resolve())
-        ledger.save()
-        print(f"edited model saved to {cfg.edit.save_to}")
-    print(f"ledger: {ledger.dir / 'ledger.json'} ({len(ledger.active())} active edit(s))")
+    _save_and_report(cfg, loaded, ledger)
     failed = [r for r in results if r.status != "applied"]
     if failed:
         raise UserError(f"{len(failed)} of {len(results)} edit(s) failed verification: {failed[0].reason}")

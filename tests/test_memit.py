@@ -119,3 +119,47 @@ def test_bad_layer_sets_are_refused(tiny_model_dir):
             memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, "memit", layers, TEMPLATES, hp)
     with pytest.raises(UserError, match="not a batch method"):
         memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, "rome", [1], TEMPLATES, hp)
+
+
+def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_dir, small_wiki, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import run_cli
+
+    base = tiny_model_dir("llama")
+    out = tmp_path / "ledger"
+
+    def cli(requests, method, saved, *extra):
+        return run_cli("stage=edit", f"model.name={base}", f"data.files={small_wiki}", f"stats.dir={tmp_path / 'stats'}",
+                       f"model.cache_dir={tmp_path / 'cache'}", "stats.tokens=2000", "data.max_length=64",
+                       "data.batch_tokens=256", "trainer.accelerator=cpu", "model.device=cpu", f"edit.method={method}",
+                       "edit.layers=[1,2]", "edit.batch_size=2", "edit.memit.v.steps=2", f"edit.out={out}",
+                       f"edit.save_to={saved}", f"request={json.dumps(requests)}", *extra,
+                       env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+
+    r1 = cli(REQUESTS, "alphaedit", tmp_path / "m1")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert r1.stderr.count("alphaedit batch [") == 2  # 3 requests in batches of 2
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert [(e["kind"], e["method"], len(e["requests"])) for e in ledger["entries"]] == [("batch", "alphaedit", 2),
+                                                                                        ("batch", "alphaedit", 1)]
+    tensors = load_file(out / ledger["entries"][0]["file"])
+    assert set(tensors) == {f"{k}.{l}" for k in ("left", "right", "keys") for l in (1, 2)}
+    assert tensors["left.1"].shape[1] == 2 and tensors["left.1"].dtype == torch.float64
+    r2 = cli([{"prompt": "{} is in", "subject": "Madrid", "target_new": "Oslo"}], "alphaedit", tmp_path / "m2")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "re-applying 2 earlier edit(s)" in r2.stdout and "preserving the keys" in r2.stdout
+    m1 = load_file(next((tmp_path / "m1").glob("*.safetensors")))
+    m2 = load_file(next((tmp_path / "m2").glob("*.safetensors")))
+    assert not torch.equal(m1["model.layers.1.mlp.down_proj.weight"], m2["model.layers.1.mlp.down_proj.weight"])
+    AutoModelForCausalLM.from_pretrained(tmp_path / "m2")  # plain transformers loads it
+    r = run_cli("stage=revert", f"ledger={out}", "edit_id=3", f"edit.save_to={tmp_path / 'rev'}",
+                env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rev = load_file(next((tmp_path / "rev").glob("*.safetensors")))
+    assert all(torch.equal(rev[k], m1[k]) for k in m1)  # bitwise the model after the first run
+    bad = cli(REQUESTS, "memit", tmp_path / "m3", "edit.layers=[2,1]")
+    assert bad.returncode == 2 and "increasing" in bad.stderr
