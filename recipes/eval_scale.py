@@ -8,8 +8,9 @@ Many edits into one model (AlphaEdit's protocol), and what the model still knows
    (``eval.mode=batch``: all of them in one batch; ROME one request at a time), and every ``eval.eval_every``
    batches score the cases edited so far (ES/PS/NS: the curve); after the last batch score every case (GE
    too), the held-out perplexity and the known-fact accuracy; restore the clean weights (checked bitwise);
-4. write summary.json, table.md, curve.png and cases.jsonl to ``eval.out`` after every method (a rerun with
-   the same settings skips the methods already there).
+4. write ``methods/<name>.json`` and the assembled summary.json, table.md, curve.png to ``eval.out`` after
+   every method: a rerun with the same settings skips the methods already there, and several processes can
+   run different methods into the same ``eval.out`` at once (each assembles what is finished).
 """
 
 from __future__ import annotations
@@ -169,23 +170,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "generation": OmegaConf.to_container(cfg.eval.generation, resolve=True),
                 "heldout": OmegaConf.to_container(cfg.eval.heldout, resolve=True),
                 "known": OmegaConf.to_container(cfg.eval.known, resolve=True)}
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    if summary is not None and summary.get("identity") != identity:
+    run_path = out / "run.json"
+    if run_path.exists() and json.loads(run_path.read_text()) != identity:
         raise UserError(f"eval.out={out} holds a many-edit run with other settings; use another eval.out or delete it")
-    if summary is None:
+    write_json(run_path, identity)
+    unedited_path = out / "unedited.json"
+    if unedited_path.exists():
+        unedited = json.loads(unedited_path.read_text())
+    else:
         print(f"unedited model: scoring {len(cases)} cases, held-out perplexity, known facts")
-        pre = _scores(loaded, cases, gen, cfg, "unedited")
-        known = known_facts(loaded.model, loaded.tokenizer, facts)
-        summary = {"identity": identity, "kind": "counterfact", "protocol": PROTOCOL["counterfact"],
-                   "known_facts": [f.index for f in known], "pre": pre, "pre_perplexity": ppl(), "methods": {},
-                   "order": []}
+        unedited = {"pre": _scores(loaded, cases, gen, cfg, "unedited"), "pre_perplexity": ppl(),
+                    "known_facts": [f.index for f in known_facts(loaded.model, loaded.tokenizer, facts)]}
+        write_json(unedited_path, unedited)
+    summary = _assemble(out, identity, unedited, names)
     known = [f for f in facts if f.index in set(summary["known_facts"])]
     weights = {l: loaded.spec.down_proj_weight(loaded.model, l) for l in layers}
     clean = {l: w.detach().clone() for l, w in weights.items()}
     for name in names:
-        if name in summary["methods"]:
-            print(f"{name}: already in {summary_path}, skipped")
+        if (out / "methods" / f"{name}.json").exists():
+            print(f"{name}: already in {out / 'methods'}, skipped")
             continue
         conf = cfg.method[name]
         editor = Editor(name, conf, cfg, loaded, stats)
@@ -212,9 +215,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "perplexity": ppl() if editor.kind != "none" else summary["pre_perplexity"],
             "known_accuracy": fact_accuracy(loaded.model, loaded.tokenizer, known) if editor.kind != "none" else 1.0,
             "edit_seconds": seconds, "edits_per_second": len(cases) / seconds if editor.kind != "none" and seconds else None,
-            "timings": timings, "curve": curve, "config": OmegaConf.to_container(conf, resolve=True)})
-        summary["methods"][name] = row
-        summary["order"] = [m for m in names if m in summary["methods"]]
+            "timings": timings, "curve": curve, "config": OmegaConf.to_container(conf, resolve=True),
+            "hparams": OmegaConf.to_container(OmegaConf.masked_copy(cfg.edit, ["layer", "layers", "variant", "v", "memit",
+                                                                           "alphaedit", "mom2_adjustment"]), resolve=True)})
+        write_json(out / "methods" / f"{name}.json", row)
+        summary = _assemble(out, identity, unedited, names)  # with whatever other processes finished meanwhile
         with torch.no_grad():
             for l, w in weights.items():
                 w.copy_(clean[l])
@@ -223,10 +228,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         _write(out, summary, cfg, loaded, cases, len(skipped), records, read, batch_size)
         print(f"{name}: ES {row['metrics']['es']['mean']:.1f} PS {row['metrics']['ps']['mean']:.1f} "
               f"NS {row['metrics']['ns']['mean']:.1f} ppl {row['perplexity']:.2f} known {100 * row['known_accuracy']:.1f}")
+    summary = _assemble(out, identity, unedited, names)
+    _write(out, summary, cfg, loaded, cases, len(skipped), records, read, batch_size)
     table = scale_table(summary)
     print("\n" + table)
     print(f"results: {out}/ (summary.json, table.md, curve.png)")
     return summary
+
+
+def _assemble(out: Path, identity: dict, unedited: dict, names: list[str]) -> dict[str, Any]:
+    """The run's summary from its parts: the unedited model's and one file per finished method (processes
+    running other methods into the same eval.out each add theirs)."""
+    methods = {p.stem: json.loads(p.read_text()) for p in sorted((out / "methods").glob("*.json"))}
+    order = [m for m in names if m in methods] + sorted(m for m in methods if m not in names)
+    return {"identity": identity, "kind": "counterfact", "protocol": PROTOCOL["counterfact"], **unedited,
+            "methods": methods, "order": order}
 
 
 def dataclass_request(case: EvalCase):
