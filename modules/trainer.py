@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-__all__ = ["make_trainer"]
+__all__ = ["make_trainer", "single_device_trainer"]
 
 
 def make_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
@@ -16,3 +16,13 @@ def make_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     defaults = dict(logger=False, enable_checkpointing=False, enable_model_summary=False,
                     accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes)
     return L.Trainer(**{**defaults, **kwargs})
+
+
+def single_device_trainer(cfg: DictConfig, model: Any, callbacks: list[L.Callback]) -> L.Trainer:
+    """A one-process Trainer on the device ``model`` already sits on (the edit stage's loops: the model is
+    never moved, so the Trainer must run where it is), no progress bar of Lightning's own."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    return make_trainer(cfg, max_epochs=1, accelerator="gpu" if cuda else "cpu", devices=[device.index or 0] if cuda else 1,
+                        strategy="auto", num_nodes=1, enable_progress_bar=False, num_sanity_val_steps=0,
+                        callbacks=callbacks)

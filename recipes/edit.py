@@ -21,7 +21,7 @@ from modules.batch import BatchLedger, BatchProgress, TargetOptimizer, WriteBatc
 from modules.callbacks import ApplyEdit, EditProgress, LedgerCheckpoint, VerifyEdit
 from modules.rome import ValueOptimizer
 from modules.statistics import collect, second_moment
-from modules.trainer import make_trainer
+from modules.trainer import single_device_trainer
 from pipeline import memit, rome
 from pipeline.config import cache_root, edit_layer
 from pipeline.errors import UserError
@@ -73,14 +73,11 @@ def print_table(result: rome.EditResult) -> None:
 def edit_requests(ctx: rome.EditContext, requests: list, ledger: Ledger | None, model_identity: dict[str, str],
                   cfg: DictConfig, progress: bool = True) -> list[rome.EditResult]:
     """Every request, in order, through one Trainer and one ``fit`` (the stage's loop; benchmarks call it too)."""
-    device = next(ctx.model.parameters()).device
     callbacks = [ApplyEdit(), VerifyEdit()]
     if ledger is not None:
         callbacks.append(LedgerCheckpoint(ledger, model_identity))
     callbacks.append(EditProgress(enabled=progress))
-    trainer = make_trainer(cfg, max_epochs=1, accelerator="gpu" if device.type == "cuda" else "cpu",
-                           devices=[device.index or 0] if device.type == "cuda" else 1, strategy="auto", num_nodes=1,
-                           enable_progress_bar=False, num_sanity_val_steps=0, callbacks=callbacks)
+    trainer = single_device_trainer(cfg, ctx.model, callbacks)
     module = ValueOptimizer(ctx, requests)
     trainer.fit(module)
     return module.results
@@ -89,12 +86,9 @@ def edit_requests(ctx: rome.EditContext, requests: list, ledger: Ledger | None, 
 def edit_batches(ctx: memit.BatchContext, batches: list[list], ledger: Ledger | None, model_identity: dict[str, str],
                  cfg: DictConfig, stats_id: dict | None, progress: bool = True) -> list[memit.BatchResult]:
     """Every batch, in order, through one Trainer and one ``fit`` (z optimised for a whole batch per step)."""
-    device = next(ctx.model.parameters()).device
     callbacks = [WriteBatch()] + ([BatchLedger(ledger, model_identity, stats_id)] if ledger is not None else [])
     callbacks.append(BatchProgress(enabled=progress))
-    trainer = make_trainer(cfg, max_epochs=1, accelerator="gpu" if device.type == "cuda" else "cpu",
-                           devices=[device.index or 0] if device.type == "cuda" else 1, strategy="auto", num_nodes=1,
-                           enable_progress_bar=False, num_sanity_val_steps=0, callbacks=callbacks)
+    trainer = single_device_trainer(cfg, ctx.model, callbacks)
     module = TargetOptimizer(ctx, batches)
     trainer.fit(module)
     return module.results
