@@ -42,7 +42,7 @@ from .requests import EditRequest
 from .value import ValueBatch, ValueOptimisation, build_rows, subject_rows
 
 __all__ = ["BatchContext", "BatchResult", "batch_edit", "begin_batch", "finish_batch", "BatchState", "write_targets",
-           "subject_states", "target_optimisation", "memit_right",
+           "subject_states", "PromptRows", "target_optimisation", "memit_right",
            "alphaedit_right", "null_space_projector", "METHODS"]
 
 METHODS = ("memit", "alphaedit")
@@ -93,20 +93,34 @@ def _sync(model: nn.Module) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclasses.dataclass
+class PromptRows:
+    """Every request's prompt under every template, tokenised once per batch, with its subject's last token."""
+
+    rows: list[tuple[list[int], int]]
+    owner: list[int]  # the request each row belongs to
+    n_requests: int
+
+    @classmethod
+    def build(cls, ctx: BatchContext, requests: Sequence[EditRequest]) -> "PromptRows":
+        rows, owner = [], []
+        for i, r in enumerate(requests):
+            found = subject_rows(ctx.tokenizer, [t.replace("{}", r.prompt) for t in ctx.templates], r.subject)
+            rows += found
+            owner += [i] * len(found)
+        return cls(rows, owner, len(requests))
+
+
 @torch.no_grad()
-def subject_states(ctx: BatchContext, requests: Sequence[EditRequest], key_layers: Sequence[int],
+def subject_states(ctx: BatchContext, prompts: PromptRows, key_layers: Sequence[int],
                    out_layer: int | None) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """Per request, averaged over the templates, at the subject's last token: the down-projection inputs of
     ``key_layers`` ({layer: [n, d_ff]}) and the block output of ``out_layer`` ([n, d_model]); float32.
     Passes of at most ``hp.memit.rows_per_pass`` rows, each stopped after the deepest module it needs."""
     model, tok, spec = ctx.model, ctx.tokenizer, ctx.spec
     device = next(model.parameters()).device
-    rows, owner = [], []
-    for i, r in enumerate(requests):
-        found = subject_rows(tok, [t.replace("{}", r.prompt) for t in ctx.templates], r.subject)
-        rows += found
-        owner += [i] * len(found)
-    keys = {l: torch.zeros(len(requests), spec.key_size(model, l), device=device) for l in key_layers}
+    rows, owner, n = prompts.rows, prompts.owner, prompts.n_requests
+    keys = {l: torch.zeros(n, spec.key_size(model, l), device=device) for l in key_layers}
     out = None
     per_pass = int(ctx.hp.memit.rows_per_pass)
     last = max([*key_layers, *([out_layer] if out_layer is not None else [])])
@@ -127,7 +141,7 @@ def subject_states(ctx: BatchContext, requests: Sequence[EditRequest], key_layer
             keys[l].index_add_(0, who, t.input[at, pos].float())
         if out_layer is not None:
             h = traces[-1].output[at, pos].float()
-            out = torch.zeros(len(requests), h.shape[-1], device=device) if out is None else out
+            out = torch.zeros(n, h.shape[-1], device=device) if out is None else out
             out.index_add_(0, who, h)
     n_templates = len(ctx.templates)
     return {l: k / n_templates for l, k in keys.items()}, (out / n_templates if out is not None else None)
@@ -186,7 +200,7 @@ def begin_batch(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchStat
     """Read h̄ at the last layer for every request and set up their δ optimisation (one batch of rows)."""
     _sync(ctx.model)
     t = time.perf_counter()
-    _, h0 = subject_states(ctx, requests, [], ctx.layers[-1])
+    _, h0 = subject_states(ctx, PromptRows.build(ctx, requests), [], ctx.layers[-1])
     opt = target_optimisation(ctx, requests, h0)
     _sync(ctx.model)
     return BatchState(list(requests), h0, opt, {"keys": time.perf_counter() - t})
@@ -226,9 +240,10 @@ def write_targets(ctx: BatchContext, requests: Sequence[EditRequest], z: torch.T
 
     z = z.double()
     t = time.perf_counter()
+    prompts = PromptRows.build(ctx, requests)
     updates, norms, residual = {}, {}, []
     for i, layer in enumerate(layers):
-        keys, h_now = subject_states(ctx, requests, [layer], layers[-1])
+        keys, h_now = subject_states(ctx, prompts, [layer], layers[-1])
         k = keys[layer].double().T  # [d_ff, n]
         r = (z - h_now.double()).T  # [d_model, n]
         residual.append(float(r.norm(dim=0).mean()))
@@ -245,7 +260,7 @@ def write_targets(ctx: BatchContext, requests: Sequence[EditRequest], z: torch.T
         updates[layer] = update
         norms[layer] = {"delta_w": update.norm(), "w": norm_w, "relative_update": update.norm() / norm_w}
         t = lap("solve", t)
-    keys, h_end = subject_states(ctx, requests, layers, layers[-1])  # the final model's keys: AlphaEdit keeps them
+    keys, h_end = subject_states(ctx, prompts, layers, layers[-1])  # the final model's keys: AlphaEdit keeps them
     residual.append(float((z - h_end.double()).norm(dim=-1).mean()))
     final_keys = {l: k.double().T for l, k in keys.items()}
     if ctx.method == "alphaedit":
