@@ -82,7 +82,7 @@ class EditResult:
     losses: list[float] = dataclasses.field(default_factory=list)  # the loss at every v* step
     p_target: float = 0.0  # the model's mean P(target) over the rewriting prompts at the last step
     update: RankOne | None = None
-    backup: torch.Tensor | None = None  # the weight before the update (for a rollback)
+    backup: torch.Tensor | None = None  # the weight before the update (kept only when a rollback may need it)
     norms: dict[str, float] = dataclasses.field(default_factory=dict)
     probs: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"pre": ..., "post": ...}
     generations: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -245,9 +245,10 @@ def apply_edit(ctx: EditContext, result: EditResult) -> None:
     w = ctx.spec.down_proj_matrix(ctx.model, ctx.layer).detach()
     result.update = rank_one_update(w, result.k_star, v_star, ctx.solver, result.k_direction)
     clock.lap("solve")
-    result.backup = weight.detach().clone()
+    norm_w = frobenius_norm(weight)
+    if ctx.hp.verify.enabled and ctx.hp.verify.rollback:  # only a rollback needs the old matrix
+        result.backup = weight.detach().clone()
     apply_rank_one(weight, result.update, ctx.spec.down_proj_conv1d)
-    norm_w = frobenius_norm(result.backup)
     result.norms = {"delta_w": update_norm(result.update), "w": norm_w,
                     "relative_update": update_norm(result.update) / norm_w, "denominator": result.update.denominator,
                     "delta": float(result.delta.norm()), "v0": float(result.v0.norm())}
