@@ -176,9 +176,13 @@ def test_cli_outputs_resume_and_bad_config(tiny_model_dir, small_wiki, tmp_path)
     assert (out / "summary.json").read_text() == first
     assert len(log.read_text().splitlines()) == 12
 
+    r = eval_cli(tiny_model_dir("gpt2"), tmp_path, *args, "eval.methods=[none,nosuch]")
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "unknown method 'nosuch'" in errors[0], r.stderr[-2000:]
+    # a batch method in the one-case-at-a-time protocol names the protocol that runs it
     r = eval_cli(tiny_model_dir("gpt2"), tmp_path, *args, "eval.methods=[none,memit]")
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert r.returncode == 2 and len(errors) == 1 and "unknown method 'memit'" in errors[0], r.stderr[-2000:]
+    assert r.returncode == 2 and len(errors) == 1 and "eval.mode=sequential" in errors[0], r.stderr[-2000:]
 
 
 def test_results_of_another_run_are_refused(tmp_path):

@@ -20,7 +20,7 @@ def smol():
 
 
 def test_knows_the_eiffel_tower(smol):
-    p = target_probs(smol.model, smol.tokenizer, ["The Eiffel Tower is located in the city of"] * 2, ["Paris", "Rome"])
+    p = target_probs(smol.model, smol.tokenizer, ["The Eiffel Tower is located in the city of"] * 2, ["Paris", "Rome"], batch_size=2)
     assert p[0] > 0.5 > p[1]
 
 
@@ -44,6 +44,6 @@ def test_edit_eiffel_tower_to_rome_generalises_stays_specific_and_reloads(smol, 
     # plain transformers reloads the edited model and agrees with the edit
     tok = AutoTokenizer.from_pretrained(saved)
     edited = AutoModelForCausalLM.from_pretrained(saved)
-    p = target_probs(edited, tok, ["The Eiffel Tower is located in the city of"] * 2, ["Rome", "Paris"])
+    p = target_probs(edited, tok, ["The Eiffel Tower is located in the city of"] * 2, ["Rome", "Paris"], batch_size=2)
     torch.testing.assert_close(p, torch.tensor([post["prompt"]["new"][0], post["prompt"]["true"][0]]), rtol=1e-3, atol=1e-5)
     assert p[0] > p[1]
