@@ -57,7 +57,8 @@ class PartialStats:
             torch.save({"run": self.run, **state}, tmp)
 
     def clear(self) -> None:
-        for p in self.dir.glob("rank*.pt"):
+        # rank files, and the temporaries of a save that a kill interrupted (atomic_path's ".rank<r>.pt.*.tmp")
+        for p in [*self.dir.glob("rank*.pt"), *self.dir.glob(".rank*.pt.*.tmp")]:
             p.unlink(missing_ok=True)
         if self.dir.exists() and not any(self.dir.iterdir()):
             self.dir.rmdir()

@@ -144,3 +144,13 @@ def test_corrupt_cache_file_errors_and_is_removed(tiny_model_dir, small_wiki, tm
     assert r.returncode == 2 and "corrupt" in r.stderr and "removed" in r.stderr
     assert not f.exists()
     assert run_cli(*args, env=OFFLINE).returncode == 0 and f.exists()  # the same command recomputes
+
+
+def test_clearing_partial_state_removes_a_save_cut_by_a_kill(tmp_path):
+    from modules.second_moment import PartialStats
+
+    partial = PartialStats(tmp_path / "partial", {"run": 1})
+    partial.save(0, {"count": 3})
+    (tmp_path / "partial" / ".rank0.pt.abc123.tmp").write_bytes(b"half a save")  # what SIGKILL mid-save leaves
+    partial.clear()
+    assert not (tmp_path / "partial").exists()
