@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shlex
 import sys
 
 STAGES = {"stats": "recipes.stats", "edit": "recipes.edit", "revert": "recipes.revert", "trace": "recipes.trace",
@@ -37,7 +38,7 @@ def _quiet() -> None:
 
 def main(argv: list[str]) -> int:
     from pipeline.config import compose
-    from pipeline.errors import UserError
+    from pipeline.errors import Interrupted, UserError
 
     _quiet()
     try:
@@ -51,6 +52,12 @@ def main(argv: list[str]) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:  # a clean stop on SIGTERM / SIGINT: what was saved, and how to go on
+        from lightning.pytorch.utilities import rank_zero_only
+
+        if rank_zero_only.rank == 0:  # every rank of a multi-process run stops; one line says so
+            print(f"{err}; to resume, run the same command: python train.py {shlex.join(argv)}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 
