@@ -9,7 +9,8 @@ from tqdm.auto import tqdm
 
 
 class TokenProgressBar(L.Callback):
-    """Counts the tokens of rank 0 against rank 0's share of the budget (other ranks run in step)."""
+    """Counts the tokens of rank 0 against rank 0's share of the budget (other ranks run in step), from the
+    tokens a resumed run starts with (``pl_module.count``, loaded in the module's ``setup``)."""
 
     def __init__(self, total: int, desc: str = "tokens") -> None:
         self.total, self.desc = total, desc
@@ -31,3 +32,6 @@ class TokenProgressBar(L.Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.on_predict_end(trainer, pl_module)  # end the bar's line: the stop message gets a line of its own

@@ -1,25 +1,41 @@
-"""A LightningModule that accumulates sum k k^T over streamed text for several layers in one pass.
+"""A LightningModule that accumulates Σ k kᵀ over streamed text for several layers in one pass.
 
 Run through ``trainer.predict`` (each rank sees only its own shards, no duplicated samples). The forward
-stops right before the deepest requested down-projection: nothing after it can change the keys.
-Partial sums, token counts and per-shard data positions are checkpointed atomically every
-``checkpoint_every`` batches, one file per rank, and picked up again by the same command.
+stops right before the deepest requested down-projection (nothing after it can change the keys) and runs
+without an attention mask: the batches are right-padded and attention is causal, so a real token never sees
+a pad, and the model takes its fastest (causal) attention path with no mask to build or inspect. The step
+does no host-device sync: token counts, shard positions and the real tokens' positions come from the
+dataloader worker as host values, the keys of the real tokens are gathered with that precomputed index.
+
+The HF model is held as a plain attribute, not a registered child module: Lightning's checkpoints (its
+SLURM requeue writes one) then hold nothing of it, and this module moves it to its rank's device itself.
+
+Resumable state (``PartialStats``, one file per rank, atomic) is written every ``checkpoint_minutes``,
+every ``checkpoint_every_batches`` batches and when a stop is requested (SIGTERM / SIGINT: the batch in
+flight is finished first, then ``Interrupted``). It includes the convergence readouts (rank 0, at each
+doubling of its tokens): a resumed run redoes those after its checkpoint, at the same token counts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.arch import ArchSpec
 from pipeline.atomic import atomic_path
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError
 from pipeline.hooks import TraceDict
 from pipeline.second_moment import accumulate_second_moment
+from pipeline.signals import StopRequest
+from pipeline.stats_convergence import Readout, converged_hint, pick_probes, take_readout
+
+NEW_SHARD = {"window": 0, "batches": 0, "before": 0, "tokens": 0}
 
 
 class PartialStats:
@@ -42,23 +58,25 @@ class PartialStats:
                 except Exception as err:
                     p.unlink()
                     raise UserError(f"partial statistics {p} were corrupt and have been removed; run the command again") from err
-                if state["run"] != self.run:
-                    raise UserError(f"{self.dir} holds a partial run with other settings ({_diff(state['run'], self.run)}); "
+                if state.get("run") != self.run:
+                    raise UserError(f"{self.dir} holds a partial run with other settings ({_diff(state.get('run') or {}, self.run)}); "
                                     f"rerun with those settings to resume, or delete {self.dir}")
             self._cache[rank] = state
         return self._cache[rank]
 
-    def shards(self, rank: int) -> dict[int, tuple[int, int]]:
+    def shards(self, rank: int) -> dict[int, dict[str, int]]:
         state = self.load(rank)
-        return {int(s): tuple(v) for s, v in state["shards"].items()} if state else {}
+        return {int(s): dict(v) for s, v in state["shards"].items()} if state else {}
 
     def save(self, rank: int, state: dict[str, Any]) -> None:
         with atomic_path(self.path(rank)) as tmp:
             torch.save({"run": self.run, **state}, tmp)
+        self._cache.pop(rank, None)
 
     def clear(self) -> None:
-        # rank files, and the temporaries of a save that a kill interrupted (atomic_path's ".rank<r>.pt.*.tmp")
-        for p in [*self.dir.glob("rank*.pt"), *self.dir.glob(".rank*.pt.*.tmp")]:
+        # rank files, the temporaries of a save that a kill interrupted (atomic_path's ".rank<r>.pt.*.tmp"),
+        # and the checkpoints Lightning's SLURM requeue wrote here (its default_root_dir)
+        for p in [*self.dir.glob("rank*.pt"), *self.dir.glob(".rank*.pt.*.tmp"), *self.dir.glob("hpc_ckpt_*.ckpt")]:
             p.unlink(missing_ok=True)
         if self.dir.exists() and not any(self.dir.iterdir()):
             self.dir.rmdir()
@@ -68,55 +86,143 @@ def _diff(a: dict, b: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)} vs now {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvergenceSettings:
+    probes: int = 32  # probe keys from the first batch
+    first_tokens: int = 16384  # first readout; then every doubling
+    threshold: float = 0.01  # the hint's bound on u's relative change over a doubling
+    seed: int = 0
+
+
 class SecondMomentModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, spec: ArchSpec, layers: list[int], *, dtype: torch.dtype = torch.float64,
-                 partial: PartialStats | None = None, checkpoint_every: int = 0) -> None:
+                 product: str = "fp32", partial: PartialStats | None = None, checkpoint_minutes: float = 0.0,
+                 checkpoint_every_batches: int = 0, convergence: ConvergenceSettings | None = None,
+                 stop: StopRequest | None = None, report: Callable[[str], None] = tqdm.write) -> None:
         super().__init__()
-        self.model, self.spec = model, spec
+        object.__setattr__(self, "model", model)  # a plain attribute: never registered, saved or moved by Lightning
+        self.spec = spec
         self.layers = sorted(layers)
         self.names = [spec.down_proj_name(l) for l in self.layers]
-        self.acc_dtype, self.partial, self.checkpoint_every = dtype, partial, checkpoint_every
+        self.acc_dtype, self.product = dtype, product
+        self.partial, self.stop, self.report = partial, stop, report
+        self.checkpoint_seconds, self.checkpoint_every_batches = 60.0 * checkpoint_minutes, checkpoint_every_batches
+        self.convergence = convergence
         self.sums: dict[int, torch.Tensor] = {}
-        self.count = 0
+        self.count = 0  # this rank's tokens (all ranks' after on_predict_end)
         self.resumed = 0  # tokens counted by an earlier, interrupted run
-        self.shards: dict[int, tuple[int, int]] = {}
+        self.shards: dict[int, dict[str, int]] = {}
         self.steps = 0
         self.seconds = 0.0
+        # convergence readout (rank 0): probes per layer, the last readout per layer, the curve per layer
+        self.probes: dict[int, torch.Tensor] = {}
+        self.readouts: dict[int, Readout] = {}
+        self.curves: dict[int, list[dict[str, Any]]] = {l: [] for l in self.layers}
+        self.next_readout = convergence.first_tokens if convergence else 0
+        self.hinted = False
+        self._state: dict[str, Any] | None = None
 
-    def on_predict_start(self) -> None:
-        d = self.spec.key_size(self.model, self.layers[0])
-        self.sums = {l: torch.zeros(d, d, dtype=self.acc_dtype, device=self.device) for l in self.layers}
+    # -- set up: state first (the progress bar starts from it), then tensors on the device ---------------
+
+    def setup(self, stage: str) -> None:
         state = self.partial.load(self.global_rank) if self.partial else None
+        self._state = state
         if state:
-            for l in self.layers:
-                self.sums[l].copy_(state["sums"][l])
             self.count, self.steps = int(state["count"]), int(state["steps"])
             self.resumed = self.count
-            self.shards = {int(s): tuple(v) for s, v in state["shards"].items()}
+            self.shards = {int(s): dict(v) for s, v in state["shards"].items()}
             self.seconds = float(state["seconds"])
-        self._t0 = time.perf_counter()
+            conv = state.get("convergence") or {}
+            self.probes = dict(conv.get("probes", {}))
+            self.readouts = {l: Readout(**r) for l, r in conv.get("readouts", {}).items()}
+            self.curves = {l: list(conv.get("curves", {}).get(l, [])) for l in self.layers}
+            self.next_readout = int(conv.get("next_readout", self.next_readout))
+            self.hinted = bool(conv.get("hinted", False))
+
+    def on_predict_start(self) -> None:
+        self.model.to(self.device).eval()
+        d = self.spec.key_size(self.model, self.layers[0])
+        self.sums = {l: torch.zeros(d, d, dtype=self.acc_dtype, device=self.device) for l in self.layers}
+        if self._state:
+            for l in self.layers:
+                self.sums[l].copy_(self._state["sums"][l])
+        self._state = None
+        resumed = self.resumed
+        if self.trainer.world_size > 1:
+            resumed = int(self.trainer.strategy.reduce(torch.tensor(float(resumed), dtype=torch.float64, device=self.device),
+                                                       reduce_op="sum"))
+        if resumed and self.trainer.is_global_zero:
+            self.report(f"stats: resuming from {resumed:,} tokens (partial state in {self.partial.dir})")
+        self._t0 = self._last_save = time.monotonic()
+
+    # -- the step ------------------------------------------------------------------------------------------
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        mask = batch["attention_mask"].bool()
         with TraceDict(self.model, self.names, retain_input=True, stop=self.names[-1]) as traces:
-            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            self.model(input_ids=batch["input_ids"], use_cache=False)  # causal, right-padded: no mask needed
+        index, tokens = batch["index"], batch["tokens"]  # tokens: a host int from the worker
         for l, name in zip(self.layers, self.names):
-            accumulate_second_moment(self.sums[l], traces[name].input[mask])
-        shard = int(batch["shard"])
-        self.count += int(batch["tokens"])
-        self.shards[shard] = (int(batch["position"]), self.shards.get(shard, (0, 0))[1] + int(batch["tokens"]))
+            keys = traces[name].input
+            keys = keys.reshape(-1, keys.shape[-1])
+            if index is not None:
+                keys = keys.index_select(0, index)
+            if self.convergence and self.global_rank == 0 and l not in self.probes:
+                self.probes[l] = pick_probes(keys, tokens, self.convergence.probes, self.convergence.seed)
+            accumulate_second_moment(self.sums[l], keys, self.product)
+        self._advance(batch)
+        self._after_batch()
+
+    def _advance(self, batch: dict[str, Any]) -> None:
+        """This shard's resume point after ``batch``: windows done, batches of the current window done,
+        tokens of the windows done (the budget is cut against them), tokens counted."""
+        shard, window, tokens = batch["shard"], batch["window"], batch["tokens"]
+        old = self.shards.get(shard, NEW_SHARD)
+        total = old["tokens"] + tokens
+        before = old["before"] if window == old["window"] else old["tokens"]
+        self.shards[shard] = ({"window": window + 1, "batches": 0, "before": total, "tokens": total} if batch["last"] else
+                              {"window": window, "batches": batch["batch"] + 1, "before": before, "tokens": total})
+        self.count += tokens
         self.steps += 1
-        if self.partial and self.checkpoint_every and self.steps % self.checkpoint_every == 0:
+
+    def _after_batch(self) -> None:
+        """A convergence readout at each doubling of the tokens; a checkpoint when one is due; the stop."""
+        if self.convergence and self.count >= self.next_readout:
+            while self.next_readout <= self.count:
+                self.next_readout *= 2
+            if self.global_rank == 0:
+                self._readout()
+        stop = self.stop is not None and self.stop.requested
+        due = (stop or (self.checkpoint_every_batches and self.steps % self.checkpoint_every_batches == 0)
+               or (self.checkpoint_seconds and time.monotonic() - self._last_save >= self.checkpoint_seconds))
+        if due and self.partial:
             self._save_partial()
+        if stop:
+            where = f"in {self.partial.dir}" if self.partial else "nowhere (no partial state configured)"
+            ranks = f" on rank {self.global_rank} of {self.trainer.world_size}" if self.trainer.world_size > 1 else ""
+            raise Interrupted(self.stop.signum, f"partial statistics ({self.count:,} tokens{ranks}) saved {where}")
+
+    def _readout(self) -> None:
+        for l in self.layers:
+            if l not in self.probes:
+                continue
+            self.readouts[l], point = take_readout(self.sums[l], self.count, self.probes[l], self.readouts.get(l))
+            self.curves[l].append(point)
+            hint = None if self.hinted else converged_hint(l, self.curves[l], self.convergence.threshold)
+            if hint:
+                self.hinted = True
+                self.report(hint)
 
     def _elapsed(self) -> float:
-        return self.seconds + time.perf_counter() - self._t0
+        return self.seconds + time.monotonic() - self._t0
 
     def _save_partial(self) -> None:
         self.partial.save(self.global_rank, {
             "sums": {l: t.cpu() for l, t in self.sums.items()}, "count": self.count, "steps": self.steps,
-            "shards": {s: list(v) for s, v in self.shards.items()}, "seconds": self._elapsed(),
+            "shards": {s: dict(v) for s, v in self.shards.items()}, "seconds": self._elapsed(),
+            "convergence": {"probes": self.probes, "readouts": {l: r.as_dict() for l, r in self.readouts.items()},
+                            "curves": self.curves, "next_readout": self.next_readout, "hinted": self.hinted},
         })
+        self._last_save = time.monotonic()
 
     def on_predict_end(self) -> None:
         """Sum the statistics of all ranks; every rank ends with the merged totals."""

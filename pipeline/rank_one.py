@@ -52,8 +52,10 @@ class KeySolver:
         chol, info = torch.linalg.cholesky_ex(c)
         del c
         if int(info) != 0:
-            raise UserError("the key second moment C is not positive definite (too few statistics tokens?); "
-                            "collect more with stats.tokens=... or add a ridge with edit.ridge=1e-4")
+            d = second_moment.shape[0]
+            raise UserError(f"the key second moment C ({d}x{d}) is not positive definite: too few statistics tokens "
+                            f"(it needs many more than {d}); raise stats.tokens (and give the data for them), "
+                            "or set edit.ridge=1e-4 to solve with C + ridge*I")
         self.factor = chol
 
     def solve(self, k: torch.Tensor) -> torch.Tensor:

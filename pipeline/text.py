@@ -1,5 +1,8 @@
-"""Streaming text for the statistics: hub datasets or local files, sharded, tokenised, packed by tokens.
+"""Streaming text for the statistics: hub datasets or local files, cut into windows of consecutive texts,
+sharded by window, tokenised, sorted by length and packed into batches by tokens.
 
+The windows, and so the batches, do not depend on how many processes and workers share the text: a run on
+N processes sums the same per-batch products as a run on one (``pipeline.second_moment``).
 Lightning-free: ``datamodules/`` wraps this for a Trainer, and later stages use ``TextSource.identity``
 to look statistics up without touching the data.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import os
 from typing import Any, Iterator
 
@@ -17,7 +21,7 @@ from .digest import file_sha256, short
 from .errors import UserError
 from .padding import right_pad
 
-__all__ = ["TextSource", "TokenBatch", "pack_batches", "shard_budget"]
+__all__ = ["TextSource", "TokenBatch", "tokenize_window", "pack_window", "pack_batches", "shard_budget"]
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -68,28 +72,44 @@ class TextSource:
             return datasets.load_dataset(builders.pop(), data_files=files, split="train", streaming=True)
         return datasets.load_dataset(self.path, self.name, split=self.split, revision=self.revision, streaming=True)
 
-    def open(self, shard: int = 0, num_shards: int = 1, skip: int = 0) -> Iterator[str]:
-        """The texts of one shard, after skipping ``skip`` of them. Every text is in exactly one shard:
-        whole files per shard when the file count allows it, else every ``num_shards``-th record."""
-        from datasets.distributed import split_dataset_by_node
-
-        ds = self._dataset()
-        if num_shards > 1:
-            ds = split_dataset_by_node(ds, rank=shard, world_size=num_shards)
+    def _texts(self, part) -> Iterator[str]:
         # .iter() rather than iter(ds): inside a DataLoader worker the latter would re-shard by worker.
-        seen = 0
-        for batch in ds.iter(batch_size=64):
+        for batch in part.iter(batch_size=64):
             if self.text_field not in batch:
                 raise UserError(f"records have no field '{self.text_field}' (fields: {', '.join(batch)}); set data.text_field=")
             for text in batch[self.text_field]:
+                yield text or ""
+
+    def windows(self, size: int, shard: int = 0, num_shards: int = 1, skip: int = 0) -> Iterator[list[str]]:
+        """This shard's windows, after skipping ``skip`` of them. A window is ``size`` consecutive records of
+        one file (a file's last window may be shorter): the same windows whatever the number of shards, so
+        that the batches made from them, and the per-batch products summed into C, are too. Each window
+        belongs to exactly one shard: whole files per shard when the file count divides evenly (each shard
+        reads only its files), else the windows round-robin (each shard reads past the others' windows)."""
+        if size < 1:
+            raise UserError(f"data.sort_window={size} must be at least 1 text")
+        ds = self._dataset()
+        n_files = ds.n_shards
+        by_file = num_shards > 1 and n_files % num_shards == 0
+        files = range(shard, n_files, num_shards) if by_file else range(n_files)
+        seen = own = 0  # windows of every shard / of this one
+        for f in files:
+            part = ds.shard(num_shards=n_files, index=f) if n_files > 1 else ds
+            texts = self._texts(part)
+            while window := list(itertools.islice(texts, size)):
+                if by_file or seen % num_shards == shard:
+                    if own >= skip:
+                        yield window
+                    own += 1
                 seen += 1
-                if seen > skip:
-                    yield text or ""
+
+    def first_text(self) -> str | None:
+        return next((w[0] for w in self.windows(1)), None)
 
     def validate(self) -> None:
         """Fail now, with one line, if the source cannot be read or holds no text."""
         try:
-            first = next(self.open(), None)
+            first = self.first_text()
         except UserError:
             raise
         except Exception as err:  # network, gzip, JSON, parquet errors all surface here
@@ -107,58 +127,79 @@ def shard_budget(total: int, shard: int, num_shards: int) -> int:
 
 @dataclasses.dataclass
 class TokenBatch:
-    input_ids: torch.Tensor  # [B, T], right-padded
-    attention_mask: torch.Tensor  # [B, T]
-    position: int  # texts of this shard consumed once this batch is done
-    tokens: int  # non-padding tokens in the batch
+    """A right-padded batch of whole texts, built on the host (in a dataloader worker) with everything the
+    step needs already computed: no host-device sync, no per-token Python work in the step."""
+
+    input_ids: torch.Tensor  # [B, T], rows sorted by length, right-padded
+    index: torch.Tensor | None  # flat positions of the real tokens in input_ids.view(-1); None: no row is padded
+    tokens: int  # real tokens in the batch
+    window: int  # the shard's window it came from (0-based, counting the windows of this shard)
+    batch: int  # its position among the window's batches
+    last: bool  # the window's last batch
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _tokenize(tokenizer, text: str, max_length: int, chars_per_token: int) -> list[int]:
-    # Whole Wikipedia articles run to 100k characters; tokenising only a generous prefix is exact as
-    # long as that prefix already yields max_length tokens (else retokenise the whole text).
-    prefix = text[: max_length * chars_per_token]
-    ids = tokenizer(prefix, truncation=True, max_length=max_length)["input_ids"]
-    if len(ids) < max_length and len(prefix) < len(text):
-        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+def tokenize_window(tokenizer, texts: list[str], max_length: int, chars_per_token: int) -> list[list[int]]:
+    """Token ids of each text, truncated to ``max_length``. Whole Wikipedia articles run to 100k characters:
+    each text's first ``max_length x chars_per_token`` characters are tokenised (one batched call), and
+    only a text whose prefix gives fewer than ``max_length`` tokens is tokenised whole (exact either way)."""
+    limit = max_length * chars_per_token
+    ids = tokenizer([t[:limit] for t in texts], truncation=True, max_length=max_length)["input_ids"]
+    for i, text in enumerate(texts):
+        if len(ids[i]) < max_length and len(text) > limit:
+            ids[i] = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
     return ids
 
 
+def pack_window(rows: list[list[int]], batch_tokens: int, pad: int) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
+    """A window's token rows sorted by length (longest first, ties in stream order) and packed greedily into
+    right-padded batches of at most ``batch_tokens`` padded tokens: (input_ids, index, tokens) each. Sorting
+    leaves almost no padding, and the many texts truncated to max_length fill whole, unpadded batches."""
+    rows = sorted((r for r in rows if r), key=len, reverse=True)  # stable: ties keep their order
+    out, start = [], 0
+    while start < len(rows):
+        width = len(rows[start])
+        n = max(1, batch_tokens // width)
+        group = rows[start : start + n]
+        start += len(group)
+        ids, mask = right_pad(group, pad)
+        index = None if len(group[-1]) == width else mask.view(-1).nonzero().view(-1)
+        out.append((ids, index, sum(map(len, group))))
+    return out
+
+
 def pack_batches(
-    texts: Iterator[str],
+    windows: Iterator[list[str]],
     tokenizer,
     *,
     max_length: int,
     chars_per_token: int,
     batch_tokens: int,
     budget: int,
-    position: int = 0,
+    window: int = 0,
+    skip_batches: int = 0,
 ) -> Iterator[TokenBatch]:
-    """Greedy packing of tokenised texts into right-padded batches of at most ``batch_tokens`` padded
-    tokens; stops after exactly ``budget`` tokens (the last text is cut) or when the texts run out.
-    ``position`` is the number of texts already consumed before ``texts`` starts; each text is tokenised
-    from its first ``max_length x chars_per_token`` characters when they suffice (exact either way)."""
+    """Each window's texts tokenised (truncated to ``max_length``), cut in stream order once ``budget`` tokens
+    are reached (the last text is cut), then sorted and packed (``pack_window``). Stops after exactly
+    ``budget`` tokens or when the windows run out. ``window`` is the ordinal of the first window given
+    (a resumed shard skips the windows it has done) and ``skip_batches`` the batches of that first window
+    already counted: with the budget left at that window's start, the rest is reproduced exactly."""
     if batch_tokens < max_length:
         raise UserError(f"data.batch_tokens={batch_tokens} must be at least data.max_length={max_length}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows: list[list[int]] = []
-    for text in texts:
+    for w, texts in enumerate(windows, start=window):
         if budget <= 0:
             break
-        ids = _tokenize(tokenizer, text, max_length, chars_per_token)[:budget]
-        if rows and (len(rows) + 1) * max(len(ids), max(map(len, rows))) > batch_tokens:
-            yield _collate(rows, pad, position)
-            rows = []
-        position += 1
-        budget -= len(ids)
-        if ids:
-            rows.append(ids)
-    if rows:
-        yield _collate(rows, pad, position)
-
-
-def _collate(rows: list[list[int]], pad: int, position: int) -> TokenBatch:
-    ids, mask = right_pad(rows, pad)
-    return TokenBatch(ids, mask, position, sum(map(len, rows)))
+        rows = []
+        for ids in tokenize_window(tokenizer, texts, max_length, chars_per_token):
+            rows.append(ids[:budget])
+            budget -= len(rows[-1])
+            if budget <= 0:
+                break
+        batches = pack_window(rows, batch_tokens, pad)
+        for b, (ids, index, tokens) in enumerate(batches):
+            if w == window and b < skip_batches:
+                continue
+            yield TokenBatch(ids, index, tokens, w, b, b == len(batches) - 1)

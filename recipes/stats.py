@@ -2,8 +2,10 @@
 
 1. load the model and check the request (layers, budget, data);
 2. look the statistics up in the cache; stop if every layer is there;
-3. stream the text through ``trainer.predict`` with ``SecondMomentModule`` (resuming a partial run);
-4. rank 0 writes one safetensors file per layer and the manifest, then removes the partial state.
+3. stream the text through ``trainer.predict`` with ``SecondMomentModule`` (resuming a partial run; on
+   SIGTERM / SIGINT the batch in flight is finished, the partial state saved, and the run stops);
+4. rank 0 writes one safetensors file per layer, the manifest and the convergence plot, then removes the
+   partial state.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pipeline.second_moment import LayerStats
 
 def run(cfg: DictConfig) -> dict[int, LayerStats]:
     torch.manual_seed(cfg.seed)
-    loaded = load_configured(cfg.model, device="cpu")  # the Trainer moves it to each rank's device
+    loaded = load_configured(cfg.model, device="cpu")  # the stats module moves it to its rank's device
     stats = collect(cfg, loaded, list(cfg.stats.layers))
     for l, s in stats.items():
         _print_path(l, s)

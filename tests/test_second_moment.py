@@ -13,14 +13,22 @@ def key(**kw):
     return StatsKey(**{**base, **kw})
 
 
-def test_accumulate_is_sum_of_outer_products():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accumulate_is_sum_of_outer_products_within_the_precision_budget(dtype):
     torch.manual_seed(0)
-    k = torch.randn(50, 8)
-    total = torch.zeros(8, 8, dtype=torch.float64)
-    accumulate_second_moment(total, k[:20])
-    accumulate_second_moment(total, k[20:])
-    expect = sum(torch.outer(r.double(), r.double()) for r in k)
-    torch.testing.assert_close(total, expect)
+    k = (torch.randn(20000, 48) * torch.rand(48) * 3).to(dtype)  # uneven scales, as real keys have
+    expect = sum(torch.outer(r.double(), r.double()) for r in k[:300])
+    exact, fast = (torch.zeros(48, 48, dtype=torch.float64) for _ in range(2))
+    for part in (k[:120], k[120:300]):
+        accumulate_second_moment(exact, part, "exact")
+        accumulate_second_moment(fast, part, "fp32")
+    torch.testing.assert_close(exact, expect, rtol=1e-13, atol=0)  # float64 products of float32 keys: exact
+    assert float((fast - exact).norm() / exact.norm()) < 1e-6
+    # a long batch is split into float32 products of PRODUCT_TOKENS keys: the budget holds at any length
+    exact.zero_(), fast.zero_()
+    accumulate_second_moment(exact, k, "exact")
+    accumulate_second_moment(fast, k, "fp32")
+    assert float((fast - exact).norm() / exact.norm()) < 1e-6
 
 
 def test_cache_round_trip_and_keys(tmp_path):

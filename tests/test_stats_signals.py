@@ -1,0 +1,126 @@
+"""The stats stage stopped by real signals in real processes: SIGTERM / SIGINT finish the batch, save the
+partial state, print one line and exit 143 / 130; the same command resumes ("resuming from N tokens", the
+progress bar starting at N) to statistics identical to an uninterrupted run, as it does after SIGKILL (from
+the last checkpoint). Lightning's SLURM requeue (SIGUSR1, then the SIGTERM of the requeue) works with the
+partial state."""
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, WIKI, run_cli
+
+pytestmark = pytest.mark.slow  # several real processes each
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+TOKENS = 12000
+
+
+def args(model_dir, stats_dir):
+    return ("stage=stats", f"model.name={model_dir}", f"data.files={WIKI}", f"stats.dir={stats_dir}",
+            "data.max_length=24", "data.batch_tokens=48", "data.sort_window=16", "trainer.accelerator=cpu",
+            "stats.layers=[2]", f"stats.tokens={TOKENS}", "stats.checkpoint_every_batches=20")
+
+
+def statistics(stats_dir: Path) -> dict:
+    (f,) = stats_dir.glob("*/layer_2.safetensors")
+    return load_file(f)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    r = run_cli(*args(tiny_model_dir("gpt2"), out), env=OFFLINE)
+    assert r.returncode == 0, r.stderr
+    return statistics(out)
+
+
+def start_and_signal(cmd_args, signals, env=None, partial_glob="*/partial/rank0.pt"):
+    """Start ``train.py`` in its own process group, wait until it has saved a checkpoint, then send
+    ``signals`` (one after another) to the main process only, as ``kill`` / SLURM do."""
+    stats_dir = Path(next(a for a in cmd_args if a.startswith("stats.dir=")).split("=", 1)[1])
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cmd_args], cwd=ROOT, text=True,
+                            env={**os.environ, **OFFLINE, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not list(stats_dir.glob(partial_glob)) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be signalled: {proc.communicate()[1][-2000:]}"
+    for s in signals:
+        os.kill(proc.pid, s)
+        time.sleep(0.5)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_prints_one_line_exits_and_the_same_command_resumes(tiny_model_dir, reference, tmp_path, signum, code):
+    cmd = args(tiny_model_dir("gpt2"), tmp_path)
+    rc, out, err = start_and_signal(cmd, [signum])
+    assert rc == code, err[-3000:]
+    lines = [l for l in err.splitlines() if l.startswith("interrupted by")]
+    assert len(lines) == 1, err[-3000:]
+    name = signal.Signals(signum).name
+    saved = int(re.search(rf"interrupted by {name}: partial statistics \(([\d,]+) tokens\) saved in (\S+); "
+                          r"to resume, run the same command: python train\.py stage=stats ", lines[0]).group(1).replace(",", ""))
+    assert "Traceback" not in err
+    partial = torch.load(next(tmp_path.glob("*/partial/rank0.pt")), weights_only=True)
+    assert partial["count"] == saved and 0 < saved < TOKENS  # the state of the batch it finished, not an older one
+    assert not list(tmp_path.glob("*/layer_2.safetensors"))
+
+    resumed = run_cli(*cmd, env=OFFLINE)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {saved:,} tokens" in resumed.stdout
+    first = re.search(r"tokens:\s+\d+%\|[^|]*\|\s*([\d.]+)(k?)/", resumed.stderr)  # the bar's first frame
+    assert first and float(first.group(1)) * (1000 if first.group(2) else 1) >= saved * 0.99
+    got = statistics(tmp_path)
+    assert int(got["count"]) == int(reference["count"]) == TOKENS
+    assert torch.equal(got["second_moment"], reference["second_moment"])  # bit for bit
+    assert not list(tmp_path.rglob("partial")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_sigkill_then_same_command_resumes_to_identical_statistics(tiny_model_dir, reference, tmp_path):
+    cmd = args(tiny_model_dir("gpt2"), tmp_path)
+    rc, _, _ = start_and_signal(cmd, [signal.SIGKILL])
+    assert rc == -signal.SIGKILL
+    partial = torch.load(next(tmp_path.glob("*/partial/rank0.pt")), weights_only=True)
+    assert 0 < partial["count"] < TOKENS
+    assert not list(tmp_path.glob("*/layer_2.safetensors"))
+    resumed = run_cli(*cmd, env=OFFLINE)
+    assert resumed.returncode == 0, resumed.stderr
+    got = statistics(tmp_path)
+    assert int(got["count"]) == TOKENS and torch.equal(got["second_moment"], reference["second_moment"])
+    assert not list(tmp_path.rglob("partial")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_slurm_requeue_then_sigterm_resumes(tiny_model_dir, reference, tmp_path):
+    """What a requeued SLURM job goes through: SIGUSR1 (``--signal=SIGUSR1@90``) makes Lightning checkpoint
+    and run ``scontrol requeue``; SLURM then ends the job with SIGTERM; the requeued job runs the same
+    command. A fake ``scontrol`` records the requeue."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'requeued'}\n")
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "rome-stats", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    cmd = args(tiny_model_dir("gpt2"), tmp_path / "stats")
+    rc, out, err = start_and_signal(cmd, [signal.SIGUSR1, signal.SIGTERM], env=slurm)
+    assert rc == 143, err[-3000:]
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
+    assert list((tmp_path / "stats").glob("*/partial/hpc_ckpt_*.ckpt"))  # Lightning's, beside our partial state
+    resumed = run_cli(*cmd, env={**OFFLINE, **slurm})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    got = statistics(tmp_path / "stats")
+    assert torch.equal(got["second_moment"], reference["second_moment"])
+    assert not list((tmp_path / "stats").rglob("partial"))
