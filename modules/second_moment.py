@@ -203,14 +203,13 @@ class SecondMomentModule(L.LightningModule):
 
     def _readout(self) -> None:
         for l in self.layers:
-            if l not in self.probes:
-                continue
-            self.readouts[l], point = take_readout(self.sums[l], self.count, self.probes[l], self.readouts.get(l))
-            self.curves[l].append(point)
-            hint = None if self.hinted else converged_hint(l, self.curves[l], self.convergence.threshold)
-            if hint:
-                self.hinted = True
-                self.report(hint)
+            if l in self.probes:
+                self.readouts[l], point = take_readout(self.sums[l], self.count, self.probes[l], self.readouts.get(l))
+                self.curves[l].append(point)
+        hint = None if self.hinted else converged_hint(self.curves, self.convergence.threshold, self.trainer.world_size)
+        if hint:
+            self.hinted = True
+            self.report(hint)
 
     def _elapsed(self) -> float:
         return self.seconds + time.monotonic() - self._t0

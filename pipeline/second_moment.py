@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -56,10 +57,24 @@ def ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
         backend.fp32_precision = old
 
 
+@functools.lru_cache(maxsize=None)
+def _has_float32_output_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for ``dtype`` on ``device`` (CUDA builds of
+    recent torch, for bf16 / fp16); asked once per device and dtype, never per batch."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        a = torch.ones(16, 16, dtype=dtype, device=device)
+        torch.mm(a.T, a, out_dtype=torch.float32)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
 def _fp32_product(keys: torch.Tensor) -> torch.Tensor:
-    if keys.is_cuda and keys.dtype in (torch.bfloat16, torch.float16):
+    if _has_float32_output_mm(keys.device, keys.dtype):
         return torch.mm(keys.T, keys, out_dtype=torch.float32)  # tensor cores, float32 accumulation and output
-    k = keys.float()
+    k = keys.float()  # exact: every bf16/fp16 value is a float32 value
     return k.T @ k
 
 

@@ -64,14 +64,20 @@ def take_readout(total: torch.Tensor, count: int, probes: torch.Tensor, previous
     return readout, point
 
 
-def converged_hint(layer: int, points: Sequence[Mapping[str, Any]], threshold: float) -> str | None:
-    """One line when the latest point's change of u is under ``threshold``, else None."""
-    if len(points) < 2 or points[-1]["u_change"] is None or points[-1]["u_change"] >= threshold:
+def converged_hint(curves: Mapping[int, Sequence[Mapping[str, Any]]], threshold: float, ranks: int = 1) -> str | None:
+    """One line once every layer's latest change of u is under ``threshold``, else None. ``ranks``: the
+    points count one rank's tokens of that many."""
+    latest = [points[-2:] for points in curves.values() if len(points) >= 2]
+    if not curves or len(latest) < len(curves) or any(p[-1]["u_change"] is None or p[-1]["u_change"] >= threshold
+                                                      for p in latest):
         return None
-    a, b = points[-2]["tokens"], points[-1]["tokens"]
-    return (f"stats: layer {layer} has converged: u = C⁻¹k moved {points[-1]['u_change']:.2%} from {a:,} to {b:,} "
-            f"tokens (under stats.convergence.threshold={threshold:g}); more tokens will change edits little "
-            f"(stats.tokens={b:,} would have done)")
+    worst = max(p[-1]["u_change"] for p in latest)
+    a, b = latest[0][0]["tokens"], latest[0][1]["tokens"]
+    layers = ", ".join(map(str, sorted(curves)))
+    where = "" if ranks == 1 else f" on rank 0 of {ranks}"
+    return (f"stats: converged: u = C⁻¹k moved at most {worst:.2%} from {a:,} to {b:,} tokens{where} (layer "
+            f"{layers}; under stats.convergence.threshold={threshold:g}); more tokens will change edits little "
+            f"(stats.tokens={b * ranks:,} would have done)")
 
 
 def plot_convergence(curves: Mapping[int, Sequence[Mapping[str, Any]]], stem: Path, *, title: str,

@@ -23,6 +23,7 @@ from .padding import right_pad
 
 __all__ = ["TextSource", "TokenBatch", "tokenize_window", "pack_window", "pack_batches", "shard_budget"]
 
+TOKENIZE_TEXTS = 64  # texts per batched tokenizer call
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -192,10 +193,13 @@ def pack_batches(
     for w, texts in enumerate(windows, start=window):
         if budget <= 0:
             break
-        rows = []
-        for ids in tokenize_window(tokenizer, texts, max_length, chars_per_token):
-            rows.append(ids[:budget])
-            budget -= len(rows[-1])
+        rows: list[list[int]] = []
+        for start in range(0, len(texts), TOKENIZE_TEXTS):  # in chunks: a budget that ends early tokenises no more
+            for ids in tokenize_window(tokenizer, texts[start : start + TOKENIZE_TEXTS], max_length, chars_per_token):
+                rows.append(ids[:budget])
+                budget -= len(rows[-1])
+                if budget <= 0:
+                    break
             if budget <= 0:
                 break
         batches = pack_window(rows, batch_tokens, pad)

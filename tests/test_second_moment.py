@@ -67,3 +67,30 @@ def test_manifest_for_other_key_is_refused(tmp_path):
     manifest.write_text(json.dumps(m))
     with pytest.raises(UserError, match="another model"):
         cache.load(key(), 3, "m3")
+
+
+def test_convergence_readout_changes_and_hint():
+    from pipeline.stats_convergence import converged_hint, pick_probes, take_readout
+
+    torch.manual_seed(0)
+    keys = torch.randn(4096, 16) * torch.linspace(0.5, 2, 16)
+    probes = pick_probes(keys, 4096, 4, seed=0)
+    assert probes.shape == (4, 16) and torch.equal(probes, pick_probes(keys, 4096, 4, seed=0))
+    total = torch.zeros(16, 16, dtype=torch.float64)
+    accumulate_second_moment(total, keys[:8], "exact")
+    first, point = take_readout(total, 8, probes, None)  # 8 keys: C is singular, u undefined
+    assert first.solutions is None and point == {"tokens": 8, "c_change": None, "u_change": None}
+    previous, points = first, [point]
+    for n in (64, 128, 256, 512, 1024, 2048, 4096):
+        total.zero_()
+        accumulate_second_moment(total, keys[:n], "exact")
+        c_before = previous.second_moment.double()  # the previous C as kept (float32)
+        previous, point = take_readout(total, n, probes, previous)
+        points.append(point)
+        c = total / n
+        assert point["c_change"] == pytest.approx(float((c - c_before).norm() / c.norm()), rel=1e-9)
+    u_changes = [p["u_change"] for p in points[2:]]
+    assert all(u is not None for u in u_changes) and u_changes[-1] < u_changes[0] / 4  # shrinks as tokens double
+    assert converged_hint({6: points}, threshold=1.0) is not None and converged_hint({6: points}, threshold=1e-9) is None
+    assert converged_hint({4: points, 6: points[:1]}, threshold=1.0) is None  # every layer must have converged
+    assert "from 2,048 to 4,096 tokens" in converged_hint({6: points}, threshold=1.0)
