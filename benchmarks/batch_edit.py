@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from edit_latency import COUNTERFACT, SHAPES, WIKI, build_shape  # noqa: E402
+from edit_latency import COUNTERFACT, WIKI  # noqa: E402
+from shapes import add_model_arguments, build_shape  # noqa: E402
 
 
 def clock(model):
@@ -42,11 +43,7 @@ def clock(model):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=20)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--shape", choices=sorted(SHAPES))
-    p.add_argument("--num-layers", type=int, help="with --shape: fewer blocks (a smoke run, not a measurement)")
+    add_model_arguments(p)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: alone,alphaedit,rome")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))

@@ -35,45 +35,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 DATA = ROOT.parent / "shared" / "data"
 WIKI = DATA / "wikipedia" / "wikipedia_en_sample.jsonl.gz"
 COUNTERFACT = DATA / "counterfact" / "counterfact-edit.json"
 EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
           "target_true": "Paris"}
 PHASES = ["pre", "keys", "v_star", "solve", "apply", "verify"]
-SHAPES = {  # the real sizes (timing only: random weights)
-    "gptj-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_positions=2048, vocab_size=50400,
-                             n_inner=16384), 5),
-    "llama3-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-                                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                                rope_theta=500000.0), 5),
-}
+
+from shapes import add_model_arguments, build_shape  # noqa: E402  (one place for the random real-size models)
 
 
 def requests(n: int):
     from pipeline.requests import parse_requests
 
     return parse_requests([EIFFEL] + json.loads(COUNTERFACT.read_text())[: n - 1])
-
-
-def build_shape(shape: str, device: str, dtype: torch.dtype, num_layers: int | None):
-    """A randomly initialised model of the real shape, built directly on ``device``, with SmolLM2's tokenizer."""
-    import transformers as tf
-
-    from pipeline.arch import arch_for
-    from pipeline.loading import LoadedModel, load_model
-
-    family, kwargs, layer = SHAPES[shape]
-    if num_layers:  # a smaller stack of the same width: only for smoke-running the script without the memory
-        kwargs = {**kwargs, ("n_layer" if family == "gptj" else "num_hidden_layers"): num_layers}
-    config = (tf.GPTJConfig if family == "gptj" else tf.LlamaConfig)(**kwargs)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval().requires_grad_(False)
-    tok = load_model("smollm2-135m", device="cpu").tokenizer
-    return LoadedModel(model, tok, arch_for(model), {"name": f"random-{shape}", "revision": "timing-only"},
-                       f"random-{shape}"), layer
 
 
 def second_moment(args, cfg, loaded, layer):
@@ -198,11 +174,7 @@ def child(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--model", default="smollm2-135m", help="embedded key, local directory or hub id")
-    p.add_argument("--shape", choices=sorted(SHAPES), help="a random model of this real shape (timing only)")
-    p.add_argument("--num-layers", type=int, help="with --shape: fewer blocks (a smoke run, not a measurement)")
+    add_model_arguments(p)
     p.add_argument("--layer", type=int)
     p.add_argument("--steps", type=int, default=20, help="v* steps (ROME's 20)")
     p.add_argument("--cov", choices=["stats", "identity", "random"], default=None,

@@ -1,0 +1,49 @@
+"""Randomly initialised models of real sizes (GPT-J 6B, Llama-3 8B) built directly on a device, for the
+benchmarks' timing runs on machines that do not hold the real weights. Timing only: the outcomes of a random
+model mean nothing."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+__all__ = ["SHAPES", "build_shape", "add_model_arguments"]
+
+SHAPES = {  # family, config, the layer the benchmarks edit / collect statistics for
+    "gptj-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_positions=2048, vocab_size=50400,
+                             n_inner=16384), 5),
+    "llama3-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+                                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                                rope_theta=500000.0), 5),
+}
+
+
+def build_shape(shape: str, device: str, dtype: torch.dtype, num_layers: int | None):
+    """A randomly initialised model of the real shape, built directly on ``device``, with SmolLM2's tokenizer;
+    returns (LoadedModel, layer)."""
+    import transformers as tf
+
+    from pipeline.arch import arch_for
+    from pipeline.loading import LoadedModel, load_model
+
+    family, kwargs, layer = SHAPES[shape]
+    if num_layers:  # a smaller stack of the same width: only for smoke-running a script without the memory
+        kwargs = {**kwargs, ("n_layer" if family == "gptj" else "num_hidden_layers"): num_layers}
+    config = (tf.GPTJConfig if family == "gptj" else tf.LlamaConfig)(**kwargs)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval().requires_grad_(False)
+    tok = load_model("smollm2-135m", device="cpu").tokenizer
+    return LoadedModel(model, tok, arch_for(model), {"name": f"random-{shape}", "revision": "timing-only"},
+                       f"random-{shape}"), layer
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmarks' common choice of model and device: --device, --dtype, --model, --shape, --num-layers."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--model", default="smollm2-135m", help="embedded key, local directory or hub id")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="a random model of this real shape (timing only)")
+    p.add_argument("--num-layers", type=int, help="with --shape: fewer blocks (a smoke run, not a measurement)")
