@@ -88,10 +88,12 @@ def _diff(a: dict, b: dict) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ConvergenceSettings:
-    probes: int = 32  # probe keys from the first batch
-    first_tokens: int = 16384  # first readout; then every doubling
-    threshold: float = 0.01  # the hint's bound on u's relative change over a doubling
-    seed: int = 0
+    """``stats.convergence`` (its defaults are in configs/) and the run's seed."""
+
+    probes: int  # probe keys from the first batch
+    first_tokens: int  # first readout; then every doubling
+    threshold: float  # the hint's bound on u's relative change over a doubling
+    seed: int
 
 
 class SecondMomentModule(L.LightningModule):

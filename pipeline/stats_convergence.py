@@ -75,9 +75,9 @@ def converged_hint(curves: Mapping[int, Sequence[Mapping[str, Any]]], threshold:
     a, b = latest[0][0]["tokens"], latest[0][1]["tokens"]
     layers = ", ".join(map(str, sorted(curves)))
     where = "" if ranks == 1 else f" on rank 0 of {ranks}"
-    return (f"stats: converged: u = C⁻¹k moved at most {worst:.2%} from {a:,} to {b:,} tokens{where} (layer "
-            f"{layers}; under stats.convergence.threshold={threshold:g}); more tokens will change edits little "
-            f"(stats.tokens={b * ranks:,} would have done)")
+    return (f"stats: converged for editing: u = C⁻¹k moved at most {worst:.1%} from {a:,} to {b:,} tokens{where} "
+            f"(layer {layers}; under stats.convergence.threshold={threshold:g}): more tokens will change edits little, "
+            f"stats.tokens={b * ranks:,} would have done (README, \"Convergence\")")
 
 
 def plot_convergence(curves: Mapping[int, Sequence[Mapping[str, Any]]], stem: Path, *, title: str,
