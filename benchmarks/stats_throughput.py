@@ -21,7 +21,9 @@ to ``--max-length`` (the last one cut to the budget), and accumulates the statis
   convergence readouts) with ``stats.product=exact`` (keys cast to float64) and the default ``fp32``.
 
 The methods run one after another in this process, ``--repeats`` times in turn (the table keeps each one's
-fastest run); C of each is compared with the stage's exact C (relative Frobenius difference).
+fastest run); C of each is compared with the stage's exact C (relative Frobenius difference). A stage row's
+seconds are the whole call (the streaming pass, then the files written with their checksums and read back,
+as an edit reads them: seconds for a 7B model's 2 GB per layer); its streaming pass alone is shown beside.
 ``--shape gptj-6b|llama3-8b`` builds a randomly initialised model of that real size on the device with
 SmolLM2's tokenizer: **timing only**. ``--check-syncs`` (CUDA) counts the host-device syncs of the stage.
 """
@@ -126,7 +128,7 @@ def flatten_masked_batch(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return flat_data[attended_tokens]
 
 
-def run_original(loaded, layer: int, texts, counts, args) -> tuple[float, torch.Tensor, int]:
+def run_original(loaded, layer: int, texts, counts, args) -> tuple[float, torch.Tensor, int, dict]:
     n_positions = getattr(loaded.model.config, "n_positions", None)
     sub_batch_tokens = 3 * (n_positions or args.max_length)
     ds = TokenizedDataset(texts, counts, loaded.tokenizer, args.max_length)
@@ -149,7 +151,7 @@ def run_original(loaded, layer: int, texts, counts, args) -> tuple[float, torch.
                 count += feats.shape[0]
                 mom2 += feats.t().mm(feats)
     sync(args.device)
-    return time.perf_counter() - start, (mom2 / count).double().cpu(), count
+    return time.perf_counter() - start, (mom2 / count).double().cpu(), count, {}
 
 
 # -- the stage ------------------------------------------------------------------------------------------------
@@ -163,10 +165,12 @@ def stage_cfg(args, layer: int, product: str, stats_dir: str):
                     f"trainer.accelerator={accelerator}", "trainer.devices=1"])
 
 
-def run_stage(loaded, layer: int, product: str, args) -> tuple[float, torch.Tensor, int, int | None]:
+def run_stage(loaded, layer: int, product: str, args) -> tuple[float, torch.Tensor, int, dict]:
+    """The whole call (the pass, then writing the files with their checksums and reading them back, as an
+    edit would), and in ``extra`` the streaming pass alone and, with --check-syncs, the syncs counted."""
     from modules.statistics import collect
 
-    syncs = None
+    extra: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = stage_cfg(args, layer, product, tmp)  # the statistics are keyed by the loaded model itself
         sync(args.device)
@@ -176,15 +180,15 @@ def run_stage(loaded, layer: int, product: str, args) -> tuple[float, torch.Tens
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    stats = collect(cfg, loaded, [layer])[layer]
+                    stats = collect(cfg, loaded, [layer], timings=extra)[layer]
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-            syncs = sum("synchroniz" in str(w.message) for w in caught)
+            extra["syncs"] = sum("synchroniz" in str(w.message) for w in caught)
         else:
-            stats = collect(cfg, loaded, [layer])[layer]
+            stats = collect(cfg, loaded, [layer], timings=extra)[layer]
         sync(args.device)
         seconds = time.perf_counter() - start
-    return seconds, stats.second_moment.double(), stats.count, syncs
+    return seconds, stats.second_moment.double(), stats.count, extra
 
 
 def stage_batches(loaded, args, tokens_per_batch: int) -> DataLoader:
@@ -195,7 +199,7 @@ def stage_batches(loaded, args, tokens_per_batch: int) -> DataLoader:
                       pin_memory=args.device.startswith("cuda"))
 
 
-def run_forward_only(loaded, layer: int, args, tokens_per_batch: int) -> tuple[float, None, int]:
+def run_forward_only(loaded, layer: int, args, tokens_per_batch: int) -> tuple[float, None, int, dict]:
     name = loaded.spec.down_proj_name(layer)
     count = 0
     sync(args.device)
@@ -206,7 +210,7 @@ def run_forward_only(loaded, layer: int, args, tokens_per_batch: int) -> tuple[f
                 loaded.model(input_ids=batch["input_ids"].to(args.device, non_blocking=True), use_cache=False)
             count += batch["tokens"]
     sync(args.device)
-    return time.perf_counter() - start, None, count
+    return time.perf_counter() - start, None, count, {}
 
 
 def main() -> None:
@@ -259,12 +263,12 @@ def main() -> None:
              "original": "original's procedure (kmeng01/rome layer_stats)",
              "exact": "stage, stats.product=exact", "stage": "stage (default: stats.product=fp32)"}
     rows = []
-    for m, (seconds, c, count, *rest) in best.items():
-        syncs = rest[0] if len(rest) == 2 else None
+    for m, (seconds, c, count, extra, peak) in best.items():
         diff = float((c - reference).norm() / reference.norm()) if c is not None and reference is not None else None
         rows.append({"method": m, "seconds": round(seconds, 2), "all_seconds": [round(r[0], 2) for r in runs[m]],
+                     "pass_seconds": round(extra["pass"], 2) if "pass" in extra else None,
                      "tokens": count, "tokens_per_s": round(count / seconds), "rel_diff_C_vs_exact": diff,
-                     "peak_gpu_gib": None if rest[-1] is None else round(rest[-1], 2), "syncs": syncs})
+                     "peak_gpu_gib": None if peak is None else round(peak, 2), "syncs": extra.get("syncs")})
     base = best.get("original")
     result = {
         "model": label, "layer": layer, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
@@ -276,11 +280,13 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     print(f"\n{label}, layer {layer}, {args.device} {args.dtype}, {args.tokens} tokens ({len(texts)} texts), "
           f"{torch.get_num_threads()} thread(s), {args.workers} worker(s), stage batches of {tokens_per_batch} tokens\n")
-    print("| method | seconds (fastest of {}) | tokens/s | C: relative difference to the exact stage |".format(args.repeats))
-    print("|---|---|---|---|")
+    print(f"| method | seconds (fastest of {args.repeats}) | tokens/s | C: relative difference to the exact stage "
+          "| the stage's streaming pass alone: s, tokens/s |")
+    print("|---|---|---|---|---|")
     for r in rows:
         diff = "" if r["rel_diff_C_vs_exact"] is None else f"{r['rel_diff_C_vs_exact']:.1e}"
-        print(f"| {names[r['method']]} | {r['seconds']:.2f} | {r['tokens_per_s']} | {diff} |")
+        alone = "" if r["pass_seconds"] is None else f"{r['pass_seconds']:.2f}, {round(r['tokens'] / r['pass_seconds'])}"
+        print(f"| {names[r['method']]} | {r['seconds']:.2f} | {r['tokens_per_s']} | {diff} | {alone} |")
     if result["speedup_vs_original"]:
         print(f"\nstage vs original: {result['speedup_vs_original']}x")
 

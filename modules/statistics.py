@@ -25,13 +25,17 @@ from .trainer import make_trainer
 __all__ = ["collect", "second_moment"]
 
 
-def collect(cfg: DictConfig, loaded: LoadedModel, layers: list[int]) -> dict[int, LayerStats]:
+def collect(cfg: DictConfig, loaded: LoadedModel, layers: list[int], *,
+            timings: dict[str, float] | None = None) -> dict[int, LayerStats]:
     """The statistics of ``layers``, computed (and cached) for those not in the cache yet. Statistics the
-    data could not fill are used with a one-line warning."""
+    data could not fill are used with a one-line warning. ``timings``, when given, receives the seconds of
+    the streaming pass (``"pass"``: the Trainer's predict, from launch to the merged sums), if one ran."""
     found = lookup(cfg, loaded, layers)
     missing = [l for l, s in found.items() if s is None]
     if missing:
-        _compute(cfg, loaded, stats_key(cfg, loaded), stats_cache(cfg), missing)
+        seconds = _compute(cfg, loaded, stats_key(cfg, loaded), stats_cache(cfg), missing)
+        if timings is not None:
+            timings["pass"] = seconds
         found = lookup(cfg, loaded, found)
     _warn_short(found.values())
     return found
@@ -56,7 +60,7 @@ def _warn_short(stats: Iterable[LayerStats]) -> None:
         print(line)
 
 
-def _compute(cfg: DictConfig, loaded: LoadedModel, key: StatsKey, cache: StatsCache, layers: list[int]) -> None:
+def _compute(cfg: DictConfig, loaded: LoadedModel, key: StatsKey, cache: StatsCache, layers: list[int]) -> float:
     source = text_source(cfg)
     source.validate()
     entry = cache.entry(key)
@@ -103,6 +107,7 @@ def _compute(cfg: DictConfig, loaded: LoadedModel, key: StatsKey, cache: StatsCa
     tr.strategy.barrier()
     if tr.world_size > 1 and not tr.is_global_zero:
         raise SystemExit(0)  # only rank 0 goes on to report (and to any later stage)
+    return seconds
 
 
 @rank_zero_only
