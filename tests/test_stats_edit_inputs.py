@@ -107,3 +107,26 @@ def test_a_singular_c_says_to_raise_the_tokens_or_set_a_ridge():
     with pytest.raises(UserError, match=r"stats\.tokens.*edit\.ridge"):
         KeySolver(c)
     KeySolver(c, ridge=1e-4)  # the ridge makes it solvable
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stats.tokens=abc", "stats.tokens=abc must be a positive token budget"),
+    ("stats.dtype=int8", "stats.dtype=int8 is not one of float64, float32"),
+    ("stats.product=tf32", "stats.product=tf32 is not one of fp32, exact"),
+])
+def test_bad_stats_settings_name_their_key(override, message):
+    from types import SimpleNamespace
+
+    from pipeline.statistics import stats_key
+
+    with pytest.raises(UserError, match=message):
+        stats_key(compose([override]), SimpleNamespace(identity={"name": "m", "revision": "r"}))
+
+
+def test_batch_tokens_by_device():
+    from pipeline.statistics import batch_tokens
+
+    assert batch_tokens(compose([]), "cpu") == 4096 and batch_tokens(compose([]), "cuda") == 32768
+    assert batch_tokens(compose(["data.batch_tokens=256"]), "cuda") == 256
+    with pytest.raises(UserError, match="data.batch_tokens=lots"):
+        batch_tokens(compose(["data.batch_tokens=lots"]), "cpu")
