@@ -139,7 +139,7 @@ class TokenBatch:
     last: bool  # the window's last batch
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # asdict would deep-copy the tensors
 
 
 def tokenize_window(tokenizer, texts: list[str], max_length: int, chars_per_token: int) -> list[list[int]]:
