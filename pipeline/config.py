@@ -66,11 +66,30 @@ def _model_type(name: str) -> str | None:
         return None
 
 
+def _define_methods(base: DictConfig, cli: DictConfig) -> None:
+    """``method.<new name>={class: rome, layer: 4}`` on the command line defines a method for ``eval.methods``:
+    the keys it does not set come from the file of its class (``configs/method/<class>.yaml``)."""
+    for name, value in (cli.get("method") or {}).items():
+        if name in base.method or not isinstance(value, DictConfig) or "class" not in value:
+            continue  # an existing method's override, or no definition: the struct merge judges it
+        files = [n for n, conf in base.method.items() if conf.get("class") == value["class"]]
+        if not files:
+            raise UserError(f"method.{name}: class '{value['class']}' is not the class of any configs/method/ file "
+                            f"(classes: {', '.join(sorted({str(c.get('class')) for c in base.method.values()}))})")
+        template = base.method[value["class"] if value["class"] in files else files[0]]
+        base.method[name] = OmegaConf.merge(template, {k: v for k, v in value.items() if k in template})
+        unknown = [k for k in value if k not in template]
+        if unknown:
+            raise UserError(f"method.{name}: unknown key(s) {', '.join(unknown)} for class '{value['class']}' "
+                            f"(it has: {', '.join(template)})")
+
+
 def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR, model_file: DictConfig | None = None) -> DictConfig:
     """configs/ + the model's file (found from ``model.name`` unless given) + ``key=value`` overrides."""
     base = OmegaConf.load(config_dir / "config.yaml")
     base.method = {p.stem: OmegaConf.load(p) for p in sorted((config_dir / "method").glob("*.yaml"))}
     cli = parse_overrides(argv)
+    _define_methods(base, cli)
     if model_file is None:
         name = OmegaConf.select(cli, "model.name", default=base.model.name)
         model_file = model_file_for(str(name), config_dir)

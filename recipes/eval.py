@@ -71,8 +71,13 @@ def _title(cfg: DictConfig, cases: list[EvalCase], n_skipped: int, ctx: EvalCont
             f"{Path(cfg.eval.dataset).name} ({cases[0].schema} schema), {ctx.loaded.identity['name']}, layer {ctx.layer}")
 
 
-def _notes(cfg: DictConfig, cases: list[EvalCase], skipped: list[dict], gen: Generation) -> list[str]:
+def _notes(cfg: DictConfig, cases: list[EvalCase], skipped: list[dict], gen: Generation, ctx: EvalContext,
+           methods: list[Method]) -> list[str]:
     notes = []
+    own = [f"{m.name}: layer {m.layer(ctx)}" + (f", {m.conf.variant} keys" if m.conf.get("variant") else "")
+           for m in methods if m.edits and (m.layer(ctx) != ctx.layer or m.conf.get("variant"))]
+    if own:
+        notes.append(f"Methods with their own settings (the others edit layer {ctx.layer}): {'; '.join(own)}")
     if cases[0].kind == "counterfact":
         if gen.tokens:
             how = f"sampled top-k {gen.top_k}" if gen.do_sample else "greedy"
@@ -106,7 +111,7 @@ def _write_outputs(out: Path, cfg: DictConfig, module: CaseEvaluator, cases: lis
                "n": cfg.eval.n, "cases": {"usable": len(cases), "skipped_at_load": len(load_skipped)},
                "methods": summarize(kind, {m: values[m] for m in module.method_names}, counts),
                "order": module.method_names,
-               "skipped": skipped, "notes": _notes(cfg, cases, skipped, gen), "run": run}
+               "skipped": skipped, "notes": _notes(cfg, cases, skipped, gen, module.ctx, module.methods), "run": run}
     write_json(out / "summary.json", summary)
     table = markdown_table(summary)
     with atomic_path(out / "table.md") as tmp:

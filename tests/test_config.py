@@ -31,3 +31,16 @@ def test_unknown_key_and_malformed_argument():
         compose(["stats.layer=6"])
     with pytest.raises(UserError, match="key=value"):
         compose(["stats.layers"])
+
+
+def test_a_study_method_is_defined_on_the_command_line_from_its_class_file():
+    cfg = compose(["method.rome_l4={class: rome, layer: 4}", "method.rome_rrome={class: rome, variant: rrome}"])
+    assert cfg.method.rome_l4.layer == 4 and cfg.method.rome_l4.mom2_adjustment is True
+    assert cfg.method.rome_rrome.variant == "rrome" and cfg.method.rome_rrome.layer is None
+    assert cfg.method.rome.layer is None  # the file's method is untouched
+    with pytest.raises(UserError, match="unknown key.*lr"):
+        compose(["method.rome_x={class: rome, lr: 1}"])
+    with pytest.raises(UserError, match="class 'nope'"):
+        compose(["method.x={class: nope}"])
+    with pytest.raises(UserError, match="method.ft_l.lrr"):
+        compose(["method.ft_l.lrr=1"])

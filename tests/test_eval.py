@@ -120,8 +120,48 @@ def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_di
     assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise the clean model again
     with torch.no_grad():
         loaded.spec.down_proj_weight(loaded.model, 2)[0, 0] += 1
-    with pytest.raises(RuntimeError, match="not the clean matrix"):
+    with pytest.raises(RuntimeError, match="not the clean parameter"):
         ev.evaluate(cases[0], methods[:1])
+
+
+def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits_its_own_layer(tiny_model_dir, tmp_path):
+    from modules.evaluator import CaseEvaluator
+    from modules.methods import EvalContext, build_methods
+    from pipeline.case_log import CaseLog
+    from pipeline.scoring import Generation
+
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")  # GPT-2's c_proj has a bias
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    cfg = compose([f"model.name={tiny_model_dir('gpt2')}", f"model.cache_dir={tmp_path}", "edit.layer=2",
+                   "eval.methods=[ft_l,rome_l1]", "method.rome_l1={class: rome, mom2_adjustment: false, layer: 1}",
+                   "method.ft_l.norm_constraint=1e-2"])
+    methods = build_methods(cfg)
+    ctx = EvalContext(cfg, loaded, 2)
+    assert [m.layer(ctx) for m in methods] == [0, 1]
+    assert methods[0].touched(ctx) == ["transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias"]
+    for m in methods:
+        m.setup(ctx)
+    cases, _ = load_cases(_write(tmp_path / "c.json", [FLAT]))
+    ev = CaseEvaluator(ctx, {0: cases[0]}, {0: methods}, [], CaseLog(tmp_path), Generation(tokens=0, top_k=5, do_sample=True),
+                       None, 0, "counterfact", methods)
+    seen = {}
+    original_apply = [m.apply for m in methods]
+
+    def watch(i, m):
+        def apply(ctx_, case, seed):
+            out = original_apply[i](ctx_, case, seed)
+            seen[m.name] = {k for k, v in loaded.model.state_dict().items() if not torch.equal(v, before[k])}
+            return out
+        return apply
+
+    for i, m in enumerate(methods):
+        m.apply = watch(i, m)
+    recs = ev.evaluate(cases[0], methods)
+    assert [r["status"] for r in recs] == ["ok", "ok"] and 0 < recs[0]["info"]["linf"] <= 1e-2 + 1e-6
+    assert seen["ft_l"] == {"transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias"}
+    assert seen["rome_l1"] == {"transformer.h.1.mlp.c_proj.weight"}
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def eval_cli(model_dir, tmp, *extra):
