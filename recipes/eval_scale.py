@@ -58,7 +58,8 @@ class Editor:
         hp = OmegaConf.merge(cfg.edit, {"generate_tokens": 0, "verify": {"enabled": False, "rollback": False}})
         self.layers: list[int] = []
         if self.kind == "rome":
-            layer = edit_layer(cfg, loaded)
+            layer = rome_layer(cfg, loaded, conf)
+            hp = OmegaConf.merge(hp, {"layer": layer, **({"variant": conf.variant} if conf.get("variant") else {})})
             c = stats[layer].second_moment if conf.get("mom2_adjustment", True) else None
             templates = context_templates(model, tok, loaded.identity, cfg.edit.templates, cache_root(cfg), seed=int(cfg.seed))
             self.ctx = rome.EditContext(model, tok, spec, layer, templates, KeySolver(c, float(hp.ridge), device), hp)
@@ -85,10 +86,16 @@ class Editor:
         return {}
 
 
-def edited_layers(cfg: DictConfig, loaded: LoadedModel, kinds: set[str]) -> list[int]:
-    layers = set()
-    if "rome" in kinds:
-        layers.add(edit_layer(cfg, loaded))
+def rome_layer(cfg: DictConfig, loaded: LoadedModel, conf: DictConfig) -> int:
+    """A ROME method's layer: its own ``layer``, else ``edit.layer``."""
+    if conf.get("layer") is None:
+        return edit_layer(cfg, loaded)
+    return loaded.spec.check_layer(loaded.model, conf.layer, "method layer")
+
+
+def edited_layers(cfg: DictConfig, loaded: LoadedModel, confs: list[DictConfig]) -> list[int]:
+    kinds = {str(c.get("class")) for c in confs}
+    layers = {rome_layer(cfg, loaded, c) for c in confs if c.get("class") == "rome"}
     if kinds & set(memit.METHODS):
         if not cfg.edit.layers:
             raise UserError("memit / alphaedit need a layer set: pass edit.layers=[...] (or set edit_layers in the model file)")
@@ -146,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"eval.batch_size={cfg.eval.batch_size} must be a positive number of edits per batch")
     loaded = load_configured(cfg.model)
     kinds = {str(cfg.method[m].get("class", m)) for m in names}
-    layers = edited_layers(cfg, loaded, kinds)
+    layers = edited_layers(cfg, loaded, [cfg.method[m] for m in names])
     stats = collect(cfg, loaded, layers) if layers and kinds - {"none"} else {}
     gen = Generation(tokens=int(cfg.eval.generation.tokens), top_k=int(cfg.eval.generation.top_k),
                      do_sample=bool(cfg.eval.generation.do_sample))
