@@ -37,7 +37,8 @@ def _quiet() -> None:
 
 def main(argv: list[str]) -> int:
     from pipeline.config import compose
-    from pipeline.errors import UserError
+    from pipeline.errors import Interrupted, UserError
+    from pipeline.signals import stop_on_signals
 
     _quiet()
     try:
@@ -47,10 +48,14 @@ def main(argv: list[str]) -> int:
         recipe = STAGES[cfg.stage]
         if cfg.stage == "eval" and cfg.eval.mode != "case":  # many edits into one model: its own recipe
             recipe = "recipes.eval_scale"
-        importlib.import_module(recipe).run(cfg)
+        with stop_on_signals():
+            importlib.import_module(recipe).run(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"interrupted: {stop.hint}", file=sys.stderr)
+        return 128 + stop.signum
     return 0
 
 
