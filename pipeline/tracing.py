@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .arch import ArchSpec
+from .arch import ArchSpec, cache_kwarg
 from .atomic import atomic_path, write_json
 from .digest import file_sha256, json_digest, short, slug
 from .errors import UserError
@@ -252,20 +252,23 @@ def _corrupted_run(model: nn.Module, spec: ArchSpec, p: FactPrompt, noise: torch
     ids = p.input_ids.to(_device(model)).expand(samples, -1)
     names = [spec.embed] + [spec.block_name(l) for l in range(spec.num_layers(model))]
     edit = {spec.embed: lambda x: _add_noise(x, noise, p.subject, slice(None))}
+    from transformers import DynamicCache
+
+    # Full layers for sliding-window layers too (the model's own cache keeps only a window's worth there):
+    # the passes that reuse a prefix take any length of it, and the model's masks apply the window.
+    cache = DynamicCache()
     with TraceDict(model, names, retain_output=True, edit_output=edit) as td:
-        out = model(input_ids=ids, use_cache=True)
-    cache = _kv_list(getattr(out, "past_key_values", None))
+        out = model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
     prob = float(_answer_prob(out.logits, p.answer_id).mean())
-    return _Run(prob, {n: td[n].output for n in names}, cache)
+    return _Run(prob, {n: td[n].output for n in names}, _kv_list(cache))
 
 
 def _kv_list(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per-layer (keys, values) of a transformers DynamicCache; None for anything else (no prefix reuse)."""
-    from transformers import DynamicCache
-
-    if not isinstance(cache, DynamicCache):
+    """Per-layer (keys, values) of a filled DynamicCache; None when the model did not fill it (no prefix reuse)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
         return None
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(layer.keys, layer.values) for layer in layers]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,7 +353,7 @@ def _run_chunk(model: nn.Module, spec: ArchSpec, p: FactPrompt, cells: list[_Cel
     # (a memory-bound gemv per row, half the pass) instead of in one GEMM.
     last_only = Trace(get_module(model, spec.lm_head), edit_input=lambda x: x[:, -1:].contiguous())
     with TraceDict(model, [*joins, *index], edit_output=edit), last_only:
-        logits = model(input_ids=ids, past_key_values=past, use_cache=past is not None).logits
+        logits = model(input_ids=ids, use_cache=past is not None, **{cache_kwarg(model): past}).logits
     assert logits.shape[0] == len(cells) * samples, "a joining hook did not run"
     return _answer_prob(logits, p.answer_id).view(len(cells), samples).mean(dim=1)
 

@@ -20,7 +20,10 @@ DATA = ROOT.parent / "shared" / "data"
 WIKI = DATA / "wikipedia" / "wikipedia_en_sample.jsonl.gz"
 sys.path.insert(0, str(ROOT))
 
-FAMILIES = ("gpt2", "llama", "gptj", "gpt_neox", "mistral", "qwen2")
+# every family the architecture adapter lists (tests/test_arch.py checks the two lists agree)
+FAMILIES = ("gpt2", "llama", "gptj", "gpt_neox", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
+            "olmo2")
+BOS_FAMILIES = ("llama", "mistral", "gemma", "gemma2", "gemma3_text")  # tokenizers that start every text with <s>
 
 
 def wiki_texts(n: int) -> list[str]:
@@ -64,14 +67,29 @@ def _config(family: str, vocab: int):
                                 max_position_embeddings=512, **small)
     llama_like = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=160, max_position_embeddings=512, **small)
-    return {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family](**llama_like)
+    if family.startswith("gemma"):
+        # Gemma's own layout: head_dim apart from hidden_size / heads, embeddings scaled by sqrt(d), tied LM head.
+        # Gemma 2 and 3 alternate sliding-window and full attention: a window of 6 tokens, shorter than the test
+        # prompts, so the sliding layers really mask; both soft-cap the final logits here (Gemma 3 270M has no
+        # soft-cap, so the tiny Gemma 3 sets one to test the path).
+        gemma = dict(llama_like, head_dim=16)
+        if family == "gemma2":
+            return tf.Gemma2Config(**gemma, sliding_window=6, query_pre_attn_scalar=16, final_logit_softcapping=3.0,
+                                   attn_logit_softcapping=5.0)
+        if family == "gemma3_text":
+            return tf.Gemma3TextConfig(**gemma, sliding_window=6, query_pre_attn_scalar=16, final_logit_softcapping=3.0,
+                                       layer_types=["sliding_attention", "full_attention"] * 2)
+        return tf.GemmaConfig(**gemma)
+    configs = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
+               "olmo": tf.OlmoConfig, "olmo2": tf.Olmo2Config}
+    return configs[family](**(dict(llama_like, head_dim=16) if family == "qwen3" else llama_like))
 
 
 def build_tiny_model(family: str, out: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    tok = _train_tokenizer(bos=family in ("llama", "mistral"))
+    tok = _train_tokenizer(bos=family in BOS_FAMILIES)
     model = AutoModelForCausalLM.from_config(_config(family, len(tok)))
     # Random init at 0.02 gives near-uniform outputs; a larger scale makes the tiny models opinionated,
     # so that edits and traces have real effects to measure.
