@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 
 from .atomic import write_json
 from .digest import json_digest
+from .generation import generate_tokens
 
 __all__ = ["context_templates"]
 
@@ -25,21 +25,7 @@ def _sample_prefixes(model, tokenizer, seeds: Sequence[str], lengths: Sequence[S
     total = sum(n for _, n in lengths)
     longest = max(length for length, _ in lengths)
     prompts = [seeds[i % len(seeds)] for i in range(total)]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues at the right edge
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    device = next(model.parameters()).device
-    enc = enc.to(device)
-    torch.manual_seed(seed)  # generate() samples from the global generator
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(seed)
-    with torch.no_grad():
-        out = model.generate(**enc, do_sample=True, top_k=top_k, max_new_tokens=longest, min_new_tokens=longest,
-                             pad_token_id=tokenizer.pad_token_id)
-    new = out[:, enc["input_ids"].shape[1]:]
+    new = generate_tokens(model, tokenizer, prompts, longest, top_k=top_k, seed=seed)
     texts, row = [], 0
     for length, n in lengths:
         for _ in range(n):
