@@ -2,6 +2,8 @@
 
 Order: ``configs/config.yaml`` (plus every ``configs/method/<name>.yaml`` as ``method.<name>``) <- the model file from ``configs/model/`` that names ``model.name`` (or, for
 an unnamed model, the family file for its ``config.model_type``) <- command-line overrides.
+A model file's keys go into the ``model`` group, except its ``edit:`` and ``method:`` blocks, which go over
+those groups: the hyperparameters a release sets for that model (GPT-2 medium's clamp_norm_factor 3).
 Unknown keys are rejected, so a typo such as ``stats.layer=6`` fails instead of being ignored.
 """
 
@@ -84,17 +86,36 @@ def _define_methods(base: DictConfig, cli: DictConfig) -> None:
                             f"(it has: {', '.join(template)})")
 
 
+_MODEL_FILE_IDS = ("name", "aliases", "model_types")  # how a model file is found, not configuration
+_MODEL_FILE_GROUPS = ("edit", "method")  # blocks of a model file merged over these groups, not over ``model``
+
+
+def _merge_model_file(base: DictConfig, model_file: DictConfig) -> DictConfig:
+    """``base`` with the model file over it: its ``edit:`` / ``method:`` blocks over those groups, every other
+    key over ``model``. A key configs/ does not have is an error in the model file, never a new setting."""
+    blocks = {g: model_file[g] for g in _MODEL_FILE_GROUPS if g in model_file}
+    model = {k: v for k, v in model_file.items() if k not in _MODEL_FILE_IDS + _MODEL_FILE_GROUPS}
+    OmegaConf.set_struct(base, True)
+    try:
+        merged = OmegaConf.merge(base, {"model": model, **blocks})
+    except ConfigKeyError as err:
+        raise UserError(f"configs/model/ file of {model_file.get('name')}: unknown key '{err.full_key}' "
+                        "(a model file sets model, edit and method keys that configs/ has)") from err
+    OmegaConf.set_struct(merged, False)
+    return merged
+
+
 def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR, model_file: DictConfig | None = None) -> DictConfig:
     """configs/ + the model's file (found from ``model.name`` unless given) + ``key=value`` overrides."""
     base = OmegaConf.load(config_dir / "config.yaml")
     base.method = {p.stem: OmegaConf.load(p) for p in sorted((config_dir / "method").glob("*.yaml"))}
     cli = parse_overrides(argv)
-    _define_methods(base, cli)
     if model_file is None:
         name = OmegaConf.select(cli, "model.name", default=base.model.name)
         model_file = model_file_for(str(name), config_dir)
     if model_file is not None:
-        base = OmegaConf.merge(base, {"model": {k: v for k, v in model_file.items() if k not in ("name", "aliases", "model_types")}})
+        base = _merge_model_file(base, model_file)
+    _define_methods(base, cli)  # after the model file: a study method starts from its class's values for this model
     OmegaConf.set_struct(base, True)
     try:
         cfg = OmegaConf.merge(base, cli)

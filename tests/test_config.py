@@ -44,3 +44,26 @@ def test_a_study_method_is_defined_on_the_command_line_from_its_class_file():
         compose(["method.x={class: nope}"])
     with pytest.raises(UserError, match="method.ft_l.lrr"):
         compose(["method.ft_l.lrr=1"])
+
+
+def test_model_files_set_the_releases_edit_and_method_hyperparameters(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pipeline.config import edit_defaults
+
+    clamp = {m: compose([f"model.name={m}"]).edit.v.clamp_norm_factor for m in ("gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-j-6B", "smollm2-135m")}
+    assert clamp == {"gpt2-medium": 3.0, "gpt2-large": 4.0, "gpt2-xl": 4.0, "EleutherAI/gpt-j-6B": 4.0, "smollm2-135m": 4.0}
+    eps = {m: compose([f"model.name={m}"]).method.ft_l.norm_constraint for m in ("gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-j-6b", "smollm2-135m")}
+    assert eps == {"gpt2-medium": 2e-3, "gpt2-large": 1e-3, "gpt2-xl": 5e-4, "gpt-j-6b": 5e-5, "smollm2-135m": 5e-4}
+    medium = compose(["model.name=gpt2-medium"])
+    assert medium.model.edit_layer == 8 and medium.edit.v.steps == 20 and "edit" not in medium.model  # only what it sets
+    assert medium.method.ft_l.lr == 5e-4 and medium.method.ft_l.layer == 0
+    # the command line still wins; a study method starts from its class's values for this model
+    cfg = compose(["model.name=gpt2-medium", "edit.v.clamp_norm_factor=5", "method.ft_l_l6={class: ft_l, layer: 6}"])
+    assert cfg.edit.v.clamp_norm_factor == 5 and cfg.method.ft_l_l6.norm_constraint == 2e-3 and cfg.method.ft_l_l6.layer == 6
+    assert edit_defaults("gpt2-medium").v.clamp_norm_factor == 3.0  # the Python API's defaults too
+    # a key configs/ does not have is an error of the model file
+    with pytest.raises(UserError, match=r"model/ file of mine: unknown key 'edit.v.clamp'"):
+        compose([], model_file=OmegaConf.create({"name": "mine", "edit": {"v": {"clamp": 3}}}))
+    with pytest.raises(UserError, match="unknown key 'method.nosuch"):
+        compose([], model_file=OmegaConf.create({"name": "mine", "method": {"nosuch": {"lr": 1}}}))
