@@ -253,7 +253,23 @@ def test_cli_zsre_token_accuracy(tiny_model_dir, small_wiki, tmp_path):
     for m in summary["methods"].values():
         assert set(m["metrics"]) == {"efficacy", "paraphrase", "specificity"} and m["n"] == 3
         assert all(0 <= s["mean"] <= 100 for s in m["metrics"].values())
-    assert "| Method | n | Efficacy | Paraphrase | Specificity |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "| Method | n | Efficacy | Paraphrase | Specificity |" in table
+    rome_convention = "zsRE (edits write the true answer answers[0] (ROME's dsets/zsre.py)): 3 cases"
+    assert summary["title"].startswith(rome_convention) and table.startswith(f"**{rome_convention}")
+    assert summary["run"]["identity"]["zsre_target"] == "answer"
+
+
+def test_the_zsre_title_names_either_convention():
+    import types
+
+    from recipes.eval import _title
+
+    cases, _ = load_cases(DATA / "zsre" / "zsre_mend_train-1k.json", n=2)
+    ctx = types.SimpleNamespace(loaded=types.SimpleNamespace(identity={"name": "m"}), layer=3)
+    titles = {t: _title(compose([f"eval.zsre_target={t}"]), cases, 0, ctx) for t in ("answer", "alt")}
+    assert titles["answer"].startswith("zsRE (edits write the true answer answers[0] (ROME's dsets/zsre.py)): 2 cases")
+    assert titles["alt"].startswith("zsRE (edits write alt (MEND's and EasyEdit's convention)): 2 cases")
 
 
 @pytest.mark.slow
