@@ -20,7 +20,7 @@ def test_checkpoint_sampling_settings_do_not_leak_into_top_k_sampling_or_greedy(
     clean = copy.deepcopy(model.generation_config)
     tuned = copy.deepcopy(clean)  # an instruct checkpoint's generation_config.json
     tuned.update(do_sample=True, temperature=0.1, top_p=0.5, top_k=64, repetition_penalty=1.5, min_p=0.2)
-    cfg = OmegaConf.create({"seeds": ["The", "Because"], "lengths": [[5, 3], [10, 3]], "top_k": 5})
+    cfg = OmegaConf.create({"style": "seeded", "seeds": ["The", "Because"], "lengths": [[5, 3], [10, 3]], "top_k": 5})
     runs = {}
     for name, gc in (("clean", clean), ("tuned", tuned)):
         model.generation_config = gc
@@ -40,3 +40,42 @@ def test_checkpoint_sampling_settings_do_not_leak_into_top_k_sampling_or_greedy(
     # the same seed gives the same sample; another seed another one
     assert torch.equal(generate_tokens(model, tok, PROMPTS, 12, top_k=5, seed=3), ids)
     assert not torch.equal(generate_tokens(model, tok, PROMPTS, 12, top_k=5, seed=4), ids)
+
+
+def test_original_style_templates_sample_from_endoftext_and_count_it(tiny_model_dir, monkeypatch):
+    import unicodedata
+
+    import pytest
+
+    from pipeline import templates as tpl
+    from pipeline.config import compose
+    from pipeline.errors import UserError
+
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    calls, real = [], tpl.generate_tokens
+
+    def spy(*args, **kwargs):  # what the templates asked generation for, and what it gave
+        calls.append((args[2], args[3], kwargs, real(*args, **kwargs)))
+        return calls[-1][-1]
+
+    monkeypatch.setattr(tpl, "generate_tokens", spy)
+    seeded_cfg = compose([]).edit.templates
+    assert seeded_cfg.style == "seeded"  # the default
+    original = context_templates(model, tok, loaded.identity, OmegaConf.merge(seeded_cfg, {"style": "original"}), None)
+    seeded = context_templates(model, tok, loaded.identity, seeded_cfg, None)
+    (prompts_o, new_o, kw_o, ids_o), (prompts_s, new_s, kw_s, _) = calls
+    # ROME's: 20 rows from <|endoftext|> alone, a length counts it (5 -> 4 new tokens, 10 -> 9)
+    assert prompts_o == ["<|endoftext|>"] * 20 and new_o == 9 and kw_o["add_special_tokens"] is False
+    for i, template in enumerate(original[1:]):
+        text = tok.decode(ids_o[i, : 4 if i < 10 else 9], skip_special_tokens=True)
+        text = unicodedata.normalize("NFKD", text).replace("\n\n", " ").replace("{", " ").replace("}", " ")
+        assert template == text + ". {}"
+    # MEMIT's: the seed words, lengths count new tokens
+    assert prompts_s[:6] == ["The", "Therefore", "Because", "I", "You", "The"] and new_s == 10 and kw_s["add_special_tokens"]
+    assert len(original) == len(seeded) == 21 and original[0] == seeded[0] == "{}" and original != seeded
+    assert all(t.count("{") == 1 and t.endswith(". {}") for t in original[1:] + seeded[1:])
+    assert all(t.split(" ")[0].startswith(w) for t, w in zip(seeded[1:], prompts_s))
+    assert tpl.start_text(tok) == "<|endoftext|>"
+    with pytest.raises(UserError, match="style=nope"):
+        context_templates(model, tok, loaded.identity, OmegaConf.merge(seeded_cfg, {"style": "nope"}), None)
