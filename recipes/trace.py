@@ -31,7 +31,7 @@ from pipeline.config import cache_root
 from pipeline.loading import LoadedModel, load_configured
 from pipeline.plots import plot_average, plot_fact, plot_lines
 from pipeline.subject import fill_prompt
-from pipeline.tracing import (BUCKETS, KINDS, TraceResult, answer_tokens, average_effects, greedy_tokens,
+from pipeline.tracing import (AIE_MODES, BUCKETS, KINDS, TraceResult, answer_tokens, average_effects, greedy_tokens,
                               make_prompt, predicts, recommend_layer, save_recommendation, subject_noise,
                               trace_fact)
 
@@ -45,6 +45,8 @@ def _check(cfg: DictConfig) -> None:
     for key in ("samples", "window", "batch_size"):
         if not isinstance(t[key], int) or t[key] <= 0:
             raise UserError(f"trace.{key}={t[key]} must be a positive integer")
+    if t.aie not in AIE_MODES:
+        raise UserError(f"trace.aie={t.aie} is not one of {', '.join(AIE_MODES)}")
     if t.noise is not None and (not isinstance(t.noise, (int, float)) or t.noise < 0):
         raise UserError(f"trace.noise={t.noise} must be a non-negative number (or null for 3 sigma)")
     single = cfg.prompt is not None or cfg.subject is not None
@@ -179,7 +181,7 @@ def _json_array(a: np.ndarray) -> list:
 def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list[TraceResult],
                skipped: list[dict], n_records: int, seconds: float) -> dict:
     t, out = cfg.trace, Path(cfg.trace.out)
-    aie = average_effects(results)
+    aie = average_effects(results, str(t.aie))
     layer = recommend_layer(aie)
     last_subj = aie["mlp"]["mean"][BUCKETS.index("last subject token")]
     name = str(cfg.model.name)
@@ -189,17 +191,20 @@ def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list
         "mean_p_clean": float(np.mean([r.p_clean for r in results])),
         "mean_p_corrupted": float(np.mean([r.p_corrupted for r in results])),
         "mean_total_effect": float(np.mean([r.total_effect for r in results])),
-        "buckets": list(BUCKETS),
+        "buckets": list(BUCKETS), "aie": str(t.aie),
         "average_indirect_effect": {k: {"mean": _json_array(v["mean"]), "ci95": _json_array(v["ci95"]),
-                                        "facts_per_bucket": v["count"].tolist()} for k, v in aie.items()},
+                                        "facts_per_bucket": v["count"].tolist(), "rows_per_bucket": v["rows"].tolist()}
+                                    for k, v in aie.items()},
         "recommended_layer": layer,
         "recommendation_rule": "argmax over layers of the average MLP effect at the last subject token",
         "mlp_effect_at_last_subject_token": last_subj.tolist(),
         "seconds": seconds,
     }
     write_json(out / "summary.json", summary)
+    # the paper's heatmaps clip the averages at 0 (its line plot does not)
+    drawn = {k: {**v, "mean": np.clip(v["mean"], 0, None)} for k, v in aie.items()} if t.aie == "paper" else aie
     for kind in aie:
-        plot_average(aie, kind, out / f"aie_{kind}", len(results), name)
+        plot_average(drawn, kind, out / f"aie_{kind}", len(results), name)
     plot_lines(aie, out / "aie_lines", len(results), name)
     write_json(out / "recommendation.json", {"layer": layer, "model": loaded.identity, "n_facts": len(results),
                                              "summary": str((out / "summary.json").resolve())})

@@ -97,8 +97,8 @@ def test_scores_file_round_trip(tmp_path, tiny_model_dir):
         assert np.array_equal(back.effects[k], res.effects[k])
 
 
-def _result(effect, subject):
-    return TraceResult(["t"] * effect.shape[0], subject, "a", 0, 1.0, 0.0, {"mlp": effect, "hidden": effect},
+def _result(effect, subject, p_corrupted=0.0):
+    return TraceResult(["t"] * effect.shape[0], subject, "a", 0, 1.0, p_corrupted, {"mlp": effect, "hidden": effect},
                        1.0, 1, 1)
 
 
@@ -114,12 +114,33 @@ def test_buckets_follow_figure_2():
 def test_average_effects_and_recommended_layer():
     a, b = np.zeros((6, 4)), np.zeros((6, 4))
     a[2, 1], b[2, 1], b[2, 3] = 0.5, 0.3, 0.35  # last subject token (subject 0..2): layer 1 on average
-    aie = average_effects([_result(a, (0, 3)), _result(b, (0, 3))])
+    aie = average_effects([_result(a, (0, 3)), _result(b, (0, 3))], "per_fact")
     row = aie["mlp"]["mean"][BUCKETS.index("last subject token")]
     np.testing.assert_allclose(row, [0, 0.4, 0, 0.175])
     assert aie["mlp"]["ci95"][2, 1] == pytest.approx(1.96 * np.std([0.5, 0.3], ddof=1) / np.sqrt(2))
     assert list(aie["mlp"]["count"]) == [2, 2, 2, 2, 2, 2]
     assert recommend_layer(aie) == 1
+
+
+def test_paper_averages_pool_the_tokens_of_a_bucket_and_subtract_the_mean_corrupted_probability():
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(-0.1, 0.5, (6, 3)), rng.uniform(-0.1, 0.5, (7, 3))  # effects, 3 layers
+    facts = [_result(a, (0, 3), p_corrupted=0.1), _result(b, (0, 4), p_corrupted=0.3)]  # 1 and 2 middle tokens
+    paper, per_fact = average_effects(facts), average_effects(facts, "per_fact")
+    mid, last_subj = BUCKETS.index("middle subject tokens"), BUCKETS.index("last subject token")
+    # ROME's notebook: mean of the restored probabilities of all three middle tokens - mean P(corrupted)
+    scores = np.stack([a[1] + 0.1, b[1] + 0.3, b[2] + 0.3])
+    np.testing.assert_allclose(paper["mlp"]["mean"][mid], scores.mean(0) - 0.2)
+    np.testing.assert_allclose(per_fact["mlp"]["mean"][mid], (a[1] + (b[1] + b[2]) / 2) / 2)
+    assert not np.allclose(paper["mlp"]["mean"][mid], per_fact["mlp"]["mean"][mid])
+    assert list(paper["mlp"]["rows"]) == [2, 3, 2, 2, 2, 2] and list(paper["mlp"]["count"]) == [2] * 6
+    # one-token buckets: the same averages (so the same recommended layer), the notebook's CI
+    np.testing.assert_allclose(paper["mlp"]["mean"][last_subj], (a[2] + b[3]) / 2)
+    np.testing.assert_allclose(per_fact["mlp"]["mean"][last_subj], (a[2] + b[3]) / 2)
+    np.testing.assert_allclose(paper["mlp"]["ci95"][last_subj], 1.96 * np.std([a[2] + 0.1, b[3] + 0.3], axis=0) / np.sqrt(2))
+    assert recommend_layer(paper) == recommend_layer(per_fact)
+    with pytest.raises(UserError, match="trace.aie=mean"):
+        average_effects(facts, "mean")
 
 
 def test_recommendation_lookup(tmp_path):
@@ -211,7 +232,8 @@ def test_cli_dataset_summary_and_recommendation(tiny_model_dir, tmp_path):
     reasons = {s["subject"]: s["reason"] for s in summary["skipped"]}
     assert "not 'qqqq'" in reasons["Miles Davis"] and "not in the prompt" in reasons["Mars"]
     mlp = np.array(summary["average_indirect_effect"]["mlp"]["mean"], dtype=float)
-    assert mlp.shape == (len(BUCKETS), 4)
+    assert mlp.shape == (len(BUCKETS), 4) and summary["aie"] == "paper"
+    assert summary["average_indirect_effect"]["mlp"]["facts_per_bucket"][BUCKETS.index("last token")] == 3
     assert summary["recommended_layer"] == int(np.argmax(mlp[BUCKETS.index("last subject token")]))
     for stem in ("aie_hidden", "aie_mlp", "aie_attn", "aie_lines"):
         assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.pdf").stat().st_size > 0
