@@ -124,6 +124,37 @@ def small_wiki(tmp_path_factory) -> Path:
     return path
 
 
+def check_fast_value_loss(loaded, layer: int, delta_scale: float, v0_norm: float, atol: float):
+    """ROME's v* loss for the Eiffel Tower request over three templates (δ at the MLP of ``layer``), the fast
+    way (``value_loss``: prefix cache, LM head only where the loss looks) and the full model's way
+    (``reference_loss``), at δ = 0 and at a seeded random δ: asserts they agree and returns the fast (δ = 0, δ)."""
+    import types
+
+    from pipeline.value import ValueBatch, build_rows, reference_loss, value_loss
+
+    tok, model, spec = loaded.tokenizer, loaded.model, loaded.spec
+    hp = types.SimpleNamespace(kl_factor=0.0625, weight_decay=0.5)
+    templates = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
+    rows = build_rows(tok, templates, "{} is located in the city of", "The Eiffel Tower", " Rome", ["{} is a"])
+    window = getattr(model.config, "sliding_window", None)
+    if window and window < 32:  # a tiny model's window: the prompts outrun it, so it really masks
+        assert max(map(len, rows.ids)) > 2 * window
+    batch = ValueBatch.build(model, spec, [rows], tok.pad_token_id)
+    torch.manual_seed(0)
+    delta = torch.randn(1, model.config.get_text_config().hidden_size) * delta_scale
+    v0, mlp, pad = torch.tensor([v0_norm]), spec.mlp_name(layer), tok.pad_token_id
+    fast0 = value_loss(model, spec, mlp, batch, delta * 0, v0, None, hp)
+    ref0 = reference_loss(model, spec, mlp, rows, pad, delta * 0, v0, None, hp)
+    torch.testing.assert_close(fast0.kl_logp, ref0.kl_logp, rtol=1e-4, atol=atol)
+    torch.testing.assert_close(fast0.nll, ref0.nll, rtol=1e-4, atol=atol)
+    fast = value_loss(model, spec, mlp, batch, delta, v0, fast0.kl_logp, hp)
+    ref = reference_loss(model, spec, mlp, rows, pad, delta, v0, fast0.kl_logp, hp)
+    for a, b in ((fast.nll, ref.nll), (fast.kl, ref.kl), (fast.total, ref.total), (fast.p_target, ref.p_target)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
+    assert float(fast0.kl) == 0
+    return fast0, fast
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
     """``python train.py args...`` in a subprocess; returns the CompletedProcess."""
     import subprocess

@@ -1,20 +1,18 @@
 """ROME's update on tiny random models: the algebra, the fast loss, the CLI, revert and bad input."""
 
 import json
-import types
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, run_cli
+from conftest import FAMILIES, check_fast_value_loss, run_cli
 from pipeline.config import compose
 from pipeline.hooks import get_module
 from pipeline.loading import load_model
 from pipeline.requests import parse_requests
 from pipeline import rome
-from pipeline.value import ValueBatch, build_rows, reference_loss, value_loss
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
@@ -69,23 +67,9 @@ def test_update_writes_v_star_is_rank_one_and_spares_orthogonal_keys(tiny_model_
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fast_value_loss_equals_full_forward_reference(tiny_model_dir, family):
     loaded = load_model(str(tiny_model_dir(family)), device="cpu")
-    tok, model, spec = loaded.tokenizer, loaded.model, loaded.spec
-    hp = types.SimpleNamespace(kl_factor=0.0625, weight_decay=0.5)
-    rows = build_rows(tok, TEMPLATES, EIFFEL["prompt"], EIFFEL["subject"], " Rome", ["{} is a"])
-    if family in ("gemma2", "gemma3_text"):  # the prompts outrun the sliding window, so it really masks
-        assert max(map(len, rows.ids)) > 2 * model.config.sliding_window
-    batch = ValueBatch.build(model, spec, [rows], tok.pad_token_id)
-    torch.manual_seed(0)
-    delta, v0_norm, mlp = torch.randn(1, model.config.get_text_config().hidden_size) * 0.5, torch.tensor([3.0]), spec.mlp_name(1)
-    fast0 = value_loss(model, spec, mlp, batch, delta * 0, v0_norm, None, hp)
-    ref0 = reference_loss(model, spec, mlp, rows, tok.pad_token_id, delta * 0, v0_norm, None, hp)
-    torch.testing.assert_close(fast0.kl_logp, ref0.kl_logp, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(fast0.nll, ref0.nll, rtol=1e-4, atol=1e-6)
-    fast = value_loss(model, spec, mlp, batch, delta, v0_norm, fast0.kl_logp, hp)
-    ref = reference_loss(model, spec, mlp, rows, tok.pad_token_id, delta, v0_norm, fast0.kl_logp, hp)
-    for a, b in ((fast.nll, ref.nll), (fast.kl, ref.kl), (fast.total, ref.total), (fast.p_target, ref.p_target)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert float(fast.kl) > 0 and float(fast0.kl) == 0 and abs(float(fast.nll - fast0.nll)) > 1e-3
+    fast0, fast = check_fast_value_loss(loaded, layer=1, delta_scale=0.5, v0_norm=3.0, atol=1e-6)
+    assert float(fast.kl) > 0 and abs(float(fast.nll - fast0.nll)) > 1e-3
+    model, spec = loaded.model, loaded.spec
     if getattr(model.config, "final_logit_softcapping", None):  # the soft-cap matters: the bare head is off
         h = torch.randn(4, model.config.hidden_size)
         bare = torch.log_softmax(get_module(model, spec.lm_head)(h), -1)
