@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, run_cli
+from conftest import DATA, FAMILIES, run_cli
 
 from pipeline.errors import UserError
 from pipeline.facts import load_facts
@@ -26,13 +26,7 @@ def _fact(model_dir):
     return lm, make_prompt(lm.tokenizer, PROMPT, SUBJECT, answer)
 
 
-# The one-pass-per-cell reference is slow: the families of different attention code, and Gemma 2 / 3 for their
-# sliding-window layers (the reused prefix must not be cut to the window); the other Llama-like families
-# (qwen3, gemma, olmo, olmo2) are covered by test_arch and the v* loss test.
-TRACED_FAMILIES = ("gpt2", "llama", "gptj", "gpt_neox", "mistral", "qwen2", "gemma2", "gemma3_text")
-
-
-@pytest.mark.parametrize("family", TRACED_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)  # Gemma 2 / 3: the reused prefix must not be cut to the sliding window
 def test_batched_equals_one_cell_at_a_time(tiny_model_dir, family):
     lm, p = _fact(tiny_model_dir(family))
     assert p.subject[0] > 1, "the prompt must have tokens before the subject"
