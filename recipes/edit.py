@@ -107,15 +107,10 @@ def run_batches(cfg: DictConfig, requests: list, loaded, ledger: Ledger) -> list
     templates = context_templates(loaded.model, loaded.tokenizer, loaded.identity, cfg.edit.memit.templates,
                                   cache_root(cfg), seed=int(cfg.seed))
     ctx = memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, str(cfg.edit.method), layers, templates, cfg.edit)
-    device = next(loaded.model.parameters()).device
-    for l in layers:
-        ctx.solvers[l] = KeySolver(stats[l].second_moment, float(cfg.edit.ridge), device)
-        if ctx.method == "alphaedit":
-            ctx.projectors[l], rank = memit.null_space_projector(stats[l].second_moment,
-                                                                 float(cfg.edit.alphaedit.nullspace_threshold))
-            ctx.projectors[l] = ctx.projectors[l].to(device)
-            print(f"layer {l}: null space of C has {rank} of {stats[l].second_moment.shape[0]} dimensions")
+    for l, rank in memit.prepare(ctx, stats).items():
+        print(f"layer {l}: null space of C has {rank} of {stats[l].second_moment.shape[0]} dimensions")
     if ctx.method == "alphaedit":
+        device = next(loaded.model.parameters()).device
         ctx.preserved = {l: k.to(device) for l, k in ledger.preserved_keys().items() if l in layers}
         if ctx.preserved:
             print(f"preserving the keys of the ledger's earlier AlphaEdit batches (layers {sorted(ctx.preserved)})")

@@ -69,11 +69,7 @@ class Editor:
             templates = context_templates(model, tok, loaded.identity, cfg.edit.memit.templates, cache_root(cfg),
                                           seed=int(cfg.seed))
             self.ctx = memit.BatchContext(model, tok, spec, self.kind, layers, templates, hp)
-            for l in layers:
-                self.ctx.solvers[l] = KeySolver(stats[l].second_moment, float(hp.ridge), device)
-                if self.kind == "alphaedit":
-                    self.ctx.projectors[l] = memit.null_space_projector(
-                        stats[l].second_moment, float(hp.alphaedit.nullspace_threshold))[0].to(device)
+            memit.prepare(self.ctx, stats)
             self.layers = layers
 
     def edit(self, requests: list) -> dict[str, float]:
