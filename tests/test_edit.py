@@ -5,8 +5,6 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
 import types
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, run_cli
+from conftest import run_cli, signal_run
 from pipeline.config import compose
 from pipeline.hooks import get_module
 from pipeline.loading import load_model
@@ -319,33 +317,12 @@ def test_a_rolled_back_edit_reports_the_restored_model(edit_env, tiny_model_dir,
     assert all(torch.equal(after[k], base[k]) for k in base)  # saved as rolled back: the base weights
 
 
-def _signal_run(args, signum, ready, timeout=300):
-    """``python train.py args`` in its own session; ``signum`` goes to its process group once a line of its
-    output satisfies ``ready``. Returns (exit code, output lines)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE}
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    lines, sent = [], False
-    try:
-        for line in p.stdout:
-            lines.append(line.rstrip("\n"))
-            if not sent and ready(line):
-                os.killpg(p.pid, signum)
-                sent = True
-        p.wait(timeout=timeout)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert sent, "\n".join(lines[-30:])
-    return p.returncode, lines
-
-
 def test_sigterm_stops_after_the_edit_in_progress_and_the_same_command_resumes(edit_env, tmp_path):
     requests = [EIFFEL, RIVIERA, {**EIFFEL, "subject": "Big Ben", "target_new": "Oslo"}]
     runs, saved = tmp_path / "runs", tmp_path / "saved"
     args = ["stage=edit", *edit_env, "edit.v.steps=25", "edit.v.early_stop_loss=0", f"request={json.dumps(requests)}",
             f"edit.runs_dir={runs}", f"edit.save_to={saved}"]
-    code, lines = _signal_run(args, signal.SIGTERM, lambda l: l.startswith("v* [1/3]"))
+    code, lines = signal_run(args, signal.SIGTERM, lambda out: any(l.startswith("v* [1/3]") for l in out), env=OFFLINE)
     assert code == 143, "\n".join(lines[-30:])
     (hint,) = [l for l in lines if l.startswith("interrupted:")]
     (out,) = runs.iterdir()
@@ -372,7 +349,8 @@ def test_sigint_stops_a_memit_run_between_batches(edit_env, tmp_path):
     out = tmp_path / "ledger"
     args = ["stage=edit", *edit_env, "edit.method=memit", "edit.layers=[1,2]", "edit.batch_size=1",
             "edit.memit.v.steps=25", "edit.memit.v.early_stop_loss=0", f"request={json.dumps(requests)}", f"edit.out={out}"]
-    code, lines = _signal_run(args, signal.SIGINT, lambda l: l.startswith("memit batch [1/3]"))
+    code, lines = signal_run(args, signal.SIGINT, lambda out: any(l.startswith("memit batch [1/3]") for l in out),
+                             env=OFFLINE)
     assert code == 130, "\n".join(lines[-30:])
     (hint,) = [l for l in lines if l.startswith("interrupted:")]
     entries = json.loads((out / "ledger.json").read_text())["entries"]
