@@ -89,11 +89,15 @@ def test_fast_value_loss_equals_full_forward_reference(tiny_model_dir, family):
     assert float(fast.kl) > 0 and float(fast0.kl) == 0
 
 
+def edit_args(model_dir, data, tmp, *extra):
+    return ["stage=edit", f"model.name={model_dir}", f"data.files={data}", f"stats.dir={tmp / 'stats'}",
+            f"model.cache_dir={tmp / 'cache'}", "stats.tokens=2000", "data.max_length=64", "data.batch_tokens=256",
+            "edit.layer=2", "edit.verify.enabled=false", "trainer.accelerator=cpu", "model.device=cpu",
+            "edit.generate_tokens=4", *extra]
+
+
 def edit_cli(model_dir, data, tmp, *extra):
-    return run_cli("stage=edit", f"model.name={model_dir}", f"data.files={data}", f"stats.dir={tmp / 'stats'}",
-                   f"model.cache_dir={tmp / 'cache'}", "stats.tokens=2000", "data.max_length=64",
-                   "data.batch_tokens=256", "edit.layer=2", "edit.verify.enabled=false", "trainer.accelerator=cpu",
-                   "model.device=cpu", "edit.generate_tokens=4", *extra, env=OFFLINE)
+    return run_cli(*edit_args(model_dir, data, tmp, *extra), env=OFFLINE)
 
 
 def weights(d):
@@ -133,7 +137,7 @@ def test_sequential_edits_ledger_and_bitwise_revert(tiny_model_dir, small_wiki, 
     assert [e["status"] for e in json.loads((out / "ledger.json").read_text())["entries"]] == ["reverted", "reverted"]
 
 
-def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wiki, tmp_path):
+def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wiki, tmp_path, capsys):
     base = tiny_model_dir("gpt2")
     saved = tmp_path / "saved"
     ok = edit_cli(base, small_wiki, tmp_path, f"request={json.dumps(EIFFEL)}", f"edit.out={tmp_path / 'l'}",
@@ -153,10 +157,10 @@ def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wik
         "out of range": [f"request={json.dumps(EIFFEL)}", "edit.layer=7"],
         "are for model": [f"request={json.dumps(EIFFEL)}", f"edit.stats={other_entry}"],
     }
-    for expect, extra in cases.items():
-        r = edit_cli(base, small_wiki, tmp_path, *extra, f"edit.out={tmp_path / 'l'}", f"edit.save_to={saved}")
-        errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-        assert r.returncode == 2 and len(errors) == 1 and expect in errors[0], (expect, r.stderr[-2000:])
+    for expect, extra in cases.items():  # in this process: the same train.main, without a start-up each
+        code, _, errors = main(capsys, *edit_args(base, small_wiki, tmp_path, *extra, f"edit.out={tmp_path / 'l'}",
+                                                  f"edit.save_to={saved}"))
+        assert code == 2 and len(errors) == 1 and expect in errors[0], (expect, errors)
         assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
     assert len(json.loads((tmp_path / "l" / "ledger.json").read_text())["entries"]) == 1
 
