@@ -126,8 +126,8 @@ def _typed(key: str, value: Any, default: Any) -> Any:
         if default is None or key in NULLABLE:
             return value
         raise UserError(f"{key}=null is not allowed: it expects {_kind(default)} (default: {default})")
-    if default is None:
-        return value
+    if default is None or (isinstance(value, str) and value.startswith("${")):
+        return value  # any value; an interpolation is judged once resolved
     also = OTHER_VALUES.get(key)
     if also is not None and also[1](value):
         return value

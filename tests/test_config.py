@@ -72,10 +72,11 @@ def test_a_bad_value_names_its_key_and_what_it_expects(override, expect):
 
 def test_values_are_converted_to_the_type_of_their_default():
     cfg = compose(["edit.ridge=1e-3", "stats.tokens=2e4", "answer=1889", "edit.layer=auto", "trainer.devices=[0,1]",
-                   "eval.n=null", "model.revision=20240101"])
+                   "eval.n=null", "model.revision=20240101", "stats.layers=[2,'${seed}']", "seed=4"])
     assert cfg.edit.ridge == 0.001 and cfg.stats.tokens == 20000 and isinstance(cfg.stats.tokens, int)
     assert cfg.answer == "1889" and cfg.edit.layer == "auto" and list(cfg.trainer.devices) == [0, 1]
     assert cfg.eval.n is None and cfg.model.revision == 20240101  # a null default takes any value
+    assert list(cfg.stats.layers) == [2, 4]  # an interpolation is taken as written
 
 
 def test_devices_this_machine_does_not_have_are_refused_up_front(monkeypatch):
