@@ -4,6 +4,8 @@ Per case: score the clean model once (the "pre" numbers, and the "none" row); th
 score, and copy back the clean values of every parameter a method may touch (``Method.touched``: its
 layer's down-projection; checked with ``torch.equal``), so every edit starts from the clean model. Each (case, method) result is appended to this rank's JSON-lines file at once, and its
 post-edit values go into ``CaseValues`` metrics, which are gathered across ranks at the end.
+After a stop request (SIGTERM, SIGINT) the case in progress is finished and recorded and the remaining ones
+are passed over (Lightning's predict loop has no stop of its own); the recipe then reports how to resume.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pipeline.errors import UserError
 from pipeline.eval_data import EvalCase
 from pipeline.eval_report import METRICS
 from pipeline.scoring import Generation, References, score_case
+from pipeline.signals import stop_requested
 
 from .case_values import CaseValues
 from .methods import EvalContext, Method
@@ -71,7 +74,7 @@ class CaseEvaluator(L.LightningModule):
                 self._update(rec)
 
     def predict_step(self, index: int, batch_idx: int = 0) -> None:
-        if int(index) == NO_CASE:
+        if int(index) == NO_CASE or stop_requested():
             return None
         case = self.cases[int(index)]
         for rec in self.evaluate(case, self.todo[case.index]):

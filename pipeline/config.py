@@ -4,13 +4,16 @@ Order: ``configs/config.yaml`` (plus every ``configs/method/<name>.yaml`` as ``m
 an unnamed model, the family file for its ``config.model_type``) <- command-line overrides.
 A model file's keys go into the ``model`` group, except its ``edit:`` and ``method:`` blocks, which go over
 those groups: the hyperparameters a release sets for that model (GPT-2 medium's clamp_norm_factor 3).
-Unknown keys are rejected, so a typo such as ``stats.layer=6`` fails instead of being ignored.
+Unknown keys are rejected with the nearest known key (``stats.layer=6``: "did you mean stats.layers?"), and
+every override is checked against the type of its default (``stats.tokens=abc``: "expects an integer"), so
+a bad value fails here, in one line, before any work; so do devices this machine does not have.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +21,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import UserError
 
-__all__ = ["CONFIG_DIR", "compose", "parse_overrides", "model_file_for", "cache_root", "edit_defaults", "edit_layer"]
+__all__ = ["CONFIG_DIR", "compose", "parse_overrides", "model_file_for", "cache_root", "edit_defaults", "edit_layer",
+           "config_keys", "nearest"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -105,6 +109,143 @@ def _merge_model_file(base: DictConfig, model_file: DictConfig) -> DictConfig:
     return merged
 
 
+# What a key may hold besides the type of its default (each checked again where it is used).
+OTHER_VALUES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "edit.layer": ("auto", lambda v: v == "auto"),
+    "trainer.devices": ("auto, a list of device ids or a string such as '0,1'", lambda v: isinstance(v, (str, list))),
+}
+NULLABLE = {"eval.n"}  # null means "all"
+NUMBER = {"edit.memit.mom2_update_weight"}  # written as an integer, any number is fine
+TEXT = {"prompt", "subject", "answer"}  # a fact's text, even when it looks like a number or a boolean
+POSITIVE = {"data.max_length", "data.batch_tokens", "data.chars_per_token", "stats.tokens", "edit.batch_size",
+            "edit.v.steps", "edit.memit.v.steps", "edit.memit.rows_per_pass", "edit.verify.batch_size",
+            "edit.verify.answer_tokens", "eval.score_batch_size", "eval.batch_size", "eval.generation.batch_size",
+            "eval.generation.top_k", "eval.heldout.articles", "eval.heldout.max_length", "eval.heldout.batch_size",
+            "trainer.num_nodes"}
+NON_NEGATIVE = {"seed", "data.num_workers", "stats.checkpoint_every", "edit.ridge", "edit.generate_tokens",
+                "eval.start", "eval.eval_every", "eval.generation.tokens", "trace.start"}
+
+
+def _kind(default: Any) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, list):
+        return "a list such as [1, 2]"
+    return "text"
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default`` (numbers written as text, e.g. 1e-3, become numbers), or a
+    UserError that names the key and the type it expects."""
+    if key in TEXT and value is not None and not isinstance(value, str):
+        return str(value)
+    if value is None:
+        if default is None or key in NULLABLE:
+            return value
+        raise UserError(f"{key}=null is not allowed: it expects {_kind(default)} (default: {default})")
+    if default is None or (isinstance(value, str) and value.startswith("${")):
+        return value  # any value; an interpolation is judged once resolved
+    also = OTHER_VALUES.get(key)
+    if also is not None and also[1](value):
+        return value
+    expects = _kind(default) + (f" or {also[0]}" if also else "")
+    bad = UserError(f"{key}={value} is not valid: it expects {expects} (default: {default})")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad
+    elif isinstance(default, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        if isinstance(default, int) and key not in NUMBER:
+            if value != int(value):
+                raise bad
+            value = int(value)
+        if (key in POSITIVE and value <= 0) or (key in NON_NEGATIVE and value < 0):
+            raise UserError(f"{key}={value} must be {'positive' if key in POSITIVE else 'zero or more'} (default: {default})")
+    elif isinstance(default, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad
+    elif isinstance(default, list):
+        if not isinstance(value, list):
+            raise bad
+        element = next((x for x in default if x is not None), None)
+        if element is not None and not isinstance(element, (list, dict)):
+            value = [_typed(f"{key}[{i}]", x, element) for i, x in enumerate(value)]
+    return value
+
+
+def _unknown(key: str, known: Sequence[str]) -> UserError:
+    return UserError(f"unknown config key '{key}'{nearest(key, known)} (every key is in configs/config.yaml; "
+                     "python train.py --help)")
+
+
+def _check_types(cli: dict, defaults: dict, known: Sequence[str], prefix: str = "") -> None:
+    """Check (and convert in place) every override against its default; an unknown key is an error."""
+    for k, value in cli.items():
+        key, default = f"{prefix}{k}", defaults.get(k)
+        if k not in defaults:
+            while isinstance(value, dict) and value:  # the whole dotted key the user wrote
+                k2, value = next(iter(value.items()))
+                key = f"{key}.{k2}"
+            raise _unknown(key, known)
+        if isinstance(default, dict):
+            if isinstance(value, dict):
+                _check_types(value, default, known, f"{key}.")
+            elif value is not None:
+                raise UserError(f"{key} is a group of keys ({', '.join(map(str, default))}), not a value; "
+                                f"set one of them, e.g. {key}.{next(iter(default), 'x')}=...")
+            continue
+        cli[k] = _typed(key, value, default)
+
+
+def config_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (groups and leaves)."""
+    out = []
+    for k, v in node.items():
+        out.append(f"{prefix}{k}")
+        if isinstance(v, (dict, DictConfig)):
+            out += config_keys(v, f"{prefix}{k}.")
+    return out
+
+
+def nearest(word: str, choices: Sequence[str]) -> str:
+    """' (did you mean X?)' for the closest of ``choices``, else ''."""
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {found[0]}?)" if found else ""
+
+
+def _check_environment(cfg: DictConfig) -> None:
+    """Dtypes and devices this machine has, named by their key (before any model is loaded)."""
+    import torch
+
+    from .loading import resolve_device, resolve_dtype
+
+    resolve_dtype(str(cfg.model.dtype), "model.dtype")
+    resolve_dtype(str(cfg.stats.dtype), "stats.dtype")
+    device = resolve_device(str(cfg.model.device))
+    cuda = torch.cuda.is_available()
+    if device.type == "cuda" and not cuda:
+        raise UserError(f"model.device={cfg.model.device} but no CUDA device is visible here "
+                        "(torch.cuda.is_available() is False); use model.device=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"model.device={cfg.model.device} but this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s) (0..{torch.cuda.device_count() - 1})")
+    if str(cfg.trainer.accelerator) in ("gpu", "cuda") and not cuda:
+        raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is visible here "
+                        "(torch.cuda.is_available() is False); use trainer.accelerator=cpu or auto")
+
+
 def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR, model_file: DictConfig | None = None) -> DictConfig:
     """configs/ + the model's file (found from ``model.name`` unless given) + ``key=value`` overrides."""
     base = OmegaConf.load(config_dir / "config.yaml")
@@ -118,12 +259,15 @@ def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR, model_file:
     _define_methods(base, cli)  # after the model file: a study method starts from its class's values for this model
     OmegaConf.set_struct(base, True)
     try:
-        cfg = OmegaConf.merge(base, cli)
+        overrides = OmegaConf.to_container(cli)
+        _check_types(overrides, OmegaConf.to_container(base, resolve=True), config_keys(base))
+        cfg = OmegaConf.merge(base, OmegaConf.create(overrides))
         OmegaConf.resolve(cfg)
     except ConfigKeyError as err:
-        raise UserError(f"unknown config key '{err.full_key}' (see configs/config.yaml for the keys)") from err
+        raise _unknown(str(err.full_key), config_keys(base)) from err
     except OmegaConfBaseException as err:
         raise UserError(f"bad configuration: {str(err).splitlines()[0]}") from err
+    _check_environment(cfg)
     return cfg
 
 

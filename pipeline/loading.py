@@ -62,9 +62,9 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
     if name not in _DTYPES:
-        raise UserError(f"model.dtype={name} is not one of {', '.join(_DTYPES)}")
+        raise UserError(f"{key}={name} is not one of {', '.join(_DTYPES)}")
     return _DTYPES[name]
 
 

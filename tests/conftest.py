@@ -162,3 +162,33 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def signal_run(args, signum, ready, env: dict | None = None, timeout: float = 600):
+    """``python train.py args`` in its own session; ``signum`` is sent to its process group as soon as
+    ``ready(output lines so far)`` is true (polled every 50 ms). Returns (exit code, output lines)."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=e, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in p.stdout), daemon=True)
+    reader.start()
+    sent, deadline = False, time.monotonic() + timeout
+    try:
+        while p.poll() is None and time.monotonic() < deadline:
+            if not sent and ready(lines):
+                os.killpg(p.pid, signum)
+                sent = True
+            time.sleep(0.05)
+        p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        reader.join(timeout=10)
+    assert sent, "the process ended before the signal was sent:\n" + "\n".join(lines[-30:])
+    return p.returncode, lines

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from pipeline.config import compose, parse_overrides
 from pipeline.errors import UserError
@@ -67,3 +68,68 @@ def test_model_files_set_the_releases_edit_and_method_hyperparameters(tmp_path):
         compose([], model_file=OmegaConf.create({"name": "mine", "edit": {"v": {"clamp": 3}}}))
     with pytest.raises(UserError, match="unknown key 'method.nosuch"):
         compose([], model_file=OmegaConf.create({"name": "mine", "method": {"nosuch": {"lr": 1}}}))
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("stats.tokens=abc", "stats.tokens=abc is not valid: it expects an integer (default: 200000)"),
+    ("stats.tokens=1.5", "stats.tokens=1.5 is not valid: it expects an integer"),
+    ("stats.tokens=null", "stats.tokens=null is not allowed: it expects an integer"),
+    ("stats.layers=6", "stats.layers=6 is not valid: it expects a list"),
+    ("stats.layers=[4,x]", "stats.layers[1]=x is not valid: it expects an integer"),
+    ("edit.verify.enabled=maybe", "edit.verify.enabled=maybe is not valid: it expects true or false"),
+    ("edit.v=3", "edit.v is a group of keys (lr, steps"),
+    ("edit.layer=first", "edit.layer=first is not valid: it expects an integer or auto"),
+    ("stats.dtype=int8", "stats.dtype=int8 is not one of"),
+    ("model.dtype=int8", "model.dtype=int8 is not one of"),
+    ("data.max_length=0", "data.max_length=0 must be positive"),
+    ("seed=-1", "seed=-1 must be zero or more"),
+    ("edit.layr=3", "unknown config key 'edit.layr' (did you mean edit.layer?)"),
+    ("edt.layer=3", "unknown config key 'edt.layer' (did you mean edit.layer?)"),
+    ("trace.sample=3", "(did you mean trace.samples?)"),
+])
+def test_a_bad_value_names_its_key_and_what_it_expects(override, expect):
+    with pytest.raises(UserError) as err:
+        compose([override])
+    assert expect in str(err.value) and "\n" not in str(err.value)
+
+
+def test_values_are_converted_to_the_type_of_their_default():
+    cfg = compose(["edit.ridge=1e-3", "stats.tokens=2e4", "answer=1889", "edit.layer=auto", "trainer.devices=[0,1]",
+                   "eval.n=null", "model.revision=20240101", "stats.layers=[2,'${seed}']", "seed=4"])
+    assert cfg.edit.ridge == 0.001 and cfg.stats.tokens == 20000 and isinstance(cfg.stats.tokens, int)
+    assert cfg.answer == "1889" and cfg.edit.layer == "auto" and list(cfg.trainer.devices) == [0, 1]
+    assert cfg.eval.n is None and cfg.model.revision == 20240101  # a null default takes any value
+    assert list(cfg.stats.layers) == [2, 4]  # an interpolation is taken as written
+
+
+def test_devices_this_machine_does_not_have_are_refused_up_front(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for override in ("model.device=cuda", "model.device=cuda:1", "trainer.accelerator=gpu", "trainer.accelerator=cuda"):
+        with pytest.raises(UserError, match="no CUDA device is visible here"):
+            compose([override])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"model.device=cuda:3 but this machine has 1 CUDA device\(s\)"):
+        compose(["model.device=cuda:3"])
+    with pytest.raises(UserError, match="is not a device"):
+        compose(["model.device=gpu0"])
+    from modules.trainer import make_trainer
+
+    with pytest.raises(UserError, match="trainer.. settings .*strategy=nope"):
+        make_trainer(compose(["trainer.accelerator=cpu", "trainer.strategy=nope"]))
+
+
+def test_help_print_config_and_the_nearest_stage(capsys):
+    import train
+
+    for word in ("--help", "-h", "help"):
+        assert train.main([word]) == 0
+        out = capsys.readouterr().out
+        assert all(f"  {stage} " in out for stage in train.STAGES) and "edit.*" in out and "configs/config.yaml" in out
+    assert train.main(["print_config=true", "stage=edit", "edit.layer=3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["stage"] == "edit" and printed["edit"]["layer"] == 3 and printed["model"]["edit_layer"] == 6
+    assert train.main(["stage=edt"]) == 2
+    assert capsys.readouterr().err.strip() == "error: stage=edt is not one of stats, edit, revert, trace, eval (did you mean edit?)"

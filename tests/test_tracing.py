@@ -2,16 +2,18 @@
 Figure-2 averaging, the layer recommendation and the ``stage=trace`` command line."""
 
 import json
+import signal
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, FAMILIES, run_cli
+from conftest import DATA, FAMILIES, run_cli, signal_run
 
 from pipeline.errors import UserError
 from pipeline.facts import load_facts
 from pipeline.loading import load_model
+from pipeline.plots import fact_title
 from pipeline.tracing import (BUCKETS, KINDS, TraceResult, average_effects, bucket_scores, greedy_tokens,
                               latest_recommendation, make_prompt, recommend_layer, save_recommendation,
                               trace_fact, trace_fact_per_cell, trace_with_patch, fact_noise)
@@ -186,6 +188,14 @@ def test_cli_one_fact_and_bad_input(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in fact_dir.iterdir()) == sorted(
         ["scores.npz"] + [f"{k}.{e}" for k in KINDS for e in ("png", "pdf")])
     assert "clean" in r.stdout and "note: the model predicts" in r.stdout
+    res, _ = TraceResult.load(fact_dir / "scores.npz")
+    assert res.p_clean < 0.05  # a random model does not know it: flagged in the output and the titles
+    assert f"warning: P({res.answer.strip()}) is only {res.p_clean:.4f}" in r.stdout + r.stderr
+    assert "cell" in r.stderr  # progress while one fact is traced
+    title = fact_title(res, 0.05)
+    assert title.startswith(f"The Eiffel Tower is located in the city of -> {res.answer.strip()}\n")
+    assert f"P(clean) {res.p_clean:.3f}, P(corrupted) {res.p_corrupted:.3f}" in title and "LOW P(clean) < 0.05" in title
+    assert "LOW" not in fact_title(res, res.p_clean / 2)
 
     r = _cli(d, tmp_path, "prompt={} is in Paris", "subject=The Louvre", "trace.noise=0.1", "prompt=Paris is nice")
     assert r.returncode == 2 and "error: subject 'The Louvre' is not in the prompt" in r.stderr
@@ -209,25 +219,37 @@ def test_cli_dataset_summary_and_recommendation(tiny_model_dir, tmp_path):
     lm = load_model(str(d), device="cpu")
     records = []
     for i, (tpl, subject) in enumerate([("{} is located in the city of", "The Eiffel Tower"),
-                                        ("The capital of {} is", "France"), ("{} was born in", "Albert Einstein")]):
+                                        ("The capital of {} is", "France"), ("{} was born in", "Albert Einstein")] * 3):
         text = tpl.replace("{}", subject)
         answer = lm.tokenizer.decode(greedy_tokens(lm.model, torch.tensor([lm.tokenizer(text)["input_ids"]]), 2))
         records.append({"known_id": i, "subject": subject, "template": tpl, "prompt": text, "attribute": answer.strip()})
-    records.append({"known_id": 3, "subject": "Miles Davis", "prompt": "Miles Davis plays the", "attribute": "qqqq"})
-    records.append({"known_id": 4, "subject": "Mars", "prompt": "The moon of Jupiter is", "attribute": "Io"})
+    records.append({"known_id": 9, "subject": "Miles Davis", "prompt": "Miles Davis plays the", "attribute": "qqqq"})
+    records.append({"known_id": 10, "subject": "Mars", "prompt": "The moon of Jupiter is", "attribute": "Io"})
     (tmp_path / "facts.json").write_text(json.dumps(records))
+    out = tmp_path / "out"
 
+    # SIGINT once the run is under way (the noise level is printed just before the facts): it stops before the
+    # next fact, says how to resume, and the same command then finishes the job, reusing the facts traced
+    args = ("stage=trace", f"model.name={d}", "model.device=cpu", f"model.cache_dir={tmp_path / 'cache'}",
+            f"trace.out={out}", "trace.samples=2", "trace.window=2", f"trace.dataset={tmp_path / 'facts.json'}",
+            "trace.plots=false")
+    code, lines = signal_run(args, signal.SIGINT, lambda lines: any(l.startswith("noise: nu =") for l in lines))
+    assert code == 130, "\n".join(lines[-20:])
+    traced = {p: p.stat().st_mtime_ns for p in (out / "facts").glob("*/scores.npz")} if (out / "facts").exists() else {}
+    assert len(traced) < 9 and [l for l in lines if l.startswith("interrupted:")] == [
+        f"interrupted: {len(traced)} fact(s) traced so far are kept in {out / 'facts'}; to resume, run the same command"]
+    assert not (out / "summary.json").exists()
     r = _cli(d, tmp_path, f"trace.dataset={tmp_path / 'facts.json'}", "trace.plots=false")
     assert r.returncode == 0, r.stderr
-    assert "kept 3 of 5 facts" in r.stdout
-    out = tmp_path / "out"
+    assert "kept 9 of 11 facts" in r.stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in traced.items())  # reused, not traced again
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["known"] == 3 and summary["records"] == 5
+    assert summary["known"] == 9 and summary["records"] == 11
     reasons = {s["subject"]: s["reason"] for s in summary["skipped"]}
     assert "not 'qqqq'" in reasons["Miles Davis"] and "not in the prompt" in reasons["Mars"]
     mlp = np.array(summary["average_indirect_effect"]["mlp"]["mean"], dtype=float)
     assert mlp.shape == (len(BUCKETS), 4) and summary["aie"] == "paper"
-    assert summary["average_indirect_effect"]["mlp"]["facts_per_bucket"][BUCKETS.index("last token")] == 3
+    assert summary["average_indirect_effect"]["mlp"]["facts_per_bucket"][BUCKETS.index("last token")] == summary["known"]
     assert summary["recommended_layer"] == int(np.argmax(mlp[BUCKETS.index("last subject token")]))
     for stem in ("aie_hidden", "aie_mlp", "aie_attn", "aie_lines"):
         assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.pdf").stat().st_size > 0
