@@ -8,11 +8,38 @@ from __future__ import annotations
 
 import importlib
 import logging
-import shlex
 import sys
 
-STAGES = {"stats": "recipes.stats", "edit": "recipes.edit", "revert": "recipes.revert", "trace": "recipes.trace",
-          "eval": "recipes.eval"}
+STAGES = {  # stage: (recipe, what it does)
+    "stats": ("recipes.stats", "C = E[k kT] of the keys entering the edited MLP down-projection, over streamed text"),
+    "edit": ("recipes.edit", "ROME (or MEMIT / AlphaEdit) edits from request=..., verified, recorded in a ledger, saved"),
+    "revert": ("recipes.revert", "undo edits of a ledger (ledger=DIR edit_id=N|all), bitwise"),
+    "trace": ("recipes.trace", "causal tracing: where the model recalls a fact; heatmaps and the edit layer"),
+    "eval": ("recipes.eval", "CounterFact / zsRE evaluation of methods side by side (eval.mode=sequential|batch: many edits)"),
+}
+HELP_WORDS = ("--help", "-h", "help")
+
+
+def usage() -> str:
+    """The stages, the config groups (from configs/config.yaml and its comments) and where keys are documented."""
+    import re
+
+    from pipeline.config import CONFIG_DIR
+
+    lines = ["usage: python train.py stage=STAGE [key=value ...]", "", "stages:"]
+    lines += [f"  {name:<8} {what}" for name, (_, what) in STAGES.items()]
+    lines += ["", "config keys (dotted, YAML values: stats.layers=[4,5,6]):"]
+    text = (CONFIG_DIR / "config.yaml").read_text()
+    for m in re.finditer(r"^([A-Za-z_]+):([^\n#]*)(?:#\s*(.*))?$", text, re.M):
+        key, value, comment = m.group(1), m.group(2).strip(), (m.group(3) or "").strip()
+        if key == "method":
+            continue
+        lines.append(f"  {key + ('.*' if not value else ''):<14} {comment}")
+    lines.append(f"  {'method.*':<14} eval methods, one file each in configs/method/ (method.ft_l.lr=1e-4)")
+    lines += ["", f"Every key and its default, with a comment: {CONFIG_DIR / 'config.yaml'}; per-model defaults in "
+              "configs/model/; the README explains each stage.", "print_config=true prints the composed configuration "
+              "and exits."]
+    return "\n".join(lines)
 
 
 def _quiet() -> None:
@@ -29,7 +56,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
-    warnings.filterwarnings("ignore", message=".*`configure_optimizers` returned `None`.*")  # Adam is the pipeline's
+    warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`.*")  # Adam is the pipeline's
+    warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated.*")  # the prefix KV cache we pass
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -39,25 +67,34 @@ def _quiet() -> None:
 def main(argv: list[str]) -> int:
     from pipeline.config import compose
     from pipeline.errors import Interrupted, UserError
+    from pipeline.signals import stop_on_signals
 
+    if any(a in HELP_WORDS for a in argv):
+        print(usage())
+        return 0
     _quiet()
     try:
         cfg = compose(argv)
+        if cfg.print_config:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
         if cfg.stage not in STAGES:
-            raise UserError(f"stage={cfg.stage} is not one of {', '.join(STAGES)}")
-        recipe = STAGES[cfg.stage]
+            from pipeline.config import nearest
+
+            raise UserError(f"stage={cfg.stage} is not one of {', '.join(STAGES)}{nearest(str(cfg.stage), list(STAGES))}")
+        recipe = STAGES[cfg.stage][0]
         if cfg.stage == "eval" and cfg.eval.mode != "case":  # many edits into one model: its own recipe
             recipe = "recipes.eval_scale"
-        importlib.import_module(recipe).run(cfg)
+        with stop_on_signals():
+            importlib.import_module(recipe).run(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Interrupted as err:  # a clean stop on SIGTERM / SIGINT: what was saved, and how to go on
-        from lightning.pytorch.utilities import rank_zero_only
-
-        if rank_zero_only.rank == 0:  # every rank of a multi-process run stops; one line says so
-            print(f"{err}; to resume, run the same command: python train.py {shlex.join(argv)}", file=sys.stderr)
-        return err.exit_code
+    except Interrupted as stop:
+        print(f"interrupted: {stop.hint}", file=sys.stderr)
+        return 128 + stop.signum
     return 0
 
 

@@ -55,6 +55,7 @@ def main() -> None:
     from pipeline.config import compose
     from pipeline.loading import load_model, resolve_dtype
     from pipeline.rank_one import KeySolver
+    from pipeline.spectrum import eigendecomposition, null_space_projector
     from pipeline.requests import parse_requests
     from pipeline.templates import context_templates
 
@@ -93,7 +94,8 @@ def main() -> None:
         for l in layers:
             ctx.solvers[l] = KeySolver(c[l], 0.0, args.device)
             if method == "alphaedit":
-                ctx.projectors[l] = memit.null_space_projector(c[l], float(cfg.edit.alphaedit.nullspace_threshold))[0]
+                values, vectors = eigendecomposition(c[l], args.device)
+                ctx.projectors[l] = null_space_projector(values, vectors, float(cfg.edit.alphaedit.nullspace_threshold))[0].to(args.device)
         return ctx
 
     n, rows = len(requests), {}

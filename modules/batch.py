@@ -6,7 +6,8 @@ module calls ``pipeline.memit.begin_batch`` on the model as it is now (earlier b
 calls ``ValueOptimisation.step`` for all the batch's requests at once; when every request has finished the
 batch is ``finished`` and ``WriteBatch`` spreads z over the layer set (``memit.finish_batch``), then
 ``BatchLedger`` records the per-layer low-rank factors. The model is held in a plain ``BatchContext``: the
-Trainer never moves or copies it.
+Trainer never moves or copies it. On a stop request the batch in progress is finished, written and recorded,
+and no further batch begins (as ``modules/rome.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from torch.utils.data import DataLoader
 from pipeline import memit
 from pipeline.ledger import Ledger
 from pipeline.requests import EditRequest
+from pipeline.signals import stop_requested
+
+from .rome import finish_steps
 
 __all__ = ["TargetOptimizer", "WriteBatch", "BatchLedger", "BatchProgress"]
 
@@ -46,13 +50,16 @@ class TargetOptimizer(L.LightningModule):
         index, _ = batch
         self.finished = None
         if index != self._index:
+            if stop_requested():  # between batches: begin no new one
+                self.trainer.should_stop = True
+                return None
             self._index = index
             self.state = memit.begin_batch(self.ctx, self.batches[index])
             self._t0 = time.perf_counter()
         opt = self.state.optimisation
         if opt.done:
             return None
-        if opt.step():
+        if finish_steps(opt):
             self.state.timings["v_star"] = time.perf_counter() - self._t0
             self.finished = self.state
         return None
@@ -72,15 +79,17 @@ class WriteBatch(L.Callback):
 class BatchLedger(L.Callback):
     """Records the batch (requests, per-layer factors, and for AlphaEdit the keys it preserves) in the ledger."""
 
-    def __init__(self, ledger: Ledger, model_identity: dict[str, str], stats: dict[str, Any] | None) -> None:
-        self.ledger, self.model_identity, self.stats = ledger, model_identity, stats
+    def __init__(self, ledger: Ledger, model_identity: dict[str, str], stats: dict[str, Any] | None,
+                 run: tuple[str, list[int]] | None = None) -> None:
+        self.ledger, self.model_identity, self.stats, self.run = ledger, model_identity, stats, run
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: TargetOptimizer, *args: Any) -> None:
         if pl_module.finished is None:
             return
         ctx, result = pl_module.ctx, pl_module.results[-1]
         t = time.perf_counter()
-        self.ledger.append_batch(ctx, result, self.model_identity, self.stats)
+        run = {"requests": self.run[0], "index": self.run[1][len(pl_module.results) - 1]} if self.run else None
+        self.ledger.append_batch(ctx, result, self.model_identity, self.stats, run)
         result.timings["ledger"] = time.perf_counter() - t
 
 

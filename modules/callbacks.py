@@ -52,17 +52,22 @@ def ledger_entry(ctx: rome.EditContext, result: rome.EditResult, model_identity:
 
 
 class LedgerCheckpoint(L.Callback):
-    """Appends the edit (vectors, norms, probabilities, timings, identities) to the ledger, atomically."""
+    """Appends the edit (vectors, norms, probabilities, timings, identities) to the ledger, atomically.
+    ``run`` = (the request list's digest, each request's position in it): recorded with every entry, so that
+    a resumed run skips what is already there."""
 
-    def __init__(self, ledger: Ledger, model_identity: dict[str, str]) -> None:
-        self.ledger, self.model_identity = ledger, model_identity
+    def __init__(self, ledger: Ledger, model_identity: dict[str, str], run: tuple[str, list[int]] | None = None) -> None:
+        self.ledger, self.model_identity, self.run = ledger, model_identity, run
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: ValueOptimizer, *args: Any) -> None:
         result = pl_module.finished
         if result is None or result.update is None:
             return
         t = time.perf_counter()
-        result.entry_id = self.ledger.append(ledger_entry(pl_module.ctx, result, self.model_identity), result.update)
+        entry = ledger_entry(pl_module.ctx, result, self.model_identity)
+        if self.run is not None:
+            entry["run"] = {"requests": self.run[0], "index": self.run[1][pl_module.results.index(result)]}
+        result.entry_id = self.ledger.append(entry, result.update)
         result.timings["ledger"] = time.perf_counter() - t
 
 

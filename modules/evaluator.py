@@ -1,9 +1,11 @@
 """The eval stage's LightningModule: ``predict_step`` evaluates one case under every pending method.
 
 Per case: score the clean model once (the "pre" numbers, and the "none" row); then for each method edit,
-score, and copy the clean edited matrix back (checked with ``torch.equal``), so every edit starts from
-the clean model. Each (case, method) result is appended to this rank's JSON-lines file at once, and its
+score, and copy back the clean values of every parameter a method may touch (``Method.touched``: its
+layer's down-projection; checked with ``torch.equal``), so every edit starts from the clean model. Each (case, method) result is appended to this rank's JSON-lines file at once, and its
 post-edit values go into ``CaseValues`` metrics, which are gathered across ranks at the end.
+After a stop request (SIGTERM, SIGINT) the case in progress is finished and recorded and the remaining ones
+are passed over (Lightning's predict loop has no stop of its own); the recipe then reports how to resume.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pipeline.errors import UserError
 from pipeline.eval_data import EvalCase
 from pipeline.eval_report import METRICS
 from pipeline.scoring import Generation, References, score_case
+from pipeline.signals import stop_requested
 
 from .case_values import CaseValues
 from .methods import EvalContext, Method
@@ -36,24 +39,29 @@ class CaseEvaluator(L.LightningModule):
         self.ctx, self.cases, self.todo, self.done, self.case_log = ctx, cases, todo, list(done), log
         self.gen, self.refs, self.seed, self.kind, self.on_start = gen, refs, seed, kind, on_start
         self.model = ctx.loaded.model  # registered: the Trainer places it on this rank's device
-        self.method_names = [m.name for m in methods]
+        self.methods, self.method_names = list(methods), [m.name for m in methods]
         self.metrics = torch.nn.ModuleDict({key: CaseValues() for m in self.method_names
                                             for key in [f"{m}__{k}" for k in [OK, *METRICS[kind]]]})
-        w = self._weight()
-        self.register_buffer("clean", w.detach().clone(), persistent=False)
+        # every parameter some method may change, with a clean copy (buffers: they follow the model's device)
+        self.touched = sorted({name for m in methods for name in m.touched(ctx)})
+        for i, name in enumerate(self.touched):
+            self.register_buffer(f"clean_{i}", ctx.loaded.model.get_parameter(name).detach().clone(), persistent=False)
         self.values: dict[str, dict[str, list[tuple[int, float]]]] = {}
 
-    # -- the edited matrix ------------------------------------------------------------------------------
-    def _weight(self) -> torch.nn.Parameter:
-        return self.ctx.loaded.spec.down_proj_weight(self.ctx.loaded.model, self.ctx.layer)
+    # -- the edited parameters --------------------------------------------------------------------------
+    def _pairs(self) -> list[tuple[str, torch.nn.Parameter, torch.Tensor]]:
+        model = self.ctx.loaded.model
+        return [(name, model.get_parameter(name), getattr(self, f"clean_{i}")) for i, name in enumerate(self.touched)]
 
     def _check_clean(self, when: str) -> None:
-        if not torch.equal(self._weight(), self.clean):
-            raise RuntimeError(f"layer {self.ctx.layer}'s down-projection is not the clean matrix {when}")
+        for name, param, clean in self._pairs():
+            if not torch.equal(param, clean):
+                raise RuntimeError(f"{name} is not the clean parameter {when}")
 
     def _restore(self) -> None:
         with torch.no_grad():
-            self._weight().copy_(self.clean)
+            for _, param, clean in self._pairs():
+                param.copy_(clean)
         self._check_clean("after restoring it")
 
     # -- Lightning hooks --------------------------------------------------------------------------------
@@ -66,7 +74,7 @@ class CaseEvaluator(L.LightningModule):
                 self._update(rec)
 
     def predict_step(self, index: int, batch_idx: int = 0) -> None:
-        if int(index) == NO_CASE:
+        if int(index) == NO_CASE or stop_requested():
             return None
         case = self.cases[int(index)]
         for rec in self.evaluate(case, self.todo[case.index]):

@@ -9,6 +9,9 @@ callbacks (``modules/callbacks.py``) apply, verify and record it; the rest of it
 The frozen model is held in a plain ``EditContext`` attribute, not as a registered child module, so the
 Trainer never moves, copies or re-modes it; δ and Adam live in the pipeline's ``ValueOptimisation`` on
 the model's device. The one host sync per step is the early-stop check's.
+
+On a stop request (SIGTERM, SIGINT: ``pipeline.signals``) the edit in progress runs its remaining steps in
+the current batch, so that the callbacks apply, verify and record it whole, and no further edit begins.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from torch.utils.data import DataLoader
 
 from pipeline import rome
 from pipeline.requests import EditRequest
+from pipeline.signals import stop_requested
 
-__all__ = ["ValueOptimizer"]
+__all__ = ["ValueOptimizer", "finish_steps"]
 
 
 class ValueOptimizer(L.LightningModule):
@@ -46,6 +50,9 @@ class ValueOptimizer(L.LightningModule):
         index, _ = batch
         self.finished = None
         if index != self._index:  # the request's first step
+            if stop_requested():  # between edits: begin no new one
+                self.trainer.should_stop = True
+                return None
             self._index = index
             self.current = rome.begin(self.ctx, self.requests[index])
             self.results.append(self.current)
@@ -53,7 +60,7 @@ class ValueOptimizer(L.LightningModule):
         opt = self.current.optimisation
         if opt.done:  # early-stopped: its remaining steps are skipped
             return None
-        if opt.step():
+        if finish_steps(opt):
             self.current.finish_value()
             self.current.timings["v_star"] = time.perf_counter() - self._t0  # step() ended in a host sync
             self.finished = self.current
@@ -61,3 +68,12 @@ class ValueOptimizer(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.finished = None  # the callbacks (called before this hook) have handled it
+
+
+def finish_steps(opt: Any) -> bool:
+    """One optimisation step; after a stop request, every remaining step (the edit is finished, not left
+    half-done). True when the optimisation has ended."""
+    ended = opt.step()
+    while not ended and stop_requested():
+        ended = opt.step()
+    return ended

@@ -11,8 +11,8 @@ The HF model is held as a plain attribute, not a registered child module: Lightn
 SLURM requeue writes one) then hold nothing of it, and this module moves it to its rank's device itself.
 
 Resumable state (``PartialStats``, one file per rank, atomic) is written every ``checkpoint_minutes``,
-every ``checkpoint_every_batches`` batches and when a stop is requested (SIGTERM / SIGINT: the batch in
-flight is finished first, then ``Interrupted``). It includes the convergence readouts (rank 0, at each
+every ``checkpoint_every_batches`` batches and when a stop is requested (SIGTERM / SIGINT, armed by
+``train.py`` through ``pipeline.signals``: the batch in flight is finished first, then ``Interrupted``). It includes the convergence readouts (rank 0, at each
 doubling of its tokens): a resumed run redoes those after its checkpoint, at the same token counts.
 """
 
@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from pipeline.arch import ArchSpec
 from pipeline.atomic import atomic_path
-from pipeline.errors import Interrupted, UserError
+from pipeline.errors import UserError
 from pipeline.hooks import TraceDict
 from pipeline.second_moment import accumulate_second_moment
-from pipeline.signals import StopRequest
+from pipeline.signals import check_stop, stop_requested
 from pipeline.stats_convergence import Readout, converged_hint, pick_probes, take_readout
 
 NEW_SHARD = {"window": 0, "batches": 0, "before": 0, "tokens": 0}
@@ -100,14 +100,14 @@ class SecondMomentModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, spec: ArchSpec, layers: list[int], *, dtype: torch.dtype = torch.float64,
                  product: str = "fp32", partial: PartialStats | None = None, checkpoint_minutes: float = 0.0,
                  checkpoint_every_batches: int = 0, convergence: ConvergenceSettings | None = None,
-                 stop: StopRequest | None = None, report: Callable[[str], None] = tqdm.write) -> None:
+                 report: Callable[[str], None] = tqdm.write) -> None:
         super().__init__()
         object.__setattr__(self, "model", model)  # a plain attribute: never registered, saved or moved by Lightning
         self.spec = spec
         self.layers = sorted(layers)
         self.names = [spec.down_proj_name(l) for l in self.layers]
         self.acc_dtype, self.product = dtype, product
-        self.partial, self.stop, self.report = partial, stop, report
+        self.partial, self.report = partial, report
         self.checkpoint_seconds, self.checkpoint_every_batches = 60.0 * checkpoint_minutes, checkpoint_every_batches
         self.convergence = convergence
         self.sums: dict[int, torch.Tensor] = {}
@@ -193,15 +193,15 @@ class SecondMomentModule(L.LightningModule):
                 self.next_readout *= 2
             if self.global_rank == 0:
                 self._readout()
-        stop = self.stop is not None and self.stop.requested
+        stop = stop_requested()  # a SIGTERM / SIGINT arrived (train.py armed pipeline.signals)
         due = (stop or (self.checkpoint_every_batches and self.steps % self.checkpoint_every_batches == 0)
                or (self.checkpoint_seconds and time.monotonic() - self._last_save >= self.checkpoint_seconds))
         if due and self.partial:
             self._save_partial()
         if stop:
-            where = f"in {self.partial.dir}" if self.partial else "nowhere (no partial state configured)"
+            where = f"saved in {self.partial.dir}" if self.partial else "not saved (no partial state configured)"
             ranks = f" on rank {self.global_rank} of {self.trainer.world_size}" if self.trainer.world_size > 1 else ""
-            raise Interrupted(self.stop.signum, f"partial statistics ({self.count:,} tokens{ranks}) saved {where}")
+            check_stop(f"partial statistics ({self.count:,} tokens{ranks}) {where}; to resume, run the same command")
 
     def _readout(self) -> None:
         for l in self.layers:

@@ -13,7 +13,6 @@ from omegaconf import DictConfig
 from datamodules import TextDataModule
 from pipeline.loading import LoadedModel
 from pipeline.second_moment import LayerStats, StatsCache, StatsKey
-from pipeline.signals import stop_on_signals
 from pipeline.statistics import (accumulation_dtype, batch_tokens, load_explicit, lookup, shortfall_warning,
                                  stats_cache, stats_identity, stats_key, text_source)
 from pipeline.stats_convergence import plot_convergence
@@ -85,9 +84,7 @@ def _compute(cfg: DictConfig, loaded: LoadedModel, key: StatsKey, cache: StatsCa
                           sort_window=int(cfg.data.sort_window), tokens=int(cfg.stats.tokens),
                           num_workers=int(cfg.data.num_workers), resume=partial.shards)
     start = time.perf_counter()
-    with stop_on_signals() as stop:
-        module.stop = stop
-        tr.predict(module, datamodule=data, return_predictions=False)
+    tr.predict(module, datamodule=data, return_predictions=False)  # a stop request ends it with Interrupted
     seconds = time.perf_counter() - start
     if tr.is_global_zero:
         requested = int(cfg.stats.tokens)

@@ -12,10 +12,18 @@ __all__ = ["make_trainer", "single_device_trainer"]
 
 def make_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` (no logger, no checkpoints, no model summary unless asked)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from pipeline.errors import UserError
+
     t = cfg.trainer
     defaults = dict(logger=False, enable_checkpointing=False, enable_model_summary=False,
                     accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes)
-    return L.Trainer(**{**defaults, **kwargs})
+    try:
+        return L.Trainer(**{**defaults, **kwargs})
+    except (MisconfigurationException, ValueError, TypeError) as err:  # e.g. trainer.devices=4 on a 1-GPU machine
+        raise UserError(f"trainer.* settings (accelerator={t.accelerator}, devices={t.devices}, strategy={t.strategy}, "
+                        f"num_nodes={t.num_nodes}): {str(err).splitlines()[0]}") from None
 
 
 def single_device_trainer(cfg: DictConfig, model: Any, callbacks: list[L.Callback]) -> L.Trainer:

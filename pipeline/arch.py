@@ -3,11 +3,17 @@
 ROME edits the MLP *down-projection* (the matrix that maps the d_ff-dimensional MLP hidden state, the
 "key", back to d_model, the "value").  GPT-2 stores it as a Conv1D whose weight is [in, out]; every other
 family uses nn.Linear with weight [out, in].  ``down_proj_conv1d`` records which.
+
+Code that applies the LM head by hand (to pay for the vocabulary only where a loss looks) goes through
+``ArchSpec.logits``, which also applies what the model's own forward does after the head (Gemma 2's tanh
+soft-cap of the final logits), so it sees the model's distribution in every family.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, Mapping
 
 import torch
@@ -16,7 +22,7 @@ from torch import nn
 from .errors import UserError
 from .hooks import get_module
 
-__all__ = ["ArchSpec", "FAMILIES", "arch_for"]
+__all__ = ["ArchSpec", "FAMILIES", "arch_for", "cache_kwarg"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +68,17 @@ class ArchSpec:
     def key_size(self, model: nn.Module, layer: int) -> int:
         return self.down_proj_matrix(model, layer).shape[1]
 
+    def logits(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """The model's own logits (float32) for hidden states ``h`` taken after the final norm: the LM head,
+        then the final-logit soft-cap ``tanh(z / cap) x cap`` where the config sets one (Gemma 2 and 3 read
+        ``final_logit_softcapping`` in their forward; the other families have none)."""
+        z = get_module(model, self.lm_head)(h)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        return z.float()
+
     def validate(self, model: nn.Module) -> "ArchSpec":
         names = [self.blocks, self.embed, self.final_norm, self.lm_head]
         names += [self.mlp_name(0), self.down_proj_name(0), self.attn_name(0)]
@@ -101,8 +118,23 @@ FAMILIES: dict[str, dict[str, Any]] = {
         attn="attention", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
         lm_head=("lm_head", "embed_out"),  # transformers 5 renamed embed_out
     ),
-    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
+    # Gemma 1-3 only differ in what the stages never touch by hand: (1 + w) RMS norms, norms after the
+    # attention and the MLP, sqrt(d)-scaled embeddings, tied LM head, sliding-window layers, the soft-cap
+    # (``ArchSpec.logits``). Every family here is tested against the model's own forward (tests/conftest.py).
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
+                                "olmo2")},
 }
+
+
+@functools.cache
+def _cache_kwarg(forward_owner: type) -> str:
+    return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward argument that takes a KV cache: ``cache`` from transformers 5.2x on (``past_key_values``
+    is deprecated there and removed in 5.40), ``past_key_values`` before."""
+    return _cache_kwarg(type(model))
 
 
 def arch_for(model: nn.Module, overrides: Mapping[str, Any] | None = None) -> ArchSpec:

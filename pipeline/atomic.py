@@ -1,16 +1,31 @@
-"""Atomic writes: a crash never leaves a half-written file or directory under its final name."""
+"""Atomic writes: a crash never leaves a half-written file or directory under its final name.
+
+Files and directories are created with the user's umask (``tempfile`` makes them 0600 / 0700, which a group
+on a shared cluster cannot read). A directory that already exists is swapped with the new one in a single
+``renameat2(RENAME_EXCHANGE)`` where the kernel has it, so there is no moment without either of them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_path", "atomic_dir", "write_json"]
+__all__ = ["atomic_path", "atomic_dir", "write_json", "user_mode"]
+
+
+def user_mode(kind: str) -> int:
+    """The mode a new ``"file"`` or ``"dir"`` gets under the process umask (read and put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o666 if kind == "file" else 0o777) & ~mask
 
 
 @contextlib.contextmanager
@@ -19,10 +34,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, user_mode("file"))
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, user_mode("file"))  # a writer may have made the file anew (safetensors: 0600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -30,22 +47,55 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_libc = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2); False where the system cannot."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False  # an old kernel or a file system without exchange: the two-rename fallback
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success it replaces ``path`` as a whole."""
+def atomic_dir(path: str | os.PathLike, before_replace: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` as a whole.
+
+    ``before_replace(path)`` runs right before an existing ``path`` is replaced and may raise to keep it
+    (the caller's last check that it is still its own to replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, user_mode("dir"))
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        for p in tmp.rglob("*"):  # whatever wrote them (safetensors makes 0600 files): the user's umask
+            if not p.is_symlink():
+                os.chmod(p, user_mode("dir" if p.is_dir() else "file"))
+        if path.exists() or path.is_symlink():
+            if before_replace is not None:
+                before_replace(path)
+            if not _exchange(tmp, path):
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                os.replace(old, tmp)  # removed below, with the temporary directory
+        else:
+            os.replace(tmp, path)
     finally:
+        if tmp.is_symlink():  # ``path`` was a link: the link itself was swapped out, never its target
+            tmp.unlink()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

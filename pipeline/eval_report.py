@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 from .atomic import atomic_path
 from .metrics import harmonic_mean, mean_ci
 
-__all__ = ["METRICS", "PROTOCOL", "summarize", "markdown_table", "bar_chart"]
+__all__ = ["METRICS", "PROTOCOL", "summarize", "markdown_table", "bar_chart", "error_bars"]
 
 # column order of the table, per dataset kind; every value is x100
 METRICS = {
@@ -72,8 +72,21 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+BOUNDED = {"es", "ps", "ns", "rs", "efficacy", "paraphrase", "specificity"}  # rates (x100): within [0, 100]
+
+
+def error_bars(mean: float, ci: float | None, key: str) -> tuple[float, float]:
+    """(below, above) the bar for a 95% interval: a rate's interval is clipped to [0, 100] (the normal
+    approximation runs past them at small n); signed margins (EM, PM, NM) and GE are drawn as computed."""
+    ci = ci or 0.0
+    if key not in BOUNDED or math.isnan(mean):
+        return ci, ci
+    return mean - max(0.0, mean - ci), min(100.0, mean + ci) - mean
+
+
 def bar_chart(summary: Mapping[str, Any], path: str | Path) -> None:
-    """Methods side by side per metric, with 95% CI error bars; rates and magnitudes in two panels."""
+    """Methods side by side per metric, with 95% CI error bars (rates clipped to [0, 100]); rates and
+    magnitudes in separate panels; each method's n in the legend, and on a bar whose n differs from it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,13 +102,19 @@ def bar_chart(summary: Mapping[str, Any], path: str | Path) -> None:
     width = 0.8 / max(1, len(methods))
     for ax, keys in zip(axes[0], panels):
         for j, (name, m) in enumerate(methods.items()):
-            vals, errs = [], []
+            vals, below, above, ns = [], [], [], []
             for k in keys:
                 stat = {"mean": m.get("s", math.nan), "ci95": None} if k == "s" else m["metrics"].get(k, {})
                 vals.append(stat.get("mean", math.nan))
-                errs.append(stat.get("ci95") or 0.0)
+                lo, hi = error_bars(vals[-1], stat.get("ci95"), k)
+                below.append(lo)
+                above.append(hi)
+                ns.append(stat.get("n", m["n"]))
             xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(keys))]
-            ax.bar(xs, vals, width, yerr=errs, capsize=2, label=name)
+            ax.bar(xs, vals, width, yerr=[below, above], capsize=2, label=f"{name} (n={m['n']})")
+            for x, v, n in zip(xs, vals, ns):
+                if n != m["n"] and not math.isnan(v):
+                    ax.annotate(f"n={n}", (x, v), ha="center", va="bottom", fontsize=6)
         ax.set_xticks(range(len(keys)), [LABELS[k] for k in keys])
         ax.axhline(0, color="black", linewidth=0.5)
         ax.grid(axis="y", alpha=0.3)

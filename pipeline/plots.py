@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from .atomic import atomic_path  # noqa: E402
 from .tracing import BUCKETS, TraceResult  # noqa: E402
 
-__all__ = ["save_figure", "plot_fact", "plot_average", "plot_lines"]
+__all__ = ["save_figure", "fact_title", "plot_fact", "plot_average", "plot_lines"]
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 COLORS = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
@@ -40,9 +40,21 @@ def _xticks(ax: plt.Axes, n_layers: int) -> None:
     ax.set_xticklabels(ticks)
 
 
-def plot_fact(res: TraceResult, kind: str, stem: Path, model_name: str = "the model") -> list[Path]:
+def fact_title(res: TraceResult, low_p_clean: float = 0.0) -> str:
+    """What a fact's heatmap shows: the prompt, the answer, P(clean) and P(corrupted); a fact the model
+    barely predicts (P(clean) < ``low_p_clean``) is flagged, since its colour scale then spans noise."""
+    prompt = "".join(res.tokens).strip()
+    title = (f"{prompt} -> {res.answer.strip()}\nP(clean) {res.p_clean:.3f}, P(corrupted) {res.p_corrupted:.3f}")
+    if res.p_clean < low_p_clean:
+        title += f"\nLOW P(clean) < {low_p_clean:g}: the model does not predict this answer; effects are noise"
+    return title
+
+
+def plot_fact(res: TraceResult, kind: str, stem: Path, model_name: str = "the model",
+              low_p_clean: float = 0.0) -> list[Path]:
     """One fact, one kind: P(answer) with each state restored, tokens x layers.  As in the paper, the
-    colour scale starts at the corrupted probability, so white means 'no effect'; subject tokens get *."""
+    colour scale starts at the corrupted probability, so white means 'no effect'; subject tokens get *.
+    The title names the fact and its clean and corrupted probabilities (``fact_title``)."""
     probs = res.effects[kind] + res.p_corrupted
     labels = [f"{t}*" if res.subject[0] <= i < res.subject[1] else t for i, t in enumerate(res.tokens)]
     fig, ax = plt.subplots(figsize=(3.5, 0.25 * len(labels) + 0.8))
@@ -51,11 +63,15 @@ def plot_fact(res: TraceResult, kind: str, stem: Path, model_name: str = "the mo
     ax.set_yticks([i + 0.5 for i in range(len(labels))])
     ax.set_yticklabels([repr(l)[1:-1] for l in labels], fontsize=7)
     _xticks(ax, probs.shape[1])
+    head = fact_title(res, low_p_clean)
+    low = res.p_clean < low_p_clean
     if kind == "hidden":
-        ax.set_title("Impact of restoring state after corrupted input", fontsize=8)
+        ax.set_title(f"{head}\nImpact of restoring state after corrupted input", fontsize=7,
+                     color="tab:red" if low else "black")
         ax.set_xlabel(f"single restored layer within {model_name}", fontsize=7)
     else:
-        ax.set_title(f"Impact of restoring {NAMES[kind]} after corrupted input", fontsize=8)
+        ax.set_title(f"{head}\nImpact of restoring {NAMES[kind]} after corrupted input", fontsize=7,
+                     color="tab:red" if low else "black")
         ax.set_xlabel(f"center of interval of {res.window} restored {NAMES[kind]} layers", fontsize=7)
     cb = fig.colorbar(h)
     cb.ax.set_title(f"p({res.answer.strip()})", y=-0.12, fontsize=7)

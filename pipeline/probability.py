@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .generation import generate_tokens
 from .padding import right_pad
 
 __all__ = ["target_log_probs", "target_probs", "target_argmax", "greedy_continuation", "target_token_ids", "new_and_true_probs"]
@@ -77,10 +78,7 @@ def new_and_true_probs(model: torch.nn.Module, tokenizer: Any, sets: Mapping[str
             for name, (s, n, known) in spans.items()}
 
 
-@torch.no_grad()
 def greedy_continuation(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
-    device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    """Plain greedy decoding (no repetition penalty a checkpoint may set), up to end-of-text."""
+    new = generate_tokens(model, tokenizer, [prompt], max_new_tokens, top_k=None, exact_length=False)
+    return tokenizer.decode(new[0], skip_special_tokens=True)

@@ -152,9 +152,12 @@ def read_records(path: str | Path, what: str, single: bool = True) -> list[Any]:
     """The records of a .json/.yaml file (a list, or one record when ``single``) or a .jsonl file (one
     record a line)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what}={path} is a directory; name a .json, .jsonl or .yaml file")
     if not path.is_file():
         raise UserError(f"{what}={path} does not exist" if path.suffix else
-                        f"{what}={path} does not exist (a file needs a .json, .jsonl or .yaml extension)")
+                        f"{what}={path} is neither a file nor inline JSON/YAML (a file needs a .json, .jsonl or .yaml "
+                        "extension; inline: request='{\"prompt\": ..., \"subject\": ..., \"target_new\": ...}')")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .eval_data import EvalCase
+from .generation import generate_tokens
 from .metrics import TfIdf, counterfact_case, fluency, token_accuracy
 from .probability import new_and_true_probs, target_argmax
 
@@ -70,20 +71,7 @@ def _zsre_accuracy(model, tok, case: EvalCase, batch_size: int) -> dict[str, flo
 @torch.no_grad()
 def generate(model, tok, prompts: Sequence[str], gen: Generation, seed: int) -> list[str]:
     """Prompt + continuation for every prompt, in one left-padded batch; seeded (sampling is per case)."""
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(list(prompts), return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
-    enc = enc.to(next(model.parameters()).device)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-    kwargs = dict(do_sample=True, top_k=gen.top_k) if gen.do_sample else dict(do_sample=False)
-    out = model.generate(**enc, max_new_tokens=gen.tokens, min_new_tokens=gen.tokens, pad_token_id=tok.pad_token_id,
-                         **kwargs)
-    new = out[:, enc["input_ids"].shape[1]:]
+    new = generate_tokens(model, tok, prompts, gen.tokens, top_k=gen.top_k if gen.do_sample else None, seed=seed)
     return [p + tok.decode(row, skip_special_tokens=True) for p, row in zip(prompts, new)]
 
 

@@ -34,10 +34,10 @@ def stats_cache(cfg: DictConfig) -> StatsCache:
 
 def accumulation_dtype(cfg: DictConfig) -> torch.dtype:
     """``stats.dtype``: the running total's dtype."""
-    if cfg.stats.dtype not in _ACCUMULATION_DTYPES:
+    if str(cfg.stats.dtype) not in _ACCUMULATION_DTYPES:
         raise UserError(f"stats.dtype={cfg.stats.dtype} is not one of {', '.join(_ACCUMULATION_DTYPES)} "
                         "(the dtype of the running total; float64 is the default)")
-    return _ACCUMULATION_DTYPES[cfg.stats.dtype]
+    return _ACCUMULATION_DTYPES[str(cfg.stats.dtype)]
 
 
 def stats_key(cfg: DictConfig, loaded: LoadedModel) -> StatsKey:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .arch import ArchSpec
+from .arch import ArchSpec, cache_kwarg
 from .atomic import atomic_path, write_json
 from .digest import file_sha256, json_digest, short, slug
 from .errors import UserError
@@ -44,7 +44,7 @@ from .subject import fill_prompt, subject_token_range
 __all__ = [
     "KINDS", "BUCKETS", "FactPrompt", "TraceResult", "make_prompt", "answer_tokens", "greedy_tokens",
     "predicts", "embedding_std", "subject_noise", "draw_noise", "fact_noise", "trace_fact", "trace_fact_per_cell", "trace_with_patch",
-    "restored_names", "bucket_scores", "average_effects", "recommend_layer", "model_slug", "model_dir",
+    "restored_names", "bucket_rows", "bucket_scores", "average_effects", "AIE_MODES", "recommend_layer", "model_slug", "model_dir",
     "save_recommendation", "latest_recommendation",
 ]
 
@@ -252,20 +252,23 @@ def _corrupted_run(model: nn.Module, spec: ArchSpec, p: FactPrompt, noise: torch
     ids = p.input_ids.to(_device(model)).expand(samples, -1)
     names = [spec.embed] + [spec.block_name(l) for l in range(spec.num_layers(model))]
     edit = {spec.embed: lambda x: _add_noise(x, noise, p.subject, slice(None))}
+    from transformers import DynamicCache
+
+    # Full layers for sliding-window layers too (the model's own cache keeps only a window's worth there):
+    # the passes that reuse a prefix take any length of it, and the model's masks apply the window.
+    cache = DynamicCache()
     with TraceDict(model, names, retain_output=True, edit_output=edit) as td:
-        out = model(input_ids=ids, use_cache=True)
-    cache = _kv_list(getattr(out, "past_key_values", None))
+        out = model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
     prob = float(_answer_prob(out.logits, p.answer_id).mean())
-    return _Run(prob, {n: td[n].output for n in names}, cache)
+    return _Run(prob, {n: td[n].output for n in names}, _kv_list(cache))
 
 
 def _kv_list(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per-layer (keys, values) of a transformers DynamicCache; None for anything else (no prefix reuse)."""
-    from transformers import DynamicCache
-
-    if not isinstance(cache, DynamicCache):
+    """Per-layer (keys, values) of a filled DynamicCache; None when the model did not fill it (no prefix reuse)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
         return None
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(layer.keys, layer.values) for layer in layers]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,7 +353,7 @@ def _run_chunk(model: nn.Module, spec: ArchSpec, p: FactPrompt, cells: list[_Cel
     # (a memory-bound gemv per row, half the pass) instead of in one GEMM.
     last_only = Trace(get_module(model, spec.lm_head), edit_input=lambda x: x[:, -1:].contiguous())
     with TraceDict(model, [*joins, *index], edit_output=edit), last_only:
-        logits = model(input_ids=ids, past_key_values=past, use_cache=past is not None).logits
+        logits = model(input_ids=ids, use_cache=past is not None, **{cache_kwarg(model): past}).logits
     assert logits.shape[0] == len(cells) * samples, "a joining hook did not run"
     return _answer_prob(logits, p.answer_id).view(len(cells), samples).mean(dim=1)
 
@@ -446,42 +449,65 @@ def trace_fact_per_cell(model: nn.Module, spec: ArchSpec, p: FactPrompt, *, nois
 
 BUCKETS = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
            "further tokens", "last token")
+AIE_MODES = ("paper", "per_fact")
+
+
+def bucket_rows(grid: np.ndarray, subject: tuple[int, int]) -> list[np.ndarray]:
+    """A [tokens, layers] grid split into the six token buckets of the paper's Figure 2: each bucket's
+    rows [its tokens, layers] (the middle and further buckets may have 0 or several tokens, the others one).
+    As ROME's notebook, one token can sit in two buckets (a one-token subject is first and last)."""
+    first, end = subject
+    last_subj, last = end - 1, grid.shape[0] - 1
+    return [grid[first : first + 1], grid[first + 1 : last_subj], grid[last_subj : last_subj + 1],
+            grid[end : end + 1] if end <= last else grid[:0], grid[end + 1 : last], grid[last : last + 1]]
 
 
 def bucket_scores(effect: np.ndarray, subject: tuple[int, int]) -> list[np.ndarray | None]:
-    """A [tokens, layers] grid folded into the six token buckets of the paper's Figure 2, one [layers]
-    row each; a bucket with no token in this prompt is None (a middle bucket is the mean of its tokens).
-    As ROME's notebook, one token can sit in two buckets (a one-token subject is first and last)."""
-    first, end = subject
-    last_subj, last = end - 1, effect.shape[0] - 1
-
-    def mean(lo: int, hi: int) -> np.ndarray | None:
-        return effect[lo:hi].mean(axis=0) if hi > lo else None
-
-    return [effect[first], mean(first + 1, last_subj), effect[last_subj],
-            effect[end] if end <= last else None, mean(end + 1, last), effect[last]]
+    """One fact's buckets as one [layers] row each, the mean of the bucket's tokens (None: no token)."""
+    return [rows.mean(axis=0) if len(rows) else None for rows in bucket_rows(effect, subject)]
 
 
-def average_effects(results: Sequence[TraceResult]) -> dict[str, dict[str, np.ndarray]]:
-    """Per kind: the average indirect effect [buckets, layers] over facts, its 95% confidence half-width
-    (1.96 standard errors, normal approximation) and the number of facts in each bucket."""
+def average_effects(results: Sequence[TraceResult], mode: str = "paper") -> dict[str, dict[str, np.ndarray]]:
+    """Per kind: the average indirect effect [buckets, layers], its 95% confidence half-width, the number
+    of facts with each bucket and the rows averaged in it.
+
+    ``paper`` (ROME's notebooks/average_causal_effects.ipynb): the restored probabilities P(answer |
+    corrupted, restored) of every token of a bucket are pooled over the facts (a fact with three middle
+    subject tokens adds three rows), averaged, and the mean corrupted probability over all facts is
+    subtracted; CI = 1.96 x the std of the pooled probabilities / sqrt(facts), as the notebook draws it (its
+    heatmaps then clip the averages at 0: recipes/trace.py does when plotting). ``per_fact``: each fact's
+    bucket is the mean of its tokens' effects (P(restored) - its own P(corrupted)), averaged over the facts
+    that have the bucket, CI = 1.96 standard errors. The two give the same averages on the one-token
+    buckets (first and last subject token, first subsequent token, last token): the recommended layer is
+    the same; they differ on the middle-subject and further-token rows and in the CIs."""
     if not results:
         raise UserError("no traced facts to average")
+    if mode not in AIE_MODES:
+        raise UserError(f"trace.aie={mode} is not one of {', '.join(AIE_MODES)}")
     out = {}
+    low = float(np.mean([r.p_corrupted for r in results]))
     for kind in results[0].effects:
         rows: list[list[np.ndarray]] = [[] for _ in BUCKETS]
+        facts = np.zeros(len(BUCKETS), dtype=int)
         for r in results:
-            for b, v in enumerate(bucket_scores(r.effects[kind], r.subject)):
-                if v is not None:
-                    rows[b].append(v)
+            grid = r.effects[kind] + r.p_corrupted if mode == "paper" else r.effects[kind]
+            for b, v in enumerate(bucket_rows(grid, r.subject)):
+                if len(v):
+                    facts[b] += 1
+                    rows[b].append(v if mode == "paper" else v.mean(axis=0, keepdims=True))
         n_layers = results[0].effects[kind].shape[1]
         mean, ci = np.full((len(BUCKETS), n_layers), np.nan), np.full((len(BUCKETS), n_layers), np.nan)
         for b, vs in enumerate(rows):
-            if vs:
-                a = np.stack(vs)
+            if not vs:
+                continue
+            a = np.concatenate(vs)
+            if mode == "paper":
+                mean[b] = a.mean(axis=0) - low
+                ci[b] = 1.96 * a.std(axis=0) / np.sqrt(len(results))
+            else:
                 mean[b] = a.mean(axis=0)
                 ci[b] = 1.96 * a.std(axis=0, ddof=1) / np.sqrt(len(a)) if len(a) > 1 else np.nan
-        out[kind] = {"mean": mean, "ci95": ci, "count": np.array([len(v) for v in rows])}
+        out[kind] = {"mean": mean, "ci95": ci, "count": facts, "rows": np.array([sum(map(len, v)) for v in rows])}
     return out
 
 

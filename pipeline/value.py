@@ -26,9 +26,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .arch import ArchSpec
+from .arch import ArchSpec, cache_kwarg
 from .hooks import Trace, get_module
-from .padding import right_pad
+from .padding import left_pad, right_pad
 from .probability import target_token_ids
 from .subject import fill_prompt, subject_token_range
 
@@ -83,7 +83,7 @@ class ValueBatch:
     """Everything a step needs, built once for a set of requests."""
 
     suffix_ids: torch.Tensor  # [rows, S]: from each row's subject-last token on, right-padded
-    full_mask: torch.Tensor  # [rows, P + S]: prefix mask then suffix mask
+    full_mask: torch.Tensor  # [rows, P + S]: prefix mask (left-padded prefixes) then suffix mask
     suffix_pos: torch.Tensor  # [rows, S]: true positions of the suffix tokens
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per-layer K, V of the prefix (pads zeroed)
     row_request: torch.Tensor  # [rows]: the request each row belongs to (whose δ it gets)
@@ -103,18 +103,22 @@ class ValueBatch:
         device = next(model.parameters()).device
         ids = [r for rows in requests for r in rows.ids]
         last = [s for rows in requests for s in rows.subject_last]
-        prefix_ids, prefix_mask = right_pad([r[:s] for r, s in zip(ids, last)], pad, device)
+        # The prefixes are left-padded and the suffixes right-padded, so that each row's real tokens sit in
+        # consecutive cache slots: a sliding-window layer's mask measures distances in slots (Gemma 2/3).
+        prefix_ids, prefix_mask = left_pad([r[:s] for r, s in zip(ids, last)], pad, device)
         suffix_ids, suffix_mask = right_pad([r[s:] for r, s in zip(ids, last)], pad, device)
         prefix_kv = None
         if max(last) > 0:
             from transformers import DynamicCache
 
-            pos = torch.arange(prefix_ids.shape[1], device=device).expand_as(prefix_ids)
-            cache = DynamicCache(config=model.config)
+            pos = (prefix_mask.cumsum(1) - 1).clamp_min(0)  # true positions (pads: 0, masked anyway)
+            # Full layers for every layer, sliding-window ones too (a config-built cache would keep only a
+            # window's worth of a sliding layer's prefix): the model's own masks apply the window.
+            cache = DynamicCache()
             # only the keys and values are needed: stop before the final norm (no LM head over the prefixes)
             with Trace(get_module(model, spec.final_norm), stop=True):
-                model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=pos, past_key_values=cache,
-                      use_cache=True)
+                model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=pos, use_cache=True,
+                      **{cache_kwarg(model): cache})
             keep = prefix_mask[:, None, :, None].bool()  # zero the pads: a 0-weight NaN would still poison
             prefix_kv = [(torch.where(keep, l.keys, 0), torch.where(keep, l.values, 0)) for l in cache.layers]
         else:
@@ -169,11 +173,6 @@ def _add_at_column0(delta: torch.Tensor, row_request: torch.Tensor):
     return edit
 
 
-def _logits(model: torch.nn.Module, spec: ArchSpec, h: torch.Tensor) -> torch.Tensor:
-    """The model's own logits for final hidden states ``h`` (after the final norm), in float32."""
-    return get_module(model, spec.lm_head)(h).float()
-
-
 def _loss_parts(batch: ValueBatch, target_logp: torch.Tensor, kl_logp: torch.Tensor, kl_init: torch.Tensor | None,
                 delta: torch.Tensor, v0_norm: torch.Tensor, hp: Any) -> LossParts:
     # per rewriting row: the mean NLL of the target's tokens; per request: the mean over its rows
@@ -197,11 +196,11 @@ def value_loss(model: torch.nn.Module, spec: ArchSpec, module: str, batch: Value
     with Trace(get_module(model, module), edit_output=_add_at_column0(delta, batch.row_request)), \
             Trace(norm, retain_output=True, stop=True, detach=False) as out:
         model(input_ids=batch.suffix_ids, attention_mask=batch.full_mask, position_ids=batch.suffix_pos,
-              past_key_values=batch.cache(), use_cache=batch.prefix_kv is not None)
+              use_cache=batch.prefix_kv is not None, **{cache_kwarg(model): batch.cache()})
     h = out.output
-    target_logits = _logits(model, spec, h[batch.target_row, batch.target_col])  # [T, vocab]
+    target_logits = spec.logits(model, h[batch.target_row, batch.target_col])  # [T, vocab]
     target_logp = torch.log_softmax(target_logits, -1).gather(-1, batch.target_id[:, None])[:, 0]
-    kl_logp = torch.log_softmax(_logits(model, spec, h[batch.kl_rows, 0]), -1)
+    kl_logp = torch.log_softmax(spec.logits(model, h[batch.kl_rows, 0]), -1)
     return _loss_parts(batch, target_logp, kl_logp, kl_init, delta, v0_norm, hp)
 
 

@@ -6,6 +6,8 @@
 4. ``trainer.predict`` over the pending case indices, sharded over ranks: each case scored before, then
    edited, scored and restored per method; results appended per rank, metrics gathered across ranks;
 5. rank 0 writes cases.jsonl, summary.json, table.md, chart.png and timing.json (all atomically).
+A SIGTERM / SIGINT stops after the case in progress (its results are already in cases.rank<r>.jsonl); no
+summary is written, and the same command resumes with the cases not yet recorded.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pipeline.digest import file_sha256
 from pipeline.eval_data import EvalCase, Skipped, load_cases, load_snippets
 from pipeline.eval_report import PROTOCOL, bar_chart, markdown_table, summarize
 from pipeline.scoring import Generation, References
+from pipeline.signals import check_stop, stop_requested
 
 
 
@@ -71,8 +74,13 @@ def _title(cfg: DictConfig, cases: list[EvalCase], n_skipped: int, ctx: EvalCont
             f"{Path(cfg.eval.dataset).name} ({cases[0].schema} schema), {ctx.loaded.identity['name']}, layer {ctx.layer}")
 
 
-def _notes(cfg: DictConfig, cases: list[EvalCase], skipped: list[dict], gen: Generation) -> list[str]:
+def _notes(cfg: DictConfig, cases: list[EvalCase], skipped: list[dict], gen: Generation, ctx: EvalContext,
+           methods: list[Method]) -> list[str]:
     notes = []
+    own = [f"{m.name}: layer {m.layer(ctx)}" + (f", {m.conf.variant} keys" if m.conf.get("variant") else "")
+           for m in methods if m.edits and (m.layer(ctx) != ctx.layer or m.conf.get("variant"))]
+    if own:
+        notes.append(f"Methods with their own settings (the others edit layer {ctx.layer}): {'; '.join(own)}")
     if cases[0].kind == "counterfact":
         if gen.tokens:
             how = f"sampled top-k {gen.top_k}" if gen.do_sample else "greedy"
@@ -106,7 +114,7 @@ def _write_outputs(out: Path, cfg: DictConfig, module: CaseEvaluator, cases: lis
                "n": cfg.eval.n, "cases": {"usable": len(cases), "skipped_at_load": len(load_skipped)},
                "methods": summarize(kind, {m: values[m] for m in module.method_names}, counts),
                "order": module.method_names,
-               "skipped": skipped, "notes": _notes(cfg, cases, skipped, gen), "run": run}
+               "skipped": skipped, "notes": _notes(cfg, cases, skipped, gen, module.ctx, module.methods), "run": run}
     write_json(out / "summary.json", summary)
     table = markdown_table(summary)
     with atomic_path(out / "table.md") as tmp:
@@ -155,8 +163,14 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         print(f"eval: {len(cases)} case(s) of {cfg.eval.dataset} ({cases[0].schema}), {len(load_skipped)} skipped; "
               f"{len(pending)} to run, {len(cases) - len(pending)} already done; methods {', '.join(m.name for m in methods)}")
     start = time.perf_counter()
+    check_stop("no case was evaluated yet; to start, run the same command")
     tr.predict(module, datamodule=CaseDataModule(pending), return_predictions=False)
     seconds = time.perf_counter() - start
+    if stop_requested():
+        recorded = sum(1 for (i, m) in log.finished() if i in todo and m in {x.name for x in methods})
+        total = sum(len(methods) for _ in cases)
+        check_stop(f"{recorded} of {total} (case, method) results are recorded in {out}/cases.rank*.jsonl; "
+                   "to resume, run the same command")
     result = None
     if tr.is_global_zero:
         result = _write_outputs(out, cfg, module, cases, load_skipped, log, gen, run_record)

@@ -11,6 +11,9 @@ Many edits into one model (AlphaEdit's protocol), and what the model still knows
 4. write ``methods/<name>.json`` and the assembled summary.json, table.md, curve.png to ``eval.out`` after
    every method: a rerun with the same settings skips the methods already there, and several processes can
    run different methods into the same ``eval.out`` at once (each assembles what is finished).
+A SIGTERM / SIGINT stops at the next batch boundary: finished methods are in ``methods/``; the method in
+progress is abandoned (its edits lived only in memory) and reruns from the clean model when the same
+command is run again.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pipeline.retention import fact_accuracy, heldout_texts, known_facts, perple
 from pipeline.scale_report import curve_plot, scale_table
 from pipeline.metrics import fluency
 from pipeline.scoring import Generation, generate, score_case
+from pipeline.signals import check_stop
 from pipeline.templates import context_templates
 
 EDITORS = ("none", "rome", "memit", "alphaedit")
@@ -58,7 +62,8 @@ class Editor:
         hp = OmegaConf.merge(cfg.edit, {"generate_tokens": 0, "verify": {"enabled": False, "rollback": False}})
         self.layers: list[int] = []
         if self.kind == "rome":
-            layer = edit_layer(cfg, loaded)
+            layer = rome_layer(cfg, loaded, conf)
+            hp = OmegaConf.merge(hp, {"layer": layer, **({"variant": conf.variant} if conf.get("variant") else {})})
             c = stats[layer].second_moment if conf.get("mom2_adjustment", True) else None
             templates = context_templates(model, tok, loaded.identity, cfg.edit.templates, cache_root(cfg), seed=int(cfg.seed))
             self.ctx = rome.EditContext(model, tok, spec, layer, templates, KeySolver(c, float(hp.ridge), device), hp)
@@ -68,11 +73,7 @@ class Editor:
             templates = context_templates(model, tok, loaded.identity, cfg.edit.memit.templates, cache_root(cfg),
                                           seed=int(cfg.seed))
             self.ctx = memit.BatchContext(model, tok, spec, self.kind, layers, templates, hp)
-            for l in layers:
-                self.ctx.solvers[l] = KeySolver(stats[l].second_moment, float(hp.ridge), device)
-                if self.kind == "alphaedit":
-                    self.ctx.projectors[l] = memit.null_space_projector(
-                        stats[l].second_moment, float(hp.alphaedit.nullspace_threshold))[0].to(device)
+            memit.prepare(self.ctx, stats)
             self.layers = layers
 
     def edit(self, requests: list) -> dict[str, float]:
@@ -85,10 +86,16 @@ class Editor:
         return {}
 
 
-def edited_layers(cfg: DictConfig, loaded: LoadedModel, kinds: set[str]) -> list[int]:
-    layers = set()
-    if "rome" in kinds:
-        layers.add(edit_layer(cfg, loaded))
+def rome_layer(cfg: DictConfig, loaded: LoadedModel, conf: DictConfig) -> int:
+    """A ROME method's layer: its own ``layer``, else ``edit.layer``."""
+    if conf.get("layer") is None:
+        return edit_layer(cfg, loaded)
+    return loaded.spec.check_layer(loaded.model, conf.layer, "method layer")
+
+
+def edited_layers(cfg: DictConfig, loaded: LoadedModel, confs: list[DictConfig]) -> list[int]:
+    kinds = {str(c.get("class")) for c in confs}
+    layers = {rome_layer(cfg, loaded, c) for c in confs if c.get("class") == "rome"}
     if kinds & set(memit.METHODS):
         if not cfg.edit.layers:
             raise UserError("memit / alphaedit need a layer set: pass edit.layers=[...] (or set edit_layers in the model file)")
@@ -146,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"eval.batch_size={cfg.eval.batch_size} must be a positive number of edits per batch")
     loaded = load_configured(cfg.model)
     kinds = {str(cfg.method[m].get("class", m)) for m in names}
-    layers = edited_layers(cfg, loaded, kinds)
+    layers = edited_layers(cfg, loaded, [cfg.method[m] for m in names])
     stats = collect(cfg, loaded, layers) if layers and kinds - {"none"} else {}
     gen = Generation(tokens=int(cfg.eval.generation.tokens), top_k=int(cfg.eval.generation.top_k),
                      do_sample=bool(cfg.eval.generation.do_sample))
@@ -178,18 +185,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if unedited_path.exists():
         unedited = json.loads(unedited_path.read_text())
     else:
+        check_stop("nothing was evaluated yet; to start, run the same command")
         print(f"unedited model: scoring {len(cases)} cases, held-out perplexity, known facts")
         unedited = {"pre": _scores(loaded, cases, gen, cfg, "unedited"), "pre_perplexity": ppl(),
                     "known_facts": [f.index for f in known_facts(loaded.model, loaded.tokenizer, facts)]}
         write_json(unedited_path, unedited)
     summary = _assemble(out, identity, unedited, names)
     known = [f for f in facts if f.index in set(summary["known_facts"])]
+
+    def stop(method: str | None = None, batch: int = 0, of: int = 0) -> None:
+        finished = sorted(p.stem for p in (out / "methods").glob("*.json"))
+        now = f"; {method} stopped after {batch} of {of} batch(es) and reruns from the start" if method else ""
+        check_stop(f"finished method(s) in {out / 'methods'}: {', '.join(finished) or 'none'}{now}; "
+                   "to resume, run the same command")
+
     weights = {l: loaded.spec.down_proj_weight(loaded.model, l) for l in layers}
     clean = {l: w.detach().clone() for l, w in weights.items()}
     for name in names:
         if (out / "methods" / f"{name}.json").exists():
             print(f"{name}: already in {out / 'methods'}, skipped")
             continue
+        stop()
         conf = cfg.method[name]
         editor = Editor(name, conf, cfg, loaded, stats)
         requests = [dataclass_request(c) for c in cases]
@@ -203,6 +219,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 timings[k] = timings.get(k, 0.0) + v
             rome.sync(loaded.model)
             seconds += time.perf_counter() - t
+            stop(name, b + 1, len(batches))
             every = int(cfg.eval.eval_every)
             if editor.kind != "none" and every and ((b + 1) % every == 0) and b + 1 < len(batches):
                 done = cases[: idx[-1] + 1]

@@ -6,10 +6,13 @@
 1. load the model; the noise level nu (trace.noise, else 3 sigma of the subjects' embeddings, cached);
 2. the facts: prompt/subject(/answer), or trace.n records of trace.dataset from trace.start of which only
    those the model predicts correctly are kept;
-3. trace each fact (batched), write its scores.npz and three heatmaps (PNG + PDF) into its directory;
+3. trace each fact (batched), write its scores.npz and three heatmaps (PNG + PDF, titled with the prompt, the
+   answer, P(clean) and P(corrupted); a fact below ``trace.low_p_clean`` is flagged) into its directory;
 4. over a dataset: the average indirect effects (summary.json, Figure-2 heatmaps, line plots with 95%
    confidence intervals) and the recommended edit layer (recommendation.json, and the per-model record
    that ``edit.layer=auto`` reads).
+A SIGTERM / SIGINT stops after the fact in progress (over a dataset) or abandons the one fact being traced;
+traced facts are kept, and the same command resumes from them.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from pipeline.facts import Fact, load_facts
 from pipeline.config import cache_root
 from pipeline.loading import LoadedModel, load_configured
 from pipeline.plots import plot_average, plot_fact, plot_lines
+from pipeline.signals import check_stop
 from pipeline.subject import fill_prompt
-from pipeline.tracing import (BUCKETS, KINDS, TraceResult, answer_tokens, average_effects, greedy_tokens,
+from pipeline.tracing import (AIE_MODES, BUCKETS, KINDS, TraceResult, answer_tokens, average_effects, greedy_tokens,
                               make_prompt, predicts, recommend_layer, save_recommendation, subject_noise,
                               trace_fact)
 
@@ -45,6 +49,8 @@ def _check(cfg: DictConfig) -> None:
     for key in ("samples", "window", "batch_size"):
         if not isinstance(t[key], int) or t[key] <= 0:
             raise UserError(f"trace.{key}={t[key]} must be a positive integer")
+    if t.aie not in AIE_MODES:
+        raise UserError(f"trace.aie={t.aie} is not one of {', '.join(AIE_MODES)}")
     if t.noise is not None and (not isinstance(t.noise, (int, float)) or t.noise < 0):
         raise UserError(f"trace.noise={t.noise} must be a non-negative number (or null for 3 sigma)")
     single = cfg.prompt is not None or cfg.subject is not None
@@ -74,25 +80,50 @@ def _settings(cfg: DictConfig, loaded: LoadedModel, noise: float, seed: int, fac
 
 
 def _trace(cfg: DictConfig, loaded: LoadedModel, fact_dir: Path, prompt: str, subject: str, answer_id: int,
-           noise: float, seed: int, settings: dict) -> TraceResult:
-    """Trace one fact into ``fact_dir`` (scores.npz + heatmaps, written as a whole), or reuse it."""
+           noise: float, seed: int, settings: dict, progress: bool = False) -> TraceResult:
+    """Trace one fact into ``fact_dir`` (scores.npz + heatmaps, written as a whole), or reuse it.
+    ``progress``: a bar over the fact's cells (one fact alone takes minutes on a CPU); a stop request then
+    abandons the fact, with nothing written."""
     scores = fact_dir / "scores.npz"
+    t = cfg.trace
     if scores.exists():
         res, meta = TraceResult.load(scores)
         if meta.get("settings") == json.loads(json.dumps(settings)):
+            _warn_low(res, float(t.low_p_clean))
             return res
-    t = cfg.trace
     p = make_prompt(loaded.tokenizer, prompt, subject, answer_id)
+    bar, on_chunk = None, None
+    if progress:
+        n_layers = loaded.spec.num_layers(loaded.model)
+        cells = (p.input_ids.shape[1] - p.subject[0]) * n_layers * len(t.kinds)
+        bar = tqdm(total=cells, desc="trace", unit="cell", dynamic_ncols=True)
+
+        def on_chunk(n: int) -> None:
+            bar.update(n)
+            check_stop("the fact was not finished and nothing was written; to trace it, run the same command")
+
     start = time.perf_counter()
-    res = trace_fact(loaded.model, loaded.spec, p, noise=noise, samples=t.samples, seed=seed,
-                     kinds=list(t.kinds), window=t.window, batch_size=t.batch_size)
+    try:
+        res = trace_fact(loaded.model, loaded.spec, p, noise=noise, samples=t.samples, seed=seed,
+                         kinds=list(t.kinds), window=t.window, batch_size=t.batch_size, progress=on_chunk)
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - start
     with atomic_dir(fact_dir) as tmp:
         res.save(tmp / "scores.npz", settings=settings, prompt=p.text, seconds=seconds)
         if t.plots:
             for kind in res.effects:
-                plot_fact(res, kind, tmp / kind, model_name=str(cfg.model.name))
+                plot_fact(res, kind, tmp / kind, model_name=str(cfg.model.name), low_p_clean=float(t.low_p_clean))
+    _warn_low(res, float(t.low_p_clean))
     return res
+
+
+def _warn_low(res: TraceResult, threshold: float) -> None:
+    if res.p_clean < threshold:
+        tqdm.write(f"warning: P({res.answer.strip()}) is only {res.p_clean:.4f} on the clean prompt "
+                   f"'{''.join(res.tokens).strip()}' (below trace.low_p_clean={threshold:g}): the model does not "
+                   "predict this answer, and the effects are noise (the heatmaps say so)")
 
 
 def _peaks(res: TraceResult) -> str:
@@ -124,7 +155,7 @@ def trace_one(cfg: DictConfig, loaded: LoadedModel, noise: float) -> TraceResult
     fact_dir = out / f"{slug(cfg.subject)}-{key}"
     settings = _settings(cfg, loaded, noise, int(cfg.seed), {"prompt": text, "subject": cfg.subject,
                                                            "answer_id": answer_id})
-    res = _trace(cfg, loaded, fact_dir, cfg.prompt, cfg.subject, answer_id, noise, int(cfg.seed), settings)
+    res = _trace(cfg, loaded, fact_dir, cfg.prompt, cfg.subject, answer_id, noise, int(cfg.seed), settings, progress=True)
     print(f"p({res.answer.strip()}): clean {res.p_clean:.4f}, corrupted {res.p_corrupted:.4f}, "
           f"total effect {res.total_effect:+.4f}")
     print(f"largest effects: {_peaks(res)}")
@@ -147,6 +178,7 @@ def trace_dataset(cfg: DictConfig, loaded: LoadedModel, noise: float) -> dict:
     start = time.perf_counter()
     bar = tqdm(facts, desc="trace", unit="fact", dynamic_ncols=True)
     for fact in bar:
+        check_stop(f"{len(results)} fact(s) traced so far are kept in {out / 'facts'}; to resume, run the same command")
         try:
             known, got, answer_id = _known(loaded, fact)
         except UserError as err:  # e.g. the subject is not in the prompt: skip, say why
@@ -179,7 +211,7 @@ def _json_array(a: np.ndarray) -> list:
 def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list[TraceResult],
                skipped: list[dict], n_records: int, seconds: float) -> dict:
     t, out = cfg.trace, Path(cfg.trace.out)
-    aie = average_effects(results)
+    aie = average_effects(results, str(t.aie))
     layer = recommend_layer(aie)
     last_subj = aie["mlp"]["mean"][BUCKETS.index("last subject token")]
     name = str(cfg.model.name)
@@ -189,17 +221,20 @@ def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list
         "mean_p_clean": float(np.mean([r.p_clean for r in results])),
         "mean_p_corrupted": float(np.mean([r.p_corrupted for r in results])),
         "mean_total_effect": float(np.mean([r.total_effect for r in results])),
-        "buckets": list(BUCKETS),
+        "buckets": list(BUCKETS), "aie": str(t.aie),
         "average_indirect_effect": {k: {"mean": _json_array(v["mean"]), "ci95": _json_array(v["ci95"]),
-                                        "facts_per_bucket": v["count"].tolist()} for k, v in aie.items()},
+                                        "facts_per_bucket": v["count"].tolist(), "rows_per_bucket": v["rows"].tolist()}
+                                    for k, v in aie.items()},
         "recommended_layer": layer,
         "recommendation_rule": "argmax over layers of the average MLP effect at the last subject token",
         "mlp_effect_at_last_subject_token": last_subj.tolist(),
         "seconds": seconds,
     }
     write_json(out / "summary.json", summary)
+    # the paper's heatmaps clip the averages at 0 (its line plot does not)
+    drawn = {k: {**v, "mean": np.clip(v["mean"], 0, None)} for k, v in aie.items()} if t.aie == "paper" else aie
     for kind in aie:
-        plot_average(aie, kind, out / f"aie_{kind}", len(results), name)
+        plot_average(drawn, kind, out / f"aie_{kind}", len(results), name)
     plot_lines(aie, out / "aie_lines", len(results), name)
     write_json(out / "recommendation.json", {"layer": layer, "model": loaded.identity, "n_facts": len(results),
                                              "summary": str((out / "summary.json").resolve())})

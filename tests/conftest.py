@@ -20,7 +20,10 @@ DATA = ROOT.parent / "shared" / "data"
 WIKI = DATA / "wikipedia" / "wikipedia_en_sample.jsonl.gz"
 sys.path.insert(0, str(ROOT))
 
-FAMILIES = ("gpt2", "llama", "gptj", "gpt_neox", "mistral", "qwen2")
+# every family the architecture adapter lists (tests/test_arch.py checks the two lists agree)
+FAMILIES = ("gpt2", "llama", "gptj", "gpt_neox", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
+            "olmo2")
+BOS_FAMILIES = ("llama", "mistral", "gemma", "gemma2", "gemma3_text")  # tokenizers that start every text with <s>
 
 
 def wiki_texts(n: int) -> list[str]:
@@ -64,14 +67,29 @@ def _config(family: str, vocab: int):
                                 max_position_embeddings=512, **small)
     llama_like = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=160, max_position_embeddings=512, **small)
-    return {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family](**llama_like)
+    if family.startswith("gemma"):
+        # Gemma's own layout: head_dim apart from hidden_size / heads, embeddings scaled by sqrt(d), tied LM head.
+        # Gemma 2 and 3 alternate sliding-window and full attention: a window of 6 tokens, shorter than the test
+        # prompts, so the sliding layers really mask; both soft-cap the final logits here (Gemma 3 270M has no
+        # soft-cap, so the tiny Gemma 3 sets one to test the path).
+        gemma = dict(llama_like, head_dim=16)
+        if family == "gemma2":
+            return tf.Gemma2Config(**gemma, sliding_window=6, query_pre_attn_scalar=16, final_logit_softcapping=3.0,
+                                   attn_logit_softcapping=5.0)
+        if family == "gemma3_text":
+            return tf.Gemma3TextConfig(**gemma, sliding_window=6, query_pre_attn_scalar=16, final_logit_softcapping=3.0,
+                                       layer_types=["sliding_attention", "full_attention"] * 2)
+        return tf.GemmaConfig(**gemma)
+    configs = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
+               "olmo": tf.OlmoConfig, "olmo2": tf.Olmo2Config}
+    return configs[family](**(dict(llama_like, head_dim=16) if family == "qwen3" else llama_like))
 
 
 def build_tiny_model(family: str, out: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    tok = _train_tokenizer(bos=family in ("llama", "mistral"))
+    tok = _train_tokenizer(bos=family in BOS_FAMILIES)
     model = AutoModelForCausalLM.from_config(_config(family, len(tok)))
     # Random init at 0.02 gives near-uniform outputs; a larger scale makes the tiny models opinionated,
     # so that edits and traces have real effects to measure.
@@ -106,6 +124,37 @@ def small_wiki(tmp_path_factory) -> Path:
     return path
 
 
+def check_fast_value_loss(loaded, layer: int, delta_scale: float, v0_norm: float, atol: float):
+    """ROME's v* loss for the Eiffel Tower request over three templates (δ at the MLP of ``layer``), the fast
+    way (``value_loss``: prefix cache, LM head only where the loss looks) and the full model's way
+    (``reference_loss``), at δ = 0 and at a seeded random δ: asserts they agree and returns the fast (δ = 0, δ)."""
+    import types
+
+    from pipeline.value import ValueBatch, build_rows, reference_loss, value_loss
+
+    tok, model, spec = loaded.tokenizer, loaded.model, loaded.spec
+    hp = types.SimpleNamespace(kl_factor=0.0625, weight_decay=0.5)
+    templates = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
+    rows = build_rows(tok, templates, "{} is located in the city of", "The Eiffel Tower", " Rome", ["{} is a"])
+    window = getattr(model.config, "sliding_window", None)
+    if window and window < 32:  # a tiny model's window: the prompts outrun it, so it really masks
+        assert max(map(len, rows.ids)) > 2 * window
+    batch = ValueBatch.build(model, spec, [rows], tok.pad_token_id)
+    torch.manual_seed(0)
+    delta = torch.randn(1, model.config.get_text_config().hidden_size) * delta_scale
+    v0, mlp, pad = torch.tensor([v0_norm]), spec.mlp_name(layer), tok.pad_token_id
+    fast0 = value_loss(model, spec, mlp, batch, delta * 0, v0, None, hp)
+    ref0 = reference_loss(model, spec, mlp, rows, pad, delta * 0, v0, None, hp)
+    torch.testing.assert_close(fast0.kl_logp, ref0.kl_logp, rtol=1e-4, atol=atol)
+    torch.testing.assert_close(fast0.nll, ref0.nll, rtol=1e-4, atol=atol)
+    fast = value_loss(model, spec, mlp, batch, delta, v0, fast0.kl_logp, hp)
+    ref = reference_loss(model, spec, mlp, rows, pad, delta, v0, fast0.kl_logp, hp)
+    for a, b in ((fast.nll, ref.nll), (fast.kl, ref.kl), (fast.total, ref.total), (fast.p_target, ref.p_target)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
+    assert float(fast0.kl) == 0
+    return fast0, fast
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
     """``python train.py args...`` in a subprocess; returns the CompletedProcess."""
     import subprocess
@@ -113,3 +162,33 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def signal_run(args, signum, ready, env: dict | None = None, timeout: float = 600):
+    """``python train.py args`` in its own session; ``signum`` is sent to its process group as soon as
+    ``ready(output lines so far)`` is true (polled every 50 ms). Returns (exit code, output lines)."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=e, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in p.stdout), daemon=True)
+    reader.start()
+    sent, deadline = False, time.monotonic() + timeout
+    try:
+        while p.poll() is None and time.monotonic() < deadline:
+            if not sent and ready(lines):
+                os.killpg(p.pid, signum)
+                sent = True
+            time.sleep(0.05)
+        p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        reader.join(timeout=10)
+    assert sent, "the process ended before the signal was sent:\n" + "\n".join(lines[-30:])
+    return p.returncode, lines

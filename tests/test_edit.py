@@ -1,20 +1,22 @@
-"""ROME's update on tiny random models: the algebra, the fast loss, the CLI, revert and bad input."""
+"""ROME's update on tiny random models: the algebra, the fast loss, the CLI, revert and bad input; the
+user's files never touched, checksummed ledgers, per-run ledger directories, and stopping on signals."""
 
 import json
-import types
+import os
+import signal
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import run_cli
+from conftest import FAMILIES, check_fast_value_loss, run_cli, signal_run
 from pipeline.config import compose
 from pipeline.hooks import get_module
 from pipeline.loading import load_model
 from pipeline.requests import parse_requests
 from pipeline import rome
-from pipeline.value import ValueBatch, build_rows, reference_loss, value_loss
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
@@ -66,30 +68,27 @@ def test_update_writes_v_star_is_rank_one_and_spares_orthogonal_keys(tiny_model_
     torch.testing.assert_close(y, out_after, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj", "gpt_neox", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fast_value_loss_equals_full_forward_reference(tiny_model_dir, family):
     loaded = load_model(str(tiny_model_dir(family)), device="cpu")
-    tok, model, spec = loaded.tokenizer, loaded.model, loaded.spec
-    hp = types.SimpleNamespace(kl_factor=0.0625, weight_decay=0.5)
-    rows = build_rows(tok, TEMPLATES, EIFFEL["prompt"], EIFFEL["subject"], " Rome", ["{} is a"])
-    batch = ValueBatch.build(model, spec, [rows], tok.pad_token_id)
-    d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
-    delta, v0_norm, mlp = torch.randn(1, d) * 0.5, torch.tensor([3.0]), spec.mlp_name(1)
-    fast0 = value_loss(model, spec, mlp, batch, delta * 0, v0_norm, None, hp)
-    ref0 = reference_loss(model, spec, mlp, rows, tok.pad_token_id, delta * 0, v0_norm, None, hp)
-    torch.testing.assert_close(fast0.kl_logp, ref0.kl_logp, rtol=1e-4, atol=1e-5)
-    fast = value_loss(model, spec, mlp, batch, delta, v0_norm, fast0.kl_logp, hp)
-    ref = reference_loss(model, spec, mlp, rows, tok.pad_token_id, delta, v0_norm, fast0.kl_logp, hp)
-    for a, b in ((fast.nll, ref.nll), (fast.kl, ref.kl), (fast.total, ref.total), (fast.p_target, ref.p_target)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert float(fast.kl) > 0 and float(fast0.kl) == 0
+    fast0, fast = check_fast_value_loss(loaded, layer=1, delta_scale=0.5, v0_norm=3.0, atol=1e-6)
+    assert float(fast.kl) > 0 and abs(float(fast.nll - fast0.nll)) > 1e-3
+    model, spec = loaded.model, loaded.spec
+    if getattr(model.config, "final_logit_softcapping", None):  # the soft-cap matters: the bare head is off
+        h = torch.randn(4, model.config.hidden_size)
+        bare = torch.log_softmax(get_module(model, spec.lm_head)(h), -1)
+        assert float((bare - torch.log_softmax(spec.logits(model, h), -1)).abs().max()) > 0.1
+
+
+def edit_args(model_dir, data, tmp, *extra):
+    return ["stage=edit", f"model.name={model_dir}", f"data.files={data}", f"stats.dir={tmp / 'stats'}",
+            f"model.cache_dir={tmp / 'cache'}", "stats.tokens=2000", "data.max_length=64", "data.batch_tokens=256",
+            "edit.layer=2", "edit.verify.enabled=false", "trainer.accelerator=cpu", "model.device=cpu",
+            "edit.generate_tokens=4", *extra]
 
 
 def edit_cli(model_dir, data, tmp, *extra):
-    return run_cli("stage=edit", f"model.name={model_dir}", f"data.files={data}", f"stats.dir={tmp / 'stats'}",
-                   f"model.cache_dir={tmp / 'cache'}", "stats.tokens=2000", "data.max_length=64",
-                   "data.batch_tokens=256", "edit.layer=2", "edit.verify.enabled=false", "trainer.accelerator=cpu",
-                   "edit.generate_tokens=4", *extra, env=OFFLINE)
+    return run_cli(*edit_args(model_dir, data, tmp, *extra), env=OFFLINE)
 
 
 def weights(d):
@@ -129,7 +128,7 @@ def test_sequential_edits_ledger_and_bitwise_revert(tiny_model_dir, small_wiki, 
     assert [e["status"] for e in json.loads((out / "ledger.json").read_text())["entries"]] == ["reverted", "reverted"]
 
 
-def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wiki, tmp_path):
+def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wiki, tmp_path, capsys):
     base = tiny_model_dir("gpt2")
     saved = tmp_path / "saved"
     ok = edit_cli(base, small_wiki, tmp_path, f"request={json.dumps(EIFFEL)}", f"edit.out={tmp_path / 'l'}",
@@ -149,9 +148,233 @@ def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wik
         "out of range": [f"request={json.dumps(EIFFEL)}", "edit.layer=7"],
         "are for model": [f"request={json.dumps(EIFFEL)}", f"edit.stats={other_entry}"],
     }
-    for expect, extra in cases.items():
-        r = edit_cli(base, small_wiki, tmp_path, *extra, f"edit.out={tmp_path / 'l'}", f"edit.save_to={saved}")
-        errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-        assert r.returncode == 2 and len(errors) == 1 and expect in errors[0], (expect, r.stderr[-2000:])
+    for expect, extra in cases.items():  # in this process: the same train.main, without a start-up each
+        code, _, errors = main(capsys, *edit_args(base, small_wiki, tmp_path, *extra, f"edit.out={tmp_path / 'l'}",
+                                                  f"edit.save_to={saved}"))
+        assert code == 2 and len(errors) == 1 and expect in errors[0], (expect, errors)
         assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
     assert len(json.loads((tmp_path / "l" / "ledger.json").read_text())["entries"]) == 1
+
+
+# ------------------------------------------------------------------ the user's files, ledgers, signals
+
+RIVIERA = {"prompt": "{} is located in the city of", "subject": "The Louvre", "target_new": "Berlin"}
+
+
+@pytest.fixture(scope="module")
+def edit_env(tiny_model_dir, small_wiki, tmp_path_factory):
+    """Arguments of an in-process edit on the tiny GPT-2, with statistics and templates shared by the tests."""
+    shared = tmp_path_factory.mktemp("edit-shared")
+    return [f"model.name={tiny_model_dir('gpt2')}", f"data.files={small_wiki}", f"stats.dir={shared / 'stats'}",
+            f"model.cache_dir={shared / 'cache'}", "stats.tokens=2000", "data.max_length=64", "data.batch_tokens=256",
+            "edit.layer=2", "trainer.accelerator=cpu", "model.device=cpu", "edit.generate_tokens=0",
+            "edit.verify.enabled=false", "edit.v.steps=4"]
+
+
+def main(capsys, *argv):
+    """``python train.py argv`` in this process: (exit code, stdout, the error lines)."""
+    import train
+
+    os.environ.update(OFFLINE)
+    code = train.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, [l for l in out.err.splitlines() if l.startswith(("error:", "interrupted:"))]
+
+
+def tree(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_save_to_never_touches_what_this_project_did_not_write(edit_env, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "thesis.txt").write_text("four years of work")
+    (mine / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    theirs = tree(mine)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    ledger = tmp_path / "ledger"
+    req = f"request={json.dumps(EIFFEL)}"
+    refused = {  # checked before any work: nothing loaded, nothing edited, nothing recorded
+        str(mine): "is not empty and is not a model saved by this project",
+        str(a_file / "model"): f"is under the file {a_file}",
+        str(a_file): "is a file",
+        "/proc/rome-model": "cannot be written",
+        ".": "is the current directory",
+        str(tiny_model_dir("gpt2")): "would replace",
+    }
+    for target, expect in refused.items():
+        code, _, errors = main(capsys, "stage=edit", *edit_env, req, f"edit.out={ledger}", f"edit.save_to={target}")
+        assert code == 2 and len(errors) == 1 and expect in errors[0], (target, errors)
+    assert tree(mine) == theirs and a_file.read_text() == "x" and not ledger.exists()
+
+    saved = tmp_path / "saved"
+    code, out, errors = main(capsys, "stage=edit", *edit_env, req, f"edit.out={ledger}", f"edit.save_to={saved}")
+    assert code == 0, errors
+    marker = json.loads((saved / "rome_saved_model.json").read_text())
+    assert marker["written_by"] == "rome-lightning" and marker["edits"] == [1] and "model.safetensors" in marker["files"]
+    first = (saved / "model.safetensors").read_bytes()
+    # our own saved model is replaced whole; once the user puts a file of theirs into it, it is refused
+    code, _, errors = main(capsys, "stage=edit", *edit_env, f"request={json.dumps(RIVIERA)}", f"edit.out={ledger}",
+                           f"edit.save_to={saved}")
+    assert code == 0, errors
+    assert (saved / "model.safetensors").read_bytes() != first and json.loads((saved / "rome_saved_model.json").read_text())["edits"] == [1, 2]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved")]  # no temporary left beside it
+    (saved / "my-notes.md").write_text("mine")
+    code, _, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=2")
+    assert code == 2 and "also holds files it did not write (my-notes.md)" in errors[0]
+    assert (saved / "my-notes.md").read_text() == "mine"
+    (saved / "my-notes.md").unlink()
+
+    # a ledger whose saved_to names the user's directory cannot make revert replace it
+    data = json.loads((ledger / "ledger.json").read_text())
+    (ledger / "ledger.json").write_text(json.dumps({**data, "saved_to": str(mine)}))
+    code, _, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")
+    assert code == 2 and "the ledger's saved_to" in errors[0] and "not a model saved by this project" in errors[0]
+    assert tree(mine) == theirs
+    assert json.loads((ledger / "ledger.json").read_text())["entries"][0]["status"] == "applied"
+
+    # a save that fails after the edit records nothing: the same command then edits once, not twice
+    from transformers import PreTrainedModel
+
+    def disk_full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    ledger2 = tmp_path / "ledger2"
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    code, _, errors = main(capsys, "stage=edit", *edit_env, req, f"edit.out={ledger2}", f"edit.save_to={tmp_path / 'm2'}")
+    assert code == 2 and "No space left on device" in errors[0] and "taken out of the ledger" in errors[0]
+    assert json.loads((ledger2 / "ledger.json").read_text())["entries"] == [] and not list((ledger2 / "edits").iterdir())
+    assert not (tmp_path / "m2").exists()
+    monkeypatch.undo()
+    code, _, errors = main(capsys, "stage=edit", *edit_env, req, f"edit.out={ledger2}", f"edit.save_to={tmp_path / 'm2'}")
+    assert code == 0 and len(json.loads((ledger2 / "ledger.json").read_text())["entries"]) == 1
+
+
+def test_ledger_files_are_checksummed_and_revert_says_what_it_re_applies(edit_env, tmp_path, capsys):
+    ledger, saved = tmp_path / "ledger", tmp_path / "saved"
+    code, _, errors = main(capsys, "stage=edit", *edit_env, f"request={json.dumps([EIFFEL, RIVIERA])}",
+                           f"edit.out={ledger}", f"edit.save_to={saved}")
+    assert code == 0, errors
+    entries = json.loads((ledger / "ledger.json").read_text())["entries"]
+    assert [len(e["sha256"]) for e in entries] == [64, 64]
+    before_saved, before_ledger = tree(saved), (ledger / "ledger.json").read_text()
+    f = ledger / entries[0]["file"]
+    good = f.read_bytes()
+    flipped = bytearray(good)
+    for i in (-8, -16, -24, -32):  # four bytes inside the float64 data
+        flipped[i] ^= 0xFF
+    for damaged, expect in ((bytes(flipped), "fails its checksum"), (good[: len(good) // 2], "fails its checksum")):
+        f.write_bytes(damaged)
+        code, _, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=2")
+        assert code == 2 and len(errors) == 1 and expect in errors[0] and "edit 1" in errors[0], errors
+        assert tree(saved) == before_saved and (ledger / "ledger.json").read_text() == before_ledger
+    f.write_bytes(good)
+    code, out, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")
+    assert code == 0, errors
+    assert "edit(s) [2] were solved on weights that contained edit(s) [1]" in out and "not re-solved" in out
+
+
+def test_each_run_gets_its_own_ledger_and_files_follow_the_umask(edit_env, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    old = os.umask(0o022)
+    try:
+        outs = []
+        for request in (EIFFEL, RIVIERA):
+            code, out, errors = main(capsys, "stage=edit", *edit_env, f"request={json.dumps(request)}",
+                                     f"edit.runs_dir={runs}", f"edit.save_to={tmp_path / 'saved'}")
+            assert code == 0 and "continuing" not in out, errors
+            outs.append(out)
+    finally:
+        os.umask(old)
+    first, second = sorted(runs.iterdir())  # two fresh directories, one edit each: no edit leaked into the next run
+    assert [len(json.loads((d / "ledger.json").read_text())["entries"]) for d in (first, second)] == [1, 1]
+    assert f"edit.out={second}" in outs[1]
+    for p in [*first.rglob("*"), *(tmp_path / "saved").rglob("*")]:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p
+
+
+def test_a_rolled_back_edit_reports_the_restored_model(edit_env, tiny_model_dir, tmp_path, capsys):
+    # the new object is less likely than the given true one, and one tiny v* step cannot change that
+    request = {**EIFFEL, "target_new": "Zanzibar", "target_true": "Rome"}
+    ledger, saved = tmp_path / "ledger", tmp_path / "saved"
+    code, out, errors = main(capsys, "stage=edit", *edit_env, f"request={json.dumps(request)}", "edit.verify.enabled=true",
+                             "edit.v.steps=1", "edit.v.lr=0.01", f"edit.out={ledger}", f"edit.save_to={saved}")
+    assert code == 2 and "failed verification" in errors[0]
+    (entry,) = json.loads((ledger / "ledger.json").read_text())["entries"]
+    assert entry["status"] == "rolled_back" and not entry["verified"]
+    assert entry["probs"]["post"] == entry["probs"]["pre"] and entry["probs"]["rejected"] != entry["probs"]["pre"]
+    assert "P(new) rolled back" in out and "the model above is the restored one" in out
+    pre = entry["probs"]["pre"]["prompt"]
+    row = next(l for l in out.splitlines() if l.strip().startswith("prompt "))
+    assert row.split()[1:] == [f"{pre['true'][0]:.4f}"] * 2 + [f"{pre['new'][0]:.4f}"] * 2
+    base, after = weights(tiny_model_dir("gpt2")), weights(saved)
+    assert all(torch.equal(after[k], base[k]) for k in base)  # saved as rolled back: the base weights
+
+
+def test_sigterm_stops_after_the_edit_in_progress_and_the_same_command_resumes(edit_env, tmp_path):
+    requests = [EIFFEL, RIVIERA, {**EIFFEL, "subject": "Big Ben", "target_new": "Oslo"}]
+    runs, saved = tmp_path / "runs", tmp_path / "saved"
+    args = ["stage=edit", *edit_env, "edit.v.steps=25", "edit.v.early_stop_loss=0", f"request={json.dumps(requests)}",
+            f"edit.runs_dir={runs}", f"edit.save_to={saved}"]
+    code, lines = signal_run(args, signal.SIGTERM, lambda out: any(l.startswith("v* [1/3]") for l in out), env=OFFLINE)
+    assert code == 143, "\n".join(lines[-30:])
+    (hint,) = [l for l in lines if l.startswith("interrupted:")]
+    (out,) = runs.iterdir()
+    entries = json.loads((out / "ledger.json").read_text())["entries"]
+    done = len(entries)  # the edit running when the signal came is finished whole (or none had begun)
+    assert done in (1, 2) and f"{done} of 3 request(s) edited and recorded in {out}" in hint
+    assert f"run the same command with edit.out={out}" in hint
+    assert [e["run"]["index"] for e in entries] == list(range(done)) and len(list((out / "edits").iterdir())) == done
+    assert json.loads((saved / "rome_saved_model.json").read_text())["edits"] == list(range(1, done + 1))
+    progress = [l for l in lines if l.startswith("v* [")]
+    assert len(progress) == done and all("25 steps" in l and "P(target)" in l for l in progress)  # one line per edit
+    assert not any("Epoch" in l or "configure_optimizers" in l for l in lines)
+
+    resumed = run_cli(*args, f"edit.out={out}", env=OFFLINE)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming: {done} of 3 request(s) of this request list are already in {out}" in resumed.stdout
+    entries = json.loads((out / "ledger.json").read_text())["entries"]
+    assert [e["run"]["index"] for e in entries] == [0, 1, 2]  # each request edited exactly once
+    assert json.loads((saved / "rome_saved_model.json").read_text())["edits"] == [1, 2, 3]
+
+
+def test_sigint_stops_a_memit_run_between_batches(edit_env, tmp_path):
+    requests = [EIFFEL, RIVIERA, {**EIFFEL, "subject": "Big Ben", "target_new": "Oslo"}]
+    out = tmp_path / "ledger"
+    args = ["stage=edit", *edit_env, "edit.method=memit", "edit.layers=[1,2]", "edit.batch_size=1",
+            "edit.memit.v.steps=25", "edit.memit.v.early_stop_loss=0", f"request={json.dumps(requests)}", f"edit.out={out}"]
+    code, lines = signal_run(args, signal.SIGINT, lambda out: any(l.startswith("memit batch [1/3]") for l in out),
+                             env=OFFLINE)
+    assert code == 130, "\n".join(lines[-30:])
+    (hint,) = [l for l in lines if l.startswith("interrupted:")]
+    entries = json.loads((out / "ledger.json").read_text())["entries"]
+    assert len(entries) in (1, 2) and f"{len(entries)} of 3 batch(es) edited and recorded" in hint
+    assert hint.endswith("to resume, run the same command")
+    assert [e["run"]["index"] for e in entries] == list(range(len(entries)))
+    assert all(e["kind"] == "batch" and e["sha256"] for e in entries)
+
+
+def test_a_signal_before_the_save_leaves_revert_undone(edit_env, tmp_path, capsys, monkeypatch):
+    from pipeline.ledger import Ledger
+
+    ledger, saved = tmp_path / "ledger", tmp_path / "saved"
+    code, _, errors = main(capsys, "stage=edit", *edit_env, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}",
+                           f"edit.save_to={saved}")
+    assert code == 0, errors
+    before_saved, before_ledger = tree(saved), (ledger / "ledger.json").read_text()
+    rebuild = Ledger.rebuild
+
+    def rebuild_then_signal(self, *args):  # a real SIGTERM to this process while the model is rebuilt
+        n = rebuild(self, *args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return n
+
+    monkeypatch.setattr(Ledger, "rebuild", rebuild_then_signal)
+    code, _, lines = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")
+    assert code == 143 and lines == [
+        "interrupted: nothing was changed (edit(s) [1] not reverted yet); to revert, run the same command"]
+    assert tree(saved) == before_saved and (ledger / "ledger.json").read_text() == before_ledger
+    monkeypatch.undo()
+    code, out, _ = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")
+    assert code == 0 and "reverted edit(s) [1]" in out and tree(saved) != before_saved

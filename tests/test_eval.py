@@ -1,12 +1,13 @@
 """The eval stage: schema detection and skipped cases, restoring the clean model, the CLI's outputs,
-resuming, and 2 DDP processes giving the summary of one."""
+resuming (after a crash and after SIGTERM), the chart's intervals, and 2 DDP processes giving the summary of one."""
 
 import json
+import signal
 
 import pytest
 import torch
 
-from conftest import DATA, run_cli
+from conftest import DATA, run_cli, signal_run
 from pipeline.config import compose
 from pipeline.errors import UserError
 from pipeline.eval_data import load_cases
@@ -120,15 +121,55 @@ def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_di
     assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise the clean model again
     with torch.no_grad():
         loaded.spec.down_proj_weight(loaded.model, 2)[0, 0] += 1
-    with pytest.raises(RuntimeError, match="not the clean matrix"):
+    with pytest.raises(RuntimeError, match="not the clean parameter"):
         ev.evaluate(cases[0], methods[:1])
 
 
-def eval_cli(model_dir, tmp, *extra):
+def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits_its_own_layer(tiny_model_dir, tmp_path):
+    from modules.evaluator import CaseEvaluator
+    from modules.methods import EvalContext, build_methods
+    from pipeline.case_log import CaseLog
+    from pipeline.scoring import Generation
+
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")  # GPT-2's c_proj has a bias
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    cfg = compose([f"model.name={tiny_model_dir('gpt2')}", f"model.cache_dir={tmp_path}", "edit.layer=2",
+                   "eval.methods=[ft_l,rome_l1]", "method.rome_l1={class: rome, mom2_adjustment: false, layer: 1}",
+                   "method.ft_l.norm_constraint=1e-2"])
+    methods = build_methods(cfg)
+    ctx = EvalContext(cfg, loaded, 2)
+    assert [m.layer(ctx) for m in methods] == [0, 1]
+    assert methods[0].touched(ctx) == ["transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias"]
+    for m in methods:
+        m.setup(ctx)
+    cases, _ = load_cases(_write(tmp_path / "c.json", [FLAT]))
+    ev = CaseEvaluator(ctx, {0: cases[0]}, {0: methods}, [], CaseLog(tmp_path), Generation(tokens=0, top_k=5, do_sample=True),
+                       None, 0, "counterfact", methods)
+    seen = {}
+    original_apply = [m.apply for m in methods]
+
+    def watch(i, m):
+        def apply(ctx_, case, seed):
+            out = original_apply[i](ctx_, case, seed)
+            seen[m.name] = {k for k, v in loaded.model.state_dict().items() if not torch.equal(v, before[k])}
+            return out
+        return apply
+
+    for i, m in enumerate(methods):
+        m.apply = watch(i, m)
+    recs = ev.evaluate(cases[0], methods)
+    assert [r["status"] for r in recs] == ["ok", "ok"] and 0 < recs[0]["info"]["linf"] <= 1e-2 + 1e-6
+    assert seen["ft_l"] == {"transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias"}
+    assert seen["rome_l1"] == {"transformer.h.1.mlp.c_proj.weight"}
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def eval_cli(model_dir, tmp, *extra, env=None):
     return run_cli("stage=eval", f"model.name={model_dir}", f"model.cache_dir={tmp / 'cache'}", f"stats.dir={tmp / 'stats'}",
                    f"data.files={tmp / 'wiki.jsonl'}", "stats.tokens=2000", "data.max_length=64", "data.batch_tokens=256",
-                   "edit.layer=2", "trainer.accelerator=cpu", "eval.generation.tokens=6", "edit.v.steps=5",
-                   "method.ft_l.steps=5", *extra, env=OFFLINE)
+                   "edit.layer=2", "trainer.accelerator=cpu", "model.device=cpu", "eval.generation.tokens=6",
+                   "edit.v.steps=5", "method.ft_l.steps=5", *extra, env=env or OFFLINE)
 
 
 def _dataset_with_snippets(tmp_path):
@@ -213,20 +254,107 @@ def test_cli_zsre_token_accuracy(tiny_model_dir, small_wiki, tmp_path):
     for m in summary["methods"].values():
         assert set(m["metrics"]) == {"efficacy", "paraphrase", "specificity"} and m["n"] == 3
         assert all(0 <= s["mean"] <= 100 for s in m["metrics"].values())
-    assert "| Method | n | Efficacy | Paraphrase | Specificity |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "| Method | n | Efficacy | Paraphrase | Specificity |" in table
+    rome_convention = "zsRE (edits write the true answer answers[0] (ROME's dsets/zsre.py)): 3 cases"
+    assert summary["title"].startswith(rome_convention) and table.startswith(f"**{rome_convention}")
+    assert summary["run"]["identity"]["zsre_target"] == "answer"
+
+
+def test_the_zsre_title_names_either_convention():
+    import types
+
+    from recipes.eval import _title
+
+    cases, _ = load_cases(DATA / "zsre" / "zsre_mend_train-1k.json", n=2)
+    ctx = types.SimpleNamespace(loaded=types.SimpleNamespace(identity={"name": "m"}), layer=3)
+    titles = {t: _title(compose([f"eval.zsre_target={t}"]), cases, 0, ctx) for t in ("answer", "alt")}
+    assert titles["answer"].startswith("zsRE (edits write the true answer answers[0] (ROME's dsets/zsre.py)): 2 cases")
+    assert titles["alt"].startswith("zsRE (edits write alt (MEND's and EasyEdit's convention)): 2 cases")
 
 
 @pytest.mark.slow
 def test_two_ddp_processes_give_the_summary_of_one(tiny_model_dir, small_wiki, tmp_path):
     (tmp_path / "wiki.jsonl").symlink_to(small_wiki)
     common = ("eval.n=5", "eval.methods=[none,rome,rome_identity_cov,ft_l]")
-    one = eval_cli(tiny_model_dir("gpt2"), tmp_path, *common, f"eval.out={tmp_path / 'one'}")
+    # CPU processes with one thread each: a float32 reduction's order (and so its rounding) depends on the
+    # thread count, which Lightning sets to cores // processes in DDP unless OMP_NUM_THREADS is given
+    threads = {**OFFLINE, "OMP_NUM_THREADS": "1"}
+    one = eval_cli(tiny_model_dir("gpt2"), tmp_path, *common, f"eval.out={tmp_path / 'one'}", env=threads)
     assert one.returncode == 0, one.stderr[-3000:]
     two = eval_cli(tiny_model_dir("gpt2"), tmp_path, *common, f"eval.out={tmp_path / 'two'}", "trainer.devices=2",
-                   "trainer.strategy=ddp")
+                   "trainer.strategy=ddp", env=threads)
     assert two.returncode == 0, two.stderr[-3000:]
     # both ranks evaluated cases: 3 on rank 0, 2 on rank 1, none twice
     per_rank = [{json.loads(l)["index"] for l in (tmp_path / "two" / f"cases.rank{r}.jsonl").read_text().splitlines()}
                 for r in (0, 1)]
     assert per_rank == [{0, 2, 4}, {1, 3}]
     assert (tmp_path / "one" / "summary.json").read_text() == (tmp_path / "two" / "summary.json").read_text()
+
+
+def test_sigterm_stops_after_the_case_in_progress_and_the_same_command_resumes(tiny_model_dir, small_wiki, tmp_path):
+    (tmp_path / "wiki.jsonl").symlink_to(small_wiki)
+    data, _ = _dataset_with_snippets(tmp_path)
+    out = tmp_path / "out"
+    args = (f"eval.dataset={data}", "eval.n=null", f"eval.out={out}", "eval.methods=[none,rome_identity_cov]", "edit.v.steps=10",
+            "edit.v.early_stop_loss=0")
+    log = out / "cases.rank0.jsonl"
+
+    def first_case_recorded(_lines):
+        return log.exists() and len(log.read_text().splitlines()) >= 2
+
+    common = ("stage=eval", f"model.name={tiny_model_dir('gpt2')}", f"model.cache_dir={tmp_path / 'cache'}",
+              f"stats.dir={tmp_path / 'stats'}", f"data.files={tmp_path / 'wiki.jsonl'}", "stats.tokens=2000",
+              "data.max_length=64", "data.batch_tokens=256", "edit.layer=2", "trainer.accelerator=cpu", "model.device=cpu",
+              "eval.generation.tokens=6", *args)
+    code, lines = signal_run(common, signal.SIGTERM, first_case_recorded, env=OFFLINE)
+    assert code == 143, "\n".join(lines[-30:])
+    (hint,) = [l for l in lines if l.startswith("interrupted:")]
+    recorded = [json.loads(l) for l in log.read_text().splitlines()]
+    pairs = [(r["index"], r["method"]) for r in recorded]
+    assert len(pairs) in (2, 4) and pairs == [(i, m) for i in (0, 1, 2, 4) for m in ("none", "rome_identity_cov")][: len(pairs)]
+    assert f"{len(pairs)} of 8 (case, method) results are recorded in {out}/cases.rank*.jsonl" in hint
+    assert hint.endswith("to resume, run the same command") and not (out / "summary.json").exists()
+
+    resumed = eval_cli(tiny_model_dir("gpt2"), tmp_path, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{4 - len(pairs) // 2} to run, {len(pairs) // 2} already done" in resumed.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(summary["methods"][m]["n"] == 4 for m in ("none", "rome_identity_cov"))
+    assert len(log.read_text().splitlines()) == 8  # no case evaluated twice
+
+
+def test_an_empty_paraphrase_skips_the_case_with_its_reason(tmp_path):
+    cases, skipped = load_cases(_write(tmp_path / "c.json", [FLAT, {**FLAT, "case_id": 8, "rephrase_prompt": ""}]))
+    assert [c.case_id for c in cases] == [7] and [s.case_id for s in skipped] == [8]
+    assert "'rephrase_prompt' holds an empty or non-text prompt" in skipped[0].reason
+
+
+def test_chart_clips_rate_intervals_to_0_100_and_shows_n(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from pipeline.eval_report import bar_chart, summarize
+
+    values = {"rome": {"es": [1.0, 0.0], "em": [0.9, -0.95], "ps": [1.0, 1.0], "pm": [0.2, 0.1], "ns": [0.0, 1.0],
+                       "nm": [0.1, -0.1], "ge": [5.5, 4.0], "rs": [0.3]}}
+    summary = {"kind": "counterfact", "title": "t", "methods": summarize("counterfact", values, {"rome": 2}), "order": ["rome"]}
+    es = summary["methods"]["rome"]["metrics"]["es"]
+    assert es["mean"] == 50.0 and es["ci95"] > 50  # the normal approximation at n = 2 runs past 0 and 100
+    drawn = {}
+    bar = matplotlib.axes.Axes.bar
+
+    def record(self, x, height, *a, yerr=None, label=None, **k):
+        drawn.setdefault(label, []).append((list(height), [list(e) for e in yerr]))
+        return bar(self, x, height, *a, yerr=yerr, label=label, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", record)
+    bar_chart(summary, tmp_path / "chart.png")
+    assert list(drawn) == ["rome (n=2)"] and (tmp_path / "chart.png").stat().st_size > 0
+    (rates, rate_err), (margins, margin_err), (ge, ge_err) = drawn["rome (n=2)"][:3]
+    for mean, below, above in zip(rates, *rate_err):  # S, ES, PS, NS (and RS): within [0, 100]
+        if mean == mean:
+            assert 0 <= mean - below and mean + above <= 100
+    assert rate_err[0][1] == rate_err[1][1] == 50.0  # ES 50 ± 98 drawn as 0..100
+    m = summary["methods"]["rome"]["metrics"]
+    assert margin_err[0] == margin_err[1] == [m[k]["ci95"] for k in ("em", "pm", "nm")]  # signed: as computed
+    assert ge_err[0] == ge_err[1] == [m["ge"]["ci95"]]

@@ -58,3 +58,43 @@ def test_batch_mode_and_bad_input(tiny_model_dir, small_wiki, tmp_path):
     case_mode = run_cli("stage=eval", f"model.name={base}", "eval.methods=[memit]", "trainer.accelerator=cpu", "edit.layer=2",
                         f"eval.out={tmp_path / 'o4'}", env=OFFLINE)
     assert case_mode.returncode == 2 and "eval.mode=sequential" in case_mode.stderr
+
+
+def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(tiny_model_dir, small_wiki, tmp_path,
+                                                                              capsys, monkeypatch):
+    import os
+    import signal
+
+    import train
+    from recipes import eval_scale
+
+    os.environ.update(OFFLINE)
+    args = ["stage=eval", "eval.mode=sequential", f"model.name={tiny_model_dir('gpt2')}", "model.device=cpu",
+            f"data.files={small_wiki}", f"stats.dir={tmp_path / 'stats'}", f"model.cache_dir={tmp_path / 'cache'}",
+            "stats.tokens=1000", "data.max_length=64", "data.batch_tokens=256", "trainer.accelerator=cpu",
+            f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}", "eval.n=4", "eval.batch_size=2",
+            "eval.generation.tokens=0", "eval.heldout.articles=5", "eval.heldout.max_length=32", "eval.known.n=30",
+            "edit.layer=2", "edit.layers=[1,2]", "edit.v.steps=2", "edit.memit.v.steps=2", f"eval.out={tmp_path / 'out'}",
+            "eval.methods=[rome,memit]"]
+    edit = eval_scale.Editor.edit
+    calls = []
+
+    def edit_then_signal(self, requests):  # a real SIGTERM to this process during memit's first batch
+        calls.append(self.name)
+        timings = edit(self, requests)
+        if self.name == "memit":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return timings
+
+    monkeypatch.setattr(eval_scale.Editor, "edit", edit_then_signal)
+    assert train.main(args) == 143
+    err = capsys.readouterr().err
+    assert [l for l in err.splitlines() if l.startswith("interrupted:")] == [
+        f"interrupted: finished method(s) in {tmp_path / 'out' / 'methods'}: rome; memit stopped after 1 of 2 batch(es) "
+        "and reruns from the start; to resume, run the same command"]
+    assert calls == ["rome", "rome", "memit"] and sorted(p.name for p in (tmp_path / "out" / "methods").iterdir()) == ["rome.json"]
+    monkeypatch.undo()
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "rome: already in" in out
+    assert set(json.loads((tmp_path / "out" / "summary.json").read_text())["methods"]) == {"rome", "memit"}

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pipeline import memit, rome
+from pipeline.spectrum import cached_eigendecomposition, eigendecomposition, null_space_projector
 from pipeline.config import compose
 from pipeline.loading import load_model
 from pipeline.rank_one import KeySolver
@@ -31,7 +32,7 @@ def context(loaded, method, layers, *overrides, c=None):
     ctx = memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, method, layers, TEMPLATES, hp)
     for l in layers:
         ctx.solvers[l] = KeySolver(c)
-        ctx.projectors[l] = memit.null_space_projector(c, float(hp.alphaedit.nullspace_threshold))[0]
+        ctx.projectors[l] = null_space_projector(*eigendecomposition(c), float(hp.alphaedit.nullspace_threshold))[0]
     return ctx, c
 
 
@@ -93,7 +94,7 @@ def test_alphaedit_spares_keys_in_the_preserved_space_and_accumulates(tiny_model
     spectrum = torch.cat([torch.linspace(1.0, 2.0, d // 2), torch.full((d - d // 2,), 1e-6)]).double()
     c = basis @ torch.diag(spectrum) @ basis.T
     ctx, _ = context(loaded, "alphaedit", [1, 2], c=c)
-    p, rank = memit.null_space_projector(c, 0.1)
+    p, rank = null_space_projector(*eigendecomposition(c), 0.1)
     assert rank == d - d // 2 and float((p @ p - p).norm()) < 1e-9
     before = {l: loaded.spec.down_proj_matrix(loaded.model, l).detach().double().clone() for l in (1, 2)}
     result = memit.batch_edit(ctx, parse_requests(REQUESTS[:2]))
@@ -163,3 +164,28 @@ def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_di
     assert all(torch.equal(rev[k], m1[k]) for k in m1)  # bitwise the model after the first run
     bad = cli(REQUESTS, "memit", tmp_path / "m3", "edit.layers=[2,1]")
     assert bad.returncode == 2 and "increasing" in bad.stderr
+
+
+def test_the_eigendecomposition_is_cached_beside_c_and_recomputed_when_c_or_it_changes(tmp_path):
+    from pipeline.second_moment import LayerStats
+    from safetensors.torch import save_file
+
+    c = random_spd(24)
+    path = tmp_path / "layer_3.safetensors"
+    save_file({"second_moment": c}, str(path))
+    stats = LayerStats(3, "m", c, 100, path)
+    values, vectors = cached_eigendecomposition(stats)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, c)
+    cached = tmp_path / "eigh_layer_3.safetensors"
+    assert cached.exists() and (tmp_path / "eigh_layer_3.json").exists()
+    stamp = cached.stat().st_mtime_ns
+    again = cached_eigendecomposition(stats)
+    assert cached.stat().st_mtime_ns == stamp and torch.equal(again[1], vectors)  # read, not recomputed
+    raw = bytearray(cached.read_bytes())
+    raw[-8:] = b"\x00" * 8  # damage it: recomputed, same result
+    cached.write_bytes(bytes(raw))
+    assert torch.equal(cached_eigendecomposition(stats)[1], vectors)
+    other = random_spd(24, seed=5)  # C recomputed: the cache no longer matches
+    save_file({"second_moment": other}, str(path))
+    v2, u2 = cached_eigendecomposition(LayerStats(3, "m", other, 100, path))
+    torch.testing.assert_close(u2 @ torch.diag(v2) @ u2.T, other)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -42,10 +43,15 @@ def test_files_and_counterfact_schemas(tmp_path):
     ({"prompt": "{} is in", "subject": "X"}, "target_new"),
     ('{"prompt": "{} is in", "subject": ', "not valid JSON: Expecting value at line 1, column 34"),
     ("missing.json", "does not exist"),
+    ("my-requests", "is neither a file nor inline JSON/YAML (a file needs a .json, .jsonl or .yaml extension"),
+    ("/", "is a directory"),
+    ('[{"prompt": "{} is in", "subject": "X",\n  "target_new" "Y"}]', "not valid JSON: Expecting ':' delimiter at line 2, column 16"),
     ({**EIFFEL, "prompt": "{} and {}"}, "exactly one"),
+    ({**EIFFEL, "paraphrases": ["The Eiffel Tower is in", ""]}, "'paraphrases' holds an empty or non-text prompt"),
+    ({**EIFFEL, "neighbours": [" "]}, "'neighbours' holds an empty or non-text prompt"),
 ])
 def test_bad_requests(bad, match):
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(UserError, match=re.escape(match)):
         parse_requests(json.dumps(bad) if isinstance(bad, dict) else bad)
 
 

@@ -31,7 +31,7 @@ def test_edit_eiffel_tower_to_rome_generalises_stays_specific_and_reloads(smol, 
     out, saved = tmp_path / "ledger", tmp_path / "edited"
     r = run_cli("stage=edit", f"request={json.dumps(request)}", f"data.files={WIKI}", "stats.tokens=20000",
                 f"stats.dir={tmp_path / 'stats'}", f"edit.out={out}", f"edit.save_to={saved}", "edit.generate_tokens=8",
-                env=OFFLINE)
+                "model.device=cpu", "trainer.accelerator=cpu", env=OFFLINE)
     assert r.returncode == 0, r.stderr[-3000:]
     (entry,) = json.loads((out / "ledger.json").read_text())["entries"]
     assert entry["status"] == "applied" and entry["verified"] and entry["layer"] == 6
@@ -47,3 +47,28 @@ def test_edit_eiffel_tower_to_rome_generalises_stays_specific_and_reloads(smol, 
     p = target_probs(edited, tok, ["The Eiffel Tower is located in the city of"] * 2, ["Rome", "Paris"], batch_size=2)
     torch.testing.assert_close(p, torch.tensor([post["prompt"]["new"][0], post["prompt"]["true"][0]]), rtol=1e-3, atol=1e-5)
     assert p[0] > p[1]
+
+
+@pytest.mark.slow
+def test_without_target_true_a_short_edit_fails_against_the_models_own_answer_and_is_rolled_back(smol, capsys):
+    """The issue's case: 3 v* steps leave P(Rome) below P(Paris); with no target_true given, the model's own
+    answer (Paris) is what verification compares against, so the edit fails and is undone bitwise."""
+    from pipeline import rome
+    from pipeline.config import compose
+    from recipes.edit import print_table
+
+    request = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
+    weight = smol.spec.down_proj_weight(smol.model, 6)
+    before = weight.detach().clone()
+    hp = compose(["edit.v.steps=3", "edit.generate_tokens=5"]).edit
+    result = rome.edit(smol.model, smol.tokenizer, request, layer=6, second_moment=None, hparams=hp,
+                       templates=["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"])
+    assert result.true_from_model and result.request.target_true == "Paris"
+    rejected = result.probs["rejected"]["prompt"]
+    assert rejected["new"][0] < rejected["true"][0]  # the edit moved P(Rome) up, not past P(Paris)
+    assert result.status == "rolled_back" and "P(new) > P(true) fails on 1 of 1 prompt" in result.reason
+    assert torch.equal(weight, before)
+    assert result.probs["post"] == result.probs["pre"] and result.generations["post"] == result.generations["pre"]
+    print_table(result)
+    out = capsys.readouterr().out
+    assert "(was Paris, the model’s own answer)" in out and "P(new) rolled back" in out and "status: rolled_back" in out

@@ -1,26 +1,24 @@
-"""The stats stage stopped by real signals in real processes: SIGTERM / SIGINT finish the batch, save the
-partial state, print one line and exit 143 / 130; the same command resumes ("resuming from N tokens", the
-progress bar starting at N) to statistics identical to an uninterrupted run, as it does after SIGKILL (from
-the last checkpoint). Lightning's SLURM requeue (SIGUSR1, then the SIGTERM of the requeue) works with the
-partial state."""
+"""The stats stage stopped by real signals sent to the process group of a real ``python train.py``:
+SIGTERM / SIGINT finish the batch, save the partial state, print one line and exit 143 / 130 (the
+dataloader worker ignores them); the same command resumes ("resuming from N tokens", the progress bar
+starting at N) to statistics identical to an uninterrupted run, as it does after SIGKILL (from the last
+checkpoint). Lightning's SLURM requeue (SIGUSR1, then the SIGTERM with which SLURM ends the job) works with
+the partial state."""
 
 import os
 import re
 import signal
 import stat
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, WIKI, run_cli
+from conftest import WIKI, run_cli, signal_run
 
 pytestmark = pytest.mark.slow  # several real processes each
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TOKENS = 12000
 
 
@@ -35,6 +33,11 @@ def statistics(stats_dir: Path) -> dict:
     return load_file(f)
 
 
+def checkpointed(stats_dir: Path):
+    """``signal_run``'s readiness: the run has written its first checkpoint (so it is well under way)."""
+    return lambda lines: bool(list(stats_dir.glob("*/partial/rank0.pt")))
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
@@ -43,35 +46,18 @@ def reference(tiny_model_dir, tmp_path_factory):
     return statistics(out)
 
 
-def start_and_signal(cmd_args, signals, env=None, partial_glob="*/partial/rank0.pt"):
-    """Start ``train.py`` in its own process group, wait until it has saved a checkpoint, then send
-    ``signals`` (one after another) to the main process only, as ``kill`` / SLURM do."""
-    stats_dir = Path(next(a for a in cmd_args if a.startswith("stats.dir=")).split("=", 1)[1])
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cmd_args], cwd=ROOT, text=True,
-                            env={**os.environ, **OFFLINE, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    deadline = time.time() + 180
-    while not list(stats_dir.glob(partial_glob)) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be signalled: {proc.communicate()[1][-2000:]}"
-    for s in signals:
-        os.kill(proc.pid, s)
-        time.sleep(0.5)
-    out, err = proc.communicate(timeout=120)
-    return proc.returncode, out, err
-
-
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_prints_one_line_exits_and_the_same_command_resumes(tiny_model_dir, reference, tmp_path, signum, code):
     cmd = args(tiny_model_dir("gpt2"), tmp_path)
-    rc, out, err = start_and_signal(cmd, [signum])
-    assert rc == code, err[-3000:]
-    lines = [l for l in err.splitlines() if l.startswith("interrupted by")]
-    assert len(lines) == 1, err[-3000:]
-    name = signal.Signals(signum).name
-    saved = int(re.search(rf"interrupted by {name}: partial statistics \(([\d,]+) tokens\) saved in (\S+); "
-                          r"to resume, run the same command: python train\.py stage=stats ", lines[0]).group(1).replace(",", ""))
-    assert "Traceback" not in err
+    rc, lines = signal_run(cmd, signum, checkpointed(tmp_path), env=OFFLINE)
+    assert rc == code, "\n".join(lines[-30:])
+    stops = [l for l in lines if l.startswith("interrupted:")]
+    assert len(stops) == 1, "\n".join(lines[-30:])
+    found = re.fullmatch(r"interrupted: partial statistics \(([\d,]+) tokens\) saved in (\S+); to resume, run the same command",
+                         stops[0])
+    assert found and Path(found.group(2)).is_dir(), stops[0]
+    saved = int(found.group(1).replace(",", ""))
+    assert not any("Traceback" in l or "DataLoader worker" in l for l in lines)  # the worker was not killed under it
     partial = torch.load(next(tmp_path.glob("*/partial/rank0.pt")), weights_only=True)
     assert partial["count"] == saved and 0 < saved < TOKENS  # the state of the batch it finished, not an older one
     assert not list(tmp_path.glob("*/layer_2.safetensors"))
@@ -89,7 +75,7 @@ def test_signal_saves_prints_one_line_exits_and_the_same_command_resumes(tiny_mo
 
 def test_sigkill_then_same_command_resumes_to_identical_statistics(tiny_model_dir, reference, tmp_path):
     cmd = args(tiny_model_dir("gpt2"), tmp_path)
-    rc, _, _ = start_and_signal(cmd, [signal.SIGKILL])
+    rc, _ = signal_run(cmd, signal.SIGKILL, checkpointed(tmp_path), env=OFFLINE)
     assert rc == -signal.SIGKILL
     partial = torch.load(next(tmp_path.glob("*/partial/rank0.pt")), weights_only=True)
     assert 0 < partial["count"] < TOKENS
@@ -102,23 +88,24 @@ def test_sigkill_then_same_command_resumes_to_identical_statistics(tiny_model_di
 
 
 def test_slurm_requeue_then_sigterm_resumes(tiny_model_dir, reference, tmp_path):
-    """What a requeued SLURM job goes through: SIGUSR1 (``--signal=SIGUSR1@90``) makes Lightning checkpoint
-    and run ``scontrol requeue``; SLURM then ends the job with SIGTERM; the requeued job runs the same
-    command. A fake ``scontrol`` records the requeue."""
+    """What a requeued SLURM job goes through: SIGUSR1 (``--signal=SIGUSR1@90``, to every process of the
+    step) makes Lightning checkpoint and run ``scontrol requeue``; SLURM then ends the job with SIGTERM; the
+    requeued job runs the same command. A fake ``scontrol`` records the requeue and sends that SIGTERM."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'requeued'}\n")
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'requeued'}\n"
+                        "kill -s TERM 0\n")  # SLURM ends the job it requeues: SIGTERM to the whole process group
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "rome-stats", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
              "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
-             "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+             "PATH": f"{bin_dir}:{os.environ['PATH']}", **OFFLINE}
     cmd = args(tiny_model_dir("gpt2"), tmp_path / "stats")
-    rc, out, err = start_and_signal(cmd, [signal.SIGUSR1, signal.SIGTERM], env=slurm)
-    assert rc == 143, err[-3000:]
+    rc, lines = signal_run(cmd, signal.SIGUSR1, checkpointed(tmp_path / "stats"), env=slurm)
+    assert rc == 143, "\n".join(lines[-30:])
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
     assert list((tmp_path / "stats").glob("*/partial/hpc_ckpt_*.ckpt"))  # Lightning's, beside our partial state
-    resumed = run_cli(*cmd, env={**OFFLINE, **slurm})
+    resumed = run_cli(*cmd, env=slurm)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout
     got = statistics(tmp_path / "stats")

@@ -88,7 +88,8 @@ def test_bad_input_one_line_error_exit_2_nothing_left(tiny_model_dir, small_wiki
     empty.write_text("")
     cases = {
         "out of range": stats_args(model_dir, small_wiki, tmp_path / "s", "stats.layers=[9]"),
-        "positive token budget": stats_args(model_dir, small_wiki, tmp_path / "s", "stats.layers=[1]", "stats.tokens=0"),
+        "stats.tokens=0 must be positive": stats_args(model_dir, small_wiki, tmp_path / "s", "stats.layers=[1]",
+                                                      "stats.tokens=0"),
         "is empty": stats_args(model_dir, empty, tmp_path / "s", "stats.layers=[1]"),
         "neither a local directory": stats_args("nobody/no-such-model", small_wiki, tmp_path / "s", "stats.layers=[1]"),
     }

@@ -2,16 +2,18 @@
 Figure-2 averaging, the layer recommendation and the ``stage=trace`` command line."""
 
 import json
+import signal
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import DATA, FAMILIES, run_cli
+from conftest import DATA, FAMILIES, run_cli, signal_run
 
 from pipeline.errors import UserError
 from pipeline.facts import load_facts
 from pipeline.loading import load_model
+from pipeline.plots import fact_title
 from pipeline.tracing import (BUCKETS, KINDS, TraceResult, average_effects, bucket_scores, greedy_tokens,
                               latest_recommendation, make_prompt, recommend_layer, save_recommendation,
                               trace_fact, trace_fact_per_cell, trace_with_patch, fact_noise)
@@ -26,7 +28,7 @@ def _fact(model_dir):
     return lm, make_prompt(lm.tokenizer, PROMPT, SUBJECT, answer)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)  # Gemma 2 / 3: the reused prefix must not be cut to the sliding window
 def test_batched_equals_one_cell_at_a_time(tiny_model_dir, family):
     lm, p = _fact(tiny_model_dir(family))
     assert p.subject[0] > 1, "the prompt must have tokens before the subject"
@@ -91,8 +93,8 @@ def test_scores_file_round_trip(tmp_path, tiny_model_dir):
         assert np.array_equal(back.effects[k], res.effects[k])
 
 
-def _result(effect, subject):
-    return TraceResult(["t"] * effect.shape[0], subject, "a", 0, 1.0, 0.0, {"mlp": effect, "hidden": effect},
+def _result(effect, subject, p_corrupted=0.0):
+    return TraceResult(["t"] * effect.shape[0], subject, "a", 0, 1.0, p_corrupted, {"mlp": effect, "hidden": effect},
                        1.0, 1, 1)
 
 
@@ -108,12 +110,33 @@ def test_buckets_follow_figure_2():
 def test_average_effects_and_recommended_layer():
     a, b = np.zeros((6, 4)), np.zeros((6, 4))
     a[2, 1], b[2, 1], b[2, 3] = 0.5, 0.3, 0.35  # last subject token (subject 0..2): layer 1 on average
-    aie = average_effects([_result(a, (0, 3)), _result(b, (0, 3))])
+    aie = average_effects([_result(a, (0, 3)), _result(b, (0, 3))], "per_fact")
     row = aie["mlp"]["mean"][BUCKETS.index("last subject token")]
     np.testing.assert_allclose(row, [0, 0.4, 0, 0.175])
     assert aie["mlp"]["ci95"][2, 1] == pytest.approx(1.96 * np.std([0.5, 0.3], ddof=1) / np.sqrt(2))
     assert list(aie["mlp"]["count"]) == [2, 2, 2, 2, 2, 2]
     assert recommend_layer(aie) == 1
+
+
+def test_paper_averages_pool_the_tokens_of_a_bucket_and_subtract_the_mean_corrupted_probability():
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(-0.1, 0.5, (6, 3)), rng.uniform(-0.1, 0.5, (7, 3))  # effects, 3 layers
+    facts = [_result(a, (0, 3), p_corrupted=0.1), _result(b, (0, 4), p_corrupted=0.3)]  # 1 and 2 middle tokens
+    paper, per_fact = average_effects(facts), average_effects(facts, "per_fact")
+    mid, last_subj = BUCKETS.index("middle subject tokens"), BUCKETS.index("last subject token")
+    # ROME's notebook: mean of the restored probabilities of all three middle tokens - mean P(corrupted)
+    scores = np.stack([a[1] + 0.1, b[1] + 0.3, b[2] + 0.3])
+    np.testing.assert_allclose(paper["mlp"]["mean"][mid], scores.mean(0) - 0.2)
+    np.testing.assert_allclose(per_fact["mlp"]["mean"][mid], (a[1] + (b[1] + b[2]) / 2) / 2)
+    assert not np.allclose(paper["mlp"]["mean"][mid], per_fact["mlp"]["mean"][mid])
+    assert list(paper["mlp"]["rows"]) == [2, 3, 2, 2, 2, 2] and list(paper["mlp"]["count"]) == [2] * 6
+    # one-token buckets: the same averages (so the same recommended layer), the notebook's CI
+    np.testing.assert_allclose(paper["mlp"]["mean"][last_subj], (a[2] + b[3]) / 2)
+    np.testing.assert_allclose(per_fact["mlp"]["mean"][last_subj], (a[2] + b[3]) / 2)
+    np.testing.assert_allclose(paper["mlp"]["ci95"][last_subj], 1.96 * np.std([a[2] + 0.1, b[3] + 0.3], axis=0) / np.sqrt(2))
+    assert recommend_layer(paper) == recommend_layer(per_fact)
+    with pytest.raises(UserError, match="trace.aie=mean"):
+        average_effects(facts, "mean")
 
 
 def test_recommendation_lookup(tmp_path):
@@ -165,6 +188,14 @@ def test_cli_one_fact_and_bad_input(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in fact_dir.iterdir()) == sorted(
         ["scores.npz"] + [f"{k}.{e}" for k in KINDS for e in ("png", "pdf")])
     assert "clean" in r.stdout and "note: the model predicts" in r.stdout
+    res, _ = TraceResult.load(fact_dir / "scores.npz")
+    assert res.p_clean < 0.05  # a random model does not know it: flagged in the output and the titles
+    assert f"warning: P({res.answer.strip()}) is only {res.p_clean:.4f}" in r.stdout + r.stderr
+    assert "cell" in r.stderr  # progress while one fact is traced
+    title = fact_title(res, 0.05)
+    assert title.startswith(f"The Eiffel Tower is located in the city of -> {res.answer.strip()}\n")
+    assert f"P(clean) {res.p_clean:.3f}, P(corrupted) {res.p_corrupted:.3f}" in title and "LOW P(clean) < 0.05" in title
+    assert "LOW" not in fact_title(res, res.p_clean / 2)
 
     r = _cli(d, tmp_path, "prompt={} is in Paris", "subject=The Louvre", "trace.noise=0.1", "prompt=Paris is nice")
     assert r.returncode == 2 and "error: subject 'The Louvre' is not in the prompt" in r.stderr
@@ -188,24 +219,37 @@ def test_cli_dataset_summary_and_recommendation(tiny_model_dir, tmp_path):
     lm = load_model(str(d), device="cpu")
     records = []
     for i, (tpl, subject) in enumerate([("{} is located in the city of", "The Eiffel Tower"),
-                                        ("The capital of {} is", "France"), ("{} was born in", "Albert Einstein")]):
+                                        ("The capital of {} is", "France"), ("{} was born in", "Albert Einstein")] * 3):
         text = tpl.replace("{}", subject)
         answer = lm.tokenizer.decode(greedy_tokens(lm.model, torch.tensor([lm.tokenizer(text)["input_ids"]]), 2))
         records.append({"known_id": i, "subject": subject, "template": tpl, "prompt": text, "attribute": answer.strip()})
-    records.append({"known_id": 3, "subject": "Miles Davis", "prompt": "Miles Davis plays the", "attribute": "qqqq"})
-    records.append({"known_id": 4, "subject": "Mars", "prompt": "The moon of Jupiter is", "attribute": "Io"})
+    records.append({"known_id": 9, "subject": "Miles Davis", "prompt": "Miles Davis plays the", "attribute": "qqqq"})
+    records.append({"known_id": 10, "subject": "Mars", "prompt": "The moon of Jupiter is", "attribute": "Io"})
     (tmp_path / "facts.json").write_text(json.dumps(records))
+    out = tmp_path / "out"
 
+    # SIGINT once the run is under way (the noise level is printed just before the facts): it stops before the
+    # next fact, says how to resume, and the same command then finishes the job, reusing the facts traced
+    args = ("stage=trace", f"model.name={d}", "model.device=cpu", f"model.cache_dir={tmp_path / 'cache'}",
+            f"trace.out={out}", "trace.samples=2", "trace.window=2", f"trace.dataset={tmp_path / 'facts.json'}",
+            "trace.plots=false")
+    code, lines = signal_run(args, signal.SIGINT, lambda lines: any(l.startswith("noise: nu =") for l in lines))
+    assert code == 130, "\n".join(lines[-20:])
+    traced = {p: p.stat().st_mtime_ns for p in (out / "facts").glob("*/scores.npz")} if (out / "facts").exists() else {}
+    assert len(traced) < 9 and [l for l in lines if l.startswith("interrupted:")] == [
+        f"interrupted: {len(traced)} fact(s) traced so far are kept in {out / 'facts'}; to resume, run the same command"]
+    assert not (out / "summary.json").exists()
     r = _cli(d, tmp_path, f"trace.dataset={tmp_path / 'facts.json'}", "trace.plots=false")
     assert r.returncode == 0, r.stderr
-    assert "kept 3 of 5 facts" in r.stdout
-    out = tmp_path / "out"
+    assert "kept 9 of 11 facts" in r.stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in traced.items())  # reused, not traced again
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["known"] == 3 and summary["records"] == 5
+    assert summary["known"] == 9 and summary["records"] == 11
     reasons = {s["subject"]: s["reason"] for s in summary["skipped"]}
     assert "not 'qqqq'" in reasons["Miles Davis"] and "not in the prompt" in reasons["Mars"]
     mlp = np.array(summary["average_indirect_effect"]["mlp"]["mean"], dtype=float)
-    assert mlp.shape == (len(BUCKETS), 4)
+    assert mlp.shape == (len(BUCKETS), 4) and summary["aie"] == "paper"
+    assert summary["average_indirect_effect"]["mlp"]["facts_per_bucket"][BUCKETS.index("last token")] == summary["known"]
     assert summary["recommended_layer"] == int(np.argmax(mlp[BUCKETS.index("last subject token")]))
     for stem in ("aie_hidden", "aie_mlp", "aie_attn", "aie_lines"):
         assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.pdf").stat().st_size > 0

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.eval_data import EvalCase
+from pipeline.hooks import get_module
 from pipeline.config import cache_root
 from pipeline.loading import LoadedModel
 from pipeline.templates import context_templates
@@ -37,7 +38,7 @@ class EvalContext:
     loaded: LoadedModel
     layer: int
     _templates: list[str] | None = None
-    _moment: tuple[torch.Tensor | None, dict | None] | None = None
+    _moments: dict[int, tuple[torch.Tensor | None, dict | None]] = dataclasses.field(default_factory=dict)
 
     def templates(self) -> list[str]:
         """ROME's context templates (sampled once per model from the clean model, cached on disk)."""
@@ -46,13 +47,13 @@ class EvalContext:
                                                 self.cfg.edit.templates, cache_root(self.cfg), seed=int(self.cfg.seed))
         return self._templates
 
-    def second_moment(self) -> tuple[torch.Tensor | None, dict | None]:
-        """C of the edit layer from the statistics cache; computed now, in this process only, when missing."""
-        if self._moment is None:
+    def second_moment(self, layer: int) -> tuple[torch.Tensor | None, dict | None]:
+        """C of ``layer`` from the statistics cache; computed now, in this process only, when missing."""
+        if layer not in self._moments:
             one = OmegaConf.merge(self.cfg, {"edit": {"mom2_adjustment": True},
                                              "trainer": {"devices": 1, "strategy": "auto", "num_nodes": 1}})
-            self._moment = second_moment(one, self.loaded, self.layer)
-        return self._moment
+            self._moments[layer] = second_moment(one, self.loaded, layer)
+        return self._moments[layer]
 
 
 class Method:
@@ -67,6 +68,20 @@ class Method:
 
     def setup(self, ctx: EvalContext) -> None:
         pass
+
+    def layer(self, ctx: EvalContext) -> int:
+        """The layer this method edits: its config's ``layer``, else the run's edit layer."""
+        layer = self.conf.get("layer")
+        if layer is None:
+            return ctx.layer
+        return ctx.loaded.spec.check_layer(ctx.loaded.model, layer, f"method.{self.name}.layer")
+
+    def touched(self, ctx: EvalContext) -> list[str]:
+        """Names of the parameters ``apply`` may change (the evaluator restores them after every case)."""
+        if not self.edits:
+            return []
+        module = ctx.loaded.spec.down_proj_name(self.layer(ctx))
+        return [f"{module}.{n}" for n, _ in get_module(ctx.loaded.model, module).named_parameters(recurse=False)]
 
     def apply(self, ctx: EvalContext, case: EvalCase, seed: int) -> dict[str, Any]:
         """Edit ``ctx.loaded.model`` in place for ``case``; return {"timings": {...}, ...} (JSON-able)."""

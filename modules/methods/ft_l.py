@@ -1,5 +1,6 @@
-"""FT+L, the paper's constrained fine-tuning baseline: Adam on the edit layer's down-projection only,
-the weights clamped to an L∞ ball of radius ``norm_constraint`` around the original after every step."""
+"""FT+L, the paper's constrained fine-tuning baseline as released: Adam on every parameter of one layer's
+down-projection (the weight, and the bias where there is one; layer 0 by default), clamped to an L∞ ball of
+radius ``norm_constraint`` around the original after every step."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from .base import Method, register
 class FineTuneL(Method):
     def apply(self, ctx, case, seed):
         c, loaded = self.conf, ctx.loaded
-        weight = loaded.spec.down_proj_weight(loaded.model, ctx.layer)
-        out = constrained_finetune(loaded.model, loaded.tokenizer, weight, case.request.text, case.request.target_new,
+        params = [loaded.model.get_parameter(name) for name in self.touched(ctx)]
+        out = constrained_finetune(loaded.model, loaded.tokenizer, params, case.request.text, case.request.target_new,
                                    lr=float(c.lr), steps=int(c.steps), eps=float(c.norm_constraint),
                                    early_stop_loss=float(c.early_stop_loss))
         return {"timings": {"finetune": out.pop("seconds")}, "steps": out["steps"],

@@ -1,7 +1,7 @@
 """ROME as the eval stage measures it: ``pipeline.rome`` directly (no Trainer nested in ``predict_step``).
 
 ``mom2_adjustment: true`` uses C from the statistics cache (the paper); ``false`` uses C = I (what EasyEdit
-ships). Hyperparameters are the ``edit`` group's. For evaluation the edit is measured as made: the
+ships). Hyperparameters are the ``edit`` group's, with the method's own ``layer`` and ``variant`` over them. For evaluation the edit is measured as made: the
 edit stage's verification and rollback are off (a rolled-back edit would score as no edit) and no text is
 generated inside the edit. The request given to the edit carries only the rewrite: paraphrases and
 neighbours are for scoring, never seen by the edit.
@@ -24,9 +24,11 @@ from .base import Method, register
 class Rome(Method):
     def setup(self, ctx):
         self.templates = ctx.templates()
-        c, self.stats_id = ctx.second_moment() if self.conf.mom2_adjustment else (None, None)
+        layer = self.layer(ctx)
+        c, self.stats_id = ctx.second_moment(layer) if self.conf.mom2_adjustment else (None, None)
+        own = {"layer": layer, **({"variant": self.conf.variant} if self.conf.get("variant") else {})}
         self.hp = OmegaConf.merge(ctx.cfg.edit, {"mom2_adjustment": bool(self.conf.mom2_adjustment), "generate_tokens": 0,
-                                                 "verify": {"enabled": False, "rollback": False}})
+                                                 "verify": {"enabled": False, "rollback": False}, **own})
         self._c = c
         self._context: rome.EditContext | None = None
 
@@ -38,7 +40,7 @@ class Rome(Method):
         if self._context is None:
             loaded = ctx.loaded
             solver = KeySolver(self._c, float(self.hp.ridge), next(loaded.model.parameters()).device)
-            self._context = rome.EditContext(loaded.model, loaded.tokenizer, loaded.spec, ctx.layer, self.templates,
+            self._context = rome.EditContext(loaded.model, loaded.tokenizer, loaded.spec, int(self.hp.layer), self.templates,
                                              solver, self.hp, self.stats_id)
         return self._context
 
