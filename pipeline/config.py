@@ -233,7 +233,6 @@ def _check_environment(cfg: DictConfig) -> None:
     import torch
 
     from .loading import resolve_device, resolve_dtype
-
     from .statistics import accumulation_dtype
 
     resolve_dtype(str(cfg.model.dtype), "model.dtype")
