@@ -47,7 +47,7 @@ def test_edit_eiffel_tower_to_rome_verifies_and_reloads(gemma, tmp_path):
     out, saved = tmp_path / "ledger", tmp_path / "edited"
     r = run_cli("stage=edit", "model.name=gemma3-270m", f"request={json.dumps(request)}", f"data.files={WIKI}",
                 "stats.tokens=10000", f"stats.dir={tmp_path / 'stats'}", f"edit.out={out}", f"edit.save_to={saved}",
-                "edit.generate_tokens=6", env=OFFLINE)
+                "edit.generate_tokens=6", "model.device=cpu", "trainer.accelerator=cpu", env=OFFLINE)
     assert r.returncode == 0, r.stderr[-3000:]
     (entry,) = json.loads((out / "ledger.json").read_text())["entries"]
     assert entry["status"] == "applied" and entry["verified"] and entry["layer"] == 4
