@@ -295,15 +295,20 @@ def test_each_run_gets_its_own_ledger_and_files_follow_the_umask(edit_env, tmp_p
 
 
 def test_a_rolled_back_edit_reports_the_restored_model(edit_env, tiny_model_dir, tmp_path, capsys):
-    # the new object is less likely than the given true one, and one tiny v* step cannot change that
+    # the new object is less likely than the given true one, and one small v* step cannot change that.
+    # steps=2: the last iteration only measures the loss, so steps=1 takes no Adam step at all (dW ~ 1e-9 of W,
+    # float noise); with 2 the rejected edit is a real one, whose probabilities differ from the restored model's.
     request = {**EIFFEL, "target_new": "Zanzibar", "target_true": "Rome"}
     ledger, saved = tmp_path / "ledger", tmp_path / "saved"
     code, out, errors = main(capsys, "stage=edit", *edit_env, f"request={json.dumps(request)}", "edit.verify.enabled=true",
-                             "edit.v.steps=1", "edit.v.lr=0.01", f"edit.out={ledger}", f"edit.save_to={saved}")
+                             "edit.v.steps=2", "edit.v.lr=0.01", f"edit.out={ledger}", f"edit.save_to={saved}")
     assert code == 2 and "failed verification" in errors[0]
     (entry,) = json.loads((ledger / "ledger.json").read_text())["entries"]
     assert entry["status"] == "rolled_back" and not entry["verified"]
-    assert entry["probs"]["post"] == entry["probs"]["pre"] and entry["probs"]["rejected"] != entry["probs"]["pre"]
+    assert entry["norms"]["relative_update"] > 1e-4  # an update far above float noise was made, then rolled back
+    assert entry["probs"]["post"] == entry["probs"]["pre"]
+    rejected, pre = entry["probs"]["rejected"]["prompt"], entry["probs"]["pre"]["prompt"]
+    assert abs(rejected["new"][0] - pre["new"][0]) > 1e-3 * pre["new"][0]  # the rejected model answered otherwise
     assert "P(new) rolled back" in out and "the model above is the restored one" in out
     pre = entry["probs"]["pre"]["prompt"]
     row = next(l for l in out.splitlines() if l.strip().startswith("prompt "))
