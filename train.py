@@ -65,16 +65,16 @@ def _quiet() -> None:
 
 
 def main(argv: list[str]) -> int:
-    from pipeline.config import compose
+    from pipeline.core.loading import configure
     from pipeline.errors import Interrupted, UserError
-    from pipeline.signals import stop_on_signals
+    from pipeline.core.signals import stop_on_signals
 
     if any(a in HELP_WORDS for a in argv):
         print(usage())
         return 0
     _quiet()
     try:
-        cfg = compose(argv)
+        cfg = configure(argv)
         if cfg.print_config:
             from omegaconf import OmegaConf
 

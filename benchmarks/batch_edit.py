@@ -34,7 +34,7 @@ from shapes import add_model_arguments, build_shape  # noqa: E402
 
 
 def clock(model):
-    from pipeline.rome import sync
+    from pipeline.editors.rome import sync
 
     sync(model)
     return time.perf_counter()
@@ -51,21 +51,22 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from pipeline import memit, rome
-    from pipeline.config import compose
-    from pipeline.loading import load_model, resolve_dtype
-    from pipeline.rank_one import KeySolver
-    from pipeline.spectrum import eigendecomposition, null_space_projector
-    from pipeline.requests import parse_requests
-    from pipeline.templates import context_templates
+    from pipeline.editors import memit
+    from pipeline.editors import rome
+    from pipeline.core.loading import configure
+    from pipeline.core.loading import load_model, resolve_dtype
+    from pipeline.editors.rank_one import KeySolver
+    from pipeline.stats.spectrum import eigendecomposition, null_space_projector
+    from pipeline.core.requests import parse_requests
+    from pipeline.editors.templates import context_templates
 
     overrides = [f"data.files={WIKI}", "stats.tokens=50000", "edit.generate_tokens=0", "edit.verify.enabled=false",
                  "trainer.accelerator=cpu"]
     if args.shape:
         loaded, _ = build_shape(args.shape, args.device, resolve_dtype(args.dtype), args.num_layers)
-        cfg = compose(["model.name=llama" if "llama" in args.shape else "model.name=EleutherAI/gpt-j-6b", *overrides])
+        cfg = configure(["model.name=llama" if "llama" in args.shape else "model.name=EleutherAI/gpt-j-6b", *overrides])
     else:
-        cfg = compose([f"model.name={args.model}", *overrides])
+        cfg = configure([f"model.name={args.model}", *overrides])
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     layers, layer = list(cfg.edit.layers), int(cfg.edit.layer)
     model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec

@@ -46,14 +46,14 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from modules.statistics import collect
-    from pipeline import memit
-    from pipeline.config import compose
-    from pipeline.eval_data import load_cases
-    from pipeline.loading import load_model
-    from pipeline.scoring import Generation, score_case
-    from pipeline.templates import context_templates
+    from pipeline.editors import memit
+    from pipeline.core.loading import configure
+    from pipeline.evaluation.cases import load_cases
+    from pipeline.core.loading import load_model
+    from pipeline.evaluation.scoring import Generation, score_case
+    from pipeline.editors.templates import context_templates
 
-    cfg = compose([f"model.name={args.model}", f"data.files={WIKI}", f"stats.tokens={args.stats_tokens}",
+    cfg = configure([f"model.name={args.model}", f"data.files={WIKI}", f"stats.tokens={args.stats_tokens}",
                    "trainer.accelerator=cpu"])
     loaded = load_model(args.model, device="cpu")
     model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec

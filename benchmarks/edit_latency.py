@@ -47,7 +47,7 @@ from shapes import add_model_arguments, build_shape  # noqa: E402  (one place fo
 
 
 def requests(n: int):
-    from pipeline.requests import parse_requests
+    from pipeline.core.requests import parse_requests
 
     return parse_requests([EIFFEL] + json.loads(COUNTERFACT.read_text())[: n - 1])
 
@@ -68,8 +68,8 @@ def second_moment(args, cfg, loaded, layer):
 def reference_edit(ctx, request, hp):
     """The original's v* loop (full forward over every prompt, every step) between the same k*/v₀ and the
     same solve, apply and verification as the stage."""
-    from pipeline import rome
-    from pipeline.value import build_rows, reference_loss
+    from pipeline.editors import rome
+    from pipeline.editors.value import build_rows, reference_loss
 
     result = rome.EditResult(request, ctx.layer, ctx.module, None, None, None)
     clock = rome._Clock(ctx.model, result.timings)
@@ -112,20 +112,20 @@ def child(args) -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    from pipeline import rome
-    from pipeline.config import compose
-    from pipeline.loading import load_model, resolve_dtype
-    from pipeline.rank_one import KeySolver
-    from pipeline.templates import context_templates
+    from pipeline.editors import rome
+    from pipeline.core.loading import configure
+    from pipeline.core.loading import load_model, resolve_dtype
+    from pipeline.editors.rank_one import KeySolver
+    from pipeline.editors.templates import context_templates
 
     dtype = resolve_dtype(args.dtype)
     overrides = [f"data.files={WIKI}", "stats.tokens=50000", "edit.generate_tokens=0", f"edit.v.steps={args.steps}",
                  "trainer.accelerator=cpu" if args.device == "cpu" else "trainer.accelerator=gpu"]
     if args.shape:
         loaded, layer = build_shape(args.shape, args.device, dtype, args.num_layers)
-        cfg = compose(overrides)
+        cfg = configure(overrides)
     else:
-        cfg = compose([f"model.name={args.model}", *overrides])
+        cfg = configure([f"model.name={args.model}", *overrides])
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
         layer = int(cfg.edit.layer)
     layer = args.layer if args.layer is not None else layer

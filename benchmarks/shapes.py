@@ -24,8 +24,8 @@ def build_shape(shape: str, device: str, dtype: torch.dtype, num_layers: int | N
     returns (LoadedModel, layer)."""
     import transformers as tf
 
-    from pipeline.arch import arch_for
-    from pipeline.loading import LoadedModel, load_model
+    from pipeline.core.arch import arch_for
+    from pipeline.core.loading import LoadedModel, load_model
 
     family, kwargs, layer = SHAPES[shape]
     if num_layers:  # a smaller stack of the same width: only for smoke-running a script without the memory

@@ -51,11 +51,11 @@ WIKI = ROOT.parent / "shared" / "data" / "wikipedia" / "wikipedia_en_sample.json
 from shapes import add_model_arguments, build_shape  # noqa: E402
 
 from datamodules.text import ShardedTokenStream  # noqa: E402
-from pipeline.config import compose  # noqa: E402
-from pipeline.hooks import Trace, TraceDict, get_module  # noqa: E402
-from pipeline.loading import load_model, resolve_dtype  # noqa: E402
-from pipeline.statistics import batch_tokens as resolve_batch_tokens  # noqa: E402
-from pipeline.text import TextSource, tokenize_window  # noqa: E402
+from pipeline.core.loading import configure  # noqa: E402
+from pipeline.core.hooks import Trace, TraceDict, get_module  # noqa: E402
+from pipeline.core.loading import load_model, resolve_dtype  # noqa: E402
+from pipeline.stats.store import batch_tokens as resolve_batch_tokens  # noqa: E402
+from pipeline.stats.text import TextSource, tokenize_window  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -158,7 +158,7 @@ def run_original(loaded, layer: int, texts, counts, args) -> tuple[float, torch.
 
 def stage_cfg(args, layer: int, product: str, stats_dir: str):
     accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
-    return compose([f"model.dtype={args.dtype}", f"data.files={WIKI}",
+    return configure([f"model.dtype={args.dtype}", f"data.files={WIKI}",
                     f"stats.dir={stats_dir}", f"stats.layers=[{layer}]", f"stats.tokens={args.tokens}",
                     f"stats.product={product}", f"data.max_length={args.max_length}",
                     f"data.batch_tokens={args.batch_tokens}", f"data.num_workers={args.workers}",
@@ -236,7 +236,7 @@ def main() -> None:
         loaded, layer = build_shape(args.shape, args.device, dtype, args.num_layers)
     else:
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-        layer = int(compose([f"model.name={args.model}"]).model.edit_layer)
+        layer = int(configure([f"model.name={args.model}"]).model.edit_layer)
     layer = args.layer if args.layer is not None else layer
     tokens_per_batch = resolve_batch_tokens(stage_cfg(args, layer, "fp32", "unused"), args.device.split(":")[0])
     texts, counts = first_texts(loaded.tokenizer, args.tokens, args.max_length)

@@ -22,10 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.facts import load_facts  # noqa: E402
-from pipeline.loading import default_cache_dir, load_model  # noqa: E402
-from pipeline.subject import fill_prompt  # noqa: E402
-from pipeline.tracing import (KINDS, answer_tokens, make_prompt, predicts, subject_noise,  # noqa: E402
+from pipeline.tracing.facts import load_facts  # noqa: E402
+from pipeline.core.loading import default_cache_dir, load_model  # noqa: E402
+from pipeline.core.subject import fill_prompt  # noqa: E402
+from pipeline.tracing.trace import (KINDS, answer_tokens, make_prompt, predicts, subject_noise,  # noqa: E402
                               trace_fact, trace_fact_per_cell)
 
 

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator, Mapping
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.signals import ignore_stop_signals
-from pipeline.text import TextSource, pack_batches, shard_budget
+from pipeline.core.signals import ignore_stop_signals
+from pipeline.stats.text import TextSource, pack_batches, shard_budget
 
 # shard -> {"window": windows done, "batches": batches of that window done, "before": tokens of the windows
 # done, "tokens": tokens counted} of a partial run

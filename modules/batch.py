@@ -19,10 +19,10 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from pipeline import memit
-from pipeline.ledger import Ledger
-from pipeline.requests import EditRequest
-from pipeline.signals import stop_requested
+from pipeline.editors import memit
+from pipeline.editors.ledger import Ledger
+from pipeline.core.requests import EditRequest
+from pipeline.core.signals import stop_requested
 
 from .rome import finish_steps
 

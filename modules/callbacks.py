@@ -13,8 +13,8 @@ from typing import Any
 import lightning as L
 from tqdm.auto import tqdm
 
-from pipeline import rome
-from pipeline.ledger import Ledger
+from pipeline.editors import rome
+from pipeline.editors.ledger import Ledger
 
 from .rome import ValueOptimizer
 

@@ -18,12 +18,12 @@ import lightning as L
 import torch
 
 from datamodules.cases import NO_CASE
-from pipeline.case_log import CaseLog
+from pipeline.evaluation.case_log import CaseLog
 from pipeline.errors import UserError
-from pipeline.eval_data import EvalCase
-from pipeline.eval_report import METRICS
-from pipeline.scoring import Generation, References, score_case
-from pipeline.signals import stop_requested
+from pipeline.evaluation.cases import EvalCase
+from pipeline.evaluation.report import METRICS
+from pipeline.evaluation.scoring import Generation, References, score_case
+from pipeline.core.signals import stop_requested
 
 from .case_values import CaseValues
 from .methods import EvalContext, Method

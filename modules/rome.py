@@ -22,9 +22,9 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from pipeline import rome
-from pipeline.requests import EditRequest
-from pipeline.signals import stop_requested
+from pipeline.editors import rome
+from pipeline.core.requests import EditRequest
+from pipeline.core.signals import stop_requested
 
 __all__ = ["ValueOptimizer", "finish_steps"]
 

@@ -27,13 +27,13 @@ import lightning as L
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.arch import ArchSpec
-from pipeline.atomic import atomic_path
+from pipeline.core.arch import ArchSpec
+from pipeline.core.atomic import atomic_path
 from pipeline.errors import UserError
-from pipeline.hooks import TraceDict
-from pipeline.second_moment import accumulate_second_moment
-from pipeline.signals import check_stop, stop_requested
-from pipeline.stats_convergence import Readout, converged_hint, pick_probes, take_readout
+from pipeline.core.hooks import TraceDict
+from pipeline.stats.second_moment import accumulate_second_moment
+from pipeline.core.signals import check_stop, stop_requested
+from pipeline.stats.convergence import Readout, converged_hint, pick_probes, take_readout
 
 NEW_SHARD = {"window": 0, "batches": 0, "before": 0, "tokens": 0}
 

@@ -11,11 +11,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from datamodules import TextDataModule
-from pipeline.loading import LoadedModel
-from pipeline.second_moment import LayerStats, StatsCache, StatsKey
-from pipeline.statistics import (accumulation_dtype, batch_tokens, load_explicit, lookup, shortfall_warning,
+from pipeline.core.loading import LoadedModel
+from pipeline.stats.second_moment import LayerStats, StatsCache, StatsKey
+from pipeline.stats.store import (accumulation_dtype, batch_tokens, load_explicit, lookup, shortfall_warning,
                                  stats_cache, stats_identity, stats_key, text_source)
-from pipeline.stats_convergence import plot_convergence
+from pipeline.stats.convergence import plot_convergence
 
 from .progress import TokenProgressBar
 from .second_moment import ConvergenceSettings, PartialStats, SecondMomentModule

@@ -5,8 +5,12 @@ an unnamed model, the family file for its ``config.model_type``) <- command-line
 A model file's keys go into the ``model`` group, except its ``edit:`` and ``method:`` blocks, which go over
 those groups: the hyperparameters a release sets for that model (GPT-2 medium's clamp_norm_factor 3).
 Unknown keys are rejected with the nearest known key (``stats.layer=6``: "did you mean stats.layers?"), and
-every override is checked against the type of its default (``stats.tokens=abc``: "expects an integer"), so
-a bad value fails here, in one line, before any work; so do devices this machine does not have.
+every override is checked against the type of its default (``stats.tokens=abc``: "expects an integer") and
+keys with a fixed set of values against it (``stats.dtype=float16``), so a bad value fails here, in one line,
+before any work. This is the pipeline's ground floor: it imports nothing of the pipeline but its errors. What
+needs a model or a machine (a model's family read from its config, the devices this machine has, the cache
+root, ``edit.layer=auto``) lives where it is used: ``pipeline.core.loading.configure`` composes with the
+model's family and checks the machine, ``pipeline.editors.factory`` resolves the edit layer.
 """
 
 from __future__ import annotations
@@ -19,10 +23,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from .errors import UserError
+from pipeline.errors import UserError
 
-__all__ = ["CONFIG_DIR", "compose", "parse_overrides", "model_file_for", "cache_root", "edit_defaults", "edit_layer",
-           "config_keys", "nearest"]
+__all__ = ["CONFIG_DIR", "compose", "parse_overrides", "model_file_for", "config_keys", "nearest", "CHOICES"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -49,27 +52,16 @@ def _model_files(config_dir: Path) -> list[tuple[Path, DictConfig]]:
 
 
 def model_file_for(name: str, config_dir: Path = CONFIG_DIR, model_type: str | None = None) -> DictConfig | None:
-    """The model file whose ``name`` or ``aliases`` match, else the family file for its model_type
-    (read from the model's config when not given)."""
+    """The model file whose ``name`` or ``aliases`` match, else the family file for ``model_type``
+    (the model's ``config.model_type``, when the caller could read it)."""
     files = _model_files(config_dir)
     for _, f in files:
         if name == f.get("name") or name in (f.get("aliases") or []):
             return f
-    model_type = model_type or _model_type(name)
     for _, f in files:
         if model_type and model_type in (f.get("model_types") or []):
             return f
     return None
-
-
-def _model_type(name: str) -> str | None:
-    """``config.model_type`` of a local directory or hub id, or None when it cannot be read."""
-    from .loading import model_config
-
-    try:
-        return model_config(name).model_type
-    except UserError:  # unknown or offline: load_model reports it (the failure is remembered, not retried)
-        return None
 
 
 def _define_methods(base: DictConfig, cli: DictConfig) -> None:
@@ -114,6 +106,12 @@ OTHER_VALUES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "edit.layer": ("auto", lambda v: v == "auto"),
     "trainer.devices": ("auto, a list of device ids or a string such as '0,1'", lambda v: isinstance(v, (str, list))),
     "data.batch_tokens": ("a positive number of tokens", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+}
+# Keys whose value is one of a fixed set (checked here, before any work; mapped to objects where used).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16", "float64"),
+    "stats.dtype": ("float64", "float32"),  # the running total's
+    "stats.product": ("fp32", "exact"),
 }
 NULLABLE = {"eval.n"}  # null means "all"
 NUMBER = {"edit.memit.mom2_update_weight", "stats.checkpoint_minutes"}  # written as an integer, any number is fine
@@ -228,36 +226,24 @@ def nearest(word: str, choices: Sequence[str]) -> str:
     return f" (did you mean {found[0]}?)" if found else ""
 
 
-def _check_environment(cfg: DictConfig) -> None:
-    """Dtypes and devices this machine has, named by their key (before any model is loaded)."""
-    import torch
-
-    from .loading import resolve_device, resolve_dtype
-    from .statistics import accumulation_dtype
-
-    resolve_dtype(str(cfg.model.dtype), "model.dtype")
-    accumulation_dtype(cfg)  # stats.dtype: the running total's, float64 or float32
-    device = resolve_device(str(cfg.model.device))
-    cuda = torch.cuda.is_available()
-    if device.type == "cuda" and not cuda:
-        raise UserError(f"model.device={cfg.model.device} but no CUDA device is visible here "
-                        "(torch.cuda.is_available() is False); use model.device=cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"model.device={cfg.model.device} but this machine has {torch.cuda.device_count()} CUDA "
-                        f"device(s) (0..{torch.cuda.device_count() - 1})")
-    if str(cfg.trainer.accelerator) in ("gpu", "cuda") and not cuda:
-        raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is visible here "
-                        "(torch.cuda.is_available() is False); use trainer.accelerator=cpu or auto")
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if str(value) not in allowed:
+            raise UserError(f"{key}={value} is not one of {', '.join(allowed)}")
 
 
-def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR, model_file: DictConfig | None = None) -> DictConfig:
-    """configs/ + the model's file (found from ``model.name`` unless given) + ``key=value`` overrides."""
+def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR, model_file: DictConfig | None = None,
+            model_type: Callable[[str], str | None] | None = None) -> DictConfig:
+    """configs/ + the model's file (found from ``model.name`` unless given) + ``key=value`` overrides.
+    ``model_type(name)`` reads an unnamed model's family (``config.model_type``) for its family file."""
     base = OmegaConf.load(config_dir / "config.yaml")
     base.method = {p.stem: OmegaConf.load(p) for p in sorted((config_dir / "method").glob("*.yaml"))}
     cli = parse_overrides(argv)
     if model_file is None:
         name = OmegaConf.select(cli, "model.name", default=base.model.name)
-        model_file = model_file_for(str(name), config_dir)
+        found = model_file_for(str(name), config_dir)
+        model_file = found or model_file_for(str(name), config_dir, model_type(str(name)) if model_type else None)
     if model_file is not None:
         base = _merge_model_file(base, model_file)
     _define_methods(base, cli)  # after the model file: a study method starts from its class's values for this model
@@ -271,42 +257,5 @@ def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR, model_file:
         raise _unknown(str(err.full_key), config_keys(base)) from err
     except OmegaConfBaseException as err:
         raise UserError(f"bad configuration: {str(err).splitlines()[0]}") from err
-    _check_environment(cfg)
+    _check_choices(cfg)
     return cfg
-
-
-def cache_root(cfg: DictConfig) -> Path:
-    """Where everything the project caches lives: ``model.cache_dir``, else $ROME_CACHE or ~/.cache/rome-lightning."""
-    from .loading import default_cache_dir
-
-    return Path(cfg.model.cache_dir or default_cache_dir())
-
-
-def edit_defaults(model: Any = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """The ``edit`` group as configured in ``configs/`` for ``model`` (a loaded HF model, a name, or None for
-    the default model), with ``edit.x=y`` style overrides: what the Python API uses when given no hparams."""
-    if model is None or isinstance(model, str):
-        return compose([*( [f"model.name={model}"] if model else []), *overrides]).edit
-    config = getattr(model, "config", None)
-    names = [getattr(config, "name_or_path", "") or ""]
-    marker = Path(names[0]) / "rome_identity.json" if names[0] else None
-    if marker is not None and marker.is_file():  # the embedded models' converted copies name themselves
-        import json
-
-        names.insert(0, json.loads(marker.read_text()).get("name", ""))
-    model_type = getattr(config, "model_type", None)
-    found = next((f for f in (model_file_for(n, model_type=model_type) for n in names if n) if f is not None), None)
-    return compose(list(overrides), model_file=found).edit
-
-
-def edit_layer(cfg: DictConfig, loaded: Any) -> int:
-    """``edit.layer`` checked against the model; ``auto`` takes the trace stage's latest recommendation."""
-    layer = cfg.edit.layer
-    if isinstance(layer, str) and layer == "auto":
-        from .tracing import latest_recommendation
-
-        layer, path = latest_recommendation(cache_root(cfg), loaded.identity)
-        print(f"edit.layer=auto: layer {layer}, recommended by the trace stage in {path}")
-    if layer is None:
-        raise UserError("this model has no default edit layer; pass edit.layer=N (or edit.layer=auto after a trace)")
-    return loaded.spec.check_layer(loaded.model, layer, "edit.layer")

@@ -31,18 +31,20 @@ from modules.callbacks import ApplyEdit, EditProgress, LedgerCheckpoint, VerifyE
 from modules.rome import ValueOptimizer
 from modules.statistics import collect, second_moment
 from modules.trainer import single_device_trainer
-from pipeline import memit, rome
-from pipeline.config import cache_root, edit_layer
-from pipeline.digest import json_digest
+from pipeline.editors import memit
+from pipeline.editors import rome
+from pipeline.core.loading import cache_root
+from pipeline.editors.factory import edit_layer
+from pipeline.core.digest import json_digest
 from pipeline.errors import UserError
-from pipeline.ledger import Ledger
-from pipeline.loading import load_configured
-from pipeline.rank_one import KeySolver
-from pipeline.requests import parse_requests
-from pipeline.saving import check_destination, check_writable, save_model
-from pipeline.signals import check_stop, stop_requested
-from pipeline.statistics import stats_identity
-from pipeline.templates import context_templates
+from pipeline.editors.ledger import Ledger
+from pipeline.core.loading import load_configured
+from pipeline.editors.rank_one import KeySolver
+from pipeline.core.requests import parse_requests
+from pipeline.core.saving import check_destination, check_writable, save_model
+from pipeline.core.signals import check_stop, stop_requested
+from pipeline.stats.store import stats_identity
+from pipeline.editors.templates import context_templates
 
 
 class Run:

@@ -24,16 +24,16 @@ from datamodules import CaseDataModule
 from modules.evaluator import OK, CaseEvaluator
 from modules.methods import EvalContext, Method, build_methods
 from modules.trainer import make_trainer
-from pipeline.atomic import atomic_path, write_json
-from pipeline.case_log import CaseLog
+from pipeline.core.atomic import atomic_path, write_json
+from pipeline.evaluation.case_log import CaseLog
 from pipeline.errors import UserError
-from pipeline.loading import load_configured
-from pipeline.config import edit_layer
-from pipeline.digest import file_sha256
-from pipeline.eval_data import EvalCase, Skipped, load_cases, load_snippets
-from pipeline.eval_report import PROTOCOL, bar_chart, markdown_table, summarize
-from pipeline.scoring import Generation, References
-from pipeline.signals import check_stop, stop_requested
+from pipeline.core.loading import load_configured
+from pipeline.editors.factory import edit_layer
+from pipeline.core.digest import file_sha256
+from pipeline.evaluation.cases import EvalCase, Skipped, load_cases, load_snippets
+from pipeline.evaluation.report import PROTOCOL, bar_chart, markdown_table, summarize
+from pipeline.evaluation.scoring import Generation, References
+from pipeline.core.signals import check_stop, stop_requested
 
 
 

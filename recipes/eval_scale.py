@@ -28,23 +28,25 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from modules.statistics import collect
-from pipeline import memit, rome
-from pipeline.atomic import atomic_path, write_json
-from pipeline.config import cache_root, edit_layer
-from pipeline.digest import file_sha256
+from pipeline.editors import memit
+from pipeline.editors import rome
+from pipeline.core.atomic import atomic_path, write_json
+from pipeline.core.loading import cache_root
+from pipeline.editors.factory import edit_layer
+from pipeline.core.digest import file_sha256
 from pipeline.errors import UserError
-from pipeline.eval_data import EvalCase, load_cases
-from pipeline.eval_report import PROTOCOL, summarize
-from pipeline.facts import load_facts
-from pipeline.loading import LoadedModel, load_configured
-from pipeline.metrics import harmonic_mean
-from pipeline.rank_one import KeySolver
-from pipeline.retention import fact_accuracy, heldout_texts, known_facts, perplexity, texts_read
-from pipeline.scale_report import curve_plot, scale_table
-from pipeline.metrics import fluency
-from pipeline.scoring import Generation, generate, score_case
-from pipeline.signals import check_stop
-from pipeline.templates import context_templates
+from pipeline.evaluation.cases import EvalCase, load_cases
+from pipeline.evaluation.report import PROTOCOL, summarize
+from pipeline.tracing.facts import load_facts
+from pipeline.core.loading import LoadedModel, load_configured
+from pipeline.evaluation.metrics import harmonic_mean
+from pipeline.editors.rank_one import KeySolver
+from pipeline.evaluation.retention import fact_accuracy, heldout_texts, known_facts, perplexity, texts_read
+from pipeline.evaluation.scale_report import curve_plot, scale_table
+from pipeline.evaluation.metrics import fluency
+from pipeline.evaluation.scoring import Generation, generate, score_case
+from pipeline.core.signals import check_stop
+from pipeline.editors.templates import context_templates
 
 EDITORS = ("none", "rome", "memit", "alphaedit")
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from pipeline.errors import UserError
-from pipeline.ledger import Ledger
-from pipeline.loading import load_model
-from pipeline.saving import check_destination, save_model
-from pipeline.signals import check_stop
+from pipeline.editors.ledger import Ledger
+from pipeline.core.loading import load_model
+from pipeline.core.saving import check_destination, save_model
+from pipeline.core.signals import check_stop
 
 
 def run(cfg: DictConfig) -> None:

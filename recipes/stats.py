@@ -15,8 +15,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from modules.statistics import collect
-from pipeline.loading import load_configured
-from pipeline.second_moment import LayerStats
+from pipeline.core.loading import load_configured
+from pipeline.stats.second_moment import LayerStats
 
 
 def run(cfg: DictConfig) -> dict[int, LayerStats]:

@@ -26,16 +26,16 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.atomic import atomic_dir, write_json
-from pipeline.digest import slug, text_digest
+from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.core.digest import slug, text_digest
 from pipeline.errors import UserError
-from pipeline.facts import Fact, load_facts
-from pipeline.config import cache_root
-from pipeline.loading import LoadedModel, load_configured
-from pipeline.plots import plot_average, plot_fact, plot_lines
-from pipeline.signals import check_stop
-from pipeline.subject import fill_prompt
-from pipeline.tracing import (AIE_MODES, BUCKETS, KINDS, TraceResult, answer_tokens, average_effects, greedy_tokens,
+from pipeline.tracing.facts import Fact, load_facts
+from pipeline.core.loading import cache_root
+from pipeline.core.loading import LoadedModel, load_configured
+from pipeline.tracing.plots import plot_average, plot_fact, plot_lines
+from pipeline.core.signals import check_stop
+from pipeline.core.subject import fill_prompt
+from pipeline.tracing.trace import (AIE_MODES, BUCKETS, KINDS, TraceResult, answer_tokens, average_effects, greedy_tokens,
                               make_prompt, predicts, recommend_layer, save_recommendation, subject_noise,
                               trace_fact)
 

@@ -3,9 +3,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES
-from pipeline.arch import FAMILIES as ADAPTER_FAMILIES, arch_for
+from pipeline.core.arch import FAMILIES as ADAPTER_FAMILIES, arch_for
 from pipeline.errors import UserError
-from pipeline.hooks import Trace, get_module
+from pipeline.core.hooks import Trace, get_module
 
 
 def test_every_family_the_adapter_lists_has_a_tiny_model_in_the_tests():

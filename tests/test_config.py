@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from pipeline.config import compose, parse_overrides
+from pipeline.core.loading import configure
 from pipeline.errors import UserError
 
 
@@ -16,7 +17,7 @@ def test_defaults_and_model_files():
 
 
 def test_family_file_by_model_type_for_a_local_model(tiny_model_dir):
-    cfg = compose([f"model.name={tiny_model_dir('llama')}"])
+    cfg = configure([f"model.name={tiny_model_dir('llama')}"])
     assert cfg.model.edit_layer == 5 and list(cfg.stats.layers) == [5]
 
 
@@ -50,7 +51,7 @@ def test_a_study_method_is_defined_on_the_command_line_from_its_class_file():
 def test_model_files_set_the_releases_edit_and_method_hyperparameters(tmp_path):
     from omegaconf import OmegaConf
 
-    from pipeline.config import edit_defaults
+    from pipeline.editors.factory import edit_defaults
 
     clamp = {m: compose([f"model.name={m}"]).edit.v.clamp_norm_factor for m in ("gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-j-6B", "smollm2-135m")}
     assert clamp == {"gpt2-medium": 3.0, "gpt2-large": 4.0, "gpt2-xl": 4.0, "EleutherAI/gpt-j-6B": 4.0, "smollm2-135m": 4.0}
@@ -108,17 +109,17 @@ def test_devices_this_machine_does_not_have_are_refused_up_front(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for override in ("model.device=cuda", "model.device=cuda:1", "trainer.accelerator=gpu", "trainer.accelerator=cuda"):
         with pytest.raises(UserError, match="no CUDA device is visible here"):
-            compose([override])
+            configure([override])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError, match=r"model.device=cuda:3 but this machine has 1 CUDA device\(s\)"):
-        compose(["model.device=cuda:3"])
+        configure(["model.device=cuda:3"])
     with pytest.raises(UserError, match="is not a device"):
-        compose(["model.device=gpu0"])
+        configure(["model.device=gpu0"])
     from modules.trainer import make_trainer
 
     with pytest.raises(UserError, match="trainer.. settings .*strategy=nope"):
-        make_trainer(compose(["trainer.accelerator=cpu", "trainer.strategy=nope"]))
+        make_trainer(configure(["trainer.accelerator=cpu", "trainer.strategy=nope"]))
 
 
 def test_help_print_config_and_the_nearest_stage(capsys):

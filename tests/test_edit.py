@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, check_fast_value_loss, run_cli, signal_run
-from pipeline.config import compose
-from pipeline.hooks import get_module
-from pipeline.loading import load_model
-from pipeline.requests import parse_requests
-from pipeline import rome
+from pipeline.core.loading import configure
+from pipeline.core.hooks import get_module
+from pipeline.core.loading import load_model
+from pipeline.core.requests import parse_requests
+from pipeline.editors import rome
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
@@ -37,11 +37,11 @@ def test_update_writes_v_star_is_rank_one_and_spares_orthogonal_keys(tiny_model_
     c = random_spd(spec.key_size(loaded.model, layer))
     module = get_module(loaded.model, spec.down_proj_name(layer))
     w_before = spec.down_proj_matrix(loaded.model, layer).detach().clone()
-    hp = compose(["edit.generate_tokens=0"]).edit
+    hp = configure(["edit.generate_tokens=0"]).edit
     job = rome.edit(loaded.model, loaded.tokenizer, EIFFEL, layer=layer, second_moment=c, hparams=hp, templates=TEMPLATES)
     assert job.status in ("applied", "rolled_back")
     if job.status == "rolled_back":  # a random model may fail verification; redo without checks
-        hp = compose(["edit.generate_tokens=0", "edit.verify.enabled=false"]).edit
+        hp = configure(["edit.generate_tokens=0", "edit.verify.enabled=false"]).edit
         job = rome.edit(loaded.model, loaded.tokenizer, parse_requests(EIFFEL)[0], layer=layer, second_moment=c,
                         hparams=hp, templates=TEMPLATES)
     w_after = spec.down_proj_matrix(loaded.model, layer).detach()
@@ -361,7 +361,7 @@ def test_sigint_stops_a_memit_run_between_batches(edit_env, tmp_path):
 
 
 def test_a_signal_before_the_save_leaves_revert_undone(edit_env, tmp_path, capsys, monkeypatch):
-    from pipeline.ledger import Ledger
+    from pipeline.editors.ledger import Ledger
 
     ledger, saved = tmp_path / "ledger", tmp_path / "saved"
     code, _, errors = main(capsys, "stage=edit", *edit_env, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}",

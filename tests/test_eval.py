@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import DATA, run_cli, signal_run
-from pipeline.config import compose
+from pipeline.core.loading import configure
 from pipeline.errors import UserError
-from pipeline.eval_data import load_cases
-from pipeline.loading import load_model
+from pipeline.evaluation.cases import load_cases
+from pipeline.core.loading import load_model
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 NESTED = {"case_id": 0, "pararel_idx": 2796,
@@ -92,12 +92,12 @@ def test_shared_counterfact_and_zsre_files():
 def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_dir, tmp_path):
     from modules.evaluator import CaseEvaluator
     from modules.methods import EvalContext, Method, build_methods
-    from pipeline.case_log import CaseLog
-    from pipeline.scoring import Generation
+    from pipeline.evaluation.case_log import CaseLog
+    from pipeline.evaluation.scoring import Generation
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    cfg = compose([f"model.name={tiny_model_dir('llama')}", f"model.cache_dir={tmp_path}", "edit.layer=2",
+    cfg = configure([f"model.name={tiny_model_dir('llama')}", f"model.cache_dir={tmp_path}", "edit.layer=2",
                    "eval.methods=[none,rome_identity_cov,ft_l]"])
 
     class Breaks(Method):  # edits, then finds the case impossible
@@ -128,12 +128,12 @@ def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_di
 def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits_its_own_layer(tiny_model_dir, tmp_path):
     from modules.evaluator import CaseEvaluator
     from modules.methods import EvalContext, build_methods
-    from pipeline.case_log import CaseLog
-    from pipeline.scoring import Generation
+    from pipeline.evaluation.case_log import CaseLog
+    from pipeline.evaluation.scoring import Generation
 
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")  # GPT-2's c_proj has a bias
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    cfg = compose([f"model.name={tiny_model_dir('gpt2')}", f"model.cache_dir={tmp_path}", "edit.layer=2",
+    cfg = configure([f"model.name={tiny_model_dir('gpt2')}", f"model.cache_dir={tmp_path}", "edit.layer=2",
                    "eval.methods=[ft_l,rome_l1]", "method.rome_l1={class: rome, mom2_adjustment: false, layer: 1}",
                    "method.ft_l.norm_constraint=1e-2"])
     methods = build_methods(cfg)
@@ -230,7 +230,7 @@ def test_results_of_another_run_are_refused(tmp_path):
     from modules.methods import Method
     from recipes.eval import _check_run
 
-    cfg = compose([])
+    cfg = configure([])
     methods = [Method("none", cfg.method.none), Method("ft_l", cfg.method.ft_l)]
     identity = {"model": {"name": "m", "revision": "r"}, "generation": {"tokens": 50}}
     run = _check_run(tmp_path, identity, methods)
@@ -238,7 +238,7 @@ def test_results_of_another_run_are_refused(tmp_path):
     assert _check_run(tmp_path, identity, methods[:1]) == run  # fewer methods: fine, the record keeps them all
     with pytest.raises(UserError, match="another run .different generation"):
         _check_run(tmp_path, {**identity, "generation": {"tokens": 3}}, methods)
-    other = compose(["method.ft_l.lr=0.1"])
+    other = configure(["method.ft_l.lr=0.1"])
     with pytest.raises(UserError, match="'ft_l' results made with another configuration"):
         _check_run(tmp_path, identity, [Method("ft_l", other.method.ft_l)])
 
@@ -268,7 +268,7 @@ def test_the_zsre_title_names_either_convention():
 
     cases, _ = load_cases(DATA / "zsre" / "zsre_mend_train-1k.json", n=2)
     ctx = types.SimpleNamespace(loaded=types.SimpleNamespace(identity={"name": "m"}), layer=3)
-    titles = {t: _title(compose([f"eval.zsre_target={t}"]), cases, 0, ctx) for t in ("answer", "alt")}
+    titles = {t: _title(configure([f"eval.zsre_target={t}"]), cases, 0, ctx) for t in ("answer", "alt")}
     assert titles["answer"].startswith("zsRE (edits write the true answer answers[0] (ROME's dsets/zsre.py)): 2 cases")
     assert titles["alt"].startswith("zsRE (edits write alt (MEND's and EasyEdit's convention)): 2 cases")
 
@@ -333,7 +333,7 @@ def test_an_empty_paraphrase_skips_the_case_with_its_reason(tmp_path):
 def test_chart_clips_rate_intervals_to_0_100_and_shows_n(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from pipeline.eval_report import bar_chart, summarize
+    from pipeline.evaluation.report import bar_chart, summarize
 
     values = {"rome": {"es": [1.0, 0.0], "em": [0.9, -0.95], "ps": [1.0, 1.0], "pm": [0.2, 0.1], "ns": [0.0, 1.0],
                        "nm": [0.1, -0.1], "ge": [5.5, 4.0], "rs": [0.3]}}

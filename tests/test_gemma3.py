@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import WIKI, check_fast_value_loss, run_cli
-from pipeline.loading import load_model
-from pipeline.probability import target_probs
-from pipeline.templates import start_text
+from pipeline.core.loading import load_model
+from pipeline.core.probability import target_probs
+from pipeline.editors.templates import start_text
 
 pytestmark = pytest.mark.slow
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -4,11 +4,11 @@ import copy
 
 import torch
 
-from pipeline.generation import generate_tokens
-from pipeline.loading import load_model
-from pipeline.probability import greedy_continuation
-from pipeline.scoring import Generation, generate
-from pipeline.templates import context_templates
+from pipeline.core.generation import generate_tokens
+from pipeline.core.loading import load_model
+from pipeline.core.probability import greedy_continuation
+from pipeline.evaluation.scoring import Generation, generate
+from pipeline.editors.templates import context_templates
 from omegaconf import OmegaConf
 
 PROMPTS = ["The Eiffel Tower is", "Because the river", "I think that", "You can see the"]
@@ -47,8 +47,8 @@ def test_original_style_templates_sample_from_endoftext_and_count_it(tiny_model_
 
     import pytest
 
-    from pipeline import templates as tpl
-    from pipeline.config import compose
+    from pipeline.editors import templates as tpl
+    from pipeline.core.loading import configure
     from pipeline.errors import UserError
 
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
@@ -60,7 +60,7 @@ def test_original_style_templates_sample_from_endoftext_and_count_it(tiny_model_
         return calls[-1][-1]
 
     monkeypatch.setattr(tpl, "generate_tokens", spy)
-    seeded_cfg = compose([]).edit.templates
+    seeded_cfg = configure([]).edit.templates
     assert seeded_cfg.style == "seeded"  # the default
     original = context_templates(model, tok, loaded.identity, OmegaConf.merge(seeded_cfg, {"style": "original"}), None)
     seeded = context_templates(model, tok, loaded.identity, seeded_cfg, None)

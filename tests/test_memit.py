@@ -1,15 +1,17 @@
-"""MEMIT and AlphaEdit (pipeline/memit.py) on tiny random models: the normal equations, lambda -> infinity,
+"""MEMIT and AlphaEdit (pipeline/editors/memit.py) on tiny random models: the normal equations, lambda -> infinity,
 one request in one layer is ROME, the null-space projection spares preserved keys."""
 
 import pytest
 import torch
 
-from pipeline import memit, rome
-from pipeline.spectrum import cached_eigendecomposition, eigendecomposition, null_space_projector
-from pipeline.config import compose
-from pipeline.loading import load_model
-from pipeline.rank_one import KeySolver
-from pipeline.requests import parse_requests
+from pipeline.editors import memit
+
+from pipeline.editors import rome
+from pipeline.stats.spectrum import cached_eigendecomposition, eigendecomposition, null_space_projector
+from pipeline.core.loading import configure
+from pipeline.core.loading import load_model
+from pipeline.editors.rank_one import KeySolver
+from pipeline.core.requests import parse_requests
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
 REQUESTS = [
@@ -26,7 +28,7 @@ def random_spd(d: int, seed: int = 0) -> torch.Tensor:
 
 
 def context(loaded, method, layers, *overrides, c=None):
-    hp = compose(["edit.v.steps=3", "edit.memit.v.steps=4", *overrides]).edit
+    hp = configure(["edit.v.steps=3", "edit.memit.v.steps=4", *overrides]).edit
     d = loaded.spec.key_size(loaded.model, layers[0])
     c = random_spd(d) if c is None else c
     ctx = memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, method, layers, TEMPLATES, hp)
@@ -114,7 +116,7 @@ def test_bad_layer_sets_are_refused(tiny_model_dir):
     from pipeline.errors import UserError
 
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
-    hp = compose([]).edit
+    hp = configure([]).edit
     for layers, match in (([3, 2], "increasing"), ([], "increasing"), ([2, 9], "out of range")):
         with pytest.raises(UserError, match=match):
             memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, "memit", layers, TEMPLATES, hp)
@@ -167,7 +169,7 @@ def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_di
 
 
 def test_the_eigendecomposition_is_cached_beside_c_and_recomputed_when_c_or_it_changes(tmp_path):
-    from pipeline.second_moment import LayerStats
+    from pipeline.stats.second_moment import LayerStats
     from safetensors.torch import save_file
 
     c = random_spd(24)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pipeline.metrics import (TfIdf, counterfact_case, fluency, harmonic_mean, mean_ci, ngram_entropy, token_accuracy,
+from pipeline.evaluation.metrics import (TfIdf, counterfact_case, fluency, harmonic_mean, mean_ci, ngram_entropy, token_accuracy,
                               words)
 
 

@@ -4,8 +4,8 @@ import re
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.requests import parse_requests
-from pipeline.subject import fill_prompt, subject_last_token, subject_token_range
+from pipeline.core.requests import parse_requests
+from pipeline.core.subject import fill_prompt, subject_last_token, subject_token_range
 
 EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
 

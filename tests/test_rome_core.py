@@ -1,4 +1,4 @@
-"""The edit core (pipeline/rome.py) and its Lightning wrapper: the model is never moved or copied, the
+"""The edit core (pipeline/editors/rome.py) and its Lightning wrapper: the model is never moved or copied, the
 layering rule holds, batched v* equals one request at a time, bf16 edits, the Python API."""
 
 import ast
@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from conftest import ROOT
-from pipeline import rome
-from pipeline.config import compose, edit_defaults
-from pipeline.loading import load_model
-from pipeline.rank_one import KeySolver
-from pipeline.requests import parse_requests
-from pipeline.value import ValueBatch, ValueOptimisation, build_rows
+from pipeline.editors import rome
+from pipeline.core.loading import configure
+from pipeline.editors.factory import edit_defaults
+from pipeline.core.loading import load_model
+from pipeline.editors.rank_one import KeySolver
+from pipeline.core.requests import parse_requests
+from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
 EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
@@ -69,7 +70,7 @@ def test_an_edit_never_moves_or_copies_the_model(tiny_model_dir):
     from recipes.edit import edit_requests
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
-    cfg = compose([f"model.name={tiny_model_dir('llama')}", "edit.layer=2", "edit.generate_tokens=0",
+    cfg = configure([f"model.name={tiny_model_dir('llama')}", "edit.layer=2", "edit.generate_tokens=0",
                    "edit.verify.enabled=false", "edit.v.steps=3"])
     ctx = rome.EditContext(loaded.model, loaded.tokenizer, loaded.spec, 2, TEMPLATES, KeySolver(None), cfg.edit)
     before = _params(loaded.model)
@@ -87,7 +88,7 @@ def test_an_edit_never_moves_or_copies_the_model(tiny_model_dir):
 def test_batched_v_star_equals_one_request_at_a_time(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
-    hp = compose(["edit.v.steps=6"]).edit.v
+    hp = configure(["edit.v.steps=6"]).edit.v
     requests = [parse_requests(r)[0] for r in (EIFFEL, DARRIEUX, {**EIFFEL, "target_new": "Tokyo"})]
     rows = [build_rows(tok, TEMPLATES, r.prompt, r.subject, r.target_new, ["{} is a", "{} is known for"]) for r in requests]
     v0 = torch.randn(len(requests), model.config.n_embd, generator=torch.Generator().manual_seed(0))
@@ -108,7 +109,7 @@ def test_batched_v_star_equals_one_request_at_a_time(tiny_model_dir):
 
 
 def test_bf16_edit_keeps_dtype_follows_float32_and_writes_v_star(tiny_model_dir):
-    hp = compose(["edit.generate_tokens=0", "edit.verify.enabled=false"]).edit
+    hp = configure(["edit.generate_tokens=0", "edit.verify.enabled=false"]).edit
     runs = {}
     for dtype in ("float32", "bfloat16"):
         loaded = load_model(str(tiny_model_dir("llama")), device="cpu", dtype=dtype)
@@ -128,7 +129,7 @@ def test_bf16_edit_keeps_dtype_follows_float32_and_writes_v_star(tiny_model_dir)
 def test_python_api_defaults_come_from_configs(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     hp = edit_defaults(loaded.model, ["edit.layer=1", "edit.generate_tokens=3", "edit.v.steps=4"])
-    assert hp.v.lr == compose([]).edit.v.lr and hp.layer == 1
+    assert hp.v.lr == configure([]).edit.v.lr and hp.layer == 1
     result = rome.edit(loaded.model, loaded.tokenizer, EIFFEL, hparams=hp, templates=TEMPLATES,
                        second_moment=torch.eye(loaded.spec.key_size(loaded.model, 1)) * 2)
     assert result.layer == 1 and result.module == "transformer.h.1.mlp.c_proj"
@@ -151,7 +152,7 @@ def test_key_variants_write_v_star_at_their_key_along_the_averaged_direction(tin
     spec, layer = loaded.spec, 1
     keys, values = rome.keys_and_values(loaded.model, loaded.tokenizer, spec, layer, TEMPLATES, EIFFEL["prompt"],
                                         EIFFEL["subject"])
-    hp = compose(["edit.generate_tokens=0", "edit.verify.enabled=false", "edit.v.steps=3", f"edit.variant={variant}"]).edit
+    hp = configure(["edit.generate_tokens=0", "edit.verify.enabled=false", "edit.v.steps=3", f"edit.variant={variant}"]).edit
     d = spec.key_size(loaded.model, layer)
     c = torch.eye(d, dtype=torch.float64) + 0.1 * torch.ones(d, d, dtype=torch.float64) / d
     result = rome.edit(loaded.model, loaded.tokenizer, EIFFEL, layer=layer, hparams=hp, templates=TEMPLATES, second_moment=c)
@@ -166,7 +167,7 @@ def test_key_variants_write_v_star_at_their_key_along_the_averaged_direction(tin
 
 
 def get_bias(loaded, layer):
-    from pipeline.hooks import get_module
+    from pipeline.core.hooks import get_module
 
     b = getattr(get_module(loaded.model, loaded.spec.down_proj_name(layer)), "bias", None)
     return b.detach().double() if b is not None else 0

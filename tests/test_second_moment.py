@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.second_moment import StatsCache, StatsKey, accumulate_second_moment
+from pipeline.stats.second_moment import StatsCache, StatsKey, accumulate_second_moment
 
 
 def key(**kw):
@@ -70,7 +70,7 @@ def test_manifest_for_other_key_is_refused(tmp_path):
 
 
 def test_convergence_readout_changes_and_hint():
-    from pipeline.stats_convergence import converged_hint, pick_probes, take_readout
+    from pipeline.stats.convergence import converged_hint, pick_probes, take_readout
 
     torch.manual_seed(0)
     keys = torch.randn(4096, 16) * torch.linspace(0.5, 2, 16)

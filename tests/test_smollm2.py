@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import WIKI, run_cli
-from pipeline.loading import load_model
-from pipeline.probability import target_probs
+from pipeline.core.loading import load_model
+from pipeline.core.probability import target_probs
 
 pytestmark = pytest.mark.slow
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -53,14 +53,14 @@ def test_edit_eiffel_tower_to_rome_generalises_stays_specific_and_reloads(smol, 
 def test_without_target_true_a_short_edit_fails_against_the_models_own_answer_and_is_rolled_back(smol, capsys):
     """The issue's case: 3 v* steps leave P(Rome) below P(Paris); with no target_true given, the model's own
     answer (Paris) is what verification compares against, so the edit fails and is undone bitwise."""
-    from pipeline import rome
-    from pipeline.config import compose
+    from pipeline.editors import rome
+    from pipeline.core.loading import configure
     from recipes.edit import print_table
 
     request = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
     weight = smol.spec.down_proj_weight(smol.model, 6)
     before = weight.detach().clone()
-    hp = compose(["edit.v.steps=3", "edit.generate_tokens=5"]).edit
+    hp = configure(["edit.v.steps=3", "edit.generate_tokens=5"]).edit
     result = rome.edit(smol.model, smol.tokenizer, request, layer=6, second_moment=None, hparams=hp,
                        templates=["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"])
     assert result.true_from_model and result.request.target_true == "Paris"

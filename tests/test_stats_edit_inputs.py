@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from modules.statistics import collect, second_moment
-from pipeline.config import compose
+from pipeline.core.loading import configure
 from pipeline.errors import UserError
-from pipeline.loading import load_model
-from pipeline.rank_one import KeySolver
-from pipeline.statistics import load_explicit
+from pipeline.core.loading import load_model
+from pipeline.editors.rank_one import KeySolver
+from pipeline.stats.store import load_explicit
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def made(tiny_model_dir, small_wiki, tmp_path_factory):
     """Statistics of layers 1 and 2 of the tiny gpt2, computed in-process by the stage's own code; the
     40 articles hold fewer tokens than the budget asked for."""
     root = tmp_path_factory.mktemp("stats")
-    cfg = compose([f"model.name={tiny_model_dir('gpt2')}", f"data.files={small_wiki}", f"stats.dir={root}",
+    cfg = configure([f"model.name={tiny_model_dir('gpt2')}", f"data.files={small_wiki}", f"stats.dir={root}",
                    "data.max_length=48", "data.batch_tokens=192", "trainer.accelerator=cpu", "stats.tokens=100000",
                    "stats.convergence.first_tokens=256"])
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
@@ -59,7 +59,7 @@ def test_any_directory_with_a_valid_manifest_is_accepted(made, tmp_path):
     try:
         got = load_explicit(copy, loaded, 2)
         assert torch.equal(got.second_moment, stats[2].second_moment) and got.count == stats[2].count
-        c, _ = second_moment(compose([*_overrides(cfg), f"edit.stats={copy}"]), loaded, 2)
+        c, _ = second_moment(configure([*_overrides(cfg), f"edit.stats={copy}"]), loaded, 2)
         assert torch.equal(c, stats[2].second_moment)
         assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in copy.iterdir()} == before  # (root could write)
     finally:
@@ -116,16 +116,16 @@ def test_a_singular_c_says_to_raise_the_tokens_or_set_a_ridge():
 def test_bad_stats_settings_name_their_key(override, message):
     from types import SimpleNamespace
 
-    from pipeline.statistics import stats_key
+    from pipeline.stats.store import stats_key
 
     with pytest.raises(UserError, match=message):  # when the configuration is composed, or at the latest here
-        stats_key(compose([override]), SimpleNamespace(identity={"name": "m", "revision": "r"}))
+        stats_key(configure([override]), SimpleNamespace(identity={"name": "m", "revision": "r"}))
 
 
 def test_batch_tokens_by_device():
-    from pipeline.statistics import batch_tokens
+    from pipeline.stats.store import batch_tokens
 
-    assert batch_tokens(compose([]), "cpu") == 4096 and batch_tokens(compose([]), "cuda") == 32768
-    assert batch_tokens(compose(["data.batch_tokens=256"]), "cuda") == 256
+    assert batch_tokens(configure([]), "cpu") == 4096 and batch_tokens(configure([]), "cuda") == 32768
+    assert batch_tokens(configure(["data.batch_tokens=256"]), "cuda") == 256
     with pytest.raises(UserError, match="data.batch_tokens=lots"):
-        batch_tokens(compose(["data.batch_tokens=lots"]), "cpu")
+        batch_tokens(configure(["data.batch_tokens=lots"]), "cpu")

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import WIKI, wiki_texts
-from pipeline import rome
-from pipeline.config import compose
-from pipeline.hooks import Trace, get_module
-from pipeline.loading import load_model
-from pipeline.second_moment import accumulate_second_moment
+from pipeline.editors import rome
+from pipeline.core.loading import configure
+from pipeline.core.hooks import Trace, get_module
+from pipeline.core.loading import load_model
+from pipeline.stats.second_moment import accumulate_second_moment
 
 BUDGET = 1e-6
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
@@ -64,7 +64,7 @@ def test_edit_outcome_is_the_same_with_either_c(tiny_model_dir):
     keys = torch.cat(parts)
     c = {p: stage_sums(keys, 512, p) / keys.shape[0] for p in ("exact", "fp32")}
     assert float((c["fp32"] - c["exact"]).norm() / c["exact"].norm()) < BUDGET
-    hp = compose(["edit.generate_tokens=0", "edit.v.steps=5", "edit.verify.rollback=false"]).edit
+    hp = configure(["edit.generate_tokens=0", "edit.v.steps=5", "edit.verify.rollback=false"]).edit
     results, weights = {}, {}
     original = loaded.spec.down_proj_matrix(loaded.model, layer).detach().clone()
     for p in ("exact", "fp32"):

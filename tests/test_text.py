@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer
 
 from pipeline.errors import UserError
-from pipeline.text import TextSource, pack_batches, shard_budget, tokenize_window
+from pipeline.stats.text import TextSource, pack_batches, shard_budget, tokenize_window
 
 
 def test_shard_budgets_add_up():

@@ -11,10 +11,10 @@ import torch
 from conftest import DATA, FAMILIES, run_cli, signal_run
 
 from pipeline.errors import UserError
-from pipeline.facts import load_facts
-from pipeline.loading import load_model
-from pipeline.plots import fact_title
-from pipeline.tracing import (BUCKETS, KINDS, TraceResult, average_effects, bucket_scores, greedy_tokens,
+from pipeline.tracing.facts import load_facts
+from pipeline.core.loading import load_model
+from pipeline.tracing.plots import fact_title
+from pipeline.tracing.trace import (BUCKETS, KINDS, TraceResult, average_effects, bucket_scores, greedy_tokens,
                               latest_recommendation, make_prompt, recommend_layer, save_recommendation,
                               trace_fact, trace_fact_per_cell, trace_with_patch, fact_noise)
 

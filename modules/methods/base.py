@@ -9,11 +9,11 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.eval_data import EvalCase
-from pipeline.hooks import get_module
-from pipeline.config import cache_root
-from pipeline.loading import LoadedModel
-from pipeline.templates import context_templates
+from pipeline.evaluation.cases import EvalCase
+from pipeline.core.hooks import get_module
+from pipeline.core.loading import cache_root
+from pipeline.core.loading import LoadedModel
+from pipeline.editors.templates import context_templates
 
 from ..statistics import second_moment
 

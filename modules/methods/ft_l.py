@@ -4,7 +4,7 @@ radius ``norm_constraint`` around the original after every step."""
 
 from __future__ import annotations
 
-from pipeline.finetune import constrained_finetune
+from pipeline.editors.finetune import constrained_finetune
 
 from .base import Method, register
 

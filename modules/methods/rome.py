@@ -14,8 +14,8 @@ import dataclasses
 import torch
 from omegaconf import OmegaConf
 
-from pipeline import rome
-from pipeline.rank_one import KeySolver
+from pipeline.editors import rome
+from pipeline.editors.rank_one import KeySolver
 
 from .base import Method, register
 

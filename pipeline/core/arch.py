@@ -1,0 +1,153 @@
+"""Architecture adapter: where each family keeps its blocks, MLP, edited down-projection and head.
+
+ROME edits the MLP *down-projection* (the matrix that maps the d_ff-dimensional MLP hidden state, the
+"key", back to d_model, the "value").  GPT-2 stores it as a Conv1D whose weight is [in, out]; every other
+family uses nn.Linear with weight [out, in].  ``down_proj_conv1d`` records which.
+
+Code that applies the LM head by hand (to pay for the vocabulary only where a loss looks) goes through
+``ArchSpec.logits``, which also applies what the model's own forward does after the head (Gemma 2's tanh
+soft-cap of the final logits), so it sees the model's distribution in every family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.core.hooks import get_module
+
+__all__ = ["ArchSpec", "FAMILIES", "arch_for", "cache_kwarg"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    blocks: str  # the ModuleList of transformer blocks
+    mlp: str  # the MLP, relative to a block
+    down_proj: str  # the edited down-projection, relative to a block
+    down_proj_conv1d: bool  # True: weight is [in, out] (GPT-2 Conv1D); False: nn.Linear [out, in]
+    attn: str  # the attention module, relative to a block
+    embed: str  # the token embedding
+    final_norm: str  # the norm before the LM head
+    lm_head: str  # the output projection
+
+    def block_name(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}"
+
+    def mlp_name(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.mlp}"
+
+    def down_proj_name(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.down_proj}"
+
+    def attn_name(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}.{self.attn}"
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(get_module(model, self.blocks))
+
+    def check_layer(self, model: nn.Module, layer: int, what: str = "layer") -> int:
+        n = self.num_layers(model)
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
+            raise UserError(f"{what}={layer} is out of range: this model has layers 0..{n - 1}")
+        return layer
+
+    def down_proj_weight(self, model: nn.Module, layer: int) -> nn.Parameter:
+        return get_module(model, self.down_proj_name(layer)).weight
+
+    def down_proj_matrix(self, model: nn.Module, layer: int) -> torch.Tensor:
+        """W as [d_model, d_ff] (out x in) whatever the storage orientation, a view of the parameter."""
+        w = self.down_proj_weight(model, layer)
+        return w.T if self.down_proj_conv1d else w
+
+    def key_size(self, model: nn.Module, layer: int) -> int:
+        return self.down_proj_matrix(model, layer).shape[1]
+
+    def logits(self, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """The model's own logits (float32) for hidden states ``h`` taken after the final norm: the LM head,
+        then the final-logit soft-cap ``tanh(z / cap) x cap`` where the config sets one (Gemma 2 and 3 read
+        ``final_logit_softcapping`` in their forward; the other families have none)."""
+        z = get_module(model, self.lm_head)(h)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap:
+            z = torch.tanh(z / cap) * cap
+        return z.float()
+
+    def validate(self, model: nn.Module) -> "ArchSpec":
+        names = [self.blocks, self.embed, self.final_norm, self.lm_head]
+        names += [self.mlp_name(0), self.down_proj_name(0), self.attn_name(0)]
+        missing = [n for n in names if not _has(model, n)]
+        if missing:
+            raise UserError(
+                f"{type(model).__name__} has no module(s) {', '.join(missing)}; "
+                "set the right paths with model.arch.<field>=... (see configs/config.yaml)"
+            )
+        return self
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+_LLAMA_LIKE = dict(
+    blocks="model.layers", mlp="mlp", down_proj="mlp.down_proj", down_proj_conv1d=False,
+    attn="self_attn", embed="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
+)
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    "gpt2": dict(
+        blocks="transformer.h", mlp="mlp", down_proj="mlp.c_proj", down_proj_conv1d=True,
+        attn="attn", embed="transformer.wte", final_norm="transformer.ln_f", lm_head="lm_head",
+    ),
+    "gptj": dict(
+        blocks="transformer.h", mlp="mlp", down_proj="mlp.fc_out", down_proj_conv1d=False,
+        attn="attn", embed="transformer.wte", final_norm="transformer.ln_f", lm_head="lm_head",
+    ),
+    "gpt_neox": dict(
+        blocks="gpt_neox.layers", mlp="mlp", down_proj="mlp.dense_4h_to_h", down_proj_conv1d=False,
+        attn="attention", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
+        lm_head=("lm_head", "embed_out"),  # transformers 5 renamed embed_out
+    ),
+    # Gemma 1-3 only differ in what the stages never touch by hand: (1 + w) RMS norms, norms after the
+    # attention and the MLP, sqrt(d)-scaled embeddings, tied LM head, sliding-window layers, the soft-cap
+    # (``ArchSpec.logits``). Every family here is tested against the model's own forward (tests/conftest.py).
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
+                                "olmo2")},
+}
+
+
+@functools.cache
+def _cache_kwarg(forward_owner: type) -> str:
+    return "cache" if "cache" in inspect.signature(forward_owner.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward argument that takes a KV cache: ``cache`` from transformers 5.2x on (``past_key_values``
+    is deprecated there and removed in 5.40), ``past_key_values`` before."""
+    return _cache_kwarg(type(model))
+
+
+def arch_for(model: nn.Module, overrides: Mapping[str, Any] | None = None) -> ArchSpec:
+    """The adapter for ``model`` from its ``config.model_type``, with fields overridden from config."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    # a tuple lists candidate paths across transformers versions: take the first the model has
+    fields = {k: next((c for c in v if _has(model, c)), v[0]) if isinstance(v, tuple) else v
+              for k, v in FAMILIES.get(model_type, {}).items()}
+    fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    missing = [f.name for f in dataclasses.fields(ArchSpec) if f.name not in fields]
+    if missing:
+        raise UserError(
+            f"unsupported architecture '{model_type}': known are {', '.join(sorted(FAMILIES))}; "
+            f"name its modules with model.arch.{missing[0]}=... (fields: {', '.join(missing)})"
+        )
+    return ArchSpec(**fields).validate(model)

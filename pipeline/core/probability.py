@@ -1,0 +1,84 @@
+"""P(x | prompt) as the paper defines it: exp(mean log-probability of the tokens of " " + x after prompt),
+batched over (prompt, target) pairs; and greedy continuations."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from pipeline.core.generation import generate_tokens
+from pipeline.core.padding import right_pad
+
+__all__ = ["target_log_probs", "target_probs", "target_argmax", "greedy_continuation", "target_token_ids", "new_and_true_probs"]
+
+
+def target_token_ids(tokenizer: Any, target: str) -> list[int]:
+    """Tokens of ``" " + target`` as they follow a prompt (no special tokens)."""
+    return tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+
+
+def _teacher_forced(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+                    batch_size: int):
+    """For each (prompt, target): log-probabilities [n, vocab] at the positions predicting the n tokens of
+    " " + target, and those tokens; batched, right-padded."""
+    device = next(model.parameters()).device
+    for i in range(0, len(prompts), batch_size):
+        rows, spans = [], []
+        for p, t in zip(prompts[i : i + batch_size], targets[i : i + batch_size]):
+            p_ids = tokenizer(p)["input_ids"]
+            t_ids = target_token_ids(tokenizer, t)
+            rows.append(p_ids + t_ids)
+            spans.append((len(p_ids), len(t_ids)))
+        ids, mask = right_pad(rows, tokenizer.pad_token_id or 0, device)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        for row, (start, n) in enumerate(spans):
+            pos = torch.arange(start - 1, start - 1 + n, device=device)
+            yield logp[row, pos], ids[row, start : start + n]
+
+
+@torch.no_grad()
+def target_log_probs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+                     batch_size: int) -> torch.Tensor:
+    """Mean log-probability of each target's tokens after its prompt, teacher-forced; shape [n]."""
+    out = [logp.gather(-1, tok[:, None]).mean() for logp, tok in _teacher_forced(model, tokenizer, prompts, targets, batch_size)]
+    return torch.stack(out).cpu()
+
+
+@torch.no_grad()
+def target_argmax(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
+                  batch_size: int) -> list[tuple[list[int], list[int]]]:
+    """Teacher-forced top-1 predictions and the target tokens, per (prompt, target) pair."""
+    return [(logp.argmax(-1).tolist(), tok.tolist())
+            for logp, tok in _teacher_forced(model, tokenizer, prompts, targets, batch_size)]
+
+
+def target_probs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int) -> torch.Tensor:
+    return target_log_probs(model, tokenizer, prompts, targets, batch_size).exp()
+
+
+def new_and_true_probs(model: torch.nn.Module, tokenizer: Any, sets: Mapping[str, tuple[Sequence[str], Sequence[str | None]]],
+                       target_new: str, batch_size: int) -> dict[str, dict[str, list[float]]]:
+    """P(target_new) and P(true object) on named prompt sets, in one batched pass over all pairs.
+
+    ``sets``: name -> (prompts, the true object of each prompt, or None where there is none). Returns
+    name -> {"new": [...], "true": [...]} ("true" empty when no true object is known); empty sets are left out.
+    """
+    prompts, targets, spans = [], [], {}
+    for name, (ps, trues) in sets.items():
+        ps, trues = list(ps), list(trues)
+        if not ps:
+            continue
+        known = all(t is not None for t in trues)
+        spans[name] = (len(prompts), len(ps), known)
+        prompts += ps + (ps if known else [])
+        targets += [target_new] * len(ps) + (trues if known else [])
+    p = target_probs(model, tokenizer, prompts, targets, batch_size).tolist() if prompts else []
+    return {name: {"new": p[s : s + n], "true": p[s + n : s + 2 * n] if known else []}
+            for name, (s, n, known) in spans.items()}
+
+
+def greedy_continuation(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    """Plain greedy decoding (no repetition penalty a checkpoint may set), up to end-of-text."""
+    new = generate_tokens(model, tokenizer, [prompt], max_new_tokens, top_k=None, exact_length=False)
+    return tokenizer.decode(new[0], skip_special_tokens=True)

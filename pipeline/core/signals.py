@@ -1,0 +1,73 @@
+"""Stopping cleanly on SIGTERM (a cluster's preemption) and SIGINT (Ctrl+C).
+
+``train.py`` runs every stage inside ``stop_on_signals()``: a signal only sets a flag (and says so on one
+line); the stage's loop calls ``check_stop(hint)`` between units of work (a batch, a case, an edit), so the
+unit in progress finishes or is abandoned whole, what is resumable gets written, and ``Interrupted`` carries
+the resume hint up to ``train.py``, which prints it and exits 128 + the signal number (143 / 130).
+A second Ctrl+C stops at once (KeyboardInterrupt), for when the current unit takes too long.
+
+Processes that only feed the main one (dataloader workers) call ``ignore_stop_signals()``: a signal sent to
+the whole process group (Ctrl+C in a terminal, SLURM signalling every process of a job step) must not kill
+a worker under the main process's feet; the main process stops at a unit boundary and its workers go with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from typing import Iterator
+
+from pipeline.errors import Interrupted
+
+__all__ = ["stop_on_signals", "stop_requested", "check_stop", "ignore_stop_signals"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received: list[int] = []  # the signals received while armed (the first one decides the exit code)
+
+
+def stop_requested() -> bool:
+    """True once a stopping signal arrived: finish the current unit, save, then ``check_stop``."""
+    return bool(_received)
+
+
+def check_stop(hint: str) -> None:
+    """Raise ``Interrupted`` (with ``hint``: how to resume) when a stopping signal arrived."""
+    if _received:
+        raise Interrupted(_received[0], hint)
+
+
+def _handler(signum: int, frame: object) -> None:
+    if _received and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl+C: stop now
+    _received.append(signum)
+    print(f"\nreceived {signal.Signals(signum).name}: stopping after the current unit of work "
+          "(Ctrl+C again stops at once)", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """Turn ``signals`` into a stop request for the duration (main thread only; elsewhere a no-op).
+    Lightning's own SIGTERM handler, installed inside fit/predict, calls this one too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in signals}
+    _received.clear()
+    for s in signals:
+        signal.signal(s, _handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _received.clear()
+
+
+def ignore_stop_signals() -> None:
+    """In a helper process (a dataloader worker): leave SIGTERM and SIGINT to the main process, and SIGUSR1
+    too (SLURM's ``--signal`` reaches every process of a job step; Lightning's requeue handles it in the main
+    process, and its default action would kill the worker)."""
+    for s in (*STOP_SIGNALS, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)

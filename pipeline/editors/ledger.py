@@ -1,0 +1,195 @@
+"""The edit ledger: every applied rank-one edit, enough to rebuild or revert the model exactly.
+
+``DIR/ledger.json`` lists the entries in order (request, layer, module, norms, probabilities, timings,
+model and statistics identities, status, the sha256 of the entry's file, and the request list and position
+it came from); ``DIR/edits/<id>.safetensors`` holds u = C⁻¹k* and Λ in float64. A model is rebuilt from its
+base weights by applying the entries still ``applied``, in order, with the same ``apply_rank_one`` the edit
+used -- so a revert is bitwise exact, never a floating-point subtraction. Every file is checked against its
+checksum before anything is applied: a damaged ledger changes no weight.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes, save_file
+
+from pipeline.core.arch import ArchSpec
+from pipeline.core.atomic import atomic_path, write_json
+from pipeline.core.digest import file_sha256
+from pipeline.errors import UserError
+from pipeline.editors.rank_one import LowRank, RankOne, apply_low_rank, apply_rank_one
+
+__all__ = ["Ledger"]
+
+
+class Ledger:
+    def __init__(self, directory: str | Path, data: dict[str, Any]) -> None:
+        self.dir, self.data = Path(directory), data
+
+    @classmethod
+    def open(cls, directory: str | Path, model: dict[str, str] | None = None, model_dtype: str | None = None,
+             create: bool = True) -> "Ledger":
+        directory = Path(directory)
+        path = directory / "ledger.json"
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise UserError(f"ledger {path} is not valid JSON; restore it or use another directory") from err
+            if not isinstance(data, dict) or not isinstance(data.get("entries"), list) or "model" not in data:
+                raise UserError(f"{path} is not a ledger of this project (no model and entries); use another directory")
+            if model is not None and data["model"] != model:
+                raise UserError(f"ledger {directory} belongs to model {data['model']['name']} "
+                                f"({data['model']['revision']}); use another edit.out for this model")
+            return cls(directory, data)
+        if not create:
+            raise UserError(f"no ledger at {path}; pass the edit.out directory of an earlier edit as ledger=")
+        if directory.is_dir() and any(directory.iterdir()):
+            raise UserError(f"edit.out={directory} holds files but no ledger.json; name a new directory or the "
+                            "edit.out of earlier edits")
+        return cls(directory, {"model": model, "model_dtype": model_dtype, "entries": [], "saved_to": None})
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        return self.data["entries"]
+
+    def active(self) -> list[dict[str, Any]]:
+        return [e for e in self.entries if e["status"] == "applied"]
+
+    def next_id(self) -> int:
+        return 1 + max((e["id"] for e in self.entries), default=0)
+
+    def append(self, entry: dict[str, Any], edit: RankOne) -> int:
+        """Record a ROME edit under the next id; returns the id."""
+        return self._append(entry, {"u": edit.u, "lam": edit.lam}, {"denominator": repr(edit.denominator)})
+
+    def done_in_run(self, run: str) -> set[int]:
+        """Positions of the request list ``run`` (its digest) already recorded here: what a resumed run skips."""
+        return {e["run"]["index"] for e in self.entries if (e.get("run") or {}).get("requests") == run}
+
+    def discard_since(self, count: int) -> list[int]:
+        """Forget the entries after the first ``count`` (a run whose model could not be saved): the ledger
+        first, then their files."""
+        dropped = self.entries[count:]
+        del self.entries[count:]
+        self.save()
+        for e in dropped:
+            (self.dir / e["file"]).unlink(missing_ok=True)
+        return [e["id"] for e in dropped]
+
+    def save(self) -> None:
+        write_json(self.dir / "ledger.json", self.data)
+
+    def tensors(self, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The entry's file, checked against the sha256 recorded with it (one read)."""
+        path = self.dir / entry["file"]
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise UserError(f"ledger file {path} of edit {entry['id']} cannot be read ({err.strerror}); "
+                            "restore it from a copy of the ledger") from None
+        want = entry.get("sha256")
+        if want is not None:
+            import hashlib
+
+            if hashlib.sha256(data).hexdigest() != want:
+                raise UserError(f"ledger file {path} of edit {entry['id']} fails its checksum (damaged or changed: "
+                                f"{len(data)} bytes); nothing was changed; restore it from a copy of the ledger")
+        try:
+            return load_bytes(data)
+        except (SafetensorError, ValueError) as err:
+            raise UserError(f"ledger file {path} of edit {entry['id']} is not a readable safetensors file ({err}); "
+                            "restore it from a copy of the ledger") from None
+
+    def rank_one(self, entry: dict[str, Any]) -> RankOne:
+        t = self.tensors(entry)
+        return RankOne(u=t["u"], lam=t["lam"], denominator=float(entry["denominator"]))
+
+    def append_batch(self, ctx: Any, result: Any, model_identity: dict[str, str], stats: dict | None,
+                     run: dict[str, Any] | None = None) -> int:
+        """Record a MEMIT / AlphaEdit batch: its requests and, per layer, ΔW = L Rᵀ as the factors L, R
+        (float64), plus for AlphaEdit the batch's keys K, whose K Kᵀ later batches preserve."""
+        tensors = {}
+        for layer, update in result.updates.items():
+            tensors[f"left.{layer}"], tensors[f"right.{layer}"] = update.left, update.right
+            if ctx.method == "alphaedit":
+                tensors[f"keys.{layer}"] = result.keys[layer]
+        entry = {"kind": "batch", "method": ctx.method, "status": "applied", "layers": list(result.layers),
+                 "modules": [ctx.spec.down_proj_name(l) for l in result.layers], "conv1d": ctx.spec.down_proj_conv1d,
+                 "requests": [r.as_dict() for r in result.requests], "norms": {str(l): v for l, v in result.norms.items()},
+                 "residual": result.residual, "losses": result.losses, "p_target": result.p_target,
+                 "timings": result.timings, "model": model_identity, "stats": stats,
+                 "hparams": {"memit": _plain(ctx.hp.memit), "alphaedit": _plain(ctx.hp.alphaedit)},
+                 **({"run": run} if run else {})}
+        return self._append(entry, tensors)
+
+    def _append(self, entry: dict[str, Any], tensors: dict[str, torch.Tensor],
+                metadata: dict[str, str] | None = None) -> int:
+        """Record ``entry`` under the next id with its tensors and their checksum; returns the id. The file
+        first, then the ledger that names it: a crash leaves no entry without its file."""
+        entry = {"id": self.next_id(), **entry}
+        name = f"edits/{entry['id']:06d}.safetensors"
+        with atomic_path(self.dir / name) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            digest = file_sha256(tmp)
+        self.entries.append({**entry, "file": name, "sha256": digest})
+        self.save()
+        return entry["id"]
+
+    def low_rank(self, entry: dict[str, Any]) -> dict[int, LowRank]:
+        t = self.tensors(entry)
+        return {l: LowRank(t[f"left.{l}"], t[f"right.{l}"]) for l in entry["layers"]}
+
+    def preserved_keys(self, method: str = "alphaedit") -> dict[int, torch.Tensor]:
+        """Σ K Kᵀ per layer over the active AlphaEdit batches: what a new AlphaEdit batch must preserve."""
+        out: dict[int, torch.Tensor] = {}
+        for e in self.active():
+            if e.get("kind") == "batch" and e["method"] == method:
+                t = self.tensors(e)
+                for l in e["layers"]:
+                    k = t[f"keys.{l}"].double()
+                    out[l] = k @ k.T if l not in out else out[l] + k @ k.T
+        return out
+
+    def rebuild(self, model: torch.nn.Module, spec: ArchSpec) -> int:
+        """Apply every active entry, in order, to a model holding the base weights. Every file is read and
+        checked first: a damaged one raises before any weight changes."""
+        updates = [(e, self.low_rank(e) if e.get("kind") == "batch" else self.rank_one(e)) for e in self.active()]
+        for e, update in updates:
+            if e.get("kind") == "batch":
+                for layer, factors in update.items():
+                    apply_low_rank(spec.down_proj_weight(model, layer), factors, spec.down_proj_conv1d)
+            else:
+                apply_rank_one(spec.down_proj_weight(model, e["layer"]), update, spec.down_proj_conv1d)
+        return len(updates)
+
+    def solved_after(self, reverted: list[int]) -> list[int]:
+        """The active edits made after one of ``reverted`` while it was in the weights: they were solved on
+        weights that held it, and a rebuild re-applies them as recorded, not re-solved."""
+        first = min(reverted, default=None)
+        return [] if first is None else [e["id"] for e in self.active() if e["id"] > first]
+
+    def revert(self, edit_id: int | str) -> list[int]:
+        """Mark ``edit_id`` (or ``"all"``) reverted; returns the ids that changed."""
+        if str(edit_id) == "all":
+            targets = self.active()
+        else:
+            targets = [e for e in self.entries if e["id"] == int(edit_id)]
+            if not targets:
+                raise UserError(f"edit_id={edit_id} is not in the ledger (ids: {[e['id'] for e in self.entries]})")
+            if targets[0]["status"] != "applied":
+                raise UserError(f"edit {edit_id} is already {targets[0]['status']}")
+        for e in targets:
+            e["status"] = "reverted"
+        return [e["id"] for e in targets]
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node

@@ -1,0 +1,272 @@
+"""Batch editing on one page: MEMIT (Meng et al. 2023) and AlphaEdit (Fang et al. 2025), no Lightning.
+
+    from pipeline.editors import memit
+    result = memit.batch_edit(ctx, requests)      # every request of the batch, one solve per layer
+
+For a batch of n requests and consecutive MLP layers l_1 < ... < l_L (the "layer set"):
+1. ``subject_states``: h̄ = the residual stream (block output) of the last layer l_L at the subject's last
+   token, averaged over the context templates, for every request.
+2. z = h̄ + δ, δ optimised with ROME's loss, one δ per request, all requests in one batch
+   (``ValueOptimisation`` with δ added to the block output of l_L).
+3. For each layer l_i in ascending order, on the model as edited so far:
+   K = the down-projection's input at the subject's last token (averaged over the same templates) [d_ff, n],
+   R = (z − h̄_now) / (L − i + 1)  — h̄_now re-read from the partly edited model, averaged like K (the
+   original takes it from the bare prompt while K is averaged: the mismatch r-ROME fixed in ROME),
+   and ΔW = R · rightᵀ, written in place so later layers see it:
+   - MEMIT:     ΔW = R Kᵀ (λC + K Kᵀ)⁻¹, right = C⁻¹K (λI + Kᵀ C⁻¹K)⁻¹ by Woodbury on the cached Cholesky
+                factor of C (an n x n solve instead of a d_ff x d_ff one), float64;
+   - AlphaEdit: ΔW = R Kᵀ P (K_all K_allᵀ P + α I)⁻¹ with P the projector onto C's null space (eigenvalues
+                below a threshold relative to the mean eigenvalue) and K_all K_allᵀ = K Kᵀ + the keys of every
+                earlier batch (``preserved``); right = (P B + α I)⁻¹ P K, which lies in P's range, so
+                ΔW k = 0 for every key k in C's preserved subspace.
+Nothing here keys a cache on the request alone: z is recomputed on the model as it is (the original's z cache
+goes stale in sequential runs). Rows are right-padded and indexed by position (no padding side assumed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.core.arch import ArchSpec
+from pipeline.errors import UserError
+from pipeline.core.hooks import Trace, get_module
+from pipeline.core.padding import right_pad
+from pipeline.editors.rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
+from pipeline.core.requests import EditRequest
+from pipeline.editors.rome import sync
+from pipeline.stats.second_moment import LayerStats
+from pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
+from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows, subject_rows
+
+__all__ = ["BatchContext", "BatchResult", "batch_edit", "begin_batch", "finish_batch", "BatchState", "write_targets",
+           "subject_states", "PromptRows", "target_optimisation", "memit_right",
+           "alphaedit_right", "prepare", "METHODS"]
+
+METHODS = ("memit", "alphaedit")
+
+
+@dataclasses.dataclass
+class BatchContext:
+    """What every batch of a run shares. ``solvers[l]`` factorises C of layer l (MEMIT); ``projectors[l]``
+    is AlphaEdit's P and ``preserved[l]`` the Σ K Kᵀ of every earlier batch (updated by ``batch_edit``)."""
+
+    model: nn.Module
+    tokenizer: Any
+    spec: ArchSpec
+    method: str  # memit | alphaedit
+    layers: list[int]
+    templates: list[str]
+    hp: Any  # the edit group: hp.memit.*, hp.alphaedit.*
+    solvers: dict[int, KeySolver] = dataclasses.field(default_factory=dict)
+    projectors: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    preserved: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"edit.method={self.method} is not a batch method ({', '.join(METHODS)})")
+        if not self.layers or sorted(set(self.layers)) != list(self.layers):
+            raise UserError(f"edit.layers={self.layers} must be increasing layer indices (e.g. [2,3,4,5,6])")
+        for layer in self.layers:
+            self.spec.check_layer(self.model, layer, "edit.layers")
+
+
+def prepare(ctx: BatchContext, stats: dict[int, LayerStats]) -> dict[int, int]:
+    """Factorise each layer's C once for the run (``ctx.solvers``) and, for AlphaEdit, build the null-space
+    projectors from C's cached eigendecomposition (``ctx.projectors``); returns each projector's rank."""
+    device = next(ctx.model.parameters()).device
+    ranks = {}
+    for l in ctx.layers:
+        ctx.solvers[l] = KeySolver(stats[l].second_moment, float(ctx.hp.ridge), device)
+        if ctx.method == "alphaedit":
+            values, vectors = cached_eigendecomposition(stats[l], device)
+            projector, ranks[l] = null_space_projector(values, vectors, float(ctx.hp.alphaedit.nullspace_threshold))
+            ctx.projectors[l] = projector.to(device)
+    return ranks
+
+
+@dataclasses.dataclass
+class BatchResult:
+    requests: list[EditRequest]
+    layers: list[int]
+    updates: dict[int, LowRank]  # per layer, in W's [d_model, d_ff] orientation
+    keys: dict[int, torch.Tensor]  # per layer, [d_ff, n] float64 on the final model (AlphaEdit accumulates them)
+    z: torch.Tensor  # [n, d_model] the target residual stream at the last layer
+    losses: list[list[float]]  # per request, the loss at every v* step
+    p_target: list[float]  # per request, the model's mean P(target) at the last v* step
+    residual: list[float]  # mean ‖z − h̄‖ over requests before each layer's update, and after the last
+    norms: dict[int, dict[str, float]]  # per layer: ‖ΔW‖, ‖W‖, ‖ΔW‖/‖W‖
+    timings: dict[str, float]
+
+
+@dataclasses.dataclass
+class PromptRows:
+    """Every request's prompt under every template, tokenised once per batch, with its subject's last token."""
+
+    rows: list[tuple[list[int], int]]
+    owner: list[int]  # the request each row belongs to
+    n_requests: int
+
+    @classmethod
+    def build(cls, ctx: BatchContext, requests: Sequence[EditRequest]) -> "PromptRows":
+        rows, owner = [], []
+        for i, r in enumerate(requests):
+            found = subject_rows(ctx.tokenizer, [t.replace("{}", r.prompt) for t in ctx.templates], r.subject)
+            rows += found
+            owner += [i] * len(found)
+        return cls(rows, owner, len(requests))
+
+
+@torch.no_grad()
+def subject_states(ctx: BatchContext, prompts: PromptRows, key_layers: Sequence[int],
+                   out_layer: int | None) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """Per request, averaged over the templates, at the subject's last token: the down-projection inputs of
+    ``key_layers`` ({layer: [n, d_ff]}) and the block output of ``out_layer`` ([n, d_model]); float32.
+    Passes of at most ``hp.memit.rows_per_pass`` rows, each stopped after the deepest module it needs."""
+    model, tok, spec = ctx.model, ctx.tokenizer, ctx.spec
+    device = next(model.parameters()).device
+    rows, owner, n = prompts.rows, prompts.owner, prompts.n_requests
+    keys = {l: torch.zeros(n, spec.key_size(model, l), device=device) for l in key_layers}
+    out = None
+    per_pass = int(ctx.hp.memit.rows_per_pass)
+    last = max([*key_layers, *([out_layer] if out_layer is not None else [])])
+    for start in range(0, len(rows), per_pass):
+        chunk = rows[start : start + per_pass]
+        ids, mask = right_pad([r for r, _ in chunk], tok.pad_token_id or 0, device)
+        with contextlib.ExitStack() as stack:  # the deepest module stops the pass (its Trace ends it quietly)
+            traces = [stack.enter_context(Trace(get_module(model, spec.down_proj_name(l)), retain_input=True,
+                                                stop=out_layer is None and l == last)) for l in key_layers]
+            if out_layer is not None:
+                traces.append(stack.enter_context(Trace(get_module(model, spec.block_name(out_layer)),
+                                                        retain_output=True, stop=True)))
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        at = torch.arange(len(chunk), device=device)
+        pos = torch.tensor([s for _, s in chunk], device=device)
+        who = torch.tensor(owner[start : start + per_pass], device=device)
+        for l, t in zip(key_layers, traces):
+            keys[l].index_add_(0, who, t.input[at, pos].float())
+        if out_layer is not None:
+            h = traces[-1].output[at, pos].float()
+            out = torch.zeros(n, h.shape[-1], device=device) if out is None else out
+            out.index_add_(0, who, h)
+    n_templates = len(ctx.templates)
+    return {l: k / n_templates for l, k in keys.items()}, (out / n_templates if out is not None else None)
+
+
+def target_optimisation(ctx: BatchContext, requests: Sequence[EditRequest], h0: torch.Tensor) -> ValueOptimisation:
+    """δ for every request at once: added to the last layer's block output at the subject's last token,
+    ROME's loss per request, Adam per element (so each request gets what it would get alone)."""
+    tok, hp = ctx.tokenizer, ctx.hp
+    rows = [build_rows(tok, ctx.templates, r.prompt, r.subject, r.target_new, list(hp.kl_prompts)) for r in requests]
+    batch = ValueBatch.build(ctx.model, ctx.spec, rows, tok.pad_token_id or 0)
+    return ValueOptimisation(ctx.model, ctx.spec, ctx.spec.block_name(ctx.layers[-1]), batch, h0, hp.memit.v)
+
+
+def memit_right(keys: torch.Tensor, solver: KeySolver, mom2_update_weight: float) -> torch.Tensor:
+    """(λC + K Kᵀ)⁻¹ K [d_ff, n] by Woodbury: C⁻¹K (λI + Kᵀ C⁻¹ K)⁻¹ (float64)."""
+    c_inv_k = solver.solve(keys)  # [d_ff, n]
+    small = mom2_update_weight * torch.eye(keys.shape[1], dtype=torch.float64, device=c_inv_k.device)
+    small = small + keys.to(c_inv_k.device).T @ c_inv_k
+    return torch.linalg.solve(small, c_inv_k.T).T  # small is symmetric: (C⁻¹K small⁻¹) = (small⁻¹ (C⁻¹K)ᵀ)ᵀ
+
+
+def alphaedit_right(keys: torch.Tensor, projector: torch.Tensor, preserved: torch.Tensor | None,
+                    alpha: float) -> torch.Tensor:
+    """(P (K Kᵀ + preserved) + α I)⁻¹ P K [d_ff, n] (float64); it lies in P's range."""
+    p = projector.to(device=keys.device, dtype=torch.float64)
+    b = keys @ keys.T
+    if preserved is not None:
+        b = b + preserved.to(device=keys.device, dtype=torch.float64)
+    system = p @ b
+    system.diagonal().add_(alpha)
+    return torch.linalg.solve(system, p @ keys)
+
+
+@dataclasses.dataclass
+class BatchState:
+    """A batch between ``begin_batch`` and ``write_targets``: h̄ and the running z optimisation."""
+
+    requests: list[EditRequest]
+    h0: torch.Tensor  # [n, d_model] the last layer's residual stream, averaged over the templates
+    optimisation: ValueOptimisation
+    timings: dict[str, float]
+
+
+def begin_batch(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchState:
+    """Read h̄ at the last layer for every request and set up their δ optimisation (one batch of rows)."""
+    sync(ctx.model)
+    t = time.perf_counter()
+    _, h0 = subject_states(ctx, PromptRows.build(ctx, requests), [], ctx.layers[-1])
+    opt = target_optimisation(ctx, requests, h0)
+    sync(ctx.model)
+    return BatchState(list(requests), h0, opt, {"keys": time.perf_counter() - t})
+
+
+def finish_batch(ctx: BatchContext, state: BatchState) -> BatchResult:
+    """z = h̄ + δ once the optimisation is done, written into the layers."""
+    result = write_targets(ctx, state.requests, state.h0 + state.optimisation.result())
+    result.losses, result.p_target = state.optimisation.losses, state.optimisation.p_target
+    result.timings = {k: result.timings.get(k, 0.0) + state.timings.get(k, 0.0)
+                      for k in {*result.timings, *state.timings}}
+    return result
+
+
+def batch_edit(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchResult:
+    """One batch: z for every request, then one low-rank update per layer, written into the model in place."""
+    state = begin_batch(ctx, requests)
+    t = time.perf_counter()
+    with torch.enable_grad():
+        while not state.optimisation.step():
+            pass
+    sync(ctx.model)
+    state.timings["v_star"] = time.perf_counter() - t
+    return finish_batch(ctx, state)
+
+
+def write_targets(ctx: BatchContext, requests: Sequence[EditRequest], z: torch.Tensor) -> BatchResult:
+    """Spread z − h̄ over the layer set, ascending, one low-rank update per layer written in place."""
+    model, spec, hp, layers = ctx.model, ctx.spec, ctx.hp, ctx.layers
+    timings = {"keys": 0.0, "solve": 0.0}
+
+    def lap(name: str, since: float) -> float:
+        sync(model)
+        now = time.perf_counter()
+        timings[name] += now - since
+        return now
+
+    z = z.double()
+    t = time.perf_counter()
+    prompts = PromptRows.build(ctx, requests)
+    updates, norms, residual = {}, {}, []
+    for i, layer in enumerate(layers):
+        keys, h_now = subject_states(ctx, prompts, [layer], layers[-1])
+        k = keys[layer].double().T  # [d_ff, n]
+        r = (z - h_now.double()).T  # [d_model, n]
+        residual.append(float(r.norm(dim=0).mean()))
+        share = r / (len(layers) - i)  # this layer's share of what is still missing
+        t = lap("keys", t)
+        if ctx.method == "memit":
+            right = memit_right(k, ctx.solvers[layer], float(hp.memit.mom2_update_weight))
+        else:
+            right = alphaedit_right(k, ctx.projectors[layer], ctx.preserved.get(layer), float(hp.alphaedit.l2))
+        update = LowRank(share, right.to(share.device))
+        weight = spec.down_proj_weight(model, layer)
+        norm_w = frobenius_norm(weight)
+        apply_low_rank(weight, update, spec.down_proj_conv1d)
+        updates[layer] = update
+        norms[layer] = {"delta_w": update.norm(), "w": norm_w, "relative_update": update.norm() / norm_w}
+        t = lap("solve", t)
+    keys, h_end = subject_states(ctx, prompts, layers, layers[-1])  # the final model's keys: AlphaEdit keeps them
+    residual.append(float((z - h_end.double()).norm(dim=-1).mean()))
+    final_keys = {l: k.double().T for l, k in keys.items()}
+    if ctx.method == "alphaedit":
+        for l, k in final_keys.items():
+            add = k @ k.T
+            ctx.preserved[l] = add if l not in ctx.preserved else ctx.preserved[l] + add
+    lap("keys", t)
+    return BatchResult(list(requests), list(layers), updates, final_keys, z.float(), [], [], residual, norms, timings)

@@ -1,0 +1,334 @@
+"""ROME on one page: one rank-one edit of an MLP down-projection, as plain functions (no Lightning).
+
+    from pipeline.editors import rome
+    result = rome.edit(model, tokenizer, {"prompt": "{} is located in the city of",
+                                          "subject": "The Eiffel Tower", "target_new": "Rome"}, layer=6)
+    result.update.u, result.update.lam     # ΔW = Λ uᵀ (float64), applied to the model in place
+    result.probs["post"], result.timings, result.status
+
+The down-projection W of layer l is a key-value memory: keys k (its input, d_ff) map to values W k.
+1. ``begin``:   k* = the key at the subject's last token and v₀ = the current value there, both averaged
+                over the context templates; the pre-edit probabilities (for verification); the v*
+                optimisation, set up (rows, prefix KV cache, δ = 0).
+2. ``ValueOptimisation.step`` until done: v* = v₀ + δ makes the model predict the new object.
+3. ``apply_edit``: the closed-form update W' = W + Λ (C⁻¹k*)ᵀ with Λ = (v* − W k*) / ((C⁻¹k*)ᵀ k*),
+                solved in float64 (``KeySolver``: one Cholesky factor of C per layer), written in place.
+4. ``verify_edit``: the post-edit probabilities, the checks (the edit took on the prompt and its
+                paraphrases, neighbours kept their answer, no disabling edit), rollback on failure.
+``edit`` composes the four; the edit stage's LightningModule and callbacks call the same functions.
+Nothing here moves or copies the model: its parameters stay where they are, in their dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from pipeline.core.arch import ArchSpec, arch_for
+from pipeline.errors import UserError
+from pipeline.core.hooks import Trace, get_module
+from pipeline.core.padding import right_pad
+from pipeline.core.probability import greedy_continuation, new_and_true_probs
+from pipeline.editors.rank_one import KeySolver, RankOne, apply_rank_one, frobenius_norm, rank_one_update, update_norm
+from pipeline.core.requests import EditRequest, request_from_record
+from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows, subject_rows
+
+__all__ = ["EditContext", "EditResult", "edit", "begin", "apply_edit", "verify_edit", "key_and_value", "keys_and_values",
+           "KEY_VARIANTS", "measure",
+           "verification_problems", "sync", "edit_in_context", "optimise"]
+
+
+def sync(model: nn.Module) -> None:
+    """Wait for the model's device, so that a host clock read after it measures finished work."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclasses.dataclass
+class EditContext:
+    """What every edit of a run shares: the model (never moved or copied), the layer, the context
+    templates, the C solver and the ``edit`` hyperparameters (``configs/config.yaml``)."""
+
+    model: nn.Module
+    tokenizer: Any
+    spec: ArchSpec
+    layer: int
+    templates: list[str]
+    solver: KeySolver
+    hp: Any
+    stats_id: dict[str, Any] | None = None  # which statistics C came from (recorded with each edit)
+
+    @property
+    def module(self) -> str:
+        return self.spec.down_proj_name(self.layer)
+
+
+@dataclasses.dataclass
+class EditResult:
+    request: EditRequest
+    layer: int
+    module: str
+    k_star: torch.Tensor  # [d_ff] float32: the key v* is written at (``edit.keys``; averaged over the templates by default)
+    v0: torch.Tensor  # [d_model] float32: the value the optimisation starts from (v* = v₀ + δ)
+    k_direction: torch.Tensor  # [d_ff] float32: the template-averaged key; the update's direction is u = C⁻¹ k_direction
+    optimisation: ValueOptimisation | None = None
+    delta: torch.Tensor | None = None  # [d_model]: v* = v₀ + δ (set when the optimisation ends)
+    losses: list[float] = dataclasses.field(default_factory=list)  # the loss at every v* step
+    p_target: float = 0.0  # the model's mean P(target) over the rewriting prompts at the last step
+    update: RankOne | None = None
+    backup: torch.Tensor | None = None  # the weight before the update (kept only when a rollback may need it)
+    norms: dict[str, float] = dataclasses.field(default_factory=dict)
+    probs: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"pre": ..., "post": ...}
+    generations: dict[str, str] = dataclasses.field(default_factory=dict)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    status: str = "pending"  # applied | rolled_back | failed_verification
+    reason: str = ""
+    entry_id: int | None = None  # the ledger's id, when recorded
+    true_from_model: bool = False  # target_true is the model's own pre-edit answer (none was given)
+
+    def finish_value(self) -> None:
+        """Take δ, the losses and P(target) from the finished optimisation."""
+        opt = self.optimisation
+        self.delta, self.losses, self.p_target = opt.result()[0], opt.losses[0], opt.p_target[0]
+
+
+class _Clock:
+    """Phase timings: the device is synchronised before every reading, so each phase owns its work."""
+
+    def __init__(self, model: nn.Module, timings: dict[str, float]) -> None:
+        self.model, self.timings = model, timings
+        sync(model)
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        sync(self.model)
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+# ---------------------------------------------------------------------------------------------- keys
+
+
+KEY_VARIANTS = {
+    # name: (key v* is written at, value the optimisation starts from); u = C⁻¹ (template-averaged key) in all
+    "averaged": ("averaged", "averaged"),  # both over the same templates: W'k̄ = v̄ + δ, no key/value mismatch
+    "rrome": ("averaged", "bare"),  # r-ROME (Gupta et al. 2024): the averaged key, the bare prompt's value
+    "original": ("bare", "bare"),  # ROME's release: the bare prompt's key and value for Λ
+}
+
+
+@torch.no_grad()
+def keys_and_values(model: nn.Module, tokenizer: Any, spec: ArchSpec, layer: int, templates: list[str], prompt: str,
+                    subject: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The down-projection's input and output at the subject's last token under every template ([templates,
+    d_ff] and [templates, d_model], float32): one batched pass in the model's dtype that stops after the layer."""
+    device = next(model.parameters()).device
+    rows = subject_rows(tokenizer, [t.replace("{}", prompt) for t in templates], subject)
+    ids, mask = right_pad([r for r, _ in rows], tokenizer.pad_token_id or 0, device)
+    with Trace(get_module(model, spec.down_proj_name(layer)), retain_input=True, retain_output=True, stop=True) as t:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    idx = torch.tensor([s for _, s in rows], device=device)
+    at = torch.arange(len(rows), device=device)
+    return t.input[at, idx].float(), t.output[at, idx].float()
+
+
+def key_and_value(model: nn.Module, tokenizer: Any, spec: ArchSpec, layer: int, templates: list[str], prompt: str,
+                  subject: str, variant: str = "averaged") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k*, v₀ and the direction key for ``variant`` (``KEY_VARIANTS``); "bare" is template 0, ``"{}"``."""
+    keys, values = keys_and_values(model, tokenizer, spec, layer, templates, prompt, subject)
+    if variant not in KEY_VARIANTS:
+        raise UserError(f"edit.variant={variant} is not one of {', '.join(KEY_VARIANTS)}")
+    key_from, value_from = KEY_VARIANTS[variant]
+    if "bare" in (key_from, value_from) and templates[0] != "{}":
+        raise UserError(f"edit.variant={variant} needs the bare prompt as the first context template ('{{}}')")
+    pick = {"averaged": lambda x: x.mean(0), "bare": lambda x: x[0]}
+    return pick[key_from](keys), pick[value_from](values), keys.mean(0)
+
+
+# ----------------------------------------------------------------------------------------- measuring
+
+
+def prompt_sets(request: EditRequest) -> dict[str, list[str]]:
+    return {"prompt": [request.text], "paraphrases": list(request.paraphrases), "neighbours": list(request.neighbours)}
+
+
+def measure(model: nn.Module, tokenizer: Any, request: EditRequest, batch_size: int) -> dict[str, dict[str, list[float]]]:
+    """P(target_new) and P(target_true) on the prompt, the paraphrases and the neighbours (one batched pass)."""
+    sets = {name: (ps, [request.target_true] * len(ps)) for name, ps in prompt_sets(request).items()}
+    return new_and_true_probs(model, tokenizer, sets, request.target_new, batch_size)
+
+
+def verification_problems(result: EditResult, post: Mapping[str, Mapping[str, list[float]]], verify: Any) -> list[str]:
+    """Why an applied edit fails its checks (empty: it passes)."""
+    out = []
+    if not verify.enabled:
+        return out
+    if result.norms["relative_update"] > float(verify.max_relative_update):
+        out.append(f"‖ΔW‖/‖W‖ = {result.norms['relative_update']:.3g} exceeds edit.verify.max_relative_update="
+                   f"{verify.max_relative_update} (a disabling edit)")
+    if result.norms["denominator"] < float(verify.min_denominator):
+        out.append(f"(C⁻¹k*)ᵀk* = {result.norms['denominator']:.3g} is below edit.verify.min_denominator="
+                   f"{verify.min_denominator}")
+    for name, want_new in (("prompt", True), ("paraphrases", True), ("neighbours", False)):
+        p = post.get(name)
+        if not p or not p["true"]:
+            continue
+        bad = [i for i, (n, t) in enumerate(zip(p["new"], p["true"])) if (n > t) != want_new]
+        if bad:
+            which = "P(new) > P(true)" if want_new else "P(true) > P(new)"
+            out.append(f"{which} fails on {len(bad)} of {len(p['new'])} {name}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- phases
+
+
+def model_answer(model: nn.Module, tokenizer: Any, prompt: str, max_tokens: int) -> str | None:
+    """The model's own answer to ``prompt``: the first word of its greedy continuation (None if it has none)."""
+    found = re.search(r"\w[\w'-]*", greedy_continuation(model, tokenizer, prompt, max_tokens))
+    return found.group(0) if found else None
+
+
+def begin(ctx: EditContext, request: EditRequest) -> EditResult:
+    """Measure the unedited model (when verifying), compute k* and v₀, and set up the v* optimisation.
+
+    Verification compares P(new) with P(true): without a ``target_true`` the model's own pre-edit answer
+    stands in for it (recorded as ``true_from_model``), so an edit that leaves the old answer in place fails."""
+    model, tok, hp = ctx.model, ctx.tokenizer, ctx.hp
+    timings: dict[str, float] = {}
+    clock = _Clock(model, timings)
+    probs, generations, true_from_model = {}, {}, False
+    if hp.verify.enabled and request.target_true is None:
+        answer = model_answer(model, tok, request.text, int(hp.verify.answer_tokens))
+        if answer and answer.lower() != request.target_new.lower():
+            request, true_from_model = dataclasses.replace(request, target_true=answer), True
+    if hp.verify.enabled:
+        probs["pre"] = measure(model, tok, request, int(hp.verify.batch_size))
+    if int(hp.generate_tokens):
+        generations["pre"] = greedy_continuation(model, tok, request.text, int(hp.generate_tokens))
+    clock.lap("pre")
+    k_star, v0, k_direction = key_and_value(model, tok, ctx.spec, ctx.layer, ctx.templates, request.prompt,
+                                            request.subject, str(hp.variant))
+    rows = build_rows(tok, ctx.templates, request.prompt, request.subject, request.target_new, list(hp.kl_prompts))
+    batch = ValueBatch.build(model, ctx.spec, [rows], tok.pad_token_id or 0)
+    opt = ValueOptimisation(model, ctx.spec, ctx.spec.mlp_name(ctx.layer), batch, v0[None], hp.v)
+    clock.lap("keys")
+    return EditResult(request, ctx.layer, ctx.module, k_star, v0, k_direction, opt, probs=probs, generations=generations,
+                      timings=timings, true_from_model=true_from_model)
+
+
+def optimise(result: EditResult, on_step: Callable[[EditResult], None] | None = None) -> None:
+    """Run the v* optimisation to its end (the plain loop; the edit stage's Trainer drives ``step`` itself)."""
+    clock = _Clock(result.optimisation.model, result.timings)
+    while not result.optimisation.step():
+        if on_step is not None:
+            on_step(result)
+    result.finish_value()
+    clock.lap("v_star")
+
+
+def apply_edit(ctx: EditContext, result: EditResult) -> None:
+    """Solve Λ (C⁻¹k*)ᵀ in float64 and add it to the down-projection in place, in its own orientation."""
+    clock = _Clock(ctx.model, result.timings)
+    weight = ctx.spec.down_proj_weight(ctx.model, ctx.layer)
+    bias = getattr(get_module(ctx.model, ctx.module), "bias", None)
+    v_star = result.v0.double() + result.delta.double()  # what the layer should output at k*
+    if bias is not None:
+        v_star = v_star - bias.detach().double()
+    w = ctx.spec.down_proj_matrix(ctx.model, ctx.layer).detach()
+    result.update = rank_one_update(w, result.k_star, v_star, ctx.solver, result.k_direction)
+    clock.lap("solve")
+    norm_w = frobenius_norm(weight)
+    if ctx.hp.verify.enabled and ctx.hp.verify.rollback:  # only a rollback needs the old matrix
+        result.backup = weight.detach().clone()
+    apply_rank_one(weight, result.update, ctx.spec.down_proj_conv1d)
+    result.norms = {"delta_w": update_norm(result.update), "w": norm_w,
+                    "relative_update": update_norm(result.update) / norm_w, "denominator": result.update.denominator,
+                    "delta": float(result.delta.norm()), "v0": float(result.v0.norm())}
+    result.status = "applied"
+    clock.lap("apply")
+
+
+def verify_edit(ctx: EditContext, result: EditResult) -> None:
+    """Measure the edited model; roll the edit back (``edit.verify.rollback``) when a check fails."""
+    model, tok, hp = ctx.model, ctx.tokenizer, ctx.hp
+    clock = _Clock(model, result.timings)
+    if hp.verify.enabled:
+        result.probs["post"] = measure(model, tok, result.request, int(hp.verify.batch_size))
+    if int(hp.generate_tokens):
+        result.generations["post"] = greedy_continuation(model, tok, result.request.text, int(hp.generate_tokens))
+    problems = verification_problems(result, result.probs.get("post", {}), hp.verify)
+    if problems:
+        result.reason = "; ".join(problems)
+        if hp.verify.rollback:
+            with torch.no_grad():
+                ctx.spec.down_proj_weight(model, ctx.layer).copy_(result.backup)
+            result.status = "rolled_back"
+            # the model is bitwise the unedited one again: its numbers are the pre-edit ones
+            result.probs["rejected"] = result.probs.get("post", {})
+            if "pre" in result.probs:
+                result.probs["post"] = result.probs["pre"]
+            if "pre" in result.generations:
+                result.generations["rejected"] = result.generations.get("post", "")
+                result.generations["post"] = result.generations["pre"]
+        else:
+            result.status = "failed_verification"
+    clock.lap("verify")
+
+
+# ------------------------------------------------------------------------------------------ the edit
+
+
+def edit(model: nn.Module, tokenizer: Any, request: EditRequest | Mapping[str, Any], *, layer: int | None = None,
+         second_moment: torch.Tensor | KeySolver | None = None, hparams: Any = None, templates: list[str] | None = None,
+         spec: ArchSpec | None = None, seed: int = 0, on_step: Callable[[EditResult], None] | None = None) -> EditResult:
+    """One ROME edit of ``model`` in place (rolled back if verification fails and rollback is on).
+
+    ``request``: an ``EditRequest`` or a mapping (``prompt`` with ``{}`` or the subject, ``subject``,
+    ``target_new``, optional ``target_true``, ``paraphrases``, ``neighbours``; CounterFact records too).
+    ``layer``: the edited layer (default: the model family's, from ``configs/model/``).
+    ``second_moment``: C = E[k kᵀ] of the layer's keys ([d_ff, d_ff], e.g. ``layer_<l>.safetensors`` from
+    ``python train.py stage=stats``), or a ``KeySolver`` to reuse one factorisation over many edits;
+    None is C = I (no covariance adjustment).
+    ``hparams``: the ``edit`` config group (default: ``configs/``, see ``pipeline.config.edit_defaults``).
+    ``templates``: context templates (default: sampled from the model with ``seed``).
+    Returns the ``EditResult``: the update's factors (u, Λ), k*, v₀, δ, probabilities, timings, status.
+    """
+    from pipeline.editors.factory import edit_defaults
+    from pipeline.editors.templates import context_templates
+
+    if not isinstance(request, EditRequest):
+        request = request_from_record(dict(request))
+    hp = hparams if hparams is not None else edit_defaults(model)
+    spec = spec or arch_for(model)
+    layer = int(hp.layer if layer is None else layer)
+    spec.check_layer(model, layer, "layer")
+    timings: dict[str, float] = {}
+    if templates is None:
+        clock = _Clock(model, timings)
+        torch.manual_seed(seed)
+        templates = context_templates(model, tokenizer, None, hp.templates, None, seed=seed)
+        clock.lap("templates")
+    solver = second_moment if isinstance(second_moment, KeySolver) else \
+        KeySolver(second_moment, float(hp.ridge), next(model.parameters()).device)
+    result = edit_in_context(EditContext(model, tokenizer, spec, layer, templates, solver, hp), request, on_step)
+    result.timings = {**timings, **result.timings}
+    return result
+
+
+def edit_in_context(ctx: EditContext, request: EditRequest,
+                    on_step: Callable[[EditResult], None] | None = None) -> EditResult:
+    """The four phases of one edit, in order, with what a run shares already in ``ctx``."""
+    with torch.enable_grad():
+        result = begin(ctx, request)
+        optimise(result, on_step)
+    apply_edit(ctx, result)
+    verify_edit(ctx, result)
+    return result

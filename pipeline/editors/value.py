@@ -1,0 +1,303 @@
+"""v*: the value the edited layer should output for the subject, found by a short optimisation.
+
+Rows: one "rewriting" row per context template, ``<template with the prompt> + target[:-1]`` (the loss is
+the NLL of the target tokens), plus one KL row per ``kl_prompts`` entry (``"{subject} is a"``: KL of its
+next-token distribution at the subject's last token against the unedited model). δ is added to the edit
+module's output (the MLP's for ROME) at the subject's last token of every row.
+
+Several requests can be optimised together (``ValueBatch.build`` takes one ``Rows`` per request): each
+request has its own δ (a row of ``delta`` [R, d]), its rows sit in one batch, and its loss depends only on
+its own rows, so the gradient of the summed loss with respect to δ_r is request r's own gradient. Adam
+works element by element, so the batched optimisation gives every request the result it gets alone.
+
+Work δ cannot change is done once (``ValueBatch.build``):
+- tokens before the subject's last token never see δ (causal attention), at any layer: their keys and
+  values are computed once as a KV cache, and each step runs only the tokens from the subject's last
+  token on (the "suffix");
+- the loss needs the LM head only at the target positions and the KL positions, not over the sequence.
+``reference_loss`` is the plain way (whole model on whole prompts, full logits), kept to check against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.core.arch import ArchSpec, cache_kwarg
+from pipeline.core.hooks import Trace, get_module
+from pipeline.core.padding import left_pad, right_pad
+from pipeline.core.probability import target_token_ids
+from pipeline.core.subject import fill_prompt, subject_token_range
+
+__all__ = ["Rows", "build_rows", "subject_rows", "ValueBatch", "value_loss", "reference_loss", "LossParts",
+           "ValueOptimisation"]
+
+
+@dataclasses.dataclass
+class Rows:
+    """The token rows of one request."""
+
+    ids: list[list[int]]  # full token ids of every row
+    subject_last: list[int]  # index of the subject's last token in each row
+    n_rewrite: int  # rows [0, n_rewrite) are rewriting rows, the rest KL rows
+    target: list[int]  # target token ids
+
+
+def subject_rows(tokenizer: Any, prompts: Sequence[str], subject: str) -> list[tuple[list[int], int]]:
+    """Each prompt (with ``{}`` for the subject) as token ids and the index of the subject's last token."""
+    out = []
+    for p in prompts:
+        text, start, end = fill_prompt(p, subject)
+        out.append((tokenizer(text)["input_ids"], subject_token_range(tokenizer, text, start, end)[1] - 1))
+    return out
+
+
+def build_rows(tokenizer: Any, templates: Sequence[str], prompt: str, subject: str, target_new: str,
+               kl_prompts: Sequence[str]) -> Rows:
+    target = target_token_ids(tokenizer, target_new)
+    rewrite = subject_rows(tokenizer, [t.replace("{}", prompt) for t in templates], subject)
+    kl = subject_rows(tokenizer, kl_prompts, subject)
+    return Rows([r + target[:-1] for r, _ in rewrite] + [r for r, _ in kl], [s for _, s in rewrite + kl],
+                len(templates), target)
+
+
+@dataclasses.dataclass
+class LossParts:
+    """ROME's loss of every request ([R] tensors): mean over its rewriting rows of (target NLL summed over
+    the target's tokens / their number) + kl_factor x KL(current || initial) averaged over its KL rows
+    + weight_decay x ‖δ‖ / ‖v₀‖²."""
+
+    total: torch.Tensor
+    nll: torch.Tensor
+    kl: torch.Tensor
+    weight_decay: torch.Tensor
+    p_target: torch.Tensor  # mean over rewriting rows of exp(-NLL per row): how sure the model is
+    kl_logp: torch.Tensor  # [KL rows, vocab]: the step's KL log-probabilities (the first become the reference)
+
+
+@dataclasses.dataclass
+class ValueBatch:
+    """Everything a step needs, built once for a set of requests."""
+
+    suffix_ids: torch.Tensor  # [rows, S]: from each row's subject-last token on, right-padded
+    full_mask: torch.Tensor  # [rows, P + S]: prefix mask (left-padded prefixes) then suffix mask
+    suffix_pos: torch.Tensor  # [rows, S]: true positions of the suffix tokens
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per-layer K, V of the prefix (pads zeroed)
+    row_request: torch.Tensor  # [rows]: the request each row belongs to (whose δ it gets)
+    target_row: torch.Tensor  # [T]: every (row, target token) pair of the rewriting rows, flattened:
+    target_col: torch.Tensor  # [T]   the suffix column whose logits predict the token,
+    target_id: torch.Tensor  # [T]    the token,
+    target_scale: torch.Tensor  # [T]   1 / the target's length
+    rewrite_rows: torch.Tensor  # [rewriting rows]
+    rewrite_weight: torch.Tensor  # [rewriting rows]: 1 / rewriting rows of its request
+    kl_rows: torch.Tensor  # [KL rows]
+    kl_weight: torch.Tensor  # [KL rows]: 1 / KL rows of its request
+    n_requests: int
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: torch.nn.Module, spec: ArchSpec, requests: Sequence[Rows], pad: int) -> "ValueBatch":
+        device = next(model.parameters()).device
+        ids = [r for rows in requests for r in rows.ids]
+        last = [s for rows in requests for s in rows.subject_last]
+        # The prefixes are left-padded and the suffixes right-padded, so that each row's real tokens sit in
+        # consecutive cache slots: a sliding-window layer's mask measures distances in slots (Gemma 2/3).
+        prefix_ids, prefix_mask = left_pad([r[:s] for r, s in zip(ids, last)], pad, device)
+        suffix_ids, suffix_mask = right_pad([r[s:] for r, s in zip(ids, last)], pad, device)
+        prefix_kv = None
+        if max(last) > 0:
+            from transformers import DynamicCache
+
+            pos = (prefix_mask.cumsum(1) - 1).clamp_min(0)  # true positions (pads: 0, masked anyway)
+            # Full layers for every layer, sliding-window ones too (a config-built cache would keep only a
+            # window's worth of a sliding layer's prefix): the model's own masks apply the window.
+            cache = DynamicCache()
+            # only the keys and values are needed: stop before the final norm (no LM head over the prefixes)
+            with Trace(get_module(model, spec.final_norm), stop=True):
+                model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=pos, use_cache=True,
+                      **{cache_kwarg(model): cache})
+            keep = prefix_mask[:, None, :, None].bool()  # zero the pads: a 0-weight NaN would still poison
+            prefix_kv = [(torch.where(keep, l.keys, 0), torch.where(keep, l.values, 0)) for l in cache.layers]
+        else:
+            prefix_mask = prefix_mask[:, :0]
+        suffix_pos = torch.tensor(last, device=device)[:, None] + torch.arange(suffix_ids.shape[1], device=device)[None]
+        # Host-side index lists, copied once. Row i = prompt + target[:-1]: in suffix coordinates the
+        # prompt's last token sits at len(row) - last - t, and the logits there and at the t - 1 following
+        # columns predict the t target tokens.
+        row_request, t_row, t_col, t_id, t_w, rw, rw_w, kl, kl_w = [], [], [], [], [], [], [], [], []
+        offset = 0
+        for r, rows in enumerate(requests):
+            n, t, n_kl = rows.n_rewrite, len(rows.target), len(rows.ids) - rows.n_rewrite
+            row_request += [r] * len(rows.ids)
+            for i in range(n):
+                start = len(rows.ids[i]) - rows.subject_last[i] - t
+                t_row += [offset + i] * t
+                t_col += range(start, start + t)
+                t_id += rows.target
+                t_w += [1.0 / t] * t
+            rw += range(offset, offset + n)
+            rw_w += [1.0 / n] * n
+            kl += range(offset + n, offset + len(rows.ids))
+            kl_w += [1.0 / n_kl] * n_kl
+            offset += len(rows.ids)
+        long = dict(dtype=torch.long, device=device)
+        flt = dict(dtype=torch.float32, device=device)
+        return cls(suffix_ids, torch.cat([prefix_mask, suffix_mask], 1), suffix_pos, prefix_kv,
+                   torch.tensor(row_request, **long), torch.tensor(t_row, **long), torch.tensor(t_col, **long),
+                   torch.tensor(t_id, **long), torch.tensor(t_w, **flt), torch.tensor(rw, **long),
+                   torch.tensor(rw_w, **flt), torch.tensor(kl, **long), torch.tensor(kl_w, **flt), len(requests))
+
+    def cache(self):
+        if self.prefix_kv is None:
+            return None
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=self.prefix_kv)
+
+    def per_request(self, values: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Σ weight x value over each request's entries: [R]."""
+        out = torch.zeros(self.n_requests, dtype=values.dtype, device=values.device)
+        return out.index_add(0, self.row_request[rows], values * weight)
+
+
+def _add_at_column0(delta: torch.Tensor, row_request: torch.Tensor):
+    """δ of each row's request added to the hidden state of the row's first suffix column (the subject's
+    last token)."""
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        first = h[:, :1] + delta[row_request].to(h.dtype)[:, None]
+        return torch.cat([first, h[:, 1:]], 1)
+
+    return edit
+
+
+def _loss_parts(batch: ValueBatch, target_logp: torch.Tensor, kl_logp: torch.Tensor, kl_init: torch.Tensor | None,
+                delta: torch.Tensor, v0_norm: torch.Tensor, hp: Any) -> LossParts:
+    # per rewriting row: the mean NLL of the target's tokens; per request: the mean over its rows
+    row_nll = torch.zeros(batch.suffix_ids.shape[0], dtype=target_logp.dtype, device=target_logp.device)
+    row_nll = row_nll.index_add(0, batch.target_row, -target_logp * batch.target_scale)[batch.rewrite_rows]
+    nll = batch.per_request(row_nll, batch.rewrite_rows, batch.rewrite_weight)
+    p_target = batch.per_request(torch.exp(-row_nll).detach(), batch.rewrite_rows, batch.rewrite_weight)
+    kl = torch.zeros_like(nll)
+    if kl_init is not None:
+        row_kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(current || initial) per KL row
+        kl = hp.kl_factor * batch.per_request(row_kl, batch.kl_rows, batch.kl_weight)
+    wd = hp.weight_decay * delta.norm(dim=-1) / v0_norm**2
+    return LossParts(nll + kl + wd, nll, kl, wd, p_target, kl_logp)
+
+
+def value_loss(model: torch.nn.Module, spec: ArchSpec, module: str, batch: ValueBatch, delta: torch.Tensor,
+               v0_norm: torch.Tensor, kl_init: torch.Tensor | None, hp: Any) -> LossParts:
+    """One step's loss, running only the suffix tokens and the LM head only where the loss looks.
+    ``module`` is where δ is added (its output, at the subject's last token); ``delta`` is [R, d]."""
+    norm = get_module(model, spec.final_norm)
+    with Trace(get_module(model, module), edit_output=_add_at_column0(delta, batch.row_request)), \
+            Trace(norm, retain_output=True, stop=True, detach=False) as out:
+        model(input_ids=batch.suffix_ids, attention_mask=batch.full_mask, position_ids=batch.suffix_pos,
+              use_cache=batch.prefix_kv is not None, **{cache_kwarg(model): batch.cache()})
+    h = out.output
+    target_logits = spec.logits(model, h[batch.target_row, batch.target_col])  # [T, vocab]
+    target_logp = torch.log_softmax(target_logits, -1).gather(-1, batch.target_id[:, None])[:, 0]
+    kl_logp = torch.log_softmax(spec.logits(model, h[batch.kl_rows, 0]), -1)
+    return _loss_parts(batch, target_logp, kl_logp, kl_init, delta, v0_norm, hp)
+
+
+def reference_loss(model: torch.nn.Module, spec: ArchSpec, module: str, rows: Rows, pad: int, delta: torch.Tensor,
+                   v0_norm: torch.Tensor, kl_init: torch.Tensor | None, hp: Any) -> LossParts:
+    """The same loss for one request the way the original computes it: the whole model over the whole
+    right-padded prompts every step, δ added at each row's subject-last token, logits everywhere."""
+    device = next(model.parameters()).device
+    ids, mask = right_pad(rows.ids, pad, device)
+    idx = torch.tensor(rows.subject_last, device=device)
+
+    def add(h: torch.Tensor) -> torch.Tensor:
+        onehot = F.one_hot(idx, h.shape[1]).to(h.dtype)[..., None]  # [rows, T, 1]
+        return h + onehot * delta[0].to(h.dtype)
+
+    with Trace(get_module(model, module), edit_output=add):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits, -1)
+    n, t = rows.n_rewrite, len(rows.target)
+    lengths = mask.sum(1)
+    target = torch.tensor(rows.target, device=device)[:, None]
+    # row i = prompt + target[:-1]: the logits at lengths[i] - t + j predict target token j
+    target_logp = torch.stack([logp[i, lengths[i] - t + torch.arange(t, device=device)].gather(-1, target)[:, 0]
+                               for i in range(n)])  # [n, t]
+    nll = (-target_logp.sum(1) / t).mean()
+    kl_logp = logp[torch.arange(n, len(rows.ids), device=device), idx[n:]]
+    kl = torch.zeros((), device=device)
+    if kl_init is not None:
+        kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+    wd = hp.weight_decay * delta[0].norm() / v0_norm[0] ** 2
+    one = lambda x: x.reshape(1)  # noqa: E731
+    return LossParts(one(nll + kl + wd), one(nll), one(kl), one(wd), one(torch.exp(target_logp.sum(1) / t).mean()),
+                     kl_logp)
+
+
+class ValueOptimisation:
+    """ROME's v* loop for one or more requests, one ``step()`` at a time (a Trainer or a plain loop drives it).
+
+    Adam (lr ``hp.lr``) on δ, zero-initialised; a request stops, as in the original, *before* stepping
+    when its loss is below ``hp.early_stop_loss`` or at the last of ``hp.steps`` iterations; after every
+    step each δ_r is clamped to ``hp.clamp_norm_factor`` x ‖v₀_r‖. One host sync per step: the losses
+    the early stop needs (the progress display reads the same numbers).
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: ArchSpec, module: str, batch: ValueBatch,
+                 v0: torch.Tensor, hp: Any) -> None:
+        self.model, self.spec, self.module, self.batch, self.hp = model, spec, module, batch, hp
+        self.v0_norm = v0.float().norm(dim=-1)  # [R]
+        self.delta = torch.zeros_like(v0, dtype=torch.float32, requires_grad=True)  # [R, d]
+        self.opt = torch.optim.Adam([self.delta], lr=float(hp.lr))
+        self.kl_init: torch.Tensor | None = None
+        self.steps, self.early_stop = int(hp.steps), float(hp.early_stop_loss)
+        self.max_norm = float(hp.clamp_norm_factor) * self.v0_norm
+        self.active = [True] * batch.n_requests
+        self.losses: list[list[float]] = [[] for _ in range(batch.n_requests)]
+        self.p_target: list[float] = [0.0] * batch.n_requests
+        self.step_index = 0
+
+    @property
+    def done(self) -> bool:
+        return not any(self.active)
+
+    def step(self) -> bool:
+        """One iteration for every active request; True once every request has finished."""
+        parts = value_loss(self.model, self.spec, self.module, self.batch, self.delta, self.v0_norm, self.kl_init, self.hp)
+        if self.kl_init is None:
+            self.kl_init = parts.kl_logp.detach()
+        totals, p_target = torch.stack([parts.total.detach(), parts.p_target]).tolist()  # the one sync
+        last = self.step_index == self.steps - 1
+        stepping = []
+        for r, active in enumerate(self.active):
+            if not active:
+                continue
+            self.losses[r].append(totals[r])
+            self.p_target[r] = p_target[r]
+            if totals[r] < self.early_stop or last:
+                self.active[r] = False
+            else:
+                stepping.append(r)
+        self.step_index += 1
+        if not stepping:
+            return True
+        frozen = None
+        if len(stepping) < len(self.active):
+            frozen = torch.tensor([r not in stepping for r in range(len(self.active))], device=self.delta.device)
+            kept = self.delta.detach().clone()
+        self.opt.zero_grad(set_to_none=True)
+        (parts.total.sum() if len(stepping) == len(self.active) else parts.total[stepping].sum()).backward()
+        self.opt.step()
+        with torch.no_grad():
+            # finished requests keep their δ (Adam's momentum would still move it); the others are clamped
+            if frozen is not None:
+                self.delta.copy_(torch.where(frozen[:, None], kept, self.delta))
+            scale = (self.max_norm / self.delta.norm(dim=-1).clamp_min(1e-30)).clamp(max=1.0)
+            self.delta.mul_(scale[:, None])
+        return False
+
+    def result(self) -> torch.Tensor:
+        """δ [R, d], detached."""
+        return self.delta.detach().clone()

@@ -1,0 +1,1 @@
+"""Evaluation: CounterFact / zsRE cases, the paper's metrics, scoring a case, retention checks and reports."""

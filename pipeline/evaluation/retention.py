@@ -1,0 +1,83 @@
+"""What an edited model still knows: perplexity on held-out text and accuracy on facts it knew.
+
+- ``heldout_texts``: the last articles of a local text file (the statistics read a file from its start, so
+  with a budget that ends before them these articles never entered C; ``texts_read`` says how far C read);
+- ``perplexity``: exp(mean next-token NLL over every token of those texts, truncated to ``max_length``);
+- ``known_facts`` / ``fact_accuracy``: of known_1000's facts, those the unedited model answers (the trace
+  stage's rule), and the share it still answers after editing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.tracing.facts import Fact
+from pipeline.core.padding import right_pad
+from pipeline.core.subject import fill_prompt
+from pipeline.tracing.trace import predicts
+
+__all__ = ["heldout_texts", "texts_read", "perplexity", "known_facts", "fact_accuracy"]
+
+
+def _lines(path: str | Path):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def heldout_texts(path: str | Path, n: int, text_field: str = "text") -> tuple[list[str], range]:
+    """The last ``n`` records' texts of a .jsonl(.gz) file and their record range."""
+    if not str(path).endswith((".jsonl", ".jsonl.gz")):
+        raise UserError(f"held-out text must come from a local .jsonl(.gz) file (data.files); got {path}")
+    records = [r.get(text_field) or "" for r in _lines(path)]
+    if n <= 0 or n >= len(records):
+        raise UserError(f"eval.heldout.articles={n} must be between 1 and {len(records) - 1} for {path}")
+    return records[-n:], range(len(records) - n, len(records))
+
+
+def texts_read(path: str | Path, tokenizer: Any, tokens: int, max_length: int, text_field: str = "text") -> int:
+    """How many records a one-shard statistics run of ``tokens`` tokens (texts truncated to ``max_length``)
+    reads from the start of ``path``."""
+    seen = 0
+    for i, rec in enumerate(_lines(path)):
+        if seen >= tokens:
+            return i
+        seen += len(tokenizer(rec.get(text_field) or "", truncation=True, max_length=max_length)["input_ids"])
+    return i + 1
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int) -> float:
+    """exp of the mean next-token negative log-likelihood over all tokens of ``texts`` (each truncated)."""
+    device = next(model.parameters()).device
+    rows = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    rows = [r for r in rows if len(r) > 1]
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for i in range(0, len(rows), batch_size):
+        ids, mask = right_pad(rows[i : i + batch_size], tokenizer.pad_token_id or 0, device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        keep = mask[:, 1:].bool()
+        total += nll[keep].double().sum()
+        count += int(keep.sum())
+    return float(torch.exp(total / count))
+
+
+def known_facts(model: nn.Module, tokenizer: Any, facts: Sequence[Fact]) -> list[Fact]:
+    """The facts the model knows, by the trace stage's rule (``tracing.predicts``: its greedy continuation,
+    as long as the answer, starts with the answer)."""
+    return [f for f in facts if predicts(model, tokenizer, fill_prompt(f.prompt, f.subject)[0], f.answer)[0]]
+
+
+def fact_accuracy(model: nn.Module, tokenizer: Any, facts: Sequence[Fact]) -> float:
+    """The share of ``facts`` the model knows."""
+    return len(known_facts(model, tokenizer, facts)) / max(1, len(facts))

@@ -1,0 +1,99 @@
+"""Score one case on the model as it is now: the paper's probabilities (or zsRE token accuracy), then
+text generated from the generation prompts for fluency (GE) and the reference score (RS).
+
+Every forward pass of a case's scoring is one batched call; generation is one batched ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import torch
+
+from pipeline.evaluation.cases import EvalCase
+from pipeline.core.generation import generate_tokens
+from pipeline.evaluation.metrics import TfIdf, counterfact_case, fluency, token_accuracy
+from pipeline.core.probability import new_and_true_probs, target_argmax
+
+__all__ = ["Generation", "References", "score_case", "generate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """How GE/RS texts are generated (``eval.generation`` in configs/config.yaml)."""
+
+    tokens: int  # new tokens per generation prompt (0: no generation, no GE)
+    top_k: int  # the paper samples top-k (k = 5); do_sample=False is greedy
+    do_sample: bool
+
+
+@dataclasses.dataclass
+class References:
+    """Reference snippets per (relation_id, target id) and the TF-IDF fitted on all of them."""
+
+    snippets: dict[tuple[str, str], list[str]]
+    tfidf: TfIdf
+
+    @classmethod
+    def build(cls, snippets: dict[tuple[str, str], list[str]]) -> "References":
+        return cls(snippets, TfIdf(t for texts in snippets.values() for t in texts))
+
+    def score(self, case: EvalCase, texts: Sequence[str]) -> float | None:
+        refs = self.snippets.get((case.relation_id, case.target_new_id))
+        if not refs:
+            return None
+        return self.tfidf.similarity(" ".join(texts), " ".join(refs))
+
+
+def _counterfact_probs(model, tok, case: EvalCase, batch_size: int) -> dict[str, dict[str, list[float]]]:
+    r = case.request
+    sets = {"prompt": ([r.text], [r.target_true]), "paraphrases": (r.paraphrases, [r.target_true] * len(r.paraphrases)),
+            "neighbours": (r.neighbours, case.neighbour_targets)}
+    return new_and_true_probs(model, tok, sets, r.target_new, batch_size)
+
+
+def _zsre_accuracy(model, tok, case: EvalCase, batch_size: int) -> dict[str, float]:
+    r = case.request
+    pairs = [(r.text, r.target_new)] + [(p, r.target_new) for p in r.paraphrases]
+    pairs += list(zip(r.neighbours, case.neighbour_targets))
+    acc = [token_accuracy(p, t) for p, t in target_argmax(model, tok, [a for a, _ in pairs], [b for _, b in pairs], batch_size)]
+    n_para = len(r.paraphrases)
+    out = {"efficacy": acc[0]}
+    if n_para:
+        out["paraphrase"] = sum(acc[1 : 1 + n_para]) / n_para
+    if len(acc) > 1 + n_para:
+        out["specificity"] = sum(acc[1 + n_para :]) / (len(acc) - 1 - n_para)
+    return out
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: Sequence[str], gen: Generation, seed: int) -> list[str]:
+    """Prompt + continuation for every prompt, in one left-padded batch; seeded (sampling is per case)."""
+    new = generate_tokens(model, tok, prompts, gen.tokens, top_k=gen.top_k if gen.do_sample else None, seed=seed)
+    return [p + tok.decode(row, skip_special_tokens=True) for p, row in zip(prompts, new)]
+
+
+def score_case(model: torch.nn.Module, tok: Any, case: EvalCase, gen: Generation, seed: int, batch_size: int,
+               refs: References | None = None) -> dict[str, Any]:
+    """{"metrics": {...}, "probs": {...} (CounterFact), "generations": [...], "timings": {"score", "generate"}}."""
+    t = time.perf_counter()
+    out: dict[str, Any] = {}
+    if case.kind == "counterfact":
+        out["probs"] = _counterfact_probs(model, tok, case, batch_size)
+        out["metrics"] = counterfact_case(out["probs"])
+    else:
+        out["metrics"] = _zsre_accuracy(model, tok, case, batch_size)
+    timings = {"score": time.perf_counter() - t}
+    if case.kind == "counterfact" and gen.tokens > 0 and case.generation_prompts:
+        t = time.perf_counter()
+        texts = generate(model, tok, case.generation_prompts, gen, seed)
+        out["generations"] = texts
+        out["metrics"]["ge"] = fluency(texts)
+        rs = refs.score(case, texts) if refs is not None else None
+        if rs is not None:
+            out["metrics"]["rs"] = rs
+        timings["generate"] = time.perf_counter() - t
+    out["timings"] = timings
+    return out

@@ -1,0 +1,87 @@
+"""The layout's arrows point down: ``pipeline/`` imports nothing of ``modules/``, ``datamodules/`` or ``recipes/``
+and has no import cycle; ``pipeline/config.py`` (the ground floor) imports nothing of the pipeline but its errors;
+no recipe imports another; nothing imports a recipe. Read from the source (every import statement, also those
+inside functions), so a lazy import cannot hide an arrow pointing up."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UPPER = ("modules", "datamodules", "recipes")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, absolute (relative imports resolved against its package)."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            out.add(base)
+            out |= {f"{base}.{a.name}" for a in node.names}  # "from pipeline.editors import rome"
+    return out
+
+
+def graph(folder: str) -> dict[str, set[str]]:
+    files = {module_name(p): p for p in (ROOT / folder).rglob("*.py")}
+    return {name: {m for m in imports(p) if m in files} | {m for m in imports(p) if m.split(".")[0] in UPPER}
+            for name, p in files.items()}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    found, state, stack = [], {}, []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_pipeline_imports_nothing_above_it():
+    upward = {m: sorted(i for i in deps if i.split(".")[0] in UPPER) for m, deps in graph("pipeline").items()}
+    assert not {m: d for m, d in upward.items() if d}
+
+
+def test_pipeline_has_no_import_cycle():
+    edges = graph("pipeline")
+    # a package's __init__ is not an edge of the modules it contains (importing pipeline.x.y runs pipeline.x)
+    assert cycles({m: {d for d in deps if d in edges and not d.startswith(m + ".")} for m, deps in edges.items()}) == []
+
+
+def test_the_config_is_the_ground_floor():
+    ours = {m for m in imports(ROOT / "pipeline" / "config.py") if m.startswith("pipeline")}
+    assert ours <= {"pipeline.errors", "pipeline.errors.UserError"}, ours
+
+
+def test_no_recipe_imports_another_and_nothing_imports_a_recipe():
+    for folder in ("pipeline", "modules", "datamodules", "recipes", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert not any(m.startswith("recipes") for m in imports(path)), path
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
