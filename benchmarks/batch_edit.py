@@ -34,7 +34,7 @@ from shapes import add_model_arguments, build_shape  # noqa: E402
 
 
 def clock(model):
-    from pipeline.editors.rome import sync
+    from pipeline.core.timing import sync
 
     sync(model)
     return time.perf_counter()

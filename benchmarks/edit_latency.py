@@ -68,11 +68,12 @@ def second_moment(args, cfg, loaded, layer):
 def reference_edit(ctx, request, hp):
     """The original's v* loop (full forward over every prompt, every step) between the same k*/v₀ and the
     same solve, apply and verification as the stage."""
+    from pipeline.core.timing import Clock
     from pipeline.editors import rome
     from pipeline.editors.value import build_rows, reference_loss
 
     result = rome.EditResult(request, ctx.layer, ctx.module, None, None, None)
-    clock = rome._Clock(ctx.model, result.timings)
+    clock = Clock(ctx.model, result.timings)
     if hp.verify.enabled:
         result.probs["pre"] = rome.measure(ctx.model, ctx.tokenizer, request, int(hp.verify.batch_size))
     clock.lap("pre")
@@ -112,6 +113,7 @@ def child(args) -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    from pipeline.core.timing import sync
     from pipeline.editors import rome
     from pipeline.core.loading import configure
     from pipeline.core.loading import load_model, resolve_dtype
@@ -142,7 +144,7 @@ def child(args) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    rome.sync(loaded.model)
+    sync(loaded.model)
     t = time.perf_counter()
     if args.method == "stage":
         from recipes.edit import edit_requests
@@ -151,12 +153,12 @@ def child(args) -> None:
     else:
         results = []
         for req in reqs:
-            rome.sync(loaded.model)
+            sync(loaded.model)
             t0 = time.perf_counter()
             results.append(reference_edit(ctx, req, cfg.edit))
-            rome.sync(loaded.model)
+            sync(loaded.model)
             results[-1].timings["wall"] = time.perf_counter() - t0
-    rome.sync(loaded.model)
+    sync(loaded.model)
     whole = time.perf_counter() - t
     out = []
     for r in results:

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 from tqdm.auto import tqdm
 
+from pipeline.core.timing import sync
 from pipeline.editors import rome
 from pipeline.editors.ledger import Ledger
 
@@ -83,7 +84,7 @@ class EditProgress(L.Callback):
         self._mark = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: ValueOptimizer) -> None:
-        rome.sync(pl_module.ctx.model)
+        sync(pl_module.ctx.model)
         self._mark = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: ValueOptimizer, *args: Any) -> None:
@@ -98,7 +99,7 @@ class EditProgress(L.Callback):
             self.bar.n = len(opt.losses[0])
             self.bar.set_postfix_str(f"loss {opt.losses[0][-1]:.3f}, P(target) {opt.p_target[0]:.3f}", refresh=True)
         if pl_module.finished is not None:
-            rome.sync(pl_module.ctx.model)
+            sync(pl_module.ctx.model)
             now = time.perf_counter()
             result.timings["wall"] = now - self._mark
             self._mark = now

@@ -1,6 +1,7 @@
 """The one place a Lightning Trainer is built from ``cfg.trainer``, with the project's quiet defaults."""
 
 from __future__ import annotations
+from pipeline.core.timing import model_device
 
 from typing import Any
 
@@ -29,7 +30,7 @@ def make_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
 def single_device_trainer(cfg: DictConfig, model: Any, callbacks: list[L.Callback]) -> L.Trainer:
     """A one-process Trainer on the device ``model`` already sits on (the edit stage's loops: the model is
     never moved, so the Trainer must run where it is), no progress bar of Lightning's own."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     cuda = device.type == "cuda"
     return make_trainer(cfg, max_epochs=1, accelerator="gpu" if cuda else "cpu", devices=[device.index or 0] if cuda else 1,
                         strategy="auto", num_nodes=1, enable_progress_bar=False, num_sanity_val_steps=0,

@@ -45,6 +45,7 @@ from pipeline.core.saving import check_destination, check_writable, save_model
 from pipeline.core.signals import check_stop, stop_requested
 from pipeline.stats.store import stats_identity
 from pipeline.editors.templates import context_templates
+from pipeline.core.timing import model_device
 
 
 class Run:
@@ -181,7 +182,7 @@ def run_batches(cfg: DictConfig, requests: list, loaded, ledger: Ledger, run: Ru
     for l, rank in memit.prepare(ctx, stats).items():
         print(f"layer {l}: null space of C has {rank} of {stats[l].second_moment.shape[0]} dimensions")
     if ctx.method == "alphaedit":
-        device = next(loaded.model.parameters()).device
+        device = model_device(loaded.model)
         ctx.preserved = {l: k.to(device) for l, k in ledger.preserved_keys().items() if l in layers}
         if ctx.preserved:
             print(f"preserving the keys of the ledger's earlier AlphaEdit batches (layers {sorted(ctx.preserved)})")
@@ -232,7 +233,7 @@ def run(cfg: DictConfig) -> list:
     todo = _todo(ledger, run_, len(requests), "request(s)")
     layer = edit_layer(cfg, loaded)
     c, stats_id = second_moment(cfg, loaded, layer)
-    solver = KeySolver(c, float(cfg.edit.ridge), next(loaded.model.parameters()).device)
+    solver = KeySolver(c, float(cfg.edit.ridge), model_device(loaded.model))
     del c
     t = time.perf_counter()
     torch.manual_seed(cfg.seed)

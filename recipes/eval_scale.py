@@ -47,6 +47,7 @@ from pipeline.evaluation.metrics import fluency
 from pipeline.evaluation.scoring import Generation, generate, score_case
 from pipeline.core.signals import check_stop
 from pipeline.editors.templates import context_templates
+from pipeline.core.timing import model_device, sync
 
 EDITORS = ("none", "rome", "memit", "alphaedit")
 
@@ -60,7 +61,7 @@ class Editor:
             raise UserError(f"eval.mode={cfg.eval.mode} runs {', '.join(EDITORS)} (and their configs); "
                             f"'{name}' is a {self.kind} method")
         model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
-        device = next(model.parameters()).device
+        device = model_device(model)
         hp = OmegaConf.merge(cfg.edit, {"generate_tokens": 0, "verify": {"enabled": False, "rollback": False}})
         self.layers: list[int] = []
         if self.kind == "rome":
@@ -215,11 +216,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         batches = [list(range(i, min(i + batch_size, len(cases)))) for i in range(0, len(cases), batch_size)]
         bar = tqdm(batches, desc=f"{name}: batches of {batch_size}", dynamic_ncols=True)
         for b, idx in enumerate(bar):
-            rome.sync(loaded.model)
+            sync(loaded.model)
             t = time.perf_counter()
             for k, v in editor.edit([requests[i] for i in idx]).items():
                 timings[k] = timings.get(k, 0.0) + v
-            rome.sync(loaded.model)
+            sync(loaded.model)
             seconds += time.perf_counter() - t
             stop(name, b + 1, len(batches))
             every = int(cfg.eval.eval_every)

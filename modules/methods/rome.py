@@ -18,6 +18,7 @@ from pipeline.editors import rome
 from pipeline.editors.rank_one import KeySolver
 
 from .base import Method, register
+from pipeline.core.timing import model_device
 
 
 @register("rome")
@@ -39,7 +40,7 @@ class Rome(Method):
         """Built on first use, on the device the model is on by then (a DDP rank's), with C factorised once."""
         if self._context is None:
             loaded = ctx.loaded
-            solver = KeySolver(self._c, float(self.hp.ridge), next(loaded.model.parameters()).device)
+            solver = KeySolver(self._c, float(self.hp.ridge), model_device(loaded.model))
             self._context = rome.EditContext(loaded.model, loaded.tokenizer, loaded.spec, int(self.hp.layer), self.templates,
                                              solver, self.hp, self.stats_id)
         return self._context

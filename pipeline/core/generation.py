@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from pipeline.core.timing import model_device
 
 __all__ = ["generate_tokens"]
 
@@ -32,7 +33,7 @@ def generate_tokens(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[st
         enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     finally:
         tokenizer.padding_side = side
-    enc = enc.to(next(model.parameters()).device)
+    enc = enc.to(model_device(model))
     if seed is not None:
         torch.manual_seed(seed)
     neutral = dict(repetition_penalty=1.0, no_repeat_ngram_size=0)

@@ -9,6 +9,7 @@ import torch
 
 from pipeline.core.generation import generate_tokens
 from pipeline.core.padding import right_pad
+from pipeline.core.timing import model_device
 
 __all__ = ["target_log_probs", "target_probs", "target_argmax", "greedy_continuation", "target_token_ids", "new_and_true_probs"]
 
@@ -22,7 +23,7 @@ def _teacher_forced(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[st
                     batch_size: int):
     """For each (prompt, target): log-probabilities [n, vocab] at the positions predicting the n tokens of
     " " + target, and those tokens; batched, right-padded."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     for i in range(0, len(prompts), batch_size):
         rows, spans = [], []
         for p, t in zip(prompts[i : i + batch_size], targets[i : i + batch_size]):

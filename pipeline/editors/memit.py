@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from typing import Any, Sequence
 
 import torch
@@ -39,10 +38,10 @@ from pipeline.core.hooks import Trace, get_module
 from pipeline.core.padding import right_pad
 from pipeline.editors.rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
 from pipeline.core.requests import EditRequest
-from pipeline.editors.rome import sync
 from pipeline.stats.second_moment import LayerStats
 from pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
 from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows, subject_rows
+from pipeline.core.timing import Clock, model_device
 
 __all__ = ["BatchContext", "BatchResult", "batch_edit", "begin_batch", "finish_batch", "BatchState", "write_targets",
            "subject_states", "PromptRows", "target_optimisation", "memit_right",
@@ -79,7 +78,7 @@ class BatchContext:
 def prepare(ctx: BatchContext, stats: dict[int, LayerStats]) -> dict[int, int]:
     """Factorise each layer's C once for the run (``ctx.solvers``) and, for AlphaEdit, build the null-space
     projectors from C's cached eigendecomposition (``ctx.projectors``); returns each projector's rank."""
-    device = next(ctx.model.parameters()).device
+    device = model_device(ctx.model)
     ranks = {}
     for l in ctx.layers:
         ctx.solvers[l] = KeySolver(stats[l].second_moment, float(ctx.hp.ridge), device)
@@ -129,7 +128,7 @@ def subject_states(ctx: BatchContext, prompts: PromptRows, key_layers: Sequence[
     ``key_layers`` ({layer: [n, d_ff]}) and the block output of ``out_layer`` ([n, d_model]); float32.
     Passes of at most ``hp.memit.rows_per_pass`` rows, each stopped after the deepest module it needs."""
     model, tok, spec = ctx.model, ctx.tokenizer, ctx.spec
-    device = next(model.parameters()).device
+    device = model_device(model)
     rows, owner, n = prompts.rows, prompts.owner, prompts.n_requests
     keys = {l: torch.zeros(n, spec.key_size(model, l), device=device) for l in key_layers}
     out = None
@@ -199,12 +198,11 @@ class BatchState:
 
 def begin_batch(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchState:
     """Read h̄ at the last layer for every request and set up their δ optimisation (one batch of rows)."""
-    sync(ctx.model)
-    t = time.perf_counter()
+    clock = Clock(ctx.model)
     _, h0 = subject_states(ctx, PromptRows.build(ctx, requests), [], ctx.layers[-1])
     opt = target_optimisation(ctx, requests, h0)
-    sync(ctx.model)
-    return BatchState(list(requests), h0, opt, {"keys": time.perf_counter() - t})
+    clock.lap("keys")
+    return BatchState(list(requests), h0, opt, clock.timings)
 
 
 def finish_batch(ctx: BatchContext, state: BatchState) -> BatchResult:
@@ -219,12 +217,11 @@ def finish_batch(ctx: BatchContext, state: BatchState) -> BatchResult:
 def batch_edit(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchResult:
     """One batch: z for every request, then one low-rank update per layer, written into the model in place."""
     state = begin_batch(ctx, requests)
-    t = time.perf_counter()
+    clock = Clock(ctx.model, state.timings)
     with torch.enable_grad():
         while not state.optimisation.step():
             pass
-    sync(ctx.model)
-    state.timings["v_star"] = time.perf_counter() - t
+    clock.lap("v_star")
     return finish_batch(ctx, state)
 
 
@@ -232,15 +229,8 @@ def write_targets(ctx: BatchContext, requests: Sequence[EditRequest], z: torch.T
     """Spread z − h̄ over the layer set, ascending, one low-rank update per layer written in place."""
     model, spec, hp, layers = ctx.model, ctx.spec, ctx.hp, ctx.layers
     timings = {"keys": 0.0, "solve": 0.0}
-
-    def lap(name: str, since: float) -> float:
-        sync(model)
-        now = time.perf_counter()
-        timings[name] += now - since
-        return now
-
+    clock = Clock(model, timings)
     z = z.double()
-    t = time.perf_counter()
     prompts = PromptRows.build(ctx, requests)
     updates, norms, residual = {}, {}, []
     for i, layer in enumerate(layers):
@@ -249,7 +239,7 @@ def write_targets(ctx: BatchContext, requests: Sequence[EditRequest], z: torch.T
         r = (z - h_now.double()).T  # [d_model, n]
         residual.append(float(r.norm(dim=0).mean()))
         share = r / (len(layers) - i)  # this layer's share of what is still missing
-        t = lap("keys", t)
+        clock.lap("keys")
         if ctx.method == "memit":
             right = memit_right(k, ctx.solvers[layer], float(hp.memit.mom2_update_weight))
         else:
@@ -260,7 +250,7 @@ def write_targets(ctx: BatchContext, requests: Sequence[EditRequest], z: torch.T
         apply_low_rank(weight, update, spec.down_proj_conv1d)
         updates[layer] = update
         norms[layer] = {"delta_w": update.norm(), "w": norm_w, "relative_update": update.norm() / norm_w}
-        t = lap("solve", t)
+        clock.lap("solve")
     keys, h_end = subject_states(ctx, prompts, layers, layers[-1])  # the final model's keys: AlphaEdit keeps them
     residual.append(float((z - h_end.double()).norm(dim=-1).mean()))
     final_keys = {l: k.double().T for l, k in keys.items()}
@@ -268,5 +258,5 @@ def write_targets(ctx: BatchContext, requests: Sequence[EditRequest], z: torch.T
         for l, k in final_keys.items():
             add = k @ k.T
             ctx.preserved[l] = add if l not in ctx.preserved else ctx.preserved[l] + add
-    lap("keys", t)
+    clock.lap("keys")
     return BatchResult(list(requests), list(layers), updates, final_keys, z.float(), [], [], residual, norms, timings)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from typing import Any, Callable, Mapping
 
 import torch
@@ -37,17 +36,11 @@ from pipeline.core.probability import greedy_continuation, new_and_true_probs
 from pipeline.editors.rank_one import KeySolver, RankOne, apply_rank_one, frobenius_norm, rank_one_update, update_norm
 from pipeline.core.requests import EditRequest, request_from_record
 from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows, subject_rows
+from pipeline.core.timing import Clock, model_device
 
 __all__ = ["EditContext", "EditResult", "edit", "begin", "apply_edit", "verify_edit", "key_and_value", "keys_and_values",
            "KEY_VARIANTS", "measure",
-           "verification_problems", "sync", "edit_in_context", "optimise"]
-
-
-def sync(model: nn.Module) -> None:
-    """Wait for the model's device, so that a host clock read after it measures finished work."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+           "verification_problems", "edit_in_context", "optimise"]
 
 
 @dataclasses.dataclass
@@ -98,21 +91,6 @@ class EditResult:
         self.delta, self.losses, self.p_target = opt.result()[0], opt.losses[0], opt.p_target[0]
 
 
-class _Clock:
-    """Phase timings: the device is synchronised before every reading, so each phase owns its work."""
-
-    def __init__(self, model: nn.Module, timings: dict[str, float]) -> None:
-        self.model, self.timings = model, timings
-        sync(model)
-        self.t = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        sync(self.model)
-        now = time.perf_counter()
-        self.timings[name] = self.timings.get(name, 0.0) + now - self.t
-        self.t = now
-
-
 # ---------------------------------------------------------------------------------------------- keys
 
 
@@ -129,7 +107,7 @@ def keys_and_values(model: nn.Module, tokenizer: Any, spec: ArchSpec, layer: int
                     subject: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The down-projection's input and output at the subject's last token under every template ([templates,
     d_ff] and [templates, d_model], float32): one batched pass in the model's dtype that stops after the layer."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     rows = subject_rows(tokenizer, [t.replace("{}", prompt) for t in templates], subject)
     ids, mask = right_pad([r for r, _ in rows], tokenizer.pad_token_id or 0, device)
     with Trace(get_module(model, spec.down_proj_name(layer)), retain_input=True, retain_output=True, stop=True) as t:
@@ -203,7 +181,7 @@ def begin(ctx: EditContext, request: EditRequest) -> EditResult:
     stands in for it (recorded as ``true_from_model``), so an edit that leaves the old answer in place fails."""
     model, tok, hp = ctx.model, ctx.tokenizer, ctx.hp
     timings: dict[str, float] = {}
-    clock = _Clock(model, timings)
+    clock = Clock(model, timings)
     probs, generations, true_from_model = {}, {}, False
     if hp.verify.enabled and request.target_true is None:
         answer = model_answer(model, tok, request.text, int(hp.verify.answer_tokens))
@@ -226,7 +204,7 @@ def begin(ctx: EditContext, request: EditRequest) -> EditResult:
 
 def optimise(result: EditResult, on_step: Callable[[EditResult], None] | None = None) -> None:
     """Run the v* optimisation to its end (the plain loop; the edit stage's Trainer drives ``step`` itself)."""
-    clock = _Clock(result.optimisation.model, result.timings)
+    clock = Clock(result.optimisation.model, result.timings)
     while not result.optimisation.step():
         if on_step is not None:
             on_step(result)
@@ -236,7 +214,7 @@ def optimise(result: EditResult, on_step: Callable[[EditResult], None] | None = 
 
 def apply_edit(ctx: EditContext, result: EditResult) -> None:
     """Solve Λ (C⁻¹k*)ᵀ in float64 and add it to the down-projection in place, in its own orientation."""
-    clock = _Clock(ctx.model, result.timings)
+    clock = Clock(ctx.model, result.timings)
     weight = ctx.spec.down_proj_weight(ctx.model, ctx.layer)
     bias = getattr(get_module(ctx.model, ctx.module), "bias", None)
     v_star = result.v0.double() + result.delta.double()  # what the layer should output at k*
@@ -259,7 +237,7 @@ def apply_edit(ctx: EditContext, result: EditResult) -> None:
 def verify_edit(ctx: EditContext, result: EditResult) -> None:
     """Measure the edited model; roll the edit back (``edit.verify.rollback``) when a check fails."""
     model, tok, hp = ctx.model, ctx.tokenizer, ctx.hp
-    clock = _Clock(model, result.timings)
+    clock = Clock(model, result.timings)
     if hp.verify.enabled:
         result.probs["post"] = measure(model, tok, result.request, int(hp.verify.batch_size))
     if int(hp.generate_tokens):
@@ -312,12 +290,12 @@ def edit(model: nn.Module, tokenizer: Any, request: EditRequest | Mapping[str, A
     spec.check_layer(model, layer, "layer")
     timings: dict[str, float] = {}
     if templates is None:
-        clock = _Clock(model, timings)
+        clock = Clock(model, timings)
         torch.manual_seed(seed)
         templates = context_templates(model, tokenizer, None, hp.templates, None, seed=seed)
         clock.lap("templates")
     solver = second_moment if isinstance(second_moment, KeySolver) else \
-        KeySolver(second_moment, float(hp.ridge), next(model.parameters()).device)
+        KeySolver(second_moment, float(hp.ridge), model_device(model))
     result = edit_in_context(EditContext(model, tokenizer, spec, layer, templates, solver, hp), request, on_step)
     result.timings = {**timings, **result.timings}
     return result

@@ -31,6 +31,7 @@ from pipeline.core.hooks import Trace, get_module
 from pipeline.core.padding import left_pad, right_pad
 from pipeline.core.probability import target_token_ids
 from pipeline.core.subject import fill_prompt, subject_token_range
+from pipeline.core.timing import model_device
 
 __all__ = ["Rows", "build_rows", "subject_rows", "ValueBatch", "value_loss", "reference_loss", "LossParts",
            "ValueOptimisation"]
@@ -100,7 +101,7 @@ class ValueBatch:
     @classmethod
     @torch.no_grad()
     def build(cls, model: torch.nn.Module, spec: ArchSpec, requests: Sequence[Rows], pad: int) -> "ValueBatch":
-        device = next(model.parameters()).device
+        device = model_device(model)
         ids = [r for rows in requests for r in rows.ids]
         last = [s for rows in requests for s in rows.subject_last]
         # The prefixes are left-padded and the suffixes right-padded, so that each row's real tokens sit in
@@ -208,7 +209,7 @@ def reference_loss(model: torch.nn.Module, spec: ArchSpec, module: str, rows: Ro
                    v0_norm: torch.Tensor, kl_init: torch.Tensor | None, hp: Any) -> LossParts:
     """The same loss for one request the way the original computes it: the whole model over the whole
     right-padded prompts every step, δ added at each row's subject-last token, logits everywhere."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids, mask = right_pad(rows.ids, pad, device)
     idx = torch.tensor(rows.subject_last, device=device)
 

@@ -22,6 +22,7 @@ from pipeline.tracing.facts import Fact
 from pipeline.core.padding import right_pad
 from pipeline.core.subject import fill_prompt
 from pipeline.tracing.trace import predicts
+from pipeline.core.timing import model_device
 
 __all__ = ["heldout_texts", "texts_read", "perplexity", "known_facts", "fact_accuracy"]
 
@@ -58,7 +59,7 @@ def texts_read(path: str | Path, tokenizer: Any, tokens: int, max_length: int, t
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int) -> float:
     """exp of the mean next-token negative log-likelihood over all tokens of ``texts`` (each truncated)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     rows = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     rows = [r for r in rows if len(r) > 1]
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0

@@ -40,6 +40,7 @@ from pipeline.errors import UserError
 from pipeline.core.hooks import Trace, TraceDict, get_module
 from pipeline.core.padding import right_pad
 from pipeline.core.subject import fill_prompt, subject_token_range
+from pipeline.core.timing import model_device
 
 __all__ = [
     "KINDS", "BUCKETS", "FactPrompt", "TraceResult", "make_prompt", "answer_tokens", "greedy_tokens",
@@ -223,7 +224,7 @@ class TraceResult:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return model_device(model)
 
 
 def _answer_prob(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
