@@ -37,7 +37,7 @@ def usage() -> str:
         lines.append(f"  {key + ('.*' if not value else ''):<14} {comment}")
     lines.append(f"  {'method.*':<14} eval methods, one file each in configs/method/ (method.ft_l.lr=1e-4)")
     lines += ["", f"Every key and its default, with a comment: {CONFIG_DIR / 'config.yaml'}; per-model defaults in "
-              "configs/model/; the README explains each stage.", "print_config=true prints the composed configuration "
+              "configs/model/; docs/ explains each stage.", "print_config=true prints the composed configuration "
               "and exits."]
     return "\n".join(lines)
 
@@ -55,8 +55,6 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*`training_step` returned `None`.*")
-    warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`.*")  # Adam is the pipeline's
     warnings.filterwarnings("ignore", message=".*`past_key_values` is deprecated.*")  # the prefix KV cache we pass
     from transformers.utils import logging as hf_logging
 

@@ -8,9 +8,10 @@ Measured (outer wall clocks, device synchronised), each from the clean model:
 1. batched v*:  the δ of all requests optimised together (``ValueOptimisation`` over every request's rows,
                 MEMIT's z at the last layer of the set), one forward and backward per step;
 2. one at a time: the same optimisation for each request alone (what the originals do), same δ expected;
-3. memit:       ``memit.batch_edit`` of all requests (z, then one solve per layer) -> edits/s;
+3. memit:       the MEMIT editor on all requests as one batch (z, then one solve per layer) -> edits/s;
 4. alphaedit:   the same with the null-space projection;
-5. rome:        ``rome.edit_in_context`` for each request in turn (edits accumulate) -> edits/s.
+5. rome:        the ROME editor on each request in turn (edits accumulate) -> edits/s.
+Every editor comes from ``build_editor``, the factory every stage uses.
 ``--shape`` models are randomly initialised at the real size directly on the device (timing only), with a
 random SPD C per layer; the real model uses C from the statistics cache (50k Wikipedia-sample tokens).
 """
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from edit_latency import COUNTERFACT, WIKI  # noqa: E402
-from shapes import add_model_arguments, build_shape  # noqa: E402
+from shapes import add_model_arguments, build_shape, statistics_for  # noqa: E402
 
 
 def clock(model):
@@ -38,6 +39,13 @@ def clock(model):
 
     sync(model)
     return time.perf_counter()
+
+
+def _with_method(cfg, method: str):
+    """The run's configuration with ``edit.method`` set (one factory call per method)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(cfg, {"edit": {"method": method}})
 
 
 def main() -> None:
@@ -51,17 +59,12 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from pipeline.editors import memit
-    from pipeline.editors import rome
-    from pipeline.core.loading import configure
-    from pipeline.core.loading import load_model, resolve_dtype
-    from pipeline.editors.rank_one import KeySolver
-    from pipeline.stats.spectrum import eigendecomposition, null_space_projector
+    from pipeline.core.loading import configure, load_model, resolve_dtype
     from pipeline.core.requests import parse_requests
-    from pipeline.editors.templates import context_templates
+    from pipeline.editors.factory import build_editor
 
     overrides = [f"data.files={WIKI}", "stats.tokens=50000", "edit.generate_tokens=0", "edit.verify.enabled=false",
-                 "trainer.accelerator=cpu"]
+                 "trainer.accelerator=cpu", f"edit.batch_size={args.requests}"]
     if args.shape:
         loaded, _ = build_shape(args.shape, args.device, resolve_dtype(args.dtype), args.num_layers)
         cfg = configure(["model.name=llama" if "llama" in args.shape else "model.name=EleutherAI/gpt-j-6b", *overrides])
@@ -69,19 +72,10 @@ def main() -> None:
         cfg = configure([f"model.name={args.model}", *overrides])
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     layers, layer = list(cfg.edit.layers), int(cfg.edit.layer)
-    model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
-    if args.shape:
-        g = torch.Generator(device=args.device).manual_seed(0)
-        d = spec.key_size(model, layers[0])
-        a = torch.randn(d, 2 * d, generator=g, device=args.device)
-        c = {l: (a @ a.T / (2 * d)).double() for l in sorted({*layers, layer})}
-    else:
-        from modules.statistics import collect
-
-        c = {l: s.second_moment for l, s in collect(cfg, loaded, sorted({*layers, layer})).items()}
+    model, spec = loaded.model, loaded.spec
+    statistics = statistics_for(args, cfg, loaded)
+    statistics(sorted({*layers, layer}))  # one pass (or one random C) for every layer, before any clock
     requests = parse_requests(json.loads(COUNTERFACT.read_text())[: args.requests])
-    memit_templates = context_templates(model, tok, None, cfg.edit.memit.templates, None, seed=0)
-    rome_templates = context_templates(model, tok, None, cfg.edit.templates, None, seed=0)
     edited = sorted({*layers, layer})
     clean = {l: spec.down_proj_weight(model, l).detach().clone() for l in edited}
 
@@ -90,25 +84,18 @@ def main() -> None:
             for l in edited:
                 spec.down_proj_weight(model, l).copy_(clean[l])
 
-    def batch_ctx(method):
-        ctx = memit.BatchContext(model, tok, spec, method, layers, memit_templates, cfg.edit)
-        for l in layers:
-            ctx.solvers[l] = KeySolver(c[l], 0.0, args.device)
-            if method == "alphaedit":
-                values, vectors = eigendecomposition(c[l], args.device)
-                ctx.projectors[l] = null_space_projector(values, vectors, float(cfg.edit.alphaedit.nullspace_threshold))[0].to(args.device)
-        return ctx
+    def editor(method):
+        return build_editor(_with_method(cfg, method), loaded, statistics=statistics)
 
     n, rows = len(requests), {}
-    ctx = batch_ctx("memit")
+    memit = editor("memit")
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     # 1. batched v*
     t = clock(model)
-    state = memit.begin_batch(ctx, requests)
-    with torch.enable_grad():
-        while not state.optimisation.step():
-            pass
+    state = memit.begin(requests)
+    while not memit.step(state):
+        pass
     together = state.optimisation.result()
     rows["batched v*"] = clock(model) - t
     # 2. one request at a time
@@ -116,10 +103,9 @@ def main() -> None:
         t = clock(model)
         alone = []
         for r in requests:
-            one = memit.begin_batch(ctx, [r])
-            with torch.enable_grad():
-                while not one.optimisation.step():
-                    pass
+            one = memit.begin([r])
+            while not memit.step(one):
+                pass
             alone.append(one.optimisation.result()[0])
         rows["v* one at a time"] = clock(model) - t
         diff = float((torch.stack(alone) - together).norm(dim=-1).max() / together.norm(dim=-1).max())
@@ -129,15 +115,15 @@ def main() -> None:
         if method in skip:
             continue
         restore()
+        batch_editor = editor(method)  # built (C factorised, P projected) outside the clock
         t = clock(model)
-        results[method] = memit.batch_edit(batch_ctx(method), requests)
+        (results[method],) = batch_editor.edit(requests)
         rows[method] = clock(model) - t
     if "rome" not in skip:
         restore()
-        rctx = rome.EditContext(model, tok, spec, layer, rome_templates, KeySolver(c[layer], 0.0, args.device), cfg.edit)
+        rome = editor("rome")
         t = clock(model)
-        for r in requests:
-            rome.edit_in_context(rctx, r)
+        rome.edit(requests)
         rows["rome, one at a time"] = clock(model) - t
     restore()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
@@ -154,7 +140,7 @@ def main() -> None:
         print(f"memit: {rows['rome, one at a time'] / rows['memit']:.2f}x the edits/s of one-at-a-time ROME")
     for method, res in results.items():
         print(f"{method}: timings {json.dumps({k: round(v, 2) for k, v in res.timings.items()})}; residual "
-              f"{res.residual[0]:.2f} -> {res.residual[-1]:.2f}")
+              f"{res.result.residual[0]:.2f} -> {res.result.residual[-1]:.2f}")
     if args.device.startswith("cuda"):
         weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (weights {weights:.2f} GiB)")

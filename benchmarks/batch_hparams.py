@@ -45,23 +45,22 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     from omegaconf import OmegaConf
 
-    from modules.statistics import collect
+    from modules.statistics import layer_statistics
+    from pipeline.core.loading import configure, load_model
     from pipeline.editors import memit
-    from pipeline.core.loading import configure
+    from pipeline.editors.factory import build_editor
     from pipeline.evaluation.cases import load_cases
-    from pipeline.core.loading import load_model
     from pipeline.evaluation.scoring import Generation, score_case
-    from pipeline.editors.templates import context_templates
 
     cfg = configure([f"model.name={args.model}", f"data.files={WIKI}", f"stats.tokens={args.stats_tokens}",
                    "trainer.accelerator=cpu"])
     loaded = load_model(args.model, device="cpu")
     model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
     layers = list(cfg.edit.layers)
-    stats = collect(cfg, loaded, layers)
+    statistics = layer_statistics(cfg, loaded)
+    stats = statistics(layers)
     cases, _ = load_cases(str(COUNTERFACT), args.requests, args.start)
     requests = [c.request for c in cases]
-    templates = context_templates(model, tok, loaded.identity, cfg.edit.memit.templates, None, seed=int(cfg.seed))
     clean = {l: spec.down_proj_weight(model, l).detach().clone() for l in layers}
 
     def restore() -> None:
@@ -74,13 +73,14 @@ def main() -> None:
         m = [score_case(model, tok, c, no_text, 0, 32)["metrics"] for c in cases]
         return {k: 100 * sum(x[k] for x in m) / len(m) for k in ("es", "ps", "ns")}
 
-    ctx = memit.BatchContext(model, tok, spec, "memit", layers, templates, cfg.edit)
-    memit.prepare(ctx, stats)
+    def editor(method: str, hp: dict):
+        return build_editor(OmegaConf.merge(cfg, {"edit": {"method": method, **hp}}), loaded, statistics=statistics)
+
+    ctx = editor("memit", {})
     t = time.perf_counter()
-    state = memit.begin_batch(ctx, requests)
-    with torch.enable_grad():
-        while not state.optimisation.step():
-            pass
+    state = ctx.begin(requests)
+    while not ctx.step(state):
+        pass
     z = state.h0 + state.optimisation.result()
     print(f"{args.model}, layers {layers}, {len(requests)} CounterFact requests from record {args.start}; "
           f"z optimised once in {time.perf_counter() - t:.0f} s (mean final P(target) "
@@ -95,9 +95,8 @@ def main() -> None:
                  for th in args.thresholds.split(",") for a in args.l2.split(",")]
     for method, hp in settings:
         restore()
-        run = memit.BatchContext(model, tok, spec, method, layers, templates, OmegaConf.merge(cfg.edit, hp))
-        run.solvers = ctx.solvers  # C's factorisation does not depend on the setting
-        ranks = memit.prepare(run, stats) if method == "alphaedit" else {}
+        run = editor(method, hp)
+        ranks = run.null_space_ranks
         result = memit.write_targets(run, requests, z)
         s = scores()
         left = result.residual[-1] / result.residual[0]

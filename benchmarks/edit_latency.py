@@ -7,17 +7,18 @@
 Each method runs in its own process (its peak memory is its own), edits the requests one after another
 (sequentially, as a user's run does) and reports, per edit, the outer wall time (device synchronised) and
 every phase:
-- stage:     the edit stage's own loop (``recipes.edit.edit_requests``: one Trainer, one fit, the callbacks
+- stage:     the edit stage's own loop (``modules.edit_loop.fit_edits``: one Trainer, one fit, the callbacks
              apply / verify), k* and v* with the prefix KV cache, suffix-only steps, LM head at loss positions.
-             Its outer wall per edit is measured by the stage's EditProgress callback from the end of the
-             previous edit (or the start of the fit) to the end of this one, so nothing the framework does
+             Its outer wall per edit is measured by the loop module from the end of the previous edit (or the
+             start of the fit) to the end of this one, after every callback, so nothing the framework does
              between edits is left out; the whole call (Trainer construction included) is reported too.
 - reference: the same edit with the v* loop the original runs: the whole model over all prompts for every
              optimisation step, logits over every position (k*, v₀, solve, apply and verification are the
              same code). Its outer wall is a clock around the whole edit.
 ``--shape gptj-6b|llama3-8b`` builds a randomly initialised model of that architecture's real size directly
 on the device, with the embedded SmolLM2 tokenizer: those numbers are **timing only** (the outcomes of a
-random model mean nothing). Model load, statistics and context templates are outside the edits.
+random model mean nothing). Model load, statistics and context templates (``build_editor``, the factory
+every stage uses) are outside the edits.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower
           "target_true": "Paris"}
 PHASES = ["pre", "keys", "v_star", "solve", "apply", "verify"]
 
-from shapes import add_model_arguments, build_shape  # noqa: E402  (one place for the random real-size models)
+from shapes import add_model_arguments, build_shape, statistics_for  # noqa: E402  (one place for the random real-size models)
 
 
 def requests(n: int):
@@ -52,25 +53,13 @@ def requests(n: int):
     return parse_requests([EIFFEL] + json.loads(COUNTERFACT.read_text())[: n - 1])
 
 
-def second_moment(args, cfg, loaded, layer):
-    if args.cov == "identity":
-        return None
-    if args.cov == "random":  # an SPD matrix of the real size (timing only)
-        d = loaded.spec.key_size(loaded.model, layer)
-        g = torch.Generator(device=args.device).manual_seed(0)
-        a = torch.randn(d, 2 * d, generator=g, device=args.device, dtype=torch.float32)
-        return (a @ a.T / (2 * d)).double()
-    from modules.statistics import collect
-
-    return collect(cfg, loaded, [layer])[layer].second_moment
-
-
 def reference_edit(ctx, request, hp):
     """The original's v* loop (full forward over every prompt, every step) between the same k*/v₀ and the
     same solve, apply and verification as the stage."""
     from pipeline.core.timing import Clock
     from pipeline.editors import rome
-    from pipeline.editors.value import build_rows, reference_loss
+    from pipeline.editors.reference import reference_loss
+    from pipeline.editors.value import build_rows
 
     result = rome.EditResult(request, ctx.layer, ctx.module, None, None, None)
     clock = Clock(ctx.model, result.timings)
@@ -113,33 +102,26 @@ def child(args) -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    from pipeline.core.timing import sync
-    from pipeline.editors import rome
-    from pipeline.core.loading import configure
-    from pipeline.core.loading import load_model, resolve_dtype
-    from pipeline.editors.rank_one import KeySolver
-    from pipeline.editors.templates import context_templates
+    from modules.edit_loop import fit_edits
+    from pipeline.core.loading import configure, load_model, resolve_dtype
+    from pipeline.core.timing import Clock, sync
+    from pipeline.editors.factory import build_editor
 
     dtype = resolve_dtype(args.dtype)
     overrides = [f"data.files={WIKI}", "stats.tokens=50000", "edit.generate_tokens=0", f"edit.v.steps={args.steps}",
+                 "edit.method=rome", f"edit.mom2_adjustment={args.cov != 'identity'}",
                  "trainer.accelerator=cpu" if args.device == "cpu" else "trainer.accelerator=gpu"]
     if args.shape:
         loaded, layer = build_shape(args.shape, args.device, dtype, args.num_layers)
-        cfg = configure(overrides)
+        cfg = configure([*overrides, f"edit.layer={args.layer if args.layer is not None else layer}"])
     else:
-        cfg = configure([f"model.name={args.model}", *overrides])
+        cfg = configure([f"model.name={args.model}", *overrides] + ([f"edit.layer={args.layer}"] if args.layer else []))
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-        layer = int(cfg.edit.layer)
-    layer = args.layer if args.layer is not None else layer
-    c = second_moment(args, cfg, loaded, layer)
-    solver = KeySolver(c, 0.0, args.device)
-    del c
-    t = time.perf_counter()
-    templates = context_templates(loaded.model, loaded.tokenizer, None, cfg.edit.templates, None, seed=0)
-    t_templates = time.perf_counter() - t
+    clock = Clock(loaded.model)
+    ctx = build_editor(cfg, loaded, statistics=statistics_for(args, cfg, loaded))  # C factorised, templates sampled
+    t_templates = clock.lap("editor")
     reqs = requests(args.cases)
     weights_gb = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**30
-    ctx = rome.EditContext(loaded.model, loaded.tokenizer, loaded.spec, layer, templates, solver, cfg.edit)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -147,9 +129,7 @@ def child(args) -> None:
     sync(loaded.model)
     t = time.perf_counter()
     if args.method == "stage":
-        from recipes.edit import edit_requests
-
-        results = edit_requests(ctx, reqs, None, loaded.identity, cfg, progress=False)
+        results = fit_edits(ctx, reqs, cfg, progress=False)
     else:
         results = []
         for req in reqs:
@@ -213,7 +193,7 @@ def main() -> None:
         gpu = f", peak GPU {res['peak_gpu_gib']:.2f} GiB (weights {res['weights_gib']:.2f} GiB)" if res["peak_gpu_gib"] else ""
         print(f"{method}: {means[method]:.3f} s/edit outer wall; whole call {res['whole_call_s']:.2f} s "
               f"= {res['whole_call_s'] / len(rs):.3f} s/edit; peak RSS {res['peak_rss_gib']:.2f} GiB{gpu}; "
-              f"templates {res['templates_s']:.2f} s (once, outside)")
+              f"editor build (C factorised, templates) {res['templates_s']:.2f} s (once, outside)")
     if {"stage", "reference"} <= set(out):
         a, b = out["stage"]["results"], out["reference"]["results"]
         same = sum(x["success"] == y["success"] for x, y in zip(a, b))

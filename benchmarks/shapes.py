@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-__all__ = ["SHAPES", "build_shape", "add_model_arguments"]
+__all__ = ["SHAPES", "build_shape", "add_model_arguments", "statistics_for"]
 
 SHAPES = {  # family, config, the layer the benchmarks edit / collect statistics for
     "gptj-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_positions=2048, vocab_size=50400,
@@ -47,3 +47,36 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="embedded key, local directory or hub id")
     p.add_argument("--shape", choices=sorted(SHAPES), help="a random model of this real shape (timing only)")
     p.add_argument("--num-layers", type=int, help="with --shape: fewer blocks (a smoke run, not a measurement)")
+
+
+def statistics_for(args: argparse.Namespace, cfg, loaded):
+    """The statistics provider a benchmark builds its editors with: for a ``--shape`` model a random SPD C of
+    the real size per layer (timing only; written to a temporary directory, so AlphaEdit's cached
+    eigendecomposition has a file to sit beside), else C from the statistics cache (computed when missing)."""
+    if not getattr(args, "shape", None):
+        from modules.statistics import layer_statistics
+
+        return layer_statistics(cfg, loaded)
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from pipeline.stats.store import LayerStats
+
+    where = Path(tempfile.mkdtemp(prefix="random-spd-"))
+    made: dict[int, LayerStats] = {}
+
+    def random_spd(layers):
+        for layer in layers:
+            if layer not in made:
+                d = loaded.spec.key_size(loaded.model, layer)
+                g = torch.Generator(device=args.device).manual_seed(layer)
+                a = torch.randn(d, 2 * d, generator=g, device=args.device, dtype=torch.float32)
+                c = (a @ a.T / (2 * d)).double()
+                path = where / f"layer_{layer}.safetensors"
+                save_file({"second_moment": c.cpu().contiguous()}, str(path))
+                made[layer] = LayerStats(layer, loaded.spec.down_proj_name(layer), c, 2 * d, path)
+        return {layer: made[layer] for layer in layers}
+
+    return random_spd

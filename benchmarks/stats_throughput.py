@@ -22,8 +22,8 @@ to ``--max-length`` (the last one cut to the budget), and accumulates the statis
 
 The methods run one after another in this process, ``--repeats`` times in turn (the table keeps each one's
 fastest run); C of each is compared with the stage's exact C (relative Frobenius difference). A stage row's
-seconds are the whole call (the streaming pass, then the files written with their checksums and read back,
-as an edit reads them: seconds for a 7B model's 2 GB per layer); its streaming pass alone is shown beside.
+seconds are the whole call (the cache looked up, the streaming pass, then the files written with their
+checksums: seconds for a 7B model's 2 GB per layer); its streaming pass alone is shown beside.
 ``--shape gptj-6b|llama3-8b`` builds a randomly initialised model of that real size on the device with
 SmolLM2's tokenizer: **timing only**. ``--check-syncs`` (CUDA) counts the host-device syncs of the stage.
 """
@@ -35,7 +35,6 @@ import json
 import resource
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -51,17 +50,11 @@ WIKI = ROOT.parent / "shared" / "data" / "wikipedia" / "wikipedia_en_sample.json
 from shapes import add_model_arguments, build_shape  # noqa: E402
 
 from datamodules.text import ShardedTokenStream  # noqa: E402
-from pipeline.core.loading import configure  # noqa: E402
 from pipeline.core.hooks import Trace, TraceDict, get_module  # noqa: E402
-from pipeline.core.loading import load_model, resolve_dtype  # noqa: E402
+from pipeline.core.loading import configure, load_model, resolve_dtype  # noqa: E402
+from pipeline.core.timing import Clock  # noqa: E402
 from pipeline.stats.store import batch_tokens as resolve_batch_tokens  # noqa: E402
 from pipeline.stats.text import TextSource, tokenize_window  # noqa: E402
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
 
 # -- the texts every method reads -------------------------------------------------------------------------
 
@@ -136,8 +129,7 @@ def run_original(loaded, layer: int, texts, counts, args) -> tuple[float, torch.
                         pin_memory=args.device.startswith("cuda"))
     module = get_module(loaded.model, loaded.spec.down_proj_name(layer))
     mom2, count = None, 0
-    sync(args.device)
-    start = time.perf_counter()
+    clock = Clock(args.device)
     with torch.no_grad():
         for batch_group in loader:
             for batch in batch_group:
@@ -150,8 +142,7 @@ def run_original(loaded, layer: int, texts, counts, args) -> tuple[float, torch.
                     mom2 = feats.new_zeros(feats.shape[1], feats.shape[1])
                 count += feats.shape[0]
                 mom2 += feats.t().mm(feats)
-    sync(args.device)
-    return time.perf_counter() - start, (mom2 / count).double().cpu(), count, {}
+    return clock.lap("original"), (mom2 / count).double().cpu(), count, {}
 
 
 # -- the stage ------------------------------------------------------------------------------------------------
@@ -166,15 +157,14 @@ def stage_cfg(args, layer: int, product: str, stats_dir: str):
 
 
 def run_stage(loaded, layer: int, product: str, args) -> tuple[float, torch.Tensor, int, dict]:
-    """The whole call (the pass, then writing the files with their checksums and reading them back, as an
-    edit would), and in ``extra`` the streaming pass alone and, with --check-syncs, the syncs counted."""
+    """The whole call (the lookup, the pass, then writing the files with their checksums), and in ``extra``
+    the streaming pass alone and, with --check-syncs, the syncs counted."""
     from modules.statistics import collect
 
     extra: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = stage_cfg(args, layer, product, tmp)  # the statistics are keyed by the loaded model itself
-        sync(args.device)
-        start = time.perf_counter()
+        clock = Clock(args.device)
         if args.check_syncs and args.device.startswith("cuda"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -186,8 +176,7 @@ def run_stage(loaded, layer: int, product: str, args) -> tuple[float, torch.Tens
             extra["syncs"] = sum("synchroniz" in str(w.message) for w in caught)
         else:
             stats = collect(cfg, loaded, [layer], timings=extra)[layer]
-        sync(args.device)
-        seconds = time.perf_counter() - start
+        seconds = clock.lap("stage")
     return seconds, stats.second_moment.double(), stats.count, extra
 
 
@@ -202,15 +191,13 @@ def stage_batches(loaded, args, tokens_per_batch: int) -> DataLoader:
 def run_forward_only(loaded, layer: int, args, tokens_per_batch: int) -> tuple[float, None, int, dict]:
     name = loaded.spec.down_proj_name(layer)
     count = 0
-    sync(args.device)
-    start = time.perf_counter()
+    clock = Clock(args.device)
     with torch.inference_mode():
         for batch in stage_batches(loaded, args, tokens_per_batch):
             with TraceDict(loaded.model, [name], retain_input=True, stop=name):
                 loaded.model(input_ids=batch["input_ids"].to(args.device, non_blocking=True), use_cache=False)
             count += batch["tokens"]
-    sync(args.device)
-    return time.perf_counter() - start, None, count, {}
+    return clock.lap("forward"), None, count, {}
 
 
 def main() -> None:
@@ -271,7 +258,8 @@ def main() -> None:
                      "peak_gpu_gib": None if peak is None else round(peak, 2), "syncs": extra.get("syncs")})
     base = best.get("original")
     result = {
-        "model": label, "layer": layer, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "model": label, "layer": layer,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "dtype": args.dtype, "threads": torch.get_num_threads(), "workers": args.workers, "tokens": args.tokens,
         "max_length": args.max_length, "stage_batch_tokens": tokens_per_batch, "texts": len(texts), "rows": rows,
         "speedup_vs_original": round(base[0] / best["stage"][0], 2) if base and "stage" in best else None,
@@ -279,13 +267,15 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     print(f"\n{label}, layer {layer}, {args.device} {args.dtype}, {args.tokens} tokens ({len(texts)} texts), "
-          f"{torch.get_num_threads()} thread(s), {args.workers} worker(s), stage batches of {tokens_per_batch} tokens\n")
+          f"{torch.get_num_threads()} thread(s), {args.workers} worker(s), "
+          f"stage batches of {tokens_per_batch} tokens\n")
     print(f"| method | seconds (fastest of {args.repeats}) | tokens/s | C: relative difference to the exact stage "
           "| the stage's streaming pass alone: s, tokens/s |")
     print("|---|---|---|---|---|")
     for r in rows:
         diff = "" if r["rel_diff_C_vs_exact"] is None else f"{r['rel_diff_C_vs_exact']:.1e}"
-        alone = "" if r["pass_seconds"] is None else f"{r['pass_seconds']:.2f}, {round(r['tokens'] / r['pass_seconds'])}"
+        alone = ("" if r["pass_seconds"] is None
+                 else f"{r['pass_seconds']:.2f}, {round(r['tokens'] / r['pass_seconds'])}")
         print(f"| {names[r['method']]} | {r['seconds']:.2f} | {r['tokens_per_s']} | {diff} | {alone} |")
     if result["speedup_vs_original"]:
         print(f"\nstage vs original: {result['speedup_vs_original']}x")

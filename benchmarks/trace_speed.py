@@ -3,7 +3,8 @@ same model, same facts, same noise; checks the scores agree and prints a Markdow
 
     OMP_NUM_THREADS=1 python benchmarks/trace_speed.py --facts 3
 
-Both methods trace all three kinds (hidden, MLP window, attention window) with 10 noise samples.
+Both methods trace all three kinds (hidden, MLP window, attention window); noise samples, window, batch
+size, seed and noise factor are configs/config.yaml's trace.* and seed unless given.
 Wall-clock and process CPU seconds are both reported: on a shared machine the CPU seconds are the
 steadier measure.  The facts are the first ``--facts`` records of the dataset the model predicts.
 """
@@ -22,11 +23,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.tracing.facts import load_facts  # noqa: E402
-from pipeline.core.loading import default_cache_dir, load_model  # noqa: E402
+from pipeline.core.loading import configure, default_cache_dir, load_model  # noqa: E402
+from pipeline.core.probability import answer_tokens, predicts  # noqa: E402
 from pipeline.core.subject import fill_prompt  # noqa: E402
-from pipeline.tracing.trace import (KINDS, answer_tokens, make_prompt, predicts, subject_noise,  # noqa: E402
-                              trace_fact, trace_fact_per_cell)
+from pipeline.tracing.engine import KINDS, trace_fact  # noqa: E402
+from pipeline.tracing.facts import load_facts  # noqa: E402
+from pipeline.tracing.noise import subject_noise  # noqa: E402
+from pipeline.tracing.prompt import make_prompt  # noqa: E402
+from pipeline.tracing.reference import trace_fact_per_cell  # noqa: E402
 
 
 def timed(fn):
@@ -40,23 +44,31 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "known_1000.json"))
     ap.add_argument("--facts", type=int, default=3)
-    ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--window", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=320)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--samples", type=int, help="noise samples per fact (default: trace.samples)")
+    ap.add_argument("--window", type=int, help="layers restored together (default: trace.window)")
+    ap.add_argument("--batch-size", type=int, help="rows per batched pass (default: trace.batch_size)")
+    ap.add_argument("--seed", type=int, help="noise seed of the first record (default: seed)")
     ap.add_argument("--out", help="also write the measurements to this JSON file")
     args = ap.parse_args()
+    # the configuration is the one place the tracing defaults live; the flags only override them
+    cfg = configure([f"model.name={args.model}", "model.device=cpu"])
+    for flag, value in (("samples", cfg.trace.samples), ("window", cfg.trace.window),
+                        ("batch_size", cfg.trace.batch_size), ("seed", cfg.seed)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, int(value))
 
     lm = load_model(args.model, device="cpu")
-    noise, _ = subject_noise(lm.model, lm.spec, lm.tokenizer, lm.identity, args.dataset, default_cache_dir())
+    noise, _ = subject_noise(lm.model, lm.spec, lm.tokenizer, lm.identity, args.dataset, default_cache_dir(),
+                             factor=float(cfg.trace.noise_factor))
     chosen = []
     for f in load_facts(args.dataset):
         text = fill_prompt(f.prompt, f.subject)[0]
         if predicts(lm.model, lm.tokenizer, text, f.answer)[0]:
-            chosen.append((f, make_prompt(lm.tokenizer, f.prompt, f.subject, answer_tokens(lm.tokenizer, text, f.answer)[0])))
+            answer_id = answer_tokens(lm.tokenizer, text, f.answer)[0]
+            chosen.append((f, make_prompt(lm.tokenizer, f.prompt, f.subject, answer_id)))
         if len(chosen) == args.facts:
             break
-    common = dict(noise=noise, samples=args.samples, window=args.window, kinds=KINDS)
+    common = dict(noise=noise, samples=args.samples, window=args.window, kinds=KINDS)  # all three kinds, as ROME
     rows = []
     for f, p in chosen:
         seed = args.seed + f.index
@@ -83,7 +95,8 @@ def main() -> None:
           f"**{tot['per_cell_wall'] / tot['batched_wall']:.1f}x** ({tot['per_cell_cpu'] / tot['batched_cpu']:.1f}x) | "
           f"{max(r['max_abs_diff'] for r in rows):.1e} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        record = {"args": vars(args), "threads": torch.get_num_threads(), "rows": rows}
+        Path(args.out).write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

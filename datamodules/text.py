@@ -37,8 +37,9 @@ class ShardedTokenStream(IterableDataset):
         state = self.resume.get(shard, {"window": 0, "batches": 0, "before": 0, "tokens": 0})
         budget = shard_budget(self.tokens, shard, num_shards) - state["before"]
         windows = self.source.windows(self.sort_window, shard, num_shards, skip=state["window"])
-        for batch in pack_batches(windows, self.tokenizer, max_length=self.max_length, chars_per_token=self.chars_per_token,
-                                  batch_tokens=self.batch_tokens, budget=budget, window=state["window"],
+        for batch in pack_batches(windows, self.tokenizer, max_length=self.max_length,
+                                  chars_per_token=self.chars_per_token, batch_tokens=self.batch_tokens, budget=budget,
+                                  window=state["window"],
                                   skip_batches=state["batches"]):
             yield {**batch.as_dict(), "shard": shard}
 
@@ -52,7 +53,7 @@ class TextDataModule(L.LightningDataModule):
     On CUDA the batches come in pinned memory (the Trainer copies them with ``non_blocking``)."""
 
     def __init__(self, source: TextSource, tokenizer, *, max_length: int, chars_per_token: int, batch_tokens: int,
-                 sort_window: int, tokens: int, num_workers: int = 1,
+                 sort_window: int, tokens: int, num_workers: int,
                  resume: Callable[[int], ResumeState] | None = None) -> None:
         super().__init__()
         self.source, self.tokenizer = source, tokenizer

@@ -1,8 +1,9 @@
 """The eval stage's LightningModule: ``predict_step`` evaluates one case under every pending method.
 
-Per case: score the clean model once (the "pre" numbers, and the "none" row); then for each method edit,
-score, and copy back the clean values of every parameter a method may touch (``Method.touched``: its
-layer's down-projection; checked with ``torch.equal``), so every edit starts from the clean model. Each (case, method) result is appended to this rank's JSON-lines file at once, and its
+Per case: score the clean model once (the "pre" numbers, and the "none" row); then for each method's editor
+edit (``Editor.edit``, the request's rewrite alone), score, and copy back the clean values of every parameter
+an editor may touch (``Editor.touched``: its layers' down-projections; checked with ``torch.equal``), so every
+edit starts from the clean model. Each (case, method) result is appended to this rank's JSON-lines file at once, and its
 post-edit values go into ``CaseValues`` metrics, which are gathered across ranks at the end.
 After a stop request (SIGTERM, SIGINT) the case in progress is finished and recorded and the remaining ones
 are passed over (Lightning's predict loop has no stop of its own); the recipe then reports how to resume.
@@ -10,12 +11,13 @@ are passed over (Lightning's predict loop has no stop of its own); the recipe th
 
 from __future__ import annotations
 
-import time
+import dataclasses
 import warnings
 from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 
 from datamodules.cases import NO_CASE
 from pipeline.evaluation.case_log import CaseLog
@@ -25,16 +27,28 @@ from pipeline.evaluation.report import METRICS
 from pipeline.evaluation.scoring import Generation, References, score_case
 from pipeline.core.signals import stop_requested
 
+from pipeline.core.loading import LoadedModel
+from pipeline.core.timing import Clock
+from pipeline.editors.base import Editor
+
 from .case_values import CaseValues
-from .methods import EvalContext, Method
 
 OK = "ok"  # the metric that counts a method's evaluated cases
 
 
+@dataclasses.dataclass
+class EvalContext:
+    """The run being evaluated: its configuration, the model, and the run's edit layer (``edit.layer``)."""
+
+    cfg: DictConfig
+    loaded: LoadedModel
+    layer: int
+
+
 class CaseEvaluator(L.LightningModule):
-    def __init__(self, ctx: EvalContext, cases: dict[int, EvalCase], todo: dict[int, list[Method]],
+    def __init__(self, ctx: EvalContext, cases: dict[int, EvalCase], todo: dict[int, list[Editor]],
                  done: Sequence[dict[str, Any]], log: CaseLog, gen: Generation, refs: References | None, seed: int,
-                 kind: str, methods: Sequence[Method], on_start: Callable[[], None] | None = None) -> None:
+                 kind: str, methods: Sequence[Editor], on_start: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.ctx, self.cases, self.todo, self.done, self.case_log = ctx, cases, todo, list(done), log
         self.gen, self.refs, self.seed, self.kind, self.on_start = gen, refs, seed, kind, on_start
@@ -43,7 +57,7 @@ class CaseEvaluator(L.LightningModule):
         self.metrics = torch.nn.ModuleDict({key: CaseValues() for m in self.method_names
                                             for key in [f"{m}__{k}" for k in [OK, *METRICS[kind]]]})
         # every parameter some method may change, with a clean copy (buffers: they follow the model's device)
-        self.touched = sorted({name for m in methods for name in m.touched(ctx)})
+        self.touched = sorted({name for m in methods for name in m.touched()})
         for i, name in enumerate(self.touched):
             self.register_buffer(f"clean_{i}", ctx.loaded.model.get_parameter(name).detach().clone(), persistent=False)
         self.values: dict[str, dict[str, list[tuple[int, float]]]] = {}
@@ -97,7 +111,7 @@ class CaseEvaluator(L.LightningModule):
         return score_case(loaded.model, loaded.tokenizer, case, self.gen, self.seed + case.index,
                           int(self.ctx.cfg.eval.score_batch_size), self.refs)
 
-    def evaluate(self, case: EvalCase, methods: Sequence[Method]) -> list[dict[str, Any]]:
+    def evaluate(self, case: EvalCase, methods: Sequence[Editor]) -> list[dict[str, Any]]:
         self._check_clean(f"before case {case.index}")
         pre = self._score(case)
         out = []
@@ -105,15 +119,18 @@ class CaseEvaluator(L.LightningModule):
             rec = {"index": case.index, "case_id": case.case_id, "method": m.name, "request": case.request.as_dict(),
                    "pre": pre["metrics"], "pre_probs": pre.get("probs"), "pre_timings": pre["timings"],
                    "generations": {"pre": pre.get("generations", [])}}
-            if not m.edits:
+            if not m.edits_weights:
                 out.append({**rec, "status": "ok", "post": pre["metrics"], "post_probs": pre.get("probs"),
                             "timings": {"edit": 0.0, **pre["timings"]}, "info": {}})
                 out[-1]["generations"]["post"] = out[-1]["generations"]["pre"]
                 continue
             try:
-                t = time.perf_counter()
-                info = m.apply(self.ctx, case, self.seed + case.index)
-                edit_seconds = time.perf_counter() - t
+                clock = Clock(self.ctx.loaded.model)
+                torch.manual_seed(self.seed + case.index)
+                # the rewrite alone: paraphrases and neighbours are for scoring, never seen by the edit
+                (edit,) = m.edit([dataclasses.replace(case.request, paraphrases=(), neighbours=())])
+                info = m.info(edit)
+                edit_seconds = clock.lap("edit")
                 post = self._score(case)
             except UserError as err:  # this case cannot be edited by this method: reported, not fatal
                 out.append({**rec, "status": "skipped", "reason": str(err)})

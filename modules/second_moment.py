@@ -12,8 +12,9 @@ SLURM requeue writes one) then hold nothing of it, and this module moves it to i
 
 Resumable state (``PartialStats``, one file per rank, atomic) is written every ``checkpoint_minutes``,
 every ``checkpoint_every_batches`` batches and when a stop is requested (SIGTERM / SIGINT, armed by
-``train.py`` through ``pipeline.signals``: the batch in flight is finished first, then ``Interrupted``). It includes the convergence readouts (rank 0, at each
-doubling of its tokens): a resumed run redoes those after its checkpoint, at the same token counts.
+``train.py`` through ``pipeline.core.signals``: the batch in flight is finished first, then ``Interrupted``).
+It includes the convergence readouts (rank 0, at each doubling of its tokens): a resumed run redoes those
+after its checkpoint, at the same token counts.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from tqdm.auto import tqdm
 
 from pipeline.core.arch import ArchSpec
 from pipeline.core.atomic import atomic_path
-from pipeline.errors import UserError
 from pipeline.core.hooks import TraceDict
-from pipeline.stats.second_moment import accumulate_second_moment
 from pipeline.core.signals import check_stop, stop_requested
+from pipeline.errors import UserError
 from pipeline.stats.convergence import Readout, converged_hint, pick_probes, take_readout
+from pipeline.stats.second_moment import accumulate_second_moment
 
 NEW_SHARD = {"window": 0, "batches": 0, "before": 0, "tokens": 0}
 
@@ -57,9 +58,11 @@ class PartialStats:
                     state = torch.load(p, map_location="cpu", weights_only=True)
                 except Exception as err:
                     p.unlink()
-                    raise UserError(f"partial statistics {p} were corrupt and have been removed; run the command again") from err
+                    raise UserError(f"partial statistics {p} were corrupt and have been removed; "
+                                    "run the command again") from err
                 if state.get("run") != self.run:
-                    raise UserError(f"{self.dir} holds a partial run with other settings ({_diff(state.get('run') or {}, self.run)}); "
+                    raise UserError(f"{self.dir} holds a partial run with other settings "
+                                    f"({_diff(state.get('run') or {}, self.run)}); "
                                     f"rerun with those settings to resume, or delete {self.dir}")
             self._cache[rank] = state
         return self._cache[rank]
@@ -97,15 +100,16 @@ class ConvergenceSettings:
 
 
 class SecondMomentModule(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, spec: ArchSpec, layers: list[int], *, dtype: torch.dtype = torch.float64,
-                 product: str = "fp32", partial: PartialStats | None = None, checkpoint_minutes: float = 0.0,
-                 checkpoint_every_batches: int = 0, convergence: ConvergenceSettings | None = None,
-                 report: Callable[[str], None] = tqdm.write) -> None:
+    def __init__(self, model: torch.nn.Module, spec: ArchSpec, layers: list[int], *, dtype: torch.dtype, product: str,
+                 partial: PartialStats | None, checkpoint_minutes: float, checkpoint_every_batches: int,
+                 convergence: ConvergenceSettings | None, report: Callable[[str], None] = tqdm.write) -> None:
+        """``dtype``, ``product``, ``checkpoint_*``: ``stats.*`` (configs/config.yaml holds their defaults);
+        ``partial``: where the resumable state goes (None: nowhere); ``convergence``: None for no readouts."""
         super().__init__()
         object.__setattr__(self, "model", model)  # a plain attribute: never registered, saved or moved by Lightning
         self.spec = spec
         self.layers = sorted(layers)
-        self.names = [spec.down_proj_name(l) for l in self.layers]
+        self.names = [spec.down_proj_name(layer) for layer in self.layers]
         self.acc_dtype, self.product = dtype, product
         self.partial, self.report = partial, report
         self.checkpoint_seconds, self.checkpoint_every_batches = 60.0 * checkpoint_minutes, checkpoint_every_batches
@@ -119,7 +123,7 @@ class SecondMomentModule(L.LightningModule):
         # convergence readout (rank 0): probes per layer, the last readout per layer, the curve per layer
         self.probes: dict[int, torch.Tensor] = {}
         self.readouts: dict[int, Readout] = {}
-        self.curves: dict[int, list[dict[str, Any]]] = {l: [] for l in self.layers}
+        self.curves: dict[int, list[dict[str, Any]]] = {layer: [] for layer in self.layers}
         self.next_readout = convergence.first_tokens if convergence else 0
         self.hinted = False
         self._state: dict[str, Any] | None = None
@@ -136,23 +140,23 @@ class SecondMomentModule(L.LightningModule):
             self.seconds = float(state["seconds"])
             conv = state.get("convergence") or {}
             self.probes = dict(conv.get("probes", {}))
-            self.readouts = {l: Readout(**r) for l, r in conv.get("readouts", {}).items()}
-            self.curves = {l: list(conv.get("curves", {}).get(l, [])) for l in self.layers}
+            self.readouts = {layer: Readout(**r) for layer, r in conv.get("readouts", {}).items()}
+            self.curves = {layer: list(conv.get("curves", {}).get(layer, [])) for layer in self.layers}
             self.next_readout = int(conv.get("next_readout", self.next_readout))
             self.hinted = bool(conv.get("hinted", False))
 
     def on_predict_start(self) -> None:
         self.model.to(self.device).eval()
         d = self.spec.key_size(self.model, self.layers[0])
-        self.sums = {l: torch.zeros(d, d, dtype=self.acc_dtype, device=self.device) for l in self.layers}
+        self.sums = {layer: torch.zeros(d, d, dtype=self.acc_dtype, device=self.device) for layer in self.layers}
         if self._state:
-            for l in self.layers:
-                self.sums[l].copy_(self._state["sums"][l])
+            for layer in self.layers:
+                self.sums[layer].copy_(self._state["sums"][layer])
         self._state = None
         resumed = self.resumed
         if self.trainer.world_size > 1:
-            resumed = int(self.trainer.strategy.reduce(torch.tensor(float(resumed), dtype=torch.float64, device=self.device),
-                                                       reduce_op="sum"))
+            ours = torch.tensor(float(resumed), dtype=torch.float64, device=self.device)
+            resumed = int(self.trainer.strategy.reduce(ours, reduce_op="sum"))
         if resumed and self.trainer.is_global_zero:
             self.report(f"stats: resuming from {resumed:,} tokens (partial state in {self.partial.dir})")
         self._t0 = self._last_save = time.monotonic()
@@ -163,14 +167,14 @@ class SecondMomentModule(L.LightningModule):
         with TraceDict(self.model, self.names, retain_input=True, stop=self.names[-1]) as traces:
             self.model(input_ids=batch["input_ids"], use_cache=False)  # causal, right-padded: no mask needed
         index, tokens = batch["index"], batch["tokens"]  # tokens: a host int from the worker
-        for l, name in zip(self.layers, self.names):
+        for layer, name in zip(self.layers, self.names):
             keys = traces[name].input
             keys = keys.reshape(-1, keys.shape[-1])
             if index is not None:
                 keys = keys.index_select(0, index)
-            if self.convergence and self.global_rank == 0 and l not in self.probes:
-                self.probes[l] = pick_probes(keys, tokens, self.convergence.probes, self.convergence.seed)
-            accumulate_second_moment(self.sums[l], keys, self.product)
+            if self.convergence and self.global_rank == 0 and layer not in self.probes:
+                self.probes[layer] = pick_probes(keys, tokens, self.convergence.probes, self.convergence.seed)
+            accumulate_second_moment(self.sums[layer], keys, self.product)
         self._advance(batch)
         self._after_batch()
 
@@ -181,7 +185,8 @@ class SecondMomentModule(L.LightningModule):
         old = self.shards.get(shard, NEW_SHARD)
         total = old["tokens"] + tokens
         before = old["before"] if window == old["window"] else old["tokens"]
-        self.shards[shard] = ({"window": window + 1, "batches": 0, "before": total, "tokens": total} if batch["last"] else
+        self.shards[shard] = ({"window": window + 1, "batches": 0, "before": total, "tokens": total}
+                              if batch["last"] else
                               {"window": window, "batches": batch["batch"] + 1, "before": before, "tokens": total})
         self.count += tokens
         self.steps += 1
@@ -204,10 +209,11 @@ class SecondMomentModule(L.LightningModule):
             check_stop(f"partial statistics ({self.count:,} tokens{ranks}) {where}; to resume, run the same command")
 
     def _readout(self) -> None:
-        for l in self.layers:
-            if l in self.probes:
-                self.readouts[l], point = take_readout(self.sums[l], self.count, self.probes[l], self.readouts.get(l))
-                self.curves[l].append(point)
+        for layer in self.layers:
+            if layer in self.probes:
+                self.readouts[layer], point = take_readout(self.sums[layer], self.count, self.probes[layer],
+                                                           self.readouts.get(layer))
+                self.curves[layer].append(point)
         hint = None if self.hinted else converged_hint(self.curves, self.convergence.threshold, self.trainer.world_size)
         if hint:
             self.hinted = True
@@ -218,9 +224,10 @@ class SecondMomentModule(L.LightningModule):
 
     def _save_partial(self) -> None:
         self.partial.save(self.global_rank, {
-            "sums": {l: t.cpu() for l, t in self.sums.items()}, "count": self.count, "steps": self.steps,
+            "sums": {layer: t.cpu() for layer, t in self.sums.items()}, "count": self.count, "steps": self.steps,
             "shards": {s: dict(v) for s, v in self.shards.items()}, "seconds": self._elapsed(),
-            "convergence": {"probes": self.probes, "readouts": {l: r.as_dict() for l, r in self.readouts.items()},
+            "convergence": {"probes": self.probes,
+                            "readouts": {layer: r.as_dict() for layer, r in self.readouts.items()},
                             "curves": self.curves, "next_readout": self.next_readout, "hinted": self.hinted},
         })
         self._last_save = time.monotonic()
@@ -230,7 +237,7 @@ class SecondMomentModule(L.LightningModule):
         self.seconds = self._elapsed()
         counts = torch.tensor([self.count, self.resumed], dtype=torch.float64, device=self.device)
         if self.trainer.world_size > 1:
-            for l in self.layers:
-                self.sums[l] = self.trainer.strategy.reduce(self.sums[l], reduce_op="sum")
+            for layer in self.layers:
+                self.sums[layer] = self.trainer.strategy.reduce(self.sums[layer], reduce_op="sum")
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
         self.count, self.resumed = (int(c) for c in counts.tolist())

@@ -10,7 +10,7 @@ keys with a fixed set of values against it (``stats.dtype=float16``), so a bad v
 before any work. This is the pipeline's ground floor: it imports nothing of the pipeline but its errors. What
 needs a model or a machine (a model's family read from its config, the devices this machine has, the cache
 root, ``edit.layer=auto``) lives where it is used: ``pipeline.core.loading.configure`` composes with the
-model's family and checks the machine, ``pipeline.editors.factory`` resolves the edit layer.
+model's family and checks the machine, ``pipeline.editors.settings`` resolves the edit layer.
 """
 
 from __future__ import annotations

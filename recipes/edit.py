@@ -1,13 +1,14 @@
-"""Recipe: ``python train.py stage=edit request=...`` -- ROME rank-one edits, one request after another.
+"""Recipe: ``python train.py stage=edit request=...`` -- edits with ``edit.method`` (ROME: one request after
+another; MEMIT / AlphaEdit: batches of ``edit.batch_size``).
 
 1. parse and check every request, ``edit.save_to`` and ``edit.out`` before touching the model;
 2. load the model, open the ledger in ``edit.out`` (default: a fresh ``edit.runs_dir/<date>_<time>``; an
-   earlier ledger's edits are re-applied first, and requests of this same list already recorded there are
-   skipped: the same command resumes an interrupted run);
-3. C for the edit layer from the statistics cache (computed now when missing), unless C = I, factorised once;
-4. context templates (sampled once per model, cached);
-5. one Trainer, one ``fit``: per request, k* and v₀ averaged over the templates and v* by the
-   ``ValueOptimizer`` loop; the callbacks apply, verify (or roll back) and record each edit;
+   earlier ledger's edits are re-applied first, and units of this same request list already recorded there
+   are skipped: the same command resumes an interrupted run);
+3. the editor (``build_editor``): C for its layers from the statistics cache (computed now when missing),
+   factorised once; context templates (sampled once per model, cached);
+4. one Trainer, one ``fit`` (``modules/edit_loop.py``): per unit, ``begin`` on the model as it is, the
+   optimisation steps; the callbacks apply, verify (or roll back) and record each unit;
 6. print the before/after table of every edit; save the edited model when ``edit.save_to`` is set (if that
    fails, this run's edits are taken out of the ledger again: it never records what was not saved).
 A SIGTERM / SIGINT stops after the edit in progress is applied, verified and recorded; the model is saved
@@ -19,33 +20,23 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import time
 from pathlib import Path
 
-import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from modules.batch import BatchLedger, BatchProgress, TargetOptimizer, WriteBatch
-from modules.callbacks import ApplyEdit, EditProgress, LedgerCheckpoint, VerifyEdit
-from modules.rome import ValueOptimizer
-from modules.statistics import collect, second_moment
-from modules.trainer import single_device_trainer
-from pipeline.editors import memit
-from pipeline.editors import rome
-from pipeline.core.loading import cache_root
-from pipeline.editors.factory import edit_layer
+from modules.edit_loop import fit_edits
+from modules.statistics import layer_statistics
 from pipeline.core.digest import json_digest
-from pipeline.errors import UserError
-from pipeline.editors.ledger import Ledger
 from pipeline.core.loading import load_configured
-from pipeline.editors.rank_one import KeySolver
 from pipeline.core.requests import parse_requests
 from pipeline.core.saving import check_destination, check_writable, save_model
-from pipeline.core.signals import check_stop, stop_requested
-from pipeline.stats.store import stats_identity
-from pipeline.editors.templates import context_templates
-from pipeline.core.timing import model_device
+from pipeline.core.signals import check_stop
+from pipeline.core.timing import Clock
+from pipeline.editors import rome
+from pipeline.editors.base import REGISTRY
+from pipeline.editors.factory import build_editor
+from pipeline.editors.ledger import Ledger
+from pipeline.errors import UserError
 
 
 class Run:
@@ -60,7 +51,7 @@ class Run:
         model_dir = cfg.model.name if os.path.isdir(str(cfg.model.name)) else None
         self.save_to = check_destination(cfg.edit.save_to, "edit.save_to", protect=(model_dir, self.out)) \
             if cfg.edit.save_to else None
-        batching = {"batch_size": int(cfg.edit.batch_size)} if cfg.edit.method != "rome" else {}
+        batching = {"batch_size": int(cfg.edit.batch_size)} if cfg.edit.method != "rome" else {}  # units of work
         self.digest = json_digest({"requests": [r.as_dict() for r in requests], "method": str(cfg.edit.method), **batching})
         self.total, self.done, self.unit, self.recorded_before = 0, 0, "edit(s)", 0
 
@@ -99,16 +90,6 @@ def fresh_dir(parent: Path) -> Path:
     return path
 
 
-def _fit(trainer, module) -> None:
-    """``trainer.fit``; Lightning ends a fit on SIGTERM with its own SystemExit after the batch in progress
-    (whose edit the callbacks have finished by then): that is our stop request, handled by the caller."""
-    try:
-        trainer.fit(module)
-    except SIGTERMException:
-        if not stop_requested():
-            raise
-
-
 def _fmt(p: list[float]) -> str:
     return ", ".join(f"{x:.4f}" for x in p) if p else "-"
 
@@ -136,72 +117,6 @@ def print_table(result: rome.EditResult) -> None:
           f" | status: {result.status}" + (f" ({result.reason})" if result.reason else ""))
 
 
-def edit_requests(ctx: rome.EditContext, requests: list, ledger: Ledger | None, model_identity: dict[str, str],
-                  cfg: DictConfig, progress: bool = True, run: tuple[str, list[int]] | None = None) -> list[rome.EditResult]:
-    """Every request, in order, through one Trainer and one ``fit`` (the stage's loop; benchmarks call it too).
-    After a stop request: the edits finished so far (each applied, verified and recorded whole)."""
-    if not requests:
-        return []
-    callbacks = [ApplyEdit(), VerifyEdit()]
-    if ledger is not None:
-        callbacks.append(LedgerCheckpoint(ledger, model_identity, run))
-    callbacks.append(EditProgress(enabled=progress))
-    trainer = single_device_trainer(cfg, ctx.model, callbacks)
-    module = ValueOptimizer(ctx, requests)
-    _fit(trainer, module)
-    return [r for r in module.results if r.status != "pending"]
-
-
-def edit_batches(ctx: memit.BatchContext, batches: list[list], ledger: Ledger | None, model_identity: dict[str, str],
-                 cfg: DictConfig, stats_id: dict | None, progress: bool = True,
-                 run: tuple[str, list[int]] | None = None) -> list[memit.BatchResult]:
-    """Every batch, in order, through one Trainer and one ``fit`` (z optimised for a whole batch per step)."""
-    if not batches:
-        return []
-    callbacks = [WriteBatch()] + ([BatchLedger(ledger, model_identity, stats_id, run)] if ledger is not None else [])
-    callbacks.append(BatchProgress(enabled=progress))
-    trainer = single_device_trainer(cfg, ctx.model, callbacks)
-    module = TargetOptimizer(ctx, batches)
-    _fit(trainer, module)
-    return module.results
-
-
-def run_batches(cfg: DictConfig, requests: list, loaded, ledger: Ledger, run: Run) -> list[memit.BatchResult]:
-    """``edit.method=memit|alphaedit``: the requests in batches of ``edit.batch_size``, one solve per layer each."""
-    if not cfg.edit.layers:
-        raise UserError(f"edit.method={cfg.edit.method} needs a layer set: pass edit.layers=[...] "
-                        "(or set edit_layers in the model's file)")
-    if int(cfg.edit.batch_size) <= 0:
-        raise UserError(f"edit.batch_size={cfg.edit.batch_size} must be a positive number of requests")
-    layers = [loaded.spec.check_layer(loaded.model, l, "edit.layers") for l in cfg.edit.layers]
-    stats = collect(cfg, loaded, layers)
-    torch.manual_seed(cfg.seed)
-    templates = context_templates(loaded.model, loaded.tokenizer, loaded.identity, cfg.edit.memit.templates,
-                                  cache_root(cfg), seed=int(cfg.seed))
-    ctx = memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, str(cfg.edit.method), layers, templates, cfg.edit)
-    for l, rank in memit.prepare(ctx, stats).items():
-        print(f"layer {l}: null space of C has {rank} of {stats[l].second_moment.shape[0]} dimensions")
-    if ctx.method == "alphaedit":
-        device = model_device(loaded.model)
-        ctx.preserved = {l: k.to(device) for l, k in ledger.preserved_keys().items() if l in layers}
-        if ctx.preserved:
-            print(f"preserving the keys of the ledger's earlier AlphaEdit batches (layers {sorted(ctx.preserved)})")
-    size = int(cfg.edit.batch_size)
-    batches = [requests[i : i + size] for i in range(0, len(requests), size)]
-    todo = _todo(ledger, run, len(batches), "batch(es)")
-    stats_id = {str(l): stats_identity(s) for l, s in stats.items()}
-    check_stop(run.resume_hint())
-    results = edit_batches(ctx, [batches[i] for i in todo], ledger, loaded.identity, cfg, stats_id,
-                           run=(run.digest, todo))
-    run.done += len(results)
-    known = [r for i in todo[: len(results)] for r in batches[i] if r.target_true]
-    if known:
-        won = sum(p["prompt"]["new"][0] > p["prompt"]["true"][0] for p in
-                  (rome.measure(loaded.model, loaded.tokenizer, r, int(cfg.edit.verify.batch_size)) for r in known))
-        print(f"after the edits: P(new) > P(true) on {won} of {len(known)} requests' prompts")
-    return results
-
-
 def _todo(ledger: Ledger, run: Run, total: int, unit: str) -> list[int]:
     """Positions of this request list not yet in the ledger (all of them unless resuming)."""
     done = ledger.done_in_run(run.digest)
@@ -214,8 +129,9 @@ def _todo(ledger: Ledger, run: Run, total: int, unit: str) -> list[int]:
 
 def run(cfg: DictConfig) -> list:
     requests = parse_requests(cfg.request)  # every request checked before the model is touched
-    if cfg.edit.method not in ("rome", *memit.METHODS):
-        raise UserError(f"edit.method={cfg.edit.method} is not one of rome, {', '.join(memit.METHODS)}")
+    recordable = sorted(name for name, cls in REGISTRY.items() if cls.recordable)
+    if cfg.edit.method not in recordable:  # the ledger records, rebuilds and reverts these
+        raise UserError(f"edit.method={cfg.edit.method} is not one of {', '.join(recordable)}")
     run_ = Run(cfg, requests)  # edit.out and edit.save_to checked before any work
     loaded = load_configured(cfg.model)
     ledger = Ledger.open(run_.out, loaded.identity, cfg.model.dtype)
@@ -225,30 +141,32 @@ def run(cfg: DictConfig) -> list:
               "earlier edit(s)")
     elif not run_.fresh:
         print(f"ledger: {ledger.dir} (new)")
-    if cfg.edit.method != "rome":
-        results = run_batches(cfg, requests, loaded, ledger, run_)
-        run_.save_and_report(loaded, ledger)
-        check_stop(run_.resume_hint())
-        return results
-    todo = _todo(ledger, run_, len(requests), "request(s)")
-    layer = edit_layer(cfg, loaded)
-    c, stats_id = second_moment(cfg, loaded, layer)
-    solver = KeySolver(c, float(cfg.edit.ridge), model_device(loaded.model))
-    del c
-    t = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    templates = context_templates(loaded.model, loaded.tokenizer, loaded.identity, cfg.edit.templates, cache_root(cfg),
-                                  seed=int(cfg.seed))
-    print(f"context templates: {len(templates)} ({time.perf_counter() - t:.2f} s)")
-    ctx = rome.EditContext(loaded.model, loaded.tokenizer, loaded.spec, layer, templates, solver, cfg.edit, stats_id)
+    clock = Clock(loaded.model)
+    editor = build_editor(cfg, loaded, statistics=layer_statistics(cfg, loaded))
+    print(f"{editor.method}: layer(s) {', '.join(map(str, editor.layers))} ({clock.lap('setup'):.2f} s)")
+    for layer, rank in getattr(editor, "null_space_ranks", {}).items():
+        print(f"layer {layer}: null space of C has {rank} dimensions")
+    taken_up = editor.continue_from(ledger)
+    if taken_up:
+        print(taken_up)
+    units = editor.units(requests)
+    todo = _todo(ledger, run_, len(units), "request(s)" if editor.per_case else "batch(es)")
     check_stop(run_.resume_hint())
-    results = edit_requests(ctx, [requests[i] for i in todo], ledger, loaded.identity, cfg, run=(run_.digest, todo))
-    run_.done += len(results)
-    for result in results:
-        print_table(result)
+    edits = fit_edits(editor, [r for i in todo for r in units[i]], cfg, ledger, loaded.identity,
+                      run=(run_.digest, todo))
+    run_.done += len(edits)
+    for edit in edits:
+        if isinstance(edit, rome.EditResult):
+            print_table(edit)
+    if editor.method != "rome":
+        known = [r for e in edits for r in e.requests if r.target_true]
+        if known:
+            won = sum(p["prompt"]["new"][0] > p["prompt"]["true"][0] for p in
+                      (rome.measure(loaded.model, loaded.tokenizer, r, int(cfg.edit.verify.batch_size)) for r in known))
+            print(f"after the edits: P(new) > P(true) on {won} of {len(known)} requests' prompts")
     run_.save_and_report(loaded, ledger)
     check_stop(run_.resume_hint())
-    failed = [r for r in results if r.status != "applied"]
+    failed = [e for e in edits if e.status != "applied"]
     if failed:
-        raise UserError(f"{len(failed)} of {len(results)} edit(s) failed verification: {failed[0].reason}")
-    return results
+        raise UserError(f"{len(failed)} of {len(edits)} edit(s) failed verification: {failed[0].reason}")
+    return edits

@@ -1,7 +1,8 @@
 """Recipe: ``python train.py stage=eval eval.dataset=... eval.n=200 eval.methods=[none,rome,rome_identity_cov,ft_l]``
 
 1. read the cases (schema detected per record; unusable records are skipped with their reason);
-2. load the model; each method prepares what it shares over cases (C from the statistics cache, templates);
+2. load the model; one editor per method (``build_editor``: C from the statistics cache, templates), measuring
+   each edit as made (no verification, no rollback);
 3. check ``eval.out`` belongs to this run; skip the (case, method) pairs already in its case files;
 4. ``trainer.predict`` over the pending case indices, sharded over ranks: each case scored before, then
    edited, scored and restored per method; results appended per rank, metrics gathered across ranks;
@@ -18,17 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from datamodules import CaseDataModule
-from modules.evaluator import OK, CaseEvaluator
-from modules.methods import EvalContext, Method, build_methods
+from modules.evaluator import OK, CaseEvaluator, EvalContext
+from modules.statistics import layer_statistics
 from modules.trainer import make_trainer
+from pipeline.editors.base import REGISTRY, Editor
+from pipeline.editors.factory import build_editor, method_class
 from pipeline.core.atomic import atomic_path, write_json
 from pipeline.evaluation.case_log import CaseLog
 from pipeline.errors import UserError
 from pipeline.core.loading import load_configured
-from pipeline.editors.factory import edit_layer
+from pipeline.editors.settings import edit_layer
 from pipeline.core.digest import file_sha256
 from pipeline.evaluation.cases import EvalCase, Skipped, load_cases, load_snippets
 from pipeline.evaluation.report import PROTOCOL, bar_chart, markdown_table, summarize
@@ -50,9 +53,10 @@ def _identity(cfg: DictConfig, ctx: EvalContext, gen: Generation, kind: str) -> 
             "snippets": file_sha256(cfg.eval.snippets) if cfg.eval.snippets else None}
 
 
-def _check_run(out: Path, identity: dict[str, Any], methods: list[Method]) -> dict[str, Any]:
-    """The run record of ``eval.out``, extended with any new method; refuses results of another run."""
-    run = {"identity": identity, "methods": {m.name: m.config() for m in methods}}
+def _check_run(out: Path, identity: dict[str, Any], methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run record of ``eval.out`` (``methods``: each method's configuration), extended with any new method;
+    refuses results of another run."""
+    run = {"identity": identity, "methods": dict(methods)}
     path = out / "run.json"
     if not path.exists():
         return run
@@ -75,10 +79,11 @@ def _title(cfg: DictConfig, cases: list[EvalCase], n_skipped: int, ctx: EvalCont
 
 
 def _notes(cfg: DictConfig, cases: list[EvalCase], skipped: list[dict], gen: Generation, ctx: EvalContext,
-           methods: list[Method]) -> list[str]:
+           methods: list[Editor]) -> list[str]:
     notes = []
-    own = [f"{m.name}: layer {m.layer(ctx)}" + (f", {m.conf.variant} keys" if m.conf.get("variant") else "")
-           for m in methods if m.edits and (m.layer(ctx) != ctx.layer or m.conf.get("variant"))]
+    variant = {m.name: cfg.method[m.name].get("variant") for m in methods}
+    own = [f"{m.name}: layer {m.layers[0]}" + (f", {variant[m.name]} keys" if variant[m.name] else "")
+           for m in methods if m.edits_weights and (m.layers[0] != ctx.layer or variant[m.name])]
     if own:
         notes.append(f"Methods with their own settings (the others edit layer {ctx.layer}): {'; '.join(own)}")
     if cases[0].kind == "counterfact":
@@ -135,22 +140,40 @@ def _timing(records: list[dict[str, Any]], seconds: float, new: int) -> dict[str
             "by_method_all_runs": per}
 
 
+def _method_names(cfg: DictConfig) -> list[str]:
+    """``eval.methods``, each a configs/method/ file of an editor that edits one case at a time."""
+    names = list(cfg.eval.methods or [])
+    if not names:
+        raise UserError("eval.methods is empty; name at least one of: " + ", ".join(sorted(cfg.method)))
+    if len(set(names)) != len(names):
+        raise UserError(f"eval.methods={names} names a method twice")
+    for name in names:
+        cls, _ = method_class(cfg, name)
+        if not REGISTRY[cls].per_case:
+            raise UserError(f"{name} edits batches across layers: evaluate it with eval.mode=sequential (or "
+                            "eval.mode=batch), e.g. eval.methods=[rome,memit,alphaedit] eval.mode=sequential "
+                            "eval.batch_size=100")
+    return names
+
+
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     torch.manual_seed(cfg.seed)
     cases, load_skipped = load_cases(cfg.eval.dataset, cfg.eval.n, int(cfg.eval.start), str(cfg.eval.zsre_target))
     if not cases:
         first = f" (first: {load_skipped[0].reason})" if load_skipped else ""
         raise UserError(f"no usable case in eval.dataset={cfg.eval.dataset}: {len(load_skipped)} skipped{first}")
-    methods = build_methods(cfg)
+    names = _method_names(cfg)
     g = cfg.eval.generation
     gen = Generation(tokens=int(g.tokens), top_k=int(g.top_k), do_sample=bool(g.do_sample))
     refs = References.build(load_snippets(cfg.eval.snippets)) if cfg.eval.snippets else None
     loaded = load_configured(cfg.model, device="cpu")  # the Trainer moves it to each rank's device
     ctx = EvalContext(cfg, loaded, edit_layer(cfg, loaded))
-    for m in methods:
-        m.setup(ctx)
+    # C is computed (when the cache lacks it) here, in this process only, before any rank starts
+    one_process = OmegaConf.merge(cfg, {"trainer": {"devices": 1, "strategy": "auto", "num_nodes": 1}})
+    statistics = layer_statistics(one_process, loaded)
+    methods = [build_editor(cfg, loaded, name, statistics, measure_only=True) for name in names]
     out = Path(cfg.eval.out)
-    run_record = _check_run(out, _identity(cfg, ctx, gen, cases[0].kind), methods)
+    run_record = _check_run(out, _identity(cfg, ctx, gen, cases[0].kind), {m.name: m.config() for m in methods})
     log = CaseLog(out)
     finished = log.finished()
     todo = {c.index: [m for m in methods if (c.index, m.name) not in finished] for c in cases}

@@ -19,7 +19,6 @@ command is run again.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from modules.statistics import collect
-from pipeline.editors import memit
-from pipeline.editors import rome
+from modules.statistics import layer_statistics
+from pipeline.editors.base import Editor
+from pipeline.editors.factory import build_editor, method_class
 from pipeline.core.atomic import atomic_path, write_json
-from pipeline.core.loading import cache_root
-from pipeline.editors.factory import edit_layer
+from pipeline.editors.settings import edit_layer
 from pipeline.core.digest import file_sha256
 from pipeline.errors import UserError
 from pipeline.evaluation.cases import EvalCase, load_cases
@@ -40,70 +38,36 @@ from pipeline.evaluation.report import PROTOCOL, summarize
 from pipeline.tracing.facts import load_facts
 from pipeline.core.loading import LoadedModel, load_configured
 from pipeline.evaluation.metrics import harmonic_mean
-from pipeline.editors.rank_one import KeySolver
 from pipeline.evaluation.retention import fact_accuracy, heldout_texts, known_facts, perplexity, texts_read
 from pipeline.evaluation.scale_report import curve_plot, scale_table
 from pipeline.evaluation.metrics import fluency
 from pipeline.evaluation.scoring import Generation, generate, score_case
 from pipeline.core.signals import check_stop
-from pipeline.editors.templates import context_templates
-from pipeline.core.timing import model_device, sync
+from pipeline.core.timing import Clock
 
-EDITORS = ("none", "rome", "memit", "alphaedit")
-
-
-class Editor:
-    """Applies one method's edits to the model in place, a batch of requests at a time."""
-
-    def __init__(self, name: str, conf: DictConfig, cfg: DictConfig, loaded: LoadedModel, stats: dict) -> None:
-        self.name, self.kind = name, str(conf.get("class", name))
-        if self.kind not in EDITORS:
-            raise UserError(f"eval.mode={cfg.eval.mode} runs {', '.join(EDITORS)} (and their configs); "
-                            f"'{name}' is a {self.kind} method")
-        model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
-        device = model_device(model)
-        hp = OmegaConf.merge(cfg.edit, {"generate_tokens": 0, "verify": {"enabled": False, "rollback": False}})
-        self.layers: list[int] = []
-        if self.kind == "rome":
-            layer = rome_layer(cfg, loaded, conf)
-            hp = OmegaConf.merge(hp, {"layer": layer, **({"variant": conf.variant} if conf.get("variant") else {})})
-            c = stats[layer].second_moment if conf.get("mom2_adjustment", True) else None
-            templates = context_templates(model, tok, loaded.identity, cfg.edit.templates, cache_root(cfg), seed=int(cfg.seed))
-            self.ctx = rome.EditContext(model, tok, spec, layer, templates, KeySolver(c, float(hp.ridge), device), hp)
-            self.layers = [layer]
-        elif self.kind in memit.METHODS:
-            layers = list(cfg.edit.layers or [])
-            templates = context_templates(model, tok, loaded.identity, cfg.edit.memit.templates, cache_root(cfg),
-                                          seed=int(cfg.seed))
-            self.ctx = memit.BatchContext(model, tok, spec, self.kind, layers, templates, hp)
-            memit.prepare(self.ctx, stats)
-            self.layers = layers
-
-    def edit(self, requests: list) -> dict[str, float]:
-        if self.kind == "rome":
-            for r in requests:
-                rome.edit_in_context(self.ctx, r)
-            return {}
-        if self.kind in memit.METHODS:
-            return memit.batch_edit(self.ctx, requests).timings
-        return {}
+SEQUENTIAL = ("none", "rome", "memit", "alphaedit")  # the classes of AlphaEdit's sequential protocol
 
 
-def rome_layer(cfg: DictConfig, loaded: LoadedModel, conf: DictConfig) -> int:
-    """A ROME method's layer: its own ``layer``, else ``edit.layer``."""
-    if conf.get("layer") is None:
-        return edit_layer(cfg, loaded)
-    return loaded.spec.check_layer(loaded.model, conf.layer, "method layer")
-
-
-def edited_layers(cfg: DictConfig, loaded: LoadedModel, confs: list[DictConfig]) -> list[int]:
-    kinds = {str(c.get("class")) for c in confs}
-    layers = {rome_layer(cfg, loaded, c) for c in confs if c.get("class") == "rome"}
-    if kinds & set(memit.METHODS):
-        if not cfg.edit.layers:
-            raise UserError("memit / alphaedit need a layer set: pass edit.layers=[...] (or set edit_layers in the model file)")
-        layers |= set(cfg.edit.layers)
-    return sorted(layers)
+def build_editors(cfg: DictConfig, loaded: LoadedModel, names: list[str], batch_size: int) -> list[Editor]:
+    """One editor per method, measuring edits as made, batching as the run does (``batch_size``); C for all
+    their layers is computed in one streaming pass when the cache lacks it."""
+    classes = {name: method_class(cfg, name)[0] for name in names}
+    for name, kind in classes.items():
+        if kind not in SEQUENTIAL:
+            raise UserError(f"eval.mode={cfg.eval.mode} runs {', '.join(SEQUENTIAL)} (and their configs); "
+                            f"'{name}' is a {kind} method")
+    run_cfg = OmegaConf.merge(cfg, {"edit": {"batch_size": batch_size}})
+    statistics = layer_statistics(run_cfg, loaded)
+    layers = set()
+    if {"memit", "alphaedit"} & set(classes.values()):
+        layers |= set(cfg.edit.layers or [])
+    for name, kind in classes.items():
+        if kind == "rome" and cfg.method[name].get("mom2_adjustment", True):
+            own = cfg.method[name].get("layer")
+            layers.add(edit_layer(cfg, loaded) if own is None else int(own))
+    if layers:
+        statistics(sorted(layers))  # one pass for every layer (the provider keeps them)
+    return [build_editor(run_cfg, loaded, name, statistics, measure_only=True) for name in names]
 
 
 def _scores(loaded: LoadedModel, cases: list[EvalCase], gen: Generation, cfg: DictConfig, desc: str) -> list[dict]:
@@ -155,9 +119,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if batch_size <= 0:
         raise UserError(f"eval.batch_size={cfg.eval.batch_size} must be a positive number of edits per batch")
     loaded = load_configured(cfg.model)
-    kinds = {str(cfg.method[m].get("class", m)) for m in names}
-    layers = edited_layers(cfg, loaded, [cfg.method[m] for m in names])
-    stats = collect(cfg, loaded, layers) if layers and kinds - {"none"} else {}
+    editors = {m.name: m for m in build_editors(cfg, loaded, names, batch_size)}
+    layers = sorted({layer for m in editors.values() for layer in m.layers})
     gen = Generation(tokens=int(cfg.eval.generation.tokens), top_k=int(cfg.eval.generation.top_k),
                      do_sample=bool(cfg.eval.generation.do_sample))
     no_text = Generation(tokens=0, top_k=gen.top_k, do_sample=gen.do_sample)
@@ -210,31 +173,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             continue
         stop()
         conf = cfg.method[name]
-        editor = Editor(name, conf, cfg, loaded, stats)
+        editor = editors[name]
         requests = [dataclass_request(c) for c in cases]
         curve, timings, seconds = [], {}, 0.0
         batches = [list(range(i, min(i + batch_size, len(cases)))) for i in range(0, len(cases), batch_size)]
         bar = tqdm(batches, desc=f"{name}: batches of {batch_size}", dynamic_ncols=True)
         for b, idx in enumerate(bar):
-            sync(loaded.model)
-            t = time.perf_counter()
-            for k, v in editor.edit([requests[i] for i in idx]).items():
-                timings[k] = timings.get(k, 0.0) + v
-            sync(loaded.model)
-            seconds += time.perf_counter() - t
+            clock = Clock(loaded.model)
+            for edit in editor.edit([requests[i] for i in idx]):
+                for k, v in edit.timings.items():
+                    timings[k] = timings.get(k, 0.0) + v
+            seconds += clock.lap("batch")
             stop(name, b + 1, len(batches))
             every = int(cfg.eval.eval_every)
-            if editor.kind != "none" and every and ((b + 1) % every == 0) and b + 1 < len(batches):
+            if editor.method != "none" and every and ((b + 1) % every == 0) and b + 1 < len(batches):
                 done = cases[: idx[-1] + 1]
                 curve.append(_curve_point(len(done), _scores(loaded, done, no_text, cfg, f"{name}: curve")))
                 bar.set_postfix_str(f"{len(done)} edits: ES {curve[-1]['es']:.0f} PS {curve[-1]['ps']:.0f} NS {curve[-1]['ns']:.0f}")
-        post = _scores(loaded, cases, gen, cfg, f"{name}: all cases") if editor.kind != "none" else summary["pre"]
+        post = _scores(loaded, cases, gen, cfg, f"{name}: all cases") if editor.method != "none" else summary["pre"]
         curve.append(_curve_point(len(cases), post))
         row = _method_row("counterfact", post, {
-            "edits": len(cases) if editor.kind != "none" else 0, "class": editor.kind, "layers": editor.layers,
-            "perplexity": ppl() if editor.kind != "none" else summary["pre_perplexity"],
-            "known_accuracy": fact_accuracy(loaded.model, loaded.tokenizer, known) if editor.kind != "none" else 1.0,
-            "edit_seconds": seconds, "edits_per_second": len(cases) / seconds if editor.kind != "none" and seconds else None,
+            "edits": len(cases) if editor.method != "none" else 0, "class": editor.method, "layers": editor.layers,
+            "perplexity": ppl() if editor.method != "none" else summary["pre_perplexity"],
+            "known_accuracy": fact_accuracy(loaded.model, loaded.tokenizer, known) if editor.method != "none" else 1.0,
+            "edit_seconds": seconds, "edits_per_second": len(cases) / seconds if editor.method != "none" and seconds else None,
             "timings": timings, "curve": curve, "config": OmegaConf.to_container(conf, resolve=True),
             "hparams": OmegaConf.to_container(OmegaConf.masked_copy(cfg.edit, ["layer", "layers", "variant", "v", "memit",
                                                                            "alphaedit", "mom2_adjustment"]), resolve=True)})

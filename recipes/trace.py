@@ -18,7 +18,6 @@ traced facts are kept, and the same command resumes from them.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +27,19 @@ from tqdm.auto import tqdm
 
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.digest import slug, text_digest
-from pipeline.errors import UserError
-from pipeline.tracing.facts import Fact, load_facts
-from pipeline.core.loading import cache_root
-from pipeline.core.loading import LoadedModel, load_configured
-from pipeline.tracing.plots import plot_average, plot_fact, plot_lines
+from pipeline.core.loading import LoadedModel, cache_root, load_configured
+from pipeline.core.probability import answer_tokens, greedy_tokens, predicts
 from pipeline.core.signals import check_stop
 from pipeline.core.subject import fill_prompt
-from pipeline.tracing.trace import (AIE_MODES, BUCKETS, KINDS, TraceResult, answer_tokens, average_effects, greedy_tokens,
-                              make_prompt, predicts, recommend_layer, save_recommendation, subject_noise,
-                              trace_fact)
-
+from pipeline.core.timing import Clock
+from pipeline.errors import UserError
+from pipeline.tracing.aie import AIE_MODES, BUCKETS, average_effects, recommend_layer
+from pipeline.tracing.engine import KINDS, TraceResult, trace_fact
+from pipeline.tracing.facts import Fact, load_facts
+from pipeline.tracing.noise import subject_noise
+from pipeline.tracing.plots import plot_average, plot_fact, plot_lines
+from pipeline.tracing.prompt import make_prompt
+from pipeline.tracing.recommendation import save_recommendation
 
 
 def _check(cfg: DictConfig) -> None:
@@ -67,7 +68,7 @@ def _noise(cfg: DictConfig, loaded: LoadedModel) -> float:
     if cfg.trace.noise is not None:
         return float(cfg.trace.noise)
     level, path = subject_noise(loaded.model, loaded.spec, loaded.tokenizer, loaded.identity,
-                                cfg.trace.noise_subjects, cache_root(cfg), float(cfg.trace.noise_factor))
+                                cfg.trace.noise_subjects, cache_root(cfg), factor=float(cfg.trace.noise_factor))
     print(f"noise: nu = {level:.4f} ({cfg.trace.noise_factor} x the subject-embedding std, {path})")
     return level
 
@@ -102,14 +103,14 @@ def _trace(cfg: DictConfig, loaded: LoadedModel, fact_dir: Path, prompt: str, su
             bar.update(n)
             check_stop("the fact was not finished and nothing was written; to trace it, run the same command")
 
-    start = time.perf_counter()
+    clock = Clock(loaded.model)
     try:
         res = trace_fact(loaded.model, loaded.spec, p, noise=noise, samples=t.samples, seed=seed,
                          kinds=list(t.kinds), window=t.window, batch_size=t.batch_size, progress=on_chunk)
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - start
+    seconds = clock.lap("trace")
     with atomic_dir(fact_dir) as tmp:
         res.save(tmp / "scores.npz", settings=settings, prompt=p.text, seconds=seconds)
         if t.plots:
@@ -155,7 +156,8 @@ def trace_one(cfg: DictConfig, loaded: LoadedModel, noise: float) -> TraceResult
     fact_dir = out / f"{slug(cfg.subject)}-{key}"
     settings = _settings(cfg, loaded, noise, int(cfg.seed), {"prompt": text, "subject": cfg.subject,
                                                            "answer_id": answer_id})
-    res = _trace(cfg, loaded, fact_dir, cfg.prompt, cfg.subject, answer_id, noise, int(cfg.seed), settings, progress=True)
+    res = _trace(cfg, loaded, fact_dir, cfg.prompt, cfg.subject, answer_id, noise, int(cfg.seed), settings,
+                 progress=True)
     print(f"p({res.answer.strip()}): clean {res.p_clean:.4f}, corrupted {res.p_corrupted:.4f}, "
           f"total effect {res.total_effect:+.4f}")
     print(f"largest effects: {_peaks(res)}")
@@ -175,7 +177,7 @@ def trace_dataset(cfg: DictConfig, loaded: LoadedModel, noise: float) -> dict:
     out = Path(t.out)
     results: list[TraceResult] = []
     skipped: list[dict] = []
-    start = time.perf_counter()
+    clock = Clock(loaded.model)
     bar = tqdm(facts, desc="trace", unit="fact", dynamic_ncols=True)
     for fact in bar:
         check_stop(f"{len(results)} fact(s) traced so far are kept in {out / 'facts'}; to resume, run the same command")
@@ -195,9 +197,10 @@ def trace_dataset(cfg: DictConfig, loaded: LoadedModel, noise: float) -> dict:
         results.append(_trace(cfg, loaded, fact_dir, fact.prompt, fact.subject, answer_id, noise, seed, settings))
         bar.set_postfix(kept=len(results), skipped=len(skipped))
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds = clock.lap("trace")
+    some = ", ".join(s["subject"] for s in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
     print(f"kept {len(results)} of {len(facts)} facts: the model predicts the answer of those "
-          f"(skipped {len(skipped)}: {', '.join(s['subject'] for s in skipped[:3])}{', ...' if len(skipped) > 3 else ''})")
+          f"(skipped {len(skipped)}: {some})")
     if not results:
         raise UserError(f"the model knows none of the {len(facts)} facts in {t.dataset}; nothing to average")
     return _summarise(cfg, loaded, noise, results, skipped, len(facts), seconds)
@@ -211,12 +214,13 @@ def _json_array(a: np.ndarray) -> list:
 def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list[TraceResult],
                skipped: list[dict], n_records: int, seconds: float) -> dict:
     t, out = cfg.trace, Path(cfg.trace.out)
-    aie = average_effects(results, str(t.aie))
+    aie = average_effects(results, mode=str(t.aie))
     layer = recommend_layer(aie)
     last_subj = aie["mlp"]["mean"][BUCKETS.index("last subject token")]
     name = str(cfg.model.name)
     summary = {
-        "model": loaded.identity, "dataset": str(t.dataset), "start": int(t.start), "records": n_records, "known": len(results),
+        "model": loaded.identity, "dataset": str(t.dataset), "start": int(t.start), "records": n_records,
+        "known": len(results),
         "skipped": skipped, "noise": noise, "samples": t.samples, "window": t.window, "seed": int(cfg.seed),
         "mean_p_clean": float(np.mean([r.p_clean for r in results])),
         "mean_p_corrupted": float(np.mean([r.p_corrupted for r in results])),

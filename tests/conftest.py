@@ -130,7 +130,8 @@ def check_fast_value_loss(loaded, layer: int, delta_scale: float, v0_norm: float
     (``reference_loss``), at δ = 0 and at a seeded random δ: asserts they agree and returns the fast (δ = 0, δ)."""
     import types
 
-    from pipeline.editors.value import ValueBatch, build_rows, reference_loss, value_loss
+    from pipeline.editors.reference import reference_loss
+    from pipeline.editors.value import ValueBatch, build_rows, value_loss
 
     tok, model, spec = loaded.tokenizer, loaded.model, loaded.spec
     hp = types.SimpleNamespace(kl_factor=0.0625, weight_decay=0.5)

@@ -51,7 +51,7 @@ def test_a_study_method_is_defined_on_the_command_line_from_its_class_file():
 def test_model_files_set_the_releases_edit_and_method_hyperparameters(tmp_path):
     from omegaconf import OmegaConf
 
-    from pipeline.editors.factory import edit_defaults
+    from pipeline.editors.settings import edit_defaults
 
     clamp = {m: compose([f"model.name={m}"]).edit.v.clamp_norm_factor for m in ("gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-j-6B", "smollm2-135m")}
     assert clamp == {"gpt2-medium": 3.0, "gpt2-large": 4.0, "gpt2-xl": 4.0, "EleutherAI/gpt-j-6B": 4.0, "smollm2-135m": 4.0}

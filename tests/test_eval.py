@@ -90,26 +90,28 @@ def test_shared_counterfact_and_zsre_files():
 
 
 def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_dir, tmp_path):
-    from modules.evaluator import CaseEvaluator
-    from modules.methods import EvalContext, Method, build_methods
+    from modules.evaluator import CaseEvaluator, EvalContext
+    from pipeline.editors.factory import build_editor
+    from pipeline.editors.none import NoEditor
     from pipeline.evaluation.case_log import CaseLog
     from pipeline.evaluation.scoring import Generation
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     cfg = configure([f"model.name={tiny_model_dir('llama')}", f"model.cache_dir={tmp_path}", "edit.layer=2",
-                   "eval.methods=[none,rome_identity_cov,ft_l]"])
+                     "eval.methods=[none,rome_identity_cov,ft_l]"])
 
-    class Breaks(Method):  # edits, then finds the case impossible
-        def apply(self, ctx, case, seed):
+    class Breaks(NoEditor):  # edits, then finds the case impossible
+        edits_weights = True
+
+        def begin(self, requests):
             with torch.no_grad():
-                ctx.loaded.spec.down_proj_weight(ctx.loaded.model, 2).add_(1.0)
+                self.spec.down_proj_weight(self.model, 2).add_(1.0)
             raise UserError("cannot edit this one")
 
-    methods = build_methods(cfg) + [Breaks("breaks", cfg.method.none)]
+    methods = [build_editor(cfg, loaded, m, measure_only=True) for m in cfg.eval.methods]
+    methods.append(Breaks("breaks", loaded.model, loaded.tokenizer, loaded.spec, cfg.method.none, [2]))
     ctx = EvalContext(cfg, loaded, 2)
-    for m in methods:
-        m.setup(ctx)
     cases, _ = load_cases(_write(tmp_path / "c.json", [FLAT]))
     ev = CaseEvaluator(ctx, {0: cases[0]}, {0: methods}, [], CaseLog(tmp_path), Generation(tokens=4, top_k=5, do_sample=True), None, 0,
                        "counterfact", methods)
@@ -126,37 +128,35 @@ def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_di
 
 
 def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits_its_own_layer(tiny_model_dir, tmp_path):
-    from modules.evaluator import CaseEvaluator
-    from modules.methods import EvalContext, build_methods
+    from modules.evaluator import CaseEvaluator, EvalContext
+    from pipeline.editors.factory import build_editor
     from pipeline.evaluation.case_log import CaseLog
     from pipeline.evaluation.scoring import Generation
 
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")  # GPT-2's c_proj has a bias
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     cfg = configure([f"model.name={tiny_model_dir('gpt2')}", f"model.cache_dir={tmp_path}", "edit.layer=2",
-                   "eval.methods=[ft_l,rome_l1]", "method.rome_l1={class: rome, mom2_adjustment: false, layer: 1}",
-                   "method.ft_l.norm_constraint=1e-2"])
-    methods = build_methods(cfg)
+                     "eval.methods=[ft_l,rome_l1]", "method.rome_l1={class: rome, mom2_adjustment: false, layer: 1}",
+                     "method.ft_l.norm_constraint=1e-2"])
+    methods = [build_editor(cfg, loaded, m, measure_only=True) for m in cfg.eval.methods]
     ctx = EvalContext(cfg, loaded, 2)
-    assert [m.layer(ctx) for m in methods] == [0, 1]
-    assert methods[0].touched(ctx) == ["transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias"]
-    for m in methods:
-        m.setup(ctx)
+    assert [m.layers[0] for m in methods] == [0, 1]
+    assert methods[0].touched() == ["transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias"]
     cases, _ = load_cases(_write(tmp_path / "c.json", [FLAT]))
     ev = CaseEvaluator(ctx, {0: cases[0]}, {0: methods}, [], CaseLog(tmp_path), Generation(tokens=0, top_k=5, do_sample=True),
                        None, 0, "counterfact", methods)
     seen = {}
-    original_apply = [m.apply for m in methods]
+    original_edit = [m.edit for m in methods]
 
     def watch(i, m):
-        def apply(ctx_, case, seed):
-            out = original_apply[i](ctx_, case, seed)
+        def edit(requests):
+            out = original_edit[i](requests)
             seen[m.name] = {k for k, v in loaded.model.state_dict().items() if not torch.equal(v, before[k])}
             return out
-        return apply
+        return edit
 
     for i, m in enumerate(methods):
-        m.apply = watch(i, m)
+        m.edit = watch(i, m)
     recs = ev.evaluate(cases[0], methods)
     assert [r["status"] for r in recs] == ["ok", "ok"] and 0 < recs[0]["info"]["linf"] <= 1e-2 + 1e-6
     assert seen["ft_l"] == {"transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias"}
@@ -227,20 +227,19 @@ def test_cli_outputs_resume_and_bad_config(tiny_model_dir, small_wiki, tmp_path)
 
 
 def test_results_of_another_run_are_refused(tmp_path):
-    from modules.methods import Method
     from recipes.eval import _check_run
 
     cfg = configure([])
-    methods = [Method("none", cfg.method.none), Method("ft_l", cfg.method.ft_l)]
+    methods = {"none": dict(cfg.method.none), "ft_l": dict(cfg.method.ft_l)}
     identity = {"model": {"name": "m", "revision": "r"}, "generation": {"tokens": 50}}
     run = _check_run(tmp_path, identity, methods)
     (tmp_path / "run.json").write_text(json.dumps(run))
-    assert _check_run(tmp_path, identity, methods[:1]) == run  # fewer methods: fine, the record keeps them all
+    assert _check_run(tmp_path, identity, {"none": methods["none"]}) == run  # fewer methods: fine, the record keeps them all
     with pytest.raises(UserError, match="another run .different generation"):
         _check_run(tmp_path, {**identity, "generation": {"tokens": 3}}, methods)
     other = configure(["method.ft_l.lr=0.1"])
     with pytest.raises(UserError, match="'ft_l' results made with another configuration"):
-        _check_run(tmp_path, identity, [Method("ft_l", other.method.ft_l)])
+        _check_run(tmp_path, identity, {"ft_l": dict(other.method.ft_l)})
 
 
 def test_cli_zsre_token_accuracy(tiny_model_dir, small_wiki, tmp_path):

@@ -66,7 +66,7 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(ti
     import signal
 
     import train
-    from recipes import eval_scale
+    from pipeline.editors.base import Editor
 
     os.environ.update(OFFLINE)
     args = ["stage=eval", "eval.mode=sequential", f"model.name={tiny_model_dir('gpt2')}", "model.device=cpu",
@@ -76,17 +76,17 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(ti
             "eval.generation.tokens=0", "eval.heldout.articles=5", "eval.heldout.max_length=32", "eval.known.n=30",
             "edit.layer=2", "edit.layers=[1,2]", "edit.v.steps=2", "edit.memit.v.steps=2", f"eval.out={tmp_path / 'out'}",
             "eval.methods=[rome,memit]"]
-    edit = eval_scale.Editor.edit
+    edit = Editor.edit
     calls = []
 
-    def edit_then_signal(self, requests):  # a real SIGTERM to this process during memit's first batch
+    def edit_then_signal(self, requests, on_step=None):  # a real SIGTERM to this process during memit's first batch
         calls.append(self.name)
-        timings = edit(self, requests)
+        edits = edit(self, requests, on_step)
         if self.name == "memit":
             os.kill(os.getpid(), signal.SIGTERM)
-        return timings
+        return edits
 
-    monkeypatch.setattr(eval_scale.Editor, "edit", edit_then_signal)
+    monkeypatch.setattr(Editor, "edit", edit_then_signal)
     assert train.main(args) == 143
     err = capsys.readouterr().err
     assert [l for l in err.splitlines() if l.startswith("interrupted:")] == [

@@ -31,7 +31,8 @@ def context(loaded, method, layers, *overrides, c=None):
     hp = configure(["edit.v.steps=3", "edit.memit.v.steps=4", *overrides]).edit
     d = loaded.spec.key_size(loaded.model, layers[0])
     c = random_spd(d) if c is None else c
-    ctx = memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, method, layers, TEMPLATES, hp)
+    editor = memit.AlphaEditEditor if method == "alphaedit" else memit.MemitEditor
+    ctx = editor(method, loaded.model, loaded.tokenizer, loaded.spec, hp, layers, TEMPLATES, batch_size=100)
     for l in layers:
         ctx.solvers[l] = KeySolver(c)
         ctx.projectors[l] = null_space_projector(*eigendecomposition(c), float(hp.alphaedit.nullspace_threshold))[0]
@@ -119,9 +120,11 @@ def test_bad_layer_sets_are_refused(tiny_model_dir):
     hp = configure([]).edit
     for layers, match in (([3, 2], "increasing"), ([], "increasing"), ([2, 9], "out of range")):
         with pytest.raises(UserError, match=match):
-            memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, "memit", layers, TEMPLATES, hp)
-    with pytest.raises(UserError, match="not a batch method"):
-        memit.BatchContext(loaded.model, loaded.tokenizer, loaded.spec, "rome", [1], TEMPLATES, hp)
+            memit.MemitEditor("memit", loaded.model, loaded.tokenizer, loaded.spec, hp, layers, TEMPLATES, batch_size=100)
+    from pipeline.editors.factory import build_editor
+
+    with pytest.raises(UserError, match="not an editor"):
+        build_editor(configure(["edit.method=rome_batches"]), loaded)
 
 
 def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_dir, small_wiki, tmp_path):

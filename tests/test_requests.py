@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.core.requests import parse_requests
-from pipeline.core.subject import fill_prompt, subject_last_token, subject_token_range
+from pipeline.core.subject import fill_prompt, subject_token_range
 
 EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
 
@@ -53,6 +53,12 @@ def test_files_and_counterfact_schemas(tmp_path):
 def test_bad_requests(bad, match):
     with pytest.raises(UserError, match=re.escape(match)):
         parse_requests(json.dumps(bad) if isinstance(bad, dict) else bad)
+
+
+def subject_last_token(tokenizer, template: str, subject: str) -> int:
+    """Index of the subject's last token in the tokenised, filled-in prompt (what the editors read k* at)."""
+    text, start, end = fill_prompt(template, subject)
+    return subject_token_range(tokenizer, text, start, end)[1] - 1
 
 
 def test_subject_tokens_with_bos_at_start_and_multi_token(tiny_model_dir):

@@ -11,7 +11,7 @@ from torch import nn
 from conftest import ROOT
 from pipeline.editors import rome
 from pipeline.core.loading import configure
-from pipeline.editors.factory import edit_defaults
+from pipeline.editors.settings import edit_defaults
 from pipeline.core.loading import load_model
 from pipeline.editors.rank_one import KeySolver
 from pipeline.core.requests import parse_requests
@@ -67,17 +67,17 @@ def _params(model):
 
 
 def test_an_edit_never_moves_or_copies_the_model(tiny_model_dir):
-    from recipes.edit import edit_requests
+    from modules.edit_loop import fit_edits
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     cfg = configure([f"model.name={tiny_model_dir('llama')}", "edit.layer=2", "edit.generate_tokens=0",
                    "edit.verify.enabled=false", "edit.v.steps=3"])
-    ctx = rome.EditContext(loaded.model, loaded.tokenizer, loaded.spec, 2, TEMPLATES, KeySolver(None), cfg.edit)
+    ctx = rome.RomeEditor("rome", loaded.model, loaded.tokenizer, loaded.spec, cfg.edit, 2, TEMPLATES, KeySolver(None))
     before = _params(loaded.model)
     weight = loaded.spec.down_proj_weight(loaded.model, 2)
     w0 = weight.detach().clone()
     with _ApplySpy(loaded.model) as spy:
-        results = edit_requests(ctx, parse_requests([EIFFEL, DARRIEUX]), None, loaded.identity, cfg, progress=False)
+        results = fit_edits(ctx, parse_requests([EIFFEL, DARRIEUX]), cfg, progress=False)
         rome.edit(loaded.model, loaded.tokenizer, EIFFEL, layer=2, hparams=cfg.edit, templates=TEMPLATES)
     assert spy.calls == [], f"Module._apply reached the model: {spy.calls[:5]}"
     assert _params(loaded.model) == before  # same devices, same storage, same dtypes

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.stats.second_moment import StatsCache, StatsKey, accumulate_second_moment
+from pipeline.stats.second_moment import accumulate_second_moment
+from pipeline.stats.store import StatsCache, StatsKey
 
 
 def key(**kw):
@@ -91,6 +92,7 @@ def test_convergence_readout_changes_and_hint():
         assert point["c_change"] == pytest.approx(float((c - c_before).norm() / c.norm()), rel=1e-9)
     u_changes = [p["u_change"] for p in points[2:]]
     assert all(u is not None for u in u_changes) and u_changes[-1] < u_changes[0] / 4  # shrinks as tokens double
-    assert converged_hint({6: points}, threshold=1.0) is not None and converged_hint({6: points}, threshold=1e-9) is None
+    assert (converged_hint({6: points}, threshold=1.0) is not None
+            and converged_hint({6: points}, threshold=1e-9) is None)
     assert converged_hint({4: points, 6: points[:1]}, threshold=1.0) is None  # every layer must have converged
     assert "from 2,048 to 4,096 tokens" in converged_hint({6: points}, threshold=1.0)

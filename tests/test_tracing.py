@@ -7,18 +7,27 @@ import signal
 import numpy as np
 import pytest
 import torch
-
 from conftest import DATA, FAMILIES, run_cli, signal_run
 
-from pipeline.errors import UserError
-from pipeline.tracing.facts import load_facts
 from pipeline.core.loading import load_model
+from pipeline.core.probability import greedy_tokens
+from pipeline.errors import UserError
+from pipeline.tracing.aie import BUCKETS, average_effects, bucket_rows, recommend_layer
+from pipeline.tracing.engine import KINDS, TraceResult, trace_fact
+from pipeline.tracing.facts import load_facts
+from pipeline.tracing.noise import fact_noise
 from pipeline.tracing.plots import fact_title
-from pipeline.tracing.trace import (BUCKETS, KINDS, TraceResult, average_effects, bucket_scores, greedy_tokens,
-                              latest_recommendation, make_prompt, recommend_layer, save_recommendation,
-                              trace_fact, trace_fact_per_cell, trace_with_patch, fact_noise)
+from pipeline.tracing.prompt import make_prompt
+from pipeline.tracing.recommendation import latest_recommendation, save_recommendation
+from pipeline.tracing.reference import trace_fact_per_cell, trace_with_patch
 
 PROMPT, SUBJECT = "In Paris, {} is in", "the Eiffel Tower"  # the subject mid-prompt: tokens before it too
+WINDOW, BATCH = 10, 320  # trace.window and trace.batch_size of configs/config.yaml, where tests do not vary them
+
+
+def bucket_scores(effect, subject):
+    """The test's view of one fact's buckets: one [layers] row each, the mean of its tokens (None: no token)."""
+    return [rows.mean(axis=0) if len(rows) else None for rows in bucket_rows(effect, subject)]
 
 
 def _fact(model_dir):
@@ -32,7 +41,7 @@ def _fact(model_dir):
 def test_batched_equals_one_cell_at_a_time(tiny_model_dir, family):
     lm, p = _fact(tiny_model_dir(family))
     assert p.subject[0] > 1, "the prompt must have tokens before the subject"
-    opts = dict(noise=1.0, samples=3, seed=7, window=2)
+    opts = dict(noise=1.0, samples=3, seed=7, window=2, kinds=KINDS)
     ref = trace_fact_per_cell(lm.model, lm.spec, p, **opts)
     assert max(np.abs(ref.effects[k]).max() for k in KINDS) > 1e-3  # real effects to compare
     # big passes with the KV prefix; small passes that cut tokens and layers apart; no prefix at all
@@ -52,20 +61,21 @@ def test_restoring_every_hidden_state_gives_back_the_clean_probability(tiny_mode
     noise = fact_noise(lm.model, lm.spec, p, 1.0, 4, seed=0)
     p_clean, p_corrupted = trace_with_patch(lm.model, lm.spec, p, noise, [])
     assert abs(p_clean - p_corrupted) > 1e-3
-    everything = [(t, lm.spec.block_name(l)) for t in range(T) for l in range(n)]
+    everything = [(t, lm.spec.block_name(layer)) for t in range(T) for layer in range(n)]
     assert trace_with_patch(lm.model, lm.spec, p, noise, everything)[1] == pytest.approx(p_clean, abs=1e-7)
-    for l in range(n):  # one layer's hidden state at every token determines everything after it
-        every_token = [(t, lm.spec.block_name(l)) for t in range(T)]
+    for layer in range(n):  # one layer's hidden state at every token determines everything after it
+        every_token = [(t, lm.spec.block_name(layer)) for t in range(T)]
         assert trace_with_patch(lm.model, lm.spec, p, noise, every_token)[1] == pytest.approx(p_clean, abs=1e-7)
     # batched: the last layer's state at the last token is the whole answer
-    res = trace_fact(lm.model, lm.spec, p, noise=1.0, samples=4, seed=0, kinds=["hidden"])
+    res = trace_fact(lm.model, lm.spec, p, noise=1.0, samples=4, seed=0, kinds=["hidden"], window=WINDOW,
+                     batch_size=BATCH)
     assert res.effects["hidden"][T - 1, n - 1] == pytest.approx(res.total_effect, abs=1e-7)
     assert np.abs(res.effects["hidden"][: T - 1, n - 1]).max() < 1e-7  # other tokens' last states: unused
 
 
 def test_zero_noise_gives_zero_effect_everywhere(tiny_model_dir):
     lm, p = _fact(tiny_model_dir("gpt2"))
-    res = trace_fact(lm.model, lm.spec, p, noise=0.0, samples=3, seed=0, window=2)
+    res = trace_fact(lm.model, lm.spec, p, noise=0.0, samples=3, seed=0, window=2, kinds=KINDS, batch_size=BATCH)
     assert res.p_corrupted == pytest.approx(res.p_clean, abs=1e-7)
     for k in KINDS:
         assert np.abs(res.effects[k]).max() < 1e-7
@@ -73,7 +83,8 @@ def test_zero_noise_gives_zero_effect_everywhere(tiny_model_dir):
 
 def test_same_seed_same_scores(tiny_model_dir):
     lm, p = _fact(tiny_model_dir("qwen2"))
-    run = lambda seed, bs=320: trace_fact(lm.model, lm.spec, p, noise=1.0, samples=3, seed=seed, batch_size=bs)  # noqa: E731
+    run = lambda seed, bs=BATCH: trace_fact(lm.model, lm.spec, p, noise=1.0, samples=3, seed=seed,  # noqa: E731
+                                            kinds=KINDS, window=WINDOW, batch_size=bs)
     a, b, c, small = run(3), run(3), run(4), run(3, bs=3)
     for k in KINDS:
         assert np.array_equal(a.effects[k], b.effects[k])
@@ -84,7 +95,8 @@ def test_same_seed_same_scores(tiny_model_dir):
 
 def test_scores_file_round_trip(tmp_path, tiny_model_dir):
     lm, p = _fact(tiny_model_dir("gpt2"))
-    res = trace_fact(lm.model, lm.spec, p, noise=1.0, samples=2, seed=0, window=2, kinds=["mlp", "hidden"])
+    res = trace_fact(lm.model, lm.spec, p, noise=1.0, samples=2, seed=0, window=2, kinds=["mlp", "hidden"],
+                     batch_size=BATCH)
     res.save(tmp_path / "scores.npz", settings={"a": 1})
     back, meta = TraceResult.load(tmp_path / "scores.npz")
     assert meta["settings"] == {"a": 1} and back.tokens == p.tokens and back.subject == p.subject
@@ -110,7 +122,7 @@ def test_buckets_follow_figure_2():
 def test_average_effects_and_recommended_layer():
     a, b = np.zeros((6, 4)), np.zeros((6, 4))
     a[2, 1], b[2, 1], b[2, 3] = 0.5, 0.3, 0.35  # last subject token (subject 0..2): layer 1 on average
-    aie = average_effects([_result(a, (0, 3)), _result(b, (0, 3))], "per_fact")
+    aie = average_effects([_result(a, (0, 3)), _result(b, (0, 3))], mode="per_fact")
     row = aie["mlp"]["mean"][BUCKETS.index("last subject token")]
     np.testing.assert_allclose(row, [0, 0.4, 0, 0.175])
     assert aie["mlp"]["ci95"][2, 1] == pytest.approx(1.96 * np.std([0.5, 0.3], ddof=1) / np.sqrt(2))
@@ -122,7 +134,7 @@ def test_paper_averages_pool_the_tokens_of_a_bucket_and_subtract_the_mean_corrup
     rng = np.random.default_rng(0)
     a, b = rng.uniform(-0.1, 0.5, (6, 3)), rng.uniform(-0.1, 0.5, (7, 3))  # effects, 3 layers
     facts = [_result(a, (0, 3), p_corrupted=0.1), _result(b, (0, 4), p_corrupted=0.3)]  # 1 and 2 middle tokens
-    paper, per_fact = average_effects(facts), average_effects(facts, "per_fact")
+    paper, per_fact = average_effects(facts, mode="paper"), average_effects(facts, mode="per_fact")
     mid, last_subj = BUCKETS.index("middle subject tokens"), BUCKETS.index("last subject token")
     # ROME's notebook: mean of the restored probabilities of all three middle tokens - mean P(corrupted)
     scores = np.stack([a[1] + 0.1, b[1] + 0.3, b[2] + 0.3])
@@ -133,10 +145,11 @@ def test_paper_averages_pool_the_tokens_of_a_bucket_and_subtract_the_mean_corrup
     # one-token buckets: the same averages (so the same recommended layer), the notebook's CI
     np.testing.assert_allclose(paper["mlp"]["mean"][last_subj], (a[2] + b[3]) / 2)
     np.testing.assert_allclose(per_fact["mlp"]["mean"][last_subj], (a[2] + b[3]) / 2)
-    np.testing.assert_allclose(paper["mlp"]["ci95"][last_subj], 1.96 * np.std([a[2] + 0.1, b[3] + 0.3], axis=0) / np.sqrt(2))
+    np.testing.assert_allclose(paper["mlp"]["ci95"][last_subj],
+                               1.96 * np.std([a[2] + 0.1, b[3] + 0.3], axis=0) / np.sqrt(2))
     assert recommend_layer(paper) == recommend_layer(per_fact)
     with pytest.raises(UserError, match="trace.aie=mean"):
-        average_effects(facts, "mean")
+        average_effects(facts, mode="mean")
 
 
 def test_recommendation_lookup(tmp_path):
@@ -176,8 +189,9 @@ def test_bad_fact_files(tmp_path):
 
 
 def _cli(model_dir, tmp_path, *args):
-    return run_cli("stage=trace", f"model.name={model_dir}", "model.device=cpu", f"model.cache_dir={tmp_path / 'cache'}",
-                   f"trace.out={tmp_path / 'out'}", "trace.samples=2", "trace.window=2", *args)
+    return run_cli("stage=trace", f"model.name={model_dir}", "model.device=cpu",
+                   f"model.cache_dir={tmp_path / 'cache'}", f"trace.out={tmp_path / 'out'}", "trace.samples=2",
+                   "trace.window=2", *args)
 
 
 def test_cli_one_fact_and_bad_input(tiny_model_dir, tmp_path):
@@ -222,7 +236,8 @@ def test_cli_dataset_summary_and_recommendation(tiny_model_dir, tmp_path):
                                         ("The capital of {} is", "France"), ("{} was born in", "Albert Einstein")] * 3):
         text = tpl.replace("{}", subject)
         answer = lm.tokenizer.decode(greedy_tokens(lm.model, torch.tensor([lm.tokenizer(text)["input_ids"]]), 2))
-        records.append({"known_id": i, "subject": subject, "template": tpl, "prompt": text, "attribute": answer.strip()})
+        records.append({"known_id": i, "subject": subject, "template": tpl, "prompt": text,
+                        "attribute": answer.strip()})
     records.append({"known_id": 9, "subject": "Miles Davis", "prompt": "Miles Davis plays the", "attribute": "qqqq"})
     records.append({"known_id": 10, "subject": "Mars", "prompt": "The moon of Jupiter is", "attribute": "Io"})
     (tmp_path / "facts.json").write_text(json.dumps(records))
@@ -233,11 +248,12 @@ def test_cli_dataset_summary_and_recommendation(tiny_model_dir, tmp_path):
     args = ("stage=trace", f"model.name={d}", "model.device=cpu", f"model.cache_dir={tmp_path / 'cache'}",
             f"trace.out={out}", "trace.samples=2", "trace.window=2", f"trace.dataset={tmp_path / 'facts.json'}",
             "trace.plots=false")
-    code, lines = signal_run(args, signal.SIGINT, lambda lines: any(l.startswith("noise: nu =") for l in lines))
+    code, lines = signal_run(args, signal.SIGINT, lambda lines: any(x.startswith("noise: nu =") for x in lines))
     assert code == 130, "\n".join(lines[-20:])
     traced = {p: p.stat().st_mtime_ns for p in (out / "facts").glob("*/scores.npz")} if (out / "facts").exists() else {}
-    assert len(traced) < 9 and [l for l in lines if l.startswith("interrupted:")] == [
-        f"interrupted: {len(traced)} fact(s) traced so far are kept in {out / 'facts'}; to resume, run the same command"]
+    assert len(traced) < 9 and [x for x in lines if x.startswith("interrupted:")] == [
+        f"interrupted: {len(traced)} fact(s) traced so far are kept in {out / 'facts'}; to resume, run the same "
+        "command"]
     assert not (out / "summary.json").exists()
     r = _cli(d, tmp_path, f"trace.dataset={tmp_path / 'facts.json'}", "trace.plots=false")
     assert r.returncode == 0, r.stderr
@@ -249,7 +265,8 @@ def test_cli_dataset_summary_and_recommendation(tiny_model_dir, tmp_path):
     assert "not 'qqqq'" in reasons["Miles Davis"] and "not in the prompt" in reasons["Mars"]
     mlp = np.array(summary["average_indirect_effect"]["mlp"]["mean"], dtype=float)
     assert mlp.shape == (len(BUCKETS), 4) and summary["aie"] == "paper"
-    assert summary["average_indirect_effect"]["mlp"]["facts_per_bucket"][BUCKETS.index("last token")] == summary["known"]
+    per_bucket = summary["average_indirect_effect"]["mlp"]["facts_per_bucket"]
+    assert per_bucket[BUCKETS.index("last token")] == summary["known"]
     assert summary["recommended_layer"] == int(np.argmax(mlp[BUCKETS.index("last subject token")]))
     for stem in ("aie_hidden", "aie_mlp", "aie_attn", "aie_lines"):
         assert (out / f"{stem}.png").stat().st_size > 0 and (out / f"{stem}.pdf").stat().st_size > 0

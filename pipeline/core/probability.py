@@ -1,5 +1,5 @@
 """P(x | prompt) as the paper defines it: exp(mean log-probability of the tokens of " " + x after prompt),
-batched over (prompt, target) pairs; and greedy continuations."""
+batched over (prompt, target) pairs; greedy continuations; and whether the model predicts an answer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pipeline.core.generation import generate_tokens
 from pipeline.core.padding import right_pad
 from pipeline.core.timing import model_device
 
-__all__ = ["target_log_probs", "target_probs", "target_argmax", "greedy_continuation", "target_token_ids", "new_and_true_probs"]
+__all__ = ["target_log_probs", "target_probs", "target_argmax", "greedy_continuation", "target_token_ids",
+           "new_and_true_probs", "answer_tokens", "greedy_tokens", "predicts"]
 
 
 def target_token_ids(tokenizer: Any, target: str) -> list[int]:
@@ -42,7 +43,8 @@ def _teacher_forced(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[st
 def target_log_probs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
                      batch_size: int) -> torch.Tensor:
     """Mean log-probability of each target's tokens after its prompt, teacher-forced; shape [n]."""
-    out = [logp.gather(-1, tok[:, None]).mean() for logp, tok in _teacher_forced(model, tokenizer, prompts, targets, batch_size)]
+    out = [logp.gather(-1, tok[:, None]).mean()
+           for logp, tok in _teacher_forced(model, tokenizer, prompts, targets, batch_size)]
     return torch.stack(out).cpu()
 
 
@@ -58,8 +60,9 @@ def target_probs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str
     return target_log_probs(model, tokenizer, prompts, targets, batch_size).exp()
 
 
-def new_and_true_probs(model: torch.nn.Module, tokenizer: Any, sets: Mapping[str, tuple[Sequence[str], Sequence[str | None]]],
-                       target_new: str, batch_size: int) -> dict[str, dict[str, list[float]]]:
+def new_and_true_probs(model: torch.nn.Module, tokenizer: Any,
+                       sets: Mapping[str, tuple[Sequence[str], Sequence[str | None]]], target_new: str,
+                       batch_size: int) -> dict[str, dict[str, list[float]]]:
     """P(target_new) and P(true object) on named prompt sets, in one batched pass over all pairs.
 
     ``sets``: name -> (prompts, the true object of each prompt, or None where there is none). Returns
@@ -83,3 +86,39 @@ def greedy_continuation(model: torch.nn.Module, tokenizer: Any, prompt: str, max
     """Plain greedy decoding (no repetition penalty a checkpoint may set), up to end-of-text."""
     new = generate_tokens(model, tokenizer, [prompt], max_new_tokens, top_k=None, exact_length=False)
     return tokenizer.decode(new[0], skip_special_tokens=True)
+
+
+# Whether the model knows a fact (the trace stage keeps only those; the retention metric counts them). The
+# rule decodes by hand, one argmax per full forward pass without a cache, so it is exact and the same on
+# every model, whatever generation settings a checkpoint ships.
+
+
+def answer_tokens(tokenizer: Any, text: str, answer: str) -> list[int]:
+    """The token ids the answer continues ``text`` with (a space between them unless one is there)."""
+    sep = "" if text[-1:].isspace() or answer[:1].isspace() else " "
+    prompt_ids = tokenizer(text)["input_ids"]
+    full_ids = tokenizer(text + sep + answer)["input_ids"]
+    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+        return full_ids[len(prompt_ids):]
+    # The tokenizer merged across the boundary: fall back to the answer encoded on its own.
+    return tokenizer(sep + answer, add_special_tokens=False)["input_ids"]
+
+
+@torch.inference_mode()
+def greedy_tokens(model: torch.nn.Module, input_ids: torch.Tensor, k: int) -> list[int]:
+    """The model's greedy continuation of ``input_ids`` [1, T], ``k`` tokens long."""
+    ids = input_ids.to(model_device(model))
+    out = []
+    for _ in range(k):
+        nxt = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+        out.append(int(nxt))
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return out
+
+
+def predicts(model: torch.nn.Module, tokenizer: Any, text: str, answer: str) -> tuple[bool, str]:
+    """Does the model know this fact?  Rule: its greedy continuation, as many tokens long as the answer,
+    starts with the answer (both stripped, case-insensitive).  Returns (known, the continuation)."""
+    want = answer_tokens(tokenizer, text, answer)
+    got = tokenizer.decode(greedy_tokens(model, torch.tensor([tokenizer(text)["input_ids"]]), len(want)))
+    return got.strip().lower().startswith(answer.strip().lower()), got

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.errors import UserError
 
-__all__ = ["fill_prompt", "subject_token_range", "subject_last_token", "to_template"]
+__all__ = ["fill_prompt", "subject_token_range", "to_template"]
 
 
 def to_template(prompt: str, subject: str) -> str:
@@ -42,9 +42,3 @@ def subject_token_range(tokenizer: Any, text: str, start: int, end: int) -> tupl
     if not hits:
         raise UserError(f"the subject at characters {start}..{end} of '{text}' maps to no token")
     return hits[0], hits[-1] + 1
-
-
-def subject_last_token(tokenizer: Any, template: str, subject: str) -> int:
-    """Index of the subject's last token in the tokenised, filled-in prompt."""
-    text, start, end = fill_prompt(template, subject)
-    return subject_token_range(tokenizer, text, start, end)[1] - 1

@@ -1,43 +1,52 @@
-"""Which layer an editor edits and the ``edit`` defaults for a model: resolved where the editors are built."""
+"""The one factory of editors: ``build_editor`` turns a configuration into an editor bound to a model.
+
+The edit stage, both eval protocols, the Python API and the benchmarks all build editors here. A method is
+named either by ``edit.method`` (the edit stage) or by a file of ``configs/method/`` (the eval stage: its
+``class:`` picks the editor, its other keys override the ``edit`` group, e.g. ``rome_identity_cov`` is ROME
+with ``mom2_adjustment: false``). Every editor module of this package registers itself on import.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Sequence
+import importlib
+import pkgutil
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import model_file_for
-from pipeline.core.loading import cache_root, configure
+import pipeline.editors
+from pipeline.config import nearest
+from pipeline.core.loading import LoadedModel
+from pipeline.editors.base import REGISTRY, Editor, LayerStatistics
 from pipeline.errors import UserError
 
-__all__ = ["edit_defaults", "edit_layer"]
+__all__ = ["build_editor", "method_class"]
+
+for _module in pkgutil.iter_modules(pipeline.editors.__path__):  # every editor registers itself
+    importlib.import_module(f"pipeline.editors.{_module.name}")
+
+def method_class(cfg: DictConfig, method: str | None) -> tuple[str, DictConfig]:
+    """(the editor's registry name, the method's own config) for ``method`` (a configs/method/ name) or, with
+    None, for ``edit.method``."""
+    if method is None:
+        name = str(cfg.edit.method)
+        conf = OmegaConf.create({"class": name})
+    else:
+        if method not in cfg.method:
+            raise UserError(f"unknown method '{method}'{nearest(method, list(cfg.method))} "
+                            f"(configs/method/ has: {', '.join(sorted(cfg.method))})")
+        conf = cfg.method[method]
+        name = str(conf.get("class", method))
+    if name not in REGISTRY:
+        raise UserError(f"method '{method or name}' names class '{name}', which is not an editor "
+                        f"(editors: {', '.join(sorted(REGISTRY))})")
+    return name, conf
 
 
-def edit_defaults(model: Any = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """The ``edit`` group as configured in ``configs/`` for ``model`` (a loaded HF model, a name, or None for
-    the default model), with ``edit.x=y`` style overrides: what the Python API uses when given no hparams."""
-    if model is None or isinstance(model, str):
-        return configure([*([f"model.name={model}"] if model else []), *overrides]).edit
-    config = getattr(model, "config", None)
-    names = [getattr(config, "name_or_path", "") or ""]
-    marker = Path(names[0]) / "rome_identity.json" if names[0] else None
-    if marker is not None and marker.is_file():  # the embedded models' converted copies name themselves
-        names.insert(0, json.loads(marker.read_text()).get("name", ""))
-    family = getattr(config, "model_type", None)
-    found = next((f for f in (model_file_for(n, model_type=family) for n in names if n) if f is not None), None)
-    return configure(list(overrides), model_file=found).edit
-
-
-def edit_layer(cfg: DictConfig, loaded: Any) -> int:
-    """``edit.layer`` checked against the model; ``auto`` takes the trace stage's latest recommendation."""
-    layer = cfg.edit.layer
-    if isinstance(layer, str) and layer == "auto":
-        from pipeline.tracing.trace import latest_recommendation
-
-        layer, path = latest_recommendation(cache_root(cfg), loaded.identity)
-        print(f"edit.layer=auto: layer {layer}, recommended by the trace stage in {path}")
-    if layer is None:
-        raise UserError("this model has no default edit layer; pass edit.layer=N (or edit.layer=auto after a trace)")
-    return loaded.spec.check_layer(loaded.model, layer, "edit.layer")
+def build_editor(cfg: DictConfig, loaded: LoadedModel, method: str | None = None,
+                 statistics: LayerStatistics | None = None, measure_only: bool = False) -> Editor:
+    """The editor ``method`` names (a configs/method/ file, or ``edit.method`` when None) for ``loaded``.
+    ``statistics(layers)`` returns C for the layers it needs (``modules.statistics`` computes what the cache
+    lacks); ``measure_only``: verification, rollback and generated text off (the evaluation measures the edit
+    as made)."""
+    name, conf = method_class(cfg, method)
+    return REGISTRY[name].from_config(method or name, cfg, loaded, conf, statistics, measure_only)

@@ -34,6 +34,9 @@ from torch import nn
 
 from pipeline.core.arch import ArchSpec
 from pipeline.errors import UserError
+from pipeline.editors.base import Edit, Editor, register
+from pipeline.editors.hparams import BatchHparams, typed
+from pipeline.editors.ledger import Ledger
 from pipeline.core.hooks import Trace, get_module
 from pipeline.core.padding import right_pad
 from pipeline.editors.rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
@@ -43,39 +46,13 @@ from pipeline.stats.spectrum import cached_eigendecomposition, null_space_projec
 from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows, subject_rows
 from pipeline.core.timing import Clock, model_device
 
-__all__ = ["BatchContext", "BatchResult", "batch_edit", "begin_batch", "finish_batch", "BatchState", "write_targets",
-           "subject_states", "PromptRows", "target_optimisation", "memit_right",
-           "alphaedit_right", "prepare", "METHODS"]
+__all__ = ["MemitEditor", "AlphaEditEditor", "BatchResult", "batch_edit", "begin_batch", "finish_batch", "BatchEdit", "write_targets",
+           "subject_states", "PromptRows", "target_optimisation", "memit_right", "alphaedit_right", "prepare", "METHODS"]
 
 METHODS = ("memit", "alphaedit")
 
 
-@dataclasses.dataclass
-class BatchContext:
-    """What every batch of a run shares. ``solvers[l]`` factorises C of layer l (MEMIT); ``projectors[l]``
-    is AlphaEdit's P and ``preserved[l]`` the Σ K Kᵀ of every earlier batch (updated by ``batch_edit``)."""
-
-    model: nn.Module
-    tokenizer: Any
-    spec: ArchSpec
-    method: str  # memit | alphaedit
-    layers: list[int]
-    templates: list[str]
-    hp: Any  # the edit group: hp.memit.*, hp.alphaedit.*
-    solvers: dict[int, KeySolver] = dataclasses.field(default_factory=dict)
-    projectors: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
-    preserved: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"edit.method={self.method} is not a batch method ({', '.join(METHODS)})")
-        if not self.layers or sorted(set(self.layers)) != list(self.layers):
-            raise UserError(f"edit.layers={self.layers} must be increasing layer indices (e.g. [2,3,4,5,6])")
-        for layer in self.layers:
-            self.spec.check_layer(self.model, layer, "edit.layers")
-
-
-def prepare(ctx: BatchContext, stats: dict[int, LayerStats]) -> dict[int, int]:
+def prepare(ctx: "MemitEditor", stats: dict[int, LayerStats]) -> dict[int, int]:
     """Factorise each layer's C once for the run (``ctx.solvers``) and, for AlphaEdit, build the null-space
     projectors from C's cached eigendecomposition (``ctx.projectors``); returns each projector's rank."""
     device = model_device(ctx.model)
@@ -112,7 +89,7 @@ class PromptRows:
     n_requests: int
 
     @classmethod
-    def build(cls, ctx: BatchContext, requests: Sequence[EditRequest]) -> "PromptRows":
+    def build(cls, ctx: "MemitEditor", requests: Sequence[EditRequest]) -> "PromptRows":
         rows, owner = [], []
         for i, r in enumerate(requests):
             found = subject_rows(ctx.tokenizer, [t.replace("{}", r.prompt) for t in ctx.templates], r.subject)
@@ -122,7 +99,7 @@ class PromptRows:
 
 
 @torch.no_grad()
-def subject_states(ctx: BatchContext, prompts: PromptRows, key_layers: Sequence[int],
+def subject_states(ctx: "MemitEditor", prompts: PromptRows, key_layers: Sequence[int],
                    out_layer: int | None) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """Per request, averaged over the templates, at the subject's last token: the down-projection inputs of
     ``key_layers`` ({layer: [n, d_ff]}) and the block output of ``out_layer`` ([n, d_model]); float32.
@@ -157,7 +134,7 @@ def subject_states(ctx: BatchContext, prompts: PromptRows, key_layers: Sequence[
     return {l: k / n_templates for l, k in keys.items()}, (out / n_templates if out is not None else None)
 
 
-def target_optimisation(ctx: BatchContext, requests: Sequence[EditRequest], h0: torch.Tensor) -> ValueOptimisation:
+def target_optimisation(ctx: "MemitEditor", requests: Sequence[EditRequest], h0: torch.Tensor) -> ValueOptimisation:
     """δ for every request at once: added to the last layer's block output at the subject's last token,
     ROME's loss per request, Adam per element (so each request gets what it would get alone)."""
     tok, hp = ctx.tokenizer, ctx.hp
@@ -187,45 +164,42 @@ def alphaedit_right(keys: torch.Tensor, projector: torch.Tensor, preserved: torc
 
 
 @dataclasses.dataclass
-class BatchState:
-    """A batch between ``begin_batch`` and ``write_targets``: h̄ and the running z optimisation."""
+class BatchEdit(Edit):
+    """A batch from ``begin_batch`` on: h̄, the running z optimisation, and once written, its result."""
 
     requests: list[EditRequest]
     h0: torch.Tensor  # [n, d_model] the last layer's residual stream, averaged over the templates
-    optimisation: ValueOptimisation
-    timings: dict[str, float]
+    result: "BatchResult | None" = None
 
 
-def begin_batch(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchState:
+def begin_batch(ctx: "MemitEditor", requests: Sequence[EditRequest]) -> BatchEdit:
     """Read h̄ at the last layer for every request and set up their δ optimisation (one batch of rows)."""
     clock = Clock(ctx.model)
     _, h0 = subject_states(ctx, PromptRows.build(ctx, requests), [], ctx.layers[-1])
     opt = target_optimisation(ctx, requests, h0)
     clock.lap("keys")
-    return BatchState(list(requests), h0, opt, clock.timings)
+    return BatchEdit(list(requests), h0, optimisation=opt, timings=clock.timings)
 
 
-def finish_batch(ctx: BatchContext, state: BatchState) -> BatchResult:
+def finish_batch(ctx: "MemitEditor", state: BatchEdit) -> BatchResult:
     """z = h̄ + δ once the optimisation is done, written into the layers."""
     result = write_targets(ctx, state.requests, state.h0 + state.optimisation.result())
     result.losses, result.p_target = state.optimisation.losses, state.optimisation.p_target
-    result.timings = {k: result.timings.get(k, 0.0) + state.timings.get(k, 0.0)
-                      for k in {*result.timings, *state.timings}}
+    for k, v in result.timings.items():
+        state.timings[k] = state.timings.get(k, 0.0) + v
+    result.timings = state.timings
+    state.result, state.status = result, "applied"
     return result
 
 
-def batch_edit(ctx: BatchContext, requests: Sequence[EditRequest]) -> BatchResult:
-    """One batch: z for every request, then one low-rank update per layer, written into the model in place."""
-    state = begin_batch(ctx, requests)
-    clock = Clock(ctx.model, state.timings)
-    with torch.enable_grad():
-        while not state.optimisation.step():
-            pass
-    clock.lap("v_star")
-    return finish_batch(ctx, state)
+def batch_edit(ctx: "MemitEditor", requests: Sequence[EditRequest]) -> BatchResult:
+    """One batch through every phase, in place: z for every request, then one low-rank update per layer."""
+    edit = ctx.begin(requests)
+    ctx.advance(edit, "verified")
+    return edit.result
 
 
-def write_targets(ctx: BatchContext, requests: Sequence[EditRequest], z: torch.Tensor) -> BatchResult:
+def write_targets(ctx: "MemitEditor", requests: Sequence[EditRequest], z: torch.Tensor) -> BatchResult:
     """Spread z − h̄ over the layer set, ascending, one low-rank update per layer written in place."""
     model, spec, hp, layers = ctx.model, ctx.spec, ctx.hp, ctx.layers
     timings = {"keys": 0.0, "solve": 0.0}
@@ -260,3 +234,83 @@ def write_targets(ctx: BatchContext, requests: Sequence[EditRequest], z: torch.T
             ctx.preserved[l] = add if l not in ctx.preserved else ctx.preserved[l] + add
     clock.lap("keys")
     return BatchResult(list(requests), list(layers), updates, final_keys, z.float(), [], [], residual, norms, timings)
+
+
+@register("memit")
+class MemitEditor(Editor):
+    """MEMIT: batches of ``edit.batch_size`` requests, one z optimisation and one solve per layer each.
+    ``solvers[l]`` factorises C of layer l; AlphaEdit adds ``projectors[l]`` (P) and ``preserved[l]``
+    (the Σ K Kᵀ of every earlier batch, updated as batches are written)."""
+
+    recordable = True
+    per_case = False  # batches across layers: eval.mode=sequential or batch measures it
+
+    def __init__(self, name: str, model: nn.Module, tokenizer: Any, spec: ArchSpec, hp: Any, layers: Sequence[int],
+                 templates: list[str], batch_size: int, stats_id: dict[str, Any] | None = None) -> None:
+        layers = list(layers)
+        if not layers or sorted(set(layers)) != layers:
+            raise UserError(f"edit.layers={layers} must be increasing layer indices (e.g. [2,3,4,5,6])")
+        for layer in layers:
+            spec.check_layer(model, layer, "edit.layers")
+        if batch_size <= 0:
+            raise UserError(f"edit.batch_size={batch_size} must be a positive number of requests")
+        super().__init__(name, model, tokenizer, spec, typed(BatchHparams, hp), layers)
+        self.templates, self.batch_size, self.stats_id = templates, batch_size, stats_id
+        self.solvers: dict[int, KeySolver] = {}
+        self.projectors: dict[int, torch.Tensor] = {}
+        self.preserved: dict[int, torch.Tensor] = {}
+        self.null_space_ranks: dict[int, int] = {}
+
+    @classmethod
+    def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
+        from pipeline.editors.settings import method_hparams, templates_for
+        from pipeline.stats.store import stats_identity
+
+        if not cfg.edit.layers:
+            raise UserError(f"{name} needs a layer set: pass edit.layers=[...] (or set edit_layers in the model's file)")
+        if statistics is None:
+            raise UserError(f"{name} needs C for its layers but no statistics were given")
+        hp = method_hparams(cfg, conf, measure_only)
+        layers = [loaded.spec.check_layer(loaded.model, layer, "edit.layers") for layer in cfg.edit.layers]
+        templates = templates_for(cfg, loaded, hp.memit.templates)
+        stats = statistics(layers)
+        editor = cls(name, loaded.model, loaded.tokenizer, loaded.spec, hp, layers, templates,
+                     int(cfg.edit.batch_size), {str(l): stats_identity(s) for l, s in stats.items()})
+        editor.null_space_ranks = prepare(editor, stats)
+        return editor
+
+    @property
+    def steps(self) -> int:
+        return int(self.hp.memit.v.steps)
+
+    def units(self, requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
+        return [list(requests[i : i + self.batch_size]) for i in range(0, len(requests), self.batch_size)]
+
+    def begin(self, requests: Sequence[EditRequest]) -> BatchEdit:
+        return begin_batch(self, requests)
+
+    def apply(self, edit: BatchEdit) -> None:
+        finish_batch(self, edit)
+
+    def record(self, edit: BatchEdit, ledger: Ledger, model_identity: dict[str, str],
+               run: dict[str, Any] | None = None) -> int | None:
+        return ledger.append_batch(self, edit.result, model_identity, self.stats_id, run)
+
+    def info(self, edit: BatchEdit) -> dict[str, Any]:
+        return {"timings": dict(edit.timings), "residual": edit.result.residual if edit.result else None}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "stats": self.stats_id}
+
+
+@register("alphaedit")
+class AlphaEditEditor(MemitEditor):
+    """AlphaEdit: MEMIT's batches with the update projected onto C's null space and the keys of earlier
+    batches (of this run and of the ledger it continues) preserved."""
+
+    def continue_from(self, ledger: Ledger) -> str | None:
+        device = model_device(self.model)
+        self.preserved = {l: k.to(device) for l, k in ledger.preserved_keys().items() if l in self.layers}
+        if self.preserved:
+            return f"preserving the keys of the ledger's earlier AlphaEdit batches (layers {sorted(self.preserved)})"
+        return None

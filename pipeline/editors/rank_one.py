@@ -11,12 +11,13 @@ A batch edit (MEMIT, AlphaEdit) writes a low-rank ΔW = L Rᵀ (``LowRank``) thr
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
 from pipeline.errors import UserError
 
-__all__ = ["RankOne", "LowRank", "apply_low_rank", "KeySolver", "rank_one_update", "apply_rank_one", "rank_one_delta", "update_norm", "frobenius_norm"]
+__all__ = ["RankOne", "LowRank", "apply_low_rank", "KeySolver", "rank_one_update", "apply_rank_one", "update_norm", "frobenius_norm"]
 
 
 @dataclasses.dataclass
@@ -40,7 +41,9 @@ class LowRank:
 
 class KeySolver:
     """C⁻¹k for any key k, by one Cholesky factor of C + ridge·I (float64, on ``device``) computed once and
-    reused for every edit of the layer; ``second_moment=None`` is C = I (no covariance adjustment)."""
+    reused for every edit of the layer; ``second_moment=None`` is C = I (no covariance adjustment). The factor
+    follows the keys: when they arrive on another device (a model moved to its rank's GPU after the solver
+    was built), it moves there once."""
 
     def __init__(self, second_moment: torch.Tensor | None, ridge: float = 0.0, device: torch.device | str | None = None) -> None:
         self.factor: torch.Tensor | None = None
@@ -63,7 +66,8 @@ class KeySolver:
         k = k.to(torch.float64)
         if self.factor is None:
             return k.clone()
-        k = k.to(self.factor.device)
+        if self.factor.device != k.device:
+            self.factor = self.factor.to(k.device)
         return torch.cholesky_solve(k[:, None] if k.dim() == 1 else k, self.factor).reshape(k.shape)
 
 
@@ -87,24 +91,25 @@ def _row_blocks(w: torch.Tensor, max_bytes: int = 1 << 27):
     return w.split(rows, dim=0)
 
 
-def rank_one_delta(edit: RankOne) -> torch.Tensor:
-    """ΔW = Λ uᵀ as [d_model, d_ff] in float64."""
-    return torch.outer(edit.lam, edit.u)
-
-
 @torch.no_grad()
-def apply_rank_one(weight: torch.Tensor, edit: RankOne, conv1d: bool) -> None:
-    """Add ΔW = Λ uᵀ to a down-projection weight in place, in its storage orientation (Conv1D [in, out] or
-    Linear [out, in]): the sum is formed in float64 (one d_model x d_ff buffer, no separate ΔW) and cast to
-    the weight's dtype once. Edit and ledger rebuild both go through here, so a rebuild is bitwise."""
-    lam, u = edit.lam.to(weight.device), edit.u.to(weight.device)
-    left, right = (u, lam) if conv1d else (lam, u)  # ΔW in the storage orientation: left ⊗ right
+def _add_by_row_blocks(weight: torch.Tensor, add: Callable[[torch.Tensor, slice], None]) -> None:
+    """``weight`` += ΔW, one row block at a time: each block is summed in float64 by ``add(total, rows)`` and
+    cast to the weight's dtype once (elementwise the same result as one pass over the whole matrix)."""
     start = 0
-    for block in _row_blocks(weight):  # elementwise: the same result as one pass over the whole matrix
+    for block in _row_blocks(weight):
         total = block.to(torch.float64)
-        total.addr_(left[start : start + block.shape[0]], right)
+        add(total, slice(start, start + block.shape[0]))
         block.copy_(total)
         start += block.shape[0]
+
+
+def apply_rank_one(weight: torch.Tensor, edit: RankOne, conv1d: bool) -> None:
+    """Add ΔW = Λ uᵀ to a down-projection weight in place, in its storage orientation (Conv1D [in, out] or
+    Linear [out, in]), formed in float64 per row block (no separate ΔW) and cast once. Edit and ledger rebuild
+    both go through here, so a rebuild is bitwise."""
+    lam, u = edit.lam.to(weight.device), edit.u.to(weight.device)
+    left, right = (u, lam) if conv1d else (lam, u)  # ΔW in the storage orientation: left ⊗ right
+    _add_by_row_blocks(weight, lambda total, rows: total.addr_(left[rows], right))
 
 
 def frobenius_norm(w: torch.Tensor) -> float:
@@ -117,16 +122,10 @@ def update_norm(edit: RankOne) -> float:
     return float(edit.lam.norm() * edit.u.norm())
 
 
-@torch.no_grad()
 def apply_low_rank(weight: torch.Tensor, update: LowRank, conv1d: bool) -> None:
     """Add ΔW = L Rᵀ to a down-projection weight in place, in its storage orientation, formed in float64 per
     row block and cast once (the ledger's rebuild goes through here too: reverts stay bitwise)."""
     left, right = update.left.to(weight.device), update.right.to(weight.device)
     if conv1d:  # stored [d_ff, d_model] = ΔWᵀ = R Lᵀ
         left, right = right, left
-    start = 0
-    for block in _row_blocks(weight):
-        total = block.to(torch.float64)
-        total.addmm_(left[start : start + block.shape[0]], right.T)
-        block.copy_(total)
-        start += block.shape[0]
+    _add_by_row_blocks(weight, lambda total, rows: total.addmm_(left[rows], right.T))

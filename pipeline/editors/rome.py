@@ -15,7 +15,8 @@ The down-projection W of layer l is a key-value memory: keys k (its input, d_ff)
                 solved in float64 (``KeySolver``: one Cholesky factor of C per layer), written in place.
 4. ``verify_edit``: the post-edit probabilities, the checks (the edit took on the prompt and its
                 paraphrases, neighbours kept their answer, no disabling edit), rollback on failure.
-``edit`` composes the four; the edit stage's LightningModule and callbacks call the same functions.
+``RomeEditor`` is these phases behind the editor interface (``pipeline/editors/base.py``); ``edit`` builds one
+for a single request. The edit stage's Lightning loop and callbacks drive the same editor.
 Nothing here moves or copies the model: its parameters stay where they are, in their dtype.
 """
 
@@ -23,13 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline.core.arch import ArchSpec, arch_for
 from pipeline.errors import UserError
+from pipeline.editors.base import Edit, Editor, register
+from pipeline.editors.hparams import RomeHparams, typed
+from pipeline.editors.ledger import Ledger
 from pipeline.core.hooks import Trace, get_module
 from pipeline.core.padding import right_pad
 from pipeline.core.probability import greedy_continuation, new_and_true_probs
@@ -38,39 +43,20 @@ from pipeline.core.requests import EditRequest, request_from_record
 from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows, subject_rows
 from pipeline.core.timing import Clock, model_device
 
-__all__ = ["EditContext", "EditResult", "edit", "begin", "apply_edit", "verify_edit", "key_and_value", "keys_and_values",
-           "KEY_VARIANTS", "measure",
-           "verification_problems", "edit_in_context", "optimise"]
+__all__ = ["RomeEditor", "EditResult", "edit", "begin", "apply_edit", "verify_edit", "key_and_value", "keys_and_values",
+           "KEY_VARIANTS", "measure", "verification_problems", "ledger_entry"]
 
 
 @dataclasses.dataclass
-class EditContext:
-    """What every edit of a run shares: the model (never moved or copied), the layer, the context
-    templates, the C solver and the ``edit`` hyperparameters (``configs/config.yaml``)."""
+class EditResult(Edit):
+    """One ROME edit: its key and value, the update, and what verification measured."""
 
-    model: nn.Module
-    tokenizer: Any
-    spec: ArchSpec
-    layer: int
-    templates: list[str]
-    solver: KeySolver
-    hp: Any
-    stats_id: dict[str, Any] | None = None  # which statistics C came from (recorded with each edit)
-
-    @property
-    def module(self) -> str:
-        return self.spec.down_proj_name(self.layer)
-
-
-@dataclasses.dataclass
-class EditResult:
     request: EditRequest
     layer: int
     module: str
-    k_star: torch.Tensor  # [d_ff] float32: the key v* is written at (``edit.keys``; averaged over the templates by default)
+    k_star: torch.Tensor  # [d_ff] float32: the key v* is written at (averaged over the templates by default)
     v0: torch.Tensor  # [d_model] float32: the value the optimisation starts from (v* = v₀ + δ)
     k_direction: torch.Tensor  # [d_ff] float32: the template-averaged key; the update's direction is u = C⁻¹ k_direction
-    optimisation: ValueOptimisation | None = None
     delta: torch.Tensor | None = None  # [d_model]: v* = v₀ + δ (set when the optimisation ends)
     losses: list[float] = dataclasses.field(default_factory=list)  # the loss at every v* step
     p_target: float = 0.0  # the model's mean P(target) over the rewriting prompts at the last step
@@ -79,11 +65,11 @@ class EditResult:
     norms: dict[str, float] = dataclasses.field(default_factory=dict)
     probs: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"pre": ..., "post": ...}
     generations: dict[str, str] = dataclasses.field(default_factory=dict)
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-    status: str = "pending"  # applied | rolled_back | failed_verification
-    reason: str = ""
-    entry_id: int | None = None  # the ledger's id, when recorded
     true_from_model: bool = False  # target_true is the model's own pre-edit answer (none was given)
+
+    @property
+    def requests(self) -> list[EditRequest]:
+        return [self.request]
 
     def finish_value(self) -> None:
         """Take δ, the losses and P(target) from the finished optimisation."""
@@ -174,7 +160,7 @@ def model_answer(model: nn.Module, tokenizer: Any, prompt: str, max_tokens: int)
     return found.group(0) if found else None
 
 
-def begin(ctx: EditContext, request: EditRequest) -> EditResult:
+def begin(ctx: "RomeEditor", request: EditRequest) -> EditResult:
     """Measure the unedited model (when verifying), compute k* and v₀, and set up the v* optimisation.
 
     Verification compares P(new) with P(true): without a ``target_true`` the model's own pre-edit answer
@@ -198,21 +184,11 @@ def begin(ctx: EditContext, request: EditRequest) -> EditResult:
     batch = ValueBatch.build(model, ctx.spec, [rows], tok.pad_token_id or 0)
     opt = ValueOptimisation(model, ctx.spec, ctx.spec.mlp_name(ctx.layer), batch, v0[None], hp.v)
     clock.lap("keys")
-    return EditResult(request, ctx.layer, ctx.module, k_star, v0, k_direction, opt, probs=probs, generations=generations,
-                      timings=timings, true_from_model=true_from_model)
+    return EditResult(request, ctx.layer, ctx.module, k_star, v0, k_direction, optimisation=opt, probs=probs,
+                      generations=generations, timings=timings, true_from_model=true_from_model)
 
 
-def optimise(result: EditResult, on_step: Callable[[EditResult], None] | None = None) -> None:
-    """Run the v* optimisation to its end (the plain loop; the edit stage's Trainer drives ``step`` itself)."""
-    clock = Clock(result.optimisation.model, result.timings)
-    while not result.optimisation.step():
-        if on_step is not None:
-            on_step(result)
-    result.finish_value()
-    clock.lap("v_star")
-
-
-def apply_edit(ctx: EditContext, result: EditResult) -> None:
+def apply_edit(ctx: "RomeEditor", result: EditResult) -> None:
     """Solve Λ (C⁻¹k*)ᵀ in float64 and add it to the down-projection in place, in its own orientation."""
     clock = Clock(ctx.model, result.timings)
     weight = ctx.spec.down_proj_weight(ctx.model, ctx.layer)
@@ -234,7 +210,7 @@ def apply_edit(ctx: EditContext, result: EditResult) -> None:
     clock.lap("apply")
 
 
-def verify_edit(ctx: EditContext, result: EditResult) -> None:
+def verify_edit(ctx: "RomeEditor", result: EditResult) -> None:
     """Measure the edited model; roll the edit back (``edit.verify.rollback``) when a check fails."""
     model, tok, hp = ctx.model, ctx.tokenizer, ctx.hp
     clock = Clock(model, result.timings)
@@ -261,7 +237,91 @@ def verify_edit(ctx: EditContext, result: EditResult) -> None:
     clock.lap("verify")
 
 
-# ------------------------------------------------------------------------------------------ the edit
+# ----------------------------------------------------------------------------------------- the editor
+
+
+def ledger_entry(ctx: "RomeEditor", result: EditResult, model_identity: dict[str, str]) -> dict[str, Any]:
+    """The ledger's record of one edit (the factors go into its file: ``Ledger.append``)."""
+    return {
+        # a failed check without rollback leaves the edit in the weights: it stays "applied"
+        "status": "rolled_back" if result.status == "rolled_back" else "applied",
+        "verified": result.status == "applied", "reason": result.reason, "request": result.request.as_dict(),
+        "true_from_model": result.true_from_model,
+        "layer": result.layer, "module": result.module, "conv1d": ctx.spec.down_proj_conv1d,
+        "denominator": result.update.denominator, "norms": result.norms, "probs": result.probs,
+        "generations": result.generations, "losses": result.losses, "timings": result.timings,
+        "model": model_identity, "stats": ctx.stats_id,
+    }
+
+
+@register("rome")
+class RomeEditor(Editor):
+    """ROME: one rank-one update of one layer's down-projection per request (the phases above)."""
+
+    recordable = True
+
+    def __init__(self, name: str, model: nn.Module, tokenizer: Any, spec: ArchSpec, hp: Any, layer: int,
+                 templates: list[str], solver: KeySolver, stats_id: dict[str, Any] | None = None) -> None:
+        hp = typed(RomeHparams, OmegaConf.merge(hp, {"layer": layer}))
+        super().__init__(name, model, tokenizer, spec, hp, [layer])
+        self.layer, self.templates, self.solver, self.stats_id = layer, templates, solver, stats_id
+
+    @classmethod
+    def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
+        from pipeline.editors.settings import edit_layer, method_hparams, templates_for
+        from pipeline.stats.store import stats_identity
+
+        hp = method_hparams(cfg, conf, measure_only)
+        layer = edit_layer(cfg, loaded) if conf.get("layer") is None else \
+            loaded.spec.check_layer(loaded.model, conf.layer, f"method.{name}.layer")
+        c, stats_id = None, None
+        if hp.mom2_adjustment:
+            if statistics is None:
+                raise UserError(f"{name} needs C for layer {layer} (mom2_adjustment is on) but no statistics were given")
+            stats = statistics([layer])[layer]
+            c, stats_id = stats.second_moment, stats_identity(stats)
+        solver = KeySolver(c, float(hp.ridge), model_device(loaded.model))
+        templates = templates_for(cfg, loaded, hp.templates)
+        return cls(name, loaded.model, loaded.tokenizer, loaded.spec, hp, layer, templates, solver, stats_id)
+
+    @property
+    def module(self) -> str:
+        return self.spec.down_proj_name(self.layer)
+
+    @property
+    def steps(self) -> int:
+        return int(self.hp.v.steps)
+
+    def begin(self, requests: Sequence[EditRequest]) -> EditResult:
+        (request,) = requests
+        return begin(self, request)
+
+    def conclude(self, edit: EditResult) -> None:
+        edit.finish_value()
+        super().conclude(edit)
+
+    def apply(self, edit: EditResult) -> None:
+        apply_edit(self, edit)
+
+    def verify(self, edit: EditResult) -> None:
+        verify_edit(self, edit)
+
+    def record(self, edit: EditResult, ledger: Ledger, model_identity: dict[str, str],
+               run: dict[str, Any] | None = None) -> int | None:
+        if edit.update is None:
+            return None
+        entry = ledger_entry(self, edit, model_identity)
+        if run is not None:
+            entry["run"] = run
+        return ledger.append(entry, edit.update)
+
+    def info(self, edit: EditResult) -> dict[str, Any]:
+        return {"timings": dict(edit.timings), "steps": len(edit.losses),
+                "loss": [edit.losses[0], edit.losses[-1]] if edit.losses else [],
+                "relative_update": edit.norms.get("relative_update"), "denominator": edit.norms.get("denominator")}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "stats": self.stats_id}
 
 
 def edit(model: nn.Module, tokenizer: Any, request: EditRequest | Mapping[str, Any], *, layer: int | None = None,
@@ -275,11 +335,11 @@ def edit(model: nn.Module, tokenizer: Any, request: EditRequest | Mapping[str, A
     ``second_moment``: C = E[k kᵀ] of the layer's keys ([d_ff, d_ff], e.g. ``layer_<l>.safetensors`` from
     ``python train.py stage=stats``), or a ``KeySolver`` to reuse one factorisation over many edits;
     None is C = I (no covariance adjustment).
-    ``hparams``: the ``edit`` config group (default: ``configs/``, see ``pipeline.config.edit_defaults``).
+    ``hparams``: the ``edit`` config group (default: ``configs/``, see ``pipeline.editors.settings.edit_defaults``).
     ``templates``: context templates (default: sampled from the model with ``seed``).
     Returns the ``EditResult``: the update's factors (u, Λ), k*, v₀, δ, probabilities, timings, status.
     """
-    from pipeline.editors.factory import edit_defaults
+    from pipeline.editors.settings import edit_defaults
     from pipeline.editors.templates import context_templates
 
     if not isinstance(request, EditRequest):
@@ -296,17 +356,6 @@ def edit(model: nn.Module, tokenizer: Any, request: EditRequest | Mapping[str, A
         clock.lap("templates")
     solver = second_moment if isinstance(second_moment, KeySolver) else \
         KeySolver(second_moment, float(hp.ridge), model_device(model))
-    result = edit_in_context(EditContext(model, tokenizer, spec, layer, templates, solver, hp), request, on_step)
+    (result,) = RomeEditor("rome", model, tokenizer, spec, hp, layer, templates, solver).edit([request], on_step)
     result.timings = {**timings, **result.timings}
-    return result
-
-
-def edit_in_context(ctx: EditContext, request: EditRequest,
-                    on_step: Callable[[EditResult], None] | None = None) -> EditResult:
-    """The four phases of one edit, in order, with what a run shares already in ``ctx``."""
-    with torch.enable_grad():
-        result = begin(ctx, request)
-        optimise(result, on_step)
-    apply_edit(ctx, result)
-    verify_edit(ctx, result)
     return result

@@ -15,7 +15,7 @@ Work δ cannot change is done once (``ValueBatch.build``):
   values are computed once as a KV cache, and each step runs only the tokens from the subject's last
   token on (the "suffix");
 - the loss needs the LM head only at the target positions and the KL positions, not over the sequence.
-``reference_loss`` is the plain way (whole model on whole prompts, full logits), kept to check against.
+``pipeline/editors/reference.py`` computes the same loss the plain way (the original's procedure), to check against.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import dataclasses
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from pipeline.editors.hparams import ValueHparams
 from pipeline.core.arch import ArchSpec, cache_kwarg
 from pipeline.core.hooks import Trace, get_module
 from pipeline.core.padding import left_pad, right_pad
@@ -33,7 +33,7 @@ from pipeline.core.probability import target_token_ids
 from pipeline.core.subject import fill_prompt, subject_token_range
 from pipeline.core.timing import model_device
 
-__all__ = ["Rows", "build_rows", "subject_rows", "ValueBatch", "value_loss", "reference_loss", "LossParts",
+__all__ = ["Rows", "build_rows", "subject_rows", "ValueBatch", "value_loss", "LossParts",
            "ValueOptimisation"]
 
 
@@ -175,7 +175,7 @@ def _add_at_column0(delta: torch.Tensor, row_request: torch.Tensor):
 
 
 def _loss_parts(batch: ValueBatch, target_logp: torch.Tensor, kl_logp: torch.Tensor, kl_init: torch.Tensor | None,
-                delta: torch.Tensor, v0_norm: torch.Tensor, hp: Any) -> LossParts:
+                delta: torch.Tensor, v0_norm: torch.Tensor, hp: ValueHparams) -> LossParts:
     # per rewriting row: the mean NLL of the target's tokens; per request: the mean over its rows
     row_nll = torch.zeros(batch.suffix_ids.shape[0], dtype=target_logp.dtype, device=target_logp.device)
     row_nll = row_nll.index_add(0, batch.target_row, -target_logp * batch.target_scale)[batch.rewrite_rows]
@@ -190,7 +190,7 @@ def _loss_parts(batch: ValueBatch, target_logp: torch.Tensor, kl_logp: torch.Ten
 
 
 def value_loss(model: torch.nn.Module, spec: ArchSpec, module: str, batch: ValueBatch, delta: torch.Tensor,
-               v0_norm: torch.Tensor, kl_init: torch.Tensor | None, hp: Any) -> LossParts:
+               v0_norm: torch.Tensor, kl_init: torch.Tensor | None, hp: ValueHparams) -> LossParts:
     """One step's loss, running only the suffix tokens and the LM head only where the loss looks.
     ``module`` is where δ is added (its output, at the subject's last token); ``delta`` is [R, d]."""
     norm = get_module(model, spec.final_norm)
@@ -205,38 +205,6 @@ def value_loss(model: torch.nn.Module, spec: ArchSpec, module: str, batch: Value
     return _loss_parts(batch, target_logp, kl_logp, kl_init, delta, v0_norm, hp)
 
 
-def reference_loss(model: torch.nn.Module, spec: ArchSpec, module: str, rows: Rows, pad: int, delta: torch.Tensor,
-                   v0_norm: torch.Tensor, kl_init: torch.Tensor | None, hp: Any) -> LossParts:
-    """The same loss for one request the way the original computes it: the whole model over the whole
-    right-padded prompts every step, δ added at each row's subject-last token, logits everywhere."""
-    device = model_device(model)
-    ids, mask = right_pad(rows.ids, pad, device)
-    idx = torch.tensor(rows.subject_last, device=device)
-
-    def add(h: torch.Tensor) -> torch.Tensor:
-        onehot = F.one_hot(idx, h.shape[1]).to(h.dtype)[..., None]  # [rows, T, 1]
-        return h + onehot * delta[0].to(h.dtype)
-
-    with Trace(get_module(model, module), edit_output=add):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-    logp = torch.log_softmax(logits, -1)
-    n, t = rows.n_rewrite, len(rows.target)
-    lengths = mask.sum(1)
-    target = torch.tensor(rows.target, device=device)[:, None]
-    # row i = prompt + target[:-1]: the logits at lengths[i] - t + j predict target token j
-    target_logp = torch.stack([logp[i, lengths[i] - t + torch.arange(t, device=device)].gather(-1, target)[:, 0]
-                               for i in range(n)])  # [n, t]
-    nll = (-target_logp.sum(1) / t).mean()
-    kl_logp = logp[torch.arange(n, len(rows.ids), device=device), idx[n:]]
-    kl = torch.zeros((), device=device)
-    if kl_init is not None:
-        kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
-    wd = hp.weight_decay * delta[0].norm() / v0_norm[0] ** 2
-    one = lambda x: x.reshape(1)  # noqa: E731
-    return LossParts(one(nll + kl + wd), one(nll), one(kl), one(wd), one(torch.exp(target_logp.sum(1) / t).mean()),
-                     kl_logp)
-
-
 class ValueOptimisation:
     """ROME's v* loop for one or more requests, one ``step()`` at a time (a Trainer or a plain loop drives it).
 
@@ -247,7 +215,7 @@ class ValueOptimisation:
     """
 
     def __init__(self, model: torch.nn.Module, spec: ArchSpec, module: str, batch: ValueBatch,
-                 v0: torch.Tensor, hp: Any) -> None:
+                 v0: torch.Tensor, hp: ValueHparams) -> None:
         self.model, self.spec, self.module, self.batch, self.hp = model, spec, module, batch, hp
         self.v0_norm = v0.float().norm(dim=-1)  # [R]
         self.delta = torch.zeros_like(v0, dtype=torch.float32, requires_grad=True)  # [R, d]

@@ -17,12 +17,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from pipeline.core.padding import right_pad
+from pipeline.core.probability import predicts
+from pipeline.core.subject import fill_prompt
+from pipeline.core.timing import model_device
 from pipeline.errors import UserError
 from pipeline.tracing.facts import Fact
-from pipeline.core.padding import right_pad
-from pipeline.core.subject import fill_prompt
-from pipeline.tracing.trace import predicts
-from pipeline.core.timing import model_device
 
 __all__ = ["heldout_texts", "texts_read", "perplexity", "known_facts", "fact_accuracy"]
 
@@ -74,7 +74,7 @@ def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_lengt
 
 
 def known_facts(model: nn.Module, tokenizer: Any, facts: Sequence[Fact]) -> list[Fact]:
-    """The facts the model knows, by the trace stage's rule (``tracing.predicts``: its greedy continuation,
+    """The facts the model knows, by the trace stage's rule (``pipeline.core.probability.predicts``: its greedy continuation,
     as long as the answer, starts with the answer)."""
     return [f for f in facts if predicts(model, tokenizer, fill_prompt(f.prompt, f.subject)[0], f.answer)[0]]
 

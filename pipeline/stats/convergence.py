@@ -77,14 +77,14 @@ def converged_hint(curves: Mapping[int, Sequence[Mapping[str, Any]]], threshold:
     where = "" if ranks == 1 else f" on rank 0 of {ranks}"
     return (f"stats: converged for editing: u = C⁻¹k moved at most {worst:.1%} from {a:,} to {b:,} tokens{where} "
             f"(layer {layers}; under stats.convergence.threshold={threshold:g}): more tokens will change edits little, "
-            f"stats.tokens={b * ranks:,} would have done (README, \"Convergence\")")
+            f"stats.tokens={b * ranks:,} would have done (docs/stats.md, \"Convergence\")")
 
 
 def plot_convergence(curves: Mapping[int, Sequence[Mapping[str, Any]]], stem: Path, *, title: str,
                      threshold: float, tokens_label: str = "tokens") -> list[Path]:
     """Relative change of C and of u per readout against tokens (log-log), one pair of lines per layer;
     ``stem``.png and .pdf, written atomically."""
-    from pipeline.tracing.plots import plt, save_figure
+    from pipeline.core.figures import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (layer, points) in enumerate(sorted(curves.items())):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.core.atomic import atomic_path, write_json
 from pipeline.core.digest import file_sha256
-from pipeline.stats.second_moment import LayerStats
+from pipeline.stats.store import LayerStats
 
 __all__ = ["eigendecomposition", "cached_eigendecomposition", "null_space_projector"]
 

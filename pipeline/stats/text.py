@@ -2,7 +2,7 @@
 sharded by window, tokenised, sorted by length and packed into batches by tokens.
 
 The windows, and so the batches, do not depend on how many processes and workers share the text: a run on
-N processes sums the same per-batch products as a run on one (``pipeline.second_moment``).
+N processes sums the same per-batch products as a run on one (``pipeline.stats.second_moment``).
 Lightning-free: ``datamodules/`` wraps this for a Trainer, and later stages use ``TextSource.identity``
 to look statistics up without touching the data.
 """
@@ -18,8 +18,8 @@ from typing import Any, Iterator
 import torch
 
 from pipeline.core.digest import file_sha256, short
-from pipeline.errors import UserError
 from pipeline.core.padding import right_pad
+from pipeline.errors import UserError
 
 __all__ = ["TextSource", "TokenBatch", "tokenize_window", "pack_window", "pack_batches", "shard_budget"]
 
@@ -58,7 +58,8 @@ class TextSource:
     def identity(self) -> dict[str, Any]:
         """What statistics are keyed by: file names and content hashes, or the hub id and revision."""
         if self.files:
-            return {"files": {os.path.basename(p): short(file_sha256(p)) for p in self.local_files()}, "text_field": self.text_field}
+            return {"files": {os.path.basename(p): short(file_sha256(p)) for p in self.local_files()},
+                    "text_field": self.text_field}
         return {"path": self.path, "name": self.name, "split": self.split, "revision": self.revision or "main",
                 "text_field": self.text_field}
 
@@ -77,7 +78,8 @@ class TextSource:
         # .iter() rather than iter(ds): inside a DataLoader worker the latter would re-shard by worker.
         for batch in part.iter(batch_size=64):
             if self.text_field not in batch:
-                raise UserError(f"records have no field '{self.text_field}' (fields: {', '.join(batch)}); set data.text_field=")
+                raise UserError(f"records have no field '{self.text_field}' (fields: {', '.join(batch)}); "
+                                "set data.text_field=")
             for text in batch[self.text_field]:
                 yield text or ""
 
@@ -116,7 +118,8 @@ class TextSource:
         except Exception as err:  # network, gzip, JSON, parquet errors all surface here
             where = self.files or f"{self.path} ({self.name}) from the hub"
             hint = "" if self.files else "; offline? pass data.files=PATH_OR_GLOB of local json/jsonl/parquet/txt"
-            raise UserError(f"cannot read {where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{hint}") from err
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            raise UserError(f"cannot read {where}: {type(err).__name__}: {first_line}{hint}") from err
         if first is None:
             raise UserError(f"{self.files or self.path} holds no records")
 
@@ -154,7 +157,8 @@ def tokenize_window(tokenizer, texts: list[str], max_length: int, chars_per_toke
     return ids
 
 
-def pack_window(rows: list[list[int]], batch_tokens: int, pad: int) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
+def pack_window(rows: list[list[int]], batch_tokens: int, pad: int
+                ) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
     """A window's token rows sorted by length (longest first, ties in stream order) and packed greedily into
     right-padded batches of at most ``batch_tokens`` padded tokens: (input_ids, index, tokens) each. Sorting
     leaves almost no padding, and the many texts truncated to max_length fill whole, unpadded batches."""

@@ -6,32 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from pipeline.core.figures import plt, save_figure
+from pipeline.tracing.aie import BUCKETS
+from pipeline.tracing.engine import TraceResult
 
-from pipeline.core.atomic import atomic_path  # noqa: E402
-from pipeline.tracing.trace import BUCKETS, TraceResult  # noqa: E402
-
-__all__ = ["save_figure", "fact_title", "plot_fact", "plot_average", "plot_lines"]
+__all__ = ["fact_title", "plot_fact", "plot_average", "plot_lines"]
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 COLORS = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
 NAMES = {"hidden": "single restored layer", "mlp": "MLP", "attn": "Attn"}
-
-
-def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
-    """``stem``.png and ``stem``.pdf, each written under a temporary name and renamed."""
-    out = []
-    for fmt in ("png", "pdf"):
-        path = stem.with_suffix(f".{fmt}")
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=200, bbox_inches="tight")
-        out.append(path)
-    plt.close(fig)
-    return out
 
 
 def _xticks(ax: plt.Axes, n_layers: int) -> None:
@@ -40,9 +25,10 @@ def _xticks(ax: plt.Axes, n_layers: int) -> None:
     ax.set_xticklabels(ticks)
 
 
-def fact_title(res: TraceResult, low_p_clean: float = 0.0) -> str:
+def fact_title(res: TraceResult, low_p_clean: float) -> str:
     """What a fact's heatmap shows: the prompt, the answer, P(clean) and P(corrupted); a fact the model
-    barely predicts (P(clean) < ``low_p_clean``) is flagged, since its colour scale then spans noise."""
+    barely predicts (P(clean) < ``low_p_clean``, trace.low_p_clean) is flagged, since its colour scale then
+    spans noise."""
     prompt = "".join(res.tokens).strip()
     title = (f"{prompt} -> {res.answer.strip()}\nP(clean) {res.p_clean:.3f}, P(corrupted) {res.p_corrupted:.3f}")
     if res.p_clean < low_p_clean:
@@ -50,8 +36,7 @@ def fact_title(res: TraceResult, low_p_clean: float = 0.0) -> str:
     return title
 
 
-def plot_fact(res: TraceResult, kind: str, stem: Path, model_name: str = "the model",
-              low_p_clean: float = 0.0) -> list[Path]:
+def plot_fact(res: TraceResult, kind: str, stem: Path, *, model_name: str, low_p_clean: float) -> list[Path]:
     """One fact, one kind: P(answer) with each state restored, tokens x layers.  As in the paper, the
     colour scale starts at the corrupted probability, so white means 'no effect'; subject tokens get *.
     The title names the fact and its clean and corrupted probabilities (``fact_title``)."""
@@ -61,7 +46,7 @@ def plot_fact(res: TraceResult, kind: str, stem: Path, model_name: str = "the mo
     h = ax.pcolor(probs, cmap=CMAPS[kind], vmin=res.p_corrupted, vmax=max(res.p_clean, probs.max()))
     ax.invert_yaxis()
     ax.set_yticks([i + 0.5 for i in range(len(labels))])
-    ax.set_yticklabels([repr(l)[1:-1] for l in labels], fontsize=7)
+    ax.set_yticklabels([repr(label)[1:-1] for label in labels], fontsize=7)
     _xticks(ax, probs.shape[1])
     head = fact_title(res, low_p_clean)
     low = res.p_clean < low_p_clean

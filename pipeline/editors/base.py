@@ -1,0 +1,187 @@
+"""The one interface every editing method implements, and the registry the factory builds them from.
+
+An editor turns requests into weight changes in units of work: a unit is one request (ROME, FT+L) or a batch
+of them (MEMIT, AlphaEdit). Each unit goes through the same phases, in this order:
+
+    begin(requests) -> Edit     measure what verification needs, read keys, set up the optimisation
+    step(edit)                  one optimisation step (v*, z, or the fine-tuning step); True once it has ended
+    conclude(edit)              take the optimisation's result                        -> phase "optimised"
+    apply(edit)                 write the update into the weights, in place           -> phase "applied"
+    verify(edit)                check it took; roll it back if configured             -> phase "verified"
+    record(edit, ledger, ...)   append it to the ledger (its factors, enough to rebuild or revert bitwise)
+
+``advance(edit, phase)`` runs the phases still missing up to ``phase``, each once and in order, so the edit
+stage's callbacks (apply, verify, record) may run in any order and none of them reads another's flag.
+``edit(requests)`` is the plain loop (no Lightning): the Python API, the eval protocols and the benchmarks
+use it; the edit stage drives ``step`` from a Lightning training loop instead (``modules/edit_loop.py``).
+
+Adding a method: one file in ``pipeline/editors/`` with an ``@register("name")`` subclass of ``Editor`` and
+its ``from_config``, plus ``configs/method/name.yaml`` (``class: name``); ``build_editor`` finds it.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.core.arch import ArchSpec
+from pipeline.core.hooks import get_module
+from pipeline.core.requests import EditRequest
+from pipeline.core.timing import Clock
+from pipeline.editors.ledger import Ledger
+
+__all__ = ["Edit", "Editor", "PHASES", "REGISTRY", "register", "LayerStatistics"]
+
+PHASES = ("begun", "optimised", "applied", "verified")
+REGISTRY: dict[str, type["Editor"]] = {}
+# layers -> {layer: LayerStats}: C for the layers an editor needs (the caller computes what the cache lacks)
+LayerStatistics = Callable[[Sequence[int]], dict]
+
+
+def register(name: str) -> Callable[[type["Editor"]], type["Editor"]]:
+    """Class decorator: ``name`` is the ``class:`` a configs/method/ file names (and ``edit.method``)."""
+
+    def add(cls: type["Editor"]) -> type["Editor"]:
+        REGISTRY[name] = cls
+        cls.method = name
+        return cls
+
+    return add
+
+
+@dataclasses.dataclass(kw_only=True)
+class Edit:
+    """One unit of an editor's work and where it stands. Method-specific results subclass it."""
+
+    optimisation: Any = None  # .step() -> bool, .done, .steps, .losses[r], .p_target[r]; None: nothing to optimise
+    phase: str = "begun"
+    status: str = "pending"  # applied | rolled_back | failed_verification
+    reason: str = ""
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    entry_id: int | None = None  # the ledger's id, once recorded
+    clock: Clock | None = dataclasses.field(default=None, repr=False)  # started when the optimisation starts
+    # a subclass also has ``requests``: the unit's requests
+
+
+class Editor(abc.ABC):
+    """One editing method bound to one model: its hyperparameters, layers, templates and statistics."""
+
+    method: str = ""  # the registry name (set by ``register``)
+    edits_weights: bool = True  # False: the unedited baseline ("none")
+    recordable: bool = False  # its ``record`` writes what a ledger needs to rebuild and revert the edit bitwise
+    per_case: bool = True  # edits one request at a time, so the per-case evaluation can measure it
+
+    def __init__(self, name: str, model: nn.Module, tokenizer: Any, spec: ArchSpec, hp: Any, layers: Sequence[int]):
+        self.name, self.model, self.tokenizer, self.spec, self.hp = name, model, tokenizer, spec, hp
+        self.layers = list(layers)
+
+    # -- construction -----------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, name: str, cfg: Any, loaded: Any, conf: Any, statistics: LayerStatistics | None,
+                    measure_only: bool) -> "Editor":
+        """Build from the run's config (``cfg``), the method's own file (``conf``: configs/method/<name>.yaml)
+        and a statistics provider; ``measure_only``: the edit is measured as made (eval: no verification,
+        no rollback, no generated text inside the edit)."""
+
+    # -- what the loop needs ----------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """The most optimisation steps a unit takes (the Lightning loop's length per unit)."""
+        return 1
+
+    def units(self, requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
+        """How requests are grouped into units of work: one each, unless the method edits batches."""
+        return [[r] for r in requests]
+
+    def touched(self) -> list[str]:
+        """Names of the parameters an edit may change (what an evaluator restores after each case)."""
+        if not self.edits_weights:
+            return []
+        names = []
+        for layer in self.layers:
+            module = self.spec.down_proj_name(layer)
+            names += [f"{module}.{n}" for n, _ in get_module(self.model, module).named_parameters(recurse=False)]
+        return names
+
+    # -- the phases -------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def begin(self, requests: Sequence[EditRequest]) -> Edit:
+        """Set up the unit on the model as it is now (earlier edits applied)."""
+
+    def step(self, edit: Edit) -> bool:
+        """One optimisation step; True once the optimisation has ended."""
+        opt = edit.optimisation
+        if opt is None or opt.done:
+            return True
+        if edit.clock is None:
+            edit.clock = Clock(self.model, edit.timings)
+        with torch.enable_grad():
+            return opt.step()
+
+    def conclude(self, edit: Edit) -> None:
+        """Take the optimisation's result (called once it has ended)."""
+        if edit.clock is not None:
+            edit.clock.lap("v_star")
+
+    @abc.abstractmethod
+    def apply(self, edit: Edit) -> None:
+        """Write the update into the weights, in place."""
+
+    def verify(self, edit: Edit) -> None:
+        """Check the applied edit; the default accepts it."""
+
+    def continue_from(self, ledger: Ledger) -> str | None:
+        """Take up the state a ledger's earlier edits leave for this method (AlphaEdit: the keys to preserve);
+        returns a line saying what was taken up, if anything."""
+        return None
+
+    def record(self, edit: Edit, ledger: Ledger, model_identity: dict[str, str],
+               run: dict[str, Any] | None = None) -> int | None:
+        """Append the edit to ``ledger``; returns its id (None: this method writes nothing to a ledger)."""
+        return None
+
+    def info(self, edit: Edit) -> dict[str, Any]:
+        """What the evaluation records about an edit (JSON-able)."""
+        return {"timings": dict(edit.timings)}
+
+    def config(self) -> dict[str, Any]:
+        """What identifies this editor's results (a rerun with another config must not mix with them)."""
+        from omegaconf import OmegaConf
+
+        hp = OmegaConf.to_container(self.hp, resolve=True) if OmegaConf.is_config(self.hp) else \
+            dataclasses.asdict(self.hp) if dataclasses.is_dataclass(self.hp) else self.hp
+        return {"class": self.method, "layers": self.layers, "hparams": hp}
+
+    # -- driving the phases -----------------------------------------------------------------------------
+    def advance(self, edit: Edit, phase: str) -> None:
+        """Run the phases ``edit`` still misses up to ``phase``, each once, in order (an optimisation not yet
+        ended is run to its end first)."""
+        want = PHASES.index(phase)
+        while PHASES.index(edit.phase) < want:
+            nxt = PHASES[PHASES.index(edit.phase) + 1]
+            if nxt == "optimised":
+                while not self.step(edit):
+                    pass
+                self.conclude(edit)
+            elif nxt == "applied":
+                self.apply(edit)
+            else:
+                self.verify(edit)
+            edit.phase = nxt
+
+    def edit(self, requests: Sequence[EditRequest], on_step: Callable[[Edit], None] | None = None) -> list[Edit]:
+        """Every request, unit by unit, through every phase (the plain loop, no Lightning)."""
+        out = []
+        for unit in self.units(requests):
+            edit = self.begin(unit)
+            while not self.step(edit):
+                if on_step is not None:
+                    on_step(edit)
+            self.advance(edit, "verified")
+            out.append(edit)
+        return out

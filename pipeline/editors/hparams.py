@@ -1,0 +1,117 @@
+"""Typed hyperparameters of every editor: what each method reads, with its type, and no default.
+
+The values live in ``configs/`` only (``configs/config.yaml``'s ``edit`` group, a model file's ``edit:`` block,
+a method file); these dataclasses say which of them a method uses and what type each must have. ``typed``
+checks a config node against one (OmegaConf structured configs: a wrong type or a missing key is an error
+naming the key) and returns a read-only node with attribute access, so the math reads ``hp.v.lr`` as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import UserError
+
+__all__ = ["ValueHparams", "TemplateHparams", "VerifyHparams", "RomeHparams", "MemitHparams", "BatchHparams",
+           "AlphaEditHparams", "FineTuneHparams", "typed"]
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class ValueHparams:
+    """The v* (ROME) or z (MEMIT) optimisation: Adam on δ, ROME's loss."""
+
+    lr: float
+    steps: int
+    early_stop_loss: float
+    kl_factor: float  # weight of the KL term that keeps the subject's other predictions
+    weight_decay: float  # weight of ‖δ‖ / ‖v₀‖²
+    clamp_norm_factor: float  # ‖δ‖ ≤ this x ‖v₀‖ after every step
+
+
+@dataclasses.dataclass
+class TemplateHparams:
+    """Context templates: "{}" plus prefixes sampled from the model (``pipeline/editors/templates.py``)."""
+
+    style: str  # seeded | original
+    seeds: list[str]
+    lengths: list[list[int]]  # (tokens, how many)
+    top_k: int
+
+
+@dataclasses.dataclass
+class VerifyHparams:
+    enabled: bool
+    rollback: bool
+    batch_size: int
+    answer_tokens: int
+    max_relative_update: float
+    min_denominator: float
+
+
+@dataclasses.dataclass
+class RomeHparams:
+    layer: int
+    variant: str  # averaged | rrome | original
+    mom2_adjustment: bool
+    ridge: float
+    generate_tokens: int
+    kl_prompts: list[str]
+    templates: TemplateHparams
+    v: ValueHparams
+    verify: VerifyHparams
+
+
+@dataclasses.dataclass
+class MemitHparams:
+    mom2_update_weight: float  # λ in R Kᵀ (λC + K Kᵀ)⁻¹
+    rows_per_pass: int
+    templates: TemplateHparams
+    v: ValueHparams
+
+
+@dataclasses.dataclass
+class AlphaEditHparams:
+    nullspace_threshold: float  # eigenvalues below this x the mean eigenvalue span the null space
+    l2: float  # α in (K Kᵀ P + α I)⁻¹
+
+
+@dataclasses.dataclass
+class BatchHparams:
+    """MEMIT and AlphaEdit (AlphaEdit reads both blocks)."""
+
+    ridge: float
+    kl_prompts: list[str]
+    memit: MemitHparams
+    alphaedit: AlphaEditHparams
+
+
+@dataclasses.dataclass
+class FineTuneHparams:
+    layer: Optional[int]  # null: the run's edit layer
+    lr: float
+    steps: int
+    norm_constraint: float  # the L∞ radius around the original weights
+    early_stop_loss: float
+
+
+def typed(schema: type[T], node: Any, where: str = "edit") -> T:
+    """``node``'s keys that ``schema`` names, type-checked against it; read-only. A missing key or a value of
+    the wrong type is a ``UserError`` naming the key (under ``where``)."""
+    keys = [f.name for f in dataclasses.fields(schema)]
+    picked = {k: node[k] for k in keys if k in node}
+    try:
+        out = OmegaConf.merge(OmegaConf.structured(schema), picked)
+    except OmegaConfBaseException as err:
+        raise UserError(f"{where}.{err.full_key}: {str(err).splitlines()[0]}") from None
+    missing = sorted(OmegaConf.missing_keys(out))
+    if missing:
+        raise UserError(f"{where}: {', '.join(f'{where}.{k}' for k in missing)} missing (every key is in configs/)")
+    OmegaConf.set_readonly(out, True)
+    return out  # a DictConfig typed by ``schema``
+

@@ -1,0 +1,31 @@
+"""The unedited model as an editor: the baseline row of an evaluation ("none"). It changes nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from pipeline.core.requests import EditRequest
+from pipeline.editors.base import Edit, Editor, register
+
+__all__ = ["NoEditor"]
+
+
+@dataclasses.dataclass
+class NoEdit(Edit):
+    requests: list[EditRequest]
+
+
+@register("none")
+class NoEditor(Editor):
+    edits_weights = False
+
+    @classmethod
+    def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
+        return cls(name, loaded.model, loaded.tokenizer, loaded.spec, conf, [])
+
+    def begin(self, requests: Sequence[EditRequest]) -> NoEdit:
+        return NoEdit(list(requests))
+
+    def apply(self, edit: NoEdit) -> None:
+        edit.status = "applied"

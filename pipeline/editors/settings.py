@@ -1,0 +1,66 @@
+"""What an editor is built from, read from the configuration: the method's hyperparameters (the ``edit``
+group with a method file's overrides), the layer it edits, its context templates, and the defaults the
+Python API uses. The editors import this module; the factory imports the editors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import model_file_for
+from pipeline.core.loading import LoadedModel, cache_root, configure
+from pipeline.editors.templates import context_templates
+from pipeline.errors import UserError
+from pipeline.tracing.recommendation import latest_recommendation
+
+__all__ = ["method_hparams", "templates_for", "edit_defaults", "edit_layer"]
+
+# a method file's keys that override the edit group (the rest: its class and its own settings)
+_EDIT_KEYS = ("layer", "variant", "mom2_adjustment")
+
+
+def method_hparams(cfg: DictConfig, conf: DictConfig, measure_only: bool) -> DictConfig:
+    """The ``edit`` group with the method file's overrides (its layer, variant, mom2_adjustment when set);
+    ``measure_only`` turns verification, rollback and generated text off."""
+    own = {k: conf[k] for k in _EDIT_KEYS if k in conf and conf[k] is not None}
+    hp = OmegaConf.merge(cfg.edit, own)
+    if measure_only:
+        hp = OmegaConf.merge(hp, {"generate_tokens": 0, "verify": {"enabled": False, "rollback": False}})
+    return hp
+
+
+def templates_for(cfg: DictConfig, loaded: LoadedModel, templates: DictConfig) -> list[str]:
+    """Context templates for ``loaded`` (sampled once per model and setting with ``seed``, cached on disk)."""
+    torch.manual_seed(int(cfg.seed))
+    return context_templates(loaded.model, loaded.tokenizer, loaded.identity, templates, cache_root(cfg),
+                             seed=int(cfg.seed))
+
+
+def edit_defaults(model: Any = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The ``edit`` group as configured in ``configs/`` for ``model`` (a loaded HF model, a name, or None for
+    the default model), with ``edit.x=y`` style overrides: what the Python API uses when given no hparams."""
+    if model is None or isinstance(model, str):
+        return configure([*([f"model.name={model}"] if model else []), *overrides]).edit
+    config = getattr(model, "config", None)
+    names = [getattr(config, "name_or_path", "") or ""]
+    marker = Path(names[0]) / "rome_identity.json" if names[0] else None
+    if marker is not None and marker.is_file():  # the embedded models' converted copies name themselves
+        names.insert(0, json.loads(marker.read_text()).get("name", ""))
+    family = getattr(config, "model_type", None)
+    found = next((f for f in (model_file_for(n, model_type=family) for n in names if n) if f is not None), None)
+    return configure(list(overrides), model_file=found).edit
+
+
+def edit_layer(cfg: DictConfig, loaded: Any) -> int:
+    """``edit.layer`` checked against the model; ``auto`` takes the trace stage's latest recommendation."""
+    layer = cfg.edit.layer
+    if isinstance(layer, str) and layer == "auto":
+        layer, path = latest_recommendation(cache_root(cfg), loaded.identity)
+        print(f"edit.layer=auto: layer {layer}, recommended by the trace stage in {path}")
+    if layer is None:
+        raise UserError("this model has no default edit layer; pass edit.layer=N (or edit.layer=auto after a trace)")
+    return loaded.spec.check_layer(loaded.model, layer, "edit.layer")
