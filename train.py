@@ -1,7 +1,7 @@
 """Entry point: compose configs/ with key=value overrides and dispatch on ``stage``.
 
-    python train.py stage=stats model.name=smollm2-135m stats.layers=[6] stats.tokens=200000
-    python train.py stage=trace prompt="{} is located in the city of" subject="The Eiffel Tower"
+python train.py stage=stats model.name=smollm2-135m stats.layers=[6] stats.tokens=200000
+python train.py stage=trace prompt="{} is located in the city of" subject="The Eiffel Tower"
 """
 
 from __future__ import annotations
@@ -12,10 +12,16 @@ import sys
 
 STAGES = {  # stage: (recipe, what it does)
     "stats": ("recipes.stats", "C = E[k kT] of the keys entering the edited MLP down-projection, over streamed text"),
-    "edit": ("recipes.edit", "ROME (or MEMIT / AlphaEdit) edits from request=..., verified, recorded in a ledger, saved"),
+    "edit": (
+        "recipes.edit",
+        "ROME (or MEMIT / AlphaEdit) edits from request=..., verified, recorded in a ledger, saved",
+    ),
     "revert": ("recipes.revert", "undo edits of a ledger (ledger=DIR edit_id=N|all), bitwise"),
     "trace": ("recipes.trace", "causal tracing: where the model recalls a fact; heatmaps and the edit layer"),
-    "eval": ("recipes.eval", "CounterFact / zsRE evaluation of methods side by side (eval.mode=sequential|batch: many edits)"),
+    "eval": (
+        "recipes.eval",
+        "CounterFact / zsRE evaluation of methods side by side (eval.mode=sequential|batch: many edits)",
+    ),
 }
 HELP_WORDS = ("--help", "-h", "help")
 
@@ -36,9 +42,12 @@ def usage() -> str:
             continue
         lines.append(f"  {key + ('.*' if not value else ''):<14} {comment}")
     lines.append(f"  {'method.*':<14} eval methods, one file each in configs/method/ (method.ft_l.lr=1e-4)")
-    lines += ["", f"Every key and its default, with a comment: {CONFIG_DIR / 'config.yaml'}; per-model defaults in "
-              "configs/model/; docs/ explains each stage.", "print_config=true prints the composed configuration "
-              "and exits."]
+    lines += [
+        "",
+        f"Every key and its default, with a comment: {CONFIG_DIR / 'config.yaml'}; per-model defaults in "
+        "configs/model/; docs/ explains each stage.",
+        "print_config=true prints the composed configuration and exits.",
+    ]
     return "\n".join(lines)
 
 
@@ -64,8 +73,8 @@ def _quiet() -> None:
 
 def main(argv: list[str]) -> int:
     from pipeline.core.loading import configure
-    from pipeline.errors import Interrupted, UserError
     from pipeline.core.signals import stop_on_signals
+    from pipeline.errors import Interrupted, UserError
 
     if any(a in HELP_WORDS for a in argv):
         print(usage())
@@ -81,7 +90,9 @@ def main(argv: list[str]) -> int:
         if cfg.stage not in STAGES:
             from pipeline.config import nearest
 
-            raise UserError(f"stage={cfg.stage} is not one of {', '.join(STAGES)}{nearest(str(cfg.stage), list(STAGES))}")
+            raise UserError(
+                f"stage={cfg.stage} is not one of {', '.join(STAGES)}{nearest(str(cfg.stage), list(STAGES))}"
+            )
         recipe = STAGES[cfg.stage][0]
         if cfg.stage == "eval" and cfg.eval.mode != "case":  # many edits into one model: its own recipe
             recipe = "recipes.eval_scale"

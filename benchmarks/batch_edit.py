@@ -63,8 +63,14 @@ def main() -> None:
     from pipeline.core.requests import parse_requests
     from pipeline.editors.factory import build_editor
 
-    overrides = [f"data.files={WIKI}", "stats.tokens=50000", "edit.generate_tokens=0", "edit.verify.enabled=false",
-                 "trainer.accelerator=cpu", f"edit.batch_size={args.requests}"]
+    overrides = [
+        f"data.files={WIKI}",
+        "stats.tokens=50000",
+        "edit.generate_tokens=0",
+        "edit.verify.enabled=false",
+        "trainer.accelerator=cpu",
+        f"edit.batch_size={args.requests}",
+    ]
     if args.shape:
         loaded, _ = build_shape(args.shape, args.device, resolve_dtype(args.dtype), args.num_layers)
         cfg = configure(["model.name=llama" if "llama" in args.shape else "model.name=EleutherAI/gpt-j-6b", *overrides])
@@ -77,12 +83,12 @@ def main() -> None:
     statistics(sorted({*layers, layer}))  # one pass (or one random C) for every layer, before any clock
     requests = parse_requests(json.loads(COUNTERFACT.read_text())[: args.requests])
     edited = sorted({*layers, layer})
-    clean = {l: spec.down_proj_weight(model, l).detach().clone() for l in edited}
+    clean = {layer: spec.down_proj_weight(model, layer).detach().clone() for layer in edited}
 
     def restore():
         with torch.no_grad():
-            for l in edited:
-                spec.down_proj_weight(model, l).copy_(clean[l])
+            for layer in edited:
+                spec.down_proj_weight(model, layer).copy_(clean[layer])
 
     def editor(method):
         return build_editor(_with_method(cfg, method), loaded, statistics=statistics)
@@ -126,7 +132,9 @@ def main() -> None:
         rome.edit(requests)
         rows["rome, one at a time"] = clock(model) - t
     restore()
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    )
     label = f"random {args.shape} (timing only)" if args.shape else args.model
     print(f"{label}, {args.dtype}, {device}; {n} CounterFact requests; MEMIT layers {layers}, ROME layer {layer}")
     print("| what | seconds | requests/s |")
@@ -134,13 +142,17 @@ def main() -> None:
     for name, sec in rows.items():
         print(f"| {name} | {sec:.2f} | {n / sec:.3f} |")
     if "v* one at a time" in rows:
-        print(f"\nbatched v* is {rows['v* one at a time'] / rows['batched v*']:.2f}x one at a time; largest relative "
-              f"difference between their δ: {diff:.2e}")
+        print(
+            f"\nbatched v* is {rows['v* one at a time'] / rows['batched v*']:.2f}x one at a time; largest relative "
+            f"difference between their δ: {diff:.2e}"
+        )
     if "memit" in rows and "rome, one at a time" in rows:
         print(f"memit: {rows['rome, one at a time'] / rows['memit']:.2f}x the edits/s of one-at-a-time ROME")
     for method, res in results.items():
-        print(f"{method}: timings {json.dumps({k: round(v, 2) for k, v in res.timings.items()})}; residual "
-              f"{res.result.residual[0]:.2f} -> {res.result.residual[-1]:.2f}")
+        print(
+            f"{method}: timings {json.dumps({k: round(v, 2) for k, v in res.timings.items()})}; residual "
+            f"{res.result.residual[0]:.2f} -> {res.result.residual[-1]:.2f}"
+        )
     if args.device.startswith("cuda"):
         weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (weights {weights:.2f} GiB)")

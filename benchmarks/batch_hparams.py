@@ -52,8 +52,14 @@ def main() -> None:
     from pipeline.evaluation.cases import load_cases
     from pipeline.evaluation.scoring import Generation, score_case
 
-    cfg = configure([f"model.name={args.model}", f"data.files={WIKI}", f"stats.tokens={args.stats_tokens}",
-                   "trainer.accelerator=cpu"])
+    cfg = configure(
+        [
+            f"model.name={args.model}",
+            f"data.files={WIKI}",
+            f"stats.tokens={args.stats_tokens}",
+            "trainer.accelerator=cpu",
+        ]
+    )
     loaded = load_model(args.model, device="cpu")
     model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
     layers = list(cfg.edit.layers)
@@ -61,12 +67,12 @@ def main() -> None:
     stats = statistics(layers)
     cases, _ = load_cases(str(COUNTERFACT), args.requests, args.start)
     requests = [c.request for c in cases]
-    clean = {l: spec.down_proj_weight(model, l).detach().clone() for l in layers}
+    clean = {layer: spec.down_proj_weight(model, layer).detach().clone() for layer in layers}
 
     def restore() -> None:
         with torch.no_grad():
-            for l in layers:
-                spec.down_proj_weight(model, l).copy_(clean[l])
+            for layer in layers:
+                spec.down_proj_weight(model, layer).copy_(clean[layer])
 
     def scores() -> dict[str, float]:
         no_text = Generation(tokens=0, top_k=5, do_sample=True)
@@ -82,17 +88,22 @@ def main() -> None:
     while not ctx.step(state):
         pass
     z = state.h0 + state.optimisation.result()
-    print(f"{args.model}, layers {layers}, {len(requests)} CounterFact requests from record {args.start}; "
-          f"z optimised once in {time.perf_counter() - t:.0f} s (mean final P(target) "
-          f"{sum(state.optimisation.p_target) / len(requests):.3f})")
+    print(
+        f"{args.model}, layers {layers}, {len(requests)} CounterFact requests from record {args.start}; "
+        f"z optimised once in {time.perf_counter() - t:.0f} s (mean final P(target) "
+        f"{sum(state.optimisation.p_target) / len(requests):.3f})"
+    )
     unedited = scores()
     print(f"unedited: ES {unedited['es']:.1f} PS {unedited['ps']:.1f} NS {unedited['ns']:.1f}")
     print("| method | setting | residual left | max ‖ΔW‖/‖W‖ | ES | PS | NS |")
     print("|---|---|---|---|---|---|---|")
     rows = []
     settings = [("memit", {"memit": {"mom2_update_weight": float(x)}}) for x in args.lambdas.split(",")]
-    settings += [("alphaedit", {"alphaedit": {"l2": float(a), "nullspace_threshold": float(th)}})
-                 for th in args.thresholds.split(",") for a in args.l2.split(",")]
+    settings += [
+        ("alphaedit", {"alphaedit": {"l2": float(a), "nullspace_threshold": float(th)}})
+        for th in args.thresholds.split(",")
+        for a in args.l2.split(",")
+    ]
     for method, hp in settings:
         restore()
         run = editor(method, hp)
@@ -103,10 +114,14 @@ def main() -> None:
         rel = max(n["relative_update"] for n in result.norms.values())
         setting = json.dumps(hp[method]).replace('"', "")
         if ranks:
-            setting += f" (P rank {min(ranks.values())}-{max(ranks.values())} of {stats[layers[0]].second_moment.shape[0]})"
+            setting += (
+                f" (P rank {min(ranks.values())}-{max(ranks.values())} of {stats[layers[0]].second_moment.shape[0]})"
+            )
         rows.append({"method": method, "setting": hp[method], "residual_left": left, "max_relative_update": rel, **s})
-        print(f"| {method} | {setting} | {left:.3f} | {rel:.4f} | {s['es']:.1f} | {s['ps']:.1f} | {s['ns']:.1f} |",
-              flush=True)
+        print(
+            f"| {method} | {setting} | {left:.3f} | {rel:.4f} | {s['es']:.1f} | {s['ps']:.1f} | {s['ns']:.1f} |",
+            flush=True,
+        )
     restore()
     print(json.dumps({"unedited": unedited, "rows": rows}))
 

@@ -40,8 +40,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 DATA = ROOT.parent / "shared" / "data"
 WIKI = DATA / "wikipedia" / "wikipedia_en_sample.jsonl.gz"
 COUNTERFACT = DATA / "counterfact" / "counterfact-edit.json"
-EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
-          "target_true": "Paris"}
+EIFFEL = {
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": "Rome",
+    "target_true": "Paris",
+}
 PHASES = ["pre", "keys", "v_star", "solve", "apply", "verify"]
 
 from shapes import add_model_arguments, build_shape, statistics_for  # noqa: E402  (one place for the random real-size models)
@@ -67,16 +71,28 @@ def reference_edit(ctx, request, hp):
         result.probs["pre"] = rome.measure(ctx.model, ctx.tokenizer, request, int(hp.verify.batch_size))
     clock.lap("pre")
     result.k_star, result.v0, result.k_direction = rome.key_and_value(
-        ctx.model, ctx.tokenizer, ctx.spec, ctx.layer, ctx.templates, request.prompt, request.subject, str(hp.variant))
-    rows = build_rows(ctx.tokenizer, ctx.templates, request.prompt, request.subject, request.target_new, list(hp.kl_prompts))
+        ctx.model, ctx.tokenizer, ctx.spec, ctx.layer, ctx.templates, request.prompt, request.subject, str(hp.variant)
+    )
+    rows = build_rows(
+        ctx.tokenizer, ctx.templates, request.prompt, request.subject, request.target_new, list(hp.kl_prompts)
+    )
     clock.lap("keys")
     delta = torch.zeros(1, result.v0.shape[0], device=result.v0.device, requires_grad=True)
     adam = torch.optim.Adam([delta], lr=float(hp.v.lr))
     v0_norm, kl_init, losses = result.v0.norm()[None], None, []
     with torch.enable_grad():
         for step in range(int(hp.v.steps)):
-            parts = reference_loss(ctx.model, ctx.spec, ctx.spec.mlp_name(ctx.layer), rows,
-                                   ctx.tokenizer.pad_token_id or 0, delta, v0_norm, kl_init, hp.v)
+            parts = reference_loss(
+                ctx.model,
+                ctx.spec,
+                ctx.spec.mlp_name(ctx.layer),
+                rows,
+                ctx.tokenizer.pad_token_id or 0,
+                delta,
+                v0_norm,
+                kl_init,
+                hp.v,
+            )
             if kl_init is None:
                 kl_init = parts.kl_logp.detach()
             losses.append(parts.total.item())
@@ -108,9 +124,15 @@ def child(args) -> None:
     from pipeline.editors.factory import build_editor
 
     dtype = resolve_dtype(args.dtype)
-    overrides = [f"data.files={WIKI}", "stats.tokens=50000", "edit.generate_tokens=0", f"edit.v.steps={args.steps}",
-                 "edit.method=rome", f"edit.mom2_adjustment={args.cov != 'identity'}",
-                 "trainer.accelerator=cpu" if args.device == "cpu" else "trainer.accelerator=gpu"]
+    overrides = [
+        f"data.files={WIKI}",
+        "stats.tokens=50000",
+        "edit.generate_tokens=0",
+        f"edit.v.steps={args.steps}",
+        "edit.method=rome",
+        f"edit.mom2_adjustment={args.cov != 'identity'}",
+        "trainer.accelerator=cpu" if args.device == "cpu" else "trainer.accelerator=gpu",
+    ]
     if args.shape:
         loaded, layer = build_shape(args.shape, args.device, dtype, args.num_layers)
         cfg = configure([*overrides, f"edit.layer={args.layer if args.layer is not None else layer}"])
@@ -143,14 +165,33 @@ def child(args) -> None:
     out = []
     for r in results:
         post = r.probs["post"]["prompt"]
-        out.append({"case": r.request.case_id, "timings": r.timings, "steps": len(r.losses), "final_loss": r.losses[-1],
-                    "p_new": post["new"][0], "p_true": post["true"][0] if post["true"] else None,
-                    "success": bool(post["true"]) and post["new"][0] > post["true"][0]})
+        out.append(
+            {
+                "case": r.request.case_id,
+                "timings": r.timings,
+                "steps": len(r.losses),
+                "final_loss": r.losses[-1],
+                "p_new": post["new"][0],
+                "p_true": post["true"][0] if post["true"] else None,
+                "success": bool(post["true"]) and post["new"][0] > post["true"][0],
+            }
+        )
     peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
-    print(json.dumps({"method": args.method, "results": out, "whole_call_s": whole, "templates_s": t_templates,
-                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                      "peak_gpu_gib": peak_gpu, "weights_gib": weights_gb, "threads": torch.get_num_threads(),
-                      "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}))
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "results": out,
+                "whole_call_s": whole,
+                "templates_s": t_templates,
+                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "peak_gpu_gib": peak_gpu,
+                "weights_gib": weights_gb,
+                "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -159,8 +200,12 @@ def main() -> None:
     add_model_arguments(p)
     p.add_argument("--layer", type=int)
     p.add_argument("--steps", type=int, default=20, help="v* steps (ROME's 20)")
-    p.add_argument("--cov", choices=["stats", "identity", "random"], default=None,
-                   help="C from the statistics cache (default for real models), I, or a random SPD (default for --shape)")
+    p.add_argument(
+        "--cov",
+        choices=["stats", "identity", "random"],
+        default=None,
+        help="C from the statistics cache (default for real models), I, or a random SPD (default for --shape)",
+    )
     p.add_argument("--methods", default="stage,reference")
     p.add_argument("--method", choices=["stage", "reference"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -176,30 +221,45 @@ def main() -> None:
         out[method] = json.loads(r.stdout.strip().splitlines()[-1])
     label = f"random {args.shape} (timing only)" if args.shape else args.model
     first = next(iter(out.values()))
-    print(f"{label}, {args.dtype}, {first['device']}, layer C={args.cov}, {args.cases} edits, {first['threads']} threads")
-    print(f"| method | edit | {' | '.join(PHASES)} | sum of phases | outer wall | wall / sum | steps | P(new) | success |")
+    print(
+        f"{label}, {args.dtype}, {first['device']}, layer C={args.cov}, {args.cases} edits, {first['threads']} threads"
+    )
+    print(
+        f"| method | edit | {' | '.join(PHASES)} | sum of phases | outer wall | wall / sum | steps | P(new) | success |"
+    )
     print("|---" * (len(PHASES) + 8) + "|")
     for method, res in out.items():
         for i, r in enumerate(res["results"]):
             phases = sum(r["timings"].get(s, 0.0) for s in PHASES)
-            print(f"| {method} | {i + 1} | " + " | ".join(f"{r['timings'].get(s, 0.0):.3f}" for s in PHASES)
-                  + f" | {phases:.3f} | {r['timings']['wall']:.3f} | {r['timings']['wall'] / phases:.3f} | {r['steps']} "
-                  f"| {r['p_new']:.4f} | {r['success']} |")
+            print(
+                f"| {method} | {i + 1} | "
+                + " | ".join(f"{r['timings'].get(s, 0.0):.3f}" for s in PHASES)
+                + f" | {phases:.3f} | {r['timings']['wall']:.3f} | {r['timings']['wall'] / phases:.3f} | {r['steps']} "
+                f"| {r['p_new']:.4f} | {r['success']} |"
+            )
     print()
     means = {}
     for method, res in out.items():
         rs = res["results"]
         means[method] = sum(r["timings"]["wall"] for r in rs) / len(rs)
-        gpu = f", peak GPU {res['peak_gpu_gib']:.2f} GiB (weights {res['weights_gib']:.2f} GiB)" if res["peak_gpu_gib"] else ""
-        print(f"{method}: {means[method]:.3f} s/edit outer wall; whole call {res['whole_call_s']:.2f} s "
-              f"= {res['whole_call_s'] / len(rs):.3f} s/edit; peak RSS {res['peak_rss_gib']:.2f} GiB{gpu}; "
-              f"editor build (C factorised, templates) {res['templates_s']:.2f} s (once, outside)")
+        gpu = (
+            f", peak GPU {res['peak_gpu_gib']:.2f} GiB (weights {res['weights_gib']:.2f} GiB)"
+            if res["peak_gpu_gib"]
+            else ""
+        )
+        print(
+            f"{method}: {means[method]:.3f} s/edit outer wall; whole call {res['whole_call_s']:.2f} s "
+            f"= {res['whole_call_s'] / len(rs):.3f} s/edit; peak RSS {res['peak_rss_gib']:.2f} GiB{gpu}; "
+            f"editor build (C factorised, templates) {res['templates_s']:.2f} s (once, outside)"
+        )
     if {"stage", "reference"} <= set(out):
         a, b = out["stage"]["results"], out["reference"]["results"]
         same = sum(x["success"] == y["success"] for x, y in zip(a, b))
         dl = max(abs(x["p_new"] - y["p_new"]) for x, y in zip(a, b))
-        print(f"stage / reference outer wall: {means['stage'] / means['reference']:.3f}; same outcome on {same}/{len(a)} "
-              f"edits; max |ΔP(new)| {dl:.2e}")
+        print(
+            f"stage / reference outer wall: {means['stage'] / means['reference']:.3f}; same outcome on {same}/{len(a)} "
+            f"edits; max |ΔP(new)| {dl:.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -27,16 +27,26 @@ DATA = ROOT.parent / "shared" / "data"
 
 
 def run(cases: int, tokens: int, out: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "train.py"), "stage=eval", f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}",
-           f"eval.n={cases}", "eval.methods=[rome]", f"eval.out={out}", f"eval.generation.tokens={tokens}",
-           "stats.tokens=50000", f"data.files={DATA / 'wikipedia' / 'wikipedia_en_sample.jsonl.gz'}", "trainer.accelerator=cpu"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "stage=eval",
+        f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}",
+        f"eval.n={cases}",
+        "eval.methods=[rome]",
+        f"eval.out={out}",
+        f"eval.generation.tokens={tokens}",
+        "stats.tokens=50000",
+        f"data.files={DATA / 'wikipedia' / 'wikipedia_en_sample.jsonl.gz'}",
+        "trainer.accelerator=cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(r.stderr[-3000:])
     process = time.perf_counter() - t
-    records = [json.loads(l) for l in (out / "cases.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
     timing = json.loads((out / "timing.json").read_text())["this_run"]
     parts = {"edit": 0.0, "score": 0.0, "generate": 0.0}
     edit_parts: dict[str, float] = {}
@@ -49,11 +59,19 @@ def run(cases: int, tokens: int, out: Path) -> dict:
             edit_parts[k] = edit_parts.get(k, 0.0) + v
     loop = timing["seconds"]
     parts["other"] = loop - sum(parts.values())
-    return {"cases": len(records), "generate_tokens": tokens, "loop_seconds": loop, "process_seconds": process,
-            "cases_per_hour": 3600 * len(records) / loop, "seconds_per_case": loop / len(records),
-            "share": {k: v / loop for k, v in parts.items()}, "seconds": parts,
-            "edit_breakdown_per_case": {k: v / len(records) for k, v in edit_parts.items()},
-            "load_average_after": os.getloadavg(), "torch_threads": env["OMP_NUM_THREADS"]}
+    return {
+        "cases": len(records),
+        "generate_tokens": tokens,
+        "loop_seconds": loop,
+        "process_seconds": process,
+        "cases_per_hour": 3600 * len(records) / loop,
+        "seconds_per_case": loop / len(records),
+        "share": {k: v / loop for k, v in parts.items()},
+        "seconds": parts,
+        "edit_breakdown_per_case": {k: v / len(records) for k, v in edit_parts.items()},
+        "load_average_after": os.getloadavg(),
+        "torch_threads": env["OMP_NUM_THREADS"],
+    }
 
 
 def main() -> None:
@@ -65,9 +83,11 @@ def main() -> None:
         res = run(args.cases, args.tokens, Path(tmp) / "eval")
     print(json.dumps(res, indent=2))
     s = res["share"]
-    print(f"\nROME evaluation, CPU: {res['cases_per_hour']:.0f} cases/hour ({res['seconds_per_case']:.1f} s/case); "
-          f"editing {100 * s['edit']:.0f}%, scoring {100 * s['score']:.0f}%, generating {100 * s['generate']:.0f}%, "
-          f"other {100 * s['other']:.0f}%")
+    print(
+        f"\nROME evaluation, CPU: {res['cases_per_hour']:.0f} cases/hour ({res['seconds_per_case']:.1f} s/case); "
+        f"editing {100 * s['edit']:.0f}%, scoring {100 * s['score']:.0f}%, generating {100 * s['generate']:.0f}%, "
+        f"other {100 * s['other']:.0f}%"
+    )
 
 
 if __name__ == "__main__":

@@ -11,11 +11,25 @@ import torch
 __all__ = ["SHAPES", "build_shape", "add_model_arguments", "statistics_for"]
 
 SHAPES = {  # family, config, the layer the benchmarks edit / collect statistics for
-    "gptj-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_positions=2048, vocab_size=50400,
-                             n_inner=16384), 5),
-    "llama3-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
-                                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                                rope_theta=500000.0), 5),
+    "gptj-6b": (
+        "gptj",
+        dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_positions=2048, vocab_size=50400, n_inner=16384),
+        5,
+    ),
+    "llama3-8b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+        ),
+        5,
+    ),
 }
 
 
@@ -36,8 +50,9 @@ def build_shape(shape: str, device: str, dtype: torch.dtype, num_layers: int | N
         model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
     tok = load_model("smollm2-135m", device="cpu").tokenizer
-    return LoadedModel(model, tok, arch_for(model), {"name": f"random-{shape}", "revision": "timing-only"},
-                       f"random-{shape}"), layer
+    return LoadedModel(
+        model, tok, arch_for(model), {"name": f"random-{shape}", "revision": "timing-only"}, f"random-{shape}"
+    ), layer
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -58,6 +58,7 @@ from pipeline.stats.text import TextSource, tokenize_window  # noqa: E402
 
 # -- the texts every method reads -------------------------------------------------------------------------
 
+
 def first_texts(tokenizer, tokens: int, max_length: int) -> tuple[list[str], list[int]]:
     """The texts that hold the first ``tokens`` tokens in stream order, and each one's token count (the last
     cut to the budget): what the stage reads on one process."""
@@ -76,6 +77,7 @@ def first_texts(tokenizer, tokens: int, max_length: int) -> tuple[list[str], lis
 
 # -- the original's procedure (kmeng01/rome) ----------------------------------------------------------------
 
+
 class TokenizedDataset(Dataset):
     """rome/tok_dataset.py's TokenizedDataset: each text tokenised whole, truncated (here also cut to the
     shared budget), with position ids and an all-ones attention mask."""
@@ -88,8 +90,11 @@ class TokenizedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.tokenizer.encode(self.texts[i], truncation=True, max_length=self.max_length)[: self.counts[i]]
-        return {"input_ids": torch.tensor(ids), "position_ids": torch.arange(len(ids)),
-                "attention_mask": torch.ones(len(ids), dtype=torch.long)}
+        return {
+            "input_ids": torch.tensor(ids),
+            "position_ids": torch.arange(len(ids)),
+            "attention_mask": torch.ones(len(ids), dtype=torch.long),
+        }
 
 
 def make_padded_batch(items: list[dict]) -> dict[str, torch.Tensor]:
@@ -99,6 +104,7 @@ def make_padded_batch(items: list[dict]) -> dict[str, torch.Tensor]:
 
 def length_collation(token_size: int):
     """rome/tok_dataset.py's length_collation, as released (including its reset of the running width)."""
+
     def collate_fn(items):
         items = sorted(items, key=lambda x: -len(x["input_ids"]))
         batches, batch, batch_width = [], [], 0
@@ -111,6 +117,7 @@ def length_collation(token_size: int):
         if len(batch):
             batches.append(make_padded_batch(batch))
         return batches
+
     return collate_fn
 
 
@@ -125,8 +132,13 @@ def run_original(loaded, layer: int, texts, counts, args) -> tuple[float, torch.
     n_positions = getattr(loaded.model.config, "n_positions", None)
     sub_batch_tokens = 3 * (n_positions or args.max_length)
     ds = TokenizedDataset(texts, counts, loaded.tokenizer, args.max_length)
-    loader = DataLoader(ds, batch_size=100, collate_fn=length_collation(sub_batch_tokens), num_workers=args.workers,
-                        pin_memory=args.device.startswith("cuda"))
+    loader = DataLoader(
+        ds,
+        batch_size=100,
+        collate_fn=length_collation(sub_batch_tokens),
+        num_workers=args.workers,
+        pin_memory=args.device.startswith("cuda"),
+    )
     module = get_module(loaded.model, loaded.spec.down_proj_name(layer))
     mom2, count = None, 0
     clock = Clock(args.device)
@@ -147,13 +159,24 @@ def run_original(loaded, layer: int, texts, counts, args) -> tuple[float, torch.
 
 # -- the stage ------------------------------------------------------------------------------------------------
 
+
 def stage_cfg(args, layer: int, product: str, stats_dir: str):
     accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
-    return configure([f"model.dtype={args.dtype}", f"data.files={WIKI}",
-                    f"stats.dir={stats_dir}", f"stats.layers=[{layer}]", f"stats.tokens={args.tokens}",
-                    f"stats.product={product}", f"data.max_length={args.max_length}",
-                    f"data.batch_tokens={args.batch_tokens}", f"data.num_workers={args.workers}",
-                    f"trainer.accelerator={accelerator}", "trainer.devices=1"])
+    return configure(
+        [
+            f"model.dtype={args.dtype}",
+            f"data.files={WIKI}",
+            f"stats.dir={stats_dir}",
+            f"stats.layers=[{layer}]",
+            f"stats.tokens={args.tokens}",
+            f"stats.product={product}",
+            f"data.max_length={args.max_length}",
+            f"data.batch_tokens={args.batch_tokens}",
+            f"data.num_workers={args.workers}",
+            f"trainer.accelerator={accelerator}",
+            "trainer.devices=1",
+        ]
+    )
 
 
 def run_stage(loaded, layer: int, product: str, args) -> tuple[float, torch.Tensor, int, dict]:
@@ -181,11 +204,25 @@ def run_stage(loaded, layer: int, product: str, args) -> tuple[float, torch.Tens
 
 
 def stage_batches(loaded, args, tokens_per_batch: int) -> DataLoader:
-    stream = ShardedTokenStream(TextSource(files=str(WIKI)), loaded.tokenizer, max_length=args.max_length,
-                                chars_per_token=8, batch_tokens=tokens_per_batch, sort_window=512, tokens=args.tokens,
-                                rank=0, world_size=1, resume={})
-    return DataLoader(stream, batch_size=None, num_workers=args.workers, prefetch_factor=4 if args.workers else None,
-                      pin_memory=args.device.startswith("cuda"))
+    stream = ShardedTokenStream(
+        TextSource(files=str(WIKI)),
+        loaded.tokenizer,
+        max_length=args.max_length,
+        chars_per_token=8,
+        batch_tokens=tokens_per_batch,
+        sort_window=512,
+        tokens=args.tokens,
+        rank=0,
+        world_size=1,
+        resume={},
+    )
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=args.workers,
+        prefetch_factor=4 if args.workers else None,
+        pin_memory=args.device.startswith("cuda"),
+    )
 
 
 def run_forward_only(loaded, layer: int, args, tokens_per_batch: int) -> tuple[float, None, int, dict]:
@@ -246,36 +283,60 @@ def main() -> None:
     best = {m: min(r, key=lambda x: x[0]) for m, r in runs.items()}
     reference = best.get("exact", best.get("stage"))[1] if ("exact" in best or "stage" in best) else None
     label = f"random {args.shape} (timing only)" if args.shape else args.model
-    names = {"forward": "forward only (the stage's batches, no accumulation)",
-             "original": "original's procedure (kmeng01/rome layer_stats)",
-             "exact": "stage, stats.product=exact", "stage": "stage (default: stats.product=fp32)"}
+    names = {
+        "forward": "forward only (the stage's batches, no accumulation)",
+        "original": "original's procedure (kmeng01/rome layer_stats)",
+        "exact": "stage, stats.product=exact",
+        "stage": "stage (default: stats.product=fp32)",
+    }
     rows = []
     for m, (seconds, c, count, extra, peak) in best.items():
         diff = float((c - reference).norm() / reference.norm()) if c is not None and reference is not None else None
-        rows.append({"method": m, "seconds": round(seconds, 2), "all_seconds": [round(r[0], 2) for r in runs[m]],
-                     "pass_seconds": round(extra["pass"], 2) if "pass" in extra else None,
-                     "tokens": count, "tokens_per_s": round(count / seconds), "rel_diff_C_vs_exact": diff,
-                     "peak_gpu_gib": None if peak is None else round(peak, 2), "syncs": extra.get("syncs")})
+        rows.append(
+            {
+                "method": m,
+                "seconds": round(seconds, 2),
+                "all_seconds": [round(r[0], 2) for r in runs[m]],
+                "pass_seconds": round(extra["pass"], 2) if "pass" in extra else None,
+                "tokens": count,
+                "tokens_per_s": round(count / seconds),
+                "rel_diff_C_vs_exact": diff,
+                "peak_gpu_gib": None if peak is None else round(peak, 2),
+                "syncs": extra.get("syncs"),
+            }
+        )
     base = best.get("original")
     result = {
-        "model": label, "layer": layer,
+        "model": label,
+        "layer": layer,
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "dtype": args.dtype, "threads": torch.get_num_threads(), "workers": args.workers, "tokens": args.tokens,
-        "max_length": args.max_length, "stage_batch_tokens": tokens_per_batch, "texts": len(texts), "rows": rows,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "workers": args.workers,
+        "tokens": args.tokens,
+        "max_length": args.max_length,
+        "stage_batch_tokens": tokens_per_batch,
+        "texts": len(texts),
+        "rows": rows,
         "speedup_vs_original": round(base[0] / best["stage"][0], 2) if base and "stage" in best else None,
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     print(json.dumps(result, indent=2))
-    print(f"\n{label}, layer {layer}, {args.device} {args.dtype}, {args.tokens} tokens ({len(texts)} texts), "
-          f"{torch.get_num_threads()} thread(s), {args.workers} worker(s), "
-          f"stage batches of {tokens_per_batch} tokens\n")
-    print(f"| method | seconds (fastest of {args.repeats}) | tokens/s | C: relative difference to the exact stage "
-          "| the stage's streaming pass alone: s, tokens/s |")
+    print(
+        f"\n{label}, layer {layer}, {args.device} {args.dtype}, {args.tokens} tokens ({len(texts)} texts), "
+        f"{torch.get_num_threads()} thread(s), {args.workers} worker(s), "
+        f"stage batches of {tokens_per_batch} tokens\n"
+    )
+    print(
+        f"| method | seconds (fastest of {args.repeats}) | tokens/s | C: relative difference to the exact stage "
+        "| the stage's streaming pass alone: s, tokens/s |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
         diff = "" if r["rel_diff_C_vs_exact"] is None else f"{r['rel_diff_C_vs_exact']:.1e}"
-        alone = ("" if r["pass_seconds"] is None
-                 else f"{r['pass_seconds']:.2f}, {round(r['tokens'] / r['pass_seconds'])}")
+        alone = (
+            "" if r["pass_seconds"] is None else f"{r['pass_seconds']:.2f}, {round(r['tokens'] / r['pass_seconds'])}"
+        )
         print(f"| {names[r['method']]} | {r['seconds']:.2f} | {r['tokens_per_s']} | {diff} | {alone} |")
     if result["speedup_vs_original"]:
         print(f"\nstage vs original: {result['speedup_vs_original']}x")

@@ -52,14 +52,25 @@ def main() -> None:
     args = ap.parse_args()
     # the configuration is the one place the tracing defaults live; the flags only override them
     cfg = configure([f"model.name={args.model}", "model.device=cpu"])
-    for flag, value in (("samples", cfg.trace.samples), ("window", cfg.trace.window),
-                        ("batch_size", cfg.trace.batch_size), ("seed", cfg.seed)):
+    for flag, value in (
+        ("samples", cfg.trace.samples),
+        ("window", cfg.trace.window),
+        ("batch_size", cfg.trace.batch_size),
+        ("seed", cfg.seed),
+    ):
         if getattr(args, flag) is None:
             setattr(args, flag, int(value))
 
     lm = load_model(args.model, device="cpu")
-    noise, _ = subject_noise(lm.model, lm.spec, lm.tokenizer, lm.identity, args.dataset, default_cache_dir(),
-                             factor=float(cfg.trace.noise_factor))
+    noise, _ = subject_noise(
+        lm.model,
+        lm.spec,
+        lm.tokenizer,
+        lm.identity,
+        args.dataset,
+        default_cache_dir(),
+        factor=float(cfg.trace.noise_factor),
+    )
     chosen = []
     for f in load_facts(args.dataset):
         text = fill_prompt(f.prompt, f.subject)[0]
@@ -72,28 +83,46 @@ def main() -> None:
     rows = []
     for f, p in chosen:
         seed = args.seed + f.index
-        fast, fw, fc = timed(lambda: trace_fact(lm.model, lm.spec, p, seed=seed, batch_size=args.batch_size, **common))
-        ref, rw, rc = timed(lambda: trace_fact_per_cell(lm.model, lm.spec, p, seed=seed, **common))
+        fast, fw, fc = timed(
+            lambda p=p, seed=seed: trace_fact(lm.model, lm.spec, p, seed=seed, batch_size=args.batch_size, **common)
+        )
+        ref, rw, rc = timed(lambda p=p, seed=seed: trace_fact_per_cell(lm.model, lm.spec, p, seed=seed, **common))
         diff = max(float(np.abs(fast.effects[k] - ref.effects[k]).max()) for k in KINDS)
         diff = max(diff, abs(fast.p_clean - ref.p_clean), abs(fast.p_corrupted - ref.p_corrupted))
-        rows.append(dict(fact=f"{f.subject} -> {f.answer}", tokens=len(p.tokens), subject=list(p.subject),
-                         batched_wall=fw, batched_cpu=fc, per_cell_wall=rw, per_cell_cpu=rc, max_abs_diff=diff))
+        rows.append(
+            dict(
+                fact=f"{f.subject} -> {f.answer}",
+                tokens=len(p.tokens),
+                subject=list(p.subject),
+                batched_wall=fw,
+                batched_cpu=fc,
+                per_cell_wall=rw,
+                per_cell_cpu=rc,
+                max_abs_diff=diff,
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     n = len(rows)
     tot = {k: sum(r[k] for r in rows) for k in ("batched_wall", "batched_cpu", "per_cell_wall", "per_cell_cpu")}
-    print(f"\n{args.model}, {n} known facts of {Path(args.dataset).name}, {args.samples} noise samples, "
-          f"window {args.window}, three kinds, torch threads {torch.get_num_threads()}\n")
+    print(
+        f"\n{args.model}, {n} known facts of {Path(args.dataset).name}, {args.samples} noise samples, "
+        f"window {args.window}, three kinds, torch threads {torch.get_num_threads()}\n"
+    )
     print("| fact | tokens | batched s (CPU s) | one pass per cell s (CPU s) | speedup wall (CPU) | max abs diff |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['fact']} | {r['tokens']} | {r['batched_wall']:.1f} ({r['batched_cpu']:.1f}) | "
-              f"{r['per_cell_wall']:.1f} ({r['per_cell_cpu']:.1f}) | {r['per_cell_wall'] / r['batched_wall']:.1f}x "
-              f"({r['per_cell_cpu'] / r['batched_cpu']:.1f}x) | {r['max_abs_diff']:.1e} |")
-    print(f"| **per fact** | | **{tot['batched_wall'] / n:.1f}** ({tot['batched_cpu'] / n:.1f}) | "
-          f"**{tot['per_cell_wall'] / n:.1f}** ({tot['per_cell_cpu'] / n:.1f}) | "
-          f"**{tot['per_cell_wall'] / tot['batched_wall']:.1f}x** ({tot['per_cell_cpu'] / tot['batched_cpu']:.1f}x) | "
-          f"{max(r['max_abs_diff'] for r in rows):.1e} |")
+        print(
+            f"| {r['fact']} | {r['tokens']} | {r['batched_wall']:.1f} ({r['batched_cpu']:.1f}) | "
+            f"{r['per_cell_wall']:.1f} ({r['per_cell_cpu']:.1f}) | {r['per_cell_wall'] / r['batched_wall']:.1f}x "
+            f"({r['per_cell_cpu'] / r['batched_cpu']:.1f}x) | {r['max_abs_diff']:.1e} |"
+        )
+    print(
+        f"| **per fact** | | **{tot['batched_wall'] / n:.1f}** ({tot['batched_cpu'] / n:.1f}) | "
+        f"**{tot['per_cell_wall'] / n:.1f}** ({tot['per_cell_cpu'] / n:.1f}) | "
+        f"**{tot['per_cell_wall'] / tot['batched_wall']:.1f}x** ({tot['per_cell_cpu'] / tot['batched_cpu']:.1f}x) | "
+        f"{max(r['max_abs_diff'] for r in rows):.1e} |"
+    )
     if args.out:
         record = {"args": vars(args), "threads": torch.get_num_threads(), "rows": rows}
         Path(args.out).write_text(json.dumps(record, indent=2))

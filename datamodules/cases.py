@@ -8,7 +8,7 @@ predict loop and its hooks (gathering the metrics needs every rank).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightning as L
 from torch.utils.data import DataLoader

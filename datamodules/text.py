@@ -9,7 +9,8 @@ run re-reads exactly the texts that were not yet counted, into the same batches.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -23,8 +24,20 @@ ResumeState = Mapping[int, Mapping[str, int]]
 
 
 class ShardedTokenStream(IterableDataset):
-    def __init__(self, source: TextSource, tokenizer, *, max_length: int, chars_per_token: int, batch_tokens: int,
-                 sort_window: int, tokens: int, rank: int, world_size: int, resume: ResumeState) -> None:
+    def __init__(
+        self,
+        source: TextSource,
+        tokenizer,
+        *,
+        max_length: int,
+        chars_per_token: int,
+        batch_tokens: int,
+        sort_window: int,
+        tokens: int,
+        rank: int,
+        world_size: int,
+        resume: ResumeState,
+    ) -> None:
         self.source, self.tokenizer = source, tokenizer
         self.max_length, self.chars_per_token = max_length, chars_per_token
         self.batch_tokens, self.sort_window, self.tokens = batch_tokens, sort_window, tokens
@@ -37,10 +50,16 @@ class ShardedTokenStream(IterableDataset):
         state = self.resume.get(shard, {"window": 0, "batches": 0, "before": 0, "tokens": 0})
         budget = shard_budget(self.tokens, shard, num_shards) - state["before"]
         windows = self.source.windows(self.sort_window, shard, num_shards, skip=state["window"])
-        for batch in pack_batches(windows, self.tokenizer, max_length=self.max_length,
-                                  chars_per_token=self.chars_per_token, batch_tokens=self.batch_tokens, budget=budget,
-                                  window=state["window"],
-                                  skip_batches=state["batches"]):
+        for batch in pack_batches(
+            windows,
+            self.tokenizer,
+            max_length=self.max_length,
+            chars_per_token=self.chars_per_token,
+            batch_tokens=self.batch_tokens,
+            budget=budget,
+            window=state["window"],
+            skip_batches=state["batches"],
+        ):
             yield {**batch.as_dict(), "shard": shard}
 
 
@@ -52,9 +71,19 @@ class TextDataModule(L.LightningDataModule):
     """Streams ``source`` for ``trainer.predict``; ``resume(rank)`` gives a partial run's shard positions.
     On CUDA the batches come in pinned memory (the Trainer copies them with ``non_blocking``)."""
 
-    def __init__(self, source: TextSource, tokenizer, *, max_length: int, chars_per_token: int, batch_tokens: int,
-                 sort_window: int, tokens: int, num_workers: int,
-                 resume: Callable[[int], ResumeState] | None = None) -> None:
+    def __init__(
+        self,
+        source: TextSource,
+        tokenizer,
+        *,
+        max_length: int,
+        chars_per_token: int,
+        batch_tokens: int,
+        sort_window: int,
+        tokens: int,
+        num_workers: int,
+        resume: Callable[[int], ResumeState] | None = None,
+    ) -> None:
         super().__init__()
         self.source, self.tokenizer = source, tokenizer
         self.max_length, self.chars_per_token = max_length, chars_per_token
@@ -67,11 +96,23 @@ class TextDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size
         stream = ShardedTokenStream(
-            self.source, self.tokenizer, max_length=self.max_length, chars_per_token=self.chars_per_token,
-            batch_tokens=self.batch_tokens, sort_window=self.sort_window, tokens=self.tokens, rank=rank,
-            world_size=world, resume=self.resume(rank) if self.resume else {},
+            self.source,
+            self.tokenizer,
+            max_length=self.max_length,
+            chars_per_token=self.chars_per_token,
+            batch_tokens=self.batch_tokens,
+            sort_window=self.sort_window,
+            tokens=self.tokens,
+            rank=rank,
+            world_size=world,
+            resume=self.resume(rank) if self.resume else {},
         )
         workers = self.num_workers
-        return DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
-                          pin_memory=self.trainer.strategy.root_device.type == "cuda",
-                          worker_init_fn=_worker_init if workers else None)
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            pin_memory=self.trainer.strategy.root_device.type == "cuda",
+            worker_init_fn=_worker_init if workers else None,
+        )

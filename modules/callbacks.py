@@ -30,7 +30,7 @@ def _finished(outputs: Any) -> Edit | None:
 class ApplyEdit(L.Callback):
     """Write the update into the weights (ROME: Λ (C⁻¹k*)ᵀ solved in float64; MEMIT: one low-rank ΔW per layer)."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: "EditLoop", outputs: Any, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: EditLoop, outputs: Any, *args: Any) -> None:
         edit = _finished(outputs)
         if edit is not None:
             pl_module.editor.advance(edit, "applied")
@@ -40,7 +40,7 @@ class VerifyEdit(L.Callback):
     """Check the edit took and is not a disabling edit (ROME: P(new) > P(true) on the prompt and paraphrases,
     P(true) > P(new) on neighbours, ‖ΔW‖/‖W‖ and (C⁻¹k*)ᵀk* within limits); roll it back on failure."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: "EditLoop", outputs: Any, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: EditLoop, outputs: Any, *args: Any) -> None:
         edit = _finished(outputs)
         if edit is not None:
             pl_module.editor.advance(edit, "verified")
@@ -51,10 +51,12 @@ class RecordEdit(L.Callback):
     atomically. ``run`` = (the request list's digest, each unit's position in it): recorded with every entry,
     so that a resumed run skips what is already there."""
 
-    def __init__(self, ledger: Ledger, model_identity: dict[str, str], run: tuple[str, list[int]] | None = None) -> None:
+    def __init__(
+        self, ledger: Ledger, model_identity: dict[str, str], run: tuple[str, list[int]] | None = None
+    ) -> None:
         self.ledger, self.model_identity, self.run = ledger, model_identity, run
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: "EditLoop", outputs: Any, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: EditLoop, outputs: Any, *args: Any) -> None:
         edit = _finished(outputs)
         if edit is None:
             return
@@ -73,7 +75,7 @@ class EditProgress(L.Callback):
         self.enabled, self.live = enabled, enabled and sys.stderr.isatty()
         self.bar: tqdm | None = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: "EditLoop", outputs: Any, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: EditLoop, outputs: Any, *args: Any) -> None:
         edit, finished = pl_module.current, _finished(outputs)
         if edit is None or edit.optimisation is None:
             return
@@ -95,7 +97,7 @@ class EditProgress(L.Callback):
             print(f"{label} {self._summary(finished, pl_module.editor.per_case)}", file=sys.stderr, flush=True)
 
     @staticmethod
-    def _name(pl_module: "EditLoop") -> str:
+    def _name(pl_module: EditLoop) -> str:
         return "v*" if pl_module.editor.method == "rome" else f"{pl_module.editor.method} batch"
 
     @staticmethod
@@ -103,11 +105,15 @@ class EditProgress(L.Callback):
         opt = edit.optimisation
         if one_request:
             losses = opt.losses[0]
-            return (f"{len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, P(target) {opt.p_target[0]:.3f}, "
-                    f"{edit.timings.get('v_star', 0.0):.2f} s; {edit.status}")
-        first = sum(l[0] for l in opt.losses) / len(opt.losses)
-        last = sum(l[-1] for l in opt.losses) / len(opt.losses)
+            return (
+                f"{len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, P(target) {opt.p_target[0]:.3f}, "
+                f"{edit.timings.get('v_star', 0.0):.2f} s; {edit.status}"
+            )
+        first = sum(losses[0] for losses in opt.losses) / len(opt.losses)
+        last = sum(losses[-1] for losses in opt.losses) / len(opt.losses)
         residual = getattr(getattr(edit, "result", None), "residual", None) or [0.0]
-        return (f"{len(opt.losses)} requests, {max(map(len, opt.losses))} steps, mean loss {first:.3f} -> {last:.3f}, "
-                f"mean P(target) {sum(opt.p_target) / len(opt.p_target):.3f}, residual {residual[0]:.2f} -> "
-                f"{residual[-1]:.2f}, {sum(edit.timings.values()):.1f} s")
+        return (
+            f"{len(opt.losses)} requests, {max(map(len, opt.losses))} steps, mean loss {first:.3f} -> {last:.3f}, "
+            f"mean P(target) {sum(opt.p_target) / len(opt.p_target):.3f}, residual {residual[0]:.2f} -> "
+            f"{residual[-1]:.2f}, {sum(edit.timings.values()):.1f} s"
+        )

@@ -20,7 +20,8 @@ steps in the current batch, so that the callbacks apply, verify and record it wh
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -94,9 +95,15 @@ class EditLoop(L.LightningModule):
         return [e for e in self.edits if e.phase == "verified"]
 
 
-def fit_edits(editor: Editor, requests: Sequence[EditRequest], cfg: DictConfig, ledger: Ledger | None = None,
-              model_identity: dict[str, str] | None = None, progress: bool = True,
-              run: tuple[str, list[int]] | None = None) -> list[Edit]:
+def fit_edits(
+    editor: Editor,
+    requests: Sequence[EditRequest],
+    cfg: DictConfig,
+    ledger: Ledger | None = None,
+    model_identity: dict[str, str] | None = None,
+    progress: bool = True,
+    run: tuple[str, list[int]] | None = None,
+) -> list[Edit]:
     """Every request, unit by unit, through one Trainer and one ``fit`` (the edit stage's loop; benchmarks
     time it too). After a stop request: the units finished so far, each applied, verified and recorded whole."""
     if not requests:

@@ -13,23 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig
 
 from datamodules.cases import NO_CASE
-from pipeline.evaluation.case_log import CaseLog
+from pipeline.core.loading import LoadedModel
+from pipeline.core.signals import stop_requested
+from pipeline.core.timing import Clock
+from pipeline.editors.base import Editor
 from pipeline.errors import UserError
+from pipeline.evaluation.case_log import CaseLog
 from pipeline.evaluation.cases import EvalCase
 from pipeline.evaluation.report import METRICS
 from pipeline.evaluation.scoring import Generation, References, score_case
-from pipeline.core.signals import stop_requested
-
-from pipeline.core.loading import LoadedModel
-from pipeline.core.timing import Clock
-from pipeline.editors.base import Editor
 
 from .case_values import CaseValues
 
@@ -46,16 +46,28 @@ class EvalContext:
 
 
 class CaseEvaluator(L.LightningModule):
-    def __init__(self, ctx: EvalContext, cases: dict[int, EvalCase], todo: dict[int, list[Editor]],
-                 done: Sequence[dict[str, Any]], log: CaseLog, gen: Generation, refs: References | None, seed: int,
-                 kind: str, methods: Sequence[Editor], on_start: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        ctx: EvalContext,
+        cases: dict[int, EvalCase],
+        todo: dict[int, list[Editor]],
+        done: Sequence[dict[str, Any]],
+        log: CaseLog,
+        gen: Generation,
+        refs: References | None,
+        seed: int,
+        kind: str,
+        methods: Sequence[Editor],
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__()
         self.ctx, self.cases, self.todo, self.done, self.case_log = ctx, cases, todo, list(done), log
         self.gen, self.refs, self.seed, self.kind, self.on_start = gen, refs, seed, kind, on_start
         self.model = ctx.loaded.model  # registered: the Trainer places it on this rank's device
         self.methods, self.method_names = list(methods), [m.name for m in methods]
-        self.metrics = torch.nn.ModuleDict({key: CaseValues() for m in self.method_names
-                                            for key in [f"{m}__{k}" for k in [OK, *METRICS[kind]]]})
+        self.metrics = torch.nn.ModuleDict(
+            {key: CaseValues() for m in self.method_names for key in [f"{m}__{k}" for k in [OK, *METRICS[kind]]]}
+        )
         # every parameter some method may change, with a clean copy (buffers: they follow the model's device)
         self.touched = sorted({name for m in methods for name in m.touched()})
         for i, name in enumerate(self.touched):
@@ -108,20 +120,42 @@ class CaseEvaluator(L.LightningModule):
     # -- one case ---------------------------------------------------------------------------------------
     def _score(self, case: EvalCase) -> dict[str, Any]:
         loaded = self.ctx.loaded
-        return score_case(loaded.model, loaded.tokenizer, case, self.gen, self.seed + case.index,
-                          int(self.ctx.cfg.eval.score_batch_size), self.refs)
+        return score_case(
+            loaded.model,
+            loaded.tokenizer,
+            case,
+            self.gen,
+            self.seed + case.index,
+            int(self.ctx.cfg.eval.score_batch_size),
+            self.refs,
+        )
 
     def evaluate(self, case: EvalCase, methods: Sequence[Editor]) -> list[dict[str, Any]]:
         self._check_clean(f"before case {case.index}")
         pre = self._score(case)
         out = []
         for m in methods:
-            rec = {"index": case.index, "case_id": case.case_id, "method": m.name, "request": case.request.as_dict(),
-                   "pre": pre["metrics"], "pre_probs": pre.get("probs"), "pre_timings": pre["timings"],
-                   "generations": {"pre": pre.get("generations", [])}}
+            rec = {
+                "index": case.index,
+                "case_id": case.case_id,
+                "method": m.name,
+                "request": case.request.as_dict(),
+                "pre": pre["metrics"],
+                "pre_probs": pre.get("probs"),
+                "pre_timings": pre["timings"],
+                "generations": {"pre": pre.get("generations", [])},
+            }
             if not m.edits_weights:
-                out.append({**rec, "status": "ok", "post": pre["metrics"], "post_probs": pre.get("probs"),
-                            "timings": {"edit": 0.0, **pre["timings"]}, "info": {}})
+                out.append(
+                    {
+                        **rec,
+                        "status": "ok",
+                        "post": pre["metrics"],
+                        "post_probs": pre.get("probs"),
+                        "timings": {"edit": 0.0, **pre["timings"]},
+                        "info": {},
+                    }
+                )
                 out[-1]["generations"]["post"] = out[-1]["generations"]["pre"]
                 continue
             try:
@@ -138,8 +172,16 @@ class CaseEvaluator(L.LightningModule):
             finally:
                 self._restore()
             rec["generations"]["post"] = post.get("generations", [])
-            out.append({**rec, "status": "ok", "post": post["metrics"], "post_probs": post.get("probs"),
-                        "timings": {"edit": edit_seconds, **post["timings"]}, "info": info})
+            out.append(
+                {
+                    **rec,
+                    "status": "ok",
+                    "post": post["metrics"],
+                    "post_probs": post.get("probs"),
+                    "timings": {"edit": edit_seconds, **post["timings"]},
+                    "info": info,
+                }
+            )
         return out
 
     def _update(self, rec: dict[str, Any]) -> None:

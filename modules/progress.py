@@ -20,11 +20,24 @@ class TokenProgressBar(L.Callback):
         if trainer.is_global_zero:
             share = -(-self.total // trainer.world_size)
             label = self.desc if trainer.world_size == 1 else f"{self.desc} (rank 0 of {trainer.world_size})"
-            self.bar = tqdm(total=share, desc=label, unit="tok", unit_scale=True, dynamic_ncols=True,
-                            initial=getattr(pl_module, "count", 0))
+            self.bar = tqdm(
+                total=share,
+                desc=label,
+                unit="tok",
+                unit_scale=True,
+                dynamic_ncols=True,
+                initial=getattr(pl_module, "count", 0),
+            )
 
-    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                             batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self.bar is not None:
             self.bar.update(int(batch["tokens"]))
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -58,12 +59,15 @@ class PartialStats:
                     state = torch.load(p, map_location="cpu", weights_only=True)
                 except Exception as err:
                     p.unlink()
-                    raise UserError(f"partial statistics {p} were corrupt and have been removed; "
-                                    "run the command again") from err
+                    raise UserError(
+                        f"partial statistics {p} were corrupt and have been removed; run the command again"
+                    ) from err
                 if state.get("run") != self.run:
-                    raise UserError(f"{self.dir} holds a partial run with other settings "
-                                    f"({_diff(state.get('run') or {}, self.run)}); "
-                                    f"rerun with those settings to resume, or delete {self.dir}")
+                    raise UserError(
+                        f"{self.dir} holds a partial run with other settings "
+                        f"({_diff(state.get('run') or {}, self.run)}); "
+                        f"rerun with those settings to resume, or delete {self.dir}"
+                    )
             self._cache[rank] = state
         return self._cache[rank]
 
@@ -100,9 +104,20 @@ class ConvergenceSettings:
 
 
 class SecondMomentModule(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, spec: ArchSpec, layers: list[int], *, dtype: torch.dtype, product: str,
-                 partial: PartialStats | None, checkpoint_minutes: float, checkpoint_every_batches: int,
-                 convergence: ConvergenceSettings | None, report: Callable[[str], None] = tqdm.write) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: ArchSpec,
+        layers: list[int],
+        *,
+        dtype: torch.dtype,
+        product: str,
+        partial: PartialStats | None,
+        checkpoint_minutes: float,
+        checkpoint_every_batches: int,
+        convergence: ConvergenceSettings | None,
+        report: Callable[[str], None] = tqdm.write,
+    ) -> None:
         """``dtype``, ``product``, ``checkpoint_*``: ``stats.*`` (configs/config.yaml holds their defaults);
         ``partial``: where the resumable state goes (None: nowhere); ``convergence``: None for no readouts."""
         super().__init__()
@@ -185,9 +200,11 @@ class SecondMomentModule(L.LightningModule):
         old = self.shards.get(shard, NEW_SHARD)
         total = old["tokens"] + tokens
         before = old["before"] if window == old["window"] else old["tokens"]
-        self.shards[shard] = ({"window": window + 1, "batches": 0, "before": total, "tokens": total}
-                              if batch["last"] else
-                              {"window": window, "batches": batch["batch"] + 1, "before": before, "tokens": total})
+        self.shards[shard] = (
+            {"window": window + 1, "batches": 0, "before": total, "tokens": total}
+            if batch["last"]
+            else {"window": window, "batches": batch["batch"] + 1, "before": before, "tokens": total}
+        )
         self.count += tokens
         self.steps += 1
 
@@ -199,8 +216,11 @@ class SecondMomentModule(L.LightningModule):
             if self.global_rank == 0:
                 self._readout()
         stop = stop_requested()  # a SIGTERM / SIGINT arrived (train.py armed pipeline.signals)
-        due = (stop or (self.checkpoint_every_batches and self.steps % self.checkpoint_every_batches == 0)
-               or (self.checkpoint_seconds and time.monotonic() - self._last_save >= self.checkpoint_seconds))
+        due = (
+            stop
+            or (self.checkpoint_every_batches and self.steps % self.checkpoint_every_batches == 0)
+            or (self.checkpoint_seconds and time.monotonic() - self._last_save >= self.checkpoint_seconds)
+        )
         if due and self.partial:
             self._save_partial()
         if stop:
@@ -211,8 +231,9 @@ class SecondMomentModule(L.LightningModule):
     def _readout(self) -> None:
         for layer in self.layers:
             if layer in self.probes:
-                self.readouts[layer], point = take_readout(self.sums[layer], self.count, self.probes[layer],
-                                                           self.readouts.get(layer))
+                self.readouts[layer], point = take_readout(
+                    self.sums[layer], self.count, self.probes[layer], self.readouts.get(layer)
+                )
                 self.curves[layer].append(point)
         hint = None if self.hinted else converged_hint(self.curves, self.convergence.threshold, self.trainer.world_size)
         if hint:
@@ -223,13 +244,23 @@ class SecondMomentModule(L.LightningModule):
         return self.seconds + time.monotonic() - self._t0
 
     def _save_partial(self) -> None:
-        self.partial.save(self.global_rank, {
-            "sums": {layer: t.cpu() for layer, t in self.sums.items()}, "count": self.count, "steps": self.steps,
-            "shards": {s: dict(v) for s, v in self.shards.items()}, "seconds": self._elapsed(),
-            "convergence": {"probes": self.probes,
-                            "readouts": {layer: r.as_dict() for layer, r in self.readouts.items()},
-                            "curves": self.curves, "next_readout": self.next_readout, "hinted": self.hinted},
-        })
+        self.partial.save(
+            self.global_rank,
+            {
+                "sums": {layer: t.cpu() for layer, t in self.sums.items()},
+                "count": self.count,
+                "steps": self.steps,
+                "shards": {s: dict(v) for s, v in self.shards.items()},
+                "seconds": self._elapsed(),
+                "convergence": {
+                    "probes": self.probes,
+                    "readouts": {layer: r.as_dict() for layer, r in self.readouts.items()},
+                    "curves": self.curves,
+                    "next_readout": self.next_readout,
+                    "hinted": self.hinted,
+                },
+            },
+        )
         self._last_save = time.monotonic()
 
     def on_predict_end(self) -> None:

@@ -4,7 +4,7 @@ edit stage or the eval methods."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -32,8 +32,9 @@ from .trainer import make_trainer
 __all__ = ["collect", "second_moment", "layer_statistics"]
 
 
-def collect(cfg: DictConfig, loaded: LoadedModel, layers: list[int], *,
-            timings: dict[str, float] | None = None) -> dict[int, LayerStats]:
+def collect(
+    cfg: DictConfig, loaded: LoadedModel, layers: list[int], *, timings: dict[str, float] | None = None
+) -> dict[int, LayerStats]:
     """The statistics of ``layers``, computed (and cached) for those not in the cache yet. Statistics the
     data could not fill are used with a one-line warning. ``timings``, when given, receives the seconds of
     the streaming pass (``"pass"``: the Trainer's predict, from launch to the merged sums), if one ran."""
@@ -81,32 +82,60 @@ def _warn_short(stats: Iterable[LayerStats]) -> None:
         print(line)
 
 
-def _compute(cfg: DictConfig, loaded: LoadedModel, store: StatsStore, layers: list[int],
-             timings: dict[str, float] | None) -> dict[int, LayerStats]:
+def _compute(
+    cfg: DictConfig, loaded: LoadedModel, store: StatsStore, layers: list[int], timings: dict[str, float] | None
+) -> dict[int, LayerStats]:
     """One streaming pass for ``layers``, saved into ``store`` by rank 0, which returns them; the other
     ranks exit once rank 0 has written them."""
     source = text_source(cfg)
     source.validate()
     partial_dir = store.dir / "partial"
     # Lightning's SLURM requeue (SIGUSR1) writes its checkpoint into default_root_dir: next to our state
-    tr = make_trainer(cfg, enable_progress_bar=False, use_distributed_sampler=False, inference_mode=True,
-                      default_root_dir=str(partial_dir), callbacks=[TokenProgressBar(int(cfg.stats.tokens))])
+    tr = make_trainer(
+        cfg,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+        inference_mode=True,
+        default_root_dir=str(partial_dir),
+        callbacks=[TokenProgressBar(int(cfg.stats.tokens))],
+    )
     tokens_per_batch = batch_tokens(cfg, tr.strategy.root_device.type)
-    run = {"format": 2, "key": store.key.digest(), "layers": layers, "devices": str(cfg.trainer.devices),
-           "num_nodes": int(cfg.trainer.num_nodes), "num_workers": int(cfg.data.num_workers),
-           "batch_tokens": tokens_per_batch, "sort_window": int(cfg.data.sort_window)}
+    run = {
+        "format": 2,
+        "key": store.key.digest(),
+        "layers": layers,
+        "devices": str(cfg.trainer.devices),
+        "num_nodes": int(cfg.trainer.num_nodes),
+        "num_workers": int(cfg.data.num_workers),
+        "batch_tokens": tokens_per_batch,
+        "sort_window": int(cfg.data.sort_window),
+    }
     partial = PartialStats(partial_dir, run)
     conv = cfg.stats.convergence
     module = SecondMomentModule(
-        loaded.model, loaded.spec, layers, dtype=accumulation_dtype(cfg), product=str(cfg.stats.product),
-        partial=partial, checkpoint_minutes=float(cfg.stats.checkpoint_minutes),
+        loaded.model,
+        loaded.spec,
+        layers,
+        dtype=accumulation_dtype(cfg),
+        product=str(cfg.stats.product),
+        partial=partial,
+        checkpoint_minutes=float(cfg.stats.checkpoint_minutes),
         checkpoint_every_batches=int(cfg.stats.checkpoint_every_batches),
         convergence=ConvergenceSettings(int(conv.probes), int(conv.first_tokens), float(conv.threshold), int(cfg.seed))
-        if conv.probes else None)
-    data = TextDataModule(source, loaded.tokenizer, max_length=int(cfg.data.max_length),
-                          chars_per_token=int(cfg.data.chars_per_token), batch_tokens=tokens_per_batch,
-                          sort_window=int(cfg.data.sort_window), tokens=int(cfg.stats.tokens),
-                          num_workers=int(cfg.data.num_workers), resume=partial.shards)
+        if conv.probes
+        else None,
+    )
+    data = TextDataModule(
+        source,
+        loaded.tokenizer,
+        max_length=int(cfg.data.max_length),
+        chars_per_token=int(cfg.data.chars_per_token),
+        batch_tokens=tokens_per_batch,
+        sort_window=int(cfg.data.sort_window),
+        tokens=int(cfg.stats.tokens),
+        num_workers=int(cfg.data.num_workers),
+        resume=partial.shards,
+    )
     # timed on the model's own device, wherever it is (the module moves it to its rank's): a Clock on the
     # Trainer's root device would touch CUDA in this process before a fork-launched strategy starts its ranks
     clock = Clock(loaded.model, timings)
@@ -118,15 +147,22 @@ def _compute(cfg: DictConfig, loaded: LoadedModel, store: StatsStore, layers: li
         plotted = module.convergence is not None and any(module.curves.values())
         if plotted:
             label = "tokens" if tr.world_size == 1 else f"tokens of rank 0 (of {tr.world_size} ranks)"
-            plot_convergence(module.curves, store.dir / "convergence",
-                             title=f"{loaded.identity['name']}: convergence of C", threshold=float(conv.threshold),
-                             tokens_label=label)
+            plot_convergence(
+                module.curves,
+                store.dir / "convergence",
+                title=f"{loaded.identity['name']}: convergence of C",
+                threshold=float(conv.threshold),
+                tokens_label=label,
+            )
         for layer in layers:
             record = {"data_ran_out": True, "shortfall": requested - module.count} if module.count < requested else {}
             if module.convergence:
-                record["convergence"] = {"points": module.curves[layer], "ranks": tr.world_size,
-                                         "threshold": float(conv.threshold),
-                                         "plot": "convergence.png" if plotted else None}
+                record["convergence"] = {
+                    "points": module.curves[layer],
+                    "ranks": tr.world_size,
+                    "threshold": float(conv.threshold),
+                    "plot": "convergence.png" if plotted else None,
+                }
             saved[layer] = store.save(layer, module.sums[layer].cpu(), module.count, **record)
         partial.clear()
         _report(module.count, seconds, module.count - module.resumed)

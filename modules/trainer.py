@@ -1,12 +1,13 @@
 """The one place a Lightning Trainer is built from ``cfg.trainer``, with the project's quiet defaults."""
 
 from __future__ import annotations
-from pipeline.core.timing import model_device
 
 from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig
+
+from pipeline.core.timing import model_device
 
 __all__ = ["make_trainer", "single_device_trainer"]
 
@@ -18,13 +19,22 @@ def make_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     from pipeline.errors import UserError
 
     t = cfg.trainer
-    defaults = dict(logger=False, enable_checkpointing=False, enable_model_summary=False,
-                    accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes)
+    defaults = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+    )
     try:
         return L.Trainer(**{**defaults, **kwargs})
     except (MisconfigurationException, ValueError, TypeError) as err:  # e.g. trainer.devices=4 on a 1-GPU machine
-        raise UserError(f"trainer.* settings (accelerator={t.accelerator}, devices={t.devices}, strategy={t.strategy}, "
-                        f"num_nodes={t.num_nodes}): {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"trainer.* settings (accelerator={t.accelerator}, devices={t.devices}, strategy={t.strategy}, "
+            f"num_nodes={t.num_nodes}): {str(err).splitlines()[0]}"
+        ) from None
 
 
 def single_device_trainer(cfg: DictConfig, model: Any, callbacks: list[L.Callback]) -> L.Trainer:
@@ -32,6 +42,14 @@ def single_device_trainer(cfg: DictConfig, model: Any, callbacks: list[L.Callbac
     never moved, so the Trainer must run where it is), no progress bar of Lightning's own."""
     device = model_device(model)
     cuda = device.type == "cuda"
-    return make_trainer(cfg, max_epochs=1, accelerator="gpu" if cuda else "cpu", devices=[device.index or 0] if cuda else 1,
-                        strategy="auto", num_nodes=1, enable_progress_bar=False, num_sanity_val_steps=0,
-                        callbacks=callbacks)
+    return make_trainer(
+        cfg,
+        max_epochs=1,
+        accelerator="gpu" if cuda else "cpu",
+        devices=[device.index or 0] if cuda else 1,
+        strategy="auto",
+        num_nodes=1,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )

@@ -1,7 +1,8 @@
 """Compose ``configs/`` with command-line ``key=value`` overrides (OmegaConf, dotted keys, YAML values).
 
-Order: ``configs/config.yaml`` (plus every ``configs/method/<name>.yaml`` as ``method.<name>``) <- the model file from ``configs/model/`` that names ``model.name`` (or, for
-an unnamed model, the family file for its ``config.model_type``) <- command-line overrides.
+Order: ``configs/config.yaml`` (plus every ``configs/method/<name>.yaml`` as ``method.<name>``) <- the model
+file from ``configs/model/`` that names ``model.name`` (or, for an unnamed model, the family file for its
+``config.model_type``) <- command-line overrides.
 A model file's keys go into the ``model`` group, except its ``edit:`` and ``method:`` blocks, which go over
 those groups: the hyperparameters a release sets for that model (GPT-2 medium's clamp_norm_factor 3).
 Unknown keys are rejected with the nearest known key (``stats.layer=6``: "did you mean stats.layers?"), and
@@ -16,8 +17,9 @@ model's family and checks the machine, ``pipeline.editors.settings`` resolves th
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -72,14 +74,18 @@ def _define_methods(base: DictConfig, cli: DictConfig) -> None:
             continue  # an existing method's override, or no definition: the struct merge judges it
         files = [n for n, conf in base.method.items() if conf.get("class") == value["class"]]
         if not files:
-            raise UserError(f"method.{name}: class '{value['class']}' is not the class of any configs/method/ file "
-                            f"(classes: {', '.join(sorted({str(c.get('class')) for c in base.method.values()}))})")
+            raise UserError(
+                f"method.{name}: class '{value['class']}' is not the class of any configs/method/ file "
+                f"(classes: {', '.join(sorted({str(c.get('class')) for c in base.method.values()}))})"
+            )
         template = base.method[value["class"] if value["class"] in files else files[0]]
         base.method[name] = OmegaConf.merge(template, {k: v for k, v in value.items() if k in template})
         unknown = [k for k in value if k not in template]
         if unknown:
-            raise UserError(f"method.{name}: unknown key(s) {', '.join(unknown)} for class '{value['class']}' "
-                            f"(it has: {', '.join(template)})")
+            raise UserError(
+                f"method.{name}: unknown key(s) {', '.join(unknown)} for class '{value['class']}' "
+                f"(it has: {', '.join(template)})"
+            )
 
 
 _MODEL_FILE_IDS = ("name", "aliases", "model_types")  # how a model file is found, not configuration
@@ -95,8 +101,10 @@ def _merge_model_file(base: DictConfig, model_file: DictConfig) -> DictConfig:
     try:
         merged = OmegaConf.merge(base, {"model": model, **blocks})
     except ConfigKeyError as err:
-        raise UserError(f"configs/model/ file of {model_file.get('name')}: unknown key '{err.full_key}' "
-                        "(a model file sets model, edit and method keys that configs/ has)") from err
+        raise UserError(
+            f"configs/model/ file of {model_file.get('name')}: unknown key '{err.full_key}' "
+            "(a model file sets model, edit and method keys that configs/ has)"
+        ) from err
     OmegaConf.set_struct(merged, False)
     return merged
 
@@ -105,7 +113,10 @@ def _merge_model_file(base: DictConfig, model_file: DictConfig) -> DictConfig:
 OTHER_VALUES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "edit.layer": ("auto", lambda v: v == "auto"),
     "trainer.devices": ("auto, a list of device ids or a string such as '0,1'", lambda v: isinstance(v, (str, list))),
-    "data.batch_tokens": ("a positive number of tokens", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "data.batch_tokens": (
+        "a positive number of tokens",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    ),
 }
 # Keys whose value is one of a fixed set (checked here, before any work; mapped to objects where used).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -116,15 +127,42 @@ CHOICES: dict[str, tuple[str, ...]] = {
 NULLABLE = {"eval.n"}  # null means "all"
 NUMBER = {"edit.memit.mom2_update_weight", "stats.checkpoint_minutes"}  # written as an integer, any number is fine
 TEXT = {"prompt", "subject", "answer"}  # a fact's text, even when it looks like a number or a boolean
-POSITIVE = {"data.max_length", "data.batch_tokens", "data.chars_per_token", "data.sort_window", "stats.tokens",
-            "stats.convergence.first_tokens", "stats.convergence.threshold", "edit.batch_size",
-            "edit.v.steps", "edit.memit.v.steps", "edit.memit.rows_per_pass", "edit.verify.batch_size",
-            "edit.verify.answer_tokens", "eval.score_batch_size", "eval.batch_size", "eval.generation.batch_size",
-            "eval.generation.top_k", "eval.heldout.articles", "eval.heldout.max_length", "eval.heldout.batch_size",
-            "trainer.num_nodes"}
-NON_NEGATIVE = {"seed", "data.num_workers", "stats.checkpoint_minutes", "stats.checkpoint_every_batches",
-                "stats.convergence.probes", "edit.ridge", "edit.generate_tokens",
-                "eval.start", "eval.eval_every", "eval.generation.tokens", "trace.start"}
+POSITIVE = {
+    "data.max_length",
+    "data.batch_tokens",
+    "data.chars_per_token",
+    "data.sort_window",
+    "stats.tokens",
+    "stats.convergence.first_tokens",
+    "stats.convergence.threshold",
+    "edit.batch_size",
+    "edit.v.steps",
+    "edit.memit.v.steps",
+    "edit.memit.rows_per_pass",
+    "edit.verify.batch_size",
+    "edit.verify.answer_tokens",
+    "eval.score_batch_size",
+    "eval.batch_size",
+    "eval.generation.batch_size",
+    "eval.generation.top_k",
+    "eval.heldout.articles",
+    "eval.heldout.max_length",
+    "eval.heldout.batch_size",
+    "trainer.num_nodes",
+}
+NON_NEGATIVE = {
+    "seed",
+    "data.num_workers",
+    "stats.checkpoint_minutes",
+    "stats.checkpoint_every_batches",
+    "stats.convergence.probes",
+    "edit.ridge",
+    "edit.generate_tokens",
+    "eval.start",
+    "eval.eval_every",
+    "eval.generation.tokens",
+    "trace.start",
+}
 
 
 def _kind(default: Any) -> str:
@@ -171,7 +209,9 @@ def _typed(key: str, value: Any, default: Any) -> Any:
                 raise bad
             value = int(value)
         if (key in POSITIVE and value <= 0) or (key in NON_NEGATIVE and value < 0):
-            raise UserError(f"{key}={value} must be {'positive' if key in POSITIVE else 'zero or more'} (default: {default})")
+            raise UserError(
+                f"{key}={value} must be {'positive' if key in POSITIVE else 'zero or more'} (default: {default})"
+            )
     elif isinstance(default, str):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -187,8 +227,9 @@ def _typed(key: str, value: Any, default: Any) -> Any:
 
 
 def _unknown(key: str, known: Sequence[str]) -> UserError:
-    return UserError(f"unknown config key '{key}'{nearest(key, known)} (every key is in configs/config.yaml; "
-                     "python train.py --help)")
+    return UserError(
+        f"unknown config key '{key}'{nearest(key, known)} (every key is in configs/config.yaml; python train.py --help)"
+    )
 
 
 def _check_types(cli: dict, defaults: dict, known: Sequence[str], prefix: str = "") -> None:
@@ -204,8 +245,10 @@ def _check_types(cli: dict, defaults: dict, known: Sequence[str], prefix: str = 
             if isinstance(value, dict):
                 _check_types(value, default, known, f"{key}.")
             elif value is not None:
-                raise UserError(f"{key} is a group of keys ({', '.join(map(str, default))}), not a value; "
-                                f"set one of them, e.g. {key}.{next(iter(default), 'x')}=...")
+                raise UserError(
+                    f"{key} is a group of keys ({', '.join(map(str, default))}), not a value; "
+                    f"set one of them, e.g. {key}.{next(iter(default), 'x')}=..."
+                )
             continue
         cli[k] = _typed(key, value, default)
 
@@ -233,8 +276,12 @@ def _check_choices(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value} is not one of {', '.join(allowed)}")
 
 
-def compose(argv: Sequence[str] = (), config_dir: Path = CONFIG_DIR, model_file: DictConfig | None = None,
-            model_type: Callable[[str], str | None] | None = None) -> DictConfig:
+def compose(
+    argv: Sequence[str] = (),
+    config_dir: Path = CONFIG_DIR,
+    model_file: DictConfig | None = None,
+    model_type: Callable[[str], str | None] | None = None,
+) -> DictConfig:
     """configs/ + the model's file (found from ``model.name`` unless given) + ``key=value`` overrides.
     ``model_type(name)`` reads an unnamed model's family (``config.model_type``) for its family file."""
     base = OmegaConf.load(config_dir / "config.yaml")

@@ -49,10 +49,15 @@ class Run:
         check_writable(self.out, "edit.out")
         Ledger.open(self.out)  # an existing directory must be a ledger of ours (checked before the model loads)
         model_dir = cfg.model.name if os.path.isdir(str(cfg.model.name)) else None
-        self.save_to = check_destination(cfg.edit.save_to, "edit.save_to", protect=(model_dir, self.out)) \
-            if cfg.edit.save_to else None
+        self.save_to = (
+            check_destination(cfg.edit.save_to, "edit.save_to", protect=(model_dir, self.out))
+            if cfg.edit.save_to
+            else None
+        )
         batching = {"batch_size": int(cfg.edit.batch_size)} if cfg.edit.method != "rome" else {}  # units of work
-        self.digest = json_digest({"requests": [r.as_dict() for r in requests], "method": str(cfg.edit.method), **batching})
+        self.digest = json_digest(
+            {"requests": [r.as_dict() for r in requests], "method": str(cfg.edit.method), **batching}
+        )
         self.total, self.done, self.unit, self.recorded_before = 0, 0, "edit(s)", 0
 
     def resume_hint(self) -> str:
@@ -63,21 +68,29 @@ class Run:
     def save_and_report(self, loaded, ledger: Ledger) -> None:
         if self.save_to is not None:
             try:
-                save_model(loaded, self.save_to, "edit.save_to",
-                           {"ledger": str(ledger.dir.resolve()), "edits": [e["id"] for e in ledger.active()]})
+                save_model(
+                    loaded,
+                    self.save_to,
+                    "edit.save_to",
+                    {"ledger": str(ledger.dir.resolve()), "edits": [e["id"] for e in ledger.active()]},
+                )
             except (OSError, UserError) as err:
                 dropped = ledger.discard_since(self.recorded_before)
                 if self.fresh and not ledger.entries:
                     shutil.rmtree(ledger.dir, ignore_errors=True)  # made by this run, for this run only
                 reason = err if isinstance(err, UserError) else f"{err.strerror or err}"
-                raise UserError(f"could not save the model to {self.save_to} ({reason}); the {len(dropped)} edit(s) of "
-                                f"this run were taken out of the ledger again, which is as before the run") from None
+                raise UserError(
+                    f"could not save the model to {self.save_to} ({reason}); the {len(dropped)} edit(s) of "
+                    f"this run were taken out of the ledger again, which is as before the run"
+                ) from None
             ledger.data["saved_to"] = str(self.save_to.resolve())
             ledger.save()
             print(f"edited model saved to {self.save_to}")
         if ledger.entries:
-            print(f"ledger: {ledger.dir / 'ledger.json'} ({len(ledger.active())} active edit(s)); "
-                  f"to add edits to it: edit.out={ledger.dir}")
+            print(
+                f"ledger: {ledger.dir / 'ledger.json'} ({len(ledger.active())} active edit(s)); "
+                f"to add edits to it: edit.out={ledger.dir}"
+            )
 
 
 def fresh_dir(parent: Path) -> Path:
@@ -97,24 +110,35 @@ def _fmt(p: list[float]) -> str:
 def print_table(result: rome.EditResult) -> None:
     r = result.request
     pre, post = result.probs.get("pre", {}), result.probs.get("post", {})
-    was = f" (was {r.target_true}{', the model’s own answer' if result.true_from_model else ''})" if r.target_true else ""
+    was = (
+        f" (was {r.target_true}{', the model’s own answer' if result.true_from_model else ''})" if r.target_true else ""
+    )
     print(f"\n[{result.entry_id or '-'}] {r.text} -> {r.target_new}{was}")
     after = "after" if result.status != "rolled_back" else "rolled back"
-    print(f"  {'prompts':<12} {'P(true) before':>15} {'P(true) ' + after:>15} {'P(new) before':>15} {'P(new) ' + after:>15}")
+    print(
+        f"  {'prompts':<12} {'P(true) before':>15} {'P(true) ' + after:>15} "
+        f"{'P(new) before':>15} {'P(new) ' + after:>15}"
+    )
     for name in ("prompt", "paraphrases", "neighbours"):
         if name in pre:
             b, a = pre[name], post.get(name, {"new": [], "true": []})
             print(f"  {name:<12} {_fmt(b['true']):>15} {_fmt(a['true']):>15} {_fmt(b['new']):>15} {_fmt(a['new']):>15}")
     if result.status == "rolled_back" and result.probs.get("rejected", {}).get("prompt"):
         rej = result.probs["rejected"]["prompt"]
-        print(f"  the rejected edit gave P(true) {_fmt(rej['true'])}, P(new) {_fmt(rej['new'])} on the prompt; "
-              "the model above is the restored one")
+        print(
+            f"  the rejected edit gave P(true) {_fmt(rej['true'])}, P(new) {_fmt(rej['new'])} on the prompt; "
+            "the model above is the restored one"
+        )
     if result.generations:
         print(f"  before: {r.text}{result.generations.get('pre', '')!r}")
         print(f"  {after + ':':<7} {r.text}{result.generations.get('post', '')!r}")
     t = result.timings
-    print("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) + f" | ‖ΔW‖/‖W‖ {result.norms.get('relative_update', 0):.3g}"
-          f" | status: {result.status}" + (f" ({result.reason})" if result.reason else ""))
+    print(
+        "  time: "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in t.items())
+        + f" | ‖ΔW‖/‖W‖ {result.norms.get('relative_update', 0):.3g}"
+        f" | status: {result.status}" + (f" ({result.reason})" if result.reason else "")
+    )
 
 
 def _todo(ledger: Ledger, run: Run, total: int, unit: str) -> list[int]:
@@ -122,8 +146,10 @@ def _todo(ledger: Ledger, run: Run, total: int, unit: str) -> list[int]:
     done = ledger.done_in_run(run.digest)
     run.total, run.done, run.unit = total, len(done), unit
     if done:
-        print(f"resuming: {len(done)} of {total} {unit} of this request list are already in {ledger.dir}; "
-              f"{total - len(done)} to do")
+        print(
+            f"resuming: {len(done)} of {total} {unit} of this request list are already in {ledger.dir}; "
+            f"{total - len(done)} to do"
+        )
     return [i for i in range(total) if i not in done]
 
 
@@ -137,8 +163,10 @@ def run(cfg: DictConfig) -> list:
     ledger = Ledger.open(run_.out, loaded.identity, cfg.model.dtype)
     run_.recorded_before = len(ledger.entries)
     if ledger.entries:
-        print(f"continuing the ledger in {ledger.dir}: re-applying {ledger.rebuild(loaded.model, loaded.spec)} "
-              "earlier edit(s)")
+        print(
+            f"continuing the ledger in {ledger.dir}: re-applying {ledger.rebuild(loaded.model, loaded.spec)} "
+            "earlier edit(s)"
+        )
     elif not run_.fresh:
         print(f"ledger: {ledger.dir} (new)")
     clock = Clock(loaded.model)
@@ -152,8 +180,9 @@ def run(cfg: DictConfig) -> list:
     units = editor.units(requests)
     todo = _todo(ledger, run_, len(units), "request(s)" if editor.per_case else "batch(es)")
     check_stop(run_.resume_hint())
-    edits = fit_edits(editor, [r for i in todo for r in units[i]], cfg, ledger, loaded.identity,
-                      run=(run_.digest, todo))
+    edits = fit_edits(
+        editor, [r for i in todo for r in units[i]], cfg, ledger, loaded.identity, run=(run_.digest, todo)
+    )
     run_.done += len(edits)
     for edit in edits:
         if isinstance(edit, rome.EditResult):
@@ -161,8 +190,12 @@ def run(cfg: DictConfig) -> list:
     if editor.method != "rome":
         known = [r for e in edits for r in e.requests if r.target_true]
         if known:
-            won = sum(p["prompt"]["new"][0] > p["prompt"]["true"][0] for p in
-                      (rome.measure(loaded.model, loaded.tokenizer, r, int(cfg.edit.verify.batch_size)) for r in known))
+            won = sum(
+                p["prompt"]["new"][0] > p["prompt"]["true"][0]
+                for p in (
+                    rome.measure(loaded.model, loaded.tokenizer, r, int(cfg.edit.verify.batch_size)) for r in known
+                )
+            )
             print(f"after the edits: P(new) > P(true) on {won} of {len(known)} requests' prompts")
     run_.save_and_report(loaded, ledger)
     check_stop(run_.resume_hint())

@@ -25,32 +25,38 @@ from datamodules import CaseDataModule
 from modules.evaluator import OK, CaseEvaluator, EvalContext
 from modules.statistics import layer_statistics
 from modules.trainer import make_trainer
+from pipeline.core.atomic import atomic_path, write_json
+from pipeline.core.digest import file_sha256
+from pipeline.core.loading import load_configured
+from pipeline.core.signals import check_stop, stop_requested
 from pipeline.editors.base import REGISTRY, Editor
 from pipeline.editors.factory import build_editor, method_class
-from pipeline.core.atomic import atomic_path, write_json
-from pipeline.evaluation.case_log import CaseLog
-from pipeline.errors import UserError
-from pipeline.core.loading import load_configured
 from pipeline.editors.settings import edit_layer
-from pipeline.core.digest import file_sha256
+from pipeline.errors import UserError
+from pipeline.evaluation.case_log import CaseLog
 from pipeline.evaluation.cases import EvalCase, Skipped, load_cases, load_snippets
 from pipeline.evaluation.report import PROTOCOL, bar_chart, markdown_table, summarize
 from pipeline.evaluation.scoring import Generation, References
-from pipeline.core.signals import check_stop, stop_requested
 
-
-
-ZSRE_CONVENTION = {"answer": "edits write the true answer answers[0] (ROME's dsets/zsre.py)",
-                   "alt": "edits write alt (MEND's and EasyEdit's convention)"}
+ZSRE_CONVENTION = {
+    "answer": "edits write the true answer answers[0] (ROME's dsets/zsre.py)",
+    "alt": "edits write alt (MEND's and EasyEdit's convention)",
+}
 
 
 def _identity(cfg: DictConfig, ctx: EvalContext, gen: Generation, kind: str) -> dict[str, Any]:
     """Everything that changes a case's numbers, except the methods (recorded one by one)."""
     zsre = {"zsre_target": str(cfg.eval.zsre_target)} if kind == "zsre" else {}
-    return {**zsre, "model": ctx.loaded.identity, "dtype": cfg.model.dtype, "layer": ctx.layer, "seed": int(cfg.seed),
-            "dataset": {"file": Path(cfg.eval.dataset).name, "sha256": file_sha256(cfg.eval.dataset)},
-            "generation": dict(tokens=gen.tokens, top_k=gen.top_k, do_sample=gen.do_sample),
-            "snippets": file_sha256(cfg.eval.snippets) if cfg.eval.snippets else None}
+    return {
+        **zsre,
+        "model": ctx.loaded.identity,
+        "dtype": cfg.model.dtype,
+        "layer": ctx.layer,
+        "seed": int(cfg.seed),
+        "dataset": {"file": Path(cfg.eval.dataset).name, "sha256": file_sha256(cfg.eval.dataset)},
+        "generation": dict(tokens=gen.tokens, top_k=gen.top_k, do_sample=gen.do_sample),
+        "snippets": file_sha256(cfg.eval.snippets) if cfg.eval.snippets else None,
+    }
 
 
 def _check_run(out: Path, identity: dict[str, Any], methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -63,63 +69,115 @@ def _check_run(out: Path, identity: dict[str, Any], methods: dict[str, dict[str,
     old = json.loads(path.read_text())
     if old["identity"] != identity:
         diff = [k for k in identity if old["identity"].get(k) != identity[k]]
-        raise UserError(f"eval.out={out} holds results of another run (different {', '.join(diff)}); "
-                        "use another eval.out, or delete it to start over")
+        raise UserError(
+            f"eval.out={out} holds results of another run (different {', '.join(diff)}); "
+            "use another eval.out, or delete it to start over"
+        )
     for name, conf in run["methods"].items():
-        if name in old["methods"] and json.dumps(old["methods"][name], sort_keys=True) != json.dumps(conf, sort_keys=True):
-            raise UserError(f"eval.out={out} holds '{name}' results made with another configuration of it; "
-                            "use another eval.out, or delete it to start over")
+        if name in old["methods"] and json.dumps(old["methods"][name], sort_keys=True) != json.dumps(
+            conf, sort_keys=True
+        ):
+            raise UserError(
+                f"eval.out={out} holds '{name}' results made with another configuration of it; "
+                "use another eval.out, or delete it to start over"
+            )
     return {"identity": identity, "methods": {**old["methods"], **run["methods"]}}
 
 
 def _title(cfg: DictConfig, cases: list[EvalCase], n_skipped: int, ctx: EvalContext) -> str:
     kind = "CounterFact" if cases[0].kind == "counterfact" else f"zsRE ({ZSRE_CONVENTION[str(cfg.eval.zsre_target)]})"
-    return (f"{kind}: {len(cases)} cases ({n_skipped} skipped) from record {int(cfg.eval.start)} of "
-            f"{Path(cfg.eval.dataset).name} ({cases[0].schema} schema), {ctx.loaded.identity['name']}, layer {ctx.layer}")
+    return (
+        f"{kind}: {len(cases)} cases ({n_skipped} skipped) from record {int(cfg.eval.start)} of "
+        f"{Path(cfg.eval.dataset).name} ({cases[0].schema} schema), {ctx.loaded.identity['name']}, layer {ctx.layer}"
+    )
 
 
-def _notes(cfg: DictConfig, cases: list[EvalCase], skipped: list[dict], gen: Generation, ctx: EvalContext,
-           methods: list[Editor]) -> list[str]:
+def _notes(
+    cfg: DictConfig,
+    cases: list[EvalCase],
+    skipped: list[dict],
+    gen: Generation,
+    ctx: EvalContext,
+    methods: list[Editor],
+) -> list[str]:
     notes = []
     variant = {m.name: cfg.method[m.name].get("variant") for m in methods}
-    own = [f"{m.name}: layer {m.layers[0]}" + (f", {variant[m.name]} keys" if variant[m.name] else "")
-           for m in methods if m.edits_weights and (m.layers[0] != ctx.layer or variant[m.name])]
+    own = [
+        f"{m.name}: layer {m.layers[0]}" + (f", {variant[m.name]} keys" if variant[m.name] else "")
+        for m in methods
+        if m.edits_weights and (m.layers[0] != ctx.layer or variant[m.name])
+    ]
     if own:
         notes.append(f"Methods with their own settings (the others edit layer {ctx.layer}): {'; '.join(own)}")
     if cases[0].kind == "counterfact":
         if gen.tokens:
             how = f"sampled top-k {gen.top_k}" if gen.do_sample else "greedy"
-            src = ("the rewrite prompt and its paraphrase (the flat schema has no generation prompts)"
-                   if cases[0].schema == "counterfact-flat" else "the case's generation prompts")
-            notes.append(f"GE: {gen.tokens} new tokens ({how}, seeded per case) from {src}; the paper generates 100 tokens")
+            src = (
+                "the rewrite prompt and its paraphrase (the flat schema has no generation prompts)"
+                if cases[0].schema == "counterfact-flat"
+                else "the case's generation prompts"
+            )
+            notes.append(
+                f"GE: {gen.tokens} new tokens ({how}, seeded per case) from {src}; the paper generates 100 tokens"
+            )
         if not cfg.eval.snippets:
-            notes.append("RS: not computed (no eval.snippets; it needs ROME's attribute_snippets.json and the nested schema's ids)")
+            notes.append(
+                "RS: not computed (no eval.snippets; it needs ROME's attribute_snippets.json and the nested "
+                "schema's ids)"
+            )
     if skipped:
-        notes.append(f"{len(skipped)} case(s) skipped, with reasons, in summary.json (first: index {skipped[0]['index']}: "
-                     f"{skipped[0]['reason']})")
+        notes.append(
+            f"{len(skipped)} case(s) skipped, with reasons, in summary.json (first: index {skipped[0]['index']}: "
+            f"{skipped[0]['reason']})"
+        )
     return notes
 
 
-def _write_outputs(out: Path, cfg: DictConfig, module: CaseEvaluator, cases: list[EvalCase], load_skipped: list[Skipped],
-                   log: CaseLog, gen: Generation, run: dict[str, Any]) -> dict[str, Any]:
+def _write_outputs(
+    out: Path,
+    cfg: DictConfig,
+    module: CaseEvaluator,
+    cases: list[EvalCase],
+    load_skipped: list[Skipped],
+    log: CaseLog,
+    gen: Generation,
+    run: dict[str, Any],
+) -> dict[str, Any]:
     selected = {c.index for c in cases}
     order = {name: i for i, name in enumerate(module.method_names)}
-    records = sorted((r for (i, m), r in log.finished().items() if i in selected and m in order),
-                     key=lambda r: (r["index"], order[r["method"]]))
+    records = sorted(
+        (r for (i, m), r in log.finished().items() if i in selected and m in order),
+        key=lambda r: (r["index"], order[r["method"]]),
+    )
     with atomic_path(out / "cases.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    skipped = sorted([s.as_dict() for s in load_skipped] +
-                     [{"index": r["index"], "case_id": r["case_id"], "method": r["method"], "reason": r["reason"]}
-                      for r in records if r["status"] == "skipped"], key=lambda s: (s["index"], s.get("method") or ""))
+    skipped = sorted(
+        [s.as_dict() for s in load_skipped]
+        + [
+            {"index": r["index"], "case_id": r["case_id"], "method": r["method"], "reason": r["reason"]}
+            for r in records
+            if r["status"] == "skipped"
+        ],
+        key=lambda s: (s["index"], s.get("method") or ""),
+    )
     values = {m: {k: [v for _, v in pairs] for k, pairs in per.items() if k != OK} for m, per in module.values.items()}
     counts = {m: len(per.get(OK, [])) for m, per in module.values.items()}
     kind = cases[0].kind
-    summary = {"title": _title(cfg, cases, len(load_skipped), module.ctx), "kind": kind, "schema": cases[0].schema,
-               "protocol": PROTOCOL[kind], "dataset": str(cfg.eval.dataset), "start": int(cfg.eval.start),
-               "n": cfg.eval.n, "cases": {"usable": len(cases), "skipped_at_load": len(load_skipped)},
-               "methods": summarize(kind, {m: values[m] for m in module.method_names}, counts),
-               "order": module.method_names,
-               "skipped": skipped, "notes": _notes(cfg, cases, skipped, gen, module.ctx, module.methods), "run": run}
+    summary = {
+        "title": _title(cfg, cases, len(load_skipped), module.ctx),
+        "kind": kind,
+        "schema": cases[0].schema,
+        "protocol": PROTOCOL[kind],
+        "dataset": str(cfg.eval.dataset),
+        "start": int(cfg.eval.start),
+        "n": cfg.eval.n,
+        "cases": {"usable": len(cases), "skipped_at_load": len(load_skipped)},
+        "methods": summarize(kind, {m: values[m] for m in module.method_names}, counts),
+        "order": module.method_names,
+        "skipped": skipped,
+        "notes": _notes(cfg, cases, skipped, gen, module.ctx, module.methods),
+        "run": run,
+    }
     write_json(out / "summary.json", summary)
     table = markdown_table(summary)
     with atomic_path(out / "table.md") as tmp:
@@ -136,8 +194,10 @@ def _timing(records: list[dict[str, Any]], seconds: float, new: int) -> dict[str
             t["cases"] += 1
             for k in ("edit", "score", "generate"):
                 t[k] += r["timings"].get(k, 0.0)
-    return {"this_run": {"cases": new, "seconds": seconds, "cases_per_hour": 3600 * new / seconds if seconds else None},
-            "by_method_all_runs": per}
+    return {
+        "this_run": {"cases": new, "seconds": seconds, "cases_per_hour": 3600 * new / seconds if seconds else None},
+        "by_method_all_runs": per,
+    }
 
 
 def _method_names(cfg: DictConfig) -> list[str]:
@@ -150,9 +210,11 @@ def _method_names(cfg: DictConfig) -> list[str]:
     for name in names:
         cls, _ = method_class(cfg, name)
         if not REGISTRY[cls].per_case:
-            raise UserError(f"{name} edits batches across layers: evaluate it with eval.mode=sequential (or "
-                            "eval.mode=batch), e.g. eval.methods=[rome,memit,alphaedit] eval.mode=sequential "
-                            "eval.batch_size=100")
+            raise UserError(
+                f"{name} edits batches across layers: evaluate it with eval.mode=sequential (or "
+                "eval.mode=batch), e.g. eval.methods=[rome,memit,alphaedit] eval.mode=sequential "
+                "eval.batch_size=100"
+            )
     return names
 
 
@@ -179,12 +241,26 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     todo = {c.index: [m for m in methods if (c.index, m.name) not in finished] for c in cases}
     pending = [i for i, ms in todo.items() if ms]
     done = [r for (i, name), r in finished.items() if i in todo and name in {m.name for m in methods}]
-    module = CaseEvaluator(ctx, {c.index: c for c in cases}, todo, done, log, gen, refs, int(cfg.seed),
-                           cases[0].kind, methods, on_start=lambda: write_json(out / "run.json", run_record))
+    module = CaseEvaluator(
+        ctx,
+        {c.index: c for c in cases},
+        todo,
+        done,
+        log,
+        gen,
+        refs,
+        int(cfg.seed),
+        cases[0].kind,
+        methods,
+        on_start=lambda: write_json(out / "run.json", run_record),
+    )
     tr = make_trainer(cfg, use_distributed_sampler=False, inference_mode=False, enable_progress_bar=bool(pending))
     if tr.is_global_zero:
-        print(f"eval: {len(cases)} case(s) of {cfg.eval.dataset} ({cases[0].schema}), {len(load_skipped)} skipped; "
-              f"{len(pending)} to run, {len(cases) - len(pending)} already done; methods {', '.join(m.name for m in methods)}")
+        print(
+            f"eval: {len(cases)} case(s) of {cfg.eval.dataset} ({cases[0].schema}), {len(load_skipped)} skipped; "
+            f"{len(pending)} to run, {len(cases) - len(pending)} already done; "
+            f"methods {', '.join(m.name for m in methods)}"
+        )
     start = time.perf_counter()
     check_stop("no case was evaluated yet; to start, run the same command")
     tr.predict(module, datamodule=CaseDataModule(pending), return_predictions=False)
@@ -192,8 +268,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     if stop_requested():
         recorded = sum(1 for (i, m) in log.finished() if i in todo and m in {x.name for x in methods})
         total = sum(len(methods) for _ in cases)
-        check_stop(f"{recorded} of {total} (case, method) results are recorded in {out}/cases.rank*.jsonl; "
-                   "to resume, run the same command")
+        check_stop(
+            f"{recorded} of {total} (case, method) results are recorded in {out}/cases.rank*.jsonl; "
+            "to resume, run the same command"
+        )
     result = None
     if tr.is_global_zero:
         result = _write_outputs(out, cfg, module, cases, load_skipped, log, gen, run_record)

@@ -27,23 +27,22 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from modules.statistics import layer_statistics
-from pipeline.editors.base import Editor
-from pipeline.editors.factory import build_editor, method_class
 from pipeline.core.atomic import atomic_path, write_json
-from pipeline.editors.settings import edit_layer
 from pipeline.core.digest import file_sha256
-from pipeline.errors import UserError
-from pipeline.evaluation.cases import EvalCase, load_cases
-from pipeline.evaluation.report import PROTOCOL, summarize
-from pipeline.tracing.facts import load_facts
 from pipeline.core.loading import LoadedModel, load_configured
-from pipeline.evaluation.metrics import harmonic_mean
-from pipeline.evaluation.retention import fact_accuracy, heldout_texts, known_facts, perplexity, texts_read
-from pipeline.evaluation.scale_report import curve_plot, scale_table
-from pipeline.evaluation.metrics import fluency
-from pipeline.evaluation.scoring import Generation, generate, score_case
 from pipeline.core.signals import check_stop
 from pipeline.core.timing import Clock
+from pipeline.editors.base import Editor
+from pipeline.editors.factory import build_editor, method_class
+from pipeline.editors.settings import edit_layer
+from pipeline.errors import UserError
+from pipeline.evaluation.cases import EvalCase, load_cases
+from pipeline.evaluation.metrics import fluency, harmonic_mean
+from pipeline.evaluation.report import PROTOCOL, summarize
+from pipeline.evaluation.retention import fact_accuracy, heldout_texts, known_facts, perplexity, texts_read
+from pipeline.evaluation.scale_report import curve_plot, scale_table
+from pipeline.evaluation.scoring import Generation, generate, score_case
+from pipeline.tracing.facts import load_facts
 
 SEQUENTIAL = ("none", "rome", "memit", "alphaedit")  # the classes of AlphaEdit's sequential protocol
 
@@ -54,8 +53,10 @@ def build_editors(cfg: DictConfig, loaded: LoadedModel, names: list[str], batch_
     classes = {name: method_class(cfg, name)[0] for name in names}
     for name, kind in classes.items():
         if kind not in SEQUENTIAL:
-            raise UserError(f"eval.mode={cfg.eval.mode} runs {', '.join(SEQUENTIAL)} (and their configs); "
-                            f"'{name}' is a {kind} method")
+            raise UserError(
+                f"eval.mode={cfg.eval.mode} runs {', '.join(SEQUENTIAL)} (and their configs); "
+                f"'{name}' is a {kind} method"
+            )
     run_cfg = OmegaConf.merge(cfg, {"edit": {"batch_size": batch_size}})
     statistics = layer_statistics(run_cfg, loaded)
     layers = set()
@@ -74,16 +75,22 @@ def _scores(loaded: LoadedModel, cases: list[EvalCase], gen: Generation, cfg: Di
     """Every case's CounterFact metrics; with ``gen.tokens``, GE from texts generated in batches across cases
     (``eval.generation.batch_size`` prompts per ``generate`` call, seeded per call)."""
     no_text = Generation(tokens=0, top_k=gen.top_k, do_sample=gen.do_sample)
-    out = [score_case(loaded.model, loaded.tokenizer, c, no_text, int(cfg.seed) + c.index, int(cfg.eval.score_batch_size))["metrics"]
-           for c in tqdm(cases, desc=desc, leave=False, dynamic_ncols=True)]
+    out = [
+        score_case(loaded.model, loaded.tokenizer, c, no_text, int(cfg.seed) + c.index, int(cfg.eval.score_batch_size))[
+            "metrics"
+        ]
+        for c in tqdm(cases, desc=desc, leave=False, dynamic_ncols=True)
+    ]
     if gen.tokens:
         owner = [i for i, c in enumerate(cases) for _ in c.generation_prompts]
         prompts = [p for c in cases for p in c.generation_prompts]
         size = int(cfg.eval.generation.batch_size)
         texts: list[list[str]] = [[] for _ in cases]
         for j in tqdm(range(0, len(prompts), size), desc=f"{desc}: generating", leave=False, dynamic_ncols=True):
-            for i, text in zip(owner[j : j + size], generate(loaded.model, loaded.tokenizer, prompts[j : j + size], gen,
-                                                             int(cfg.seed) + j)):
+            for i, text in zip(
+                owner[j : j + size],
+                generate(loaded.model, loaded.tokenizer, prompts[j : j + size], gen, int(cfg.seed) + j),
+            ):
                 texts[i].append(text)
         for metrics, t in zip(out, texts):
             if t:
@@ -109,40 +116,71 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"eval.mode={mode} is not one of case, sequential, batch")
     cases, skipped = load_cases(cfg.eval.dataset, cfg.eval.n, int(cfg.eval.start), str(cfg.eval.zsre_target))
     if not cases or cases[0].kind != "counterfact":
-        raise UserError(f"eval.mode={mode} needs CounterFact cases; eval.dataset={cfg.eval.dataset} gave "
-                        f"{len(cases)} usable ({len(skipped)} skipped)")
+        raise UserError(
+            f"eval.mode={mode} needs CounterFact cases; eval.dataset={cfg.eval.dataset} gave "
+            f"{len(cases)} usable ({len(skipped)} skipped)"
+        )
     names = list(cfg.eval.methods or [])
     unknown = [m for m in names if m not in cfg.method]
     if unknown:
-        raise UserError(f"eval.methods: unknown method(s) {unknown} (configs/method/ has: {', '.join(sorted(cfg.method))})")
+        raise UserError(
+            f"eval.methods: unknown method(s) {unknown} (configs/method/ has: {', '.join(sorted(cfg.method))})"
+        )
     batch_size = len(cases) if mode == "batch" else int(cfg.eval.batch_size)
     if batch_size <= 0:
         raise UserError(f"eval.batch_size={cfg.eval.batch_size} must be a positive number of edits per batch")
     loaded = load_configured(cfg.model)
     editors = {m.name: m for m in build_editors(cfg, loaded, names, batch_size)}
     layers = sorted({layer for m in editors.values() for layer in m.layers})
-    gen = Generation(tokens=int(cfg.eval.generation.tokens), top_k=int(cfg.eval.generation.top_k),
-                     do_sample=bool(cfg.eval.generation.do_sample))
+    gen = Generation(
+        tokens=int(cfg.eval.generation.tokens),
+        top_k=int(cfg.eval.generation.top_k),
+        do_sample=bool(cfg.eval.generation.do_sample),
+    )
     no_text = Generation(tokens=0, top_k=gen.top_k, do_sample=gen.do_sample)
     out = Path(cfg.eval.out)
 
-    heldout, records = heldout_texts(cfg.data.files, int(cfg.eval.heldout.articles), cfg.data.text_field) \
-        if cfg.data.files else (None, None)
+    heldout, records = (
+        heldout_texts(cfg.data.files, int(cfg.eval.heldout.articles), cfg.data.text_field)
+        if cfg.data.files
+        else (None, None)
+    )
     if heldout is None:
-        raise UserError("the held-out perplexity needs local text: pass data.files=../shared/data/wikipedia/wikipedia_en_sample.jsonl.gz")
-    read = texts_read(cfg.data.files, loaded.tokenizer, int(cfg.stats.tokens), int(cfg.data.max_length), cfg.data.text_field)
+        raise UserError(
+            "the held-out perplexity needs local text: "
+            "pass data.files=../shared/data/wikipedia/wikipedia_en_sample.jsonl.gz"
+        )
+    read = texts_read(
+        cfg.data.files, loaded.tokenizer, int(cfg.stats.tokens), int(cfg.data.max_length), cfg.data.text_field
+    )
     if read > records.start:
-        raise UserError(f"the statistics read {read} articles, into the {len(records)} held out at the end; "
-                        "lower stats.tokens or eval.heldout.articles")
-    ppl = lambda: perplexity(loaded.model, loaded.tokenizer, heldout, int(cfg.eval.heldout.max_length),  # noqa: E731
-                             int(cfg.eval.heldout.batch_size))
+        raise UserError(
+            f"the statistics read {read} articles, into the {len(records)} held out at the end; "
+            "lower stats.tokens or eval.heldout.articles"
+        )
+    ppl = lambda: perplexity(
+        loaded.model,
+        loaded.tokenizer,
+        heldout,
+        int(cfg.eval.heldout.max_length),  # noqa: E731
+        int(cfg.eval.heldout.batch_size),
+    )
     facts = load_facts(cfg.eval.known.dataset, int(cfg.eval.known.n))
-    identity = {"model": loaded.identity, "dtype": cfg.model.dtype, "mode": mode, "batch_size": batch_size,
-                "eval_every": int(cfg.eval.eval_every), "seed": int(cfg.seed), "start": int(cfg.eval.start),
-                "n": len(cases), "dataset": file_sha256(cfg.eval.dataset), "stats_tokens": int(cfg.stats.tokens),
-                "generation": OmegaConf.to_container(cfg.eval.generation, resolve=True),
-                "heldout": OmegaConf.to_container(cfg.eval.heldout, resolve=True),
-                "known": OmegaConf.to_container(cfg.eval.known, resolve=True)}
+    identity = {
+        "model": loaded.identity,
+        "dtype": cfg.model.dtype,
+        "mode": mode,
+        "batch_size": batch_size,
+        "eval_every": int(cfg.eval.eval_every),
+        "seed": int(cfg.seed),
+        "start": int(cfg.eval.start),
+        "n": len(cases),
+        "dataset": file_sha256(cfg.eval.dataset),
+        "stats_tokens": int(cfg.stats.tokens),
+        "generation": OmegaConf.to_container(cfg.eval.generation, resolve=True),
+        "heldout": OmegaConf.to_container(cfg.eval.heldout, resolve=True),
+        "known": OmegaConf.to_container(cfg.eval.known, resolve=True),
+    }
     run_path = out / "run.json"
     if run_path.exists() and json.loads(run_path.read_text()) != identity:
         raise UserError(f"eval.out={out} holds a many-edit run with other settings; use another eval.out or delete it")
@@ -153,8 +191,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         check_stop("nothing was evaluated yet; to start, run the same command")
         print(f"unedited model: scoring {len(cases)} cases, held-out perplexity, known facts")
-        unedited = {"pre": _scores(loaded, cases, gen, cfg, "unedited"), "pre_perplexity": ppl(),
-                    "known_facts": [f.index for f in known_facts(loaded.model, loaded.tokenizer, facts)]}
+        unedited = {
+            "pre": _scores(loaded, cases, gen, cfg, "unedited"),
+            "pre_perplexity": ppl(),
+            "known_facts": [f.index for f in known_facts(loaded.model, loaded.tokenizer, facts)],
+        }
         write_json(unedited_path, unedited)
     summary = _assemble(out, identity, unedited, names)
     known = [f for f in facts if f.index in set(summary["known_facts"])]
@@ -162,11 +203,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     def stop(method: str | None = None, batch: int = 0, of: int = 0) -> None:
         finished = sorted(p.stem for p in (out / "methods").glob("*.json"))
         now = f"; {method} stopped after {batch} of {of} batch(es) and reruns from the start" if method else ""
-        check_stop(f"finished method(s) in {out / 'methods'}: {', '.join(finished) or 'none'}{now}; "
-                   "to resume, run the same command")
+        check_stop(
+            f"finished method(s) in {out / 'methods'}: {', '.join(finished) or 'none'}{now}; "
+            "to resume, run the same command"
+        )
 
-    weights = {l: loaded.spec.down_proj_weight(loaded.model, l) for l in layers}
-    clean = {l: w.detach().clone() for l, w in weights.items()}
+    weights = {layer: loaded.spec.down_proj_weight(loaded.model, layer) for layer in layers}
+    clean = {layer: w.detach().clone() for layer, w in weights.items()}
     for name in names:
         if (out / "methods" / f"{name}.json").exists():
             print(f"{name}: already in {out / 'methods'}, skipped")
@@ -189,27 +232,47 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if editor.method != "none" and every and ((b + 1) % every == 0) and b + 1 < len(batches):
                 done = cases[: idx[-1] + 1]
                 curve.append(_curve_point(len(done), _scores(loaded, done, no_text, cfg, f"{name}: curve")))
-                bar.set_postfix_str(f"{len(done)} edits: ES {curve[-1]['es']:.0f} PS {curve[-1]['ps']:.0f} NS {curve[-1]['ns']:.0f}")
+                bar.set_postfix_str(
+                    f"{len(done)} edits: ES {curve[-1]['es']:.0f} PS {curve[-1]['ps']:.0f} NS {curve[-1]['ns']:.0f}"
+                )
         post = _scores(loaded, cases, gen, cfg, f"{name}: all cases") if editor.method != "none" else summary["pre"]
         curve.append(_curve_point(len(cases), post))
-        row = _method_row("counterfact", post, {
-            "edits": len(cases) if editor.method != "none" else 0, "class": editor.method, "layers": editor.layers,
-            "perplexity": ppl() if editor.method != "none" else summary["pre_perplexity"],
-            "known_accuracy": fact_accuracy(loaded.model, loaded.tokenizer, known) if editor.method != "none" else 1.0,
-            "edit_seconds": seconds, "edits_per_second": len(cases) / seconds if editor.method != "none" and seconds else None,
-            "timings": timings, "curve": curve, "config": OmegaConf.to_container(conf, resolve=True),
-            "hparams": OmegaConf.to_container(OmegaConf.masked_copy(cfg.edit, ["layer", "layers", "variant", "v", "memit",
-                                                                           "alphaedit", "mom2_adjustment"]), resolve=True)})
+        row = _method_row(
+            "counterfact",
+            post,
+            {
+                "edits": len(cases) if editor.method != "none" else 0,
+                "class": editor.method,
+                "layers": editor.layers,
+                "perplexity": ppl() if editor.method != "none" else summary["pre_perplexity"],
+                "known_accuracy": fact_accuracy(loaded.model, loaded.tokenizer, known)
+                if editor.method != "none"
+                else 1.0,
+                "edit_seconds": seconds,
+                "edits_per_second": len(cases) / seconds if editor.method != "none" and seconds else None,
+                "timings": timings,
+                "curve": curve,
+                "config": OmegaConf.to_container(conf, resolve=True),
+                "hparams": OmegaConf.to_container(
+                    OmegaConf.masked_copy(
+                        cfg.edit, ["layer", "layers", "variant", "v", "memit", "alphaedit", "mom2_adjustment"]
+                    ),
+                    resolve=True,
+                ),
+            },
+        )
         write_json(out / "methods" / f"{name}.json", row)
         summary = _assemble(out, identity, unedited, names)  # with whatever other processes finished meanwhile
         with torch.no_grad():
-            for l, w in weights.items():
-                w.copy_(clean[l])
-        if not all(torch.equal(weights[l], clean[l]) for l in layers):
+            for layer, w in weights.items():
+                w.copy_(clean[layer])
+        if not all(torch.equal(weights[layer], clean[layer]) for layer in layers):
             raise RuntimeError("the clean weights could not be restored")
         _write(out, summary, cfg, loaded, cases, len(skipped), records, read, batch_size)
-        print(f"{name}: ES {row['metrics']['es']['mean']:.1f} PS {row['metrics']['ps']['mean']:.1f} "
-              f"NS {row['metrics']['ns']['mean']:.1f} ppl {row['perplexity']:.2f} known {100 * row['known_accuracy']:.1f}")
+        print(
+            f"{name}: ES {row['metrics']['es']['mean']:.1f} PS {row['metrics']['ps']['mean']:.1f} "
+            f"NS {row['metrics']['ns']['mean']:.1f} ppl {row['perplexity']:.2f} known {100 * row['known_accuracy']:.1f}"
+        )
     summary = _assemble(out, identity, unedited, names)
     _write(out, summary, cfg, loaded, cases, len(skipped), records, read, batch_size)
     table = scale_table(summary)
@@ -223,8 +286,14 @@ def _assemble(out: Path, identity: dict, unedited: dict, names: list[str]) -> di
     running other methods into the same eval.out each add theirs)."""
     methods = {p.stem: json.loads(p.read_text()) for p in sorted((out / "methods").glob("*.json"))}
     order = [m for m in names if m in methods] + sorted(m for m in methods if m not in names)
-    return {"identity": identity, "kind": "counterfact", "protocol": PROTOCOL["counterfact"], **unedited,
-            "methods": methods, "order": order}
+    return {
+        "identity": identity,
+        "kind": "counterfact",
+        "protocol": PROTOCOL["counterfact"],
+        **unedited,
+        "methods": methods,
+        "order": order,
+    }
 
 
 def dataclass_request(case: EvalCase):
@@ -234,23 +303,38 @@ def dataclass_request(case: EvalCase):
     return dataclasses.replace(case.request, paraphrases=(), neighbours=())
 
 
-def _write(out: Path, summary: dict, cfg: DictConfig, loaded: LoadedModel, cases: list[EvalCase], n_skipped: int,
-           records: range, read: int, batch_size: int) -> None:
+def _write(
+    out: Path,
+    summary: dict,
+    cfg: DictConfig,
+    loaded: LoadedModel,
+    cases: list[EvalCase],
+    n_skipped: int,
+    records: range,
+    read: int,
+    batch_size: int,
+) -> None:
     mode = str(cfg.eval.mode)
     how = f"sequential, batches of {batch_size}" if mode == "sequential" else f"all {len(cases)} edits in one batch"
-    summary["title"] = (f"CounterFact, {len(cases)} edits into one {loaded.identity['name']} ({how}; "
-                        f"records {int(cfg.eval.start)}-{int(cfg.eval.start) + len(cases) - 1} of "
-                        f"{Path(cfg.eval.dataset).name}, {n_skipped} skipped)")
+    summary["title"] = (
+        f"CounterFact, {len(cases)} edits into one {loaded.identity['name']} ({how}; "
+        f"records {int(cfg.eval.start)}-{int(cfg.eval.start) + len(cases) - 1} of "
+        f"{Path(cfg.eval.dataset).name}, {n_skipped} skipped)"
+    )
     summary["notes"] = [
         "every case is scored after the last batch (its edit has had every later edit applied on top)",
         f"ppl: perplexity on the last {len(records)} articles of {Path(cfg.data.files).name} (records "
-        f"{records.start}-{records.stop - 1}, max {int(cfg.eval.heldout.max_length)} tokens each); C read the first {read}",
+        f"{records.start}-{records.stop - 1}, max {int(cfg.eval.heldout.max_length)} tokens each); "
+        f"C read the first {read}",
         f"known facts: of the first {int(cfg.eval.known.n)} records of {Path(cfg.eval.known.dataset).name}, the "
         f"{len(summary['known_facts'])} the unedited model answers; the share still answered",
         "ROME applies its edits one at a time; curve points score the cases edited so far without generation",
     ]
-    pre = _method_row("counterfact", summary["pre"], {"edits": 0, "perplexity": summary["pre_perplexity"],
-                                                       "known_accuracy": 1.0, "edits_per_second": None})
+    pre = _method_row(
+        "counterfact",
+        summary["pre"],
+        {"edits": 0, "perplexity": summary["pre_perplexity"], "known_accuracy": 1.0, "edits_per_second": None},
+    )
     summary["unedited"] = pre
     write_json(out / "summary.json", summary)
     with atomic_path(out / "table.md") as tmp:

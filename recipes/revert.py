@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from pipeline.errors import UserError
-from pipeline.editors.ledger import Ledger
 from pipeline.core.loading import load_model
 from pipeline.core.saving import check_destination, save_model
 from pipeline.core.signals import check_stop
+from pipeline.editors.ledger import Ledger
+from pipeline.errors import UserError
 
 
 def run(cfg: DictConfig) -> None:
@@ -32,8 +32,9 @@ def run(cfg: DictConfig) -> None:
     what = "edit.save_to" if cfg.edit.save_to else f"the ledger's saved_to ({ledger.dir / 'ledger.json'})"
     base = ledger.data["model"]["name"]
     target = check_destination(target, what, protect=(ledger.dir, base))
-    loaded = load_model(base, dtype=ledger.data.get("model_dtype") or cfg.model.dtype, device="cpu",
-                        cache_dir=cfg.model.cache_dir)
+    loaded = load_model(
+        base, dtype=ledger.data.get("model_dtype") or cfg.model.dtype, device="cpu", cache_dir=cfg.model.cache_dir
+    )
     if loaded.identity != ledger.data["model"]:
         raise UserError(f"the base model {base} no longer matches the ledger's identity {ledger.data['model']}")
     n = ledger.rebuild(loaded.model, loaded.spec)
@@ -44,6 +45,8 @@ def run(cfg: DictConfig) -> None:
     print(f"reverted edit(s) {reverted}; rebuilt {base} with {n} remaining edit(s) -> {target}")
     later = ledger.solved_after(reverted)
     if later:
-        print(f"note: edit(s) {later} were solved on weights that contained edit(s) {reverted}; they are re-applied as "
-              "recorded, not re-solved. To re-solve one, revert it too and edit again with its request "
-              "(ledger.json has it)")
+        print(
+            f"note: edit(s) {later} were solved on weights that contained edit(s) {reverted}; they are re-applied as "
+            "recorded, not re-solved. To re-solve one, revert it too and edit again with its request "
+            "(ledger.json has it)"
+        )

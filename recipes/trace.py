@@ -58,8 +58,10 @@ def _check(cfg: DictConfig) -> None:
     if single and t.dataset is not None:
         raise UserError("give either prompt=... subject=... (one fact) or trace.dataset=... (many), not both")
     if not single and t.dataset is None:
-        raise UserError('nothing to trace: pass prompt="{} is located in the city of" subject="The Eiffel Tower" '
-                        "or trace.dataset=../shared/data/known_1000.json")
+        raise UserError(
+            'nothing to trace: pass prompt="{} is located in the city of" subject="The Eiffel Tower" '
+            "or trace.dataset=../shared/data/known_1000.json"
+        )
     if single and (not cfg.prompt or not cfg.subject):
         raise UserError("one fact needs both prompt=... and subject=...")
 
@@ -67,8 +69,15 @@ def _check(cfg: DictConfig) -> None:
 def _noise(cfg: DictConfig, loaded: LoadedModel) -> float:
     if cfg.trace.noise is not None:
         return float(cfg.trace.noise)
-    level, path = subject_noise(loaded.model, loaded.spec, loaded.tokenizer, loaded.identity,
-                                cfg.trace.noise_subjects, cache_root(cfg), factor=float(cfg.trace.noise_factor))
+    level, path = subject_noise(
+        loaded.model,
+        loaded.spec,
+        loaded.tokenizer,
+        loaded.identity,
+        cfg.trace.noise_subjects,
+        cache_root(cfg),
+        factor=float(cfg.trace.noise_factor),
+    )
     print(f"noise: nu = {level:.4f} ({cfg.trace.noise_factor} x the subject-embedding std, {path})")
     return level
 
@@ -76,12 +85,30 @@ def _noise(cfg: DictConfig, loaded: LoadedModel) -> float:
 def _settings(cfg: DictConfig, loaded: LoadedModel, noise: float, seed: int, fact: dict) -> dict:
     """Everything a fact's scores depend on: an existing directory with the same settings is reused."""
     t = cfg.trace
-    return {"model": loaded.identity, "dtype": cfg.model.dtype, "noise": noise, "samples": t.samples,
-            "window": t.window, "seed": seed, "kinds": list(t.kinds), **fact}
+    return {
+        "model": loaded.identity,
+        "dtype": cfg.model.dtype,
+        "noise": noise,
+        "samples": t.samples,
+        "window": t.window,
+        "seed": seed,
+        "kinds": list(t.kinds),
+        **fact,
+    }
 
 
-def _trace(cfg: DictConfig, loaded: LoadedModel, fact_dir: Path, prompt: str, subject: str, answer_id: int,
-           noise: float, seed: int, settings: dict, progress: bool = False) -> TraceResult:
+def _trace(
+    cfg: DictConfig,
+    loaded: LoadedModel,
+    fact_dir: Path,
+    prompt: str,
+    subject: str,
+    answer_id: int,
+    noise: float,
+    seed: int,
+    settings: dict,
+    progress: bool = False,
+) -> TraceResult:
     """Trace one fact into ``fact_dir`` (scores.npz + heatmaps, written as a whole), or reuse it.
     ``progress``: a bar over the fact's cells (one fact alone takes minutes on a CPU); a stop request then
     abandons the fact, with nothing written."""
@@ -105,8 +132,18 @@ def _trace(cfg: DictConfig, loaded: LoadedModel, fact_dir: Path, prompt: str, su
 
     clock = Clock(loaded.model)
     try:
-        res = trace_fact(loaded.model, loaded.spec, p, noise=noise, samples=t.samples, seed=seed,
-                         kinds=list(t.kinds), window=t.window, batch_size=t.batch_size, progress=on_chunk)
+        res = trace_fact(
+            loaded.model,
+            loaded.spec,
+            p,
+            noise=noise,
+            samples=t.samples,
+            seed=seed,
+            kinds=list(t.kinds),
+            window=t.window,
+            batch_size=t.batch_size,
+            progress=on_chunk,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -122,9 +159,11 @@ def _trace(cfg: DictConfig, loaded: LoadedModel, fact_dir: Path, prompt: str, su
 
 def _warn_low(res: TraceResult, threshold: float) -> None:
     if res.p_clean < threshold:
-        tqdm.write(f"warning: P({res.answer.strip()}) is only {res.p_clean:.4f} on the clean prompt "
-                   f"'{''.join(res.tokens).strip()}' (below trace.low_p_clean={threshold:g}): the model does not "
-                   "predict this answer, and the effects are noise (the heatmaps say so)")
+        tqdm.write(
+            f"warning: P({res.answer.strip()}) is only {res.p_clean:.4f} on the clean prompt "
+            f"'{''.join(res.tokens).strip()}' (below trace.low_p_clean={threshold:g}): the model does not "
+            "predict this answer, and the effects are noise (the heatmaps say so)"
+        )
 
 
 def _peaks(res: TraceResult) -> str:
@@ -143,23 +182,31 @@ def trace_one(cfg: DictConfig, loaded: LoadedModel, noise: float) -> TraceResult
     if cfg.answer is None:
         word = tok.decode([greedy])
         if greedy in tok.all_special_ids or not any(ch.isalnum() for ch in word):
-            raise UserError(f"the model does not know this fact: after '{text}' it predicts {word!r}, not an "
-                            "answer; pass answer=... to trace a given answer")
+            raise UserError(
+                f"the model does not know this fact: after '{text}' it predicts {word!r}, not an "
+                "answer; pass answer=... to trace a given answer"
+            )
         answer_id = greedy
     else:
         answer_id = answer_tokens(tok, text, str(cfg.answer))[0]
         if answer_id != greedy:
-            print(f"note: the model predicts {tok.decode([greedy])!r}, not {tok.decode([answer_id])!r}; "
-                  f"tracing p({tok.decode([answer_id]).strip()}) as asked")
+            print(
+                f"note: the model predicts {tok.decode([greedy])!r}, not {tok.decode([answer_id])!r}; "
+                f"tracing p({tok.decode([answer_id]).strip()}) as asked"
+            )
     out = Path(cfg.trace.out)
     key = text_digest(f"{text}\0{cfg.subject}\0{answer_id}")
     fact_dir = out / f"{slug(cfg.subject)}-{key}"
-    settings = _settings(cfg, loaded, noise, int(cfg.seed), {"prompt": text, "subject": cfg.subject,
-                                                           "answer_id": answer_id})
-    res = _trace(cfg, loaded, fact_dir, cfg.prompt, cfg.subject, answer_id, noise, int(cfg.seed), settings,
-                 progress=True)
-    print(f"p({res.answer.strip()}): clean {res.p_clean:.4f}, corrupted {res.p_corrupted:.4f}, "
-          f"total effect {res.total_effect:+.4f}")
+    settings = _settings(
+        cfg, loaded, noise, int(cfg.seed), {"prompt": text, "subject": cfg.subject, "answer_id": answer_id}
+    )
+    res = _trace(
+        cfg, loaded, fact_dir, cfg.prompt, cfg.subject, answer_id, noise, int(cfg.seed), settings, progress=True
+    )
+    print(
+        f"p({res.answer.strip()}): clean {res.p_clean:.4f}, corrupted {res.p_corrupted:.4f}, "
+        f"total effect {res.total_effect:+.4f}"
+    )
     print(f"largest effects: {_peaks(res)}")
     print(f"scores and heatmaps: {fact_dir}")
     return res
@@ -187,20 +234,24 @@ def trace_dataset(cfg: DictConfig, loaded: LoadedModel, noise: float) -> dict:
             skipped.append({"id": fact.id, "subject": fact.subject, "reason": str(err)})
             continue
         if not known:
-            skipped.append({"id": fact.id, "subject": fact.subject,
-                            "reason": f"the model predicts {got!r}, not {fact.answer!r}"})
+            skipped.append(
+                {"id": fact.id, "subject": fact.subject, "reason": f"the model predicts {got!r}, not {fact.answer!r}"}
+            )
             continue
         seed = int(cfg.seed) + fact.index  # the fact's own noise, whatever else is traced
-        settings = _settings(cfg, loaded, noise, seed, {"prompt": fact.prompt, "subject": fact.subject,
-                                                      "answer": fact.answer})
+        settings = _settings(
+            cfg, loaded, noise, seed, {"prompt": fact.prompt, "subject": fact.subject, "answer": fact.answer}
+        )
         fact_dir = out / "facts" / f"{fact.id}-{slug(fact.subject)}"
         results.append(_trace(cfg, loaded, fact_dir, fact.prompt, fact.subject, answer_id, noise, seed, settings))
         bar.set_postfix(kept=len(results), skipped=len(skipped))
     bar.close()
     seconds = clock.lap("trace")
     some = ", ".join(s["subject"] for s in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
-    print(f"kept {len(results)} of {len(facts)} facts: the model predicts the answer of those "
-          f"(skipped {len(skipped)}: {some})")
+    print(
+        f"kept {len(results)} of {len(facts)} facts: the model predicts the answer of those "
+        f"(skipped {len(skipped)}: {some})"
+    )
     if not results:
         raise UserError(f"the model knows none of the {len(facts)} facts in {t.dataset}; nothing to average")
     return _summarise(cfg, loaded, noise, results, skipped, len(facts), seconds)
@@ -211,24 +262,45 @@ def _json_array(a: np.ndarray) -> list:
     return [[None if np.isnan(x) else float(x) for x in row] for row in a]
 
 
-def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list[TraceResult],
-               skipped: list[dict], n_records: int, seconds: float) -> dict:
+def _summarise(
+    cfg: DictConfig,
+    loaded: LoadedModel,
+    noise: float,
+    results: list[TraceResult],
+    skipped: list[dict],
+    n_records: int,
+    seconds: float,
+) -> dict:
     t, out = cfg.trace, Path(cfg.trace.out)
     aie = average_effects(results, mode=str(t.aie))
     layer = recommend_layer(aie)
     last_subj = aie["mlp"]["mean"][BUCKETS.index("last subject token")]
     name = str(cfg.model.name)
     summary = {
-        "model": loaded.identity, "dataset": str(t.dataset), "start": int(t.start), "records": n_records,
+        "model": loaded.identity,
+        "dataset": str(t.dataset),
+        "start": int(t.start),
+        "records": n_records,
         "known": len(results),
-        "skipped": skipped, "noise": noise, "samples": t.samples, "window": t.window, "seed": int(cfg.seed),
+        "skipped": skipped,
+        "noise": noise,
+        "samples": t.samples,
+        "window": t.window,
+        "seed": int(cfg.seed),
         "mean_p_clean": float(np.mean([r.p_clean for r in results])),
         "mean_p_corrupted": float(np.mean([r.p_corrupted for r in results])),
         "mean_total_effect": float(np.mean([r.total_effect for r in results])),
-        "buckets": list(BUCKETS), "aie": str(t.aie),
-        "average_indirect_effect": {k: {"mean": _json_array(v["mean"]), "ci95": _json_array(v["ci95"]),
-                                        "facts_per_bucket": v["count"].tolist(), "rows_per_bucket": v["rows"].tolist()}
-                                    for k, v in aie.items()},
+        "buckets": list(BUCKETS),
+        "aie": str(t.aie),
+        "average_indirect_effect": {
+            k: {
+                "mean": _json_array(v["mean"]),
+                "ci95": _json_array(v["ci95"]),
+                "facts_per_bucket": v["count"].tolist(),
+                "rows_per_bucket": v["rows"].tolist(),
+            }
+            for k, v in aie.items()
+        },
         "recommended_layer": layer,
         "recommendation_rule": "argmax over layers of the average MLP effect at the last subject token",
         "mlp_effect_at_last_subject_token": last_subj.tolist(),
@@ -240,12 +312,21 @@ def _summarise(cfg: DictConfig, loaded: LoadedModel, noise: float, results: list
     for kind in aie:
         plot_average(drawn, kind, out / f"aie_{kind}", len(results), name)
     plot_lines(aie, out / "aie_lines", len(results), name)
-    write_json(out / "recommendation.json", {"layer": layer, "model": loaded.identity, "n_facts": len(results),
-                                             "summary": str((out / "summary.json").resolve())})
+    write_json(
+        out / "recommendation.json",
+        {
+            "layer": layer,
+            "model": loaded.identity,
+            "n_facts": len(results),
+            "summary": str((out / "summary.json").resolve()),
+        },
+    )
     record = save_recommendation(cache_root(cfg), loaded.identity, layer, len(results), out / "summary.json")
     print(f"mean p(answer): clean {summary['mean_p_clean']:.4f}, corrupted {summary['mean_p_corrupted']:.4f}")
-    print(f"recommended edit layer: {layer} (largest average MLP effect at the last subject token, "
-          f"{last_subj[layer]:+.4f}); recorded in {record}")
+    print(
+        f"recommended edit layer: {layer} (largest average MLP effect at the last subject token, "
+        f"{last_subj[layer]:+.4f}); recorded in {record}"
+    )
     print(f"summary and average-effect plots: {out}")
     return summary
 

@@ -21,8 +21,20 @@ WIKI = DATA / "wikipedia" / "wikipedia_en_sample.jsonl.gz"
 sys.path.insert(0, str(ROOT))
 
 # every family the architecture adapter lists (tests/test_arch.py checks the two lists agree)
-FAMILIES = ("gpt2", "llama", "gptj", "gpt_neox", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
-            "olmo2")
+FAMILIES = (
+    "gpt2",
+    "llama",
+    "gptj",
+    "gpt_neox",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "olmo",
+    "olmo2",
+)
 BOS_FAMILIES = ("llama", "mistral", "gemma", "gemma2", "gemma3_text")  # tokenizers that start every text with <s>
 
 
@@ -43,15 +55,24 @@ def _train_tokenizer(bos: bool):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>", "<s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([t[:3000] for t in wiki_texts(300)], trainer)
     if bos:  # Llama-style: every encoding starts with <s>
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
 
 
 def _config(family: str, vocab: int):
@@ -63,10 +84,23 @@ def _config(family: str, vocab: int):
     if family == "gptj":
         return tf.GPTJConfig(n_layer=4, n_embd=64, n_head=4, rotary_dim=8, n_positions=512, **small)
     if family == "gpt_neox":
-        return tf.GPTNeoXConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=256,
-                                max_position_embeddings=512, **small)
-    llama_like = dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=160, max_position_embeddings=512, **small)
+        return tf.GPTNeoXConfig(
+            num_hidden_layers=4,
+            hidden_size=64,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=512,
+            **small,
+        )
+    llama_like = dict(
+        num_hidden_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=160,
+        max_position_embeddings=512,
+        **small,
+    )
     if family.startswith("gemma"):
         # Gemma's own layout: head_dim apart from hidden_size / heads, embeddings scaled by sqrt(d), tied LM head.
         # Gemma 2 and 3 alternate sliding-window and full attention: a window of 6 tokens, shorter than the test
@@ -74,14 +108,30 @@ def _config(family: str, vocab: int):
         # soft-cap, so the tiny Gemma 3 sets one to test the path).
         gemma = dict(llama_like, head_dim=16)
         if family == "gemma2":
-            return tf.Gemma2Config(**gemma, sliding_window=6, query_pre_attn_scalar=16, final_logit_softcapping=3.0,
-                                   attn_logit_softcapping=5.0)
+            return tf.Gemma2Config(
+                **gemma,
+                sliding_window=6,
+                query_pre_attn_scalar=16,
+                final_logit_softcapping=3.0,
+                attn_logit_softcapping=5.0,
+            )
         if family == "gemma3_text":
-            return tf.Gemma3TextConfig(**gemma, sliding_window=6, query_pre_attn_scalar=16, final_logit_softcapping=3.0,
-                                       layer_types=["sliding_attention", "full_attention"] * 2)
+            return tf.Gemma3TextConfig(
+                **gemma,
+                sliding_window=6,
+                query_pre_attn_scalar=16,
+                final_logit_softcapping=3.0,
+                layer_types=["sliding_attention", "full_attention"] * 2,
+            )
         return tf.GemmaConfig(**gemma)
-    configs = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
-               "olmo": tf.OlmoConfig, "olmo2": tf.Olmo2Config}
+    configs = {
+        "llama": tf.LlamaConfig,
+        "mistral": tf.MistralConfig,
+        "qwen2": tf.Qwen2Config,
+        "qwen3": tf.Qwen3Config,
+        "olmo": tf.OlmoConfig,
+        "olmo2": tf.Olmo2Config,
+    }
     return configs[family](**(dict(llama_like, head_dim=16) if family == "qwen3" else llama_like))
 
 
@@ -161,8 +211,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
     import subprocess
 
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def signal_run(args, signum, ready, env: dict | None = None, timeout: float = 600):
@@ -174,10 +230,17 @@ def signal_run(args, signum, ready, env: dict | None = None, timeout: float = 60
     import time
 
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=e, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=e,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in p.stdout), daemon=True)
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in p.stdout), daemon=True)
     reader.start()
     sent, deadline = False, time.monotonic() + timeout
     try:

@@ -1,11 +1,12 @@
 import pytest
 import torch
+from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES
-from pipeline.core.arch import FAMILIES as ADAPTER_FAMILIES, arch_for
-from pipeline.errors import UserError
+from pipeline.core.arch import FAMILIES as ADAPTER_FAMILIES
+from pipeline.core.arch import arch_for
 from pipeline.core.hooks import Trace, get_module
+from pipeline.errors import UserError
 
 
 def test_every_family_the_adapter_lists_has_a_tiny_model_in_the_tests():
@@ -41,8 +42,16 @@ def test_layer_bounds_and_unknown_family(tiny_model_dir):
     with pytest.raises(UserError, match="model.arch.blocks"):
         arch_for(model)
     # ... but a complete override from config works for any family
-    fields = dict(blocks="transformer.h", mlp="mlp", down_proj="mlp.c_proj", down_proj_conv1d=True, attn="attn",
-                  embed="transformer.wte", final_norm="transformer.ln_f", lm_head="lm_head")
+    fields = dict(
+        blocks="transformer.h",
+        mlp="mlp",
+        down_proj="mlp.c_proj",
+        down_proj_conv1d=True,
+        attn="attn",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
+    )
     assert arch_for(model, fields).down_proj_name(1) == "transformer.h.1.mlp.c_proj"
     with pytest.raises(UserError, match="no module"):
         arch_for(model, {**fields, "blocks": "transformer.blocks"})

@@ -53,16 +53,34 @@ def test_model_files_set_the_releases_edit_and_method_hyperparameters(tmp_path):
 
     from pipeline.editors.settings import edit_defaults
 
-    clamp = {m: compose([f"model.name={m}"]).edit.v.clamp_norm_factor for m in ("gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-j-6B", "smollm2-135m")}
-    assert clamp == {"gpt2-medium": 3.0, "gpt2-large": 4.0, "gpt2-xl": 4.0, "EleutherAI/gpt-j-6B": 4.0, "smollm2-135m": 4.0}
-    eps = {m: compose([f"model.name={m}"]).method.ft_l.norm_constraint for m in ("gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-j-6b", "smollm2-135m")}
+    clamp = {
+        m: compose([f"model.name={m}"]).edit.v.clamp_norm_factor
+        for m in ("gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-j-6B", "smollm2-135m")
+    }
+    assert clamp == {
+        "gpt2-medium": 3.0,
+        "gpt2-large": 4.0,
+        "gpt2-xl": 4.0,
+        "EleutherAI/gpt-j-6B": 4.0,
+        "smollm2-135m": 4.0,
+    }
+    eps = {
+        m: compose([f"model.name={m}"]).method.ft_l.norm_constraint
+        for m in ("gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-j-6b", "smollm2-135m")
+    }
     assert eps == {"gpt2-medium": 2e-3, "gpt2-large": 1e-3, "gpt2-xl": 5e-4, "gpt-j-6b": 5e-5, "smollm2-135m": 5e-4}
     medium = compose(["model.name=gpt2-medium"])
-    assert medium.model.edit_layer == 8 and medium.edit.v.steps == 20 and "edit" not in medium.model  # only what it sets
+    assert (
+        medium.model.edit_layer == 8 and medium.edit.v.steps == 20 and "edit" not in medium.model
+    )  # only what it sets
     assert medium.method.ft_l.lr == 5e-4 and medium.method.ft_l.layer == 0
     # the command line still wins; a study method starts from its class's values for this model
     cfg = compose(["model.name=gpt2-medium", "edit.v.clamp_norm_factor=5", "method.ft_l_l6={class: ft_l, layer: 6}"])
-    assert cfg.edit.v.clamp_norm_factor == 5 and cfg.method.ft_l_l6.norm_constraint == 2e-3 and cfg.method.ft_l_l6.layer == 6
+    assert (
+        cfg.edit.v.clamp_norm_factor == 5
+        and cfg.method.ft_l_l6.norm_constraint == 2e-3
+        and cfg.method.ft_l_l6.layer == 6
+    )
     assert edit_defaults("gpt2-medium").v.clamp_norm_factor == 3.0  # the Python API's defaults too
     # a key configs/ does not have is an error of the model file
     with pytest.raises(UserError, match=r"model/ file of mine: unknown key 'edit.v.clamp'"):
@@ -71,23 +89,26 @@ def test_model_files_set_the_releases_edit_and_method_hyperparameters(tmp_path):
         compose([], model_file=OmegaConf.create({"name": "mine", "method": {"nosuch": {"lr": 1}}}))
 
 
-@pytest.mark.parametrize("override, expect", [
-    ("stats.tokens=abc", "stats.tokens=abc is not valid: it expects an integer (default: 200000)"),
-    ("stats.tokens=1.5", "stats.tokens=1.5 is not valid: it expects an integer"),
-    ("stats.tokens=null", "stats.tokens=null is not allowed: it expects an integer"),
-    ("stats.layers=6", "stats.layers=6 is not valid: it expects a list"),
-    ("stats.layers=[4,x]", "stats.layers[1]=x is not valid: it expects an integer"),
-    ("edit.verify.enabled=maybe", "edit.verify.enabled=maybe is not valid: it expects true or false"),
-    ("edit.v=3", "edit.v is a group of keys (lr, steps"),
-    ("edit.layer=first", "edit.layer=first is not valid: it expects an integer or auto"),
-    ("stats.dtype=int8", "stats.dtype=int8 is not one of"),
-    ("model.dtype=int8", "model.dtype=int8 is not one of"),
-    ("data.max_length=0", "data.max_length=0 must be positive"),
-    ("seed=-1", "seed=-1 must be zero or more"),
-    ("edit.layr=3", "unknown config key 'edit.layr' (did you mean edit.layer?)"),
-    ("edt.layer=3", "unknown config key 'edt.layer' (did you mean edit.layer?)"),
-    ("trace.sample=3", "(did you mean trace.samples?)"),
-])
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("stats.tokens=abc", "stats.tokens=abc is not valid: it expects an integer (default: 200000)"),
+        ("stats.tokens=1.5", "stats.tokens=1.5 is not valid: it expects an integer"),
+        ("stats.tokens=null", "stats.tokens=null is not allowed: it expects an integer"),
+        ("stats.layers=6", "stats.layers=6 is not valid: it expects a list"),
+        ("stats.layers=[4,x]", "stats.layers[1]=x is not valid: it expects an integer"),
+        ("edit.verify.enabled=maybe", "edit.verify.enabled=maybe is not valid: it expects true or false"),
+        ("edit.v=3", "edit.v is a group of keys (lr, steps"),
+        ("edit.layer=first", "edit.layer=first is not valid: it expects an integer or auto"),
+        ("stats.dtype=int8", "stats.dtype=int8 is not one of"),
+        ("model.dtype=int8", "model.dtype=int8 is not one of"),
+        ("data.max_length=0", "data.max_length=0 must be positive"),
+        ("seed=-1", "seed=-1 must be zero or more"),
+        ("edit.layr=3", "unknown config key 'edit.layr' (did you mean edit.layer?)"),
+        ("edt.layer=3", "unknown config key 'edt.layer' (did you mean edit.layer?)"),
+        ("trace.sample=3", "(did you mean trace.samples?)"),
+    ],
+)
 def test_a_bad_value_names_its_key_and_what_it_expects(override, expect):
     with pytest.raises(UserError) as err:
         compose([override])
@@ -95,8 +116,19 @@ def test_a_bad_value_names_its_key_and_what_it_expects(override, expect):
 
 
 def test_values_are_converted_to_the_type_of_their_default():
-    cfg = compose(["edit.ridge=1e-3", "stats.tokens=2e4", "answer=1889", "edit.layer=auto", "trainer.devices=[0,1]",
-                   "eval.n=null", "model.revision=20240101", "stats.layers=[2,'${seed}']", "seed=4"])
+    cfg = compose(
+        [
+            "edit.ridge=1e-3",
+            "stats.tokens=2e4",
+            "answer=1889",
+            "edit.layer=auto",
+            "trainer.devices=[0,1]",
+            "eval.n=null",
+            "model.revision=20240101",
+            "stats.layers=[2,'${seed}']",
+            "seed=4",
+        ]
+    )
     assert cfg.edit.ridge == 0.001 and cfg.stats.tokens == 20000 and isinstance(cfg.stats.tokens, int)
     assert cfg.answer == "1889" and cfg.edit.layer == "auto" and list(cfg.trainer.devices) == [0, 1]
     assert cfg.eval.n is None and cfg.model.revision == 20240101  # a null default takes any value
@@ -133,4 +165,7 @@ def test_help_print_config_and_the_nearest_stage(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["stage"] == "edit" and printed["edit"]["layer"] == 3 and printed["model"]["edit_layer"] == 6
     assert train.main(["stage=edt"]) == 2
-    assert capsys.readouterr().err.strip() == "error: stage=edt is not one of stats, edit, revert, trace, eval (did you mean edit?)"
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: stage=edt is not one of stats, edit, revert, trace, eval (did you mean edit?)"
+    )

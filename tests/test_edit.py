@@ -8,20 +8,23 @@ import stat
 
 import pytest
 import torch
+from conftest import FAMILIES, check_fast_value_loss, run_cli, signal_run
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, check_fast_value_loss, run_cli, signal_run
-from pipeline.core.loading import configure
 from pipeline.core.hooks import get_module
-from pipeline.core.loading import load_model
+from pipeline.core.loading import configure, load_model
 from pipeline.core.requests import parse_requests
 from pipeline.editors import rome
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
-EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
-          "target_true": "Paris"}
+EIFFEL = {
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": "Rome",
+    "target_true": "Paris",
+}
 
 
 def random_spd(d: int, seed: int = 0) -> torch.Tensor:
@@ -38,12 +41,21 @@ def test_update_writes_v_star_is_rank_one_and_spares_orthogonal_keys(tiny_model_
     module = get_module(loaded.model, spec.down_proj_name(layer))
     w_before = spec.down_proj_matrix(loaded.model, layer).detach().clone()
     hp = configure(["edit.generate_tokens=0"]).edit
-    job = rome.edit(loaded.model, loaded.tokenizer, EIFFEL, layer=layer, second_moment=c, hparams=hp, templates=TEMPLATES)
+    job = rome.edit(
+        loaded.model, loaded.tokenizer, EIFFEL, layer=layer, second_moment=c, hparams=hp, templates=TEMPLATES
+    )
     assert job.status in ("applied", "rolled_back")
     if job.status == "rolled_back":  # a random model may fail verification; redo without checks
         hp = configure(["edit.generate_tokens=0", "edit.verify.enabled=false"]).edit
-        job = rome.edit(loaded.model, loaded.tokenizer, parse_requests(EIFFEL)[0], layer=layer, second_moment=c,
-                        hparams=hp, templates=TEMPLATES)
+        job = rome.edit(
+            loaded.model,
+            loaded.tokenizer,
+            parse_requests(EIFFEL)[0],
+            layer=layer,
+            second_moment=c,
+            hparams=hp,
+            templates=TEMPLATES,
+        )
     w_after = spec.down_proj_matrix(loaded.model, layer).detach()
     delta_w = (w_after - w_before).double()
     # W' k* = v* (bias excluded), to 1e-5 relative
@@ -81,10 +93,22 @@ def test_fast_value_loss_equals_full_forward_reference(tiny_model_dir, family):
 
 
 def edit_args(model_dir, data, tmp, *extra):
-    return ["stage=edit", f"model.name={model_dir}", f"data.files={data}", f"stats.dir={tmp / 'stats'}",
-            f"model.cache_dir={tmp / 'cache'}", "stats.tokens=2000", "data.max_length=64", "data.batch_tokens=256",
-            "edit.layer=2", "edit.verify.enabled=false", "trainer.accelerator=cpu", "model.device=cpu",
-            "edit.generate_tokens=4", *extra]
+    return [
+        "stage=edit",
+        f"model.name={model_dir}",
+        f"data.files={data}",
+        f"stats.dir={tmp / 'stats'}",
+        f"model.cache_dir={tmp / 'cache'}",
+        "stats.tokens=2000",
+        "data.max_length=64",
+        "data.batch_tokens=256",
+        "edit.layer=2",
+        "edit.verify.enabled=false",
+        "trainer.accelerator=cpu",
+        "model.device=cpu",
+        "edit.generate_tokens=4",
+        *extra,
+    ]
 
 
 def edit_cli(model_dir, data, tmp, *extra):
@@ -131,13 +155,27 @@ def test_sequential_edits_ledger_and_bitwise_revert(tiny_model_dir, small_wiki, 
 def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wiki, tmp_path, capsys):
     base = tiny_model_dir("gpt2")
     saved = tmp_path / "saved"
-    ok = edit_cli(base, small_wiki, tmp_path, f"request={json.dumps(EIFFEL)}", f"edit.out={tmp_path / 'l'}",
-                  f"edit.save_to={saved}")
+    ok = edit_cli(
+        base,
+        small_wiki,
+        tmp_path,
+        f"request={json.dumps(EIFFEL)}",
+        f"edit.out={tmp_path / 'l'}",
+        f"edit.save_to={saved}",
+    )
     assert ok.returncode == 0, ok.stderr
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     other = tiny_model_dir("llama")
-    stats_other = run_cli("stage=stats", f"model.name={other}", f"data.files={small_wiki}", f"stats.dir={tmp_path / 'so'}",
-                          "stats.layers=[2]", "stats.tokens=500", "trainer.accelerator=cpu", env=OFFLINE)
+    stats_other = run_cli(
+        "stage=stats",
+        f"model.name={other}",
+        f"data.files={small_wiki}",
+        f"stats.dir={tmp_path / 'so'}",
+        "stats.layers=[2]",
+        "stats.tokens=500",
+        "trainer.accelerator=cpu",
+        env=OFFLINE,
+    )
     assert stats_other.returncode == 0, stats_other.stderr
     other_entry = next((tmp_path / "so").iterdir())
     cases = {
@@ -149,8 +187,10 @@ def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wik
         "are for model": [f"request={json.dumps(EIFFEL)}", f"edit.stats={other_entry}"],
     }
     for expect, extra in cases.items():  # in this process: the same train.main, without a start-up each
-        code, _, errors = main(capsys, *edit_args(base, small_wiki, tmp_path, *extra, f"edit.out={tmp_path / 'l'}",
-                                                  f"edit.save_to={saved}"))
+        code, _, errors = main(
+            capsys,
+            *edit_args(base, small_wiki, tmp_path, *extra, f"edit.out={tmp_path / 'l'}", f"edit.save_to={saved}"),
+        )
         assert code == 2 and len(errors) == 1 and expect in errors[0], (expect, errors)
         assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
     assert len(json.loads((tmp_path / "l" / "ledger.json").read_text())["entries"]) == 1
@@ -165,10 +205,21 @@ RIVIERA = {"prompt": "{} is located in the city of", "subject": "The Louvre", "t
 def edit_env(tiny_model_dir, small_wiki, tmp_path_factory):
     """Arguments of an in-process edit on the tiny GPT-2, with statistics and templates shared by the tests."""
     shared = tmp_path_factory.mktemp("edit-shared")
-    return [f"model.name={tiny_model_dir('gpt2')}", f"data.files={small_wiki}", f"stats.dir={shared / 'stats'}",
-            f"model.cache_dir={shared / 'cache'}", "stats.tokens=2000", "data.max_length=64", "data.batch_tokens=256",
-            "edit.layer=2", "trainer.accelerator=cpu", "model.device=cpu", "edit.generate_tokens=0",
-            "edit.verify.enabled=false", "edit.v.steps=4"]
+    return [
+        f"model.name={tiny_model_dir('gpt2')}",
+        f"data.files={small_wiki}",
+        f"stats.dir={shared / 'stats'}",
+        f"model.cache_dir={shared / 'cache'}",
+        "stats.tokens=2000",
+        "data.max_length=64",
+        "data.batch_tokens=256",
+        "edit.layer=2",
+        "trainer.accelerator=cpu",
+        "model.device=cpu",
+        "edit.generate_tokens=0",
+        "edit.verify.enabled=false",
+        "edit.v.steps=4",
+    ]
 
 
 def main(capsys, *argv):
@@ -178,7 +229,7 @@ def main(capsys, *argv):
     os.environ.update(OFFLINE)
     code = train.main([str(a) for a in argv])
     out = capsys.readouterr()
-    return code, out.out, [l for l in out.err.splitlines() if l.startswith(("error:", "interrupted:"))]
+    return code, out.out, [line for line in out.err.splitlines() if line.startswith(("error:", "interrupted:"))]
 
 
 def tree(d):
@@ -212,13 +263,18 @@ def test_save_to_never_touches_what_this_project_did_not_write(edit_env, tiny_mo
     code, out, errors = main(capsys, "stage=edit", *edit_env, req, f"edit.out={ledger}", f"edit.save_to={saved}")
     assert code == 0, errors
     marker = json.loads((saved / "rome_saved_model.json").read_text())
-    assert marker["written_by"] == "rome-lightning" and marker["edits"] == [1] and "model.safetensors" in marker["files"]
+    assert (
+        marker["written_by"] == "rome-lightning" and marker["edits"] == [1] and "model.safetensors" in marker["files"]
+    )
     first = (saved / "model.safetensors").read_bytes()
     # our own saved model is replaced whole; once the user puts a file of theirs into it, it is refused
-    code, _, errors = main(capsys, "stage=edit", *edit_env, f"request={json.dumps(RIVIERA)}", f"edit.out={ledger}",
-                           f"edit.save_to={saved}")
+    code, _, errors = main(
+        capsys, "stage=edit", *edit_env, f"request={json.dumps(RIVIERA)}", f"edit.out={ledger}", f"edit.save_to={saved}"
+    )
     assert code == 0, errors
-    assert (saved / "model.safetensors").read_bytes() != first and json.loads((saved / "rome_saved_model.json").read_text())["edits"] == [1, 2]
+    assert (saved / "model.safetensors").read_bytes() != first and json.loads(
+        (saved / "rome_saved_model.json").read_text()
+    )["edits"] == [1, 2]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved")]  # no temporary left beside it
     (saved / "my-notes.md").write_text("mine")
     code, _, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=2")
@@ -242,19 +298,31 @@ def test_save_to_never_touches_what_this_project_did_not_write(edit_env, tiny_mo
 
     ledger2 = tmp_path / "ledger2"
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
-    code, _, errors = main(capsys, "stage=edit", *edit_env, req, f"edit.out={ledger2}", f"edit.save_to={tmp_path / 'm2'}")
+    code, _, errors = main(
+        capsys, "stage=edit", *edit_env, req, f"edit.out={ledger2}", f"edit.save_to={tmp_path / 'm2'}"
+    )
     assert code == 2 and "No space left on device" in errors[0] and "taken out of the ledger" in errors[0]
-    assert json.loads((ledger2 / "ledger.json").read_text())["entries"] == [] and not list((ledger2 / "edits").iterdir())
+    assert json.loads((ledger2 / "ledger.json").read_text())["entries"] == [] and not list(
+        (ledger2 / "edits").iterdir()
+    )
     assert not (tmp_path / "m2").exists()
     monkeypatch.undo()
-    code, _, errors = main(capsys, "stage=edit", *edit_env, req, f"edit.out={ledger2}", f"edit.save_to={tmp_path / 'm2'}")
+    code, _, errors = main(
+        capsys, "stage=edit", *edit_env, req, f"edit.out={ledger2}", f"edit.save_to={tmp_path / 'm2'}"
+    )
     assert code == 0 and len(json.loads((ledger2 / "ledger.json").read_text())["entries"]) == 1
 
 
 def test_ledger_files_are_checksummed_and_revert_says_what_it_re_applies(edit_env, tmp_path, capsys):
     ledger, saved = tmp_path / "ledger", tmp_path / "saved"
-    code, _, errors = main(capsys, "stage=edit", *edit_env, f"request={json.dumps([EIFFEL, RIVIERA])}",
-                           f"edit.out={ledger}", f"edit.save_to={saved}")
+    code, _, errors = main(
+        capsys,
+        "stage=edit",
+        *edit_env,
+        f"request={json.dumps([EIFFEL, RIVIERA])}",
+        f"edit.out={ledger}",
+        f"edit.save_to={saved}",
+    )
     assert code == 0, errors
     entries = json.loads((ledger / "ledger.json").read_text())["entries"]
     assert [len(e["sha256"]) for e in entries] == [64, 64]
@@ -281,8 +349,14 @@ def test_each_run_gets_its_own_ledger_and_files_follow_the_umask(edit_env, tmp_p
     try:
         outs = []
         for request in (EIFFEL, RIVIERA):
-            code, out, errors = main(capsys, "stage=edit", *edit_env, f"request={json.dumps(request)}",
-                                     f"edit.runs_dir={runs}", f"edit.save_to={tmp_path / 'saved'}")
+            code, out, errors = main(
+                capsys,
+                "stage=edit",
+                *edit_env,
+                f"request={json.dumps(request)}",
+                f"edit.runs_dir={runs}",
+                f"edit.save_to={tmp_path / 'saved'}",
+            )
             assert code == 0 and "continuing" not in out, errors
             outs.append(out)
     finally:
@@ -300,8 +374,17 @@ def test_a_rolled_back_edit_reports_the_restored_model(edit_env, tiny_model_dir,
     # float noise); with 2 the rejected edit is a real one, whose probabilities differ from the restored model's.
     request = {**EIFFEL, "target_new": "Zanzibar", "target_true": "Rome"}
     ledger, saved = tmp_path / "ledger", tmp_path / "saved"
-    code, out, errors = main(capsys, "stage=edit", *edit_env, f"request={json.dumps(request)}", "edit.verify.enabled=true",
-                             "edit.v.steps=2", "edit.v.lr=0.01", f"edit.out={ledger}", f"edit.save_to={saved}")
+    code, out, errors = main(
+        capsys,
+        "stage=edit",
+        *edit_env,
+        f"request={json.dumps(request)}",
+        "edit.verify.enabled=true",
+        "edit.v.steps=2",
+        "edit.v.lr=0.01",
+        f"edit.out={ledger}",
+        f"edit.save_to={saved}",
+    )
     assert code == 2 and "failed verification" in errors[0]
     (entry,) = json.loads((ledger / "ledger.json").read_text())["entries"]
     assert entry["status"] == "rolled_back" and not entry["verified"]
@@ -311,7 +394,7 @@ def test_a_rolled_back_edit_reports_the_restored_model(edit_env, tiny_model_dir,
     assert abs(rejected["new"][0] - pre["new"][0]) > 1e-3 * pre["new"][0]  # the rejected model answered otherwise
     assert "P(new) rolled back" in out and "the model above is the restored one" in out
     pre = entry["probs"]["pre"]["prompt"]
-    row = next(l for l in out.splitlines() if l.strip().startswith("prompt "))
+    row = next(line for line in out.splitlines() if line.strip().startswith("prompt "))
     assert row.split()[1:] == [f"{pre['true'][0]:.4f}"] * 2 + [f"{pre['new'][0]:.4f}"] * 2
     base, after = weights(tiny_model_dir("gpt2")), weights(saved)
     assert all(torch.equal(after[k], base[k]) for k in base)  # saved as rolled back: the base weights
@@ -320,11 +403,19 @@ def test_a_rolled_back_edit_reports_the_restored_model(edit_env, tiny_model_dir,
 def test_sigterm_stops_after_the_edit_in_progress_and_the_same_command_resumes(edit_env, tmp_path):
     requests = [EIFFEL, RIVIERA, {**EIFFEL, "subject": "Big Ben", "target_new": "Oslo"}]
     runs, saved = tmp_path / "runs", tmp_path / "saved"
-    args = ["stage=edit", *edit_env, "edit.v.steps=25", "edit.v.early_stop_loss=0", f"request={json.dumps(requests)}",
-            f"edit.runs_dir={runs}", f"edit.save_to={saved}"]
-    code, lines = signal_run(args, signal.SIGTERM, lambda out: any(l.startswith("v* [1/3]") for l in out), env=OFFLINE)
+    args = [
+        "stage=edit",
+        *edit_env,
+        "edit.v.steps=25",
+        "edit.v.early_stop_loss=0",
+        f"request={json.dumps(requests)}",
+        f"edit.runs_dir={runs}",
+        f"edit.save_to={saved}",
+    ]
+    started = lambda out: any(line.startswith("v* [1/3]") for line in out)  # noqa: E731
+    code, lines = signal_run(args, signal.SIGTERM, started, env=OFFLINE)
     assert code == 143, "\n".join(lines[-30:])
-    (hint,) = [l for l in lines if l.startswith("interrupted:")]
+    (hint,) = [line for line in lines if line.startswith("interrupted:")]
     (out,) = runs.iterdir()
     entries = json.loads((out / "ledger.json").read_text())["entries"]
     done = len(entries)  # the edit running when the signal came is finished whole (or none had begun)
@@ -332,9 +423,11 @@ def test_sigterm_stops_after_the_edit_in_progress_and_the_same_command_resumes(e
     assert f"run the same command with edit.out={out}" in hint
     assert [e["run"]["index"] for e in entries] == list(range(done)) and len(list((out / "edits").iterdir())) == done
     assert json.loads((saved / "rome_saved_model.json").read_text())["edits"] == list(range(1, done + 1))
-    progress = [l for l in lines if l.startswith("v* [")]
-    assert len(progress) == done and all("25 steps" in l and "P(target)" in l for l in progress)  # one line per edit
-    assert not any("Epoch" in l or "configure_optimizers" in l for l in lines)
+    progress = [line for line in lines if line.startswith("v* [")]
+    assert len(progress) == done and all(
+        "25 steps" in line and "P(target)" in line for line in progress
+    )  # one per edit
+    assert not any("Epoch" in line or "configure_optimizers" in line for line in lines)
 
     resumed = run_cli(*args, f"edit.out={out}", env=OFFLINE)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -347,12 +440,22 @@ def test_sigterm_stops_after_the_edit_in_progress_and_the_same_command_resumes(e
 def test_sigint_stops_a_memit_run_between_batches(edit_env, tmp_path):
     requests = [EIFFEL, RIVIERA, {**EIFFEL, "subject": "Big Ben", "target_new": "Oslo"}]
     out = tmp_path / "ledger"
-    args = ["stage=edit", *edit_env, "edit.method=memit", "edit.layers=[1,2]", "edit.batch_size=1",
-            "edit.memit.v.steps=25", "edit.memit.v.early_stop_loss=0", f"request={json.dumps(requests)}", f"edit.out={out}"]
-    code, lines = signal_run(args, signal.SIGINT, lambda out: any(l.startswith("memit batch [1/3]") for l in out),
-                             env=OFFLINE)
+    args = [
+        "stage=edit",
+        *edit_env,
+        "edit.method=memit",
+        "edit.layers=[1,2]",
+        "edit.batch_size=1",
+        "edit.memit.v.steps=25",
+        "edit.memit.v.early_stop_loss=0",
+        f"request={json.dumps(requests)}",
+        f"edit.out={out}",
+    ]
+    code, lines = signal_run(
+        args, signal.SIGINT, lambda out: any(line.startswith("memit batch [1/3]") for line in out), env=OFFLINE
+    )
     assert code == 130, "\n".join(lines[-30:])
-    (hint,) = [l for l in lines if l.startswith("interrupted:")]
+    (hint,) = [line for line in lines if line.startswith("interrupted:")]
     entries = json.loads((out / "ledger.json").read_text())["entries"]
     assert len(entries) in (1, 2) and f"{len(entries)} of 3 batch(es) edited and recorded" in hint
     assert hint.endswith("to resume, run the same command")
@@ -364,8 +467,9 @@ def test_a_signal_before_the_save_leaves_revert_undone(edit_env, tmp_path, capsy
     from pipeline.editors.ledger import Ledger
 
     ledger, saved = tmp_path / "ledger", tmp_path / "saved"
-    code, _, errors = main(capsys, "stage=edit", *edit_env, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}",
-                           f"edit.save_to={saved}")
+    code, _, errors = main(
+        capsys, "stage=edit", *edit_env, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}", f"edit.save_to={saved}"
+    )
     assert code == 0, errors
     before_saved, before_ledger = tree(saved), (ledger / "ledger.json").read_text()
     rebuild = Ledger.rebuild
@@ -378,7 +482,8 @@ def test_a_signal_before_the_save_leaves_revert_undone(edit_env, tmp_path, capsy
     monkeypatch.setattr(Ledger, "rebuild", rebuild_then_signal)
     code, _, lines = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")
     assert code == 143 and lines == [
-        "interrupted: nothing was changed (edit(s) [1] not reverted yet); to revert, run the same command"]
+        "interrupted: nothing was changed (edit(s) [1] not reverted yet); to revert, run the same command"
+    ]
     assert tree(saved) == before_saved and (ledger / "ledger.json").read_text() == before_ledger
     monkeypatch.undo()
     code, out, _ = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")

@@ -20,16 +20,32 @@ from pipeline.editors.factory import build_editor
 from pipeline.editors.ledger import Ledger
 from pipeline.errors import UserError
 
-EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
-          "target_true": "Paris"}
+EIFFEL = {
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": "Rome",
+    "target_true": "Paris",
+}
 RIVIERA = {"prompt": "{} plays for the club", "subject": "Riviera", "target_new": "Barcelona", "target_true": "Milan"}
 
 
 def setup(tiny_model_dir, tmp_path, *overrides):
     path = str(tiny_model_dir("gpt2"))
-    cfg = configure([f"model.name={path}", f"model.cache_dir={tmp_path / 'cache'}", "edit.layer=2", "edit.layers=[1,2]",
-                     "edit.mom2_adjustment=false", "edit.v.steps=3", "edit.memit.v.steps=3", "edit.generate_tokens=0",
-                     "edit.batch_size=2", "trainer.accelerator=cpu", *overrides])
+    cfg = configure(
+        [
+            f"model.name={path}",
+            f"model.cache_dir={tmp_path / 'cache'}",
+            "edit.layer=2",
+            "edit.layers=[1,2]",
+            "edit.mom2_adjustment=false",
+            "edit.v.steps=3",
+            "edit.memit.v.steps=3",
+            "edit.generate_tokens=0",
+            "edit.batch_size=2",
+            "trainer.accelerator=cpu",
+            *overrides,
+        ]
+    )
     return cfg, load_model(path, device="cpu")
 
 
@@ -40,10 +56,16 @@ def identity_statistics(loaded):
     from pipeline.stats.store import LayerStats
 
     def provide(layers):
-        return {layer: LayerStats(layer, loaded.spec.down_proj_name(layer),
-                                  torch.eye(loaded.spec.key_size(loaded.model, layer), dtype=torch.float64), 1,
-                                  Path(f"identity-{layer}"))
-                for layer in layers}
+        return {
+            layer: LayerStats(
+                layer,
+                loaded.spec.down_proj_name(layer),
+                torch.eye(loaded.spec.key_size(loaded.model, layer), dtype=torch.float64),
+                1,
+                Path(f"identity-{layer}"),
+            )
+            for layer in layers
+        }
 
     return provide
 
@@ -57,7 +79,9 @@ def test_the_factory_builds_every_configured_method_and_refuses_unknown_classes(
     for name in ("none", "rome", "rome_identity_cov", "ft_l"):
         editor = build_editor(cfg, loaded, name, identity_statistics(loaded), measure_only=True)
         assert isinstance(editor, REGISTRY[cfg.method[name]["class"]]) and editor.name == name
-    assert build_editor(cfg, loaded, "ft_l").layers == [0] and build_editor(cfg, loaded, "rome_identity_cov").layers == [2]
+    assert build_editor(cfg, loaded, "ft_l").layers == [0] and build_editor(
+        cfg, loaded, "rome_identity_cov"
+    ).layers == [2]
     memit = build_editor(cfg, loaded, "memit", statistics=identity_statistics(loaded))
     assert memit.layers == [1, 2]
     assert [len(u) for u in memit.units(parse_requests([EIFFEL, RIVIERA, EIFFEL]))] == [2, 1]
@@ -158,8 +182,10 @@ def test_a_new_method_is_one_class_and_runs_through_every_loop(tiny_model_dir, t
         cfg.method.shift["class"] = "shift_test"
         before = weights(loaded, [1])[1]
         editor = build_editor(cfg, loaded, "shift")
-        assert isinstance(editor, Shift) and editor.touched() == ["transformer.h.1.mlp.c_proj.weight",
-                                                                  "transformer.h.1.mlp.c_proj.bias"]
+        assert isinstance(editor, Shift) and editor.touched() == [
+            "transformer.h.1.mlp.c_proj.weight",
+            "transformer.h.1.mlp.c_proj.bias",
+        ]
         editor.edit(parse_requests([EIFFEL]))
         fit_edits(editor, parse_requests([EIFFEL, RIVIERA]), cfg, progress=False)
         torch.testing.assert_close(weights(loaded, [1])[1], before + 3.0)  # three units, each +1

@@ -6,32 +6,47 @@ import signal
 
 import pytest
 import torch
-
 from conftest import DATA, run_cli, signal_run
-from pipeline.core.loading import configure
+
+from pipeline.core.loading import configure, load_model
 from pipeline.errors import UserError
 from pipeline.evaluation.cases import load_cases
-from pipeline.core.loading import load_model
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-NESTED = {"case_id": 0, "pararel_idx": 2796,
-          "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
-                                "target_new": {"str": "English", "id": "Q1860"}, "target_true": {"str": "French", "id": "Q150"},
-                                "subject": "Danielle Darrieux"},
-          "paraphrase_prompts": ["Danielle Darrieux, a native", "Danielle Darrieux spoke the language"],
-          "neighborhood_prompts": ["The mother tongue of Léon Blum is", "The native language of Montesquieu is"],
-          "attribute_prompts": ["J. R. R. Tolkien is a native speaker of"],
-          "generation_prompts": ["Danielle Darrieux's mother tongue is", "Where Danielle Darrieux is from, people speak"]}
-FLAT = {"case_id": 7, "prompt": "The mother tongue of Danielle Darrieux is", "target_new": "English",
-        "subject": "Danielle Darrieux", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux spoke",
-        "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French"}
+NESTED = {
+    "case_id": 0,
+    "pararel_idx": 2796,
+    "requested_rewrite": {
+        "prompt": "The mother tongue of {} is",
+        "relation_id": "P103",
+        "target_new": {"str": "English", "id": "Q1860"},
+        "target_true": {"str": "French", "id": "Q150"},
+        "subject": "Danielle Darrieux",
+    },
+    "paraphrase_prompts": ["Danielle Darrieux, a native", "Danielle Darrieux spoke the language"],
+    "neighborhood_prompts": ["The mother tongue of Léon Blum is", "The native language of Montesquieu is"],
+    "attribute_prompts": ["J. R. R. Tolkien is a native speaker of"],
+    "generation_prompts": ["Danielle Darrieux's mother tongue is", "Where Danielle Darrieux is from, people speak"],
+}
+FLAT = {
+    "case_id": 7,
+    "prompt": "The mother tongue of Danielle Darrieux is",
+    "target_new": "English",
+    "subject": "Danielle Darrieux",
+    "ground_truth": "French",
+    "rephrase_prompt": "Danielle Darrieux spoke",
+    "locality_prompt": "Michel Rocard is a native speaker of",
+    "locality_ground_truth": "French",
+}
 
 
 def nested_case(case_id, subject, prompt, new, new_id, true):
     rec = json.loads(json.dumps(NESTED))
     rec["case_id"] = case_id
     rw = rec["requested_rewrite"]
-    rw.update(subject=subject, prompt=prompt, target_new={"str": new, "id": new_id}, target_true={"str": true, "id": "Q0"})
+    rw.update(
+        subject=subject, prompt=prompt, target_new={"str": new, "id": new_id}, target_true={"str": true, "id": "Q0"}
+    )
     rec["paraphrase_prompts"] = [f"{subject} is known for", f"Everyone says {subject}"]
     rec["generation_prompts"] = [f"{subject} is", f"People say that {subject}"]
     return rec
@@ -98,8 +113,14 @@ def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_di
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    cfg = configure([f"model.name={tiny_model_dir('llama')}", f"model.cache_dir={tmp_path}", "edit.layer=2",
-                     "eval.methods=[none,rome_identity_cov,ft_l]"])
+    cfg = configure(
+        [
+            f"model.name={tiny_model_dir('llama')}",
+            f"model.cache_dir={tmp_path}",
+            "edit.layer=2",
+            "eval.methods=[none,rome_identity_cov,ft_l]",
+        ]
+    )
 
     class Breaks(NoEditor):  # edits, then finds the case impossible
         edits_weights = True
@@ -113,8 +134,18 @@ def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_di
     methods.append(Breaks("breaks", loaded.model, loaded.tokenizer, loaded.spec, cfg.method.none, [2]))
     ctx = EvalContext(cfg, loaded, 2)
     cases, _ = load_cases(_write(tmp_path / "c.json", [FLAT]))
-    ev = CaseEvaluator(ctx, {0: cases[0]}, {0: methods}, [], CaseLog(tmp_path), Generation(tokens=4, top_k=5, do_sample=True), None, 0,
-                       "counterfact", methods)
+    ev = CaseEvaluator(
+        ctx,
+        {0: cases[0]},
+        {0: methods},
+        [],
+        CaseLog(tmp_path),
+        Generation(tokens=4, top_k=5, do_sample=True),
+        None,
+        0,
+        "counterfact",
+        methods,
+    )
     recs = ev.evaluate(cases[0], methods)
     assert [r["status"] for r in recs] == ["ok", "ok", "ok", "skipped"] and recs[-1]["reason"] == "cannot edit this one"
     assert recs[0]["post"] == recs[0]["pre"]  # none
@@ -127,7 +158,9 @@ def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_di
         ev.evaluate(cases[0], methods[:1])
 
 
-def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits_its_own_layer(tiny_model_dir, tmp_path):
+def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits_its_own_layer(
+    tiny_model_dir, tmp_path
+):
     from modules.evaluator import CaseEvaluator, EvalContext
     from pipeline.editors.factory import build_editor
     from pipeline.evaluation.case_log import CaseLog
@@ -135,16 +168,33 @@ def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits
 
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")  # GPT-2's c_proj has a bias
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    cfg = configure([f"model.name={tiny_model_dir('gpt2')}", f"model.cache_dir={tmp_path}", "edit.layer=2",
-                     "eval.methods=[ft_l,rome_l1]", "method.rome_l1={class: rome, mom2_adjustment: false, layer: 1}",
-                     "method.ft_l.norm_constraint=1e-2"])
+    cfg = configure(
+        [
+            f"model.name={tiny_model_dir('gpt2')}",
+            f"model.cache_dir={tmp_path}",
+            "edit.layer=2",
+            "eval.methods=[ft_l,rome_l1]",
+            "method.rome_l1={class: rome, mom2_adjustment: false, layer: 1}",
+            "method.ft_l.norm_constraint=1e-2",
+        ]
+    )
     methods = [build_editor(cfg, loaded, m, measure_only=True) for m in cfg.eval.methods]
     ctx = EvalContext(cfg, loaded, 2)
     assert [m.layers[0] for m in methods] == [0, 1]
     assert methods[0].touched() == ["transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias"]
     cases, _ = load_cases(_write(tmp_path / "c.json", [FLAT]))
-    ev = CaseEvaluator(ctx, {0: cases[0]}, {0: methods}, [], CaseLog(tmp_path), Generation(tokens=0, top_k=5, do_sample=True),
-                       None, 0, "counterfact", methods)
+    ev = CaseEvaluator(
+        ctx,
+        {0: cases[0]},
+        {0: methods},
+        [],
+        CaseLog(tmp_path),
+        Generation(tokens=0, top_k=5, do_sample=True),
+        None,
+        0,
+        "counterfact",
+        methods,
+    )
     seen = {}
     original_edit = [m.edit for m in methods]
 
@@ -153,6 +203,7 @@ def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits
             out = original_edit[i](requests)
             seen[m.name] = {k for k, v in loaded.model.state_dict().items() if not torch.equal(v, before[k])}
             return out
+
         return edit
 
     for i, m in enumerate(methods):
@@ -166,20 +217,42 @@ def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits
 
 
 def eval_cli(model_dir, tmp, *extra, env=None):
-    return run_cli("stage=eval", f"model.name={model_dir}", f"model.cache_dir={tmp / 'cache'}", f"stats.dir={tmp / 'stats'}",
-                   f"data.files={tmp / 'wiki.jsonl'}", "stats.tokens=2000", "data.max_length=64", "data.batch_tokens=256",
-                   "edit.layer=2", "trainer.accelerator=cpu", "model.device=cpu", "eval.generation.tokens=6",
-                   "edit.v.steps=5", "method.ft_l.steps=5", *extra, env=env or OFFLINE)
+    return run_cli(
+        "stage=eval",
+        f"model.name={model_dir}",
+        f"model.cache_dir={tmp / 'cache'}",
+        f"stats.dir={tmp / 'stats'}",
+        f"data.files={tmp / 'wiki.jsonl'}",
+        "stats.tokens=2000",
+        "data.max_length=64",
+        "data.batch_tokens=256",
+        "edit.layer=2",
+        "trainer.accelerator=cpu",
+        "model.device=cpu",
+        "eval.generation.tokens=6",
+        "edit.v.steps=5",
+        "method.ft_l.steps=5",
+        *extra,
+        env=env or OFFLINE,
+    )
 
 
 def _dataset_with_snippets(tmp_path):
-    recs = [nested_case(10, "Danielle Darrieux", "The mother tongue of {} is", "English", "Q1860", "French"),
-            nested_case(11, "Edwin of Northumbria", "The official religion of {} is", "Islam", "Q432", "Christianity"),
-            nested_case(12, "Toko Yasuda", "{} plays the", "piano", "Q5994", "guitar"),
-            {"foo": "bar"},
-            nested_case(14, "Autonomous University of Madrid", "{}, located in", "Sweden", "Q34", "Spain")]
-    snippets = [{"relation_id": "P103", "target_id": "Q1860", "samples": [{"name": "X", "text": "He spoke English in London."}]},
-                {"relation_id": "P103", "target_id": "Q432", "samples": [{"name": "Y", "text": "Islam is a religion."}]}]
+    recs = [
+        nested_case(10, "Danielle Darrieux", "The mother tongue of {} is", "English", "Q1860", "French"),
+        nested_case(11, "Edwin of Northumbria", "The official religion of {} is", "Islam", "Q432", "Christianity"),
+        nested_case(12, "Toko Yasuda", "{} plays the", "piano", "Q5994", "guitar"),
+        {"foo": "bar"},
+        nested_case(14, "Autonomous University of Madrid", "{}, located in", "Sweden", "Q34", "Spain"),
+    ]
+    snippets = [
+        {
+            "relation_id": "P103",
+            "target_id": "Q1860",
+            "samples": [{"name": "X", "text": "He spoke English in London."}],
+        },
+        {"relation_id": "P103", "target_id": "Q432", "samples": [{"name": "Y", "text": "Islam is a religion."}]},
+    ]
     return _write(tmp_path / "cf.json", recs), _write(tmp_path / "snips.json", snippets)
 
 
@@ -187,8 +260,13 @@ def test_cli_outputs_resume_and_bad_config(tiny_model_dir, small_wiki, tmp_path)
     (tmp_path / "wiki.jsonl").symlink_to(small_wiki)
     data, snips = _dataset_with_snippets(tmp_path)
     out = tmp_path / "out"
-    args = (f"eval.dataset={data}", f"eval.snippets={snips}", "eval.n=null", f"eval.out={out}",
-            "eval.methods=[none,rome,ft_l]")
+    args = (
+        f"eval.dataset={data}",
+        f"eval.snippets={snips}",
+        "eval.n=null",
+        f"eval.out={out}",
+        "eval.methods=[none,rome,ft_l]",
+    )
     r = eval_cli(tiny_model_dir("gpt2"), tmp_path, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -199,9 +277,11 @@ def test_cli_outputs_resume_and_bad_config(tiny_model_dir, small_wiki, tmp_path)
     assert summary["order"] == ["none", "rome", "ft_l"] and all(rows[m]["n"] == 4 for m in summary["order"])
     assert {"es", "em", "ps", "pm", "ns", "nm", "ge", "rs"} <= set(rows["rome"]["metrics"])
     assert rows["rome"]["metrics"]["rs"]["n"] == 2  # only two cases have snippets for their (relation, target)
-    lines = [json.loads(l) for l in (out / "cases.jsonl").read_text().splitlines()]
-    assert [(l["index"], l["method"]) for l in lines] == [(i, m) for i in (0, 1, 2, 4) for m in ("none", "rome", "ft_l")]
-    assert all(l["timings"]["edit"] > 0 for l in lines if l["method"] != "none")
+    lines = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+    assert [(line["index"], line["method"]) for line in lines] == [
+        (i, m) for i in (0, 1, 2, 4) for m in ("none", "rome", "ft_l")
+    ]
+    assert all(line["timings"]["edit"] > 0 for line in lines if line["method"] != "none")
     table = (out / "table.md").read_text()
     assert "| Method | n | S | ES | EM | PS | PM | NS | NM | GE | RS |" in table and "Protocol: paper" in table
     assert (out / "chart.png").read_bytes()[:4] == b"\x89PNG"
@@ -218,11 +298,11 @@ def test_cli_outputs_resume_and_bad_config(tiny_model_dir, small_wiki, tmp_path)
     assert len(log.read_text().splitlines()) == 12
 
     r = eval_cli(tiny_model_dir("gpt2"), tmp_path, *args, "eval.methods=[none,nosuch]")
-    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "unknown method 'nosuch'" in errors[0], r.stderr[-2000:]
     # a batch method in the one-case-at-a-time protocol names the protocol that runs it
     r = eval_cli(tiny_model_dir("gpt2"), tmp_path, *args, "eval.methods=[none,memit]")
-    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "eval.mode=sequential" in errors[0], r.stderr[-2000:]
 
 
@@ -234,7 +314,9 @@ def test_results_of_another_run_are_refused(tmp_path):
     identity = {"model": {"name": "m", "revision": "r"}, "generation": {"tokens": 50}}
     run = _check_run(tmp_path, identity, methods)
     (tmp_path / "run.json").write_text(json.dumps(run))
-    assert _check_run(tmp_path, identity, {"none": methods["none"]}) == run  # fewer methods: fine, the record keeps them all
+    assert (
+        _check_run(tmp_path, identity, {"none": methods["none"]}) == run
+    )  # fewer methods: fine, the record keeps them all
     with pytest.raises(UserError, match="another run .different generation"):
         _check_run(tmp_path, {**identity, "generation": {"tokens": 3}}, methods)
     other = configure(["method.ft_l.lr=0.1"])
@@ -245,8 +327,14 @@ def test_results_of_another_run_are_refused(tmp_path):
 def test_cli_zsre_token_accuracy(tiny_model_dir, small_wiki, tmp_path):
     (tmp_path / "wiki.jsonl").symlink_to(small_wiki)
     out = tmp_path / "z"
-    r = eval_cli(tiny_model_dir("llama"), tmp_path, f"eval.dataset={DATA / 'zsre' / 'zsre_mend_train-1k.json'}", "eval.n=3",
-                 f"eval.out={out}", "eval.methods=[none,rome_identity_cov]")
+    r = eval_cli(
+        tiny_model_dir("llama"),
+        tmp_path,
+        f"eval.dataset={DATA / 'zsre' / 'zsre_mend_train-1k.json'}",
+        "eval.n=3",
+        f"eval.out={out}",
+        "eval.methods=[none,rome_identity_cov]",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "zsre"
@@ -281,12 +369,21 @@ def test_two_ddp_processes_give_the_summary_of_one(tiny_model_dir, small_wiki, t
     threads = {**OFFLINE, "OMP_NUM_THREADS": "1"}
     one = eval_cli(tiny_model_dir("gpt2"), tmp_path, *common, f"eval.out={tmp_path / 'one'}", env=threads)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = eval_cli(tiny_model_dir("gpt2"), tmp_path, *common, f"eval.out={tmp_path / 'two'}", "trainer.devices=2",
-                   "trainer.strategy=ddp", env=threads)
+    two = eval_cli(
+        tiny_model_dir("gpt2"),
+        tmp_path,
+        *common,
+        f"eval.out={tmp_path / 'two'}",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        env=threads,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     # both ranks evaluated cases: 3 on rank 0, 2 on rank 1, none twice
-    per_rank = [{json.loads(l)["index"] for l in (tmp_path / "two" / f"cases.rank{r}.jsonl").read_text().splitlines()}
-                for r in (0, 1)]
+    per_rank = [
+        {json.loads(line)["index"] for line in (tmp_path / "two" / f"cases.rank{r}.jsonl").read_text().splitlines()}
+        for r in (0, 1)
+    ]
     assert per_rank == [{0, 2, 4}, {1, 3}]
     assert (tmp_path / "one" / "summary.json").read_text() == (tmp_path / "two" / "summary.json").read_text()
 
@@ -295,23 +392,43 @@ def test_sigterm_stops_after_the_case_in_progress_and_the_same_command_resumes(t
     (tmp_path / "wiki.jsonl").symlink_to(small_wiki)
     data, _ = _dataset_with_snippets(tmp_path)
     out = tmp_path / "out"
-    args = (f"eval.dataset={data}", "eval.n=null", f"eval.out={out}", "eval.methods=[none,rome_identity_cov]", "edit.v.steps=10",
-            "edit.v.early_stop_loss=0")
+    args = (
+        f"eval.dataset={data}",
+        "eval.n=null",
+        f"eval.out={out}",
+        "eval.methods=[none,rome_identity_cov]",
+        "edit.v.steps=10",
+        "edit.v.early_stop_loss=0",
+    )
     log = out / "cases.rank0.jsonl"
 
     def first_case_recorded(_lines):
         return log.exists() and len(log.read_text().splitlines()) >= 2
 
-    common = ("stage=eval", f"model.name={tiny_model_dir('gpt2')}", f"model.cache_dir={tmp_path / 'cache'}",
-              f"stats.dir={tmp_path / 'stats'}", f"data.files={tmp_path / 'wiki.jsonl'}", "stats.tokens=2000",
-              "data.max_length=64", "data.batch_tokens=256", "edit.layer=2", "trainer.accelerator=cpu", "model.device=cpu",
-              "eval.generation.tokens=6", *args)
+    common = (
+        "stage=eval",
+        f"model.name={tiny_model_dir('gpt2')}",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        f"stats.dir={tmp_path / 'stats'}",
+        f"data.files={tmp_path / 'wiki.jsonl'}",
+        "stats.tokens=2000",
+        "data.max_length=64",
+        "data.batch_tokens=256",
+        "edit.layer=2",
+        "trainer.accelerator=cpu",
+        "model.device=cpu",
+        "eval.generation.tokens=6",
+        *args,
+    )
     code, lines = signal_run(common, signal.SIGTERM, first_case_recorded, env=OFFLINE)
     assert code == 143, "\n".join(lines[-30:])
-    (hint,) = [l for l in lines if l.startswith("interrupted:")]
-    recorded = [json.loads(l) for l in log.read_text().splitlines()]
+    (hint,) = [line for line in lines if line.startswith("interrupted:")]
+    recorded = [json.loads(line) for line in log.read_text().splitlines()]
     pairs = [(r["index"], r["method"]) for r in recorded]
-    assert len(pairs) in (2, 4) and pairs == [(i, m) for i in (0, 1, 2, 4) for m in ("none", "rome_identity_cov")][: len(pairs)]
+    assert (
+        len(pairs) in (2, 4)
+        and pairs == [(i, m) for i in (0, 1, 2, 4) for m in ("none", "rome_identity_cov")][: len(pairs)]
+    )
     assert f"{len(pairs)} of 8 (case, method) results are recorded in {out}/cases.rank*.jsonl" in hint
     assert hint.endswith("to resume, run the same command") and not (out / "summary.json").exists()
 
@@ -334,9 +451,24 @@ def test_chart_clips_rate_intervals_to_0_100_and_shows_n(tmp_path, monkeypatch):
 
     from pipeline.evaluation.report import bar_chart, summarize
 
-    values = {"rome": {"es": [1.0, 0.0], "em": [0.9, -0.95], "ps": [1.0, 1.0], "pm": [0.2, 0.1], "ns": [0.0, 1.0],
-                       "nm": [0.1, -0.1], "ge": [5.5, 4.0], "rs": [0.3]}}
-    summary = {"kind": "counterfact", "title": "t", "methods": summarize("counterfact", values, {"rome": 2}), "order": ["rome"]}
+    values = {
+        "rome": {
+            "es": [1.0, 0.0],
+            "em": [0.9, -0.95],
+            "ps": [1.0, 1.0],
+            "pm": [0.2, 0.1],
+            "ns": [0.0, 1.0],
+            "nm": [0.1, -0.1],
+            "ge": [5.5, 4.0],
+            "rs": [0.3],
+        }
+    }
+    summary = {
+        "kind": "counterfact",
+        "title": "t",
+        "methods": summarize("counterfact", values, {"rome": 2}),
+        "order": ["rome"],
+    }
     es = summary["methods"]["rome"]["metrics"]["es"]
     assert es["mean"] == 50.0 and es["ci95"] > 50  # the normal approximation at n = 2 runs past 0 and 100
     drawn = {}

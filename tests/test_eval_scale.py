@@ -9,13 +9,33 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def scale_cli(model_dir, data, tmp, *extra):
-    return run_cli("stage=eval", "eval.mode=sequential", f"model.name={model_dir}", "model.device=cpu",
-                   f"data.files={data}", f"stats.dir={tmp / 'stats'}", f"model.cache_dir={tmp / 'cache'}",
-                   "stats.tokens=1000", "data.max_length=64", "data.batch_tokens=256", "trainer.accelerator=cpu",
-                   f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}", "eval.n=4", "eval.batch_size=2",
-                   "eval.generation.tokens=3", "eval.heldout.articles=5", "eval.heldout.max_length=32",
-                   "eval.known.n=30", "edit.layer=2", "edit.layers=[1,2]", "edit.v.steps=2", "edit.memit.v.steps=2",
-                   f"eval.out={tmp / 'out'}", *extra, env=OFFLINE)
+    return run_cli(
+        "stage=eval",
+        "eval.mode=sequential",
+        f"model.name={model_dir}",
+        "model.device=cpu",
+        f"data.files={data}",
+        f"stats.dir={tmp / 'stats'}",
+        f"model.cache_dir={tmp / 'cache'}",
+        "stats.tokens=1000",
+        "data.max_length=64",
+        "data.batch_tokens=256",
+        "trainer.accelerator=cpu",
+        f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}",
+        "eval.n=4",
+        "eval.batch_size=2",
+        "eval.generation.tokens=3",
+        "eval.heldout.articles=5",
+        "eval.heldout.max_length=32",
+        "eval.known.n=30",
+        "edit.layer=2",
+        "edit.layers=[1,2]",
+        "edit.v.steps=2",
+        "edit.memit.v.steps=2",
+        f"eval.out={tmp / 'out'}",
+        *extra,
+        env=OFFLINE,
+    )
 
 
 def test_sequential_protocol_end_to_end_and_resume(tiny_model_dir, small_wiki, tmp_path):
@@ -49,19 +69,29 @@ def test_batch_mode_and_bad_input(tiny_model_dir, small_wiki, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "out" / "summary.json").read_text())["methods"]["memit"]
     assert [p["edits"] for p in m["curve"]] == [4]  # one batch
-    for extra, expect in ((["eval.methods=[memit]", "eval.mode=parallel"], "not one of case, sequential, batch"),
-                          (["eval.methods=[ft_l]", f"eval.out={tmp_path / 'o2'}"], "runs none, rome, memit, alphaedit"),
-                          (["eval.methods=[memit]", "stats.tokens=100000", f"eval.out={tmp_path / 'o3'}"], "held out")):
+    for extra, expect in (
+        (["eval.methods=[memit]", "eval.mode=parallel"], "not one of case, sequential, batch"),
+        (["eval.methods=[ft_l]", f"eval.out={tmp_path / 'o2'}"], "runs none, rome, memit, alphaedit"),
+        (["eval.methods=[memit]", "stats.tokens=100000", f"eval.out={tmp_path / 'o3'}"], "held out"),
+    ):
         bad = scale_cli(base, small_wiki, tmp_path, *extra)
-        errors = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
+        errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
         assert bad.returncode == 2 and len(errors) == 1 and expect in errors[0], (extra, bad.stderr[-1500:])
-    case_mode = run_cli("stage=eval", f"model.name={base}", "eval.methods=[memit]", "trainer.accelerator=cpu", "edit.layer=2",
-                        f"eval.out={tmp_path / 'o4'}", env=OFFLINE)
+    case_mode = run_cli(
+        "stage=eval",
+        f"model.name={base}",
+        "eval.methods=[memit]",
+        "trainer.accelerator=cpu",
+        "edit.layer=2",
+        f"eval.out={tmp_path / 'o4'}",
+        env=OFFLINE,
+    )
     assert case_mode.returncode == 2 and "eval.mode=sequential" in case_mode.stderr
 
 
-def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(tiny_model_dir, small_wiki, tmp_path,
-                                                                              capsys, monkeypatch):
+def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(
+    tiny_model_dir, small_wiki, tmp_path, capsys, monkeypatch
+):
     import os
     import signal
 
@@ -69,13 +99,32 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(ti
     from pipeline.editors.base import Editor
 
     os.environ.update(OFFLINE)
-    args = ["stage=eval", "eval.mode=sequential", f"model.name={tiny_model_dir('gpt2')}", "model.device=cpu",
-            f"data.files={small_wiki}", f"stats.dir={tmp_path / 'stats'}", f"model.cache_dir={tmp_path / 'cache'}",
-            "stats.tokens=1000", "data.max_length=64", "data.batch_tokens=256", "trainer.accelerator=cpu",
-            f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}", "eval.n=4", "eval.batch_size=2",
-            "eval.generation.tokens=0", "eval.heldout.articles=5", "eval.heldout.max_length=32", "eval.known.n=30",
-            "edit.layer=2", "edit.layers=[1,2]", "edit.v.steps=2", "edit.memit.v.steps=2", f"eval.out={tmp_path / 'out'}",
-            "eval.methods=[rome,memit]"]
+    args = [
+        "stage=eval",
+        "eval.mode=sequential",
+        f"model.name={tiny_model_dir('gpt2')}",
+        "model.device=cpu",
+        f"data.files={small_wiki}",
+        f"stats.dir={tmp_path / 'stats'}",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        "stats.tokens=1000",
+        "data.max_length=64",
+        "data.batch_tokens=256",
+        "trainer.accelerator=cpu",
+        f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}",
+        "eval.n=4",
+        "eval.batch_size=2",
+        "eval.generation.tokens=0",
+        "eval.heldout.articles=5",
+        "eval.heldout.max_length=32",
+        "eval.known.n=30",
+        "edit.layer=2",
+        "edit.layers=[1,2]",
+        "edit.v.steps=2",
+        "edit.memit.v.steps=2",
+        f"eval.out={tmp_path / 'out'}",
+        "eval.methods=[rome,memit]",
+    ]
     edit = Editor.edit
     calls = []
 
@@ -89,10 +138,14 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(ti
     monkeypatch.setattr(Editor, "edit", edit_then_signal)
     assert train.main(args) == 143
     err = capsys.readouterr().err
-    assert [l for l in err.splitlines() if l.startswith("interrupted:")] == [
-        f"interrupted: finished method(s) in {tmp_path / 'out' / 'methods'}: rome; memit stopped after 1 of 2 batch(es) "
-        "and reruns from the start; to resume, run the same command"]
-    assert calls == ["rome", "rome", "memit"] and sorted(p.name for p in (tmp_path / "out" / "methods").iterdir()) == ["rome.json"]
+    assert [line for line in err.splitlines() if line.startswith("interrupted:")] == [
+        f"interrupted: finished method(s) in {tmp_path / 'out' / 'methods'}: rome; "
+        "memit stopped after 1 of 2 batch(es) "
+        "and reruns from the start; to resume, run the same command"
+    ]
+    assert calls == ["rome", "rome", "memit"] and sorted(p.name for p in (tmp_path / "out" / "methods").iterdir()) == [
+        "rome.json"
+    ]
     monkeypatch.undo()
     assert train.main(args) == 0
     out = capsys.readouterr().out

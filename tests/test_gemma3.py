@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import WIKI, check_fast_value_loss, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import WIKI, check_fast_value_loss, run_cli
 from pipeline.core.loading import load_model
 from pipeline.core.probability import target_probs
 from pipeline.editors.templates import start_text
@@ -41,13 +41,29 @@ def test_fast_value_loss_equals_the_full_model_loss(gemma):
 
 
 def test_edit_eiffel_tower_to_rome_verifies_and_reloads(gemma, tmp_path):
-    request = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
-               "target_true": "Paris", "paraphrases": ["The Eiffel Tower is in"],
-               "neighbours": ["The Louvre is located in the city of"]}
+    request = {
+        "prompt": "{} is located in the city of",
+        "subject": "The Eiffel Tower",
+        "target_new": "Rome",
+        "target_true": "Paris",
+        "paraphrases": ["The Eiffel Tower is in"],
+        "neighbours": ["The Louvre is located in the city of"],
+    }
     out, saved = tmp_path / "ledger", tmp_path / "edited"
-    r = run_cli("stage=edit", "model.name=gemma3-270m", f"request={json.dumps(request)}", f"data.files={WIKI}",
-                "stats.tokens=10000", f"stats.dir={tmp_path / 'stats'}", f"edit.out={out}", f"edit.save_to={saved}",
-                "edit.generate_tokens=6", "model.device=cpu", "trainer.accelerator=cpu", env=OFFLINE)
+    r = run_cli(
+        "stage=edit",
+        "model.name=gemma3-270m",
+        f"request={json.dumps(request)}",
+        f"data.files={WIKI}",
+        "stats.tokens=10000",
+        f"stats.dir={tmp_path / 'stats'}",
+        f"edit.out={out}",
+        f"edit.save_to={saved}",
+        "edit.generate_tokens=6",
+        "model.device=cpu",
+        "trainer.accelerator=cpu",
+        env=OFFLINE,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (entry,) = json.loads((out / "ledger.json").read_text())["entries"]
     assert entry["status"] == "applied" and entry["verified"] and entry["layer"] == 4
@@ -59,5 +75,7 @@ def test_edit_eiffel_tower_to_rome_verifies_and_reloads(gemma, tmp_path):
     tok = AutoTokenizer.from_pretrained(saved)
     edited = AutoModelForCausalLM.from_pretrained(saved)
     p = target_probs(edited, tok, [PROMPT] * 2, ["Rome", "Paris"], batch_size=2)
-    torch.testing.assert_close(p, torch.tensor([post["prompt"]["new"][0], post["prompt"]["true"][0]]), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(
+        p, torch.tensor([post["prompt"]["new"][0], post["prompt"]["true"][0]]), rtol=1e-3, atol=1e-5
+    )
     assert p[0] > p[1]

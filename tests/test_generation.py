@@ -3,13 +3,13 @@
 import copy
 
 import torch
+from omegaconf import OmegaConf
 
 from pipeline.core.generation import generate_tokens
 from pipeline.core.loading import load_model
 from pipeline.core.probability import greedy_continuation
-from pipeline.evaluation.scoring import Generation, generate
 from pipeline.editors.templates import context_templates
-from omegaconf import OmegaConf
+from pipeline.evaluation.scoring import Generation, generate
 
 PROMPTS = ["The Eiffel Tower is", "Because the river", "I think that", "You can see the"]
 
@@ -24,16 +24,24 @@ def test_checkpoint_sampling_settings_do_not_leak_into_top_k_sampling_or_greedy(
     runs = {}
     for name, gc in (("clean", clean), ("tuned", tuned)):
         model.generation_config = gc
-        runs[name] = (generate_tokens(model, tok, PROMPTS, 12, top_k=5, seed=3),
-                      generate(model, tok, PROMPTS, Generation(tokens=12, top_k=5, do_sample=True), seed=3),
-                      context_templates(model, tok, loaded.identity, cfg, None, seed=0),
-                      greedy_continuation(model, tok, PROMPTS[0], 12))
+        runs[name] = (
+            generate_tokens(model, tok, PROMPTS, 12, top_k=5, seed=3),
+            generate(model, tok, PROMPTS, Generation(tokens=12, top_k=5, do_sample=True), seed=3),
+            context_templates(model, tok, loaded.identity, cfg, None, seed=0),
+            greedy_continuation(model, tok, PROMPTS[0], 12),
+        )
         torch.manual_seed(3)  # what a bare generate(do_sample=True, top_k=5) gives: the checkpoint's settings apply
         enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
-        runs[name] += (model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=12, min_new_tokens=12,
-                                      pad_token_id=tok.pad_token_id),)
+        runs[name] += (
+            model.generate(
+                **enc, do_sample=True, top_k=5, max_new_tokens=12, min_new_tokens=12, pad_token_id=tok.pad_token_id
+            ),
+        )
         assert model.generation_config is gc  # put back
-    (ids, texts, templates, greedy, bare), (ids_t, texts_t, templates_t, greedy_t, bare_t) = runs["clean"], runs["tuned"]
+    (ids, texts, templates, greedy, bare), (ids_t, texts_t, templates_t, greedy_t, bare_t) = (
+        runs["clean"],
+        runs["tuned"],
+    )
     assert ids.shape == (4, 12) and torch.equal(ids, ids_t)
     assert texts == texts_t and templates == templates_t and len(templates) == 7 and greedy == greedy_t
     assert not torch.equal(bare, bare_t)  # the settings are real: a bare call would have used them
@@ -47,8 +55,8 @@ def test_original_style_templates_sample_from_endoftext_and_count_it(tiny_model_
 
     import pytest
 
-    from pipeline.editors import templates as tpl
     from pipeline.core.loading import configure
+    from pipeline.editors import templates as tpl
     from pipeline.errors import UserError
 
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
@@ -72,7 +80,11 @@ def test_original_style_templates_sample_from_endoftext_and_count_it(tiny_model_
         text = unicodedata.normalize("NFKD", text).replace("\n\n", " ").replace("{", " ").replace("}", " ")
         assert template == text + ". {}"
     # MEMIT's: the seed words, lengths count new tokens
-    assert prompts_s[:6] == ["The", "Therefore", "Because", "I", "You", "The"] and new_s == 10 and kw_s["add_special_tokens"]
+    assert (
+        prompts_s[:6] == ["The", "Therefore", "Because", "I", "You", "The"]
+        and new_s == 10
+        and kw_s["add_special_tokens"]
+    )
     assert len(original) == len(seeded) == 21 and original[0] == seeded[0] == "{}" and original != seeded
     assert all(t.count("{") == 1 and t.endswith(". {}") for t in original[1:] + seeded[1:])
     assert all(t.split(" ")[0].startswith(w) for t, w in zip(seeded[1:], prompts_s))

@@ -75,8 +75,9 @@ def test_hooks_removed_even_when_forward_raises():
 def test_trace_dict_stops_at_named_module_and_edits_each():
     m = net()
     x = torch.randn(2, 4)
-    with TraceDict(m, ["0", "2", "3"], retain_output=True, stop="2",
-                   edit_output=lambda t, name: t * 2 if name == "0" else t) as td:
+    with TraceDict(
+        m, ["0", "2", "3"], retain_output=True, stop="2", edit_output=lambda t, name: t * 2 if name == "0" else t
+    ) as td:
         m(x)
     assert torch.allclose(td["0"].output, m[0].lin(x) * 2)
     assert td["3"].output is None and m[3].calls == 0

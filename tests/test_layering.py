@@ -36,8 +36,10 @@ def imports(path: Path) -> set[str]:
 
 def graph(folder: str) -> dict[str, set[str]]:
     files = {module_name(p): p for p in (ROOT / folder).rglob("*.py")}
-    return {name: {m for m in imports(p) if m in files} | {m for m in imports(p) if m.split(".")[0] in UPPER}
-            for name, p in files.items()}
+    return {
+        name: {m for m in imports(p) if m in files} | {m for m in imports(p) if m.split(".")[0] in UPPER}
+        for name, p in files.items()
+    }
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -48,7 +50,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == "open":
-                found.append(stack[stack.index(nxt):] + [nxt])
+                found.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt)
         stack.pop()

@@ -4,14 +4,11 @@ one request in one layer is ROME, the null-space projection spares preserved key
 import pytest
 import torch
 
-from pipeline.editors import memit
-
-from pipeline.editors import rome
-from pipeline.stats.spectrum import cached_eigendecomposition, eigendecomposition, null_space_projector
-from pipeline.core.loading import configure
-from pipeline.core.loading import load_model
-from pipeline.editors.rank_one import KeySolver
+from pipeline.core.loading import configure, load_model
 from pipeline.core.requests import parse_requests
+from pipeline.editors import memit, rome
+from pipeline.editors.rank_one import KeySolver
+from pipeline.stats.spectrum import cached_eigendecomposition, eigendecomposition, null_space_projector
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
 REQUESTS = [
@@ -33,9 +30,9 @@ def context(loaded, method, layers, *overrides, c=None):
     c = random_spd(d) if c is None else c
     editor = memit.AlphaEditEditor if method == "alphaedit" else memit.MemitEditor
     ctx = editor(method, loaded.model, loaded.tokenizer, loaded.spec, hp, layers, TEMPLATES, batch_size=100)
-    for l in layers:
-        ctx.solvers[l] = KeySolver(c)
-        ctx.projectors[l] = null_space_projector(*eigendecomposition(c), float(hp.alphaedit.nullspace_threshold))[0]
+    for layer in layers:
+        ctx.solvers[layer] = KeySolver(c)
+        ctx.projectors[layer] = null_space_projector(*eigendecomposition(c), float(hp.alphaedit.nullspace_threshold))[0]
     return ctx, c
 
 
@@ -59,11 +56,11 @@ def test_memit_update_satisfies_its_normal_equations(tiny_model_dir, family):
 def test_memit_with_huge_lambda_changes_nothing(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     ctx, _ = context(loaded, "memit", [1, 2], "edit.memit.mom2_update_weight=1e12")
-    before = {l: loaded.spec.down_proj_weight(loaded.model, l).detach().clone() for l in (1, 2)}
+    before = {layer: loaded.spec.down_proj_weight(loaded.model, layer).detach().clone() for layer in (1, 2)}
     result = memit.batch_edit(ctx, parse_requests(REQUESTS))
-    for l in (1, 2):
-        assert result.norms[l]["relative_update"] < 1e-8
-        torch.testing.assert_close(loaded.spec.down_proj_weight(loaded.model, l), before[l], rtol=0, atol=1e-7)
+    for layer in (1, 2):
+        assert result.norms[layer]["relative_update"] < 1e-8
+        torch.testing.assert_close(loaded.spec.down_proj_weight(loaded.model, layer), before[layer], rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -81,8 +78,9 @@ def test_one_request_one_layer_is_rome(tiny_model_dir, family):
     memit_dw = batch.updates[2].left @ batch.updates[2].right.T
     with torch.no_grad():
         loaded.spec.down_proj_weight(loaded.model, 2).copy_(w0)
-    single = rome.edit(loaded.model, loaded.tokenizer, request[0], layer=2, hparams=ctx.hp, templates=TEMPLATES,
-                       second_moment=c)
+    single = rome.edit(
+        loaded.model, loaded.tokenizer, request[0], layer=2, hparams=ctx.hp, templates=TEMPLATES, second_moment=c
+    )
     torch.testing.assert_close(batch.updates[2].left[:, 0].float(), single.delta, rtol=1e-3, atol=1e-5)  # R = δ
     rome_dw = torch.outer(single.update.lam, single.update.u)
     assert float((memit_dw - rome_dw).norm() / rome_dw.norm()) < 1e-3
@@ -99,15 +97,15 @@ def test_alphaedit_spares_keys_in_the_preserved_space_and_accumulates(tiny_model
     ctx, _ = context(loaded, "alphaedit", [1, 2], c=c)
     p, rank = null_space_projector(*eigendecomposition(c), 0.1)
     assert rank == d - d // 2 and float((p @ p - p).norm()) < 1e-9
-    before = {l: loaded.spec.down_proj_matrix(loaded.model, l).detach().double().clone() for l in (1, 2)}
+    before = {layer: loaded.spec.down_proj_matrix(loaded.model, layer).detach().double().clone() for layer in (1, 2)}
     result = memit.batch_edit(ctx, parse_requests(REQUESTS[:2]))
     kept = basis[:, : d // 2] @ torch.randn(d // 2, 5, generator=g, dtype=torch.float64)  # keys C preserves
-    for l in (1, 2):
-        w = loaded.spec.down_proj_matrix(loaded.model, l).detach().double()
-        assert result.norms[l]["delta_w"] > 0
-        change = (w - before[l]) @ kept
-        assert float(change.norm() / (before[l] @ kept).norm()) < 1e-6
-        torch.testing.assert_close(ctx.preserved[l], result.keys[l] @ result.keys[l].T)
+    for layer in (1, 2):
+        w = loaded.spec.down_proj_matrix(loaded.model, layer).detach().double()
+        assert result.norms[layer]["delta_w"] > 0
+        change = (w - before[layer]) @ kept
+        assert float(change.norm() / (before[layer] @ kept).norm()) < 1e-6
+        torch.testing.assert_close(ctx.preserved[layer], result.keys[layer] @ result.keys[layer].T)
     # a second batch adds its keys to the preserved sum
     second = memit.batch_edit(ctx, parse_requests(REQUESTS[2:]))
     torch.testing.assert_close(ctx.preserved[2], result.keys[2] @ result.keys[2].T + second.keys[2] @ second.keys[2].T)
@@ -120,7 +118,9 @@ def test_bad_layer_sets_are_refused(tiny_model_dir):
     hp = configure([]).edit
     for layers, match in (([3, 2], "increasing"), ([], "increasing"), ([2, 9], "out of range")):
         with pytest.raises(UserError, match=match):
-            memit.MemitEditor("memit", loaded.model, loaded.tokenizer, loaded.spec, hp, layers, TEMPLATES, batch_size=100)
+            memit.MemitEditor(
+                "memit", loaded.model, loaded.tokenizer, loaded.spec, hp, layers, TEMPLATES, batch_size=100
+            )
     from pipeline.editors.factory import build_editor
 
     with pytest.raises(UserError, match="not an editor"):
@@ -130,30 +130,46 @@ def test_bad_layer_sets_are_refused(tiny_model_dir):
 def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_dir, small_wiki, tmp_path):
     import json
 
+    from conftest import run_cli
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-
-    from conftest import run_cli
 
     base = tiny_model_dir("llama")
     out = tmp_path / "ledger"
 
     def cli(requests, method, saved, *extra):
-        return run_cli("stage=edit", f"model.name={base}", f"data.files={small_wiki}", f"stats.dir={tmp_path / 'stats'}",
-                       f"model.cache_dir={tmp_path / 'cache'}", "stats.tokens=2000", "data.max_length=64",
-                       "data.batch_tokens=256", "trainer.accelerator=cpu", "model.device=cpu", f"edit.method={method}",
-                       "edit.layers=[1,2]", "edit.batch_size=2", "edit.memit.v.steps=2", f"edit.out={out}",
-                       f"edit.save_to={saved}", f"request={json.dumps(requests)}", *extra,
-                       env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        return run_cli(
+            "stage=edit",
+            f"model.name={base}",
+            f"data.files={small_wiki}",
+            f"stats.dir={tmp_path / 'stats'}",
+            f"model.cache_dir={tmp_path / 'cache'}",
+            "stats.tokens=2000",
+            "data.max_length=64",
+            "data.batch_tokens=256",
+            "trainer.accelerator=cpu",
+            "model.device=cpu",
+            f"edit.method={method}",
+            "edit.layers=[1,2]",
+            "edit.batch_size=2",
+            "edit.memit.v.steps=2",
+            f"edit.out={out}",
+            f"edit.save_to={saved}",
+            f"request={json.dumps(requests)}",
+            *extra,
+            env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        )
 
     r1 = cli(REQUESTS, "alphaedit", tmp_path / "m1")
     assert r1.returncode == 0, r1.stderr[-3000:]
     assert r1.stderr.count("alphaedit batch [") == 2  # 3 requests in batches of 2
     ledger = json.loads((out / "ledger.json").read_text())
-    assert [(e["kind"], e["method"], len(e["requests"])) for e in ledger["entries"]] == [("batch", "alphaedit", 2),
-                                                                                        ("batch", "alphaedit", 1)]
+    assert [(e["kind"], e["method"], len(e["requests"])) for e in ledger["entries"]] == [
+        ("batch", "alphaedit", 2),
+        ("batch", "alphaedit", 1),
+    ]
     tensors = load_file(out / ledger["entries"][0]["file"])
-    assert set(tensors) == {f"{k}.{l}" for k in ("left", "right", "keys") for l in (1, 2)}
+    assert set(tensors) == {f"{k}.{layer}" for k in ("left", "right", "keys") for layer in (1, 2)}
     assert tensors["left.1"].shape[1] == 2 and tensors["left.1"].dtype == torch.float64
     r2 = cli([{"prompt": "{} is in", "subject": "Madrid", "target_new": "Oslo"}], "alphaedit", tmp_path / "m2")
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -162,8 +178,9 @@ def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_di
     m2 = load_file(next((tmp_path / "m2").glob("*.safetensors")))
     assert not torch.equal(m1["model.layers.1.mlp.down_proj.weight"], m2["model.layers.1.mlp.down_proj.weight"])
     AutoModelForCausalLM.from_pretrained(tmp_path / "m2")  # plain transformers loads it
-    r = run_cli("stage=revert", f"ledger={out}", "edit_id=3", f"edit.save_to={tmp_path / 'rev'}",
-                env={"HF_HUB_OFFLINE": "1"})
+    r = run_cli(
+        "stage=revert", f"ledger={out}", "edit_id=3", f"edit.save_to={tmp_path / 'rev'}", env={"HF_HUB_OFFLINE": "1"}
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rev = load_file(next((tmp_path / "rev").glob("*.safetensors")))
     assert all(torch.equal(rev[k], m1[k]) for k in m1)  # bitwise the model after the first run
@@ -172,8 +189,9 @@ def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_di
 
 
 def test_the_eigendecomposition_is_cached_beside_c_and_recomputed_when_c_or_it_changes(tmp_path):
-    from pipeline.stats.second_moment import LayerStats
     from safetensors.torch import save_file
+
+    from pipeline.stats.second_moment import LayerStats
 
     c = random_spd(24)
     path = tmp_path / "layer_3.safetensors"

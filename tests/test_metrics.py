@@ -4,14 +4,24 @@ import math
 
 import pytest
 
-from pipeline.evaluation.metrics import (TfIdf, counterfact_case, fluency, harmonic_mean, mean_ci, ngram_entropy, token_accuracy,
-                              words)
+from pipeline.evaluation.metrics import (
+    TfIdf,
+    counterfact_case,
+    fluency,
+    harmonic_mean,
+    mean_ci,
+    ngram_entropy,
+    token_accuracy,
+    words,
+)
 
 
 def test_counterfact_case_success_and_magnitude():
-    probs = {"prompt": {"new": [0.6], "true": [0.3]},
-             "paraphrases": {"new": [0.1, 0.5], "true": [0.2, 0.4]},
-             "neighbours": {"new": [0.1, 0.4], "true": [0.3, 0.2]}}
+    probs = {
+        "prompt": {"new": [0.6], "true": [0.3]},
+        "paraphrases": {"new": [0.1, 0.5], "true": [0.2, 0.4]},
+        "neighbours": {"new": [0.1, 0.4], "true": [0.3, 0.2]},
+    }
     m = counterfact_case(probs)
     assert m["es"] == 1.0 and m["em"] == pytest.approx(0.3)
     assert m["ps"] == 0.5 and m["pm"] == pytest.approx(0.0)

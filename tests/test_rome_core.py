@@ -6,20 +6,25 @@ import types
 
 import pytest
 import torch
+from conftest import ROOT
 from torch import nn
 
-from conftest import ROOT
-from pipeline.editors import rome
-from pipeline.core.loading import configure
-from pipeline.editors.settings import edit_defaults
-from pipeline.core.loading import load_model
-from pipeline.editors.rank_one import KeySolver
+from pipeline.core.loading import configure, load_model
 from pipeline.core.requests import parse_requests
+from pipeline.editors import rome
+from pipeline.editors.rank_one import KeySolver
+from pipeline.editors.settings import edit_defaults
 from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
-EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
-          "target_true": "Paris", "paraphrases": ["The Eiffel Tower is in"], "neighbours": ["The Louvre is in"]}
+EIFFEL = {
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": "Rome",
+    "target_true": "Paris",
+    "paraphrases": ["The Eiffel Tower is in"],
+    "neighbours": ["The Louvre is in"],
+}
 DARRIEUX = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"}
 
 
@@ -28,8 +33,13 @@ def test_no_library_module_imports_recipes():
     for folder in ("pipeline", "modules", "datamodules"):
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 if any(n == "recipes" or n.startswith("recipes.") for n in names):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, offenders
@@ -70,8 +80,15 @@ def test_an_edit_never_moves_or_copies_the_model(tiny_model_dir):
     from modules.edit_loop import fit_edits
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
-    cfg = configure([f"model.name={tiny_model_dir('llama')}", "edit.layer=2", "edit.generate_tokens=0",
-                   "edit.verify.enabled=false", "edit.v.steps=3"])
+    cfg = configure(
+        [
+            f"model.name={tiny_model_dir('llama')}",
+            "edit.layer=2",
+            "edit.generate_tokens=0",
+            "edit.verify.enabled=false",
+            "edit.v.steps=3",
+        ]
+    )
     ctx = rome.RomeEditor("rome", loaded.model, loaded.tokenizer, loaded.spec, cfg.edit, 2, TEMPLATES, KeySolver(None))
     before = _params(loaded.model)
     weight = loaded.spec.down_proj_weight(loaded.model, 2)
@@ -90,12 +107,16 @@ def test_batched_v_star_equals_one_request_at_a_time(tiny_model_dir):
     model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
     hp = configure(["edit.v.steps=6"]).edit.v
     requests = [parse_requests(r)[0] for r in (EIFFEL, DARRIEUX, {**EIFFEL, "target_new": "Tokyo"})]
-    rows = [build_rows(tok, TEMPLATES, r.prompt, r.subject, r.target_new, ["{} is a", "{} is known for"]) for r in requests]
+    rows = [
+        build_rows(tok, TEMPLATES, r.prompt, r.subject, r.target_new, ["{} is a", "{} is known for"]) for r in requests
+    ]
     v0 = torch.randn(len(requests), model.config.n_embd, generator=torch.Generator().manual_seed(0))
     mlp = spec.mlp_name(1)
     alone = []
     for i, r in enumerate(rows):
-        opt = ValueOptimisation(model, spec, mlp, ValueBatch.build(model, spec, [r], tok.pad_token_id), v0[i:i + 1], hp)
+        opt = ValueOptimisation(
+            model, spec, mlp, ValueBatch.build(model, spec, [r], tok.pad_token_id), v0[i : i + 1], hp
+        )
         while not opt.step():
             pass
         alone.append((opt.result()[0], opt.losses[0]))
@@ -130,8 +151,14 @@ def test_python_api_defaults_come_from_configs(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     hp = edit_defaults(loaded.model, ["edit.layer=1", "edit.generate_tokens=3", "edit.v.steps=4"])
     assert hp.v.lr == configure([]).edit.v.lr and hp.layer == 1
-    result = rome.edit(loaded.model, loaded.tokenizer, EIFFEL, hparams=hp, templates=TEMPLATES,
-                       second_moment=torch.eye(loaded.spec.key_size(loaded.model, 1)) * 2)
+    result = rome.edit(
+        loaded.model,
+        loaded.tokenizer,
+        EIFFEL,
+        hparams=hp,
+        templates=TEMPLATES,
+        second_moment=torch.eye(loaded.spec.key_size(loaded.model, 1)) * 2,
+    )
     assert result.layer == 1 and result.module == "transformer.h.1.mlp.c_proj"
     assert {"pre", "post"} <= set(result.probs) and set(result.probs["post"]) == {"prompt", "paraphrases", "neighbours"}
     if result.status == "rolled_back":  # the table and ledger show the restored (= unedited) model's numbers
@@ -141,8 +168,12 @@ def test_python_api_defaults_come_from_configs(tiny_model_dir):
     # C = 2I solves to u = k*/2: the update's factors are what the docstring says
     torch.testing.assert_close(result.update.u, result.k_star.double() / 2)
     # the embedded model's defaults: the layer of its own model file
-    assert edit_defaults(types.SimpleNamespace(config=types.SimpleNamespace(name_or_path="smollm2-135m",
-                                                                            model_type="llama"))).layer == 6
+    assert (
+        edit_defaults(
+            types.SimpleNamespace(config=types.SimpleNamespace(name_or_path="smollm2-135m", model_type="llama"))
+        ).layer
+        == 6
+    )
     assert edit_defaults("gpt2-xl").layer == 17
 
 
@@ -150,12 +181,17 @@ def test_python_api_defaults_come_from_configs(tiny_model_dir):
 def test_key_variants_write_v_star_at_their_key_along_the_averaged_direction(tiny_model_dir, variant):
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     spec, layer = loaded.spec, 1
-    keys, values = rome.keys_and_values(loaded.model, loaded.tokenizer, spec, layer, TEMPLATES, EIFFEL["prompt"],
-                                        EIFFEL["subject"])
-    hp = configure(["edit.generate_tokens=0", "edit.verify.enabled=false", "edit.v.steps=3", f"edit.variant={variant}"]).edit
+    keys, values = rome.keys_and_values(
+        loaded.model, loaded.tokenizer, spec, layer, TEMPLATES, EIFFEL["prompt"], EIFFEL["subject"]
+    )
+    hp = configure(
+        ["edit.generate_tokens=0", "edit.verify.enabled=false", "edit.v.steps=3", f"edit.variant={variant}"]
+    ).edit
     d = spec.key_size(loaded.model, layer)
     c = torch.eye(d, dtype=torch.float64) + 0.1 * torch.ones(d, d, dtype=torch.float64) / d
-    result = rome.edit(loaded.model, loaded.tokenizer, EIFFEL, layer=layer, hparams=hp, templates=TEMPLATES, second_moment=c)
+    result = rome.edit(
+        loaded.model, loaded.tokenizer, EIFFEL, layer=layer, hparams=hp, templates=TEMPLATES, second_moment=c
+    )
     bare, mean = {"averaged": (False, False), "rrome": (False, True), "original": (True, True)}[variant]
     torch.testing.assert_close(result.k_star, keys[0] if bare else keys.mean(0))
     torch.testing.assert_close(result.v0, values[0] if mean else values.mean(0))

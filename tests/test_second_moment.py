@@ -9,8 +9,14 @@ from pipeline.stats.store import StatsCache, StatsKey
 
 
 def key(**kw):
-    base = dict(model={"name": "m", "revision": "r"}, model_dtype="float32", dataset={"files": {"a": "1"}},
-                max_length=16, tokens=100, dtype="float64")
+    base = dict(
+        model={"name": "m", "revision": "r"},
+        model_dtype="float32",
+        dataset={"files": {"a": "1"}},
+        max_length=16,
+        tokens=100,
+        dtype="float64",
+    )
     return StatsKey(**{**base, **kw})
 
 
@@ -92,7 +98,8 @@ def test_convergence_readout_changes_and_hint():
         assert point["c_change"] == pytest.approx(float((c - c_before).norm() / c.norm()), rel=1e-9)
     u_changes = [p["u_change"] for p in points[2:]]
     assert all(u is not None for u in u_changes) and u_changes[-1] < u_changes[0] / 4  # shrinks as tokens double
-    assert (converged_hint({6: points}, threshold=1.0) is not None
-            and converged_hint({6: points}, threshold=1e-9) is None)
+    assert (
+        converged_hint({6: points}, threshold=1.0) is not None and converged_hint({6: points}, threshold=1e-9) is None
+    )
     assert converged_hint({4: points, 6: points[:1]}, threshold=1.0) is None  # every layer must have converged
     assert "from 2,048 to 4,096 tokens" in converged_hint({6: points}, threshold=1.0)

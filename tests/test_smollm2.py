@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import WIKI, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import WIKI, run_cli
 from pipeline.core.loading import load_model
 from pipeline.core.probability import target_probs
 
@@ -20,18 +20,35 @@ def smol():
 
 
 def test_knows_the_eiffel_tower(smol):
-    p = target_probs(smol.model, smol.tokenizer, ["The Eiffel Tower is located in the city of"] * 2, ["Paris", "Rome"], batch_size=2)
+    p = target_probs(
+        smol.model, smol.tokenizer, ["The Eiffel Tower is located in the city of"] * 2, ["Paris", "Rome"], batch_size=2
+    )
     assert p[0] > 0.5 > p[1]
 
 
 def test_edit_eiffel_tower_to_rome_generalises_stays_specific_and_reloads(smol, tmp_path):
-    request = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
-               "target_true": "Paris", "paraphrases": ["The Eiffel Tower is in"],
-               "neighbours": ["The Louvre is located in the city of"]}
+    request = {
+        "prompt": "{} is located in the city of",
+        "subject": "The Eiffel Tower",
+        "target_new": "Rome",
+        "target_true": "Paris",
+        "paraphrases": ["The Eiffel Tower is in"],
+        "neighbours": ["The Louvre is located in the city of"],
+    }
     out, saved = tmp_path / "ledger", tmp_path / "edited"
-    r = run_cli("stage=edit", f"request={json.dumps(request)}", f"data.files={WIKI}", "stats.tokens=20000",
-                f"stats.dir={tmp_path / 'stats'}", f"edit.out={out}", f"edit.save_to={saved}", "edit.generate_tokens=8",
-                "model.device=cpu", "trainer.accelerator=cpu", env=OFFLINE)
+    r = run_cli(
+        "stage=edit",
+        f"request={json.dumps(request)}",
+        f"data.files={WIKI}",
+        "stats.tokens=20000",
+        f"stats.dir={tmp_path / 'stats'}",
+        f"edit.out={out}",
+        f"edit.save_to={saved}",
+        "edit.generate_tokens=8",
+        "model.device=cpu",
+        "trainer.accelerator=cpu",
+        env=OFFLINE,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (entry,) = json.loads((out / "ledger.json").read_text())["entries"]
     assert entry["status"] == "applied" and entry["verified"] and entry["layer"] == 6
@@ -45,7 +62,9 @@ def test_edit_eiffel_tower_to_rome_generalises_stays_specific_and_reloads(smol, 
     tok = AutoTokenizer.from_pretrained(saved)
     edited = AutoModelForCausalLM.from_pretrained(saved)
     p = target_probs(edited, tok, ["The Eiffel Tower is located in the city of"] * 2, ["Rome", "Paris"], batch_size=2)
-    torch.testing.assert_close(p, torch.tensor([post["prompt"]["new"][0], post["prompt"]["true"][0]]), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(
+        p, torch.tensor([post["prompt"]["new"][0], post["prompt"]["true"][0]]), rtol=1e-3, atol=1e-5
+    )
     assert p[0] > p[1]
 
 
@@ -53,16 +72,23 @@ def test_edit_eiffel_tower_to_rome_generalises_stays_specific_and_reloads(smol, 
 def test_without_target_true_a_short_edit_fails_against_the_models_own_answer_and_is_rolled_back(smol, capsys):
     """The issue's case: 3 v* steps leave P(Rome) below P(Paris); with no target_true given, the model's own
     answer (Paris) is what verification compares against, so the edit fails and is undone bitwise."""
-    from pipeline.editors import rome
     from pipeline.core.loading import configure
+    from pipeline.editors import rome
     from recipes.edit import print_table
 
     request = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
     weight = smol.spec.down_proj_weight(smol.model, 6)
     before = weight.detach().clone()
     hp = configure(["edit.v.steps=3", "edit.generate_tokens=5"]).edit
-    result = rome.edit(smol.model, smol.tokenizer, request, layer=6, second_moment=None, hparams=hp,
-                       templates=["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"])
+    result = rome.edit(
+        smol.model,
+        smol.tokenizer,
+        request,
+        layer=6,
+        second_moment=None,
+        hparams=hp,
+        templates=["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"],
+    )
     assert result.true_from_model and result.request.target_true == "Paris"
     rejected = result.probs["rejected"]["prompt"]
     assert rejected["new"][0] < rejected["true"][0]  # the edit moved P(Rome) up, not past P(Paris)

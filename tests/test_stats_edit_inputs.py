@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from modules.statistics import collect, second_moment
-from pipeline.core.loading import configure
-from pipeline.errors import UserError
-from pipeline.core.loading import load_model
+from pipeline.core.loading import configure, load_model
 from pipeline.editors.rank_one import KeySolver
+from pipeline.errors import UserError
 from pipeline.stats.store import load_explicit
 
 
@@ -21,9 +20,18 @@ def made(tiny_model_dir, small_wiki, tmp_path_factory):
     """Statistics of layers 1 and 2 of the tiny gpt2, computed in-process by the stage's own code; the
     40 articles hold fewer tokens than the budget asked for."""
     root = tmp_path_factory.mktemp("stats")
-    cfg = configure([f"model.name={tiny_model_dir('gpt2')}", f"data.files={small_wiki}", f"stats.dir={root}",
-                   "data.max_length=48", "data.batch_tokens=192", "trainer.accelerator=cpu", "stats.tokens=100000",
-                   "stats.convergence.first_tokens=256"])
+    cfg = configure(
+        [
+            f"model.name={tiny_model_dir('gpt2')}",
+            f"data.files={small_wiki}",
+            f"stats.dir={root}",
+            "data.max_length=48",
+            "data.batch_tokens=192",
+            "trainer.accelerator=cpu",
+            "stats.tokens=100000",
+            "stats.convergence.first_tokens=256",
+        ]
+    )
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     stats = collect(cfg, loaded, [1, 2])
     (entry,) = root.glob("*/manifest.json")
@@ -44,7 +52,7 @@ def test_shortfall_is_recorded_and_warned_at_edit_time(made, capsys):
     assert (entry / "convergence.png").stat().st_size > 1000
     capsys.readouterr()
     c, identity = second_moment(cfg, loaded, 1)  # what the edit stage calls
-    warning = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning:")]
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and f"hold {count:,} tokens" in warning[0] and "stats.tokens=100,000" in warning[0]
     assert "data.files" in warning[0] and identity["tokens"] == count
 
@@ -61,7 +69,9 @@ def test_any_directory_with_a_valid_manifest_is_accepted(made, tmp_path):
         assert torch.equal(got.second_moment, stats[2].second_moment) and got.count == stats[2].count
         c, _ = second_moment(configure([*_overrides(cfg), f"edit.stats={copy}"]), loaded, 2)
         assert torch.equal(c, stats[2].second_moment)
-        assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in copy.iterdir()} == before  # (root could write)
+        assert {
+            p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in copy.iterdir()
+        } == before  # (root could write)
     finally:
         for p in [copy, *copy.iterdir()]:
             p.chmod(0o755 if p.is_dir() else 0o644)
@@ -109,10 +119,13 @@ def test_a_singular_c_says_to_raise_the_tokens_or_set_a_ridge():
     KeySolver(c, ridge=1e-4)  # the ridge makes it solvable
 
 
-@pytest.mark.parametrize("override,message", [
-    ("stats.dtype=int8", "stats.dtype=int8 is not one of float64, float32"),
-    ("stats.product=tf32", "stats.product=tf32 is not one of fp32, exact"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("stats.dtype=int8", "stats.dtype=int8 is not one of float64, float32"),
+        ("stats.product=tf32", "stats.product=tf32 is not one of fp32, exact"),
+    ],
+)
 def test_bad_stats_settings_name_their_key(override, message):
     from types import SimpleNamespace
 

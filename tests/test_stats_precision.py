@@ -7,18 +7,21 @@ import json
 
 import pytest
 import torch
-
 from conftest import WIKI, wiki_texts
-from pipeline.editors import rome
-from pipeline.core.loading import configure
+
 from pipeline.core.hooks import Trace, get_module
-from pipeline.core.loading import load_model
+from pipeline.core.loading import configure, load_model
+from pipeline.editors import rome
 from pipeline.stats.second_moment import accumulate_second_moment
 
 BUDGET = 1e-6
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
-EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
-          "target_true": "Paris"}
+EIFFEL = {
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": "Rome",
+    "target_true": "Paris",
+}
 
 
 def stage_sums(keys: torch.Tensor, batch: int, product: str) -> torch.Tensor:
@@ -57,8 +60,10 @@ def test_edit_outcome_is_the_same_with_either_c(tiny_model_dir):
     parts = []
     for text in wiki_texts(12):  # real text through the tiny model, one text at a time (no padding)
         ids = loaded.tokenizer(text, return_tensors="pt", truncation=True, max_length=128).input_ids
-        with torch.inference_mode(), Trace(get_module(loaded.model, loaded.spec.down_proj_name(layer)), retain_input=True,
-                                           stop=True) as t:
+        with (
+            torch.inference_mode(),
+            Trace(get_module(loaded.model, loaded.spec.down_proj_name(layer)), retain_input=True, stop=True) as t,
+        ):
             loaded.model(input_ids=ids, use_cache=False)
         parts.append(t.input[0])
     keys = torch.cat(parts)
@@ -69,8 +74,9 @@ def test_edit_outcome_is_the_same_with_either_c(tiny_model_dir):
     original = loaded.spec.down_proj_matrix(loaded.model, layer).detach().clone()
     for p in ("exact", "fp32"):
         torch.manual_seed(0)
-        results[p] = rome.edit(loaded.model, loaded.tokenizer, EIFFEL, layer=layer, hparams=hp, templates=TEMPLATES,
-                               second_moment=c[p])
+        results[p] = rome.edit(
+            loaded.model, loaded.tokenizer, EIFFEL, layer=layer, hparams=hp, templates=TEMPLATES, second_moment=c[p]
+        )
         w = loaded.spec.down_proj_matrix(loaded.model, layer)
         weights[p] = w.detach().clone()
         with torch.no_grad():
@@ -81,4 +87,6 @@ def test_edit_outcome_is_the_same_with_either_c(tiny_model_dir):
     delta = {p: (weights[p] - original).double() for p in weights}
     assert float((delta["fp32"] - delta["exact"]).norm() / delta["exact"].norm()) < 1e-5  # measured: 6.9e-7
     pa, pb = a.probs["post"]["prompt"], b.probs["post"]["prompt"]
-    assert pa["new"][0] == pytest.approx(pb["new"][0], rel=1e-6) and pa["true"][0] == pytest.approx(pb["true"][0], rel=1e-6)
+    assert pa["new"][0] == pytest.approx(pb["new"][0], rel=1e-6) and pa["true"][0] == pytest.approx(
+        pb["true"][0], rel=1e-6
+    )

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import WIKI, run_cli, signal_run
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # several real processes each
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -23,9 +22,19 @@ TOKENS = 12000
 
 
 def args(model_dir, stats_dir):
-    return ("stage=stats", f"model.name={model_dir}", f"data.files={WIKI}", f"stats.dir={stats_dir}",
-            "data.max_length=24", "data.batch_tokens=48", "data.sort_window=16", "trainer.accelerator=cpu",
-            "stats.layers=[2]", f"stats.tokens={TOKENS}", "stats.checkpoint_every_batches=20")
+    return (
+        "stage=stats",
+        f"model.name={model_dir}",
+        f"data.files={WIKI}",
+        f"stats.dir={stats_dir}",
+        "data.max_length=24",
+        "data.batch_tokens=48",
+        "data.sort_window=16",
+        "trainer.accelerator=cpu",
+        "stats.layers=[2]",
+        f"stats.tokens={TOKENS}",
+        "stats.checkpoint_every_batches=20",
+    )
 
 
 def statistics(stats_dir: Path) -> dict:
@@ -47,17 +56,21 @@ def reference(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_saves_prints_one_line_exits_and_the_same_command_resumes(tiny_model_dir, reference, tmp_path, signum, code):
+def test_signal_saves_prints_one_line_exits_and_the_same_command_resumes(
+    tiny_model_dir, reference, tmp_path, signum, code
+):
     cmd = args(tiny_model_dir("gpt2"), tmp_path)
     rc, lines = signal_run(cmd, signum, checkpointed(tmp_path), env=OFFLINE)
     assert rc == code, "\n".join(lines[-30:])
-    stops = [l for l in lines if l.startswith("interrupted:")]
+    stops = [line for line in lines if line.startswith("interrupted:")]
     assert len(stops) == 1, "\n".join(lines[-30:])
-    found = re.fullmatch(r"interrupted: partial statistics \(([\d,]+) tokens\) saved in (\S+); to resume, run the same command",
-                         stops[0])
+    found = re.fullmatch(
+        r"interrupted: partial statistics \(([\d,]+) tokens\) saved in (\S+); to resume, run the same command", stops[0]
+    )
     assert found and Path(found.group(2)).is_dir(), stops[0]
     saved = int(found.group(1).replace(",", ""))
-    assert not any("Traceback" in l or "DataLoader worker" in l for l in lines)  # the worker was not killed under it
+    # the worker was not killed under it
+    assert not any("Traceback" in line or "DataLoader worker" in line for line in lines)
     partial = torch.load(next(tmp_path.glob("*/partial/rank0.pt")), weights_only=True)
     assert partial["count"] == saved and 0 < saved < TOKENS  # the state of the batch it finished, not an older one
     assert not list(tmp_path.glob("*/layer_2.safetensors"))
@@ -94,12 +107,22 @@ def test_slurm_requeue_then_sigterm_resumes(tiny_model_dir, reference, tmp_path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'requeued'}\n"
-                        "kill -s TERM 0\n")  # SLURM ends the job it requeues: SIGTERM to the whole process group
+    scontrol.write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path / "requeued"}\nkill -s TERM 0\n'
+    )  # SLURM ends the job it requeues: SIGTERM to the whole process group
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "rome-stats", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
-             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
-             "PATH": f"{bin_dir}:{os.environ['PATH']}", **OFFLINE}
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "rome-stats",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        **OFFLINE,
+    }
     cmd = args(tiny_model_dir("gpt2"), tmp_path / "stats")
     rc, lines = signal_run(cmd, signal.SIGUSR1, checkpointed(tmp_path / "stats"), env=slurm)
     assert rc == 143, "\n".join(lines[-30:])

@@ -6,18 +6,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli
 from pipeline.core.hooks import Trace, get_module
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def stats_args(model_dir, data, stats_dir, *extra):
-    return ("stage=stats", f"model.name={model_dir}", f"data.files={data}", f"stats.dir={stats_dir}",
-            "data.max_length=48", "data.batch_tokens=192", "trainer.accelerator=cpu", *extra)
+    return (
+        "stage=stats",
+        f"model.name={model_dir}",
+        f"data.files={data}",
+        f"stats.dir={stats_dir}",
+        "data.max_length=48",
+        "data.batch_tokens=192",
+        "trainer.accelerator=cpu",
+        *extra,
+    )
 
 
 def layer_file(stats_dir: Path, layer: int) -> Path:
@@ -56,13 +64,25 @@ def test_stats_equal_naive_hook_reference(tiny_model_dir, small_wiki, tmp_path):
     assert manifest["layers"]["1"]["module"] == "model.layers.1.mlp.down_proj"
     assert not list(tmp_path.rglob("partial")) and not list(tmp_path.rglob("*.tmp"))
     # the same command again finds everything in the cache
-    again = run_cli(*stats_args(model_dir, small_wiki, tmp_path, "stats.layers=[1,2]", "stats.tokens=100000"), env=OFFLINE)
+    again = run_cli(
+        *stats_args(model_dir, small_wiki, tmp_path, "stats.layers=[1,2]", "stats.tokens=100000"), env=OFFLINE
+    )
     assert again.returncode == 0 and "tokens/s" not in again.stdout
 
 
 def test_budget_is_exact(tiny_model_dir, small_wiki, tmp_path):
-    r = run_cli(*stats_args(tiny_model_dir("gpt2"), small_wiki, tmp_path, "stats.layers=[3]", "stats.tokens=777",
-                            "data.num_workers=2", "data.sort_window=8"), env=OFFLINE)  # 5 windows: both workers get some
+    r = run_cli(
+        *stats_args(
+            tiny_model_dir("gpt2"),
+            small_wiki,
+            tmp_path,
+            "stats.layers=[3]",
+            "stats.tokens=777",
+            "data.num_workers=2",
+            "data.sort_window=8",
+        ),
+        env=OFFLINE,
+    )  # 5 windows: both workers get some
     assert r.returncode == 0, r.stderr
     assert int(load_file(layer_file(tmp_path, 3))["count"]) == 777
 
@@ -72,8 +92,10 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir, small_wiki, tmp_path
     model_dir = tiny_model_dir("gpt2")
     common = ("stats.layers=[1,3]", "stats.tokens=1000000", "data.sort_window=6")  # 7 windows: both ranks get some
     one = run_cli(*stats_args(model_dir, small_wiki, tmp_path / "one", *common), env=OFFLINE)
-    two = run_cli(*stats_args(model_dir, small_wiki, tmp_path / "two", *common, "trainer.devices=2",
-                              "trainer.strategy=ddp"), env=OFFLINE)
+    two = run_cli(
+        *stats_args(model_dir, small_wiki, tmp_path / "two", *common, "trainer.devices=2", "trainer.strategy=ddp"),
+        env=OFFLINE,
+    )
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     for layer in (1, 3):
@@ -88,15 +110,16 @@ def test_bad_input_one_line_error_exit_2_nothing_left(tiny_model_dir, small_wiki
     empty.write_text("")
     cases = {
         "out of range": stats_args(model_dir, small_wiki, tmp_path / "s", "stats.layers=[9]"),
-        "stats.tokens=0 must be positive": stats_args(model_dir, small_wiki, tmp_path / "s", "stats.layers=[1]",
-                                                      "stats.tokens=0"),
+        "stats.tokens=0 must be positive": stats_args(
+            model_dir, small_wiki, tmp_path / "s", "stats.layers=[1]", "stats.tokens=0"
+        ),
         "is empty": stats_args(model_dir, empty, tmp_path / "s", "stats.layers=[1]"),
         "neither a local directory": stats_args("nobody/no-such-model", small_wiki, tmp_path / "s", "stats.layers=[1]"),
     }
     for expect, args in cases.items():
         r = run_cli(*args, env=OFFLINE)
         assert r.returncode == 2, (expect, r.stderr)
-        lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+        lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and expect in lines[0], (expect, r.stderr)
         assert not (tmp_path / "s").exists() or not list((tmp_path / "s").rglob("*.safetensors"))
 

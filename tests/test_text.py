@@ -50,10 +50,14 @@ def test_packing_is_exact_in_budget_sorted_and_resumable(tiny_model_dir, small_w
     cut = next(i for i, b in enumerate(batches) if not b.last and b.batch > 0)
     w, done_batches = batches[cut].window, batches[cut].batch + 1
     before = sum(b.tokens for b in batches if b.window < w)
-    rest = list(pack_batches(src.windows(16, skip=w), tok, budget=1000 - before, window=w, skip_batches=done_batches, **pack))
+    rest = list(
+        pack_batches(src.windows(16, skip=w), tok, budget=1000 - before, window=w, skip_batches=done_batches, **pack)
+    )
     assert len(rest) == len(batches) - cut - 1
     for a, b in zip(rest, batches[cut + 1 :]):
-        assert (a.window, a.batch, a.last, a.tokens) == (b.window, b.batch, b.last, b.tokens) and a.input_ids.equal(b.input_ids)
+        assert (a.window, a.batch, a.last, a.tokens) == (b.window, b.batch, b.last, b.tokens) and a.input_ids.equal(
+            b.input_ids
+        )
 
 
 def _lengths(batch):

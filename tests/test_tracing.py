@@ -67,8 +67,9 @@ def test_restoring_every_hidden_state_gives_back_the_clean_probability(tiny_mode
         every_token = [(t, lm.spec.block_name(layer)) for t in range(T)]
         assert trace_with_patch(lm.model, lm.spec, p, noise, every_token)[1] == pytest.approx(p_clean, abs=1e-7)
     # batched: the last layer's state at the last token is the whole answer
-    res = trace_fact(lm.model, lm.spec, p, noise=1.0, samples=4, seed=0, kinds=["hidden"], window=WINDOW,
-                     batch_size=BATCH)
+    res = trace_fact(
+        lm.model, lm.spec, p, noise=1.0, samples=4, seed=0, kinds=["hidden"], window=WINDOW, batch_size=BATCH
+    )
     assert res.effects["hidden"][T - 1, n - 1] == pytest.approx(res.total_effect, abs=1e-7)
     assert np.abs(res.effects["hidden"][: T - 1, n - 1]).max() < 1e-7  # other tokens' last states: unused
 
@@ -83,8 +84,17 @@ def test_zero_noise_gives_zero_effect_everywhere(tiny_model_dir):
 
 def test_same_seed_same_scores(tiny_model_dir):
     lm, p = _fact(tiny_model_dir("qwen2"))
-    run = lambda seed, bs=BATCH: trace_fact(lm.model, lm.spec, p, noise=1.0, samples=3, seed=seed,  # noqa: E731
-                                            kinds=KINDS, window=WINDOW, batch_size=bs)
+    run = lambda seed, bs=BATCH: trace_fact(
+        lm.model,
+        lm.spec,
+        p,
+        noise=1.0,
+        samples=3,
+        seed=seed,  # noqa: E731
+        kinds=KINDS,
+        window=WINDOW,
+        batch_size=bs,
+    )
     a, b, c, small = run(3), run(3), run(4), run(3, bs=3)
     for k in KINDS:
         assert np.array_equal(a.effects[k], b.effects[k])
@@ -95,8 +105,9 @@ def test_same_seed_same_scores(tiny_model_dir):
 
 def test_scores_file_round_trip(tmp_path, tiny_model_dir):
     lm, p = _fact(tiny_model_dir("gpt2"))
-    res = trace_fact(lm.model, lm.spec, p, noise=1.0, samples=2, seed=0, window=2, kinds=["mlp", "hidden"],
-                     batch_size=BATCH)
+    res = trace_fact(
+        lm.model, lm.spec, p, noise=1.0, samples=2, seed=0, window=2, kinds=["mlp", "hidden"], batch_size=BATCH
+    )
     res.save(tmp_path / "scores.npz", settings={"a": 1})
     back, meta = TraceResult.load(tmp_path / "scores.npz")
     assert meta["settings"] == {"a": 1} and back.tokens == p.tokens and back.subject == p.subject
@@ -106,8 +117,9 @@ def test_scores_file_round_trip(tmp_path, tiny_model_dir):
 
 
 def _result(effect, subject, p_corrupted=0.0):
-    return TraceResult(["t"] * effect.shape[0], subject, "a", 0, 1.0, p_corrupted, {"mlp": effect, "hidden": effect},
-                       1.0, 1, 1)
+    return TraceResult(
+        ["t"] * effect.shape[0], subject, "a", 0, 1.0, p_corrupted, {"mlp": effect, "hidden": effect}, 1.0, 1, 1
+    )
 
 
 def test_buckets_follow_figure_2():
@@ -145,8 +157,9 @@ def test_paper_averages_pool_the_tokens_of_a_bucket_and_subtract_the_mean_corrup
     # one-token buckets: the same averages (so the same recommended layer), the notebook's CI
     np.testing.assert_allclose(paper["mlp"]["mean"][last_subj], (a[2] + b[3]) / 2)
     np.testing.assert_allclose(per_fact["mlp"]["mean"][last_subj], (a[2] + b[3]) / 2)
-    np.testing.assert_allclose(paper["mlp"]["ci95"][last_subj],
-                               1.96 * np.std([a[2] + 0.1, b[3] + 0.3], axis=0) / np.sqrt(2))
+    np.testing.assert_allclose(
+        paper["mlp"]["ci95"][last_subj], 1.96 * np.std([a[2] + 0.1, b[3] + 0.3], axis=0) / np.sqrt(2)
+    )
     assert recommend_layer(paper) == recommend_layer(per_fact)
     with pytest.raises(UserError, match="trace.aie=mean"):
         average_effects(facts, mode="mean")
@@ -189,9 +202,16 @@ def test_bad_fact_files(tmp_path):
 
 
 def _cli(model_dir, tmp_path, *args):
-    return run_cli("stage=trace", f"model.name={model_dir}", "model.device=cpu",
-                   f"model.cache_dir={tmp_path / 'cache'}", f"trace.out={tmp_path / 'out'}", "trace.samples=2",
-                   "trace.window=2", *args)
+    return run_cli(
+        "stage=trace",
+        f"model.name={model_dir}",
+        "model.device=cpu",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        f"trace.out={tmp_path / 'out'}",
+        "trace.samples=2",
+        "trace.window=2",
+        *args,
+    )
 
 
 def test_cli_one_fact_and_bad_input(tiny_model_dir, tmp_path):
@@ -200,7 +220,8 @@ def test_cli_one_fact_and_bad_input(tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     (fact_dir,) = (tmp_path / "out").iterdir()
     assert sorted(p.name for p in fact_dir.iterdir()) == sorted(
-        ["scores.npz"] + [f"{k}.{e}" for k in KINDS for e in ("png", "pdf")])
+        ["scores.npz"] + [f"{k}.{e}" for k in KINDS for e in ("png", "pdf")]
+    )
     assert "clean" in r.stdout and "note: the model predicts" in r.stdout
     res, _ = TraceResult.load(fact_dir / "scores.npz")
     assert res.p_clean < 0.05  # a random model does not know it: flagged in the output and the titles
@@ -232,12 +253,19 @@ def test_cli_dataset_summary_and_recommendation(tiny_model_dir, tmp_path):
     d = tiny_model_dir("llama")
     lm = load_model(str(d), device="cpu")
     records = []
-    for i, (tpl, subject) in enumerate([("{} is located in the city of", "The Eiffel Tower"),
-                                        ("The capital of {} is", "France"), ("{} was born in", "Albert Einstein")] * 3):
+    for i, (tpl, subject) in enumerate(
+        [
+            ("{} is located in the city of", "The Eiffel Tower"),
+            ("The capital of {} is", "France"),
+            ("{} was born in", "Albert Einstein"),
+        ]
+        * 3
+    ):
         text = tpl.replace("{}", subject)
         answer = lm.tokenizer.decode(greedy_tokens(lm.model, torch.tensor([lm.tokenizer(text)["input_ids"]]), 2))
-        records.append({"known_id": i, "subject": subject, "template": tpl, "prompt": text,
-                        "attribute": answer.strip()})
+        records.append(
+            {"known_id": i, "subject": subject, "template": tpl, "prompt": text, "attribute": answer.strip()}
+        )
     records.append({"known_id": 9, "subject": "Miles Davis", "prompt": "Miles Davis plays the", "attribute": "qqqq"})
     records.append({"known_id": 10, "subject": "Mars", "prompt": "The moon of Jupiter is", "attribute": "Io"})
     (tmp_path / "facts.json").write_text(json.dumps(records))
@@ -245,15 +273,23 @@ def test_cli_dataset_summary_and_recommendation(tiny_model_dir, tmp_path):
 
     # SIGINT once the run is under way (the noise level is printed just before the facts): it stops before the
     # next fact, says how to resume, and the same command then finishes the job, reusing the facts traced
-    args = ("stage=trace", f"model.name={d}", "model.device=cpu", f"model.cache_dir={tmp_path / 'cache'}",
-            f"trace.out={out}", "trace.samples=2", "trace.window=2", f"trace.dataset={tmp_path / 'facts.json'}",
-            "trace.plots=false")
+    args = (
+        "stage=trace",
+        f"model.name={d}",
+        "model.device=cpu",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        f"trace.out={out}",
+        "trace.samples=2",
+        "trace.window=2",
+        f"trace.dataset={tmp_path / 'facts.json'}",
+        "trace.plots=false",
+    )
     code, lines = signal_run(args, signal.SIGINT, lambda lines: any(x.startswith("noise: nu =") for x in lines))
     assert code == 130, "\n".join(lines[-20:])
     traced = {p: p.stat().st_mtime_ns for p in (out / "facts").glob("*/scores.npz")} if (out / "facts").exists() else {}
     assert len(traced) < 9 and [x for x in lines if x.startswith("interrupted:")] == [
-        f"interrupted: {len(traced)} fact(s) traced so far are kept in {out / 'facts'}; to resume, run the same "
-        "command"]
+        f"interrupted: {len(traced)} fact(s) traced so far are kept in {out / 'facts'}; to resume, run the same command"
+    ]
     assert not (out / "summary.json").exists()
     r = _cli(d, tmp_path, f"trace.dataset={tmp_path / 'facts.json'}", "trace.plots=false")
     assert r.returncode == 0, r.stderr
@@ -280,8 +316,14 @@ def test_smollm2_eiffel_tower(tmp_path):
     """The embedded SmolLM2 on the paper's example.  What it shows (docs/trace.md): the answer is
     recalled from the subject's informative token ('iffel', not the predictable last token ' Tower'),
     through MLPs in the early layers; attention carries it to the last token in late layers."""
-    r = run_cli("stage=trace", "prompt={} is located in the city of", "subject=The Eiffel Tower",
-                "model.device=cpu", f"trace.out={tmp_path}", "trace.samples=3")
+    r = run_cli(
+        "stage=trace",
+        "prompt={} is located in the city of",
+        "subject=The Eiffel Tower",
+        "model.device=cpu",
+        f"trace.out={tmp_path}",
+        "trace.samples=3",
+    )
     assert r.returncode == 0, r.stderr
     (fact_dir,) = tmp_path.iterdir()
     for kind in KINDS:

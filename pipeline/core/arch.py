@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
 from pipeline.core.hooks import get_module
+from pipeline.errors import UserError
 
 __all__ = ["ArchSpec", "FAMILIES", "arch_for", "cache_kwarg"]
 
@@ -79,7 +80,7 @@ class ArchSpec:
             z = torch.tanh(z / cap) * cap
         return z.float()
 
-    def validate(self, model: nn.Module) -> "ArchSpec":
+    def validate(self, model: nn.Module) -> ArchSpec:
         names = [self.blocks, self.embed, self.final_norm, self.lm_head]
         names += [self.mlp_name(0), self.down_proj_name(0), self.attn_name(0)]
         missing = [n for n in names if not _has(model, n)]
@@ -100,29 +101,54 @@ def _has(model: nn.Module, name: str) -> bool:
 
 
 _LLAMA_LIKE = dict(
-    blocks="model.layers", mlp="mlp", down_proj="mlp.down_proj", down_proj_conv1d=False,
-    attn="self_attn", embed="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
+    blocks="model.layers",
+    mlp="mlp",
+    down_proj="mlp.down_proj",
+    down_proj_conv1d=False,
+    attn="self_attn",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
 )
 
 FAMILIES: dict[str, dict[str, Any]] = {
     "gpt2": dict(
-        blocks="transformer.h", mlp="mlp", down_proj="mlp.c_proj", down_proj_conv1d=True,
-        attn="attn", embed="transformer.wte", final_norm="transformer.ln_f", lm_head="lm_head",
+        blocks="transformer.h",
+        mlp="mlp",
+        down_proj="mlp.c_proj",
+        down_proj_conv1d=True,
+        attn="attn",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
     ),
     "gptj": dict(
-        blocks="transformer.h", mlp="mlp", down_proj="mlp.fc_out", down_proj_conv1d=False,
-        attn="attn", embed="transformer.wte", final_norm="transformer.ln_f", lm_head="lm_head",
+        blocks="transformer.h",
+        mlp="mlp",
+        down_proj="mlp.fc_out",
+        down_proj_conv1d=False,
+        attn="attn",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
     ),
     "gpt_neox": dict(
-        blocks="gpt_neox.layers", mlp="mlp", down_proj="mlp.dense_4h_to_h", down_proj_conv1d=False,
-        attn="attention", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
+        blocks="gpt_neox.layers",
+        mlp="mlp",
+        down_proj="mlp.dense_4h_to_h",
+        down_proj_conv1d=False,
+        attn="attention",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
         lm_head=("lm_head", "embed_out"),  # transformers 5 renamed embed_out
     ),
     # Gemma 1-3 only differ in what the stages never touch by hand: (1 + w) RMS norms, norms after the
     # attention and the MLP, sqrt(d)-scaled embeddings, tied LM head, sliding-window layers, the soft-cap
     # (``ArchSpec.logits``). Every family here is tested against the model's own forward (tests/conftest.py).
-    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
-                                "olmo2")},
+    **{
+        t: _LLAMA_LIKE
+        for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")
+    },
 }
 
 
@@ -141,8 +167,10 @@ def arch_for(model: nn.Module, overrides: Mapping[str, Any] | None = None) -> Ar
     """The adapter for ``model`` from its ``config.model_type``, with fields overridden from config."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     # a tuple lists candidate paths across transformers versions: take the first the model has
-    fields = {k: next((c for c in v if _has(model, c)), v[0]) if isinstance(v, tuple) else v
-              for k, v in FAMILIES.get(model_type, {}).items()}
+    fields = {
+        k: next((c for c in v if _has(model, c)), v[0]) if isinstance(v, tuple) else v
+        for k, v in FAMILIES.get(model_type, {}).items()
+    }
     fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
     missing = [f.name for f in dataclasses.fields(ArchSpec) if f.name not in fields]
     if missing:

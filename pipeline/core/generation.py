@@ -8,9 +8,11 @@ token ids only; every other setting is transformers' neutral default or given ex
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+
 from pipeline.core.timing import model_device
 
 __all__ = ["generate_tokens"]
@@ -19,9 +21,17 @@ _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_tok
 
 
 @torch.no_grad()
-def generate_tokens(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int, *,
-                    top_k: int | None, seed: int | None = None, exact_length: bool = True,
-                    add_special_tokens: bool = True) -> torch.Tensor:
+def generate_tokens(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    new_tokens: int,
+    *,
+    top_k: int | None,
+    seed: int | None = None,
+    exact_length: bool = True,
+    add_special_tokens: bool = True,
+) -> torch.Tensor:
     """The new tokens [prompts, new_tokens] after each prompt (one left-padded batch): top-k sampling from
     the model's own distribution (temperature 1, nothing else) when ``top_k``, else greedy. ``exact_length``:
     end-of-text is suppressed until ``new_tokens`` are out. ``seed`` seeds torch's generators (all devices)."""
@@ -37,13 +47,21 @@ def generate_tokens(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[st
     if seed is not None:
         torch.manual_seed(seed)
     neutral = dict(repetition_penalty=1.0, no_repeat_ngram_size=0)
-    decoding: dict[str, Any] = (dict(do_sample=True, top_k=top_k, temperature=1.0, top_p=1.0, typical_p=1.0, **neutral)
-                                if top_k else dict(do_sample=False, **neutral))
+    decoding: dict[str, Any] = (
+        dict(do_sample=True, top_k=top_k, temperature=1.0, top_p=1.0, typical_p=1.0, **neutral)
+        if top_k
+        else dict(do_sample=False, **neutral)
+    )
     own = model.generation_config
     model.generation_config = GenerationConfig(**{k: getattr(own, k, None) for k in _TOKEN_IDS})
     try:
-        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens if exact_length else None,
-                             pad_token_id=tokenizer.pad_token_id, **decoding)
+        out = model.generate(
+            **enc,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens if exact_length else None,
+            pad_token_id=tokenizer.pad_token_id,
+            **decoding,
+        )
     finally:
         model.generation_config = own
-    return out[:, enc["input_ids"].shape[1]:]
+    return out[:, enc["input_ids"].shape[1] :]

@@ -12,7 +12,8 @@ forward pass in a context manager.  Leaving the context always removes the hooks
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,7 +104,7 @@ class Trace(contextlib.AbstractContextManager):
             raise StopForward
         return output
 
-    def __enter__(self) -> "Trace":
+    def __enter__(self) -> Trace:
         if self.retain_input or self.edit_input is not None or self._stop_before:
             self._handles.append(self.module.register_forward_pre_hook(self._pre_hook))
         if self.retain_output or self.edit_output is not None or (self.stop and not self._stop_before):
@@ -144,7 +145,7 @@ class TraceDict(dict, contextlib.AbstractContextManager):
             elif isinstance(edit_output, Mapping):
                 edit = edit_output.get(name)
             else:
-                edit = (lambda fn, n: (lambda t: fn(t, n)))(edit_output, name)
+                edit = (lambda fn, n: lambda t: fn(t, n))(edit_output, name)
             self[name] = Trace(
                 get_module(model, name),
                 retain_input=retain_input,
@@ -156,7 +157,7 @@ class TraceDict(dict, contextlib.AbstractContextManager):
         if stop is not None and stop not in self:
             raise KeyError(f"stop module '{stop}' is not among the traced modules")
 
-    def __enter__(self) -> "TraceDict":
+    def __enter__(self) -> TraceDict:
         for t in self.values():
             t.__enter__()
         return self

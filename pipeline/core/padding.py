@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 __all__ = ["right_pad", "left_pad"]
 
 
-def _pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device | str | None, left: bool
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(
+    rows: Sequence[Sequence[int]], pad: int, device: torch.device | str | None, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(1, max(map(len, rows), default=0))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -23,14 +24,16 @@ def _pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device | str | N
     return ids, mask
 
 
-def right_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device | str | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(
+    rows: Sequence[Sequence[int]], pad: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``ids`` [rows, width] with ``pad`` after each row's tokens, and ``mask`` (1 on tokens, 0 on pads);
     width is the longest row (at least 1). Built on the host and copied once."""
     return _pad(rows, pad, device, left=False)
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device | str | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same with the pads before each row's tokens: every row ends at the last column."""
     return _pad(rows, pad, device, left=True)

@@ -3,7 +3,8 @@ batched over (prompt, target) pairs; greedy continuations; and whether the model
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -11,8 +12,17 @@ from pipeline.core.generation import generate_tokens
 from pipeline.core.padding import right_pad
 from pipeline.core.timing import model_device
 
-__all__ = ["target_log_probs", "target_probs", "target_argmax", "greedy_continuation", "target_token_ids",
-           "new_and_true_probs", "answer_tokens", "greedy_tokens", "predicts"]
+__all__ = [
+    "target_log_probs",
+    "target_probs",
+    "target_argmax",
+    "greedy_continuation",
+    "target_token_ids",
+    "new_and_true_probs",
+    "answer_tokens",
+    "greedy_tokens",
+    "predicts",
+]
 
 
 def target_token_ids(tokenizer: Any, target: str) -> list[int]:
@@ -20,8 +30,9 @@ def target_token_ids(tokenizer: Any, target: str) -> list[int]:
     return tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
 
 
-def _teacher_forced(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
-                    batch_size: int):
+def _teacher_forced(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], batch_size: int
+):
     """For each (prompt, target): log-probabilities [n, vocab] at the positions predicting the n tokens of
     " " + target, and those tokens; batched, right-padded."""
     device = model_device(model)
@@ -40,29 +51,39 @@ def _teacher_forced(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[st
 
 
 @torch.no_grad()
-def target_log_probs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
-                     batch_size: int) -> torch.Tensor:
+def target_log_probs(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], batch_size: int
+) -> torch.Tensor:
     """Mean log-probability of each target's tokens after its prompt, teacher-forced; shape [n]."""
-    out = [logp.gather(-1, tok[:, None]).mean()
-           for logp, tok in _teacher_forced(model, tokenizer, prompts, targets, batch_size)]
+    out = [
+        logp.gather(-1, tok[:, None]).mean()
+        for logp, tok in _teacher_forced(model, tokenizer, prompts, targets, batch_size)
+    ]
     return torch.stack(out).cpu()
 
 
 @torch.no_grad()
-def target_argmax(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
-                  batch_size: int) -> list[tuple[list[int], list[int]]]:
+def target_argmax(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], batch_size: int
+) -> list[tuple[list[int], list[int]]]:
     """Teacher-forced top-1 predictions and the target tokens, per (prompt, target) pair."""
-    return [(logp.argmax(-1).tolist(), tok.tolist())
-            for logp, tok in _teacher_forced(model, tokenizer, prompts, targets, batch_size)]
+    return [
+        (logp.argmax(-1).tolist(), tok.tolist())
+        for logp, tok in _teacher_forced(model, tokenizer, prompts, targets, batch_size)
+    ]
 
 
 def target_probs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int) -> torch.Tensor:
     return target_log_probs(model, tokenizer, prompts, targets, batch_size).exp()
 
 
-def new_and_true_probs(model: torch.nn.Module, tokenizer: Any,
-                       sets: Mapping[str, tuple[Sequence[str], Sequence[str | None]]], target_new: str,
-                       batch_size: int) -> dict[str, dict[str, list[float]]]:
+def new_and_true_probs(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sets: Mapping[str, tuple[Sequence[str], Sequence[str | None]]],
+    target_new: str,
+    batch_size: int,
+) -> dict[str, dict[str, list[float]]]:
     """P(target_new) and P(true object) on named prompt sets, in one batched pass over all pairs.
 
     ``sets``: name -> (prompts, the true object of each prompt, or None where there is none). Returns
@@ -78,8 +99,10 @@ def new_and_true_probs(model: torch.nn.Module, tokenizer: Any,
         prompts += ps + (ps if known else [])
         targets += [target_new] * len(ps) + (trues if known else [])
     p = target_probs(model, tokenizer, prompts, targets, batch_size).tolist() if prompts else []
-    return {name: {"new": p[s : s + n], "true": p[s + n : s + 2 * n] if known else []}
-            for name, (s, n, known) in spans.items()}
+    return {
+        name: {"new": p[s : s + n], "true": p[s + n : s + 2 * n] if known else []}
+        for name, (s, n, known) in spans.items()
+    }
 
 
 def greedy_continuation(model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
@@ -99,7 +122,7 @@ def answer_tokens(tokenizer: Any, text: str, answer: str) -> list[int]:
     prompt_ids = tokenizer(text)["input_ids"]
     full_ids = tokenizer(text + sep + answer)["input_ids"]
     if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
-        return full_ids[len(prompt_ids):]
+        return full_ids[len(prompt_ids) :]
     # The tokenizer merged across the boundary: fall back to the answer encoded on its own.
     return tokenizer(sep + answer, add_special_tokens=False)["input_ids"]
 

@@ -57,9 +57,11 @@ def detect_schema(rec: Any) -> str:
         return "known"
     if "prompt" in rec or "subject" in rec or "target_new" in rec:
         return "request"
-    raise UserError(f"unknown schema (keys: {', '.join(sorted(map(str, rec))) or 'none'}); expected CounterFact "
-                    "(requested_rewrite, or prompt/ground_truth/rephrase_prompt), zsRE (src/alt/loc), a known_1000 "
-                    "fact (subject/prompt/attribute) or a request (prompt/subject/target_new)")
+    raise UserError(
+        f"unknown schema (keys: {', '.join(sorted(map(str, rec))) or 'none'}); expected CounterFact "
+        "(requested_rewrite, or prompt/ground_truth/rephrase_prompt), zsRE (src/alt/loc), a known_1000 "
+        "fact (subject/prompt/attribute) or a request (prompt/subject/target_new)"
+    )
 
 
 def _str(value: Any) -> str | None:
@@ -86,16 +88,34 @@ def read_record(rec: Any, index: int = 0, zsre_target: str = "answer") -> Record
         if not isinstance(rw, dict):
             raise UserError("requested_rewrite is not an object")
         tid = rw.get("target_new", {}).get("id") if isinstance(rw.get("target_new"), dict) else None
-        return Record(schema, case_id, rw.get("prompt"), rw.get("subject"), _str(rw.get("target_new")),
-                      _str(rw.get("target_true")), _strings(rec.get("paraphrase_prompts"), "paraphrase_prompts"),
-                      _strings(rec.get("neighborhood_prompts"), "neighborhood_prompts"), (),
-                      _strings(rec.get("generation_prompts"), "generation_prompts"), rw.get("relation_id"), tid)
+        return Record(
+            schema,
+            case_id,
+            rw.get("prompt"),
+            rw.get("subject"),
+            _str(rw.get("target_new")),
+            _str(rw.get("target_true")),
+            _strings(rec.get("paraphrase_prompts"), "paraphrase_prompts"),
+            _strings(rec.get("neighborhood_prompts"), "neighborhood_prompts"),
+            (),
+            _strings(rec.get("generation_prompts"), "generation_prompts"),
+            rw.get("relation_id"),
+            tid,
+        )
     if schema == "counterfact-flat":
         neighbours = _strings(rec.get("locality_prompt"), "locality_prompt")
         loc_true = _str(rec.get("locality_ground_truth"))
-        r = Record(schema, case_id, rec.get("prompt"), rec.get("subject"), _str(rec.get("target_new")),
-                   _str(rec.get("ground_truth")), _strings(rec.get("rephrase_prompt"), "rephrase_prompt"), neighbours,
-                   (loc_true,) * len(neighbours) if loc_true else ())
+        r = Record(
+            schema,
+            case_id,
+            rec.get("prompt"),
+            rec.get("subject"),
+            _str(rec.get("target_new")),
+            _str(rec.get("ground_truth")),
+            _strings(rec.get("rephrase_prompt"), "rephrase_prompt"),
+            neighbours,
+            (loc_true,) * len(neighbours) if loc_true else (),
+        )
         # no generation prompts in this schema: the rewrite prompt and its paraphrase stand in
         return dataclasses.replace(r, generation_prompts=tuple(p for p in (_filled(r), *r.paraphrases) if p))
     if schema == "zsre":
@@ -106,15 +126,37 @@ def read_record(rec: Any, index: int = 0, zsre_target: str = "answer") -> Record
         answer = _str(answers[0]) if answers else None
         loc = (f"{rec['loc']}?",) if rec.get("loc") and rec.get("loc_ans") else ()
         new, true = (answer, None) if zsre_target == "answer" else (_str(rec.get("alt")), answer)
-        return Record(schema, case_id, rec.get("src"), rec.get("subject"), new, true,
-                      _strings(rec.get("rephrase") or None, "rephrase"), loc, (str(rec["loc_ans"]),) * len(loc))
+        return Record(
+            schema,
+            case_id,
+            rec.get("src"),
+            rec.get("subject"),
+            new,
+            true,
+            _strings(rec.get("rephrase") or None, "rephrase"),
+            loc,
+            (str(rec["loc_ans"]),) * len(loc),
+        )
     if schema == "known":
         # ``prompt`` first: known_1000's ``template`` sometimes lacks the prompt's last word
-        return Record(schema, case_id, rec.get("prompt") or rec.get("template"), rec.get("subject"), None,
-                      _str(rec.get("attribute")))
-    return Record(schema, case_id, rec.get("prompt"), rec.get("subject"), _str(rec.get("target_new")),
-                  _str(rec.get("target_true")), _strings(rec.get("paraphrases"), "paraphrases"),
-                  _strings(rec.get("neighbours", rec.get("neighbors")), "neighbours"))
+        return Record(
+            schema,
+            case_id,
+            rec.get("prompt") or rec.get("template"),
+            rec.get("subject"),
+            None,
+            _str(rec.get("attribute")),
+        )
+    return Record(
+        schema,
+        case_id,
+        rec.get("prompt"),
+        rec.get("subject"),
+        _str(rec.get("target_new")),
+        _str(rec.get("target_true")),
+        _strings(rec.get("paraphrases"), "paraphrases"),
+        _strings(rec.get("neighbours", rec.get("neighbors")), "neighbours"),
+    )
 
 
 def _filled(r: Record) -> str | None:
@@ -145,7 +187,9 @@ def parse_text(text: str, where: str) -> Any:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise UserError(f"{where} is not valid JSON/YAML{at}: {getattr(err, 'problem', None) or str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"{where} is not valid JSON/YAML{at}: {getattr(err, 'problem', None) or str(err).splitlines()[0]}"
+        ) from None
 
 
 def read_records(path: str | Path, what: str, single: bool = True) -> list[Any]:
@@ -155,9 +199,12 @@ def read_records(path: str | Path, what: str, single: bool = True) -> list[Any]:
     if path.is_dir():
         raise UserError(f"{what}={path} is a directory; name a .json, .jsonl or .yaml file")
     if not path.is_file():
-        raise UserError(f"{what}={path} does not exist" if path.suffix else
-                        f"{what}={path} is neither a file nor inline JSON/YAML (a file needs a .json, .jsonl or .yaml "
-                        "extension; inline: request='{\"prompt\": ..., \"subject\": ..., \"target_new\": ...}')")
+        raise UserError(
+            f"{what}={path} does not exist"
+            if path.suffix
+            else f"{what}={path} is neither a file nor inline JSON/YAML (a file needs a .json, .jsonl or .yaml "
+            'extension; inline: request=\'{"prompt": ..., "subject": ..., "target_new": ...}\')'
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -169,7 +216,9 @@ def read_records(path: str | Path, what: str, single: bool = True) -> list[Any]:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise UserError(f"{what}={path} line {n} is not valid JSON: {err.msg} at column {err.colno}") from None
+                    raise UserError(
+                        f"{what}={path} line {n} is not valid JSON: {err.msg} at column {err.colno}"
+                    ) from None
         return out
     data = parse_text(text, f"{what}={path}")
     if not isinstance(data, list) and not single:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-from pipeline.errors import UserError
 from pipeline.core.records import parse_text, read_record, read_records
 from pipeline.core.subject import to_template
+from pipeline.errors import UserError
 
 __all__ = ["EditRequest", "parse_requests", "request_from_record"]
 
@@ -38,14 +39,23 @@ def request_from_record(rec: Any, zsre_target: str = "answer") -> EditRequest:
     if not isinstance(rec, dict):
         raise UserError(f"a request must be a mapping with prompt, subject and target_new, got {type(rec).__name__}")
     r = read_record(rec, zsre_target=zsre_target)
-    return _validated(prompt=r.prompt, subject=r.subject, target_new=r.target_new, target_true=r.target_true,
-                      paraphrases=r.paraphrases, neighbours=r.neighbours, case_id=r.case_id)
+    return _validated(
+        prompt=r.prompt,
+        subject=r.subject,
+        target_new=r.target_new,
+        target_true=r.target_true,
+        paraphrases=r.paraphrases,
+        neighbours=r.neighbours,
+        case_id=r.case_id,
+    )
 
 
 def _validated(**f: Any) -> EditRequest:
     for key in ("prompt", "subject", "target_new"):
         if not isinstance(f[key], str) or not f[key].strip():
-            raise UserError(f"request field '{key}' is missing or empty (a request needs prompt, subject and target_new)")
+            raise UserError(
+                f"request field '{key}' is missing or empty (a request needs prompt, subject and target_new)"
+            )
     prompt = to_template(f["prompt"], f["subject"])
     if prompt.count("{}") != 1:
         raise UserError(f"the prompt '{prompt}' must hold exactly one {{}} for the subject")
@@ -59,7 +69,9 @@ def parse_requests(value: Any) -> list[EditRequest]:
     """``request=`` as given: a mapping or list (already parsed), inline JSON/YAML, or a file path
     (.json, .jsonl, .yaml/.yml) holding one request or a list."""
     if value is None:
-        raise UserError("no request: pass request='{\"prompt\": \"{} is in\", \"subject\": \"X\", \"target_new\": \"Y\"}' or a file")
+        raise UserError(
+            'no request: pass request=\'{"prompt": "{} is in", "subject": "X", "target_new": "Y"}\' or a file'
+        )
     if hasattr(value, "items") or (isinstance(value, Iterable) and not isinstance(value, str)):
         from omegaconf import OmegaConf
 
@@ -67,7 +79,11 @@ def parse_requests(value: Any) -> list[EditRequest]:
     else:
         stripped = str(value).strip()
         inline = stripped.startswith(("{", "[")) or "\n" in stripped or ": " in stripped
-        data = parse_text(stripped, "request") if inline and not os.path.isfile(stripped) else read_records(stripped, "request")
+        data = (
+            parse_text(stripped, "request")
+            if inline and not os.path.isfile(stripped)
+            else read_records(stripped, "request")
+        )
     records = data if isinstance(data, list) else [data]
     if not records:
         raise UserError("the request list is empty")

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import atomic_dir
-from pipeline.errors import UserError
 from pipeline.core.loading import LoadedModel
+from pipeline.errors import UserError
 
 __all__ = ["MARKER", "check_destination", "check_writable", "save_model"]
 
@@ -54,39 +54,53 @@ def check_writable(path: str | os.PathLike, what: str) -> Path:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".rome-write-check.", dir=ancestor))
     except OSError as err:
-        raise UserError(f"{what}={path} cannot be written: {ancestor}: {err.strerror or err}; name a writable place") from None
+        raise UserError(
+            f"{what}={path} cannot be written: {ancestor}: {err.strerror or err}; name a writable place"
+        ) from None
     return path
 
 
-def check_destination(directory: str | os.PathLike, what: str = "edit.save_to",
-                      protect: tuple[str | os.PathLike, ...] = ()) -> Path:
+def check_destination(
+    directory: str | os.PathLike, what: str = "edit.save_to", protect: tuple[str | os.PathLike, ...] = ()
+) -> Path:
     """Refuse ``directory`` unless it is new, empty, or a saved model of ours holding only its own files;
     it must be writable, and neither the current directory (or one above it) nor any path in ``protect``
     (the base model, the ledger) or one above it."""
     path = Path(directory).expanduser()
     resolved, cwd = path.resolve(), Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
-        raise UserError(f"{what}={directory} is the current directory or one above it; name a new directory for the model")
+        raise UserError(
+            f"{what}={directory} is the current directory or one above it; name a new directory for the model"
+        )
     for other in protect:
-        if other and (resolved == Path(other).expanduser().resolve() or resolved in Path(other).expanduser().resolve().parents):
-            raise UserError(f"{what}={directory} would replace {other}, which this run uses; name another directory for the model")
+        if other and (
+            resolved == Path(other).expanduser().resolve() or resolved in Path(other).expanduser().resolve().parents
+        ):
+            raise UserError(
+                f"{what}={directory} would replace {other}, which this run uses; name another directory for the model"
+            )
     check_writable(path, what)
     if path.is_dir():
         entries = [p.name for p in path.iterdir()]
         if entries:
             marker = _marker(path)
             if marker is None:
-                raise UserError(f"{what}={directory} is not empty and is not a model saved by this project (no {MARKER}); "
-                                f"it holds {_listing(entries)}. Nothing was touched: name a new or empty directory")
+                raise UserError(
+                    f"{what}={directory} is not empty and is not a model saved by this project (no {MARKER}); "
+                    f"it holds {_listing(entries)}. Nothing was touched: name a new or empty directory"
+                )
             foreign = [n for n in entries if n not in set(marker.get("files", [])) | {MARKER}]
             if foreign:
-                raise UserError(f"{what}={directory} is a model saved by this project but also holds files it did not "
-                                f"write ({_listing(foreign)}); move them out or name another directory")
+                raise UserError(
+                    f"{what}={directory} is a model saved by this project but also holds files it did not "
+                    f"write ({_listing(foreign)}); move them out or name another directory"
+                )
     return path
 
 
-def save_model(loaded: LoadedModel, directory: str | os.PathLike, what: str = "edit.save_to",
-               record: dict[str, Any] | None = None) -> Path:
+def save_model(
+    loaded: LoadedModel, directory: str | os.PathLike, what: str = "edit.save_to", record: dict[str, Any] | None = None
+) -> Path:
     """Write the model and tokenizer to ``directory`` with our marker (``record``: what else it should say,
     e.g. the ledger and the edits); an existing directory is replaced only when ``check_destination`` allows."""
     path = check_destination(directory, what)
@@ -94,8 +108,13 @@ def save_model(loaded: LoadedModel, directory: str | os.PathLike, what: str = "e
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.iterdir())
-        info = {"written_by": WRITTEN_BY, "what": "an edited model: save_pretrained + the tokenizer",
-                "base_model": loaded.identity, "time": datetime.datetime.now().isoformat(timespec="seconds"),
-                **(record or {}), "files": files}
+        info = {
+            "written_by": WRITTEN_BY,
+            "what": "an edited model: save_pretrained + the tokenizer",
+            "base_model": loaded.identity,
+            "time": datetime.datetime.now().isoformat(timespec="seconds"),
+            **(record or {}),
+            "files": files,
+        }
         (tmp / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return path

@@ -17,7 +17,7 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from pipeline.errors import Interrupted
 
@@ -42,8 +42,12 @@ def _handler(signum: int, frame: object) -> None:
     if _received and signum == signal.SIGINT:
         raise KeyboardInterrupt  # a second Ctrl+C: stop now
     _received.append(signum)
-    print(f"\nreceived {signal.Signals(signum).name}: stopping after the current unit of work "
-          "(Ctrl+C again stops at once)", file=sys.stderr, flush=True)
+    print(
+        f"\nreceived {signal.Signals(signum).name}: stopping after the current unit of work "
+        "(Ctrl+C again stops at once)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 @contextlib.contextmanager

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,15 +38,15 @@ from pipeline.editors.ledger import Ledger
 __all__ = ["Edit", "Editor", "PHASES", "REGISTRY", "register", "LayerStatistics"]
 
 PHASES = ("begun", "optimised", "applied", "verified")
-REGISTRY: dict[str, type["Editor"]] = {}
+REGISTRY: dict[str, type[Editor]] = {}
 # layers -> {layer: LayerStats}: C for the layers an editor needs (the caller computes what the cache lacks)
 LayerStatistics = Callable[[Sequence[int]], dict]
 
 
-def register(name: str) -> Callable[[type["Editor"]], type["Editor"]]:
+def register(name: str) -> Callable[[type[Editor]], type[Editor]]:
     """Class decorator: ``name`` is the ``class:`` a configs/method/ file names (and ``edit.method``)."""
 
-    def add(cls: type["Editor"]) -> type["Editor"]:
+    def add(cls: type[Editor]) -> type[Editor]:
         REGISTRY[name] = cls
         cls.method = name
         return cls
@@ -82,8 +83,9 @@ class Editor(abc.ABC):
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
     @abc.abstractmethod
-    def from_config(cls, name: str, cfg: Any, loaded: Any, conf: Any, statistics: LayerStatistics | None,
-                    measure_only: bool) -> "Editor":
+    def from_config(
+        cls, name: str, cfg: Any, loaded: Any, conf: Any, statistics: LayerStatistics | None, measure_only: bool
+    ) -> Editor:
         """Build from the run's config (``cfg``), the method's own file (``conf``: configs/method/<name>.yaml)
         and a statistics provider; ``measure_only``: the edit is measured as made (eval: no verification,
         no rollback, no generated text inside the edit)."""
@@ -132,7 +134,7 @@ class Editor(abc.ABC):
     def apply(self, edit: Edit) -> None:
         """Write the update into the weights, in place."""
 
-    def verify(self, edit: Edit) -> None:
+    def verify(self, edit: Edit) -> None:  # noqa: B027  (a phase with a default, not an abstract one)
         """Check the applied edit; the default accepts it."""
 
     def continue_from(self, ledger: Ledger) -> str | None:
@@ -140,8 +142,9 @@ class Editor(abc.ABC):
         returns a line saying what was taken up, if anything."""
         return None
 
-    def record(self, edit: Edit, ledger: Ledger, model_identity: dict[str, str],
-               run: dict[str, Any] | None = None) -> int | None:
+    def record(
+        self, edit: Edit, ledger: Ledger, model_identity: dict[str, str], run: dict[str, Any] | None = None
+    ) -> int | None:
         """Append the edit to ``ledger``; returns its id (None: this method writes nothing to a ledger)."""
         return None
 
@@ -153,8 +156,13 @@ class Editor(abc.ABC):
         """What identifies this editor's results (a rerun with another config must not mix with them)."""
         from omegaconf import OmegaConf
 
-        hp = OmegaConf.to_container(self.hp, resolve=True) if OmegaConf.is_config(self.hp) else \
-            dataclasses.asdict(self.hp) if dataclasses.is_dataclass(self.hp) else self.hp
+        hp = (
+            OmegaConf.to_container(self.hp, resolve=True)
+            if OmegaConf.is_config(self.hp)
+            else dataclasses.asdict(self.hp)
+            if dataclasses.is_dataclass(self.hp)
+            else self.hp
+        )
         return {"class": self.method, "layers": self.layers, "hparams": hp}
 
     # -- driving the phases -----------------------------------------------------------------------------

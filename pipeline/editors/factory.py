@@ -24,6 +24,7 @@ __all__ = ["build_editor", "method_class"]
 for _module in pkgutil.iter_modules(pipeline.editors.__path__):  # every editor registers itself
     importlib.import_module(f"pipeline.editors.{_module.name}")
 
+
 def method_class(cfg: DictConfig, method: str | None) -> tuple[str, DictConfig]:
     """(the editor's registry name, the method's own config) for ``method`` (a configs/method/ name) or, with
     None, for ``edit.method``."""
@@ -32,18 +33,27 @@ def method_class(cfg: DictConfig, method: str | None) -> tuple[str, DictConfig]:
         conf = OmegaConf.create({"class": name})
     else:
         if method not in cfg.method:
-            raise UserError(f"unknown method '{method}'{nearest(method, list(cfg.method))} "
-                            f"(configs/method/ has: {', '.join(sorted(cfg.method))})")
+            raise UserError(
+                f"unknown method '{method}'{nearest(method, list(cfg.method))} "
+                f"(configs/method/ has: {', '.join(sorted(cfg.method))})"
+            )
         conf = cfg.method[method]
         name = str(conf.get("class", method))
     if name not in REGISTRY:
-        raise UserError(f"method '{method or name}' names class '{name}', which is not an editor "
-                        f"(editors: {', '.join(sorted(REGISTRY))})")
+        raise UserError(
+            f"method '{method or name}' names class '{name}', which is not an editor "
+            f"(editors: {', '.join(sorted(REGISTRY))})"
+        )
     return name, conf
 
 
-def build_editor(cfg: DictConfig, loaded: LoadedModel, method: str | None = None,
-                 statistics: LayerStatistics | None = None, measure_only: bool = False) -> Editor:
+def build_editor(
+    cfg: DictConfig,
+    loaded: LoadedModel,
+    method: str | None = None,
+    statistics: LayerStatistics | None = None,
+    measure_only: bool = False,
+) -> Editor:
     """The editor ``method`` names (a configs/method/ file, or ``edit.method`` when None) for ``loaded``.
     ``statistics(layers)`` returns C for the layers it needs (``modules.statistics`` computes what the cache
     lacks); ``measure_only``: verification, rollback and generated text off (the evaluation measures the edit

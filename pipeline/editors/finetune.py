@@ -10,7 +10,8 @@ left to write.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,8 +28,18 @@ __all__ = ["ConstrainedFineTuning", "FineTuneEdit", "FineTuneEditor"]
 class ConstrainedFineTuning:
     """Adam on ``params`` for one prompt and target, clamped to the L∞ ball after every step."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, params: Sequence[nn.Parameter], prompt: str, target: str,
-                 lr: float, steps: int, eps: float, early_stop_loss: float) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        params: Sequence[nn.Parameter],
+        prompt: str,
+        target: str,
+        lr: float,
+        steps: int,
+        eps: float,
+        early_stop_loss: float,
+    ) -> None:
         self.model, self.params, self.eps, self.early_stop = model, list(params), eps, early_stop_loss
         device = self.params[0].device
         p_ids, t_ids = tokenizer(prompt)["input_ids"], target_token_ids(tokenizer, target)
@@ -91,8 +102,11 @@ class FineTuneEditor(Editor):
     def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
         from pipeline.editors.settings import edit_layer
 
-        layer = edit_layer(cfg, loaded) if conf.get("layer") is None else \
-            loaded.spec.check_layer(loaded.model, conf.layer, f"method.{name}.layer")
+        layer = (
+            edit_layer(cfg, loaded)
+            if conf.get("layer") is None
+            else loaded.spec.check_layer(loaded.model, conf.layer, f"method.{name}.layer")
+        )
         return cls(name, loaded.model, loaded.tokenizer, loaded.spec, conf, layer)
 
     @property
@@ -103,8 +117,17 @@ class FineTuneEditor(Editor):
         (request,) = requests
         params = [self.model.get_parameter(name) for name in self.touched()]
         hp = self.hp
-        opt = ConstrainedFineTuning(self.model, self.tokenizer, params, request.text, request.target_new, float(hp.lr),
-                                    int(hp.steps), float(hp.norm_constraint), float(hp.early_stop_loss))
+        opt = ConstrainedFineTuning(
+            self.model,
+            self.tokenizer,
+            params,
+            request.text,
+            request.target_new,
+            float(hp.lr),
+            int(hp.steps),
+            float(hp.norm_constraint),
+            float(hp.early_stop_loss),
+        )
         return FineTuneEdit(request, optimisation=opt)
 
     def conclude(self, edit: Edit) -> None:
@@ -116,5 +139,9 @@ class FineTuneEditor(Editor):
 
     def info(self, edit: FineTuneEdit) -> dict[str, Any]:
         losses = edit.optimisation.losses[0]
-        return {"timings": dict(edit.timings), "steps": len(losses), "loss": [losses[0], losses[-1]],
-                "linf": edit.optimisation.linf()}
+        return {
+            "timings": dict(edit.timings),
+            "steps": len(losses),
+            "loss": [losses[0], losses[-1]],
+            "linf": edit.optimisation.linf(),
+        }

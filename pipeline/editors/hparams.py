@@ -9,15 +9,24 @@ naming the key) and returns a read-only node with attribute access, so the math 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import UserError
 
-__all__ = ["ValueHparams", "TemplateHparams", "VerifyHparams", "RomeHparams", "MemitHparams", "BatchHparams",
-           "AlphaEditHparams", "FineTuneHparams", "typed"]
+__all__ = [
+    "ValueHparams",
+    "TemplateHparams",
+    "VerifyHparams",
+    "RomeHparams",
+    "MemitHparams",
+    "BatchHparams",
+    "AlphaEditHparams",
+    "FineTuneHparams",
+    "typed",
+]
 
 T = TypeVar("T")
 
@@ -93,7 +102,7 @@ class BatchHparams:
 
 @dataclasses.dataclass
 class FineTuneHparams:
-    layer: Optional[int]  # null: the run's edit layer
+    layer: int | None  # null: the run's edit layer
     lr: float
     steps: int
     norm_constraint: float  # the L∞ radius around the original weights
@@ -114,4 +123,3 @@ def typed(schema: type[T], node: Any, where: str = "edit") -> T:
         raise UserError(f"{where}: {', '.join(f'{where}.{k}' for k in missing)} missing (every key is in configs/)")
     OmegaConf.set_readonly(out, True)
     return out  # a DictConfig typed by ``schema``
-

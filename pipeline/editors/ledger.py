@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 from pipeline.core.arch import ArchSpec
 from pipeline.core.atomic import atomic_path, write_json
 from pipeline.core.digest import file_sha256
-from pipeline.errors import UserError
 from pipeline.editors.rank_one import LowRank, RankOne, apply_low_rank, apply_rank_one
+from pipeline.errors import UserError
 
 __all__ = ["Ledger"]
 
@@ -32,8 +33,13 @@ class Ledger:
         self.dir, self.data = Path(directory), data
 
     @classmethod
-    def open(cls, directory: str | Path, model: dict[str, str] | None = None, model_dtype: str | None = None,
-             create: bool = True) -> "Ledger":
+    def open(
+        cls,
+        directory: str | Path,
+        model: dict[str, str] | None = None,
+        model_dtype: str | None = None,
+        create: bool = True,
+    ) -> Ledger:
         directory = Path(directory)
         path = directory / "ledger.json"
         if path.exists():
@@ -44,14 +50,18 @@ class Ledger:
             if not isinstance(data, dict) or not isinstance(data.get("entries"), list) or "model" not in data:
                 raise UserError(f"{path} is not a ledger of this project (no model and entries); use another directory")
             if model is not None and data["model"] != model:
-                raise UserError(f"ledger {directory} belongs to model {data['model']['name']} "
-                                f"({data['model']['revision']}); use another edit.out for this model")
+                raise UserError(
+                    f"ledger {directory} belongs to model {data['model']['name']} "
+                    f"({data['model']['revision']}); use another edit.out for this model"
+                )
             return cls(directory, data)
         if not create:
             raise UserError(f"no ledger at {path}; pass the edit.out directory of an earlier edit as ledger=")
         if directory.is_dir() and any(directory.iterdir()):
-            raise UserError(f"edit.out={directory} holds files but no ledger.json; name a new directory or the "
-                            "edit.out of earlier edits")
+            raise UserError(
+                f"edit.out={directory} holds files but no ledger.json; name a new directory or the "
+                "edit.out of earlier edits"
+            )
         return cls(directory, {"model": model, "model_dtype": model_dtype, "entries": [], "saved_to": None})
 
     @property
@@ -91,27 +101,39 @@ class Ledger:
         try:
             data = path.read_bytes()
         except OSError as err:
-            raise UserError(f"ledger file {path} of edit {entry['id']} cannot be read ({err.strerror}); "
-                            "restore it from a copy of the ledger") from None
+            raise UserError(
+                f"ledger file {path} of edit {entry['id']} cannot be read ({err.strerror}); "
+                "restore it from a copy of the ledger"
+            ) from None
         want = entry.get("sha256")
         if want is not None:
             import hashlib
 
             if hashlib.sha256(data).hexdigest() != want:
-                raise UserError(f"ledger file {path} of edit {entry['id']} fails its checksum (damaged or changed: "
-                                f"{len(data)} bytes); nothing was changed; restore it from a copy of the ledger")
+                raise UserError(
+                    f"ledger file {path} of edit {entry['id']} fails its checksum (damaged or changed: "
+                    f"{len(data)} bytes); nothing was changed; restore it from a copy of the ledger"
+                )
         try:
             return load_bytes(data)
         except (SafetensorError, ValueError) as err:
-            raise UserError(f"ledger file {path} of edit {entry['id']} is not a readable safetensors file ({err}); "
-                            "restore it from a copy of the ledger") from None
+            raise UserError(
+                f"ledger file {path} of edit {entry['id']} is not a readable safetensors file ({err}); "
+                "restore it from a copy of the ledger"
+            ) from None
 
     def rank_one(self, entry: dict[str, Any]) -> RankOne:
         t = self.tensors(entry)
         return RankOne(u=t["u"], lam=t["lam"], denominator=float(entry["denominator"]))
 
-    def append_batch(self, ctx: Any, result: Any, model_identity: dict[str, str], stats: dict | None,
-                     run: dict[str, Any] | None = None) -> int:
+    def append_batch(
+        self,
+        ctx: Any,
+        result: Any,
+        model_identity: dict[str, str],
+        stats: dict | None,
+        run: dict[str, Any] | None = None,
+    ) -> int:
         """Record a MEMIT / AlphaEdit batch: its requests and, per layer, ΔW = L Rᵀ as the factors L, R
         (float64), plus for AlphaEdit the batch's keys K, whose K Kᵀ later batches preserve."""
         tensors = {}
@@ -119,17 +141,29 @@ class Ledger:
             tensors[f"left.{layer}"], tensors[f"right.{layer}"] = update.left, update.right
             if ctx.method == "alphaedit":
                 tensors[f"keys.{layer}"] = result.keys[layer]
-        entry = {"kind": "batch", "method": ctx.method, "status": "applied", "layers": list(result.layers),
-                 "modules": [ctx.spec.down_proj_name(l) for l in result.layers], "conv1d": ctx.spec.down_proj_conv1d,
-                 "requests": [r.as_dict() for r in result.requests], "norms": {str(l): v for l, v in result.norms.items()},
-                 "residual": result.residual, "losses": result.losses, "p_target": result.p_target,
-                 "timings": result.timings, "model": model_identity, "stats": stats,
-                 "hparams": {"memit": _plain(ctx.hp.memit), "alphaedit": _plain(ctx.hp.alphaedit)},
-                 **({"run": run} if run else {})}
+        entry = {
+            "kind": "batch",
+            "method": ctx.method,
+            "status": "applied",
+            "layers": list(result.layers),
+            "modules": [ctx.spec.down_proj_name(layer) for layer in result.layers],
+            "conv1d": ctx.spec.down_proj_conv1d,
+            "requests": [r.as_dict() for r in result.requests],
+            "norms": {str(layer): v for layer, v in result.norms.items()},
+            "residual": result.residual,
+            "losses": result.losses,
+            "p_target": result.p_target,
+            "timings": result.timings,
+            "model": model_identity,
+            "stats": stats,
+            "hparams": {"memit": _plain(ctx.hp.memit), "alphaedit": _plain(ctx.hp.alphaedit)},
+            **({"run": run} if run else {}),
+        }
         return self._append(entry, tensors)
 
-    def _append(self, entry: dict[str, Any], tensors: dict[str, torch.Tensor],
-                metadata: dict[str, str] | None = None) -> int:
+    def _append(
+        self, entry: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    ) -> int:
         """Record ``entry`` under the next id with its tensors and their checksum; returns the id. The file
         first, then the ledger that names it: a crash leaves no entry without its file."""
         entry = {"id": self.next_id(), **entry}
@@ -143,7 +177,7 @@ class Ledger:
 
     def low_rank(self, entry: dict[str, Any]) -> dict[int, LowRank]:
         t = self.tensors(entry)
-        return {l: LowRank(t[f"left.{l}"], t[f"right.{l}"]) for l in entry["layers"]}
+        return {layer: LowRank(t[f"left.{layer}"], t[f"right.{layer}"]) for layer in entry["layers"]}
 
     def preserved_keys(self, method: str = "alphaedit") -> dict[int, torch.Tensor]:
         """Σ K Kᵀ per layer over the active AlphaEdit batches: what a new AlphaEdit batch must preserve."""
@@ -151,9 +185,9 @@ class Ledger:
         for e in self.active():
             if e.get("kind") == "batch" and e["method"] == method:
                 t = self.tensors(e)
-                for l in e["layers"]:
-                    k = t[f"keys.{l}"].double()
-                    out[l] = k @ k.T if l not in out else out[l] + k @ k.T
+                for layer in e["layers"]:
+                    k = t[f"keys.{layer}"].double()
+                    out[layer] = k @ k.T if layer not in out else out[layer] + k @ k.T
         return out
 
     def rebuild(self, model: torch.nn.Module, spec: ArchSpec) -> int:

@@ -27,42 +27,58 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.core.arch import ArchSpec
-from pipeline.errors import UserError
+from pipeline.core.hooks import Trace, get_module
+from pipeline.core.padding import right_pad
+from pipeline.core.requests import EditRequest
+from pipeline.core.timing import Clock, model_device
 from pipeline.editors.base import Edit, Editor, register
 from pipeline.editors.hparams import BatchHparams, typed
 from pipeline.editors.ledger import Ledger
-from pipeline.core.hooks import Trace, get_module
-from pipeline.core.padding import right_pad
 from pipeline.editors.rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
-from pipeline.core.requests import EditRequest
+from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows, subject_rows
+from pipeline.errors import UserError
 from pipeline.stats.second_moment import LayerStats
 from pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
-from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows, subject_rows
-from pipeline.core.timing import Clock, model_device
 
-__all__ = ["MemitEditor", "AlphaEditEditor", "BatchResult", "batch_edit", "begin_batch", "finish_batch", "BatchEdit", "write_targets",
-           "subject_states", "PromptRows", "target_optimisation", "memit_right", "alphaedit_right", "prepare", "METHODS"]
+__all__ = [
+    "MemitEditor",
+    "AlphaEditEditor",
+    "BatchResult",
+    "batch_edit",
+    "begin_batch",
+    "finish_batch",
+    "BatchEdit",
+    "write_targets",
+    "subject_states",
+    "PromptRows",
+    "target_optimisation",
+    "memit_right",
+    "alphaedit_right",
+    "prepare",
+    "METHODS",
+]
 
 METHODS = ("memit", "alphaedit")
 
 
-def prepare(ctx: "MemitEditor", stats: dict[int, LayerStats]) -> dict[int, int]:
+def prepare(ctx: MemitEditor, stats: dict[int, LayerStats]) -> dict[int, int]:
     """Factorise each layer's C once for the run (``ctx.solvers``) and, for AlphaEdit, build the null-space
     projectors from C's cached eigendecomposition (``ctx.projectors``); returns each projector's rank."""
     device = model_device(ctx.model)
     ranks = {}
-    for l in ctx.layers:
-        ctx.solvers[l] = KeySolver(stats[l].second_moment, float(ctx.hp.ridge), device)
+    for layer in ctx.layers:
+        ctx.solvers[layer] = KeySolver(stats[layer].second_moment, float(ctx.hp.ridge), device)
         if ctx.method == "alphaedit":
-            values, vectors = cached_eigendecomposition(stats[l], device)
-            projector, ranks[l] = null_space_projector(values, vectors, float(ctx.hp.alphaedit.nullspace_threshold))
-            ctx.projectors[l] = projector.to(device)
+            values, vectors = cached_eigendecomposition(stats[layer], device)
+            projector, ranks[layer] = null_space_projector(values, vectors, float(ctx.hp.alphaedit.nullspace_threshold))
+            ctx.projectors[layer] = projector.to(device)
     return ranks
 
 
@@ -89,7 +105,7 @@ class PromptRows:
     n_requests: int
 
     @classmethod
-    def build(cls, ctx: "MemitEditor", requests: Sequence[EditRequest]) -> "PromptRows":
+    def build(cls, ctx: MemitEditor, requests: Sequence[EditRequest]) -> PromptRows:
         rows, owner = [], []
         for i, r in enumerate(requests):
             found = subject_rows(ctx.tokenizer, [t.replace("{}", r.prompt) for t in ctx.templates], r.subject)
@@ -99,15 +115,16 @@ class PromptRows:
 
 
 @torch.no_grad()
-def subject_states(ctx: "MemitEditor", prompts: PromptRows, key_layers: Sequence[int],
-                   out_layer: int | None) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+def subject_states(
+    ctx: MemitEditor, prompts: PromptRows, key_layers: Sequence[int], out_layer: int | None
+) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     """Per request, averaged over the templates, at the subject's last token: the down-projection inputs of
     ``key_layers`` ({layer: [n, d_ff]}) and the block output of ``out_layer`` ([n, d_model]); float32.
     Passes of at most ``hp.memit.rows_per_pass`` rows, each stopped after the deepest module it needs."""
     model, tok, spec = ctx.model, ctx.tokenizer, ctx.spec
     device = model_device(model)
     rows, owner, n = prompts.rows, prompts.owner, prompts.n_requests
-    keys = {l: torch.zeros(n, spec.key_size(model, l), device=device) for l in key_layers}
+    keys = {layer: torch.zeros(n, spec.key_size(model, layer), device=device) for layer in key_layers}
     out = None
     per_pass = int(ctx.hp.memit.rows_per_pass)
     last = max([*key_layers, *([out_layer] if out_layer is not None else [])])
@@ -115,26 +132,37 @@ def subject_states(ctx: "MemitEditor", prompts: PromptRows, key_layers: Sequence
         chunk = rows[start : start + per_pass]
         ids, mask = right_pad([r for r, _ in chunk], tok.pad_token_id or 0, device)
         with contextlib.ExitStack() as stack:  # the deepest module stops the pass (its Trace ends it quietly)
-            traces = [stack.enter_context(Trace(get_module(model, spec.down_proj_name(l)), retain_input=True,
-                                                stop=out_layer is None and l == last)) for l in key_layers]
+            traces = [
+                stack.enter_context(
+                    Trace(
+                        get_module(model, spec.down_proj_name(layer)),
+                        retain_input=True,
+                        stop=out_layer is None and layer == last,
+                    )
+                )
+                for layer in key_layers
+            ]
             if out_layer is not None:
-                traces.append(stack.enter_context(Trace(get_module(model, spec.block_name(out_layer)),
-                                                        retain_output=True, stop=True)))
+                traces.append(
+                    stack.enter_context(
+                        Trace(get_module(model, spec.block_name(out_layer)), retain_output=True, stop=True)
+                    )
+                )
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         at = torch.arange(len(chunk), device=device)
         pos = torch.tensor([s for _, s in chunk], device=device)
         who = torch.tensor(owner[start : start + per_pass], device=device)
-        for l, t in zip(key_layers, traces):
-            keys[l].index_add_(0, who, t.input[at, pos].float())
+        for layer, t in zip(key_layers, traces):
+            keys[layer].index_add_(0, who, t.input[at, pos].float())
         if out_layer is not None:
             h = traces[-1].output[at, pos].float()
             out = torch.zeros(n, h.shape[-1], device=device) if out is None else out
             out.index_add_(0, who, h)
     n_templates = len(ctx.templates)
-    return {l: k / n_templates for l, k in keys.items()}, (out / n_templates if out is not None else None)
+    return {layer: k / n_templates for layer, k in keys.items()}, (out / n_templates if out is not None else None)
 
 
-def target_optimisation(ctx: "MemitEditor", requests: Sequence[EditRequest], h0: torch.Tensor) -> ValueOptimisation:
+def target_optimisation(ctx: MemitEditor, requests: Sequence[EditRequest], h0: torch.Tensor) -> ValueOptimisation:
     """δ for every request at once: added to the last layer's block output at the subject's last token,
     ROME's loss per request, Adam per element (so each request gets what it would get alone)."""
     tok, hp = ctx.tokenizer, ctx.hp
@@ -151,8 +179,9 @@ def memit_right(keys: torch.Tensor, solver: KeySolver, mom2_update_weight: float
     return torch.linalg.solve(small, c_inv_k.T).T  # small is symmetric: (C⁻¹K small⁻¹) = (small⁻¹ (C⁻¹K)ᵀ)ᵀ
 
 
-def alphaedit_right(keys: torch.Tensor, projector: torch.Tensor, preserved: torch.Tensor | None,
-                    alpha: float) -> torch.Tensor:
+def alphaedit_right(
+    keys: torch.Tensor, projector: torch.Tensor, preserved: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
     """(P (K Kᵀ + preserved) + α I)⁻¹ P K [d_ff, n] (float64); it lies in P's range."""
     p = projector.to(device=keys.device, dtype=torch.float64)
     b = keys @ keys.T
@@ -169,10 +198,10 @@ class BatchEdit(Edit):
 
     requests: list[EditRequest]
     h0: torch.Tensor  # [n, d_model] the last layer's residual stream, averaged over the templates
-    result: "BatchResult | None" = None
+    result: BatchResult | None = None
 
 
-def begin_batch(ctx: "MemitEditor", requests: Sequence[EditRequest]) -> BatchEdit:
+def begin_batch(ctx: MemitEditor, requests: Sequence[EditRequest]) -> BatchEdit:
     """Read h̄ at the last layer for every request and set up their δ optimisation (one batch of rows)."""
     clock = Clock(ctx.model)
     _, h0 = subject_states(ctx, PromptRows.build(ctx, requests), [], ctx.layers[-1])
@@ -181,7 +210,7 @@ def begin_batch(ctx: "MemitEditor", requests: Sequence[EditRequest]) -> BatchEdi
     return BatchEdit(list(requests), h0, optimisation=opt, timings=clock.timings)
 
 
-def finish_batch(ctx: "MemitEditor", state: BatchEdit) -> BatchResult:
+def finish_batch(ctx: MemitEditor, state: BatchEdit) -> BatchResult:
     """z = h̄ + δ once the optimisation is done, written into the layers."""
     result = write_targets(ctx, state.requests, state.h0 + state.optimisation.result())
     result.losses, result.p_target = state.optimisation.losses, state.optimisation.p_target
@@ -192,14 +221,14 @@ def finish_batch(ctx: "MemitEditor", state: BatchEdit) -> BatchResult:
     return result
 
 
-def batch_edit(ctx: "MemitEditor", requests: Sequence[EditRequest]) -> BatchResult:
+def batch_edit(ctx: MemitEditor, requests: Sequence[EditRequest]) -> BatchResult:
     """One batch through every phase, in place: z for every request, then one low-rank update per layer."""
     edit = ctx.begin(requests)
     ctx.advance(edit, "verified")
     return edit.result
 
 
-def write_targets(ctx: "MemitEditor", requests: Sequence[EditRequest], z: torch.Tensor) -> BatchResult:
+def write_targets(ctx: MemitEditor, requests: Sequence[EditRequest], z: torch.Tensor) -> BatchResult:
     """Spread z − h̄ over the layer set, ascending, one low-rank update per layer written in place."""
     model, spec, hp, layers = ctx.model, ctx.spec, ctx.hp, ctx.layers
     timings = {"keys": 0.0, "solve": 0.0}
@@ -227,11 +256,11 @@ def write_targets(ctx: "MemitEditor", requests: Sequence[EditRequest], z: torch.
         clock.lap("solve")
     keys, h_end = subject_states(ctx, prompts, layers, layers[-1])  # the final model's keys: AlphaEdit keeps them
     residual.append(float((z - h_end.double()).norm(dim=-1).mean()))
-    final_keys = {l: k.double().T for l, k in keys.items()}
+    final_keys = {layer: k.double().T for layer, k in keys.items()}
     if ctx.method == "alphaedit":
-        for l, k in final_keys.items():
+        for layer, k in final_keys.items():
             add = k @ k.T
-            ctx.preserved[l] = add if l not in ctx.preserved else ctx.preserved[l] + add
+            ctx.preserved[layer] = add if layer not in ctx.preserved else ctx.preserved[layer] + add
     clock.lap("keys")
     return BatchResult(list(requests), list(layers), updates, final_keys, z.float(), [], [], residual, norms, timings)
 
@@ -245,8 +274,18 @@ class MemitEditor(Editor):
     recordable = True
     per_case = False  # batches across layers: eval.mode=sequential or batch measures it
 
-    def __init__(self, name: str, model: nn.Module, tokenizer: Any, spec: ArchSpec, hp: Any, layers: Sequence[int],
-                 templates: list[str], batch_size: int, stats_id: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        tokenizer: Any,
+        spec: ArchSpec,
+        hp: Any,
+        layers: Sequence[int],
+        templates: list[str],
+        batch_size: int,
+        stats_id: dict[str, Any] | None = None,
+    ) -> None:
         layers = list(layers)
         if not layers or sorted(set(layers)) != layers:
             raise UserError(f"edit.layers={layers} must be increasing layer indices (e.g. [2,3,4,5,6])")
@@ -267,15 +306,26 @@ class MemitEditor(Editor):
         from pipeline.stats.store import stats_identity
 
         if not cfg.edit.layers:
-            raise UserError(f"{name} needs a layer set: pass edit.layers=[...] (or set edit_layers in the model's file)")
+            raise UserError(
+                f"{name} needs a layer set: pass edit.layers=[...] (or set edit_layers in the model's file)"
+            )
         if statistics is None:
             raise UserError(f"{name} needs C for its layers but no statistics were given")
         hp = method_hparams(cfg, conf, measure_only)
         layers = [loaded.spec.check_layer(loaded.model, layer, "edit.layers") for layer in cfg.edit.layers]
         templates = templates_for(cfg, loaded, hp.memit.templates)
         stats = statistics(layers)
-        editor = cls(name, loaded.model, loaded.tokenizer, loaded.spec, hp, layers, templates,
-                     int(cfg.edit.batch_size), {str(l): stats_identity(s) for l, s in stats.items()})
+        editor = cls(
+            name,
+            loaded.model,
+            loaded.tokenizer,
+            loaded.spec,
+            hp,
+            layers,
+            templates,
+            int(cfg.edit.batch_size),
+            {str(layer): stats_identity(s) for layer, s in stats.items()},
+        )
         editor.null_space_ranks = prepare(editor, stats)
         return editor
 
@@ -292,8 +342,9 @@ class MemitEditor(Editor):
     def apply(self, edit: BatchEdit) -> None:
         finish_batch(self, edit)
 
-    def record(self, edit: BatchEdit, ledger: Ledger, model_identity: dict[str, str],
-               run: dict[str, Any] | None = None) -> int | None:
+    def record(
+        self, edit: BatchEdit, ledger: Ledger, model_identity: dict[str, str], run: dict[str, Any] | None = None
+    ) -> int | None:
         return ledger.append_batch(self, edit.result, model_identity, self.stats_id, run)
 
     def info(self, edit: BatchEdit) -> dict[str, Any]:
@@ -310,7 +361,7 @@ class AlphaEditEditor(MemitEditor):
 
     def continue_from(self, ledger: Ledger) -> str | None:
         device = model_device(self.model)
-        self.preserved = {l: k.to(device) for l, k in ledger.preserved_keys().items() if l in self.layers}
+        self.preserved = {layer: k.to(device) for layer, k in ledger.preserved_keys().items() if layer in self.layers}
         if self.preserved:
             return f"preserving the keys of the ledger's earlier AlphaEdit batches (layers {sorted(self.preserved)})"
         return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipeline.core.requests import EditRequest
 from pipeline.editors.base import Edit, Editor, register

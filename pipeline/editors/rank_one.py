@@ -11,13 +11,22 @@ A batch edit (MEMIT, AlphaEdit) writes a low-rank ΔW = L Rᵀ (``LowRank``) thr
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from pipeline.errors import UserError
 
-__all__ = ["RankOne", "LowRank", "apply_low_rank", "KeySolver", "rank_one_update", "apply_rank_one", "update_norm", "frobenius_norm"]
+__all__ = [
+    "RankOne",
+    "LowRank",
+    "apply_low_rank",
+    "KeySolver",
+    "rank_one_update",
+    "apply_rank_one",
+    "update_norm",
+    "frobenius_norm",
+]
 
 
 @dataclasses.dataclass
@@ -45,7 +54,9 @@ class KeySolver:
     follows the keys: when they arrive on another device (a model moved to its rank's GPU after the solver
     was built), it moves there once."""
 
-    def __init__(self, second_moment: torch.Tensor | None, ridge: float = 0.0, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, second_moment: torch.Tensor | None, ridge: float = 0.0, device: torch.device | str | None = None
+    ) -> None:
         self.factor: torch.Tensor | None = None
         if second_moment is None:
             return
@@ -56,9 +67,11 @@ class KeySolver:
         del c
         if int(info) != 0:
             d = second_moment.shape[0]
-            raise UserError(f"the key second moment C ({d}x{d}) is not positive definite: too few statistics tokens "
-                            f"(it needs many more than {d}); raise stats.tokens (and give the data for them), "
-                            "or set edit.ridge=1e-4 to solve with C + ridge*I")
+            raise UserError(
+                f"the key second moment C ({d}x{d}) is not positive definite: too few statistics tokens "
+                f"(it needs many more than {d}); raise stats.tokens (and give the data for them), "
+                "or set edit.ridge=1e-4 to solve with C + ridge*I"
+            )
         self.factor = chol
 
     def solve(self, k: torch.Tensor) -> torch.Tensor:
@@ -71,8 +84,13 @@ class KeySolver:
         return torch.cholesky_solve(k[:, None] if k.dim() == 1 else k, self.factor).reshape(k.shape)
 
 
-def rank_one_update(w: torch.Tensor, k_star: torch.Tensor, v_star: torch.Tensor, solver: KeySolver,
-                    key_direction: torch.Tensor | None = None) -> RankOne:
+def rank_one_update(
+    w: torch.Tensor,
+    k_star: torch.Tensor,
+    v_star: torch.Tensor,
+    solver: KeySolver,
+    key_direction: torch.Tensor | None = None,
+) -> RankOne:
     """``w`` is [d_model, d_ff] (out x in); ``v_star`` is the wanted W' k* (bias excluded). The update's
     direction is u = C⁻¹ ``key_direction`` (default k* itself; ROME's original takes the template-averaged
     key there while writing v* at the bare prompt's key)."""

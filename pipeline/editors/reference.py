@@ -5,22 +5,30 @@ original's loop with it (the speed baseline). No editor uses it."""
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
-from pipeline.editors.hparams import ValueHparams
 from pipeline.core.arch import ArchSpec
 from pipeline.core.hooks import Trace, get_module
 from pipeline.core.padding import right_pad
 from pipeline.core.timing import model_device
+from pipeline.editors.hparams import ValueHparams
 from pipeline.editors.value import LossParts, Rows
 
 __all__ = ["reference_loss"]
 
 
-def reference_loss(model: torch.nn.Module, spec: ArchSpec, module: str, rows: Rows, pad: int, delta: torch.Tensor,
-                   v0_norm: torch.Tensor, kl_init: torch.Tensor | None, hp: ValueHparams) -> LossParts:
+def reference_loss(
+    model: torch.nn.Module,
+    spec: ArchSpec,
+    module: str,
+    rows: Rows,
+    pad: int,
+    delta: torch.Tensor,
+    v0_norm: torch.Tensor,
+    kl_init: torch.Tensor | None,
+    hp: ValueHparams,
+) -> LossParts:
     """The same loss for one request the way the original computes it: the whole model over the whole
     right-padded prompts every step, δ added at each row's subject-last token, logits everywhere."""
     device = model_device(model)
@@ -38,8 +46,9 @@ def reference_loss(model: torch.nn.Module, spec: ArchSpec, module: str, rows: Ro
     lengths = mask.sum(1)
     target = torch.tensor(rows.target, device=device)[:, None]
     # row i = prompt + target[:-1]: the logits at lengths[i] - t + j predict target token j
-    target_logp = torch.stack([logp[i, lengths[i] - t + torch.arange(t, device=device)].gather(-1, target)[:, 0]
-                               for i in range(n)])  # [n, t]
+    target_logp = torch.stack(
+        [logp[i, lengths[i] - t + torch.arange(t, device=device)].gather(-1, target)[:, 0] for i in range(n)]
+    )  # [n, t]
     nll = (-target_logp.sum(1) / t).mean()
     kl_logp = logp[torch.arange(n, len(rows.ids), device=device), idx[n:]]
     kl = torch.zeros((), device=device)
@@ -47,5 +56,6 @@ def reference_loss(model: torch.nn.Module, spec: ArchSpec, module: str, rows: Ro
         kl = hp.kl_factor * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
     wd = hp.weight_decay * delta[0].norm() / v0_norm[0] ** 2
     one = lambda x: x.reshape(1)  # noqa: E731
-    return LossParts(one(nll + kl + wd), one(nll), one(kl), one(wd), one(torch.exp(target_logp.sum(1) / t).mean()),
-                     kl_logp)
+    return LossParts(
+        one(nll + kl + wd), one(nll), one(kl), one(wd), one(torch.exp(target_logp.sum(1) / t).mean()), kl_logp
+    )

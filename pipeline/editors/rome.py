@@ -24,27 +24,40 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from pipeline.core.arch import ArchSpec, arch_for
-from pipeline.errors import UserError
-from pipeline.editors.base import Edit, Editor, register
-from pipeline.editors.hparams import RomeHparams, typed
-from pipeline.editors.ledger import Ledger
 from pipeline.core.hooks import Trace, get_module
 from pipeline.core.padding import right_pad
 from pipeline.core.probability import greedy_continuation, new_and_true_probs
-from pipeline.editors.rank_one import KeySolver, RankOne, apply_rank_one, frobenius_norm, rank_one_update, update_norm
 from pipeline.core.requests import EditRequest, request_from_record
-from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows, subject_rows
 from pipeline.core.timing import Clock, model_device
+from pipeline.editors.base import Edit, Editor, register
+from pipeline.editors.hparams import RomeHparams, typed
+from pipeline.editors.ledger import Ledger
+from pipeline.editors.rank_one import KeySolver, RankOne, apply_rank_one, frobenius_norm, rank_one_update, update_norm
+from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows, subject_rows
+from pipeline.errors import UserError
 
-__all__ = ["RomeEditor", "EditResult", "edit", "begin", "apply_edit", "verify_edit", "key_and_value", "keys_and_values",
-           "KEY_VARIANTS", "measure", "verification_problems", "ledger_entry"]
+__all__ = [
+    "RomeEditor",
+    "EditResult",
+    "edit",
+    "begin",
+    "apply_edit",
+    "verify_edit",
+    "key_and_value",
+    "keys_and_values",
+    "KEY_VARIANTS",
+    "measure",
+    "verification_problems",
+    "ledger_entry",
+]
 
 
 @dataclasses.dataclass
@@ -56,7 +69,9 @@ class EditResult(Edit):
     module: str
     k_star: torch.Tensor  # [d_ff] float32: the key v* is written at (averaged over the templates by default)
     v0: torch.Tensor  # [d_model] float32: the value the optimisation starts from (v* = v₀ + δ)
-    k_direction: torch.Tensor  # [d_ff] float32: the template-averaged key; the update's direction is u = C⁻¹ k_direction
+    k_direction: (
+        torch.Tensor
+    )  # [d_ff] float32: the template-averaged key; the update's direction is u = C⁻¹ k_direction
     delta: torch.Tensor | None = None  # [d_model]: v* = v₀ + δ (set when the optimisation ends)
     losses: list[float] = dataclasses.field(default_factory=list)  # the loss at every v* step
     p_target: float = 0.0  # the model's mean P(target) over the rewriting prompts at the last step
@@ -89,8 +104,9 @@ KEY_VARIANTS = {
 
 
 @torch.no_grad()
-def keys_and_values(model: nn.Module, tokenizer: Any, spec: ArchSpec, layer: int, templates: list[str], prompt: str,
-                    subject: str) -> tuple[torch.Tensor, torch.Tensor]:
+def keys_and_values(
+    model: nn.Module, tokenizer: Any, spec: ArchSpec, layer: int, templates: list[str], prompt: str, subject: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The down-projection's input and output at the subject's last token under every template ([templates,
     d_ff] and [templates, d_model], float32): one batched pass in the model's dtype that stops after the layer."""
     device = model_device(model)
@@ -103,8 +119,16 @@ def keys_and_values(model: nn.Module, tokenizer: Any, spec: ArchSpec, layer: int
     return t.input[at, idx].float(), t.output[at, idx].float()
 
 
-def key_and_value(model: nn.Module, tokenizer: Any, spec: ArchSpec, layer: int, templates: list[str], prompt: str,
-                  subject: str, variant: str = "averaged") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def key_and_value(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: ArchSpec,
+    layer: int,
+    templates: list[str],
+    prompt: str,
+    subject: str,
+    variant: str = "averaged",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k*, v₀ and the direction key for ``variant`` (``KEY_VARIANTS``); "bare" is template 0, ``"{}"``."""
     keys, values = keys_and_values(model, tokenizer, spec, layer, templates, prompt, subject)
     if variant not in KEY_VARIANTS:
@@ -123,7 +147,9 @@ def prompt_sets(request: EditRequest) -> dict[str, list[str]]:
     return {"prompt": [request.text], "paraphrases": list(request.paraphrases), "neighbours": list(request.neighbours)}
 
 
-def measure(model: nn.Module, tokenizer: Any, request: EditRequest, batch_size: int) -> dict[str, dict[str, list[float]]]:
+def measure(
+    model: nn.Module, tokenizer: Any, request: EditRequest, batch_size: int
+) -> dict[str, dict[str, list[float]]]:
     """P(target_new) and P(target_true) on the prompt, the paraphrases and the neighbours (one batched pass)."""
     sets = {name: (ps, [request.target_true] * len(ps)) for name, ps in prompt_sets(request).items()}
     return new_and_true_probs(model, tokenizer, sets, request.target_new, batch_size)
@@ -135,11 +161,15 @@ def verification_problems(result: EditResult, post: Mapping[str, Mapping[str, li
     if not verify.enabled:
         return out
     if result.norms["relative_update"] > float(verify.max_relative_update):
-        out.append(f"‖ΔW‖/‖W‖ = {result.norms['relative_update']:.3g} exceeds edit.verify.max_relative_update="
-                   f"{verify.max_relative_update} (a disabling edit)")
+        out.append(
+            f"‖ΔW‖/‖W‖ = {result.norms['relative_update']:.3g} exceeds edit.verify.max_relative_update="
+            f"{verify.max_relative_update} (a disabling edit)"
+        )
     if result.norms["denominator"] < float(verify.min_denominator):
-        out.append(f"(C⁻¹k*)ᵀk* = {result.norms['denominator']:.3g} is below edit.verify.min_denominator="
-                   f"{verify.min_denominator}")
+        out.append(
+            f"(C⁻¹k*)ᵀk* = {result.norms['denominator']:.3g} is below edit.verify.min_denominator="
+            f"{verify.min_denominator}"
+        )
     for name, want_new in (("prompt", True), ("paraphrases", True), ("neighbours", False)):
         p = post.get(name)
         if not p or not p["true"]:
@@ -160,7 +190,7 @@ def model_answer(model: nn.Module, tokenizer: Any, prompt: str, max_tokens: int)
     return found.group(0) if found else None
 
 
-def begin(ctx: "RomeEditor", request: EditRequest) -> EditResult:
+def begin(ctx: RomeEditor, request: EditRequest) -> EditResult:
     """Measure the unedited model (when verifying), compute k* and v₀, and set up the v* optimisation.
 
     Verification compares P(new) with P(true): without a ``target_true`` the model's own pre-edit answer
@@ -178,17 +208,29 @@ def begin(ctx: "RomeEditor", request: EditRequest) -> EditResult:
     if int(hp.generate_tokens):
         generations["pre"] = greedy_continuation(model, tok, request.text, int(hp.generate_tokens))
     clock.lap("pre")
-    k_star, v0, k_direction = key_and_value(model, tok, ctx.spec, ctx.layer, ctx.templates, request.prompt,
-                                            request.subject, str(hp.variant))
+    k_star, v0, k_direction = key_and_value(
+        model, tok, ctx.spec, ctx.layer, ctx.templates, request.prompt, request.subject, str(hp.variant)
+    )
     rows = build_rows(tok, ctx.templates, request.prompt, request.subject, request.target_new, list(hp.kl_prompts))
     batch = ValueBatch.build(model, ctx.spec, [rows], tok.pad_token_id or 0)
     opt = ValueOptimisation(model, ctx.spec, ctx.spec.mlp_name(ctx.layer), batch, v0[None], hp.v)
     clock.lap("keys")
-    return EditResult(request, ctx.layer, ctx.module, k_star, v0, k_direction, optimisation=opt, probs=probs,
-                      generations=generations, timings=timings, true_from_model=true_from_model)
+    return EditResult(
+        request,
+        ctx.layer,
+        ctx.module,
+        k_star,
+        v0,
+        k_direction,
+        optimisation=opt,
+        probs=probs,
+        generations=generations,
+        timings=timings,
+        true_from_model=true_from_model,
+    )
 
 
-def apply_edit(ctx: "RomeEditor", result: EditResult) -> None:
+def apply_edit(ctx: RomeEditor, result: EditResult) -> None:
     """Solve Λ (C⁻¹k*)ᵀ in float64 and add it to the down-projection in place, in its own orientation."""
     clock = Clock(ctx.model, result.timings)
     weight = ctx.spec.down_proj_weight(ctx.model, ctx.layer)
@@ -203,14 +245,19 @@ def apply_edit(ctx: "RomeEditor", result: EditResult) -> None:
     if ctx.hp.verify.enabled and ctx.hp.verify.rollback:  # only a rollback needs the old matrix
         result.backup = weight.detach().clone()
     apply_rank_one(weight, result.update, ctx.spec.down_proj_conv1d)
-    result.norms = {"delta_w": update_norm(result.update), "w": norm_w,
-                    "relative_update": update_norm(result.update) / norm_w, "denominator": result.update.denominator,
-                    "delta": float(result.delta.norm()), "v0": float(result.v0.norm())}
+    result.norms = {
+        "delta_w": update_norm(result.update),
+        "w": norm_w,
+        "relative_update": update_norm(result.update) / norm_w,
+        "denominator": result.update.denominator,
+        "delta": float(result.delta.norm()),
+        "v0": float(result.v0.norm()),
+    }
     result.status = "applied"
     clock.lap("apply")
 
 
-def verify_edit(ctx: "RomeEditor", result: EditResult) -> None:
+def verify_edit(ctx: RomeEditor, result: EditResult) -> None:
     """Measure the edited model; roll the edit back (``edit.verify.rollback``) when a check fails."""
     model, tok, hp = ctx.model, ctx.tokenizer, ctx.hp
     clock = Clock(model, result.timings)
@@ -240,17 +287,26 @@ def verify_edit(ctx: "RomeEditor", result: EditResult) -> None:
 # ----------------------------------------------------------------------------------------- the editor
 
 
-def ledger_entry(ctx: "RomeEditor", result: EditResult, model_identity: dict[str, str]) -> dict[str, Any]:
+def ledger_entry(ctx: RomeEditor, result: EditResult, model_identity: dict[str, str]) -> dict[str, Any]:
     """The ledger's record of one edit (the factors go into its file: ``Ledger.append``)."""
     return {
         # a failed check without rollback leaves the edit in the weights: it stays "applied"
         "status": "rolled_back" if result.status == "rolled_back" else "applied",
-        "verified": result.status == "applied", "reason": result.reason, "request": result.request.as_dict(),
+        "verified": result.status == "applied",
+        "reason": result.reason,
+        "request": result.request.as_dict(),
         "true_from_model": result.true_from_model,
-        "layer": result.layer, "module": result.module, "conv1d": ctx.spec.down_proj_conv1d,
-        "denominator": result.update.denominator, "norms": result.norms, "probs": result.probs,
-        "generations": result.generations, "losses": result.losses, "timings": result.timings,
-        "model": model_identity, "stats": ctx.stats_id,
+        "layer": result.layer,
+        "module": result.module,
+        "conv1d": ctx.spec.down_proj_conv1d,
+        "denominator": result.update.denominator,
+        "norms": result.norms,
+        "probs": result.probs,
+        "generations": result.generations,
+        "losses": result.losses,
+        "timings": result.timings,
+        "model": model_identity,
+        "stats": ctx.stats_id,
     }
 
 
@@ -260,8 +316,18 @@ class RomeEditor(Editor):
 
     recordable = True
 
-    def __init__(self, name: str, model: nn.Module, tokenizer: Any, spec: ArchSpec, hp: Any, layer: int,
-                 templates: list[str], solver: KeySolver, stats_id: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        tokenizer: Any,
+        spec: ArchSpec,
+        hp: Any,
+        layer: int,
+        templates: list[str],
+        solver: KeySolver,
+        stats_id: dict[str, Any] | None = None,
+    ) -> None:
         hp = typed(RomeHparams, OmegaConf.merge(hp, {"layer": layer}))
         super().__init__(name, model, tokenizer, spec, hp, [layer])
         self.layer, self.templates, self.solver, self.stats_id = layer, templates, solver, stats_id
@@ -272,12 +338,17 @@ class RomeEditor(Editor):
         from pipeline.stats.store import stats_identity
 
         hp = method_hparams(cfg, conf, measure_only)
-        layer = edit_layer(cfg, loaded) if conf.get("layer") is None else \
-            loaded.spec.check_layer(loaded.model, conf.layer, f"method.{name}.layer")
+        layer = (
+            edit_layer(cfg, loaded)
+            if conf.get("layer") is None
+            else loaded.spec.check_layer(loaded.model, conf.layer, f"method.{name}.layer")
+        )
         c, stats_id = None, None
         if hp.mom2_adjustment:
             if statistics is None:
-                raise UserError(f"{name} needs C for layer {layer} (mom2_adjustment is on) but no statistics were given")
+                raise UserError(
+                    f"{name} needs C for layer {layer} (mom2_adjustment is on) but no statistics were given"
+                )
             stats = statistics([layer])[layer]
             c, stats_id = stats.second_moment, stats_identity(stats)
         solver = KeySolver(c, float(hp.ridge), model_device(loaded.model))
@@ -306,8 +377,9 @@ class RomeEditor(Editor):
     def verify(self, edit: EditResult) -> None:
         verify_edit(self, edit)
 
-    def record(self, edit: EditResult, ledger: Ledger, model_identity: dict[str, str],
-               run: dict[str, Any] | None = None) -> int | None:
+    def record(
+        self, edit: EditResult, ledger: Ledger, model_identity: dict[str, str], run: dict[str, Any] | None = None
+    ) -> int | None:
         if edit.update is None:
             return None
         entry = ledger_entry(self, edit, model_identity)
@@ -316,17 +388,31 @@ class RomeEditor(Editor):
         return ledger.append(entry, edit.update)
 
     def info(self, edit: EditResult) -> dict[str, Any]:
-        return {"timings": dict(edit.timings), "steps": len(edit.losses),
-                "loss": [edit.losses[0], edit.losses[-1]] if edit.losses else [],
-                "relative_update": edit.norms.get("relative_update"), "denominator": edit.norms.get("denominator")}
+        return {
+            "timings": dict(edit.timings),
+            "steps": len(edit.losses),
+            "loss": [edit.losses[0], edit.losses[-1]] if edit.losses else [],
+            "relative_update": edit.norms.get("relative_update"),
+            "denominator": edit.norms.get("denominator"),
+        }
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "stats": self.stats_id}
 
 
-def edit(model: nn.Module, tokenizer: Any, request: EditRequest | Mapping[str, Any], *, layer: int | None = None,
-         second_moment: torch.Tensor | KeySolver | None = None, hparams: Any = None, templates: list[str] | None = None,
-         spec: ArchSpec | None = None, seed: int = 0, on_step: Callable[[EditResult], None] | None = None) -> EditResult:
+def edit(
+    model: nn.Module,
+    tokenizer: Any,
+    request: EditRequest | Mapping[str, Any],
+    *,
+    layer: int | None = None,
+    second_moment: torch.Tensor | KeySolver | None = None,
+    hparams: Any = None,
+    templates: list[str] | None = None,
+    spec: ArchSpec | None = None,
+    seed: int = 0,
+    on_step: Callable[[EditResult], None] | None = None,
+) -> EditResult:
     """One ROME edit of ``model`` in place (rolled back if verification fails and rollback is on).
 
     ``request``: an ``EditRequest`` or a mapping (``prompt`` with ``{}`` or the subject, ``subject``,
@@ -354,8 +440,11 @@ def edit(model: nn.Module, tokenizer: Any, request: EditRequest | Mapping[str, A
         torch.manual_seed(seed)
         templates = context_templates(model, tokenizer, None, hp.templates, None, seed=seed)
         clock.lap("templates")
-    solver = second_moment if isinstance(second_moment, KeySolver) else \
-        KeySolver(second_moment, float(hp.ridge), model_device(model))
+    solver = (
+        second_moment
+        if isinstance(second_moment, KeySolver)
+        else KeySolver(second_moment, float(hp.ridge), model_device(model))
+    )
     (result,) = RomeEditor("rome", model, tokenizer, spec, hp, layer, templates, solver).edit([request], on_step)
     result.timings = {**timings, **result.timings}
     return result

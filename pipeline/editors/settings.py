@@ -5,8 +5,9 @@ Python API uses. The editors import this module; the factory imports the editors
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -36,8 +37,9 @@ def method_hparams(cfg: DictConfig, conf: DictConfig, measure_only: bool) -> Dic
 def templates_for(cfg: DictConfig, loaded: LoadedModel, templates: DictConfig) -> list[str]:
     """Context templates for ``loaded`` (sampled once per model and setting with ``seed``, cached on disk)."""
     torch.manual_seed(int(cfg.seed))
-    return context_templates(loaded.model, loaded.tokenizer, loaded.identity, templates, cache_root(cfg),
-                             seed=int(cfg.seed))
+    return context_templates(
+        loaded.model, loaded.tokenizer, loaded.identity, templates, cache_root(cfg), seed=int(cfg.seed)
+    )
 
 
 def edit_defaults(model: Any = None, overrides: Sequence[str] = ()) -> DictConfig:

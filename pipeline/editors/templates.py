@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pipeline.core.atomic import write_json
 from pipeline.core.digest import json_digest
-from pipeline.errors import UserError
 from pipeline.core.generation import generate_tokens
+from pipeline.errors import UserError
 
 __all__ = ["context_templates", "STYLES", "start_text"]
 
@@ -40,20 +41,24 @@ def start_text(tokenizer: Any) -> str:
         return ROME_START
     start = tokenizer.bos_token or tokenizer.eos_token
     if start is None:
-        raise UserError("edit.templates.style=original needs a beginning- or end-of-text token and this tokenizer "
-                        "has neither; use edit.templates.style=seeded")
+        raise UserError(
+            "edit.templates.style=original needs a beginning- or end-of-text token and this tokenizer "
+            "has neither; use edit.templates.style=seeded"
+        )
     return start
 
 
-def _sample_prefixes(model, tokenizer, style: str, seeds: Sequence[str], lengths: Sequence[Sequence[int]], top_k: int,
-                     seed: int) -> list[str]:
+def _sample_prefixes(
+    model, tokenizer, style: str, seeds: Sequence[str], lengths: Sequence[Sequence[int]], top_k: int, seed: int
+) -> list[str]:
     """One batched call: every (length, count) group is cut from rows of the longest generation."""
     total = sum(n for _, n in lengths)
     original = style == "original"
     new_counts = [length - 1 if original else length for length, n in lengths for _ in range(n)]
     prompts = [start_text(tokenizer)] * total if original else [seeds[i % len(seeds)] for i in range(total)]
-    new = generate_tokens(model, tokenizer, prompts, max(new_counts), top_k=top_k, seed=seed,
-                          add_special_tokens=not original)
+    new = generate_tokens(
+        model, tokenizer, prompts, max(new_counts), top_k=top_k, seed=seed, add_special_tokens=not original
+    )
     texts = []
     for row, (prompt, count) in enumerate(zip(prompts, new_counts)):
         cont = tokenizer.decode(new[row, :count], skip_special_tokens=True)
@@ -64,8 +69,9 @@ def _sample_prefixes(model, tokenizer, style: str, seeds: Sequence[str], lengths
     return texts
 
 
-def context_templates(model, tokenizer, identity: dict[str, str], cfg: Any, cache_dir: Path | None,
-                      seed: int = 0) -> list[str]:
+def context_templates(
+    model, tokenizer, identity: dict[str, str], cfg: Any, cache_dir: Path | None, seed: int = 0
+) -> list[str]:
     """``["{}", "<prefix 1>. {}", ...]``; cached in ``cache_dir`` per model identity and settings."""
     style = str(cfg.style)
     if style not in STYLES:
@@ -73,8 +79,14 @@ def context_templates(model, tokenizer, identity: dict[str, str], cfg: Any, cach
     lengths = [tuple(int(x) for x in pair) for pair in cfg.lengths]
     if style == "original" and min(length for length, _ in lengths) < 2:
         raise UserError("edit.templates.style=original counts the start token in each length: lengths must be >= 2")
-    settings = {"model": identity, "style": style, "seeds": list(cfg.seeds), "lengths": lengths,
-                "top_k": int(cfg.top_k), "seed": seed}
+    settings = {
+        "model": identity,
+        "style": style,
+        "seeds": list(cfg.seeds),
+        "lengths": lengths,
+        "top_k": int(cfg.top_k),
+        "seed": seed,
+    }
     digest = json_digest(settings)
     path = Path(cache_dir) / "templates" / f"{digest}.json" if cache_dir else None
     if path is not None and path.exists():

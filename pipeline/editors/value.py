@@ -21,20 +21,20 @@ Work δ cannot change is done once (``ValueBatch.build``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from pipeline.editors.hparams import ValueHparams
 from pipeline.core.arch import ArchSpec, cache_kwarg
 from pipeline.core.hooks import Trace, get_module
 from pipeline.core.padding import left_pad, right_pad
 from pipeline.core.probability import target_token_ids
 from pipeline.core.subject import fill_prompt, subject_token_range
 from pipeline.core.timing import model_device
+from pipeline.editors.hparams import ValueHparams
 
-__all__ = ["Rows", "build_rows", "subject_rows", "ValueBatch", "value_loss", "LossParts",
-           "ValueOptimisation"]
+__all__ = ["Rows", "build_rows", "subject_rows", "ValueBatch", "value_loss", "LossParts", "ValueOptimisation"]
 
 
 @dataclasses.dataclass
@@ -56,13 +56,15 @@ def subject_rows(tokenizer: Any, prompts: Sequence[str], subject: str) -> list[t
     return out
 
 
-def build_rows(tokenizer: Any, templates: Sequence[str], prompt: str, subject: str, target_new: str,
-               kl_prompts: Sequence[str]) -> Rows:
+def build_rows(
+    tokenizer: Any, templates: Sequence[str], prompt: str, subject: str, target_new: str, kl_prompts: Sequence[str]
+) -> Rows:
     target = target_token_ids(tokenizer, target_new)
     rewrite = subject_rows(tokenizer, [t.replace("{}", prompt) for t in templates], subject)
     kl = subject_rows(tokenizer, kl_prompts, subject)
-    return Rows([r + target[:-1] for r, _ in rewrite] + [r for r, _ in kl], [s for _, s in rewrite + kl],
-                len(templates), target)
+    return Rows(
+        [r + target[:-1] for r, _ in rewrite] + [r for r, _ in kl], [s for _, s in rewrite + kl], len(templates), target
+    )
 
 
 @dataclasses.dataclass
@@ -100,7 +102,7 @@ class ValueBatch:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model: torch.nn.Module, spec: ArchSpec, requests: Sequence[Rows], pad: int) -> "ValueBatch":
+    def build(cls, model: torch.nn.Module, spec: ArchSpec, requests: Sequence[Rows], pad: int) -> ValueBatch:
         device = model_device(model)
         ids = [r for rows in requests for r in rows.ids]
         last = [s for rows in requests for s in rows.subject_last]
@@ -118,10 +120,15 @@ class ValueBatch:
             cache = DynamicCache()
             # only the keys and values are needed: stop before the final norm (no LM head over the prefixes)
             with Trace(get_module(model, spec.final_norm), stop=True):
-                model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=pos, use_cache=True,
-                      **{cache_kwarg(model): cache})
+                model(
+                    input_ids=prefix_ids,
+                    attention_mask=prefix_mask,
+                    position_ids=pos,
+                    use_cache=True,
+                    **{cache_kwarg(model): cache},
+                )
             keep = prefix_mask[:, None, :, None].bool()  # zero the pads: a 0-weight NaN would still poison
-            prefix_kv = [(torch.where(keep, l.keys, 0), torch.where(keep, l.values, 0)) for l in cache.layers]
+            prefix_kv = [(torch.where(keep, kv.keys, 0), torch.where(keep, kv.values, 0)) for kv in cache.layers]
         else:
             prefix_mask = prefix_mask[:, :0]
         suffix_pos = torch.tensor(last, device=device)[:, None] + torch.arange(suffix_ids.shape[1], device=device)[None]
@@ -146,10 +153,22 @@ class ValueBatch:
             offset += len(rows.ids)
         long = dict(dtype=torch.long, device=device)
         flt = dict(dtype=torch.float32, device=device)
-        return cls(suffix_ids, torch.cat([prefix_mask, suffix_mask], 1), suffix_pos, prefix_kv,
-                   torch.tensor(row_request, **long), torch.tensor(t_row, **long), torch.tensor(t_col, **long),
-                   torch.tensor(t_id, **long), torch.tensor(t_w, **flt), torch.tensor(rw, **long),
-                   torch.tensor(rw_w, **flt), torch.tensor(kl, **long), torch.tensor(kl_w, **flt), len(requests))
+        return cls(
+            suffix_ids,
+            torch.cat([prefix_mask, suffix_mask], 1),
+            suffix_pos,
+            prefix_kv,
+            torch.tensor(row_request, **long),
+            torch.tensor(t_row, **long),
+            torch.tensor(t_col, **long),
+            torch.tensor(t_id, **long),
+            torch.tensor(t_w, **flt),
+            torch.tensor(rw, **long),
+            torch.tensor(rw_w, **flt),
+            torch.tensor(kl, **long),
+            torch.tensor(kl_w, **flt),
+            len(requests),
+        )
 
     def cache(self):
         if self.prefix_kv is None:
@@ -167,6 +186,7 @@ class ValueBatch:
 def _add_at_column0(delta: torch.Tensor, row_request: torch.Tensor):
     """δ of each row's request added to the hidden state of the row's first suffix column (the subject's
     last token)."""
+
     def edit(h: torch.Tensor) -> torch.Tensor:
         first = h[:, :1] + delta[row_request].to(h.dtype)[:, None]
         return torch.cat([first, h[:, 1:]], 1)
@@ -174,8 +194,15 @@ def _add_at_column0(delta: torch.Tensor, row_request: torch.Tensor):
     return edit
 
 
-def _loss_parts(batch: ValueBatch, target_logp: torch.Tensor, kl_logp: torch.Tensor, kl_init: torch.Tensor | None,
-                delta: torch.Tensor, v0_norm: torch.Tensor, hp: ValueHparams) -> LossParts:
+def _loss_parts(
+    batch: ValueBatch,
+    target_logp: torch.Tensor,
+    kl_logp: torch.Tensor,
+    kl_init: torch.Tensor | None,
+    delta: torch.Tensor,
+    v0_norm: torch.Tensor,
+    hp: ValueHparams,
+) -> LossParts:
     # per rewriting row: the mean NLL of the target's tokens; per request: the mean over its rows
     row_nll = torch.zeros(batch.suffix_ids.shape[0], dtype=target_logp.dtype, device=target_logp.device)
     row_nll = row_nll.index_add(0, batch.target_row, -target_logp * batch.target_scale)[batch.rewrite_rows]
@@ -189,15 +216,30 @@ def _loss_parts(batch: ValueBatch, target_logp: torch.Tensor, kl_logp: torch.Ten
     return LossParts(nll + kl + wd, nll, kl, wd, p_target, kl_logp)
 
 
-def value_loss(model: torch.nn.Module, spec: ArchSpec, module: str, batch: ValueBatch, delta: torch.Tensor,
-               v0_norm: torch.Tensor, kl_init: torch.Tensor | None, hp: ValueHparams) -> LossParts:
+def value_loss(
+    model: torch.nn.Module,
+    spec: ArchSpec,
+    module: str,
+    batch: ValueBatch,
+    delta: torch.Tensor,
+    v0_norm: torch.Tensor,
+    kl_init: torch.Tensor | None,
+    hp: ValueHparams,
+) -> LossParts:
     """One step's loss, running only the suffix tokens and the LM head only where the loss looks.
     ``module`` is where δ is added (its output, at the subject's last token); ``delta`` is [R, d]."""
     norm = get_module(model, spec.final_norm)
-    with Trace(get_module(model, module), edit_output=_add_at_column0(delta, batch.row_request)), \
-            Trace(norm, retain_output=True, stop=True, detach=False) as out:
-        model(input_ids=batch.suffix_ids, attention_mask=batch.full_mask, position_ids=batch.suffix_pos,
-              use_cache=batch.prefix_kv is not None, **{cache_kwarg(model): batch.cache()})
+    with (
+        Trace(get_module(model, module), edit_output=_add_at_column0(delta, batch.row_request)),
+        Trace(norm, retain_output=True, stop=True, detach=False) as out,
+    ):
+        model(
+            input_ids=batch.suffix_ids,
+            attention_mask=batch.full_mask,
+            position_ids=batch.suffix_pos,
+            use_cache=batch.prefix_kv is not None,
+            **{cache_kwarg(model): batch.cache()},
+        )
     h = out.output
     target_logits = spec.logits(model, h[batch.target_row, batch.target_col])  # [T, vocab]
     target_logp = torch.log_softmax(target_logits, -1).gather(-1, batch.target_id[:, None])[:, 0]
@@ -214,8 +256,9 @@ class ValueOptimisation:
     the early stop needs (the progress display reads the same numbers).
     """
 
-    def __init__(self, model: torch.nn.Module, spec: ArchSpec, module: str, batch: ValueBatch,
-                 v0: torch.Tensor, hp: ValueHparams) -> None:
+    def __init__(
+        self, model: torch.nn.Module, spec: ArchSpec, module: str, batch: ValueBatch, v0: torch.Tensor, hp: ValueHparams
+    ) -> None:
         self.model, self.spec, self.module, self.batch, self.hp = model, spec, module, batch, hp
         self.v0_norm = v0.float().norm(dim=-1)  # [R]
         self.delta = torch.zeros_like(v0, dtype=torch.float32, requires_grad=True)  # [R, d]
@@ -234,7 +277,9 @@ class ValueOptimisation:
 
     def step(self) -> bool:
         """One iteration for every active request; True once every request has finished."""
-        parts = value_loss(self.model, self.spec, self.module, self.batch, self.delta, self.v0_norm, self.kl_init, self.hp)
+        parts = value_loss(
+            self.model, self.spec, self.module, self.batch, self.delta, self.v0_norm, self.kl_init, self.hp
+        )
         if self.kl_init is None:
             self.kl_init = parts.kl_logp.detach()
         totals, p_target = torch.stack([parts.total.detach(), parts.p_target]).tolist()  # the one sync

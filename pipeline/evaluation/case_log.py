@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = ["CaseLog"]
 
@@ -41,7 +42,7 @@ class CaseLog:
             out.setdefault((int(r["index"]), r["method"]), r)
         return out
 
-    def open(self, rank: int) -> "CaseLog":
+    def open(self, rank: int) -> CaseLog:
         path = self.path(rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():

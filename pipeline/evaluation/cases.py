@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
 from pipeline.core.records import detect_schema, read_record, read_records
 from pipeline.core.requests import EditRequest, request_from_record
+from pipeline.errors import UserError
 
 __all__ = ["EvalCase", "Skipped", "load_cases", "load_snippets", "EVAL_SCHEMAS"]
 
@@ -56,12 +56,21 @@ def _case(index: int, rec: Any, zsre_target: str) -> EvalCase:
     if missing:
         raise UserError(f"missing field(s) {', '.join(missing)}")
     request = request_from_record(rec, zsre_target)
-    return EvalCase(index, r.case_id, r.schema, request, r.neighbour_targets or (request.target_true,) * len(request.neighbours),
-                    r.generation_prompts, r.relation_id, r.target_new_id)
+    return EvalCase(
+        index,
+        r.case_id,
+        r.schema,
+        request,
+        r.neighbour_targets or (request.target_true,) * len(request.neighbours),
+        r.generation_prompts,
+        r.relation_id,
+        r.target_new_id,
+    )
 
 
-def load_cases(path: str | Path, n: int | None = None, start: int = 0,
-               zsre_target: str = "answer") -> tuple[list[EvalCase], list[Skipped]]:
+def load_cases(
+    path: str | Path, n: int | None = None, start: int = 0, zsre_target: str = "answer"
+) -> tuple[list[EvalCase], list[Skipped]]:
     """Records [start, start + n) of the file as cases; the first good record's schema is the file's."""
     records = read_records(path, "eval.dataset", single=False)
     stop = len(records) if n is None else min(len(records), start + int(n))
@@ -92,6 +101,8 @@ def load_snippets(path: str | Path) -> dict[tuple[str, str], list[str]]:
         for el in data:
             out[(el["relation_id"], el["target_id"])].extend(s["text"] for s in el["samples"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"eval.snippets={path} is not ROME's attribute_snippets.json format "
-                        f"([{{relation_id, target_id, samples: [{{text}}]}}]): {err!r}") from err
+        raise UserError(
+            f"eval.snippets={path} is not ROME's attribute_snippets.json format "
+            f"([{{relation_id, target_id, samples: [{{text}}]}}]): {err!r}"
+        ) from err
     return dict(out)

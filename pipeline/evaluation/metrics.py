@@ -15,10 +15,18 @@ from __future__ import annotations
 import collections
 import math
 import re
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["counterfact_case", "ngram_entropy", "fluency", "harmonic_mean", "mean_ci", "TfIdf", "words",
-           "token_accuracy"]
+__all__ = [
+    "counterfact_case",
+    "ngram_entropy",
+    "fluency",
+    "harmonic_mean",
+    "mean_ci",
+    "TfIdf",
+    "words",
+    "token_accuracy",
+]
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -31,8 +39,11 @@ def counterfact_case(probs: Mapping[str, Mapping[str, Sequence[float]]]) -> dict
     """ES/EM, PS/PM, NS/NM of one case from ``{"prompt"|"paraphrases"|"neighbours": {"new": [...], "true": [...]}}``
     (a prompt set that is missing or empty gives no value, not a zero)."""
     out: dict[str, float] = {}
-    for name, (success, magnitude), new_wins in (("prompt", ("es", "em"), True), ("paraphrases", ("ps", "pm"), True),
-                                                 ("neighbours", ("ns", "nm"), False)):
+    for name, (success, magnitude), new_wins in (
+        ("prompt", ("es", "em"), True),
+        ("paraphrases", ("ps", "pm"), True),
+        ("neighbours", ("ns", "nm"), False),
+    ):
         p = probs.get(name)
         if not p or not p["new"] or not p["true"]:
             continue
@@ -60,8 +71,9 @@ def _entropy_bits(counts: Iterable[int]) -> float:
 def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
     """The paper's ``compute_n_gram_entropy``: mean over n of weight_n x (entropy in bits of the n-grams)."""
     toks = words(text)
-    parts = [w * _entropy_bits(collections.Counter(zip(*(toks[i:] for i in range(n)))).values())
-             for n, w in zip(ns, weights)]
+    parts = [
+        w * _entropy_bits(collections.Counter(zip(*(toks[i:] for i in range(n)))).values()) for n, w in zip(ns, weights)
+    ]
     return _mean(parts)
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pipeline.core.atomic import atomic_path
 from pipeline.evaluation.metrics import harmonic_mean, mean_ci
@@ -16,17 +17,32 @@ METRICS = {
     "counterfact": ["es", "em", "ps", "pm", "ns", "nm", "ge", "rs"],
     "zsre": ["efficacy", "paraphrase", "specificity"],
 }
-LABELS = {"es": "ES", "em": "EM", "ps": "PS", "pm": "PM", "ns": "NS", "nm": "NM", "ge": "GE", "rs": "RS", "s": "S",
-          "efficacy": "Efficacy", "paraphrase": "Paraphrase", "specificity": "Specificity"}
+LABELS = {
+    "es": "ES",
+    "em": "EM",
+    "ps": "PS",
+    "pm": "PM",
+    "ns": "NS",
+    "nm": "NM",
+    "ge": "GE",
+    "rs": "RS",
+    "s": "S",
+    "efficacy": "Efficacy",
+    "paraphrase": "Paraphrase",
+    "specificity": "Specificity",
+}
 PROTOCOL = {
     "counterfact": (
         "paper (Meng et al. 2022): P(x|p) = exp(mean log-prob of the tokens of ' '+x after p); "
         "ES/PS = mean [P(new) > P(true)] on the rewrite/paraphrase prompts, EM/PM = mean (P(new) - P(true)); "
         "NS = mean [P(true) > P(new)], NM = mean (P(true) - P(new)) on the neighbourhood prompts; "
         "S = harmonic mean of ES, PS, NS; GE = (2/3 H2 + 4/3 H3)/2 of word n-grams of the generated texts; "
-        "RS = TF-IDF cosine to the reference snippets; all x100, 95% CI (normal approximation)"),
-    "zsre": ("paper (zsRE, as ROME): teacher-forced top-1 accuracy of the answer's tokens; efficacy and paraphrase "
-             "on the new answer, specificity on the neighbourhood question's answer; x100, 95% CI"),
+        "RS = TF-IDF cosine to the reference snippets; all x100, 95% CI (normal approximation)"
+    ),
+    "zsre": (
+        "paper (zsRE, as ROME): teacher-forced top-1 accuracy of the answer's tokens; efficacy and paraphrase "
+        "on the new answer, specificity on the neighbourhood question's answer; x100, 95% CI"
+    ),
 }
 
 
@@ -35,7 +51,9 @@ def _stat(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": 100 * m, "ci95": None if math.isnan(ci) else 100 * ci, "n": len(values)}
 
 
-def summarize(kind: str, values: Mapping[str, Mapping[str, Sequence[float]]], counts: Mapping[str, int]) -> dict[str, Any]:
+def summarize(
+    kind: str, values: Mapping[str, Mapping[str, Sequence[float]]], counts: Mapping[str, int]
+) -> dict[str, Any]:
     """``values[method][metric]`` = per-case values in case order -> {method: {"n", "metrics", "s"}}."""
     out = {}
     for method, per_metric in values.items():
@@ -93,12 +111,16 @@ def bar_chart(summary: Mapping[str, Any], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     kind, methods = summary["kind"], _methods(summary)
-    panels = ([["s", "es", "ps", "ns"], ["em", "pm", "nm"], ["ge"]] if kind == "counterfact"
-              else [METRICS["zsre"]])
+    panels = [["s", "es", "ps", "ns"], ["em", "pm", "nm"], ["ge"]] if kind == "counterfact" else [METRICS["zsre"]]
     panels = [[k for k in p if k == "s" or any(k in m["metrics"] for m in methods.values())] for p in panels]
     panels = [p for p in panels if p]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 3 * sum(map(len, panels)) / 2, 4),
-                             gridspec_kw={"width_ratios": [len(p) for p in panels]}, squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(4 + 3 * sum(map(len, panels)) / 2, 4),
+        gridspec_kw={"width_ratios": [len(p) for p in panels]},
+        squeeze=False,
+    )
     width = 0.8 / max(1, len(methods))
     for ax, keys in zip(axes[0], panels):
         for j, (name, m) in enumerate(methods.items()):

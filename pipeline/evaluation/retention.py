@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,8 +75,8 @@ def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_lengt
 
 
 def known_facts(model: nn.Module, tokenizer: Any, facts: Sequence[Fact]) -> list[Fact]:
-    """The facts the model knows, by the trace stage's rule (``pipeline.core.probability.predicts``: its greedy continuation,
-    as long as the answer, starts with the answer)."""
+    """The facts the model knows, by the trace stage's rule (``pipeline.core.probability.predicts``: its greedy
+    continuation, as long as the answer, starts with the answer)."""
     return [f for f in facts if predicts(model, tokenizer, fill_prompt(f.prompt, f.subject)[0], f.answer)[0]]
 
 

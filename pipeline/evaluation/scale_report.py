@@ -3,8 +3,9 @@ far against the number of edits (PNG), the plot people look at first."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pipeline.core.atomic import atomic_path
 from pipeline.evaluation.report import LABELS
@@ -24,13 +25,17 @@ def scale_table(summary: Mapping[str, Any]) -> str:
     cols = ["es", "ps", "ns", "em", "pm", "nm", "ge"]
     head = ["Method", "edits", "S"] + [LABELS[k] for k in cols] + ["ppl", "known facts", "edits/s"]
     lines = [f"**{summary['title']}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = ([("unedited", summary["unedited"])] if "unedited" in summary else []) + \
-        [(name, summary["methods"][name]) for name in summary["order"]]
+    rows = ([("unedited", summary["unedited"])] if "unedited" in summary else []) + [
+        (name, summary["methods"][name]) for name in summary["order"]
+    ]
     for name, m in rows:
         cells = [name, str(m["edits"]), f"{m['s']:.1f}" if m.get("s") is not None else "-"]
         cells += [_cell(m["metrics"].get(k)) for k in cols]
-        cells += [f"{m['perplexity']:.2f}", f"{100 * m['known_accuracy']:.1f}",
-                  f"{m['edits_per_second']:.3f}" if m.get("edits_per_second") else "-"]
+        cells += [
+            f"{m['perplexity']:.2f}",
+            f"{100 * m['known_accuracy']:.1f}",
+            f"{m['edits_per_second']:.3f}" if m.get("edits_per_second") else "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Protocol: {summary['protocol']}.", ""] + [f"- {n}" for n in summary.get("notes", [])] + [""]
     return "\n".join(lines)
@@ -50,8 +55,10 @@ def curve_plot(summary: Mapping[str, Any], path: str | Path) -> None:
             curve = summary["methods"][name].get("curve") or []
             if curve:
                 ax.plot([p["edits"] for p in curve], [p[key] for p in curve], marker="o", markersize=3, label=name)
-        ax.set_title(LABELS[key] + (" (harmonic mean of ES, PS, NS)" if key == "s" else " of the cases edited so far"),
-                     fontsize=9)
+        ax.set_title(
+            LABELS[key] + (" (harmonic mean of ES, PS, NS)" if key == "s" else " of the cases edited so far"),
+            fontsize=9,
+        )
         ax.set_xlabel("edits applied")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from pipeline.evaluation.cases import EvalCase
 from pipeline.core.generation import generate_tokens
-from pipeline.evaluation.metrics import TfIdf, counterfact_case, fluency, token_accuracy
 from pipeline.core.probability import new_and_true_probs, target_argmax
+from pipeline.evaluation.cases import EvalCase
+from pipeline.evaluation.metrics import TfIdf, counterfact_case, fluency, token_accuracy
 
 __all__ = ["Generation", "References", "score_case", "generate"]
 
@@ -37,7 +38,7 @@ class References:
     tfidf: TfIdf
 
     @classmethod
-    def build(cls, snippets: dict[tuple[str, str], list[str]]) -> "References":
+    def build(cls, snippets: dict[tuple[str, str], list[str]]) -> References:
         return cls(snippets, TfIdf(t for texts in snippets.values() for t in texts))
 
     def score(self, case: EvalCase, texts: Sequence[str]) -> float | None:
@@ -49,8 +50,11 @@ class References:
 
 def _counterfact_probs(model, tok, case: EvalCase, batch_size: int) -> dict[str, dict[str, list[float]]]:
     r = case.request
-    sets = {"prompt": ([r.text], [r.target_true]), "paraphrases": (r.paraphrases, [r.target_true] * len(r.paraphrases)),
-            "neighbours": (r.neighbours, case.neighbour_targets)}
+    sets = {
+        "prompt": ([r.text], [r.target_true]),
+        "paraphrases": (r.paraphrases, [r.target_true] * len(r.paraphrases)),
+        "neighbours": (r.neighbours, case.neighbour_targets),
+    }
     return new_and_true_probs(model, tok, sets, r.target_new, batch_size)
 
 
@@ -58,7 +62,10 @@ def _zsre_accuracy(model, tok, case: EvalCase, batch_size: int) -> dict[str, flo
     r = case.request
     pairs = [(r.text, r.target_new)] + [(p, r.target_new) for p in r.paraphrases]
     pairs += list(zip(r.neighbours, case.neighbour_targets))
-    acc = [token_accuracy(p, t) for p, t in target_argmax(model, tok, [a for a, _ in pairs], [b for _, b in pairs], batch_size)]
+    acc = [
+        token_accuracy(p, t)
+        for p, t in target_argmax(model, tok, [a for a, _ in pairs], [b for _, b in pairs], batch_size)
+    ]
     n_para = len(r.paraphrases)
     out = {"efficacy": acc[0]}
     if n_para:
@@ -75,8 +82,15 @@ def generate(model, tok, prompts: Sequence[str], gen: Generation, seed: int) -> 
     return [p + tok.decode(row, skip_special_tokens=True) for p, row in zip(prompts, new)]
 
 
-def score_case(model: torch.nn.Module, tok: Any, case: EvalCase, gen: Generation, seed: int, batch_size: int,
-               refs: References | None = None) -> dict[str, Any]:
+def score_case(
+    model: torch.nn.Module,
+    tok: Any,
+    case: EvalCase,
+    gen: Generation,
+    seed: int,
+    batch_size: int,
+    refs: References | None = None,
+) -> dict[str, Any]:
     """{"metrics": {...}, "probs": {...} (CounterFact), "generations": [...], "timings": {"score", "generate"}}."""
     t = time.perf_counter()
     out: dict[str, Any] = {}

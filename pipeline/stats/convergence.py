@@ -14,8 +14,9 @@ u is undefined and its change is recorded as null.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -46,8 +47,9 @@ def _relative(new: torch.Tensor, old: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def take_readout(total: torch.Tensor, count: int, probes: torch.Tensor, previous: Readout | None
-                 ) -> tuple[Readout, dict[str, Any]]:
+def take_readout(
+    total: torch.Tensor, count: int, probes: torch.Tensor, previous: Readout | None
+) -> tuple[Readout, dict[str, Any]]:
     """The readout at ``count`` tokens of a running total Σ k kᵀ, and its point for the manifest:
     {"tokens", "c_change", "u_change"} (changes None at the first readout or while C is singular)."""
     c = total.to(torch.float64) / count
@@ -68,20 +70,31 @@ def converged_hint(curves: Mapping[int, Sequence[Mapping[str, Any]]], threshold:
     """One line once every layer's latest change of u is under ``threshold``, else None. ``ranks``: the
     points count one rank's tokens of that many."""
     latest = [points[-2:] for points in curves.values() if len(points) >= 2]
-    if not curves or len(latest) < len(curves) or any(p[-1]["u_change"] is None or p[-1]["u_change"] >= threshold
-                                                      for p in latest):
+    if (
+        not curves
+        or len(latest) < len(curves)
+        or any(p[-1]["u_change"] is None or p[-1]["u_change"] >= threshold for p in latest)
+    ):
         return None
     worst = max(p[-1]["u_change"] for p in latest)
     a, b = latest[0][0]["tokens"], latest[0][1]["tokens"]
     layers = ", ".join(map(str, sorted(curves)))
     where = "" if ranks == 1 else f" on rank 0 of {ranks}"
-    return (f"stats: converged for editing: u = C⁻¹k moved at most {worst:.1%} from {a:,} to {b:,} tokens{where} "
-            f"(layer {layers}; under stats.convergence.threshold={threshold:g}): more tokens will change edits little, "
-            f"stats.tokens={b * ranks:,} would have done (docs/stats.md, \"Convergence\")")
+    return (
+        f"stats: converged for editing: u = C⁻¹k moved at most {worst:.1%} from {a:,} to {b:,} tokens{where} "
+        f"(layer {layers}; under stats.convergence.threshold={threshold:g}): more tokens will change edits little, "
+        f'stats.tokens={b * ranks:,} would have done (docs/stats.md, "Convergence")'
+    )
 
 
-def plot_convergence(curves: Mapping[int, Sequence[Mapping[str, Any]]], stem: Path, *, title: str,
-                     threshold: float, tokens_label: str = "tokens") -> list[Path]:
+def plot_convergence(
+    curves: Mapping[int, Sequence[Mapping[str, Any]]],
+    stem: Path,
+    *,
+    title: str,
+    threshold: float,
+    tokens_label: str = "tokens",
+) -> list[Path]:
     """Relative change of C and of u per readout against tokens (log-log), one pair of lines per layer;
     ``stem``.png and .pdf, written atomically."""
     from pipeline.core.figures import plt, save_figure

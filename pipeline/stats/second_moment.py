@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -45,7 +45,7 @@ def ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
         backend.fp32_precision = old
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has_float32_output_mm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for ``dtype`` on ``device`` (CUDA builds of
     recent torch, for bf16 / fp16); asked once per device and dtype, never per batch."""

@@ -23,8 +23,9 @@ from pipeline.stats.store import LayerStats
 __all__ = ["eigendecomposition", "cached_eigendecomposition", "null_space_projector"]
 
 
-def eigendecomposition(second_moment: torch.Tensor, device: torch.device | str | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def eigendecomposition(
+    second_moment: torch.Tensor, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """C = V diag(λ) Vᵀ in float64, computed on ``device`` (a GPU's eigh is far faster), returned on the CPU."""
     values, vectors = torch.linalg.eigh(second_moment.to(device=device, dtype=torch.float64))
     return values.cpu(), vectors.cpu()
@@ -35,8 +36,9 @@ def _paths(stats: LayerStats) -> tuple[Path, Path]:
     return stats.path.with_name(f"{stem}.safetensors"), stats.path.with_name(f"{stem}.json")
 
 
-def cached_eigendecomposition(stats: LayerStats, device: torch.device | str | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_eigendecomposition(
+    stats: LayerStats, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``eigendecomposition`` of ``stats``' C, read from beside its file when it was made from the same C."""
     data, sidecar = _paths(stats)
     source = file_sha256(stats.path)
@@ -50,14 +52,18 @@ def cached_eigendecomposition(stats: LayerStats, device: torch.device | str | No
             pass  # damaged: recomputed and rewritten below
     values, vectors = eigendecomposition(stats.second_moment, device)
     with atomic_path(data) as tmp:
-        save_file({"eigenvalues": values.contiguous(), "eigenvectors": vectors.contiguous()}, str(tmp),
-                  metadata={"layer": str(stats.layer), "source": stats.path.name})
+        save_file(
+            {"eigenvalues": values.contiguous(), "eigenvectors": vectors.contiguous()},
+            str(tmp),
+            metadata={"layer": str(stats.layer), "source": stats.path.name},
+        )
     write_json(sidecar, {"source": stats.path.name, "source_sha256": source, "sha256": file_sha256(data)})
     return values, vectors
 
 
-def null_space_projector(values: torch.Tensor, vectors: torch.Tensor, relative_threshold: float
-                         ) -> tuple[torch.Tensor, int]:
+def null_space_projector(
+    values: torch.Tensor, vectors: torch.Tensor, relative_threshold: float
+) -> tuple[torch.Tensor, int]:
     """P = U₀U₀ᵀ over C's eigenvectors whose eigenvalue is below ``relative_threshold`` x the mean eigenvalue
     (trace(C)/d: scale-free, and unlike a fraction of the largest one not set by a single outlier direction),
     in float64, and how many there are (P's rank)."""

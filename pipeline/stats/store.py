@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -32,9 +33,21 @@ from pipeline.core.loading import LoadedModel, cache_root
 from pipeline.errors import UserError
 from pipeline.stats.text import TextSource
 
-__all__ = ["StatsKey", "LayerStats", "StatsEntry", "StatsCache", "StatsStore", "text_source", "stats_key",
-           "accumulation_dtype", "batch_tokens", "check_layers", "load_explicit", "stats_identity",
-           "shortfall_warning"]
+__all__ = [
+    "StatsKey",
+    "LayerStats",
+    "StatsEntry",
+    "StatsCache",
+    "StatsStore",
+    "text_source",
+    "stats_key",
+    "accumulation_dtype",
+    "batch_tokens",
+    "check_layers",
+    "load_explicit",
+    "stats_identity",
+    "shortfall_warning",
+]
 
 # stats.dtype's values (pipeline/config.py CHOICES checks them when the configuration is composed)
 _ACCUMULATION_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -59,7 +72,7 @@ class StatsKey:
         return json_digest(self.as_dict())
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StatsKey":
+    def from_dict(cls, d: dict[str, Any]) -> StatsKey:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -85,8 +98,9 @@ class StatsEntry:
     user named, which is taken as its manifest describes it. ``owned``: the cache's own directory, whose
     damaged files are removed (so that the same command recomputes them); a user's directory is only read."""
 
-    def __init__(self, directory: str | Path, key: StatsKey | None = None, *, owned: bool = True,
-                 label: str | None = None) -> None:
+    def __init__(
+        self, directory: str | Path, key: StatsKey | None = None, *, owned: bool = True, label: str | None = None
+    ) -> None:
         self.dir, self.key, self.owned = Path(directory), key, owned
         self.label = label or str(self.dir)
 
@@ -103,10 +117,12 @@ class StatsEntry:
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError, AttributeError) as err:
             if self.owned:
                 path.unlink()
-                raise UserError(f"statistics manifest {path} was corrupt and has been removed; run the command again "
-                                "to recompute") from err
-            raise UserError(f"{path} is not a statistics manifest ({err}); point {self.label} at a directory the stats "
-                            "stage wrote") from err
+                raise UserError(
+                    f"statistics manifest {path} was corrupt and has been removed; run the command again to recompute"
+                ) from err
+            raise UserError(
+                f"{path} is not a statistics manifest ({err}); point {self.label} at a directory the stats stage wrote"
+            ) from err
         if self.key is not None and manifest["key"] != self.key.as_dict():
             raise UserError(f"statistics in {self.dir} were made for another model or dataset; delete that directory")
         return manifest
@@ -114,8 +130,10 @@ class StatsEntry:
     def _hint(self) -> str:
         inner = sorted(p.parent.name for p in self.dir.glob("*/manifest.json"))
         if inner:
-            return (f": it holds statistics directories ({', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''}); "
-                    "point it at one of them")
+            return (
+                f": it holds statistics directories ({', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''}); "
+                "point it at one of them"
+            )
         return "; point it at a directory the stats stage wrote (its output names it)"
 
     def stats_key(self) -> StatsKey:
@@ -131,8 +149,10 @@ class StatsEntry:
         if entry is None:
             return None
         if entry["module"] != module:
-            raise UserError(f"statistics of layer {layer} in {self.dir} are for module {entry['module']}, not {module}"
-                            + (f"; delete {self.dir}" if self.owned else ""))
+            raise UserError(
+                f"statistics of layer {layer} in {self.dir} are for module {entry['module']}, not {module}"
+                + (f"; delete {self.dir}" if self.owned else "")
+            )
         path = self.dir / entry["file"]
         problem = None
         if not path.exists():
@@ -146,13 +166,18 @@ class StatsEntry:
                 problem = f"is unreadable ({err})"
         if problem and self.owned:
             self._drop(layer)
-            raise UserError(f"statistics file {path} {problem}; it has been removed: run `python train.py stage=stats` "
-                            "with the same settings to recompute it")
+            raise UserError(
+                f"statistics file {path} {problem}; it has been removed: run `python train.py stage=stats` "
+                "with the same settings to recompute it"
+            )
         if problem:
-            raise UserError(f"statistics file {path} {problem}; copy it again from where it came from, or recompute it "
-                            "with stage=stats")
-        return LayerStats(layer, module, tensors["second_moment"], int(entry["tokens"]), path,
-                          int(manifest["key"].get("tokens", 0)))
+            raise UserError(
+                f"statistics file {path} {problem}; copy it again from where it came from, or recompute it "
+                "with stage=stats"
+            )
+        return LayerStats(
+            layer, module, tensors["second_moment"], int(entry["tokens"]), path, int(manifest["key"].get("tokens", 0))
+        )
 
     def _drop(self, layer: int) -> None:
         manifest = self.manifest()
@@ -170,12 +195,20 @@ class StatsEntry:
         path = self.dir / f"layer_{layer}.safetensors"
         second_moment = (total / count).contiguous()
         with atomic_path(path) as tmp:
-            save_file({"second_moment": second_moment, "count": torch.tensor([count])}, str(tmp),
-                      metadata={"module": module, "layer": str(layer)})
+            save_file(
+                {"second_moment": second_moment, "count": torch.tensor([count])},
+                str(tmp),
+                metadata={"module": module, "layer": str(layer)},
+            )
         manifest = self.manifest()
         manifest["layers"][str(layer)] = {
-            "module": module, "file": path.name, "sha256": file_sha256(path), "tokens": count,
-            "d_ff": int(total.shape[0]), "dtype": str(total.dtype).removeprefix("torch."), **record,
+            "module": module,
+            "file": path.name,
+            "sha256": file_sha256(path),
+            "tokens": count,
+            "d_ff": int(total.shape[0]),
+            "dtype": str(total.dtype).removeprefix("torch."),
+            **record,
         }
         write_json(self.dir / "manifest.json", manifest)
         return LayerStats(layer, module, second_moment, count, path, int(manifest["key"].get("tokens", 0)))
@@ -204,18 +237,26 @@ class StatsCache:
 
 # -- the configuration's statistics ------------------------------------------------------------------------
 
+
 def text_source(cfg: DictConfig) -> TextSource:
     d = cfg.data
-    return TextSource(path=d.path, name=d.name, split=d.split, revision=d.revision, files=d.files,
-                      text_field=d.text_field)
+    return TextSource(
+        path=d.path, name=d.name, split=d.split, revision=d.revision, files=d.files, text_field=d.text_field
+    )
 
 
 def stats_key(cfg: DictConfig, loaded: LoadedModel) -> StatsKey:
     """The key of the statistics ``cfg`` asks for (its values were checked when it was composed). Reads the
     data's identity: a content hash of every local data file, so a run builds its key once."""
-    return StatsKey(model=loaded.identity, model_dtype=cfg.model.dtype, dataset=text_source(cfg).identity(),
-                    max_length=int(cfg.data.max_length), tokens=int(cfg.stats.tokens), dtype=str(cfg.stats.dtype),
-                    product=str(cfg.stats.product))
+    return StatsKey(
+        model=loaded.identity,
+        model_dtype=cfg.model.dtype,
+        dataset=text_source(cfg).identity(),
+        max_length=int(cfg.data.max_length),
+        tokens=int(cfg.stats.tokens),
+        dtype=str(cfg.stats.dtype),
+        product=str(cfg.stats.product),
+    )
 
 
 def accumulation_dtype(cfg: DictConfig) -> torch.dtype:
@@ -251,7 +292,7 @@ class StatsStore:
         self.entry = cache.entry(key)
 
     @classmethod
-    def configured(cls, cfg: DictConfig, loaded: LoadedModel) -> "StatsStore":
+    def configured(cls, cfg: DictConfig, loaded: LoadedModel) -> StatsStore:
         return cls(StatsCache(cfg.stats.dir or cache_root(cfg) / "stats"), stats_key(cfg, loaded), loaded)
 
     @property
@@ -271,6 +312,7 @@ class StatsStore:
 
 # -- statistics as an edit uses them ---------------------------------------------------------------------
 
+
 def load_explicit(directory: str | Path, loaded: LoadedModel, layer: int) -> LayerStats:
     """The statistics of ``layer`` in a directory the stats stage wrote (``edit.stats=DIR``), wherever it
     is now: the cache's own, a copy, an unpacked archive, a shared read-only one. Its manifest says what it
@@ -278,19 +320,24 @@ def load_explicit(directory: str | Path, loaded: LoadedModel, layer: int) -> Lay
     directory = Path(directory).expanduser()
     label = f"edit.stats={directory}"
     if not directory.is_dir():
-        raise UserError(f"{label} is not a directory; point it at a directory the stats stage wrote "
-                        "(its output names it)")
+        raise UserError(
+            f"{label} is not a directory; point it at a directory the stats stage wrote (its output names it)"
+        )
     entry = StatsEntry(directory, owned=False, label=label)
     key = entry.stats_key()
     if key.model != loaded.identity:
-        raise UserError(f"statistics in {directory} are for model {key.model.get('name')} "
-                        f"({key.model.get('revision')}), not {loaded.identity['name']} "
-                        f"({loaded.identity['revision']}); run stage=stats for this model")
+        raise UserError(
+            f"statistics in {directory} are for model {key.model.get('name')} "
+            f"({key.model.get('revision')}), not {loaded.identity['name']} "
+            f"({loaded.identity['revision']}); run stage=stats for this model"
+        )
     stats = entry.load(layer, loaded.spec.down_proj_name(layer))
     if stats is None:
         have = ", ".join(map(str, entry.layers())) or "none"
-        raise UserError(f"{label} has no statistics for layer {layer} (it has layers: {have}); run stage=stats "
-                        f"stats.layers=[{layer}] or pick the edit layer it has")
+        raise UserError(
+            f"{label} has no statistics for layer {layer} (it has layers: {have}); run stage=stats "
+            f"stats.layers=[{layer}] or pick the edit layer it has"
+        )
     return stats
 
 
@@ -306,6 +353,8 @@ def shortfall_warning(stats: Iterable[LayerStats]) -> str | None:
         return None
     s = short[0]
     layers = ", ".join(str(x.layer) for x in short)
-    return (f"warning: the statistics of layer{'s' if len(short) > 1 else ''} {layers} hold {s.count:,} tokens, "
-            f"{s.shortfall:,} short of stats.tokens={s.requested:,} (the data ran out): C may be poorly estimated; "
-            f"give more text with data.files=... (or set stats.tokens={s.count} to what the data hold)")
+    return (
+        f"warning: the statistics of layer{'s' if len(short) > 1 else ''} {layers} hold {s.count:,} tokens, "
+        f"{s.shortfall:,} short of stats.tokens={s.requested:,} (the data ran out): C may be poorly estimated; "
+        f"give more text with data.files=... (or set stats.tokens={s.count} to what the data hold)"
+    )

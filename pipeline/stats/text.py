@@ -13,7 +13,8 @@ import dataclasses
 import glob
 import itertools
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -58,10 +59,17 @@ class TextSource:
     def identity(self) -> dict[str, Any]:
         """What statistics are keyed by: file names and content hashes, or the hub id and revision."""
         if self.files:
-            return {"files": {os.path.basename(p): short(file_sha256(p)) for p in self.local_files()},
-                    "text_field": self.text_field}
-        return {"path": self.path, "name": self.name, "split": self.split, "revision": self.revision or "main",
-                "text_field": self.text_field}
+            return {
+                "files": {os.path.basename(p): short(file_sha256(p)) for p in self.local_files()},
+                "text_field": self.text_field,
+            }
+        return {
+            "path": self.path,
+            "name": self.name,
+            "split": self.split,
+            "revision": self.revision or "main",
+            "text_field": self.text_field,
+        }
 
     def _dataset(self):
         import datasets
@@ -78,8 +86,9 @@ class TextSource:
         # .iter() rather than iter(ds): inside a DataLoader worker the latter would re-shard by worker.
         for batch in part.iter(batch_size=64):
             if self.text_field not in batch:
-                raise UserError(f"records have no field '{self.text_field}' (fields: {', '.join(batch)}); "
-                                "set data.text_field=")
+                raise UserError(
+                    f"records have no field '{self.text_field}' (fields: {', '.join(batch)}); set data.text_field="
+                )
             for text in batch[self.text_field]:
                 yield text or ""
 
@@ -157,8 +166,9 @@ def tokenize_window(tokenizer, texts: list[str], max_length: int, chars_per_toke
     return ids
 
 
-def pack_window(rows: list[list[int]], batch_tokens: int, pad: int
-                ) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
+def pack_window(
+    rows: list[list[int]], batch_tokens: int, pad: int
+) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
     """A window's token rows sorted by length (longest first, ties in stream order) and packed greedily into
     right-padded batches of at most ``batch_tokens`` padded tokens: (input_ids, index, tokens) each. Sorting
     leaves almost no padding, and the many texts truncated to max_length fill whole, unpadded batches."""

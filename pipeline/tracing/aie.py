@@ -4,7 +4,7 @@ they recommend."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -13,8 +13,14 @@ from pipeline.tracing.engine import TraceResult
 
 __all__ = ["BUCKETS", "AIE_MODES", "bucket_rows", "average_effects", "recommend_layer"]
 
-BUCKETS = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
-           "further tokens", "last token")
+BUCKETS = (
+    "first subject token",
+    "middle subject tokens",
+    "last subject token",
+    "first subsequent token",
+    "further tokens",
+    "last token",
+)
 AIE_MODES = ("paper", "per_fact")
 
 
@@ -24,8 +30,14 @@ def bucket_rows(grid: np.ndarray, subject: tuple[int, int]) -> list[np.ndarray]:
     As ROME's notebook, one token can sit in two buckets (a one-token subject is first and last)."""
     first, end = subject
     last_subj, last = end - 1, grid.shape[0] - 1
-    return [grid[first : first + 1], grid[first + 1 : last_subj], grid[last_subj : last_subj + 1],
-            grid[end : end + 1] if end <= last else grid[:0], grid[end + 1 : last], grid[last : last + 1]]
+    return [
+        grid[first : first + 1],
+        grid[first + 1 : last_subj],
+        grid[last_subj : last_subj + 1],
+        grid[end : end + 1] if end <= last else grid[:0],
+        grid[end + 1 : last],
+        grid[last : last + 1],
+    ]
 
 
 def average_effects(results: Sequence[TraceResult], *, mode: str) -> dict[str, dict[str, np.ndarray]]:

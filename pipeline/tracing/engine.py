@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,23 +90,33 @@ class TraceResult:
 
     def save(self, path: str | Path, **extra: Any) -> None:
         """An .npz with every field (``extra`` goes into the JSON ``meta`` entry), written atomically."""
-        meta = {k: getattr(self, k) for k in ("tokens", "answer", "answer_id", "p_clean", "p_corrupted",
-                                               "noise", "samples", "window")}
+        meta = {
+            k: getattr(self, k)
+            for k in ("tokens", "answer", "answer_id", "p_clean", "p_corrupted", "noise", "samples", "window")
+        }
         meta.update(subject=list(self.subject), total_effect=self.total_effect, kinds=list(self.effects), **extra)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), subject_range=np.array(self.subject),
-                     p_clean=self.p_clean, p_corrupted=self.p_corrupted,
-                     **{f"effect_{k}": v for k, v in self.effects.items()})
+            np.savez(
+                f,
+                meta=np.array(json.dumps(meta)),
+                subject_range=np.array(self.subject),
+                p_clean=self.p_clean,
+                p_corrupted=self.p_corrupted,
+                **{f"effect_{k}": v for k, v in self.effects.items()},
+            )
 
     @classmethod
-    def load(cls, path: str | Path) -> tuple["TraceResult", dict]:
+    def load(cls, path: str | Path) -> tuple[TraceResult, dict]:
         """The result saved at ``path`` and its JSON ``meta`` entry (with what ``save`` was given)."""
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
             effects = {k: z[f"effect_{k}"] for k in meta["kinds"]}
         fields = {f.name for f in dataclasses.fields(cls)}
-        res = cls(**{k: v for k, v in meta.items() if k in fields and k != "subject"},
-                  subject=tuple(meta["subject"]), effects=effects)
+        res = cls(
+            **{k: v for k, v in meta.items() if k in fields and k != "subject"},
+            subject=tuple(meta["subject"]),
+            effects=effects,
+        )
         return res, meta
 
 
@@ -186,8 +197,9 @@ def _entry_name(spec: ArchSpec, start: int) -> str:
     return spec.embed if start == 0 else spec.block_name(start - 1)
 
 
-def _run_chunk(model: nn.Module, spec: ArchSpec, p: FactPrompt, cells: list[_Cell], clean: _Run,
-               corrupted: _Run, prefix: bool) -> torch.Tensor:
+def _run_chunk(
+    model: nn.Module, spec: ArchSpec, p: FactPrompt, cells: list[_Cell], clean: _Run, corrupted: _Run, prefix: bool
+) -> torch.Tensor:
     """P(answer) for each cell of one pass, [cells].
 
     The pass runs tokens t0.. only (t0 = the cells' token with prefix reuse, else 0).  It starts as one
@@ -214,8 +226,10 @@ def _run_chunk(model: nn.Module, spec: ArchSpec, p: FactPrompt, cells: list[_Cel
             cols += [cell.token - t0] * samples
             vals += [clean.states[name][0, cell.token]] * samples
     device = clean.states[cells[0].names[0]].device
-    index = {n: (torch.tensor(r, device=device), torch.tensor(k, device=device), torch.stack(v))
-             for n, (r, k, v) in patches.items()}
+    index = {
+        n: (torch.tensor(r, device=device), torch.tensor(k, device=device), torch.stack(v))
+        for n, (r, k, v) in patches.items()
+    }
 
     def edit(h: torch.Tensor, name: str) -> torch.Tensor:
         if name in joins:
@@ -231,9 +245,14 @@ def _run_chunk(model: nn.Module, spec: ArchSpec, p: FactPrompt, cells: list[_Cel
     past = None
     if t0 > 0:  # keys/values of tokens < t0, one copy per row present at each layer
         rows_at = [sum(1 for c in cells if c.start <= layer) for layer in range(len(corrupted.cache))]
-        past = DynamicCache([(k[:1, ..., :t0, :], v[:1, ..., :t0, :]) if r == 0 else
-                             (k[..., :t0, :].repeat(r, 1, 1, 1), v[..., :t0, :].repeat(r, 1, 1, 1))
-                             for r, (k, v) in zip(rows_at, corrupted.cache)])
+        past = DynamicCache(
+            [
+                (k[:1, ..., :t0, :], v[:1, ..., :t0, :])
+                if r == 0
+                else (k[..., :t0, :].repeat(r, 1, 1, 1), v[..., :t0, :].repeat(r, 1, 1, 1))
+                for r, (k, v) in zip(rows_at, corrupted.cache)
+            ]
+        )
     ids = p.input_ids[:, t0:].to(device)
     # Contiguous: a strided [rows, 1, d] slice makes torch multiply the vocabulary matrix row by row
     # (a memory-bound gemv per row, half the pass) instead of in one GEMM.
@@ -245,17 +264,34 @@ def _run_chunk(model: nn.Module, spec: ArchSpec, p: FactPrompt, cells: list[_Cel
 
 
 @torch.inference_mode()
-def trace_fact(model: nn.Module, spec: ArchSpec, p: FactPrompt, *, noise: float, samples: int, seed: int,
-               kinds: Sequence[str], window: int, batch_size: int, prefix: bool = True,
-               progress: Callable[[int], None] | None = None) -> TraceResult:
+def trace_fact(
+    model: nn.Module,
+    spec: ArchSpec,
+    p: FactPrompt,
+    *,
+    noise: float,
+    samples: int,
+    seed: int,
+    kinds: Sequence[str],
+    window: int,
+    batch_size: int,
+    prefix: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> TraceResult:
     """The effect grids of one fact, batched.  ``noise``: the level nu; ``seed`` fixes the samples.
     ``samples``, ``kinds``, ``window``, ``batch_size``: trace.* of configs/config.yaml, the one place their
     defaults live.  ``prefix=False`` turns off the KV-cache reuse of tokens before the restored one (for
     checking).  ``progress`` is called with the number of cells of each finished pass."""
     n_layers, n_tokens = spec.num_layers(model), p.input_ids.shape[1]
     eps = fact_noise(model, spec, p, noise, samples, seed)
-    cells = {k: [_Cell(t, i, _first_layer(k, i, window), tuple(restored_names(spec, k, i, window, n_layers)))
-                 for t in range(p.subject[0], n_tokens) for i in range(n_layers)] for k in kinds}
+    cells = {
+        k: [
+            _Cell(t, i, _first_layer(k, i, window), tuple(restored_names(spec, k, i, window, n_layers)))
+            for t in range(p.subject[0], n_tokens)
+            for i in range(n_layers)
+        ]
+        for k in kinds
+    }
     names = sorted({n for cs in cells.values() for c in cs for n in c.names})
     clean = _clean_run(model, spec, p, names)
     corrupted = _corrupted_run(model, spec, p, eps)
@@ -270,5 +306,6 @@ def trace_fact(model: nn.Module, spec: ArchSpec, p: FactPrompt, *, noise: float,
             if progress is not None:
                 progress(len(chunk))
         effects[kind] = grid.numpy()
-    return TraceResult(p.tokens, p.subject, p.answer, p.answer_id, clean.prob, corrupted.prob, effects,
-                       float(noise), samples, window)
+    return TraceResult(
+        p.tokens, p.subject, p.answer, p.answer_id, clean.prob, corrupted.prob, effects, float(noise), samples, window
+    )

@@ -33,8 +33,10 @@ def _fact(i: int, rec: Any, where: str) -> Fact:
         raise UserError(f"{where}: record {i}: {err}") from None
     subject, prompt, answer = r.subject, r.prompt, r.target_true
     if not (isinstance(subject, str) and isinstance(prompt, str) and isinstance(answer, str)):
-        raise UserError(f"{where}: record {i} lacks a subject, a template/prompt or an attribute (answer); "
-                        "trace files look like known_1000.json")
+        raise UserError(
+            f"{where}: record {i} lacks a subject, a template/prompt or an attribute (answer); "
+            "trace files look like known_1000.json"
+        )
     if "{}" not in prompt and subject in prompt:
         prompt = prompt.replace(subject, "{}", 1)  # else tracing says the subject is missing, and skips it
     return Fact(i, subject, prompt, answer, str(r.case_id))
@@ -54,4 +56,4 @@ def load_facts(path: str | Path, n: int | None = None, start: int = 0) -> list[F
     if int(start) < 0 or int(start) >= len(data):
         raise UserError(f"trace.start={start} is outside the {len(data)} records of {path}")
     stop = None if n is None else int(start) + int(n)
-    return [_fact(int(start) + i, rec, str(path)) for i, rec in enumerate(data[int(start):stop])]
+    return [_fact(int(start) + i, rec, str(path)) for i, rec in enumerate(data[int(start) : stop])]

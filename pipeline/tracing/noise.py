@@ -4,8 +4,9 @@ and the noise itself, nu * N(0, 1) drawn per fact and added to the subject's tok
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,16 +39,26 @@ def embedding_std(model: nn.Module, spec: ArchSpec, tokenizer: Any, subjects: Se
     return float(t.output[mask.bool()].float().std())
 
 
-def subject_noise(model: nn.Module, spec: ArchSpec, tokenizer: Any, identity: dict[str, str],
-                  subjects_file: str | Path, cache_dir: str | Path, *, factor: float) -> tuple[float, Path]:
+def subject_noise(
+    model: nn.Module,
+    spec: ArchSpec,
+    tokenizer: Any,
+    identity: dict[str, str],
+    subjects_file: str | Path,
+    cache_dir: str | Path,
+    *,
+    factor: float,
+) -> tuple[float, Path]:
     """nu = factor * sigma (``factor``: trace.noise_factor), sigma the embedding spread over the subjects of
     ``subjects_file`` (a known_1000-style file).  sigma is computed once per (model, file content) and
     cached as JSON; returns nu and that file."""
     try:
         digest = short(file_sha256(subjects_file))
     except OSError as err:
-        raise UserError(f"cannot read trace.noise_subjects={subjects_file} ({err.strerror}); point it at "
-                        "known_1000.json or give the noise level itself: trace.noise=0.1") from None
+        raise UserError(
+            f"cannot read trace.noise_subjects={subjects_file} ({err.strerror}); point it at "
+            "known_1000.json or give the noise level itself: trace.noise=0.1"
+        ) from None
     path = model_dir(cache_dir, identity) / f"embedding-std-{digest}.json"
     if path.exists():
         rec = json.loads(path.read_text())
@@ -55,8 +66,10 @@ def subject_noise(model: nn.Module, spec: ArchSpec, tokenizer: Any, identity: di
             return factor * float(rec["sigma"]), path
     subjects = [f.subject for f in load_facts(subjects_file)]  # as ROME: every record, repeats too
     sigma = embedding_std(model, spec, tokenizer, subjects)
-    write_json(path, {"sigma": sigma, "subjects": len(subjects), "file": str(subjects_file),
-                      "sha256": digest, "model": identity})
+    write_json(
+        path,
+        {"sigma": sigma, "subjects": len(subjects), "file": str(subjects_file), "sha256": digest, "model": identity},
+    )
     return factor * sigma, path
 
 

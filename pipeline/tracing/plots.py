@@ -3,8 +3,8 @@ indirect effect over many facts (its Figure 2), each saved as PNG and PDF (writt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ def fact_title(res: TraceResult, low_p_clean: float) -> str:
     barely predicts (P(clean) < ``low_p_clean``, trace.low_p_clean) is flagged, since its colour scale then
     spans noise."""
     prompt = "".join(res.tokens).strip()
-    title = (f"{prompt} -> {res.answer.strip()}\nP(clean) {res.p_clean:.3f}, P(corrupted) {res.p_corrupted:.3f}")
+    title = f"{prompt} -> {res.answer.strip()}\nP(clean) {res.p_clean:.3f}, P(corrupted) {res.p_corrupted:.3f}"
     if res.p_clean < low_p_clean:
         title += f"\nLOW P(clean) < {low_p_clean:g}: the model does not predict this answer; effects are noise"
     return title
@@ -51,12 +51,16 @@ def plot_fact(res: TraceResult, kind: str, stem: Path, *, model_name: str, low_p
     head = fact_title(res, low_p_clean)
     low = res.p_clean < low_p_clean
     if kind == "hidden":
-        ax.set_title(f"{head}\nImpact of restoring state after corrupted input", fontsize=7,
-                     color="tab:red" if low else "black")
+        ax.set_title(
+            f"{head}\nImpact of restoring state after corrupted input", fontsize=7, color="tab:red" if low else "black"
+        )
         ax.set_xlabel(f"single restored layer within {model_name}", fontsize=7)
     else:
-        ax.set_title(f"{head}\nImpact of restoring {NAMES[kind]} after corrupted input", fontsize=7,
-                     color="tab:red" if low else "black")
+        ax.set_title(
+            f"{head}\nImpact of restoring {NAMES[kind]} after corrupted input",
+            fontsize=7,
+            color="tab:red" if low else "black",
+        )
         ax.set_xlabel(f"center of interval of {res.window} restored {NAMES[kind]} layers", fontsize=7)
     cb = fig.colorbar(h)
     cb.ax.set_title(f"p({res.answer.strip()})", y=-0.12, fontsize=7)
@@ -80,12 +84,14 @@ def plot_average(aie: dict, kind: str, stem: Path, n_facts: int, model_name: str
     return save_figure(fig, stem)
 
 
-def plot_lines(aie: dict, stem: Path, n_facts: int, model_name: str,
-               buckets: Sequence[str] = ("last subject token", "last token")) -> list[Path]:
+def plot_lines(
+    aie: dict, stem: Path, n_facts: int, model_name: str, buckets: Sequence[str] = ("last subject token", "last token")
+) -> list[Path]:
     """The average indirect effect across layers at chosen token buckets, one line per kind, with a
     shaded 95% confidence interval."""
-    fig, axes = plt.subplots(1, len(buckets), figsize=(4.0 * len(buckets), 2.8), sharey=True,
-                             layout="constrained")  # keeps the suptitle clear of the panel titles
+    fig, axes = plt.subplots(
+        1, len(buckets), figsize=(4.0 * len(buckets), 2.8), sharey=True, layout="constrained"
+    )  # keeps the suptitle clear of the panel titles
     for ax, bucket in zip(np.atleast_1d(axes), buckets):
         b = BUCKETS.index(bucket)
         for kind in aie:

@@ -15,12 +15,14 @@ __all__ = ["save_recommendation", "latest_recommendation"]
 _FILE = "recommended_layer.json"
 
 
-def save_recommendation(cache_dir: str | Path, identity: dict[str, str], layer: int, n_facts: int,
-                        summary: str | Path) -> Path:
+def save_recommendation(
+    cache_dir: str | Path, identity: dict[str, str], layer: int, n_facts: int, summary: str | Path
+) -> Path:
     """Record ``layer`` as this model's recommended edit layer (atomically); returns the file."""
     path = model_dir(cache_dir, identity) / _FILE
-    write_json(path, {"layer": int(layer), "model": identity, "n_facts": int(n_facts),
-                      "summary": str(Path(summary).resolve())})
+    write_json(
+        path, {"layer": int(layer), "model": identity, "n_facts": int(n_facts), "summary": str(Path(summary).resolve())}
+    )
     return path
 
 
@@ -35,7 +37,8 @@ def latest_recommendation(cache_dir: str | Path, model_identity: dict[str, str])
         raise UserError(
             f"no traced layer recommendation for model {model_identity.get('name')} yet ({path} is missing); "
             "run python train.py stage=trace trace.dataset=../shared/data/known_1000.json first, "
-            "or pass edit.layer=N") from None
+            "or pass edit.layer=N"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"cannot read the layer recommendation {path}: {err}; rerun the trace stage") from err
     # the directory name holds a short hash of the identity; the record's own copy catches a collision or a

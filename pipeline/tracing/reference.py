@@ -5,7 +5,7 @@ benchmark cannot import the tests)."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,9 @@ __all__ = ["trace_with_patch", "trace_fact_per_cell"]
 
 
 @torch.inference_mode()
-def trace_with_patch(model: nn.Module, spec: ArchSpec, p: FactPrompt, noise: torch.Tensor,
-                     restore: Sequence[tuple[int, str]]) -> tuple[float, float]:
+def trace_with_patch(
+    model: nn.Module, spec: ArchSpec, p: FactPrompt, noise: torch.Tensor, restore: Sequence[tuple[int, str]]
+) -> tuple[float, float]:
     """ROME's ``trace_with_patch``: one pass over [clean row, noise samples...]; the outputs of the
     modules in ``restore`` ((token, module name) pairs) are copied from the clean row into the corrupted
     rows.  Full logits at every position, as the original.  Returns (P(clean), P(corrupted, restored))."""
@@ -48,9 +49,18 @@ def trace_with_patch(model: nn.Module, spec: ArchSpec, p: FactPrompt, noise: tor
     return float(probs[0]), float(probs[1:].mean())
 
 
-def trace_fact_per_cell(model: nn.Module, spec: ArchSpec, p: FactPrompt, *, noise: float, samples: int, seed: int,
-                        kinds: Sequence[str], window: int,
-                        progress: Callable[[int], None] | None = None) -> TraceResult:
+def trace_fact_per_cell(
+    model: nn.Module,
+    spec: ArchSpec,
+    p: FactPrompt,
+    *,
+    noise: float,
+    samples: int,
+    seed: int,
+    kinds: Sequence[str],
+    window: int,
+    progress: Callable[[int], None] | None = None,
+) -> TraceResult:
     """``trace_fact``'s result the slow way: every cell of every kind in its own forward pass, every token
     run (even those before the subject) -- the method of ROME's ``calculate_hidden_flow``.  The same
     ``seed`` draws the same noise as ``trace_fact``, so the two agree to float rounding."""
@@ -67,5 +77,6 @@ def trace_fact_per_cell(model: nn.Module, spec: ArchSpec, p: FactPrompt, *, nois
             if progress is not None:
                 progress(n_layers)
         effects[kind] = grid
-    return TraceResult(p.tokens, p.subject, p.answer, p.answer_id, p_clean, p_corrupted, effects,
-                       float(noise), samples, window)
+    return TraceResult(
+        p.tokens, p.subject, p.answer, p.answer_id, p_clean, p_corrupted, effects, float(noise), samples, window
+    )
