@@ -78,8 +78,9 @@ def test_one_request_one_layer_is_rome(tiny_model_dir, family):
     memit_dw = batch.updates[2].left @ batch.updates[2].right.T
     with torch.no_grad():
         loaded.spec.down_proj_weight(loaded.model, 2).copy_(w0)
+    hp = configure(["edit.v.steps=3", "edit.memit.v.steps=4", *overrides]).edit  # the edit group context() used
     single = rome.edit(
-        loaded.model, loaded.tokenizer, request[0], layer=2, hparams=ctx.hp, templates=TEMPLATES, second_moment=c
+        loaded.model, loaded.tokenizer, request[0], layer=2, hparams=hp, templates=TEMPLATES, second_moment=c
     )
     torch.testing.assert_close(batch.updates[2].left[:, 0].float(), single.delta, rtol=1e-3, atol=1e-5)  # R = δ
     rome_dw = torch.outer(single.update.lam, single.update.u)
