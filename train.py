@@ -32,7 +32,7 @@ def usage() -> str:
 
     from pipeline.config import CONFIG_DIR
 
-    lines = ["usage: python train.py stage=STAGE [key=value ...]", "", "stages:"]
+    lines = ["usage: python train.py stage=STAGE [key=value ...]", "       rome STAGE [key=value ...]", "", "stages:"]
     lines += [f"  {name:<8} {what}" for name, (_, what) in STAGES.items()]
     lines += ["", "config keys (dotted, YAML values: stats.layers=[4,5,6]):"]
     text = (CONFIG_DIR / "config.yaml").read_text()
@@ -72,27 +72,31 @@ def _quiet() -> None:
 
 
 def main(argv: list[str]) -> int:
-    from pipeline.core.loading import configure
-    from pipeline.core.signals import stop_on_signals
+    from pipeline.config import compose, nearest
     from pipeline.errors import Interrupted, UserError
 
-    if any(a in HELP_WORDS for a in argv):
+    if not argv or any(a in HELP_WORDS for a in argv):
         print(usage())
         return 0
-    _quiet()
     try:
+        # the keys, types and stage judged first, before torch and Lightning are imported (seconds on a busy
+        # machine): a config error answers at once. configure() below composes again with the model's family
+        # file and checks the devices; a model file sets values, never keys, so it judges the same keys.
+        fast = compose(argv)
+        if fast.stage not in STAGES:
+            raise UserError(
+                f"stage={fast.stage} is not one of {', '.join(STAGES)}{nearest(str(fast.stage), list(STAGES))}"
+            )
+        _quiet()
+        from pipeline.core.loading import configure
+        from pipeline.core.signals import stop_on_signals
+
         cfg = configure(argv)
         if cfg.print_config:
             from omegaconf import OmegaConf
 
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        if cfg.stage not in STAGES:
-            from pipeline.config import nearest
-
-            raise UserError(
-                f"stage={cfg.stage} is not one of {', '.join(STAGES)}{nearest(str(cfg.stage), list(STAGES))}"
-            )
         recipe = STAGES[cfg.stage][0]
         if cfg.stage == "eval" and cfg.eval.mode != "case":  # many edits into one model: its own recipe
             recipe = "recipes.eval_scale"
@@ -105,6 +109,15 @@ def main(argv: list[str]) -> int:
         print(f"interrupted: {stop.hint}", file=sys.stderr)
         return 128 + stop.signum
     return 0
+
+
+def cli() -> int:
+    """The ``rome`` command: ``rome STAGE key=value ...`` (``rome edit request=...``) is
+    ``python train.py stage=STAGE key=value ...``; bare ``rome`` prints the help."""
+    argv = sys.argv[1:]
+    if argv and "=" not in argv[0] and argv[0] not in HELP_WORDS:
+        argv = [f"stage={argv[0]}", *argv[1:]]
+    return main(argv)
 
 
 if __name__ == "__main__":
