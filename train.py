@@ -108,6 +108,17 @@ def main(argv: list[str]) -> int:
     except Interrupted as stop:
         print(f"interrupted: {stop.hint}", file=sys.stderr)
         return 128 + stop.signum
+    except OSError as err:
+        from pipeline.core.atomic import no_space
+
+        if not no_space(err):
+            raise
+        print(
+            f"error: no space left on device ({err.strerror or err}); free some space and run the same command "
+            "(finished work is kept; nothing was left half-written)",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from datamodules import TextDataModule
+from pipeline.core.atomic import ensure_free_space
 from pipeline.core.loading import LoadedModel
 from pipeline.core.timing import Clock
 from pipeline.stats.convergence import plot_convergence
@@ -110,6 +111,10 @@ def _compute(
         "batch_tokens": tokens_per_batch,
         "sort_window": int(cfg.data.sort_window),
     }
+    # room for what the pass writes, judged before it: the running sums (checkpoints) and C, per layer
+    d_ff = {layer: loaded.spec.key_size(loaded.model, layer) for layer in layers}
+    accumulator = torch.tensor([], dtype=accumulation_dtype(cfg)).element_size()
+    ensure_free_space(store.dir, sum(2 * d * d * accumulator for d in d_ff.values()), f"statistics of layers {layers}")
     partial = PartialStats(partial_dir, run)
     conv = cfg.stats.convergence
     module = SecondMomentModule(

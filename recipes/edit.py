@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from modules.edit_loop import fit_edits
 from modules.statistics import layer_statistics
+from pipeline.core.atomic import ensure_free_space
 from pipeline.core.digest import json_digest
 from pipeline.core.loading import load_configured
 from pipeline.core.requests import parse_requests
@@ -160,6 +161,14 @@ def run(cfg: DictConfig) -> list:
         raise UserError(f"edit.method={cfg.edit.method} is not one of {', '.join(recordable)}")
     run_ = Run(cfg, requests)  # edit.out and edit.save_to checked before any work
     loaded = load_configured(cfg.model)
+    if run_.save_to is not None:  # room for the model before any edit (its size is known once it is loaded)
+        weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        try:
+            ensure_free_space(run_.save_to.parent, weights, f"edit.save_to={run_.save_to} (the model in its own dtype)")
+        except OSError as err:
+            raise UserError(
+                f"{err.strerror}; nothing was edited: free some space or name another edit.save_to"
+            ) from None
     ledger = Ledger.open(run_.out, loaded.identity, cfg.model.dtype)
     run_.recorded_before = len(ledger.entries)
     if ledger.entries:

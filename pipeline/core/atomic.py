@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_dir", "write_json", "user_mode"]
+__all__ = ["atomic_path", "atomic_dir", "write_json", "user_mode", "ensure_free_space", "no_space"]
 
 
 def user_mode(kind: str) -> int:
@@ -103,3 +103,23 @@ def atomic_dir(path: str | os.PathLike, before_replace: Callable[[Path], None] |
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def ensure_free_space(directory: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse, before writing, a write of ``needed`` bytes (plus 5 % and 1 MiB of slack) into ``directory``
+    (or the nearest existing directory above it) when its file system has less free space: one line naming
+    ``what`` and both sizes, instead of a half-written file and a traceback."""
+    where = Path(directory)
+    while not where.exists() and where.parent != where:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < needed * 1.05 + 2**20:
+        raise OSError(
+            errno.ENOSPC, f"{what} needs {needed / 2**20:.1f} MiB but {where} has {free / 2**20:.1f} MiB free"
+        )
+
+
+def no_space(err: BaseException) -> bool:
+    """Whether ``err`` is a full disk, however the library that wrote reported it (OSError ENOSPC, or a
+    safetensors error that carries the message)."""
+    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in str(err)

@@ -10,13 +10,14 @@ is writable, before any work is done; ``save_model`` checks again right before t
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.atomic import atomic_dir
+from pipeline.core.atomic import atomic_dir, ensure_free_space, no_space
 from pipeline.core.loading import LoadedModel
 from pipeline.errors import UserError
 
@@ -104,8 +105,15 @@ def save_model(
     """Write the model and tokenizer to ``directory`` with our marker (``record``: what else it should say,
     e.g. the ledger and the edits); an existing directory is replaced only when ``check_destination`` allows."""
     path = check_destination(directory, what)
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    ensure_free_space(path.parent, weights, f"{what}={directory} (the model in its own dtype)")
     with atomic_dir(path, before_replace=lambda p: check_destination(p, what)) as tmp:
-        loaded.model.save_pretrained(tmp)
+        try:
+            loaded.model.save_pretrained(tmp)
+        except Exception as err:  # safetensors reports a full disk as its own error type: one kind of failure here
+            if no_space(err):
+                raise OSError(errno.ENOSPC, f"no space left on device writing {what}={directory}") from err
+            raise
         loaded.tokenizer.save_pretrained(tmp)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.iterdir())
         info = {

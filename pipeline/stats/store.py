@@ -27,9 +27,10 @@ from omegaconf import DictConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.core.atomic import atomic_path, write_json
+from pipeline.core.atomic import atomic_path, ensure_free_space, write_json
 from pipeline.core.digest import file_sha256, json_digest, slug
 from pipeline.core.loading import LoadedModel, cache_root
+from pipeline.core.paths import contained
 from pipeline.errors import UserError
 from pipeline.stats.text import TextSource
 
@@ -153,7 +154,7 @@ class StatsEntry:
                 f"statistics of layer {layer} in {self.dir} are for module {entry['module']}, not {module}"
                 + (f"; delete {self.dir}" if self.owned else "")
             )
-        path = self.dir / entry["file"]
+        path = contained(self.dir, entry.get("file"), self.dir / "manifest.json")
         problem = None
         if not path.exists():
             problem = "is missing"
@@ -184,7 +185,7 @@ class StatsEntry:
         entry = manifest["layers"].pop(str(layer), None)
         write_json(self.dir / "manifest.json", manifest)
         if entry:
-            (self.dir / entry["file"]).unlink(missing_ok=True)
+            contained(self.dir, entry.get("file"), self.dir / "manifest.json").unlink(missing_ok=True)
 
     def save(self, layer: int, module: str, total: torch.Tensor, count: int, **record: Any) -> LayerStats:
         """Write C = total / count for ``layer`` (file first, then the manifest that points at it) and return it
@@ -194,6 +195,9 @@ class StatsEntry:
             raise UserError("no tokens were read; check data.files / data.text_field")
         path = self.dir / f"layer_{layer}.safetensors"
         second_moment = (total / count).contiguous()
+        ensure_free_space(
+            self.dir, second_moment.numel() * second_moment.element_size(), f"statistics of layer {layer}"
+        )
         with atomic_path(path) as tmp:
             save_file(
                 {"second_moment": second_moment, "count": torch.tensor([count])},

@@ -1,0 +1,137 @@
+"""Hostile inputs at the boundary: a path in a manifest that points outside its directory, a full disk (too
+little free space before a write, and a library that reports ENOSPC its own way). Each gets one error line and
+exit code 2, and leaves the user's files, the statistics and the ledger as they were."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import namedtuple
+
+import pytest
+
+from pipeline.core.paths import contained
+from pipeline.errors import UserError
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+EIFFEL = {
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": "Rome",
+    "target_true": "Paris",
+}
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model_dir, small_wiki, tmp_path_factory):
+    shared = tmp_path_factory.mktemp("reliability")
+    return shared, [
+        f"model.name={tiny_model_dir('gpt2')}",
+        f"data.files={small_wiki}",
+        f"stats.dir={shared / 'stats'}",
+        f"model.cache_dir={shared / 'cache'}",
+        "stats.tokens=2000",
+        "data.max_length=64",
+        "data.batch_tokens=256",
+        "edit.layer=2",
+        "trainer.accelerator=cpu",
+        "model.device=cpu",
+        "edit.generate_tokens=0",
+        "edit.verify.enabled=false",
+        "edit.v.steps=2",
+    ]
+
+
+def main(capsys, *argv):
+    import train
+
+    os.environ.update(OFFLINE)
+    code = train.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, [line for line in out.err.splitlines() if line.startswith(("error:", "interrupted:"))]
+
+
+def test_contained_refuses_every_way_out(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "ok.safetensors").write_text("x")
+    os.symlink(tmp_path / "victim.txt", tmp_path / "d" / "link")
+    assert contained(tmp_path / "d", "ok.safetensors", "m.json") == (tmp_path / "d" / "ok.safetensors").resolve()
+    for bad in ("../victim.txt", "../../etc/passwd", "/etc/passwd", "", ".", "sub/../../x", "link", None, 6, "a\x00b"):
+        with pytest.raises(UserError, match="m.json names the file"):
+            contained(tmp_path / "d", bad, "m.json")
+
+
+def test_a_manifest_pointing_outside_its_directory_deletes_nothing(env, tmp_path, capsys):
+    shared, args = env
+    code, _, errors = main(capsys, "stage=stats", *args, "stats.layers=[2]")
+    assert code == 0, errors
+    (manifest,) = (shared / "stats").glob("*/manifest.json")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    data = json.loads(manifest.read_text())
+    rel = os.path.relpath(victim, manifest.parent)
+    data["layers"]["2"]["file"] = rel  # "../../.../victim.txt"
+    manifest.write_text(json.dumps(data))
+    code, _, errors = main(capsys, "stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={tmp_path / 'l'}")
+    assert code == 2 and len(errors) == 1 and "outside" in errors[0] and "nothing was read or removed" in errors[0]
+    assert victim.read_text() == "the user's file"
+    assert not (tmp_path / "l").exists()  # no ledger for an edit that never happened
+    shutil.rmtree(manifest.parent)  # the other tests recompute
+
+
+def test_too_little_free_space_for_the_model_is_refused_before_writing(env, tmp_path, capsys, monkeypatch):
+    _, args = env
+    ledger, saved = tmp_path / "ledger", tmp_path / "saved"
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+
+    def small_disk(path):  # 1 MiB free where the model goes, the truth elsewhere
+        return usage(2**30, 2**30 - 2**20, 2**20) if str(path).startswith(str(tmp_path)) else real(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", small_disk)
+    code, _, errors = main(
+        capsys, "stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}", f"edit.save_to={saved}"
+    )
+    assert code == 2 and len(errors) == 1, errors
+    assert "MiB free" in errors[0] and "nothing was edited" in errors[0]
+    assert not saved.exists() and not ledger.exists()  # refused before any edit: no ledger either
+
+
+def test_a_full_disk_reported_by_safetensors_is_one_line(env, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    _, args = env
+
+    def full(self, *a, **k):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    ledger, saved = tmp_path / "ledger", tmp_path / "saved"
+    code, _, errors = main(
+        capsys, "stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}", f"edit.save_to={saved}"
+    )
+    assert code == 2 and len(errors) == 1 and "no space left on device" in errors[0], errors
+    assert not saved.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".saved")]
+    assert json.loads((ledger / "ledger.json").read_text())["entries"] == []  # not recorded: it was not saved
+
+
+def test_a_full_disk_anywhere_else_is_one_line_at_the_boundary(env, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import recipes.stats
+
+    _, args = env
+
+    def full(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(recipes.stats, "run", full)
+    code, _, errors = main(capsys, "stage=stats", *args)
+    assert code == 2 and errors == [
+        "error: no space left on device (No space left on device); free some space and run the same command "
+        "(finished work is kept; nothing was left half-written)"
+    ]
