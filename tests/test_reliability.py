@@ -135,3 +135,56 @@ def test_a_full_disk_anywhere_else_is_one_line_at_the_boundary(env, tmp_path, ca
         "error: no space left on device (No space left on device); free some space and run the same command "
         "(finished work is kept; nothing was left half-written)"
     ]
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_with_one_line_and_exit_130(tiny_model_dir, tmp_path):
+    """Ctrl+C twice during a statistics pass: the first asks for a stop after the batch, the second stops at once
+    (Lightning turns it into its own exit); the user gets one `interrupted:` line and 130, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from conftest import ROOT, WIKI
+
+    args = [
+        "stage=stats",
+        f"model.name={tiny_model_dir('gpt2')}",
+        f"data.files={WIKI}",
+        f"stats.dir={tmp_path}",
+        "data.max_length=24",
+        "data.batch_tokens=48",
+        "data.sort_window=16",
+        "trainer.accelerator=cpu",
+        "stats.layers=[2]",
+        "stats.tokens=200000",
+        "stats.checkpoint_every_batches=20",
+    ]
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in p.stdout), daemon=True).start()
+    deadline, sent = time.monotonic() + 300, 0
+    while p.poll() is None and time.monotonic() < deadline:
+        if sent == 0 and list(tmp_path.glob("*/partial/rank0.pt")):
+            os.killpg(p.pid, signal.SIGINT)
+            sent = 1
+        elif sent == 1 and any(line.startswith("received SIGINT") for line in lines):
+            os.killpg(p.pid, signal.SIGINT)
+            sent = 2
+        time.sleep(0.02)
+    p.wait(timeout=60)
+    time.sleep(0.2)
+    interrupted = [line for line in lines if line.startswith("interrupted:")]
+    # the first stop may have finished its batch before the second Ctrl+C came: then it is the ordinary stop
+    assert p.returncode == 130 and len(interrupted) == 1, lines[-20:]
+    assert not any("Traceback" in line for line in lines), lines[-30:]

@@ -21,10 +21,11 @@ from collections.abc import Iterator
 
 from pipeline.errors import Interrupted
 
-__all__ = ["stop_on_signals", "stop_requested", "check_stop", "ignore_stop_signals"]
+__all__ = ["stop_on_signals", "stop_requested", "check_stop", "ignore_stop_signals", "stopped_at_once"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _received: list[int] = []  # the signals received while armed (the first one decides the exit code)
+_at_once: list[bool] = []  # a second Ctrl+C arrived: the stop did not wait for the unit in progress
 
 
 def stop_requested() -> bool:
@@ -40,6 +41,7 @@ def check_stop(hint: str) -> None:
 
 def _handler(signum: int, frame: object) -> None:
     if _received and signum == signal.SIGINT:
+        _at_once.append(True)
         raise KeyboardInterrupt  # a second Ctrl+C: stop now
     _received.append(signum)
     print(
@@ -59,6 +61,7 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
         return
     previous = {s: signal.getsignal(s) for s in signals}
     _received.clear()
+    _at_once.clear()
     for s in signals:
         signal.signal(s, _handler)
     try:
@@ -67,6 +70,12 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
         for s, h in previous.items():
             signal.signal(s, h)
         _received.clear()
+
+
+def stopped_at_once() -> bool:
+    """True when a second Ctrl+C stopped the stage at once (Lightning turns the KeyboardInterrupt into its own
+    exit): the caller reports it in one line instead of a traceback."""
+    return bool(_at_once)
 
 
 def ignore_stop_signals() -> None:
