@@ -64,6 +64,11 @@ def _check(cfg: DictConfig) -> None:
         )
     if single and (not cfg.prompt or not cfg.subject):
         raise UserError("one fact needs both prompt=... and subject=...")
+    if t.dataset is not None and "mlp" not in kinds:  # judged here, not after hours of tracing
+        raise UserError(
+            f"trace.dataset needs the mlp kind (the layer recommendation reads the MLP effects): trace.kinds={kinds}; "
+            "add mlp, e.g. trace.kinds=[mlp] or [hidden,mlp,attn]"
+        )
 
 
 def _noise(cfg: DictConfig, loaded: LoadedModel) -> float:

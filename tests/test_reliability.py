@@ -188,3 +188,18 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line_and_exit_130(tiny_model_dir
     # the first stop may have finished its batch before the second Ctrl+C came: then it is the ordinary stop
     assert p.returncode == 130 and len(interrupted) == 1, lines[-20:]
     assert not any("Traceback" in line for line in lines), lines[-30:]
+
+
+def test_inputs_that_can_be_judged_before_work_are(env, capsys):
+    from conftest import DATA
+
+    _, args = env
+    code, _, errors = main(
+        capsys, "stage=trace", *args, "trace.kinds=[hidden]", f"trace.dataset={DATA / 'known_1000.json'}"
+    )
+    assert code == 2 and len(errors) == 1 and "trace.dataset needs the mlp kind" in errors[0]
+    code, _, errors = main(capsys, "stage=stats", *args, "stats.layers=[]")
+    assert code == 2 and errors == [
+        "error: stats.layers is empty: name the layers to collect, e.g. stats.layers=[6] (the default is the "
+        "model's edit layer)"
+    ]

@@ -282,8 +282,16 @@ def batch_tokens(cfg: DictConfig, device_type: str) -> int:
 
 def check_layers(layers: Iterable[Any] | None, loaded: LoadedModel) -> list[int]:
     layers = list(layers) if layers is not None else None
-    if not layers or any(layer is None for layer in layers):
-        raise UserError("no layer given and this model has no default edit layer; pass stats.layers=[N]")
+    if not layers:
+        raise UserError(
+            "stats.layers is empty: name the layers to collect, e.g. stats.layers=[6] (the default is "
+            "the model's edit layer)"
+        )
+    if any(layer is None for layer in layers):
+        raise UserError(
+            "stats.layers names the model's edit layer, and this model has none (no file in "
+            "configs/model/ sets it); pass stats.layers=[N]"
+        )
     return sorted({loaded.spec.check_layer(loaded.model, layer, "stats.layers") for layer in layers})
 
 
