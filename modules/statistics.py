@@ -4,6 +4,8 @@ edit stage or the eval methods."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -13,6 +15,7 @@ from omegaconf import DictConfig
 from datamodules import TextDataModule
 from pipeline.core.atomic import ensure_free_space
 from pipeline.core.loading import LoadedModel
+from pipeline.core.locks import DirectoryLock
 from pipeline.core.timing import Clock
 from pipeline.stats.convergence import plot_convergence
 from pipeline.stats.store import (
@@ -43,7 +46,11 @@ def collect(
     found = store.lookup(layers)
     missing = [layer for layer, s in found.items() if s is None]
     if missing:
-        computed = _compute(cfg, loaded, store, missing, timings)  # what was written, as a lookup would load it
+        # one run computes a statistics entry at a time; DDP ranks that Lightning starts (LOCAL_RANK / NODE_RANK
+        # set) are part of the run holding it
+        first = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+        with DirectoryLock(store.dir, "stats.dir entry") if first else contextlib.nullcontext():
+            computed = _compute(cfg, loaded, store, missing, timings)  # what was written, as a lookup would load it
         found = {layer: s or computed[layer] for layer, s in found.items()}
     _warn_short(found.values())
     return found

@@ -29,6 +29,7 @@ from modules.statistics import layer_statistics
 from pipeline.core.atomic import ensure_free_space
 from pipeline.core.digest import json_digest
 from pipeline.core.loading import load_configured
+from pipeline.core.locks import DirectoryLock
 from pipeline.core.requests import parse_requests
 from pipeline.core.saving import check_destination, check_writable, save_model
 from pipeline.core.signals import check_stop
@@ -169,46 +170,47 @@ def run(cfg: DictConfig) -> list:
             raise UserError(
                 f"{err.strerror}; nothing was edited: free some space or name another edit.save_to"
             ) from None
-    ledger = Ledger.open(run_.out, loaded.identity, cfg.model.dtype)
-    run_.recorded_before = len(ledger.entries)
-    if ledger.entries:
-        print(
-            f"continuing the ledger in {ledger.dir}: re-applying {ledger.rebuild(loaded.model, loaded.spec)} "
-            "earlier edit(s)"
-        )
-    elif not run_.fresh:
-        print(f"ledger: {ledger.dir} (new)")
-    clock = Clock(loaded.model)
-    editor = build_editor(cfg, loaded, statistics=layer_statistics(cfg, loaded))
-    print(f"{editor.method}: layer(s) {', '.join(map(str, editor.layers))} ({clock.lap('setup'):.2f} s)")
-    for layer, rank in getattr(editor, "null_space_ranks", {}).items():
-        print(f"layer {layer}: null space of C has {rank} dimensions")
-    taken_up = editor.continue_from(ledger)
-    if taken_up:
-        print(taken_up)
-    units = editor.units(requests)
-    todo = _todo(ledger, run_, len(units), "request(s)" if editor.per_case else "batch(es)")
-    check_stop(run_.resume_hint())
-    edits = fit_edits(
-        editor, [r for i in todo for r in units[i]], cfg, ledger, loaded.identity, run=(run_.digest, todo)
-    )
-    run_.done += len(edits)
-    for edit in edits:
-        if isinstance(edit, rome.EditResult):
-            print_table(edit)
-    if editor.method != "rome":
-        known = [r for e in edits for r in e.requests if r.target_true]
-        if known:
-            won = sum(
-                p["prompt"]["new"][0] > p["prompt"]["true"][0]
-                for p in (
-                    rome.measure(loaded.model, loaded.tokenizer, r, int(cfg.edit.verify.batch_size)) for r in known
-                )
+    with DirectoryLock(run_.out, "edit.out"):  # one run writes a ledger at a time
+        ledger = Ledger.open(run_.out, loaded.identity, cfg.model.dtype)
+        run_.recorded_before = len(ledger.entries)
+        if ledger.entries:
+            print(
+                f"continuing the ledger in {ledger.dir}: re-applying {ledger.rebuild(loaded.model, loaded.spec)} "
+                "earlier edit(s)"
             )
-            print(f"after the edits: P(new) > P(true) on {won} of {len(known)} requests' prompts")
-    run_.save_and_report(loaded, ledger)
-    check_stop(run_.resume_hint())
-    failed = [e for e in edits if e.status != "applied"]
-    if failed:
-        raise UserError(f"{len(failed)} of {len(edits)} edit(s) failed verification: {failed[0].reason}")
-    return edits
+        elif not run_.fresh:
+            print(f"ledger: {ledger.dir} (new)")
+        clock = Clock(loaded.model)
+        editor = build_editor(cfg, loaded, statistics=layer_statistics(cfg, loaded))
+        print(f"{editor.method}: layer(s) {', '.join(map(str, editor.layers))} ({clock.lap('setup'):.2f} s)")
+        for layer, rank in getattr(editor, "null_space_ranks", {}).items():
+            print(f"layer {layer}: null space of C has {rank} dimensions")
+        taken_up = editor.continue_from(ledger)
+        if taken_up:
+            print(taken_up)
+        units = editor.units(requests)
+        todo = _todo(ledger, run_, len(units), "request(s)" if editor.per_case else "batch(es)")
+        check_stop(run_.resume_hint())
+        edits = fit_edits(
+            editor, [r for i in todo for r in units[i]], cfg, ledger, loaded.identity, run=(run_.digest, todo)
+        )
+        run_.done += len(edits)
+        for edit in edits:
+            if isinstance(edit, rome.EditResult):
+                print_table(edit)
+        if editor.method != "rome":
+            known = [r for e in edits for r in e.requests if r.target_true]
+            if known:
+                won = sum(
+                    p["prompt"]["new"][0] > p["prompt"]["true"][0]
+                    for p in (
+                        rome.measure(loaded.model, loaded.tokenizer, r, int(cfg.edit.verify.batch_size)) for r in known
+                    )
+                )
+                print(f"after the edits: P(new) > P(true) on {won} of {len(known)} requests' prompts")
+        run_.save_and_report(loaded, ledger)
+        check_stop(run_.resume_hint())
+        failed = [e for e in edits if e.status != "applied"]
+        if failed:
+            raise UserError(f"{len(failed)} of {len(edits)} edit(s) failed verification: {failed[0].reason}")
+        return edits

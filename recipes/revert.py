@@ -13,6 +13,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from pipeline.core.loading import load_model
+from pipeline.core.locks import DirectoryLock
 from pipeline.core.saving import check_destination, save_model
 from pipeline.core.signals import check_stop
 from pipeline.editors.ledger import Ledger
@@ -24,6 +25,12 @@ def run(cfg: DictConfig) -> None:
         raise UserError("pass ledger=DIR (the edit.out of the edits to revert) and edit_id=N or edit_id=all")
     if cfg.edit_id is None:
         raise UserError("pass edit_id=N (an id from the ledger) or edit_id=all")
+    Ledger.open(cfg.ledger, create=False)  # a ledger of ours, before the lock file goes into it
+    with DirectoryLock(cfg.ledger, "ledger"):  # one run writes a ledger at a time
+        _revert(cfg)
+
+
+def _revert(cfg: DictConfig) -> None:
     ledger = Ledger.open(cfg.ledger, create=False)
     reverted = ledger.revert(cfg.edit_id)
     target = cfg.edit.save_to or ledger.data.get("saved_to")

@@ -203,3 +203,44 @@ def test_inputs_that_can_be_judged_before_work_are(env, capsys):
         "error: stats.layers is empty: name the layers to collect, e.g. stats.layers=[6] (the default is the "
         "model's edit layer)"
     ]
+
+
+def test_a_directory_lock_refuses_a_second_writer_and_takes_over_from_a_dead_one(tmp_path, capsys):
+    from pipeline.core.locks import LOCK_FILE, DirectoryLock
+
+    target = tmp_path / "ledger"
+    with DirectoryLock(target, "edit.out"):
+        with pytest.raises(UserError, match=rf"edit.out={target} is in use by another run \(pid {os.getpid()} on "):
+            DirectoryLock(target, "edit.out").acquire()
+    assert not target.exists()  # it made the directory and nothing else was written: it leaves none
+    target.mkdir()
+    (target / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename, "since": "then"}))
+    with DirectoryLock(target, "edit.out") as lock:
+        assert lock.owner()["pid"] == os.getpid()
+    assert "taking over the lock of a run that ended without releasing it (pid 4206649" in capsys.readouterr().err
+    assert (target / LOCK_FILE).read_text() == ""  # released: no owner left
+
+
+def test_two_runs_on_one_ledger_or_one_statistics_entry_one_is_refused(env, tmp_path, capsys):
+    from pipeline.core.locks import DirectoryLock
+
+    shared, args = env
+    ledger = tmp_path / "ledger"
+    code, _, errors = main(capsys, "stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}")
+    assert code == 0, errors
+    before = (ledger / "ledger.json").read_text()
+    with DirectoryLock(ledger, "edit.out"):  # another run is writing this ledger
+        code, _, errors = main(capsys, "stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}")
+        assert code == 2 and len(errors) == 1 and "is in use by another run" in errors[0], errors
+        code, _, errors = main(
+            capsys, "stage=revert", f"ledger={ledger}", "edit_id=1", f"edit.save_to={tmp_path / 's'}"
+        )
+        assert code == 2 and "is in use by another run" in errors[0], errors
+    assert (ledger / "ledger.json").read_text() == before  # nothing lost, nothing added
+    stats = tmp_path / "stats"
+    code, _, errors = main(capsys, "stage=stats", *args, f"stats.dir={stats}", "stats.layers=[1]")
+    assert code == 0, errors
+    (entry,) = [p.parent for p in stats.glob("*/manifest.json")]
+    with DirectoryLock(entry, "stats.dir entry"):  # a run computing layer 2 into the same entry
+        code, _, errors = main(capsys, "stage=stats", *args, f"stats.dir={stats}", "stats.layers=[2]")
+    assert code == 2 and "stats.dir entry=" in errors[0] and "is in use by another run" in errors[0], errors

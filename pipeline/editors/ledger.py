@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from pipeline.core.arch import ArchSpec
 from pipeline.core.atomic import atomic_path, write_json
 from pipeline.core.digest import file_sha256
+from pipeline.core.locks import LOCK_FILE
 from pipeline.editors.rank_one import LowRank, RankOne, apply_low_rank, apply_rank_one
 from pipeline.errors import UserError
 
@@ -57,7 +58,7 @@ class Ledger:
             return cls(directory, data)
         if not create:
             raise UserError(f"no ledger at {path}; pass the edit.out directory of an earlier edit as ledger=")
-        if directory.is_dir() and any(directory.iterdir()):
+        if directory.is_dir() and any(p.name != LOCK_FILE for p in directory.iterdir()):
             raise UserError(
                 f"edit.out={directory} holds files but no ledger.json; name a new directory or the "
                 "edit.out of earlier edits"
