@@ -20,6 +20,7 @@ after its checkpoint, at the same token counts.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from pipeline.core.arch import ArchSpec
 from pipeline.core.atomic import atomic_path
+from pipeline.core.digest import file_sha256
 from pipeline.core.hooks import TraceDict
 from pipeline.core.signals import check_stop, stop_requested
 from pipeline.errors import UserError
@@ -50,11 +52,24 @@ class PartialStats:
     def path(self, rank: int) -> Path:
         return self.dir / f"rank{rank}.pt"
 
+    def checksum_path(self, rank: int) -> Path:
+        return self.dir / f"rank{rank}.pt.sha256"
+
     def load(self, rank: int) -> dict[str, Any] | None:
+        """The rank's state, checked against its checksum first: a damaged or unverifiable state is removed
+        with one line and the rank starts again from zero (it never resumes into wrong statistics)."""
         if rank not in self._cache:
             p = self.path(rank)
             state = None
             if p.exists():
+                recorded = self.checksum_path(rank).read_text().strip() if self.checksum_path(rank).exists() else None
+                if recorded != file_sha256(p):
+                    why = "has no checksum" if recorded is None else "fails its checksum (damaged)"
+                    p.unlink()
+                    self.checksum_path(rank).unlink(missing_ok=True)
+                    print(f"partial statistics {p} {why}: removed; this rank starts again from zero", file=sys.stderr)
+                    self._cache[rank] = None
+                    return None
                 try:
                     state = torch.load(p, map_location="cpu", weights_only=True)
                 except Exception as err:
@@ -76,14 +91,24 @@ class PartialStats:
         return {int(s): dict(v) for s, v in state["shards"].items()} if state else {}
 
     def save(self, rank: int, state: dict[str, Any]) -> None:
+        """The state, then its checksum (a crash between them leaves a state that fails its check: it is
+        recomputed, never trusted)."""
         with atomic_path(self.path(rank)) as tmp:
             torch.save({"run": self.run, **state}, tmp)
+            digest = file_sha256(tmp)
+        with atomic_path(self.checksum_path(rank)) as tmp:
+            tmp.write_text(digest + "\n")
         self._cache.pop(rank, None)
 
     def clear(self) -> None:
         # rank files, the temporaries of a save that a kill interrupted (atomic_path's ".rank<r>.pt.*.tmp"),
         # and the checkpoints Lightning's SLURM requeue wrote here (its default_root_dir)
-        for p in [*self.dir.glob("rank*.pt"), *self.dir.glob(".rank*.pt.*.tmp"), *self.dir.glob("hpc_ckpt_*.ckpt")]:
+        for p in [
+            *self.dir.glob("rank*.pt"),
+            *self.dir.glob("rank*.pt.sha256"),
+            *self.dir.glob(".rank*.pt*.tmp"),
+            *self.dir.glob("hpc_ckpt_*.ckpt"),
+        ]:
             p.unlink(missing_ok=True)
         if self.dir.exists() and not any(self.dir.iterdir()):
             self.dir.rmdir()

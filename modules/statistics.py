@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
@@ -16,6 +17,7 @@ from datamodules import TextDataModule
 from pipeline.core.atomic import ensure_free_space
 from pipeline.core.loading import LoadedModel
 from pipeline.core.locks import DirectoryLock
+from pipeline.core.outputs import claim_output_dir
 from pipeline.core.timing import Clock
 from pipeline.stats.convergence import plot_convergence
 from pipeline.stats.store import (
@@ -49,11 +51,18 @@ def collect(
         # one run computes a statistics entry at a time; DDP ranks that Lightning starts (LOCAL_RANK / NODE_RANK
         # set) are part of the run holding it
         first = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+        if first:  # written into: the statistics directory must be ours (a user's directory is only ever read)
+            claim_output_dir(store.dir.parent, "stats.dir", ours=_earlier_statistics)
         with DirectoryLock(store.dir, "stats.dir entry") if first else contextlib.nullcontext():
             computed = _compute(cfg, loaded, store, missing, timings)  # what was written, as a lookup would load it
         found = {layer: s or computed[layer] for layer, s in found.items()}
     _warn_short(found.values())
     return found
+
+
+def _earlier_statistics(root: Path) -> bool:
+    """A statistics directory an earlier version wrote (before the marker): entries with a manifest."""
+    return all(p.is_dir() and (p / "manifest.json").exists() or p.name.startswith(".") for p in root.iterdir())
 
 
 def second_moment(cfg: DictConfig, loaded: LoadedModel, layer: int) -> tuple[torch.Tensor | None, dict | None]:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from pipeline.core.atomic import atomic_dir, write_json
 from pipeline.core.digest import slug, text_digest
 from pipeline.core.loading import LoadedModel, cache_root, load_configured
+from pipeline.core.outputs import claim_output_dir
 from pipeline.core.probability import answer_tokens, greedy_tokens, predicts
 from pipeline.core.signals import check_stop
 from pipeline.core.subject import fill_prompt
@@ -336,8 +337,20 @@ def _summarise(
     return summary
 
 
+def _earlier_trace(out: Path) -> bool:
+    """An output directory an earlier version of the trace stage wrote (before the marker): fact directories
+    with their scores, the dataset's facts/ and summary, the plots."""
+    names = {"facts", "summary.json", "cases"}
+    return all(
+        p.name in names or p.suffix in (".png", ".pdf") or (p.is_dir() and (p / "scores.npz").exists())
+        for p in out.iterdir()
+        if not p.name.startswith(".")
+    )
+
+
 def run(cfg: DictConfig) -> TraceResult | dict:
     _check(cfg)
+    claim_output_dir(cfg.trace.out, "trace.out", ours=_earlier_trace)  # before any work: never another's directory
     torch.manual_seed(cfg.seed)
     loaded = load_configured(cfg.model)
     noise = _noise(cfg, loaded)

@@ -244,3 +244,69 @@ def test_two_runs_on_one_ledger_or_one_statistics_entry_one_is_refused(env, tmp_
     with DirectoryLock(entry, "stats.dir entry"):  # a run computing layer 2 into the same entry
         code, _, errors = main(capsys, "stage=stats", *args, f"stats.dir={stats}", "stats.layers=[2]")
     assert code == 2 and "stats.dir entry=" in errors[0] and "is in use by another run" in errors[0], errors
+
+
+def test_output_directories_of_the_users_are_refused_before_any_work(env, tmp_path, capsys):
+    from pipeline.core.outputs import OUTPUT_MARKER
+
+    _, args = env
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text('{"my": "results"}')
+    (mine / "table.md").write_text("| mine |")
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    fact = ["prompt={} is located in the city of", "subject=The Eiffel Tower", "trace.samples=2", "trace.plots=false"]
+    for stage, key in (("trace", "trace.out"), ("stats", "stats.dir")):
+        extra = fact if stage == "trace" else ["stats.layers=[1]"]
+        code, _, errors = main(capsys, f"stage={stage}", *args, *extra, f"{key}={mine}")
+        assert code == 2 and len(errors) == 1, errors
+        assert f"{key}={mine} is not empty and was not written by this project" in errors[0]
+        assert "summary.json, table.md" in errors[0] and "Nothing was touched" in errors[0]
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    # a new directory is made and marked; the same command then writes into it again
+    out = tmp_path / "trace"
+    for _ in range(2):
+        code, _, errors = main(capsys, "stage=trace", *args, *fact, f"trace.out={out}")
+        assert code == 0, errors
+    assert json.loads((out / OUTPUT_MARKER).read_text())["what"] == "trace.out"
+
+
+def test_damaged_partial_statistics_are_never_resumed(tmp_path, capsys):
+    import torch
+
+    from modules.second_moment import PartialStats
+
+    run = {"format": 2, "key": "k", "layers": [2]}
+    partial = PartialStats(tmp_path / "partial", run)
+    state = {"count": 10, "sums": {2: torch.eye(3, dtype=torch.float64)}, "shards": {0: {"texts": 3}}}
+    partial.save(0, state)
+    assert PartialStats(tmp_path / "partial", run).load(0)["count"] == 10  # intact: resumed
+    data = bytearray(partial.path(0).read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4] = bytes(4 * [0xFF])  # 4 bytes flipped inside the tensor data
+    partial.path(0).write_bytes(bytes(data))
+    assert PartialStats(tmp_path / "partial", run).load(0) is None  # from zero, never from damaged sums
+    assert "fails its checksum (damaged): removed; this rank starts again from zero" in capsys.readouterr().err
+    assert not partial.path(0).exists() and not partial.checksum_path(0).exists()
+    partial.save(0, state)
+    partial.checksum_path(0).unlink()  # a state whose checksum never got written (a crash between the two)
+    assert PartialStats(tmp_path / "partial", run).load(0) is None
+    assert "has no checksum" in capsys.readouterr().err
+
+
+def test_a_damaged_templates_cache_is_sampled_again(tiny_model_dir, tmp_path, capsys):
+    from pipeline.core.loading import configure, load_model
+    from pipeline.editors.templates import context_templates
+
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    hp = configure([]).edit.templates
+    capsys.readouterr()
+    first = context_templates(loaded.model, loaded.tokenizer, loaded.identity, hp, tmp_path, seed=0)
+    (path,) = (tmp_path / "templates").glob("*.json")
+    capsys.readouterr()
+    assert context_templates(loaded.model, loaded.tokenizer, loaded.identity, hp, tmp_path, seed=0) == first
+    assert "damaged" not in capsys.readouterr().err  # read from the cache
+    for damage in (path.read_bytes()[:40], b"\xff\xfe not utf-8", b'{"templates": ["no placeholder"]}'):
+        path.write_bytes(damage)
+        assert context_templates(loaded.model, loaded.tokenizer, loaded.identity, hp, tmp_path, seed=0) == first
+        assert "is damaged" in capsys.readouterr().err
+        assert json.loads(path.read_text())["templates"] == first  # rewritten whole

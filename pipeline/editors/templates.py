@@ -17,6 +17,7 @@ In both, end-of-text is never sampled inside a prefix and braces become spaces (
 from __future__ import annotations
 
 import json
+import sys
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,9 +91,28 @@ def context_templates(
     digest = json_digest(settings)
     path = Path(cache_dir) / "templates" / f"{digest}.json" if cache_dir else None
     if path is not None and path.exists():
-        return json.loads(path.read_text())["templates"]
+        cached = _read_cache(path, settings)
+        if cached is not None:
+            return cached
     prefixes = _sample_prefixes(model, tokenizer, style, list(cfg.seeds), lengths, int(cfg.top_k), seed)
     templates = ["{}"] + [f"{p}. {{}}" for p in prefixes]
     if path is not None:
         write_json(path, {**settings, "templates": templates})
     return templates
+
+
+def _read_cache(path: Path, settings: dict[str, Any]) -> list[str] | None:
+    """The cached templates when the file is whole and made with these settings; a damaged one (truncated, not
+    UTF-8, another shape) is reported in one line and sampled again (the same seed gives the same templates)."""
+    try:
+        data = json.loads(path.read_text())
+        templates = data["templates"]
+        expected = json.loads(json.dumps(settings))  # as JSON stores them (tuples come back as lists)
+        if {k: data.get(k) for k in expected} != expected or not isinstance(templates, list) or templates[:1] != ["{}"]:
+            raise ValueError("not made with these settings")
+        if not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
+            raise ValueError("a template without exactly one {}")
+        return templates
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
+        print(f"context templates cache {path} is damaged ({type(err).__name__}); sampling them again", file=sys.stderr)
+        return None
