@@ -62,7 +62,10 @@ class PartialStats:
             p = self.path(rank)
             state = None
             if p.exists():
-                recorded = self.checksum_path(rank).read_text().strip() if self.checksum_path(rank).exists() else None
+                try:
+                    recorded = self.checksum_path(rank).read_text().strip()
+                except (OSError, UnicodeDecodeError):  # missing or damaged: the state cannot be trusted
+                    recorded = None
                 if recorded != file_sha256(p):
                     why = "has no checksum" if recorded is None else "fails its checksum (damaged)"
                     p.unlink()

@@ -282,9 +282,16 @@ def test_save_to_never_touches_what_this_project_did_not_write(edit_env, tiny_mo
     assert (saved / "my-notes.md").read_text() == "mine"
     (saved / "my-notes.md").unlink()
 
-    # a ledger whose saved_to names the user's directory cannot make revert replace it
+    # a ledger whose saved_to names the user's directory cannot make revert replace it: a changed ledger fails
+    # its checksum; one whose checksum was recomputed too still meets the destination rule
+    from pipeline.editors.ledger import content_checksum
+
     data = json.loads((ledger / "ledger.json").read_text())
     (ledger / "ledger.json").write_text(json.dumps({**data, "saved_to": str(mine)}))
+    code, _, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")
+    assert code == 2 and "was changed outside this project" in errors[0]
+    forged = {**data, "saved_to": str(mine)}
+    (ledger / "ledger.json").write_text(json.dumps({**forged, "checksum": content_checksum(forged)}))
     code, _, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")
     assert code == 2 and "the ledger's saved_to" in errors[0] and "not a model saved by this project" in errors[0]
     assert tree(mine) == theirs

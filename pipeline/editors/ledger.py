@@ -10,7 +10,9 @@ checksum before anything is applied: a damaged ledger changes no weight.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from pipeline.core.arch import ArchSpec
 from pipeline.core.atomic import atomic_path, write_json
 from pipeline.core.digest import file_sha256
 from pipeline.core.locks import LOCK_FILE
+from pipeline.core.paths import contained
 from pipeline.editors.rank_one import LowRank, RankOne, apply_low_rank, apply_rank_one
 from pipeline.errors import UserError
 
@@ -46,10 +49,11 @@ class Ledger:
         if path.exists():
             try:
                 data = json.loads(path.read_text())
-            except json.JSONDecodeError as err:
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise UserError(f"ledger {path} is not valid JSON; restore it or use another directory") from err
             if not isinstance(data, dict) or not isinstance(data.get("entries"), list) or "model" not in data:
                 raise UserError(f"{path} is not a ledger of this project (no model and entries); use another directory")
+            _authenticate(path, data)
             if model is not None and data["model"] != model:
                 raise UserError(
                     f"ledger {directory} belongs to model {data['model']['name']} "
@@ -90,15 +94,18 @@ class Ledger:
         del self.entries[count:]
         self.save()
         for e in dropped:
-            (self.dir / e["file"]).unlink(missing_ok=True)
+            contained(self.dir, e.get("file"), self.dir / "ledger.json").unlink(missing_ok=True)
         return [e["id"] for e in dropped]
 
     def save(self) -> None:
+        """``ledger.json``, with the checksum of its content (``_authenticate`` checks it on every read)."""
+        self.data.pop("checksum", None)
+        self.data["checksum"] = content_checksum(self.data)
         write_json(self.dir / "ledger.json", self.data)
 
     def tensors(self, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The entry's file, checked against the sha256 recorded with it (one read)."""
-        path = self.dir / entry["file"]
+        path = contained(self.dir, entry.get("file"), self.dir / "ledger.json")
         try:
             data = path.read_bytes()
         except OSError as err:
@@ -107,14 +114,16 @@ class Ledger:
                 "restore it from a copy of the ledger"
             ) from None
         want = entry.get("sha256")
-        if want is not None:
-            import hashlib
-
-            if hashlib.sha256(data).hexdigest() != want:
-                raise UserError(
-                    f"ledger file {path} of edit {entry['id']} fails its checksum (damaged or changed: "
-                    f"{len(data)} bytes); nothing was changed; restore it from a copy of the ledger"
-                )
+        if not isinstance(want, str):
+            raise UserError(
+                f"edit {entry.get('id')} in {self.dir / 'ledger.json'} records no checksum of its file {path}; "
+                "its factors cannot be trusted: restore the ledger from a copy"
+            )
+        if hashlib.sha256(data).hexdigest() != want:
+            raise UserError(
+                f"ledger file {path} of edit {entry['id']} fails its checksum (damaged or changed: "
+                f"{len(data)} bytes); nothing was changed; restore it from a copy of the ledger"
+            )
         try:
             return load_bytes(data)
         except (SafetensorError, ValueError) as err:
@@ -161,6 +170,21 @@ class Ledger:
             **({"run": run} if run else {}),
         }
         return self._append(entry, tensors)
+
+    def append_low_rank(
+        self, entry: dict[str, Any], updates: dict[int, LowRank], extra: dict[str, torch.Tensor] | None = None
+    ) -> int:
+        """Record a batch edit whose update of each layer is ΔW = L Rᵀ (``updates``: the factors, float64) with
+        ``extra`` tensors of the method's own beside them (UltraEdit: its normalisation statistics after the
+        batch); ``rebuild`` applies it as it applies a MEMIT batch. Returns the id."""
+        tensors = {}
+        for layer, update in updates.items():
+            tensors[f"left.{layer}"], tensors[f"right.{layer}"] = update.left, update.right
+        clash = sorted(set(tensors) & set(extra or {}))
+        if clash:
+            raise ValueError(f"extra tensors {clash} would replace the factors")
+        entry = {"kind": "batch", "status": "applied", **entry, "layers": sorted(updates)}
+        return self._append(entry, {**tensors, **(extra or {})})
 
     def _append(
         self, entry: dict[str, Any], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
@@ -222,6 +246,25 @@ class Ledger:
         for e in targets:
             e["status"] = "reverted"
         return [e["id"] for e in targets]
+
+
+def content_checksum(data: dict[str, Any]) -> str:
+    """sha256 of a ledger's content (every field but the checksum itself), as canonical JSON."""
+    text = json.dumps({k: v for k, v in data.items() if k != "checksum"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _authenticate(path: Path, data: dict[str, Any]) -> None:
+    """A ledger read back is the one this project wrote: its content matches its checksum. A ledger written
+    before checksums existed is taken as written (its files are still checked one by one), with one line."""
+    if "checksum" not in data:
+        print(f"note: {path} has no checksum (written by an earlier version); its next save adds one", file=sys.stderr)
+        return
+    if data["checksum"] != content_checksum(data):
+        raise UserError(
+            f"ledger {path} was changed outside this project (its content does not match its checksum); nothing was "
+            "applied or changed: restore it from a copy"
+        )
 
 
 def _plain(node: Any) -> Any:

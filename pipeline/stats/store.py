@@ -149,6 +149,12 @@ class StatsEntry:
         entry = manifest["layers"].get(str(layer))
         if entry is None:
             return None
+        fields = {"module": str, "file": str, "sha256": str, "tokens": int}
+        if not isinstance(entry, dict) or any(not isinstance(entry.get(k), t) for k, t in fields.items()):
+            raise UserError(
+                f"statistics manifest {self.dir / 'manifest.json'} is damaged (layer {layer}'s entry); "
+                + ("delete the directory and recompute" if self.owned else "copy it again or recompute it")
+            )
         if entry["module"] != module:
             raise UserError(
                 f"statistics of layer {layer} in {self.dir} are for module {entry['module']}, not {module}"
@@ -176,8 +182,11 @@ class StatsEntry:
                 f"statistics file {path} {problem}; copy it again from where it came from, or recompute it "
                 "with stage=stats"
             )
+        second_moment = tensors.get("second_moment")
+        if second_moment is None or second_moment.dim() != 2 or second_moment.shape[0] != second_moment.shape[1]:
+            raise UserError(f"statistics file {path} holds no square second_moment; copy it again or recompute it")
         return LayerStats(
-            layer, module, tensors["second_moment"], int(entry["tokens"]), path, int(manifest["key"].get("tokens", 0))
+            layer, module, second_moment, int(entry["tokens"]), path, int(manifest["key"].get("tokens", 0))
         )
 
     def _drop(self, layer: int) -> None:
