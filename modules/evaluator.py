@@ -1,6 +1,7 @@
 """The eval stage's LightningModule: ``predict_step`` evaluates one case under every pending method.
 
-Per case: score the clean model once (the "pre" numbers, and the "none" row); then for each method's editor
+Per case: score the clean model once (the "pre" numbers, and the "none" row: the paper's teacher-forced
+metrics and, with ``eval.generative``, the greedy-generation scores); then for each method's editor
 edit (``Editor.edit``, the request's rewrite alone), score, and copy back the clean values of every parameter
 an editor may touch (``Editor.touched``: its layers' down-projections; checked with ``torch.equal``), so every
 edit starts from the clean model. Each (case, method) result is appended to this rank's JSON-lines file at once, and its
@@ -28,7 +29,8 @@ from pipeline.editors.base import Editor
 from pipeline.errors import UserError
 from pipeline.evaluation.case_log import CaseLog
 from pipeline.evaluation.cases import EvalCase
-from pipeline.evaluation.report import METRICS
+from pipeline.evaluation.generative import generative_settings
+from pipeline.evaluation.report import GENERATIVE, METRICS
 from pipeline.evaluation.scoring import Generation, References, score_case
 
 from .case_values import CaseValues
@@ -65,8 +67,11 @@ class CaseEvaluator(L.LightningModule):
         self.gen, self.refs, self.seed, self.kind, self.on_start = gen, refs, seed, kind, on_start
         self.model = ctx.loaded.model  # registered: the Trainer places it on this rank's device
         self.methods, self.method_names = list(methods), [m.name for m in methods]
+        # the greedy-generation scores beside the paper's (eval.generative; chat resolved against the tokenizer)
+        self.generative = generative_settings(ctx.cfg.eval.generative, ctx.loaded.tokenizer)
+        keys = [OK, *METRICS[kind], *GENERATIVE[kind]]
         self.metrics = torch.nn.ModuleDict(
-            {key: CaseValues() for m in self.method_names for key in [f"{m}__{k}" for k in [OK, *METRICS[kind]]]}
+            {key: CaseValues() for m in self.method_names for key in [f"{m}__{k}" for k in keys]}
         )
         # every parameter some method may change, with a clean copy (buffers: they follow the model's device)
         self.touched = sorted({name for m in methods for name in m.touched()})
@@ -128,6 +133,7 @@ class CaseEvaluator(L.LightningModule):
             self.seed + case.index,
             int(self.ctx.cfg.eval.score_batch_size),
             self.refs,
+            self.generative,
         )
 
     def evaluate(self, case: EvalCase, methods: Sequence[Editor]) -> list[dict[str, Any]]:
@@ -144,6 +150,7 @@ class CaseEvaluator(L.LightningModule):
                 "pre_probs": pre.get("probs"),
                 "pre_timings": pre["timings"],
                 "generations": {"pre": pre.get("generations", [])},
+                "greedy": {"pre": pre.get("greedy", {})},
             }
             if not m.edits_weights:
                 out.append(
@@ -157,6 +164,7 @@ class CaseEvaluator(L.LightningModule):
                     }
                 )
                 out[-1]["generations"]["post"] = out[-1]["generations"]["pre"]
+                out[-1]["greedy"]["post"] = out[-1]["greedy"]["pre"]
                 continue
             try:
                 clock = Clock(self.ctx.loaded.model)
@@ -172,6 +180,7 @@ class CaseEvaluator(L.LightningModule):
             finally:
                 self._restore()
             rec["generations"]["post"] = post.get("generations", [])
+            rec["greedy"]["post"] = post.get("greedy", {})
             out.append(
                 {
                     **rec,

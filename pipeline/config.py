@@ -142,6 +142,7 @@ POSITIVE = {
     "edit.verify.batch_size",
     "edit.verify.answer_tokens",
     "eval.score_batch_size",
+    "eval.n",
     "eval.batch_size",
     "eval.generation.batch_size",
     "eval.generation.top_k",
@@ -214,6 +215,8 @@ def _typed(key: str, value: Any, default: Any) -> Any:
             )
     elif isinstance(default, str):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if also is not None:  # a number where a key also takes one (data.batch_tokens) failed that test above
+                raise bad
             return str(value)
         if not isinstance(value, str):
             raise bad

@@ -6,7 +6,9 @@
 3. check ``eval.out`` belongs to this run; skip the (case, method) pairs already in its case files;
 4. ``trainer.predict`` over the pending case indices, sharded over ranks: each case scored before, then
    edited, scored and restored per method; results appended per rank, metrics gathered across ranks;
-5. rank 0 writes cases.jsonl, summary.json, table.md, chart.png and timing.json (all atomically).
+5. rank 0 writes cases.jsonl, summary.json, table.md, chart.png and timing.json (all atomically); the summary
+   and the table hold the paper's teacher-forced metrics and, apart, the generative ones (``eval.generative``:
+   greedy continuations scored by exact match and "contains"), each named with its protocol.
 A SIGTERM / SIGINT stops after the case in progress (its results are already in cases.rank<r>.jsonl); no
 summary is written, and the same command resumes with the cases not yet recorded.
 """
@@ -35,7 +37,8 @@ from pipeline.editors.settings import edit_layer
 from pipeline.errors import UserError
 from pipeline.evaluation.case_log import CaseLog
 from pipeline.evaluation.cases import EvalCase, Skipped, load_cases, load_snippets
-from pipeline.evaluation.report import PROTOCOL, bar_chart, markdown_table, summarize
+from pipeline.evaluation.generative import generative_settings
+from pipeline.evaluation.report import GENERATIVE_PROTOCOL, PROTOCOL, bar_chart, markdown_table, summarize
 from pipeline.evaluation.scoring import Generation, References
 
 ZSRE_CONVENTION = {
@@ -55,6 +58,7 @@ def _identity(cfg: DictConfig, ctx: EvalContext, gen: Generation, kind: str) -> 
         "seed": int(cfg.seed),
         "dataset": {"file": Path(cfg.eval.dataset).name, "sha256": file_sha256(cfg.eval.dataset)},
         "generation": dict(tokens=gen.tokens, top_k=gen.top_k, do_sample=gen.do_sample),
+        "generative": generative_settings(cfg.eval.generative, ctx.loaded.tokenizer).as_dict(),
         "snippets": file_sha256(cfg.eval.snippets) if cfg.eval.snippets else None,
     }
 
@@ -125,6 +129,16 @@ def _notes(
                 "RS: not computed (no eval.snippets; it needs ROME's attribute_snippets.json and the nested "
                 "schema's ids)"
             )
+    g = generative_settings(cfg.eval.generative, ctx.loaded.tokenizer)
+    if g.enabled:
+        chat = (
+            f"; chat: also asked through the tokenizer's chat template as {g.chat_prompt!r}"
+            if g.chat
+            else "; no chat form (eval.generative.chat off or no chat template)"
+        )
+        notes.append(
+            f"gen: greedy, at most {g.max_tokens} new tokens per prompt, {g.batch_size} prompts per generate call{chat}"
+        )
     if skipped:
         notes.append(
             f"{len(skipped)} case(s) skipped, with reasons, in summary.json (first: index {skipped[0]['index']}: "
@@ -168,6 +182,7 @@ def _write_outputs(
         "kind": kind,
         "schema": cases[0].schema,
         "protocol": PROTOCOL[kind],
+        "generative_protocol": GENERATIVE_PROTOCOL,
         "dataset": str(cfg.eval.dataset),
         "start": int(cfg.eval.start),
         "n": cfg.eval.n,
@@ -190,9 +205,9 @@ def _timing(records: list[dict[str, Any]], seconds: float, new: int) -> dict[str
     per: dict[str, dict[str, float]] = {}
     for r in records:
         if r["status"] == "ok":
-            t = per.setdefault(r["method"], {"cases": 0, "edit": 0.0, "score": 0.0, "generate": 0.0})
+            t = per.setdefault(r["method"], {"cases": 0, "edit": 0.0, "score": 0.0, "generate": 0.0, "greedy": 0.0})
             t["cases"] += 1
-            for k in ("edit", "score", "generate"):
+            for k in ("edit", "score", "generate", "greedy"):
                 t[k] += r["timings"].get(k, 0.0)
     return {
         "this_run": {"cases": new, "seconds": seconds, "cases_per_hour": 3600 * new / seconds if seconds else None},

@@ -6,8 +6,12 @@ Many edits into one model (AlphaEdit's protocol), and what the model still knows
    and the known_1000 facts it answers (the reference for "still knows");
 3. per method, from the clean model: apply the cases' edits cumulatively in batches of ``eval.batch_size``
    (``eval.mode=batch``: all of them in one batch; ROME one request at a time), and every ``eval.eval_every``
-   batches score the cases edited so far (ES/PS/NS: the curve); after the last batch score every case (GE
-   too), the held-out perplexity and the known-fact accuracy; restore the clean weights (checked bitwise);
+   batches take a checkpoint (the collapse monitor): per edited layer ||W - W0|| / ||W0||, the held-out
+   perplexity, the known-fact accuracy, and the teacher-forced (ES/PS/NS) and generative (greedy) efficacy of
+   at most ``eval.curve_cases`` of the cases edited so far (the curve); after the last batch score every case
+   (GE and the generative scores too), the same checkpoint, and the collapse point (the first checkpoint where
+   the perplexity passes 2x the unedited or the known facts fall below half); restore the clean weights
+   (checked bitwise);
 4. write ``methods/<name>.json`` and the assembled summary.json, table.md, curve.png to ``eval.out`` after
    every method: a rerun with the same settings skips the methods already there, and several processes can
    run different methods into the same ``eval.out`` at once (each assembles what is finished).
@@ -18,7 +22,9 @@ command is run again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +43,30 @@ from pipeline.editors.factory import build_editor, method_class
 from pipeline.editors.settings import edit_layer
 from pipeline.errors import UserError
 from pipeline.evaluation.cases import EvalCase, load_cases
+from pipeline.evaluation.generative import GenerativeEval, generative_settings, score_generative
 from pipeline.evaluation.metrics import fluency, harmonic_mean
-from pipeline.evaluation.report import PROTOCOL, summarize
-from pipeline.evaluation.retention import fact_accuracy, heldout_texts, known_facts, perplexity, texts_read
-from pipeline.evaluation.scale_report import curve_plot, scale_table
-from pipeline.evaluation.scoring import Generation, generate, score_case
-from pipeline.tracing.facts import load_facts
+from pipeline.evaluation.report import GENERATIVE_PROTOCOL, PROTOCOL, summarize
+from pipeline.evaluation.retention import (
+    fact_accuracy,
+    heldout_texts,
+    known_facts,
+    perplexity,
+    texts_read,
+    weight_change,
+)
+from pipeline.evaluation.scale_report import (
+    KNOWN_FACTOR,
+    PPL_FACTOR,
+    collapse_point,
+    curve_plot,
+    curve_sample,
+    scale_table,
+)
+from pipeline.evaluation.scoring import Generation, counterfact_scores, generate
+from pipeline.tracing.facts import Fact, load_facts
 
-SEQUENTIAL = ("none", "rome", "memit", "alphaedit")  # the classes of AlphaEdit's sequential protocol
+SEQUENTIAL = ("none", "rome", "memit", "alphaedit", "ultraedit")  # the classes of the sequential protocol
+CASES_PER_CALL = 64  # cases scored per teacher-forced call: the progress bar's step, not a tuning knob
 
 
 def build_editors(cfg: DictConfig, loaded: LoadedModel, names: list[str], batch_size: int) -> list[Editor]:
@@ -71,16 +93,27 @@ def build_editors(cfg: DictConfig, loaded: LoadedModel, names: list[str], batch_
     return [build_editor(run_cfg, loaded, name, statistics, measure_only=True) for name in names]
 
 
-def _scores(loaded: LoadedModel, cases: list[EvalCase], gen: Generation, cfg: DictConfig, desc: str) -> list[dict]:
-    """Every case's CounterFact metrics; with ``gen.tokens``, GE from texts generated in batches across cases
-    (``eval.generation.batch_size`` prompts per ``generate`` call, seeded per call)."""
-    no_text = Generation(tokens=0, top_k=gen.top_k, do_sample=gen.do_sample)
-    out = [
-        score_case(loaded.model, loaded.tokenizer, c, no_text, int(cfg.seed) + c.index, int(cfg.eval.score_batch_size))[
-            "metrics"
-        ]
-        for c in tqdm(cases, desc=desc, leave=False, dynamic_ncols=True)
-    ]
+def _scores(
+    loaded: LoadedModel,
+    cases: list[EvalCase],
+    gen: Generation,
+    cfg: DictConfig,
+    desc: str,
+    generative: GenerativeEval,
+    sets: list[str] | None = None,
+) -> list[dict]:
+    """Every case's CounterFact metrics, the prompts batched across cases (``eval.score_batch_size`` pairs per
+    forward pass); with ``gen.tokens``, GE from texts generated in batches across cases
+    (``eval.generation.batch_size`` prompts per ``generate`` call, seeded per call); with ``generative``, the
+    greedy-generation scores of the prompt sets ``sets`` (default all), batched likewise."""
+    out = []
+    for i in tqdm(range(0, len(cases), CASES_PER_CALL), desc=desc, leave=False, dynamic_ncols=True):
+        chunk = cases[i : i + CASES_PER_CALL]
+        out += counterfact_scores(loaded.model, loaded.tokenizer, chunk, int(cfg.eval.score_batch_size))
+    if generative.enabled:
+        scored = score_generative(loaded.model, loaded.tokenizer, cases, generative, sets)
+        for metrics, g in zip(out, scored):
+            metrics.update(g["metrics"])
     if gen.tokens:
         owner = [i for i, c in enumerate(cases) for _ in c.generation_prompts]
         prompts = [p for c in cases for p in c.generation_prompts]
@@ -98,9 +131,52 @@ def _scores(loaded: LoadedModel, cases: list[EvalCase], gen: Generation, cfg: Di
     return out
 
 
-def _curve_point(edits: int, scores: list[dict]) -> dict[str, float]:
+def _curve_point(edits: int, scores: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
+    """ES/PS/NS (teacher-forced), S, and the generative efficacy (``es_gen_em``, ...) of ``scores`` (x100), with
+    the checkpoint's other measurements (``extra``)."""
     point = {k: 100 * sum(s[k] for s in scores) / len(scores) for k in ("es", "ps", "ns")}
-    return {"edits": edits, **point, "s": harmonic_mean([point[k] for k in ("es", "ps", "ns")])}
+    point["s"] = harmonic_mean([point[k] for k in ("es", "ps", "ns")])
+    for k in sorted({k for s in scores for k in s if k.startswith("es_")}):
+        point[k] = 100 * sum(s[k] for s in scores if k in s) / sum(1 for s in scores if k in s)
+    return {"edits": edits, "cases": len(scores), **point, **extra}
+
+
+@dataclasses.dataclass
+class _Monitor:
+    """The collapse monitor's checkpoint: what it measures with, for the whole run."""
+
+    loaded: LoadedModel
+    cases: list[EvalCase]
+    cfg: DictConfig
+    generative: GenerativeEval
+    no_text: Generation
+    curve_cases: int | None  # None: every case edited so far
+    ppl: Callable[[], float]
+    known: list[Fact]
+    clean: dict[int, torch.Tensor]
+    pre_ppl: float
+
+    def checkpoint(
+        self, name: str, edits: bool, own: dict[int, torch.Tensor], n_edits: int, scores: list[dict] | None = None
+    ) -> dict[str, Any]:
+        """The curve's point after ``n_edits``: the teacher-forced and generative efficacy of a sample of the
+        cases edited so far (``scores``: every case already scored, the sample picked from them), the held-out
+        perplexity, the known facts and the relative change of the method's edited matrices ``own``."""
+        sample = curve_sample(n_edits, self.curve_cases)
+        if scores is None:
+            picked = [self.cases[i] for i in sample]
+            scores = _scores(
+                self.loaded, picked, self.no_text, self.cfg, f"{name}: checkpoint", self.generative, ["es"]
+            )
+        else:
+            scores = [scores[i] for i in sample]
+        model, tok = self.loaded.model, self.loaded.tokenizer
+        extra = {
+            "perplexity": self.ppl() if edits else self.pre_ppl,
+            "known_accuracy": fact_accuracy(model, tok, self.known) if edits else 1.0,
+            "weight_change": weight_change(own, self.clean),
+        }
+        return _curve_point(n_edits, scores, extra)
 
 
 def _method_row(kind: str, scores: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +214,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         do_sample=bool(cfg.eval.generation.do_sample),
     )
     no_text = Generation(tokens=0, top_k=gen.top_k, do_sample=gen.do_sample)
+    generative = generative_settings(cfg.eval.generative, loaded.tokenizer)
+    curve_cases = int(cfg.eval.curve_cases) or None  # 0: every case edited so far
+    if curve_cases is not None and curve_cases < 0:
+        raise UserError(f"eval.curve_cases={curve_cases} must be a number of cases (0: all)")
     out = Path(cfg.eval.out)
 
     heldout, records = (
@@ -172,12 +252,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "mode": mode,
         "batch_size": batch_size,
         "eval_every": int(cfg.eval.eval_every),
+        "curve_cases": curve_cases,
         "seed": int(cfg.seed),
         "start": int(cfg.eval.start),
         "n": len(cases),
         "dataset": file_sha256(cfg.eval.dataset),
         "stats_tokens": int(cfg.stats.tokens),
         "generation": OmegaConf.to_container(cfg.eval.generation, resolve=True),
+        "generative": generative.as_dict(),
         "heldout": OmegaConf.to_container(cfg.eval.heldout, resolve=True),
         "known": OmegaConf.to_container(cfg.eval.known, resolve=True),
     }
@@ -192,7 +274,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_stop("nothing was evaluated yet; to start, run the same command")
         print(f"unedited model: scoring {len(cases)} cases, held-out perplexity, known facts")
         unedited = {
-            "pre": _scores(loaded, cases, gen, cfg, "unedited"),
+            "pre": _scores(loaded, cases, gen, cfg, "unedited", generative),
             "pre_perplexity": ppl(),
             "known_facts": [f.index for f in known_facts(loaded.model, loaded.tokenizer, facts)],
         }
@@ -210,69 +292,109 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     weights = {layer: loaded.spec.down_proj_weight(loaded.model, layer) for layer in layers}
     clean = {layer: w.detach().clone() for layer, w in weights.items()}
-    for name in names:
-        if (out / "methods" / f"{name}.json").exists():
-            print(f"{name}: already in {out / 'methods'}, skipped")
-            continue
-        stop()
-        conf = cfg.method[name]
-        editor = editors[name]
-        requests = [dataclass_request(c) for c in cases]
-        curve, timings, seconds = [], {}, 0.0
-        batches = [list(range(i, min(i + batch_size, len(cases)))) for i in range(0, len(cases), batch_size)]
-        bar = tqdm(batches, desc=f"{name}: batches of {batch_size}", dynamic_ncols=True)
-        for b, idx in enumerate(bar):
-            clock = Clock(loaded.model)
-            for edit in editor.edit([requests[i] for i in idx]):
-                for k, v in edit.timings.items():
-                    timings[k] = timings.get(k, 0.0) + v
-            seconds += clock.lap("batch")
-            stop(name, b + 1, len(batches))
+    batches = [list(range(i, min(i + batch_size, len(cases)))) for i in range(0, len(cases), batch_size)]
+    monitor = _Monitor(
+        loaded, cases, cfg, generative, no_text, curve_cases, ppl, known, clean, summary["pre_perplexity"]
+    )
+    pending = [n for n in names if not (out / "methods" / f"{n}.json").exists()]
+    # one bar over the whole run (every pending method's batches), so its ETA is the run's
+    bar = tqdm(total=len(pending) * len(batches), desc="eval", unit="batch", dynamic_ncols=True)
+    try:  # the bar ends its line before a stop message or an error is printed
+        for name in names:
+            if name not in pending:
+                print(f"{name}: already in {out / 'methods'}, skipped")
+                continue
+            stop()
+            conf = cfg.method[name]
+            editor = editors[name]
+            edits = editor.method != "none"
+            requests = [dataclass_request(c) for c in cases]
+            curve, timings, seconds, checkpoint_seconds = [], {}, 0.0, 0.0
+            own = {layer: weights[layer] for layer in editor.layers if layer in weights}
+
+            bar.set_description(f"{name} ({pending.index(name) + 1}/{len(pending)})")
             every = int(cfg.eval.eval_every)
-            if editor.method != "none" and every and ((b + 1) % every == 0) and b + 1 < len(batches):
-                done = cases[: idx[-1] + 1]
-                curve.append(_curve_point(len(done), _scores(loaded, done, no_text, cfg, f"{name}: curve")))
-                bar.set_postfix_str(
-                    f"{len(done)} edits: ES {curve[-1]['es']:.0f} PS {curve[-1]['ps']:.0f} NS {curve[-1]['ns']:.0f}"
-                )
-        post = _scores(loaded, cases, gen, cfg, f"{name}: all cases") if editor.method != "none" else summary["pre"]
-        curve.append(_curve_point(len(cases), post))
-        row = _method_row(
-            "counterfact",
-            post,
-            {
-                "edits": len(cases) if editor.method != "none" else 0,
-                "class": editor.method,
-                "layers": editor.layers,
-                "perplexity": ppl() if editor.method != "none" else summary["pre_perplexity"],
-                "known_accuracy": fact_accuracy(loaded.model, loaded.tokenizer, known)
-                if editor.method != "none"
-                else 1.0,
-                "edit_seconds": seconds,
-                "edits_per_second": len(cases) / seconds if editor.method != "none" and seconds else None,
-                "timings": timings,
-                "curve": curve,
-                "config": OmegaConf.to_container(conf, resolve=True),
-                "hparams": OmegaConf.to_container(
-                    OmegaConf.masked_copy(
-                        cfg.edit, ["layer", "layers", "variant", "v", "memit", "alphaedit", "mom2_adjustment"]
+            for b, idx in enumerate(batches):
+                clock = Clock(loaded.model)
+                for edit in editor.edit([requests[i] for i in idx]):
+                    for k, v in edit.timings.items():
+                        timings[k] = timings.get(k, 0.0) + v
+                seconds += clock.lap("batch")
+                bar.update(1)
+                stop(name, b + 1, len(batches))
+                if edits and every and ((b + 1) % every == 0) and b + 1 < len(batches):
+                    curve.append(monitor.checkpoint(name, edits, own, idx[-1] + 1))
+                    checkpoint_seconds += clock.lap("checkpoint")
+                    p = curve[-1]
+                    gen_es = f" ES(gen) {p['es_gen_em']:.0f}" if "es_gen_em" in p else ""
+                    bar.set_postfix_str(
+                        f"{p['edits']} edits: ES {p['es']:.0f}{gen_es} ppl {p['perplexity']:.1f} "
+                        f"known {100 * p['known_accuracy']:.0f}%"
+                    )
+            clock = Clock(loaded.model)
+            post = _scores(loaded, cases, gen, cfg, f"{name}: all cases", generative) if edits else summary["pre"]
+            curve.append(monitor.checkpoint(name, edits, own, len(cases), post))
+            checkpoint_seconds += clock.lap("checkpoint")
+            collapse = (
+                collapse_point(curve, summary["pre_perplexity"], 1.0 if known else None, len(cases))
+                if edits
+                else {"edits": None, "text": "-"}
+            )
+            row = _method_row(
+                "counterfact",
+                post,
+                {
+                    "edits": len(cases) if edits else 0,
+                    "class": editor.method,
+                    "layers": editor.layers,
+                    "perplexity": curve[-1]["perplexity"],
+                    "known_accuracy": curve[-1]["known_accuracy"],
+                    "weight_change": curve[-1]["weight_change"],
+                    "collapse_point": collapse["text"],
+                    "collapse_edits": collapse["edits"],
+                    "edit_seconds": seconds,
+                    "checkpoint_seconds": checkpoint_seconds,
+                    "edits_per_second": len(cases) / seconds if edits and seconds else None,
+                    "timings": timings,
+                    "curve": curve,
+                    "config": OmegaConf.to_container(conf, resolve=True),
+                    "hparams": OmegaConf.to_container(
+                        OmegaConf.masked_copy(
+                            cfg.edit,
+                            [
+                                "layer",
+                                "layers",
+                                "variant",
+                                "v",
+                                "memit",
+                                "alphaedit",
+                                "ultraedit",
+                                "nas",
+                                "mom2_adjustment",
+                            ],
+                        ),
+                        resolve=True,
                     ),
-                    resolve=True,
-                ),
-            },
-        )
-        write_json(out / "methods" / f"{name}.json", row)
-        summary = _assemble(out, identity, unedited, names)  # with whatever other processes finished meanwhile
-        with torch.no_grad():
-            for layer, w in weights.items():
-                w.copy_(clean[layer])
-        if not all(torch.equal(weights[layer], clean[layer]) for layer in layers):
-            raise RuntimeError("the clean weights could not be restored")
-        _write(out, summary, cfg, loaded, cases, len(skipped), records, read, batch_size)
-        print(
-            f"{name}: ES {row['metrics']['es']['mean']:.1f} PS {row['metrics']['ps']['mean']:.1f} "
-            f"NS {row['metrics']['ns']['mean']:.1f} ppl {row['perplexity']:.2f} known {100 * row['known_accuracy']:.1f}"
-        )
+                },
+            )
+            write_json(out / "methods" / f"{name}.json", row)
+            summary = _assemble(out, identity, unedited, names)  # with whatever other processes finished meanwhile
+            with torch.no_grad():
+                for layer, w in weights.items():
+                    w.copy_(clean[layer])
+            if not all(torch.equal(weights[layer], clean[layer]) for layer in layers):
+                raise RuntimeError("the clean weights could not be restored")
+            _write(out, summary, cfg, loaded, cases, len(skipped), records, read, batch_size)
+            gen_es = row.get("generative", {}).get("es_gen_em")
+            bar.write(
+                f"{name}: ES (tf) {row['metrics']['es']['mean']:.1f}"
+                + (f" ES (gen EM) {gen_es['mean']:.1f}" if gen_es else "")
+                + f" PS {row['metrics']['ps']['mean']:.1f} NS {row['metrics']['ns']['mean']:.1f} "
+                f"ppl {row['perplexity']:.2f} known {100 * row['known_accuracy']:.1f}; "
+                f"collapse: {row['collapse_point']}"
+            )
+    finally:
+        bar.close()
     summary = _assemble(out, identity, unedited, names)
     _write(out, summary, cfg, loaded, cases, len(skipped), records, read, batch_size)
     table = scale_table(summary)
@@ -290,16 +412,20 @@ def _assemble(out: Path, identity: dict, unedited: dict, names: list[str]) -> di
         "identity": identity,
         "kind": "counterfact",
         "protocol": PROTOCOL["counterfact"],
+        "generative_protocol": GENERATIVE_PROTOCOL,
         **unedited,
         "methods": methods,
         "order": order,
     }
 
 
+def _sample_words(cfg: DictConfig) -> str:
+    n = int(cfg.eval.curve_cases)
+    return f"at most {n}" if n else "all"
+
+
 def dataclass_request(case: EvalCase):
     """The request an edit gets: the rewrite alone (paraphrases and neighbours are for scoring)."""
-    import dataclasses
-
     return dataclasses.replace(case.request, paraphrases=(), neighbours=())
 
 
@@ -328,7 +454,12 @@ def _write(
         f"C read the first {read}",
         f"known facts: of the first {int(cfg.eval.known.n)} records of {Path(cfg.eval.known.dataset).name}, the "
         f"{len(summary['known_facts'])} the unedited model answers; the share still answered",
-        "ROME applies its edits one at a time; curve points score the cases edited so far without generation",
+        "ROME applies its edits one at a time",
+        f"curve (every {int(cfg.eval.eval_every)} batch(es) and after the last): ES/PS/NS (tf) and the generative "
+        f"efficacy of {_sample_words(cfg)} of the cases edited so far (evenly spaced in edit order), without GE; "
+        "held-out ppl, known facts and per edited layer ||W - W0|| / ||W0|| at the same checkpoints",
+        f"collapse point: the first checkpoint where the held-out perplexity passes {PPL_FACTOR:g}x the unedited or "
+        f"the known facts fall below {KNOWN_FACTOR:g}x the unedited",
     ]
     pre = _method_row(
         "counterfact",

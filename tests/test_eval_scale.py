@@ -51,11 +51,25 @@ def test_sequential_protocol_end_to_end_and_resume(tiny_model_dir, small_wiki, t
         assert [p["edits"] for p in m["curve"]] == [2, 4]  # after batch 1 (2 cases) and at the end (4)
         assert m["perplexity"] > 1 and 0 <= m["known_accuracy"] <= 1 and m["edits_per_second"] > 0
     assert summary["methods"]["memit"]["layers"] == [1, 2] and summary["methods"]["rome"]["layers"] == [2]
+    for name in ("rome", "memit", "alphaedit"):  # the collapse monitor at every checkpoint
+        m = summary["methods"][name]
+        for p in m["curve"]:
+            assert set(p["weight_change"]) == {str(layer) for layer in m["layers"]}
+            assert all(v > 0 for v in p["weight_change"].values()) and p["cases"] == p["edits"]
+            assert p["perplexity"] > 1 and 0 <= p["known_accuracy"] <= 1
+            assert 0 <= p["es_gen_em"] <= p["es_gen_contains"] <= 100 and 0 <= p["es"] <= 100
+        last = m["curve"][-1]
+        assert last["perplexity"] == m["perplexity"] and last["weight_change"] == m["weight_change"]
+        assert m["collapse_point"] == "none within 4 edits" and m["collapse_edits"] is None
+        assert m["checkpoint_seconds"] > 0 and {"es_gen_em", "ns_gen_contains"} <= set(m["generative"])
+    assert set(pre["generative"]) == {f"{s}_gen_{k}" for s in ("es", "ps", "ns") for k in ("em", "contains")}
     none = summary["methods"]["none"]  # the clean weights came back after every method
     assert none["perplexity"] == pre["perplexity"] and none["metrics"]["es"] == pre["metrics"]["es"]
     assert (tmp_path / "out" / "curve.png").stat().st_size > 0
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| unedited |" in table and "| memit |" in table and "ppl" in table
+    assert "| ES (tf) |" in table and "| collapse point |" in table and "| none within 4 edits |" in table
+    assert "| Method | edits | ES (gen EM) | ES (gen contains) |" in table and "GREEDILY" in table
     # a rerun skips what is there; another batch size is another run
     again = scale_cli(base, small_wiki, tmp_path, "eval.methods=[none,rome,memit,alphaedit]")
     assert again.returncode == 0 and again.stdout.count("already in") == 4

@@ -18,6 +18,8 @@ from pipeline.errors import UserError
 
 __all__ = [
     "ValueHparams",
+    "RomeValueHparams",
+    "NormAnchorHparams",
     "TemplateHparams",
     "VerifyHparams",
     "RomeHparams",
@@ -25,6 +27,7 @@ __all__ = [
     "BatchHparams",
     "AlphaEditHparams",
     "FineTuneHparams",
+    "UltraEditHparams",
     "typed",
 ]
 
@@ -41,6 +44,22 @@ class ValueHparams:
     kl_factor: float  # weight of the KL term that keeps the subject's other predictions
     weight_decay: float  # weight of ‖δ‖ / ‖v₀‖²
     clamp_norm_factor: float  # ‖δ‖ ≤ this x ‖v₀‖ after every step
+
+
+@dataclasses.dataclass
+class RomeValueHparams(ValueHparams):
+    """ROME's v*: the optimisation and what is done with its result."""
+
+    norm_anchor: bool  # NAS: v* rescaled to the reference norm (``NormAnchorHparams``)
+
+
+@dataclasses.dataclass
+class NormAnchorHparams:
+    """Norm-Anchor Scaling (NAS, arXiv 2602.02543; ``pipeline/editors/value.py`` ``norm_anchor``), used by the
+    methods whose ``norm_anchor`` is on (``edit.v``, ``edit.memit``, ``edit.alphaedit``)."""
+
+    skip_factor: float  # a solved v* longer than this x the reference is dropped (δ' = 0)
+    trim: float  # the reference: mean ‖v*‖ as solved over the first unit, this largest fraction dropped
 
 
 @dataclasses.dataclass
@@ -72,8 +91,9 @@ class RomeHparams:
     generate_tokens: int
     kl_prompts: list[str]
     templates: TemplateHparams
-    v: ValueHparams
+    v: RomeValueHparams
     verify: VerifyHparams
+    nas: NormAnchorHparams
 
 
 @dataclasses.dataclass
@@ -82,12 +102,14 @@ class MemitHparams:
     rows_per_pass: int
     templates: TemplateHparams
     v: ValueHparams
+    norm_anchor: bool  # NAS on z's MLP part (``NormAnchorHparams``)
 
 
 @dataclasses.dataclass
 class AlphaEditHparams:
     nullspace_threshold: float  # eigenvalues below this x the mean eigenvalue span the null space
     l2: float  # α in (K Kᵀ P + α I)⁻¹
+    norm_anchor: bool  # NAS on z's MLP part (``NormAnchorHparams``), AlphaEdit's own switch
 
 
 @dataclasses.dataclass
@@ -98,6 +120,7 @@ class BatchHparams:
     kl_prompts: list[str]
     memit: MemitHparams
     alphaedit: AlphaEditHparams
+    nas: NormAnchorHparams
 
 
 @dataclasses.dataclass
@@ -107,6 +130,18 @@ class FineTuneHparams:
     steps: int
     norm_constraint: float  # the L∞ radius around the original weights
     early_stop_loss: float
+
+
+@dataclasses.dataclass
+class UltraEditHparams:
+    """UltraEdit (``pipeline/editors/ultraedit.py``): its layers, the one-step shift and its normalisation."""
+
+    layers: list[int] | None  # null: edit.layers
+    lr: float  # η in v = −η ‖ĥ‖² ĝ
+    ridge: float  # λ in ΔW = Vᵀ H (HᵀH + λI)⁻¹
+    eps: float  # ε in (z − μ) / (σ + ε)
+    statistics: str  # shared | per_layer
+    rows_per_pass: int
 
 
 def typed(schema: type[T], node: Any, where: str = "edit") -> T:

@@ -42,7 +42,14 @@ from pipeline.editors.base import Edit, Editor, register
 from pipeline.editors.hparams import BatchHparams, typed
 from pipeline.editors.ledger import Ledger
 from pipeline.editors.rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
-from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows, subject_rows
+from pipeline.editors.value import (
+    ValueBatch,
+    ValueOptimisation,
+    anchor_reference,
+    build_rows,
+    norm_anchor,
+    subject_rows,
+)
 from pipeline.errors import UserError
 from pipeline.stats.second_moment import LayerStats
 from pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
@@ -59,6 +66,8 @@ __all__ = [
     "subject_states",
     "PromptRows",
     "target_optimisation",
+    "subject_values",
+    "anchor_targets",
     "memit_right",
     "alphaedit_right",
     "prepare",
@@ -199,6 +208,7 @@ class BatchEdit(Edit):
     requests: list[EditRequest]
     h0: torch.Tensor  # [n, d_model] the last layer's residual stream, averaged over the templates
     result: BatchResult | None = None
+    anchor: dict[str, Any] = dataclasses.field(default_factory=dict)  # NAS: the reference, ‖v*‖ as solved
 
 
 def begin_batch(ctx: MemitEditor, requests: Sequence[EditRequest]) -> BatchEdit:
@@ -211,14 +221,55 @@ def begin_batch(ctx: MemitEditor, requests: Sequence[EditRequest]) -> BatchEdit:
 
 
 def finish_batch(ctx: MemitEditor, state: BatchEdit) -> BatchResult:
-    """z = h̄ + δ once the optimisation is done, written into the layers."""
-    result = write_targets(ctx, state.requests, state.h0 + state.optimisation.result())
+    """z = h̄ + δ once the optimisation is done (δ norm-anchored when the method's ``norm_anchor`` is on),
+    written into the layers."""
+    delta = state.optimisation.result()
+    if ctx.norm_anchor:
+        delta = anchor_targets(ctx, state, delta)
+    result = write_targets(ctx, state.requests, state.h0 + delta)
     result.losses, result.p_target = state.optimisation.losses, state.optimisation.p_target
     for k, v in result.timings.items():
         state.timings[k] = state.timings.get(k, 0.0) + v
     result.timings = state.timings
     state.result, state.status = result, "applied"
     return result
+
+
+@torch.no_grad()
+def subject_values(ctx: MemitEditor, prompts: PromptRows, layer: int) -> torch.Tensor:
+    """v₀ per request: ``layer``'s MLP output (its down-projection's) at the subject's last token, averaged over
+    the templates like h̄ ([n, d_model] float32); passes of ``hp.memit.rows_per_pass`` rows, stopped there."""
+    model, spec = ctx.model, ctx.spec
+    device = model_device(model)
+    per_pass = int(ctx.hp.memit.rows_per_pass)
+    out = None
+    for start in range(0, len(prompts.rows), per_pass):
+        chunk = prompts.rows[start : start + per_pass]
+        ids, mask = right_pad([r for r, _ in chunk], ctx.tokenizer.pad_token_id or 0, device)
+        with Trace(get_module(model, spec.down_proj_name(layer)), retain_output=True, stop=True) as t:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        at = torch.arange(len(chunk), device=device)
+        v = t.output[at, torch.tensor([s for _, s in chunk], device=device)].float()
+        out = torch.zeros(prompts.n_requests, v.shape[-1], device=device) if out is None else out
+        out.index_add_(0, torch.tensor(prompts.owner[start : start + per_pass], device=device), v)
+    return out / len(ctx.templates)
+
+
+def anchor_targets(ctx: MemitEditor, state: BatchEdit, delta: torch.Tensor) -> torch.Tensor:
+    """NAS on z (``value.norm_anchor``): z = h̄ + δ = (h̄ − v₀) + v* with v₀ the last layer's MLP output, so
+    v* = v₀ + δ is the value NAS rescales; the reference is the first batch's trimmed mean ‖v*‖ as solved
+    (docs/edit.md#norm-anchoring-nas). Returns the anchored δ'; ``state.anchor`` records the norms."""
+    v0 = subject_values(ctx, PromptRows.build(ctx, state.requests), ctx.layers[-1])
+    solved = (v0 + delta).norm(dim=-1)
+    if ctx.anchor_reference is None:
+        ctx.anchor_reference = anchor_reference(solved, float(ctx.hp.nas.trim))
+    reference, skip = ctx.anchor_reference, float(ctx.hp.nas.skip_factor)
+    state.anchor = {
+        "reference": reference,
+        "v_star_solved": solved.tolist(),
+        "dropped": int((solved > skip * reference).sum()),
+    }
+    return norm_anchor(v0, delta, reference, skip)
 
 
 def batch_edit(ctx: MemitEditor, requests: Sequence[EditRequest]) -> BatchResult:
@@ -299,6 +350,12 @@ class MemitEditor(Editor):
         self.projectors: dict[int, torch.Tensor] = {}
         self.preserved: dict[int, torch.Tensor] = {}
         self.null_space_ranks: dict[int, int] = {}
+        self.anchor_reference: float | None = None  # NAS (norm_anchor): set by the first batch
+
+    @property
+    def norm_anchor(self) -> bool:
+        """NAS on z: ``edit.memit.norm_anchor`` for MEMIT, ``edit.alphaedit.norm_anchor`` for AlphaEdit."""
+        return bool((self.hp.alphaedit if self.method == "alphaedit" else self.hp.memit).norm_anchor)
 
     @classmethod
     def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
@@ -348,7 +405,8 @@ class MemitEditor(Editor):
         return ledger.append_batch(self, edit.result, model_identity, self.stats_id, run)
 
     def info(self, edit: BatchEdit) -> dict[str, Any]:
-        return {"timings": dict(edit.timings), "residual": edit.result.residual if edit.result else None}
+        out = {"timings": dict(edit.timings), "residual": edit.result.residual if edit.result else None}
+        return {**out, "norm_anchor": edit.anchor} if edit.anchor else out
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "stats": self.stats_id}

@@ -41,7 +41,14 @@ from pipeline.editors.base import Edit, Editor, register
 from pipeline.editors.hparams import RomeHparams, typed
 from pipeline.editors.ledger import Ledger
 from pipeline.editors.rank_one import KeySolver, RankOne, apply_rank_one, frobenius_norm, rank_one_update, update_norm
-from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows, subject_rows
+from pipeline.editors.value import (
+    ValueBatch,
+    ValueOptimisation,
+    anchor_reference,
+    build_rows,
+    norm_anchor,
+    subject_rows,
+)
 from pipeline.errors import UserError
 
 __all__ = [
@@ -81,6 +88,7 @@ class EditResult(Edit):
     probs: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"pre": ..., "post": ...}
     generations: dict[str, str] = dataclasses.field(default_factory=dict)
     true_from_model: bool = False  # target_true is the model's own pre-edit answer (none was given)
+    anchor: dict[str, float] = dataclasses.field(default_factory=dict)  # NAS: ‖v*‖ as solved, the reference
 
     @property
     def requests(self) -> list[EditRequest]:
@@ -230,6 +238,17 @@ def begin(ctx: RomeEditor, request: EditRequest) -> EditResult:
     )
 
 
+def anchor_value(ctx: RomeEditor, result: EditResult) -> None:
+    """NAS (``edit.v.norm_anchor``): v* = v₀ + δ rescaled to the reference norm (``value.norm_anchor``), the
+    reference being the first edit's ‖v*‖ as solved (docs/edit.md#norm-anchoring-nas: how it differs from NAS's)."""
+    solved = (result.v0 + result.delta).norm()
+    if ctx.anchor_reference is None:
+        ctx.anchor_reference = anchor_reference(solved[None], float(ctx.hp.nas.trim))
+    reference, skip = ctx.anchor_reference, float(ctx.hp.nas.skip_factor)
+    result.delta = norm_anchor(result.v0[None], result.delta[None], reference, skip)[0]
+    result.anchor = {"v_star_solved": float(solved), "anchor_reference": reference}
+
+
 def apply_edit(ctx: RomeEditor, result: EditResult) -> None:
     """Solve Λ (C⁻¹k*)ᵀ in float64 and add it to the down-projection in place, in its own orientation."""
     clock = Clock(ctx.model, result.timings)
@@ -252,6 +271,7 @@ def apply_edit(ctx: RomeEditor, result: EditResult) -> None:
         "denominator": result.update.denominator,
         "delta": float(result.delta.norm()),
         "v0": float(result.v0.norm()),
+        **result.anchor,
     }
     result.status = "applied"
     clock.lap("apply")
@@ -331,6 +351,7 @@ class RomeEditor(Editor):
         hp = typed(RomeHparams, OmegaConf.merge(hp, {"layer": layer}))
         super().__init__(name, model, tokenizer, spec, hp, [layer])
         self.layer, self.templates, self.solver, self.stats_id = layer, templates, solver, stats_id
+        self.anchor_reference: float | None = None  # NAS (edit.v.norm_anchor): set by the first edit
 
     @classmethod
     def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
@@ -369,6 +390,8 @@ class RomeEditor(Editor):
 
     def conclude(self, edit: EditResult) -> None:
         edit.finish_value()
+        if self.hp.v.norm_anchor:
+            anchor_value(self, edit)
         super().conclude(edit)
 
     def apply(self, edit: EditResult) -> None:

@@ -16,6 +16,8 @@ Work δ cannot change is done once (``ValueBatch.build``):
   token on (the "suffix");
 - the loss needs the LM head only at the target positions and the KL positions, not over the sequence.
 ``pipeline/editors/reference.py`` computes the same loss the plain way (the original's procedure), to check against.
+
+``norm_anchor`` (NAS, off by default) rescales a solved v* to a fixed reference norm, for ROME and MEMIT/AlphaEdit.
 """
 
 from __future__ import annotations
@@ -33,8 +35,19 @@ from pipeline.core.probability import target_token_ids
 from pipeline.core.subject import fill_prompt, subject_token_range
 from pipeline.core.timing import model_device
 from pipeline.editors.hparams import ValueHparams
+from pipeline.errors import UserError
 
-__all__ = ["Rows", "build_rows", "subject_rows", "ValueBatch", "value_loss", "LossParts", "ValueOptimisation"]
+__all__ = [
+    "Rows",
+    "build_rows",
+    "subject_rows",
+    "ValueBatch",
+    "value_loss",
+    "LossParts",
+    "ValueOptimisation",
+    "norm_anchor",
+    "anchor_reference",
+]
 
 
 @dataclasses.dataclass
@@ -315,3 +328,25 @@ class ValueOptimisation:
     def result(self) -> torch.Tensor:
         """δ [R, d], detached."""
         return self.delta.detach().clone()
+
+
+def norm_anchor(v0: torch.Tensor, delta: torch.Tensor, reference: float, skip_factor: float) -> torch.Tensor:
+    """Norm-Anchor Scaling (NAS: Liu et al. 2026, arXiv 2602.02543, as its authors' code does it): each solved
+    value v* = v₀ + δ ([R, d]) rescaled to the norm ``reference``, returned as the δ' with v₀ + δ' = reference x
+    v*/‖v*‖. The reference is measured on the unedited model, so what is written cannot grow with the edits
+    already in the weights (the norm feedback loop NAS breaks). A v* longer than ``skip_factor`` x reference is
+    an outlier whose δ is dropped (δ' = 0: v* = v₀, nothing new is written), NAS's rule. Applied once, to the
+    optimisation's result: the per-step clamp of ‖δ‖ is unchanged. float64 inside, ``delta``'s dtype out."""
+    v0, v = v0.double(), v0.double() + delta.double()
+    norm = v.norm(dim=-1, keepdim=True)
+    anchored = v * (reference / norm.clamp_min(torch.finfo(torch.float64).tiny)) - v0
+    return torch.where(norm <= skip_factor * reference, anchored, 0.0).to(delta.dtype)
+
+
+def anchor_reference(norms: torch.Tensor, trim: float) -> float:
+    """NAS's reference norm from the norms of solved values (unanchored, on the unedited model): their mean
+    with the largest ``trim`` fraction dropped (NAS drops 5%, so a few runaway solutions do not set it)."""
+    if not 0.0 <= trim < 1.0:
+        raise UserError(f"edit.nas.trim={trim} must be a fraction in [0, 1) (NAS: 0.05)")
+    kept = norms.double().flatten().sort().values
+    return float(kept[: len(kept) - int(trim * len(kept))].mean())

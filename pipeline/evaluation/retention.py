@@ -4,14 +4,15 @@
   with a budget that ends before them these articles never entered C; ``texts_read`` says how far C read);
 - ``perplexity``: exp(mean next-token NLL over every token of those texts, truncated to ``max_length``);
 - ``known_facts`` / ``fact_accuracy``: of known_1000's facts, those the unedited model answers (the trace
-  stage's rule), and the share it still answers after editing.
+  stage's rule), and the share it still answers after editing;
+- ``weight_change``: how far edited matrices have moved, ||W - W0|| / ||W0|| (Frobenius) per layer.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from pipeline.core.timing import model_device
 from pipeline.errors import UserError
 from pipeline.tracing.facts import Fact
 
-__all__ = ["heldout_texts", "texts_read", "perplexity", "known_facts", "fact_accuracy"]
+__all__ = ["heldout_texts", "texts_read", "perplexity", "known_facts", "fact_accuracy", "weight_change"]
 
 
 def _lines(path: str | Path):
@@ -83,3 +84,13 @@ def known_facts(model: nn.Module, tokenizer: Any, facts: Sequence[Fact]) -> list
 def fact_accuracy(model: nn.Module, tokenizer: Any, facts: Sequence[Fact]) -> float:
     """The share of ``facts`` the model knows."""
     return len(known_facts(model, tokenizer, facts)) / max(1, len(facts))
+
+
+@torch.no_grad()
+def weight_change(weights: Mapping[int, torch.Tensor], clean: Mapping[int, torch.Tensor]) -> dict[str, float]:
+    """{str(layer): ||W - W0|| / ||W0||} (Frobenius norms in float32) of each edited matrix against its clean
+    copy; keys are strings so the record reads the same from JSON."""
+    return {
+        str(layer): float((w.float() - clean[layer].float()).norm() / clean[layer].float().norm())
+        for layer, w in sorted(weights.items())
+    }

@@ -1,16 +1,56 @@
-"""Reports of a many-edit evaluation: the table (Markdown) and the curve of the metrics of the cases edited so
-far against the number of edits (PNG), the plot people look at first."""
+"""Reports of a many-edit evaluation: the tables (Markdown: teacher-forced and generative), the collapse
+monitor's curve against the number of edits (PNG, the plot people look at first), and the collapse rule.
+
+Collapse point: the first checkpoint where the held-out perplexity passes ``PPL_FACTOR`` x the unedited model's,
+or the known-fact accuracy falls below ``KNOWN_FACTOR`` x the unedited model's (the rule is part of the
+protocol, so its thresholds live here with it, and every report states them).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import atomic_path
-from pipeline.evaluation.report import LABELS
+from pipeline.evaluation.report import LABELS, generative_label, generative_table
 
-__all__ = ["scale_table", "curve_plot"]
+__all__ = ["scale_table", "curve_plot", "collapse_point", "curve_sample", "PPL_FACTOR", "KNOWN_FACTOR"]
+
+PPL_FACTOR = 2.0  # collapse: held-out perplexity above this multiple of the unedited model's
+KNOWN_FACTOR = 0.5  # collapse: known-fact accuracy below this share of the unedited model's
+
+
+def collapse_point(
+    curve: Sequence[Mapping[str, Any]], unedited_ppl: float, unedited_known: float | None, n_edits: int
+) -> dict[str, Any]:
+    """{"edits": the first checkpoint's edit count where perplexity > 2x ``unedited_ppl`` or known-fact
+    accuracy < 0.5x ``unedited_known`` (a NaN perplexity counts as past it; ``unedited_known`` None: the
+    unedited model knew none of the facts, so that criterion is off), "text": what happened} or
+    {"edits": None, "text": "none within N edits"}."""
+    for p in sorted(curve, key=lambda p: p["edits"]):
+        why = []
+        ppl = p.get("perplexity")
+        if ppl is not None and (math.isnan(ppl) or ppl > PPL_FACTOR * unedited_ppl):
+            why.append(f"held-out perplexity {ppl:.2f} > {PPL_FACTOR:g}x the unedited {unedited_ppl:.2f}")
+        known = p.get("known_accuracy")
+        if known is not None and unedited_known is not None and known < KNOWN_FACTOR * unedited_known:
+            why.append(f"known facts {100 * known:.1f}% < {KNOWN_FACTOR:g}x the unedited {100 * unedited_known:.1f}%")
+        if why:
+            return {"edits": int(p["edits"]), "text": f"after {p['edits']} edits: {'; '.join(why)}"}
+    return {"edits": None, "text": f"none within {n_edits} edits"}
+
+
+def curve_sample(n_done: int, k: int | None) -> list[int]:
+    """Which of the ``n_done`` cases edited so far a checkpoint scores: all (``k`` None or >= n_done), else
+    ``k`` evenly spaced in edit order, first and last included (early edits, which later ones may overwrite,
+    and recent ones alike)."""
+    if k is None or k >= n_done:
+        return list(range(n_done))
+    if k == 1:
+        return [n_done - 1]
+    return sorted({round(i * (n_done - 1) / (k - 1)) for i in range(k)})
 
 
 def _cell(stat: Mapping[str, Any] | None) -> str:
@@ -19,50 +59,96 @@ def _cell(stat: Mapping[str, Any] | None) -> str:
     return f"{stat['mean']:.1f}" + (f" ± {stat['ci95']:.1f}" if stat.get("ci95") is not None else "")
 
 
-def scale_table(summary: Mapping[str, Any]) -> str:
-    """One row per method: the CounterFact metrics over every case after the last edit, fluency, held-out
-    perplexity, known-fact accuracy and edit throughput."""
-    cols = ["es", "ps", "ns", "em", "pm", "nm", "ge"]
-    head = ["Method", "edits", "S"] + [LABELS[k] for k in cols] + ["ppl", "known facts", "edits/s"]
-    lines = [f"**{summary['title']}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = ([("unedited", summary["unedited"])] if "unedited" in summary else []) + [
+def _rows(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    return ([("unedited", summary["unedited"])] if "unedited" in summary else []) + [
         (name, summary["methods"][name]) for name in summary["order"]
     ]
+
+
+def scale_table(summary: Mapping[str, Any]) -> str:
+    """One row per method: the teacher-forced CounterFact metrics over every case after the last edit (columns
+    marked "(tf)"), fluency, held-out perplexity, known-fact accuracy, the collapse point and edit throughput;
+    then the generative scores ("(gen ...)" columns)."""
+    cols = ["es", "ps", "ns", "em", "pm", "nm"]
+    head = ["Method", "edits", "S (tf)"] + [f"{LABELS[k]} (tf)" for k in cols]
+    head += ["GE", "ppl", "known facts", "collapse point", "edits/s"]
+    lines = [f"**{summary['title']}**", "", "Teacher-forced (tf), the paper's protocol, and retention:", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = _rows(summary)
     for name, m in rows:
         cells = [name, str(m["edits"]), f"{m['s']:.1f}" if m.get("s") is not None else "-"]
-        cells += [_cell(m["metrics"].get(k)) for k in cols]
+        cells += [_cell(m["metrics"].get(k)) for k in cols + ["ge"]]
         cells += [
             f"{m['perplexity']:.2f}",
             f"{100 * m['known_accuracy']:.1f}",
+            m.get("collapse_point", "-") if name != "unedited" else "-",
             f"{m['edits_per_second']:.3f}" if m.get("edits_per_second") else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Protocol: {summary['protocol']}.", ""] + [f"- {n}" for n in summary.get("notes", [])] + [""]
+    lines += ["", f"Protocol: {summary['protocol']}.", ""]
+    gen = generative_table("counterfact", dict(rows), first="edits")
+    if gen:
+        lines += [gen, f"Protocol: {summary.get('generative_protocol', '')}.", ""]
+    lines += [f"- {n}" for n in summary.get("notes", [])] + [""]
     return "\n".join(lines)
 
 
+# the curve's panels: (key of a curve point, title, y-limits or None)
+PANELS = [
+    ("s", "S (tf): harmonic mean of ES, PS, NS", (-2, 102)),
+    ("es", "ES (tf)", (-2, 102)),
+    ("ps", "PS (tf)", (-2, 102)),
+    ("ns", "NS (tf)", (-2, 102)),
+    ("es_gen_em", generative_label("es_gen_em"), (-2, 102)),
+    ("es_gen_contains", generative_label("es_gen_contains"), (-2, 102)),
+    ("perplexity", "held-out perplexity", None),
+    ("known_accuracy", "known facts still answered (%)", (-2, 102)),
+    ("weight_change", "||W - W0|| / ||W0|| per edited layer", None),
+]
+
+
 def curve_plot(summary: Mapping[str, Any], path: str | Path) -> None:
-    """ES, PS, NS of the cases edited so far and the score S, against the number of edits, one line per method."""
+    """The collapse monitor against the number of edits, one line per method (per layer for the weight
+    change): teacher-forced S/ES/PS/NS and generative efficacy of the sampled cases edited so far, held-out
+    perplexity (unedited and 2x drawn), known facts (100% and 50% drawn); a method's collapse point dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["s", "es", "ps", "ns"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), sharex=True)
-    for ax, key in zip(axes, keys):
-        for name in summary["order"]:
-            curve = summary["methods"][name].get("curve") or []
-            if curve:
-                ax.plot([p["edits"] for p in curve], [p[key] for p in curve], marker="o", markersize=3, label=name)
-        ax.set_title(
-            LABELS[key] + (" (harmonic mean of ES, PS, NS)" if key == "s" else " of the cases edited so far"),
-            fontsize=9,
-        )
-        ax.set_xlabel("edits applied")
-        ax.set_ylim(-2, 102)
+    methods = [(n, summary["methods"][n]) for n in summary["order"] if summary["methods"][n].get("curve")]
+    fig, axes = plt.subplots(3, 3, figsize=(13, 10), sharex=True)
+    pre_ppl = summary.get("pre_perplexity")
+    for ax, (key, title, ylim) in zip(axes.flat, PANELS):
+        for j, (name, m) in enumerate(methods):
+            color = f"C{j}"
+            curve = m["curve"]
+            xs = [p["edits"] for p in curve]
+            if key == "weight_change":
+                for layer in sorted({la for p in curve for la in p.get(key, {})}, key=int):
+                    ys = [p.get(key, {}).get(layer, math.nan) for p in curve]
+                    ax.plot(xs, ys, marker="o", markersize=3, color=color, alpha=0.5 + 0.5 / (1 + int(layer) % 3))
+                    ax.annotate(f"L{layer}", (xs[-1], ys[-1]), fontsize=6, color=color)
+            else:
+                scale = 100 if key == "known_accuracy" else 1
+                ys = [scale * p[key] if p.get(key) is not None else math.nan for p in curve]
+                ax.plot(xs, ys, marker="o", markersize=3, color=color, label=name)
+            if m.get("collapse_edits") is not None:
+                ax.axvline(m["collapse_edits"], color=color, linestyle=":", linewidth=1)
+        if key == "perplexity" and pre_ppl:
+            ax.axhline(pre_ppl, color="grey", linewidth=0.8, linestyle="--", label="unedited")
+            ax.axhline(PPL_FACTOR * pre_ppl, color="red", linewidth=0.8, linestyle="--", label="collapse")
+            ax.set_yscale("log")
+        if key == "known_accuracy":
+            ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+            ax.axhline(100 * KNOWN_FACTOR, color="red", linewidth=0.8, linestyle="--")
+        ax.set_title(title, fontsize=9)
+        if ylim:
+            ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("edits applied")
+    axes.flat[0].legend(fontsize=8)
     fig.suptitle(summary["title"], fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -1,5 +1,6 @@
 """Score one case on the model as it is now: the paper's probabilities (or zsRE token accuracy), then
-text generated from the generation prompts for fluency (GE) and the reference score (RS).
+text generated from the generation prompts for fluency (GE) and the reference score (RS), and the generative
+scores (``pipeline.evaluation.generative``: greedy continuations, exact match and "contains").
 
 Every forward pass of a case's scoring is one batched call; generation is one batched ``generate`` call.
 """
@@ -14,11 +15,12 @@ from typing import Any
 import torch
 
 from pipeline.core.generation import generate_tokens
-from pipeline.core.probability import new_and_true_probs, target_argmax
+from pipeline.core.probability import new_and_true_probs, target_argmax, target_probs
 from pipeline.evaluation.cases import EvalCase
+from pipeline.evaluation.generative import GenerativeEval, score_generative
 from pipeline.evaluation.metrics import TfIdf, counterfact_case, fluency, token_accuracy
 
-__all__ = ["Generation", "References", "score_case", "generate"]
+__all__ = ["Generation", "References", "score_case", "generate", "counterfact_scores"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,33 @@ def _counterfact_probs(model, tok, case: EvalCase, batch_size: int) -> dict[str,
     return new_and_true_probs(model, tok, sets, r.target_new, batch_size)
 
 
+def counterfact_scores(model, tok, cases: Sequence[EvalCase], batch_size: int) -> list[dict[str, float]]:
+    """ES/EM, PS/PM, NS/NM of many CounterFact cases, their prompts batched across cases (``batch_size``
+    (prompt, target) pairs per forward pass): the many-edit runs score hundreds of cases at a time."""
+    prompts: list[str] = []
+    targets: list[str] = []
+    spans: list[dict[str, tuple[int, int]]] = []
+    for c in cases:
+        r = c.request
+        sets = {
+            "prompt": ([r.text], [r.target_true]),
+            "paraphrases": (list(r.paraphrases), [r.target_true] * len(r.paraphrases)),
+            "neighbours": (list(r.neighbours), list(c.neighbour_targets)),
+        }
+        own = {}
+        for name, (ps, trues) in sets.items():
+            if ps:
+                own[name] = (len(prompts), len(ps))
+                prompts += ps + ps
+                targets += [r.target_new] * len(ps) + trues
+        spans.append(own)
+    p = target_probs(model, tok, prompts, targets, batch_size).tolist() if prompts else []
+    return [
+        counterfact_case({name: {"new": p[s : s + n], "true": p[s + n : s + 2 * n]} for name, (s, n) in own.items()})
+        for own in spans
+    ]
+
+
 def _zsre_accuracy(model, tok, case: EvalCase, batch_size: int) -> dict[str, float]:
     r = case.request
     pairs = [(r.text, r.target_new)] + [(p, r.target_new) for p in r.paraphrases]
@@ -90,8 +119,11 @@ def score_case(
     seed: int,
     batch_size: int,
     refs: References | None = None,
+    generative: GenerativeEval | None = None,
 ) -> dict[str, Any]:
-    """{"metrics": {...}, "probs": {...} (CounterFact), "generations": [...], "timings": {"score", "generate"}}."""
+    """{"metrics": {...}, "probs": {...} (CounterFact), "generations": [...], "greedy": {...} (with
+    ``generative``: the greedy continuations, their scores in "metrics"), "timings": {"score", "generate",
+    "greedy"}}."""
     t = time.perf_counter()
     out: dict[str, Any] = {}
     if case.kind == "counterfact":
@@ -109,5 +141,11 @@ def score_case(
         if rs is not None:
             out["metrics"]["rs"] = rs
         timings["generate"] = time.perf_counter() - t
+    if generative is not None and generative.enabled:
+        t = time.perf_counter()
+        (scored,) = score_generative(model, tok, [case], generative)
+        out["metrics"].update(scored["metrics"])
+        out["greedy"] = scored["texts"]
+        timings["greedy"] = time.perf_counter() - t
     out["timings"] = timings
     return out

@@ -1,0 +1,194 @@
+"""Generative evaluation (greedy continuations scored by exact match and "contains") and the many-edit
+collapse rule: the scoring rules on texts, a tiny model scored 1 on what it generates verbatim and 0 on what
+it does not (plain and through a chat template), the per-case eval's summary and table, the curve's sample."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from conftest import DATA
+
+from pipeline.core.loading import configure, load_model
+from pipeline.core.probability import greedy_tokens
+from pipeline.core.requests import EditRequest
+from pipeline.errors import UserError
+from pipeline.evaluation.cases import EvalCase
+from pipeline.evaluation.generative import (
+    GenerativeEval,
+    contains,
+    continuation,
+    exact_match,
+    generative_settings,
+    score_generative,
+)
+from pipeline.evaluation.scale_report import collapse_point, curve_sample
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+MAX_TOKENS = 12
+
+
+def test_continuation_exact_match_and_contains_rules():
+    assert continuation("  French, and English.  More text") == "French, and English."
+    assert continuation("\n\nParis\nLondon") == "Paris"
+    assert continuation("3.5 million people") == "3.5 million people"  # a decimal point is no sentence end
+    assert exact_match(" French.", "French") and exact_match('"**French** is', "french")
+    assert not exact_match(" Frenchman", "French")  # a whole word, not a prefix of one
+    assert exact_match(" the French language.", "French") and not exact_match(" the French", "The French Open")
+    assert exact_match(" The Hague", "The Hague") and not exact_match(" theatre", "atre")
+    assert not exact_match(" spoken French", "French") and contains(" spoken French", "French")
+    assert not contains("Frenchman", "French") and contains("New  York City", "new york")
+    assert exact_match("The capital is Paris.", "Paris", echo="the capital is")  # a chat reply's echo removed
+    assert not exact_match("", "Paris") and not contains("Paris", "")
+
+
+def _greedy_word(model, tok, text: str, add_special_tokens: bool = True) -> str | None:
+    """The first word of the model's greedy continuation of ``text`` (``MAX_TOKENS`` tokens), decoded by hand
+    (one argmax per full forward pass: no ``generate``, no batching), or None when it does not start with a
+    word that ends inside it."""
+    ids = torch.tensor([tok(text, add_special_tokens=add_special_tokens)["input_ids"]])
+    said = continuation(tok.decode(greedy_tokens(model, ids, MAX_TOKENS), skip_special_tokens=True))
+    m = re.match(r"([a-z]{2,})(?=[^\w])", said.lower())
+    return m.group(1) if m else None
+
+
+def _case(index, subject, prompt, new, neighbour=None, neighbour_target=None):
+    request = EditRequest(
+        prompt,
+        subject,
+        new,
+        "zzqv",
+        paraphrases=(prompt.replace("{}", subject),),
+        neighbours=(neighbour,) if neighbour else (),
+    )
+    return EvalCase(index, index, "counterfact-flat", request, (neighbour_target,) if neighbour else ())
+
+
+SUBJECTS = ["Danielle Darrieux", "Paris", "The Beatles", "Toko Yasuda", "Edwin of Northumbria", "Michel Rocard"]
+PROMPTS = ["{} was born in", "The capital of {} is", "{} plays the", "{} is a", "The language of {} is"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_target_the_model_generates_verbatim_scores_1_and_another_0(tiny_model_dir, family):
+    loaded = load_model(str(tiny_model_dir(family)), device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    found = []  # (subject, template, the model's own first word)
+    for subject in SUBJECTS:
+        for template in PROMPTS:
+            word = _greedy_word(model, tok, template.replace("{}", subject))
+            if word:
+                found.append((subject, template, word))
+    assert len(found) >= 3, found
+    cases = []
+    for i, (subject, template, word) in enumerate(found[:3]):
+        other = f"{subject} is"  # its neighbour: another prompt, another case's word as its true object
+        cases.append(_case(2 * i, subject, template, word, template.replace("{}", subject), word))
+        cases.append(_case(2 * i + 1, subject, template, "xylophonezz", other, "xylophonezz"))
+    settings = GenerativeEval(True, MAX_TOKENS, 4, False, "Complete the sentence: {prompt}")  # batches mix cases
+    scored = score_generative(model, tok, cases, settings)
+    for i in range(0, len(cases), 2):
+        said = scored[i]["metrics"]
+        assert said["es_gen_em"] == 1.0 and said["es_gen_contains"] == 1.0, scored[i]
+        assert said["ps_gen_em"] == 1.0 and said["ns_gen_em"] == 1.0 and said["ns_gen_contains"] == 1.0
+        not_said = scored[i + 1]["metrics"]
+        assert not_said["es_gen_em"] == 0.0 and not_said["es_gen_contains"] == 0.0, scored[i + 1]
+        assert not_said["ns_gen_em"] == 0.0 and not any(k.split("_")[1] == "chat" for k in not_said)
+        assert scored[i]["texts"]["es_gen"][0].lower().startswith(cases[i].request.target_new)
+    # deterministic: the same scores from one case at a time (no batch partners)
+    for c, s in zip(cases[:2], scored[:2]):
+        assert score_generative(model, tok, [c], settings)[0]["metrics"] == s["metrics"]
+    off = score_generative(model, tok, cases, GenerativeEval(False, MAX_TOKENS, 4, False, "{prompt}"))
+    assert all(o == {"metrics": {}, "texts": {}} for o in off)
+
+
+def test_the_chat_form_goes_through_the_template(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    node = configure([]).eval.generative
+    assert generative_settings(node, tok).chat is False  # auto, and the tiny tokenizer has no template
+    with pytest.raises(UserError, match="needs a tokenizer with a chat template"):
+        generative_settings(configure(["eval.generative.chat=true"]).eval.generative, tok)
+    tok.chat_template = (
+        "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}Bot:{% endif %}"
+    )
+    settings = generative_settings(node, tok)
+    assert settings.chat is True and settings.chat_prompt == node.chat_prompt
+    found = None
+    for subject in SUBJECTS:
+        for template in PROMPTS:
+            ask = settings.chat_prompt.format(prompt=template.replace("{}", subject))
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": ask}], tokenize=False, add_generation_prompt=True
+            )
+            assert text.startswith("User: Complete") and text.endswith("Bot:")
+            word = _greedy_word(model, tok, text, add_special_tokens=False)
+            if word and not found:
+                found = (subject, template, word)
+    assert found
+    subject, template, word = found
+    (said,) = score_generative(model, tok, [_case(0, subject, template, word)], settings)
+    assert said["metrics"]["es_chat_em"] == 1.0 and said["metrics"]["es_chat_contains"] == 1.0
+    assert {"es_gen_em", "ps_gen_em", "ps_chat_em"} <= set(said["metrics"]) and "ns_chat_em" not in said["metrics"]
+
+
+def test_the_collapse_rule_on_synthetic_curves():
+    def curve(ppls, knowns):
+        return [
+            {"edits": 10 * (i + 1), "perplexity": p, "known_accuracy": k} for i, (p, k) in enumerate(zip(ppls, knowns))
+        ]
+
+    steady = curve([20.0, 25.0, 39.9], [1.0, 0.8, 0.5])  # 39.9 < 2 x 20 and 0.5 is not below half
+    assert collapse_point(steady, 20.0, 1.0, 30) == {"edits": None, "text": "none within 30 edits"}
+    ppl = collapse_point(curve([20.0, 41.0, 90.0], [1.0, 0.9, 0.2]), 20.0, 1.0, 30)
+    assert ppl["edits"] == 20 and "perplexity 41.00 > 2x the unedited 20.00" in ppl["text"]
+    known = collapse_point(curve([21.0, 22.0], [0.6, 0.45]), 20.0, 1.0, 20)
+    assert known["edits"] == 20 and known["text"] == "after 20 edits: known facts 45.0% < 0.5x the unedited 100.0%"
+    assert collapse_point(curve([math.nan], [1.0]), 20.0, 1.0, 10)["edits"] == 10  # a NaN is a collapse
+    assert collapse_point(curve([21.0], [0.0]), 20.0, None, 10)["edits"] is None  # no known facts: no criterion
+    # checkpoints out of order still give the first in edit order
+    assert collapse_point(list(reversed(curve([20.0, 50.0, 60.0], [1, 1, 1]))), 20.0, 1.0, 30)["edits"] == 20
+
+
+def test_curve_sample_is_evenly_spaced_in_edit_order():
+    assert curve_sample(4, None) == [0, 1, 2, 3] and curve_sample(4, 10) == [0, 1, 2, 3]
+    assert curve_sample(100, 5) == [0, 25, 50, 74, 99] and curve_sample(7, 1) == [6]
+
+
+def test_per_case_eval_reports_generative_columns_with_their_protocol(tiny_model_dir, small_wiki, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    r = run_cli(
+        "stage=eval",
+        f"model.name={tiny_model_dir('gpt2')}",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        f"stats.dir={tmp_path / 'stats'}",
+        f"data.files={small_wiki}",
+        "edit.layer=2",
+        "trainer.accelerator=cpu",
+        "model.device=cpu",
+        "eval.generation.tokens=0",  # no GE: the generative scores do not depend on it
+        "edit.v.steps=3",
+        f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}",
+        "eval.n=3",
+        f"eval.out={out}",
+        "eval.methods=[none,rome_identity_cov]",
+        env=OFFLINE,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    keys = {f"{s}_gen_{m}" for s in ("es", "ps", "ns") for m in ("em", "contains")}
+    for name in ("none", "rome_identity_cov"):
+        row = summary["methods"][name]
+        assert set(row["generative"]) == keys and "ge" not in row["metrics"]
+        assert all(0 <= v["mean"] <= 100 and v["n"] == 3 for v in row["generative"].values())
+        assert not keys & set(row["metrics"])  # the paper's metrics stay apart
+    assert summary["run"]["identity"]["generative"]["max_tokens"] == configure([]).eval.generative.max_tokens
+    assert "GREEDILY" in summary["generative_protocol"]
+    table = (out / "table.md").read_text()
+    assert "Teacher-forced (tf), the paper's protocol:" in table and "Generative (gen), greedy continuations:" in table
+    assert "| Method | n | ES (gen EM) | ES (gen contains) | PS (gen EM) | PS (gen contains) | NS (gen EM) |" in table
+    rec = json.loads((out / "cases.jsonl").read_text().splitlines()[1])
+    assert rec["method"] == "rome_identity_cov" and set(rec["greedy"]["post"]) == {"es_gen", "ps_gen", "ns_gen"}
+    assert rec["post"]["es_gen_em"] in (0.0, 1.0) and rec["timings"]["greedy"] > 0

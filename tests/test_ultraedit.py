@@ -1,0 +1,194 @@
+"""UltraEdit (pipeline/editors/ultraedit.py) on tiny random models: the ridge shift solves its normal equations,
+the lifelong statistics merge exactly, the features are the down-projections' keys and output gradients at the
+target positions, the editor writes the shift of its pseudo-targets, and the edit stage's ledger continues a
+sequence bitwise (the statistics travel with it), reverts bitwise and saves a loadable model."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline.core.hooks import Trace, get_module
+from pipeline.core.loading import configure, load_model
+from pipeline.core.probability import target_token_ids
+from pipeline.core.requests import parse_requests
+from pipeline.editors import ultraedit
+from pipeline.editors.factory import build_editor
+from pipeline.editors.ultraedit import LifelongStats, pseudo_targets, read_features, ridge_shift
+
+REQUESTS = [
+    {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English"},
+    {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "target_new": "tennis"},
+    {"prompt": "{} is in", "subject": "Madrid", "target_new": "Oslo"},
+    {"prompt": "{} was born in", "subject": "Barack Obama", "target_new": "Paris"},
+]
+
+
+@pytest.mark.parametrize("m", [5, 40])  # fewer rows than d_ff (the m x m solve) and more (the d_ff x d_ff one)
+def test_ridge_shift_solves_its_normal_equations(m):
+    g = torch.Generator().manual_seed(m)
+    h = torch.randn(m, 24, generator=g, dtype=torch.float64) * 3 + 1
+    v = torch.randn(m, 8, generator=g, dtype=torch.float64)
+    for ridge in (1.0, 1e-3):
+        shift = ridge_shift(h, v, ridge)
+        dw = shift.left @ shift.right.T  # [d_model, d_ff]
+        normal = dw @ (h.T @ h + ridge * torch.eye(24, dtype=torch.float64))
+        torch.testing.assert_close(normal, v.T @ h, rtol=1e-9, atol=1e-9)
+        assert shift.left.is_contiguous() and shift.right.is_contiguous()
+    small = ridge_shift(h, v, 1e-9)  # lambda -> 0 with m < d_ff: the keys map exactly onto the shifts
+    if m < 24:
+        torch.testing.assert_close(h @ (small.left @ small.right.T).T, v, rtol=1e-6, atol=1e-6)
+
+
+def test_lifelong_statistics_after_n_batches_equal_all_batches_at_once():
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randn(n, 6, generator=g, dtype=torch.float64) * s + o
+        for n, s, o in [(7, 1, 1e3), (1, 5, 0), (30, 0.1, -2)]
+    ]
+    stats = LifelongStats(6)
+    for b in batches:
+        stats.update(b.float() if b.shape[0] == 1 else b)  # float32 rows are taken in float64
+    whole = torch.cat([batches[0], batches[1].float().double(), batches[2]])
+    assert stats.count == 38
+    torch.testing.assert_close(stats.mean, whole.mean(0), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(stats.m2, (whole - whole.mean(0)).square().sum(0), rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(stats.std(), whole.std(0), rtol=1e-10, atol=1e-9)
+    z = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(stats.normalise(z, 1e-7), (z - whole.mean(0)) / (whole.std(0) + 1e-7))
+    again = LifelongStats.from_state(stats.state("s"), "s")  # what the ledger stores restores bitwise
+    assert again.count == stats.count and torch.equal(again.mean, stats.mean) and torch.equal(again.m2, stats.m2)
+
+
+def _teacher_forced_loss(model, tok, request):
+    """The summed target NLL of one request the plain way (the full model's logits) and the position
+    predicting its first target token."""
+    prompt = tok(request.text)["input_ids"]
+    target = target_token_ids(tok, request.target_new)
+    ids = torch.tensor([prompt + target[:-1]])
+    logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
+    return -sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(target)), len(prompt) - 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])  # Conv1D; soft-capped logits
+def test_features_are_keys_and_output_gradients_at_the_target_positions(tiny_model_dir, family):
+    loaded = load_model(str(tiny_model_dir(family)), device="cpu")
+    model, tok, spec = loaded.model.double(), loaded.tokenizer, loaded.spec
+    requests = parse_requests(REQUESTS[:3])
+    f = read_features(model, tok, spec, requests, [1, 2], rows_per_pass=2)  # two passes
+    first = len(target_token_ids(tok, requests[0].target_new))
+    assert f.owner[:first] == [0] * first and len(f.owner) == f.keys[1].shape[0] == f.grads[2].shape[0]
+    loss, p = _teacher_forced_loss(model, tok, requests[0])
+    with Trace(get_module(model, spec.down_proj_name(2)), retain_input=True) as t:
+        _teacher_forced_loss(model, tok, requests[0])
+    torch.testing.assert_close(f.keys[2][:first].double(), t.input[0, p : p + first].double(), rtol=1e-5, atol=1e-6)
+    for layer in (1, 2):  # ∂L/∂(output) at the first target position, by central differences
+        j = int(f.grads[layer][0].abs().argmax())
+        eps = 1e-4
+
+        def shifted(s, layer=layer, j=j):
+            def add(out):
+                out = out.clone()
+                out[0, p, j] += s
+                return out
+
+            with Trace(get_module(model, spec.down_proj_name(layer)), edit_output=add):
+                return float(_teacher_forced_loss(model, tok, requests[0])[0])
+
+        numeric = (shifted(eps) - shifted(-eps)) / (2 * eps)
+        assert numeric == pytest.approx(float(f.grads[layer][0, j]), rel=1e-3)
+
+
+def _editor(loaded, *overrides):
+    cfg = configure(["edit.ultraedit.layers=[1,2]", *overrides])
+    return build_editor(cfg, loaded, "ultraedit")  # from configs/method/ultraedit.yaml
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_editor_writes_the_ridge_shift_of_its_normalised_pseudo_targets(tiny_model_dir, family):
+    loaded = load_model(str(tiny_model_dir(family)), device="cpu")
+    loaded.model.double()  # the weight difference then is ΔW itself (no float32 rounding)
+    editor = _editor(loaded, "edit.ultraedit.lr=0.01", "edit.batch_size=2")
+    assert isinstance(editor, ultraedit.UltraEditEditor) and editor.layers == [1, 2]
+    requests = parse_requests(REQUESTS[:3])
+    assert [len(u) for u in editor.units(requests)] == [2, 1]
+    before = {layer: loaded.spec.down_proj_matrix(loaded.model, layer).detach().clone() for layer in (1, 2)}
+    (edit,) = editor.edit(requests[:2])
+    assert edit.optimisation is None and edit.status == "applied"
+    f, hp = edit.features, editor.hp
+    expected = LifelongStats(f.keys[1].shape[1] + f.grads[1].shape[1])  # shared: both layers' rows, one set
+    expected.update(torch.cat([torch.cat([f.keys[layer], f.grads[layer]], 1) for layer in (1, 2)]))
+    assert editor.stats["shared"].count == expected.count == 2 * f.keys[1].shape[0]
+    torch.testing.assert_close(editor.stats["shared"].mean, expected.mean)
+    for layer in (1, 2):
+        h = f.keys[layer].double()
+        z = (torch.cat([h, f.grads[layer].double()], 1) - expected.mean) / (expected.std() + float(hp.eps))
+        h_hat, g_hat = z.split([h.shape[1], f.grads[layer].shape[1]], 1)
+        v = -float(hp.lr) * (h_hat.square().sum(1, keepdim=True)) * g_hat
+        torch.testing.assert_close(pseudo_targets(f.keys[layer], f.grads[layer], expected, hp.lr, hp.eps), v)
+        dw = loaded.spec.down_proj_matrix(loaded.model, layer).detach() - before[layer]
+        assert dw.norm() > 0
+        normal = dw @ (h.T @ h + float(hp.ridge) * torch.eye(h.shape[1], dtype=torch.float64))
+        torch.testing.assert_close(normal, v.T @ h, rtol=1e-7, atol=1e-9 * float((v.T @ h).abs().max()))
+    (second,) = editor.edit(requests[2:])  # the statistics go on: both batches' rows
+    assert editor.stats["shared"].count == expected.count + 2 * second.features.keys[1].shape[0]
+    per_layer = _editor(loaded, "edit.ultraedit.statistics=per_layer")
+    assert sorted(per_layer.stats) == ["layer1", "layer2"]
+
+
+def test_edit_stage_continues_a_ledger_bitwise_reverts_and_saves(tiny_model_dir, tmp_path):
+    from conftest import run_cli
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model_dir("llama")
+
+    def cli(requests, out, saved):
+        return run_cli(
+            "stage=edit",
+            f"model.name={base}",
+            f"model.cache_dir={tmp_path / 'cache'}",
+            "trainer.accelerator=cpu",
+            "model.device=cpu",
+            "edit.method=ultraedit",
+            "edit.ultraedit.layers=[1,2]",
+            "edit.ultraedit.lr=0.01",
+            "edit.batch_size=2",
+            f"edit.out={out}",
+            f"edit.save_to={saved}",
+            f"request={json.dumps(requests)}",
+            env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        )
+
+    def weights(path):
+        return load_file(next(path.glob("*.safetensors")))
+
+    whole = cli(REQUESTS, tmp_path / "one", tmp_path / "m_one")  # 5 requests: batches of 2, 2, 1
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = cli(REQUESTS[:4], tmp_path / "two", tmp_path / "m_first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ledger = json.loads((tmp_path / "two" / "ledger.json").read_text())
+    assert [(e["kind"], e["method"], len(e["requests"])) for e in ledger["entries"]] == [("batch", "ultraedit", 2)] * 2
+    tensors = load_file(tmp_path / "two" / ledger["entries"][1]["file"])
+    assert {"left.1", "right.2", "stats.shared.count", "stats.shared.mean", "stats.shared.m2"} <= set(tensors)
+    rows = sum(e["rows"] for e in ledger["entries"])
+    assert int(tensors["stats.shared.count"][0]) == 2 * rows  # after both batches, both layers' rows
+    rest = cli(REQUESTS[4:], tmp_path / "two", tmp_path / "m_two")
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "re-applying 2 earlier edit(s)" in rest.stdout and "continuing the lifelong normalisation" in rest.stdout
+    one, two, after_first = weights(tmp_path / "m_one"), weights(tmp_path / "m_two"), weights(tmp_path / "m_first")
+    assert all(torch.equal(one[k], two[k]) for k in one)  # two runs over one ledger = one run over all requests
+    assert not torch.equal(
+        one["model.layers.1.mlp.down_proj.weight"], after_first["model.layers.1.mlp.down_proj.weight"]
+    )
+    AutoModelForCausalLM.from_pretrained(tmp_path / "m_two")  # plain transformers loads it
+    r = run_cli("stage=revert", f"ledger={tmp_path / 'two'}", "edit_id=3", f"edit.save_to={tmp_path / 'rev'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rev = weights(tmp_path / "rev")
+    assert all(torch.equal(rev[k], after_first[k]) for k in after_first)  # bitwise the model after the first run
+    r = run_cli("stage=revert", f"ledger={tmp_path / 'two'}", "edit_id=all", f"edit.save_to={tmp_path / 'bare'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    bare, orig = weights(tmp_path / "bare"), weights(base)
+    assert "model.layers.2.mlp.down_proj.weight" in set(bare) & set(orig)
+    assert all(torch.equal(bare[k], orig[k]) for k in set(bare) & set(orig))  # every edit reverted: the base, bitwise
