@@ -101,19 +101,7 @@ def main(argv: list[str]) -> int:
         if cfg.stage == "eval" and cfg.eval.mode != "case":  # many edits into one model: its own recipe
             recipe = "recipes.eval_scale"
         with stop_on_signals():
-            try:
-                importlib.import_module(recipe).run(cfg)
-            except (KeyboardInterrupt, SystemExit):
-                from pipeline.core.signals import stopped_at_once
-
-                if not stopped_at_once():
-                    raise
-                print(
-                    "interrupted: stopped at once by a second Ctrl+C; the unit of work in progress was abandoned, "
-                    "what was recorded before it is kept; to resume, run the same command",
-                    file=sys.stderr,
-                )
-                return 130
+            importlib.import_module(recipe).run(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

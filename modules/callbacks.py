@@ -77,7 +77,20 @@ class EditProgress(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: EditLoop, outputs: Any, *args: Any) -> None:
         edit, finished = pl_module.current, _finished(outputs)
-        if edit is None or edit.optimisation is None:
+        if edit is None:
+            return
+        if edit.optimisation is None:  # nothing optimised (UltraEdit): one line once the unit is written
+            if finished is not None and self.enabled:
+                pl_module.editor.advance(finished, "verified")
+                label = (
+                    f"{pl_module.editor.method} batch [{pl_module.edits.index(finished) + 1}/{len(pl_module.units)}]"
+                )
+                print(
+                    f"{label} {len(finished.requests)} requests, {sum(finished.timings.values()):.1f} s; "
+                    f"{finished.status}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return
         opt, n = edit.optimisation, len(pl_module.units)
         label = f"{self._name(pl_module)} [{pl_module.edits.index(edit) + 1}/{n}]"

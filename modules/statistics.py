@@ -5,7 +5,6 @@ edit stage or the eval methods."""
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from omegaconf import DictConfig
 from datamodules import TextDataModule
 from pipeline.core.atomic import ensure_free_space
 from pipeline.core.loading import LoadedModel
-from pipeline.core.locks import DirectoryLock
+from pipeline.core.locks import DirectoryLock, first_process
 from pipeline.core.outputs import claim_output_dir
 from pipeline.core.timing import Clock
 from pipeline.stats.convergence import plot_convergence
@@ -48,9 +47,7 @@ def collect(
     found = store.lookup(layers)
     missing = [layer for layer, s in found.items() if s is None]
     if missing:
-        # one run computes a statistics entry at a time; DDP ranks that Lightning starts (LOCAL_RANK / NODE_RANK
-        # set) are part of the run holding it
-        first = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+        first = first_process()  # one run computes a statistics entry at a time; its DDP ranks work under its lock
         if first:  # written into: the statistics directory must be ours (a user's directory is only ever read)
             claim_output_dir(store.dir.parent, "stats.dir", ours=_earlier_statistics)
         with DirectoryLock(store.dir, "stats.dir entry") if first else contextlib.nullcontext():

@@ -15,6 +15,7 @@ summary is written, and the same command resumes with the cases not yet recorded
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from modules.trainer import make_trainer
 from pipeline.core.atomic import atomic_path, write_json
 from pipeline.core.digest import file_sha256
 from pipeline.core.loading import load_configured
+from pipeline.core.locks import DirectoryLock, first_process
+from pipeline.core.outputs import claim_output_dir
 from pipeline.core.signals import check_stop, stop_requested
 from pipeline.editors.base import REGISTRY, Editor
 from pipeline.editors.factory import build_editor, method_class
@@ -38,7 +41,14 @@ from pipeline.errors import UserError
 from pipeline.evaluation.case_log import CaseLog
 from pipeline.evaluation.cases import EvalCase, Skipped, load_cases, load_snippets
 from pipeline.evaluation.generative import generative_settings
-from pipeline.evaluation.report import GENERATIVE_PROTOCOL, PROTOCOL, bar_chart, markdown_table, summarize
+from pipeline.evaluation.report import (
+    GENERATIVE_PROTOCOL,
+    PROTOCOL,
+    bar_chart,
+    earlier_eval_output,
+    markdown_table,
+    summarize,
+)
 from pipeline.evaluation.scoring import Generation, References
 
 ZSRE_CONVENTION = {
@@ -234,6 +244,13 @@ def _method_names(cfg: DictConfig) -> list[str]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
+    claim_output_dir(cfg.eval.out, "eval.out", ours=earlier_eval_output)  # before any work: never another's directory
+    # one process writes a per-case eval.out at a time (its DDP ranks write their own case files under its lock)
+    with DirectoryLock(cfg.eval.out, "eval.out") if first_process() else contextlib.nullcontext():
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict[str, Any] | None:
     torch.manual_seed(cfg.seed)
     cases, load_skipped = load_cases(cfg.eval.dataset, cfg.eval.n, int(cfg.eval.start), str(cfg.eval.zsre_target))
     if not cases:

@@ -36,6 +36,7 @@ from modules.statistics import layer_statistics
 from pipeline.core.atomic import atomic_path, write_json
 from pipeline.core.digest import file_sha256
 from pipeline.core.loading import LoadedModel, load_configured
+from pipeline.core.outputs import claim_output_dir
 from pipeline.core.signals import check_stop
 from pipeline.core.timing import Clock
 from pipeline.editors.base import Editor
@@ -45,7 +46,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation.cases import EvalCase, load_cases
 from pipeline.evaluation.generative import GenerativeEval, generative_settings, score_generative
 from pipeline.evaluation.metrics import fluency, harmonic_mean
-from pipeline.evaluation.report import GENERATIVE_PROTOCOL, PROTOCOL, summarize
+from pipeline.evaluation.report import GENERATIVE_PROTOCOL, PROTOCOL, earlier_eval_output, summarize
 from pipeline.evaluation.retention import (
     fact_accuracy,
     heldout_texts,
@@ -186,6 +187,9 @@ def _method_row(kind: str, scores: list[dict], extra: dict[str, Any]) -> dict[st
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    # before any work: never another's directory. Not locked: processes running different methods into one
+    # eval.out is how a long comparison is split (each writes methods/<name>.json, atomically)
+    claim_output_dir(cfg.eval.out, "eval.out", ours=earlier_eval_output)
     torch.manual_seed(cfg.seed)
     mode = str(cfg.eval.mode)
     if mode not in ("sequential", "batch"):

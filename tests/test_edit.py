@@ -177,7 +177,7 @@ def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wik
         env=OFFLINE,
     )
     assert stats_other.returncode == 0, stats_other.stderr
-    other_entry = next((tmp_path / "so").iterdir())
+    other_entry = next(p for p in (tmp_path / "so").iterdir() if p.is_dir())  # the entry, not the output marker
     cases = {
         "not in the prompt": [f"request={json.dumps({**EIFFEL, 'prompt': 'The Louvre is in', 'subject': 'X'})}"],
         "target_new": [f"request={json.dumps({**EIFFEL, 'target_new': ''})}"],

@@ -310,3 +310,45 @@ def test_a_damaged_templates_cache_is_sampled_again(tiny_model_dir, tmp_path, ca
         assert context_templates(loaded.model, loaded.tokenizer, loaded.identity, hp, tmp_path, seed=0) == first
         assert "is damaged" in capsys.readouterr().err
         assert json.loads(path.read_text())["templates"] == first  # rewritten whole
+
+
+def test_eval_out_of_the_user_is_refused_and_eval_n_past_the_data_is_said(env, tmp_path, capsys):
+    from conftest import DATA
+
+    _, args = env
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("mine")
+    cf = DATA / "counterfact" / "counterfact-edit.json"
+    for mode in ("case", "sequential"):
+        code, _, errors = main(
+            capsys,
+            "stage=eval",
+            *args,
+            f"eval.mode={mode}",
+            f"eval.dataset={cf}",
+            f"eval.out={mine}",
+            "eval.methods=[none]",
+            "eval.n=2",
+        )
+        assert code == 2 and len(errors) == 1 and f"eval.out={mine} is not empty and was not written" in errors[0]
+    assert [p.name for p in mine.iterdir()] == ["notes.md"]
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps(json.loads(cf.read_text())[:2]))
+    import train
+
+    capsys.readouterr()
+    argv = ["stage=eval", *args, f"eval.dataset={two}", f"eval.out={tmp_path / 'e'}", "eval.methods=[none]"]
+    assert train.main([*argv, "eval.n=50", "eval.generation.tokens=0"]) == 0
+    assert "note: eval.n=50 from record 0 asks for more than" in capsys.readouterr().err  # said before any work
+    code, _, errors = main(
+        capsys,
+        "stage=eval",
+        *args,
+        f"eval.dataset={two}",
+        f"eval.out={tmp_path / 'e2'}",
+        "eval.methods=[none]",
+        "eval.n=50",
+        "eval.start=5",
+    )
+    assert code == 2 and "eval.start=5 is past the end" in errors[0]

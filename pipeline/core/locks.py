@@ -19,9 +19,15 @@ from types import TracebackType
 
 from pipeline.errors import UserError
 
-__all__ = ["DirectoryLock", "LOCK_FILE"]
+__all__ = ["DirectoryLock", "LOCK_FILE", "first_process"]
 
 LOCK_FILE = ".rome.lock"
+
+
+def first_process() -> bool:
+    """Whether this is the process a run starts in, not a DDP rank that Lightning started for it (those have
+    LOCAL_RANK / NODE_RANK set and work under the lock their first process holds)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def _alive(pid: int) -> bool:

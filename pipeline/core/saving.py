@@ -110,6 +110,8 @@ def save_model(
     with atomic_dir(path, before_replace=lambda p: check_destination(p, what)) as tmp:
         try:
             loaded.model.save_pretrained(tmp)
+        except OSError:
+            raise
         except Exception as err:  # safetensors reports a full disk as its own error type: one kind of failure here
             if no_space(err):
                 raise OSError(errno.ENOSPC, f"no space left on device writing {what}={directory}") from err

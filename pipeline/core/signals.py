@@ -4,7 +4,7 @@
 line); the stage's loop calls ``check_stop(hint)`` between units of work (a batch, a case, an edit), so the
 unit in progress finishes or is abandoned whole, what is resumable gets written, and ``Interrupted`` carries
 the resume hint up to ``train.py``, which prints it and exits 128 + the signal number (143 / 130).
-A second Ctrl+C stops at once (KeyboardInterrupt), for when the current unit takes too long.
+A second Ctrl+C stops at once (one ``interrupted:`` line, exit 130), for when the current unit takes too long.
 
 Processes that only feed the main one (dataloader workers) call ``ignore_stop_signals()``: a signal sent to
 the whole process group (Ctrl+C in a terminal, SLURM signalling every process of a job step) must not kill
@@ -14,6 +14,7 @@ a worker under the main process's feet; the main process stops at a unit boundar
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -21,11 +22,10 @@ from collections.abc import Iterator
 
 from pipeline.errors import Interrupted
 
-__all__ = ["stop_on_signals", "stop_requested", "check_stop", "ignore_stop_signals", "stopped_at_once"]
+__all__ = ["stop_on_signals", "stop_requested", "check_stop", "ignore_stop_signals"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _received: list[int] = []  # the signals received while armed (the first one decides the exit code)
-_at_once: list[bool] = []  # a second Ctrl+C arrived: the stop did not wait for the unit in progress
 
 
 def stop_requested() -> bool:
@@ -41,8 +41,17 @@ def check_stop(hint: str) -> None:
 
 def _handler(signum: int, frame: object) -> None:
     if _received and signum == signal.SIGINT:
-        _at_once.append(True)
-        raise KeyboardInterrupt  # a second Ctrl+C: stop now
+        # a second Ctrl+C: stop now. Exiting here, not raising KeyboardInterrupt, because the interrupt would land
+        # wherever the process is (a dataloader's teardown, Lightning's own handler, which exits with 1) and print
+        # a traceback; every file is written atomically, so nothing half-written is left under its final name
+        print(
+            "\ninterrupted: stopped at once by a second Ctrl+C; the unit of work in progress was abandoned, what "
+            "was recorded before it is kept; to resume, run the same command",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(130)
     _received.append(signum)
     print(
         f"\nreceived {signal.Signals(signum).name}: stopping after the current unit of work "
@@ -61,7 +70,6 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
         return
     previous = {s: signal.getsignal(s) for s in signals}
     _received.clear()
-    _at_once.clear()
     for s in signals:
         signal.signal(s, _handler)
     try:
@@ -70,12 +78,6 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
         for s, h in previous.items():
             signal.signal(s, h)
         _received.clear()
-
-
-def stopped_at_once() -> bool:
-    """True when a second Ctrl+C stopped the stage at once (Lightning turns the KeyboardInterrupt into its own
-    exit): the caller reports it in one line instead of a traceback."""
-    return bool(_at_once)
 
 
 def ignore_stop_signals() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,15 @@ def load_cases(
 ) -> tuple[list[EvalCase], list[Skipped]]:
     """Records [start, start + n) of the file as cases; the first good record's schema is the file's."""
     records = read_records(path, "eval.dataset", single=False)
+    if start >= len(records):
+        raise UserError(f"eval.start={start} is past the end of eval.dataset={path} ({len(records)} records)")
     stop = len(records) if n is None else min(len(records), start + int(n))
+    if n is not None and start + int(n) > len(records):  # said before any work, not discovered in the table
+        print(
+            f"note: eval.n={n} from record {start} asks for more than {path} holds ({len(records)} records): "
+            f"{stop - start} case(s) will run",
+            file=sys.stderr,
+        )
     cases, skipped, schema = [], [], None
     for i in range(start, stop):
         rec = records[i]

@@ -23,6 +23,7 @@ __all__ = [
     "generative_table",
     "generative_label",
     "bar_chart",
+    "earlier_eval_output",
     "error_bars",
 ]
 
@@ -217,3 +218,19 @@ def bar_chart(summary: Mapping[str, Any], path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def earlier_eval_output(out: Path) -> bool:
+    """An ``eval.out`` an earlier version wrote (before the output marker): only the files the eval stages write."""
+    names = {
+        "run.json",
+        "cases.jsonl",
+        "summary.json",
+        "table.md",
+        "chart.png",
+        "timing.json",
+        "unedited.json",
+        "curve.png",
+        "methods",
+    }
+    return all(p.name in names or p.name.startswith(("cases.rank", ".")) for p in Path(out).iterdir())
