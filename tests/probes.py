@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
 
+COUNTERFACT = HERE.parent.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 EIFFEL = {
     "prompt": "{} is located in the city of",
     "subject": "The Eiffel Tower",
@@ -394,6 +395,74 @@ def probes() -> list[Probe]:
                 f"trace.dataset={HERE.parent.parent / 'shared' / 'data' / 'known_1000.json'}",
             ],
             "needs the mlp kind",
+        ),
+        Probe(
+            "output directories",
+            "eval.out is the user's directory (per case)",
+            lambda w: [
+                "stage=eval",
+                *w.base,
+                f"eval.dataset={COUNTERFACT}",
+                f"eval.out={w.user_dir}",
+                "eval.methods=[none]",
+                "eval.n=2",
+            ],
+            "not written by this project",
+            protect=lambda w: [w.user_dir],
+        ),
+        Probe(
+            "output directories",
+            "eval.out is the user's directory (sequential)",
+            lambda w: [
+                "stage=eval",
+                *w.base,
+                "eval.mode=sequential",
+                f"eval.dataset={COUNTERFACT}",
+                f"eval.out={w.user_dir}",
+                "eval.methods=[none]",
+                "eval.n=2",
+            ],
+            "not written by this project",
+            protect=lambda w: [w.user_dir],
+        ),
+        Probe(
+            "judged before work",
+            "eval.start past the end of the data",
+            lambda w: [
+                "stage=eval",
+                *w.base,
+                f"eval.dataset={COUNTERFACT}",
+                "eval.start=999999",
+                f"eval.out={w.root / 'e-past'}",
+                "eval.methods=[none]",
+            ],
+            "past the end",
+        ),
+        Probe(
+            "judged before work",
+            "eval methods empty",
+            lambda w: [
+                "stage=eval",
+                *w.base,
+                f"eval.dataset={COUNTERFACT}",
+                f"eval.out={w.root / 'e-none'}",
+                "eval.methods=[]",
+                "eval.n=2",
+            ],
+            "eval.methods is empty",
+        ),
+        Probe(
+            "judged before work",
+            "memit in the per-case eval",
+            lambda w: [
+                "stage=eval",
+                *w.base,
+                f"eval.dataset={COUNTERFACT}",
+                f"eval.out={w.root / 'e-memit'}",
+                "eval.methods=[memit]",
+                "eval.n=2",
+            ],
+            "eval.mode=sequential",
         ),
         Probe(
             "judged before work", "stats.layers empty", lambda w: ["stage=stats", *w.base, "stats.layers=[]"], "empty"
