@@ -256,3 +256,16 @@ def signal_run(args, signum, ready, env: dict | None = None, timeout: float = 60
         reader.join(timeout=10)
     assert sent, "the process ended before the signal was sent:\n" + "\n".join(lines[-30:])
     return p.returncode, lines
+
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def main_in_process(capsys, *argv):
+    """``python train.py argv`` in this process: (exit code, stdout, the error and interrupted lines)."""
+    import train
+
+    os.environ.update(OFFLINE)
+    code = train.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, [line for line in out.err.splitlines() if line.startswith(("error:", "interrupted:"))]

@@ -8,7 +8,8 @@ import stat
 
 import pytest
 import torch
-from conftest import FAMILIES, check_fast_value_loss, run_cli, signal_run
+from conftest import FAMILIES, OFFLINE, check_fast_value_loss, run_cli, signal_run
+from conftest import main_in_process as main
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -17,7 +18,6 @@ from pipeline.core.loading import configure, load_model
 from pipeline.core.requests import parse_requests
 from pipeline.editors import rome
 
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
 EIFFEL = {
     "prompt": "{} is located in the city of",
@@ -220,16 +220,6 @@ def edit_env(tiny_model_dir, small_wiki, tmp_path_factory):
         "edit.verify.enabled=false",
         "edit.v.steps=4",
     ]
-
-
-def main(capsys, *argv):
-    """``python train.py argv`` in this process: (exit code, stdout, the error lines)."""
-    import train
-
-    os.environ.update(OFFLINE)
-    code = train.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, [line for line in out.err.splitlines() if line.startswith(("error:", "interrupted:"))]
 
 
 def tree(d):

@@ -10,11 +10,12 @@ import shutil
 from collections import namedtuple
 
 import pytest
+from conftest import OFFLINE
+from conftest import main_in_process as main
 
 from pipeline.core.paths import contained
 from pipeline.errors import UserError
 
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 EIFFEL = {
     "prompt": "{} is located in the city of",
     "subject": "The Eiffel Tower",
@@ -41,15 +42,6 @@ def env(tiny_model_dir, small_wiki, tmp_path_factory):
         "edit.verify.enabled=false",
         "edit.v.steps=2",
     ]
-
-
-def main(capsys, *argv):
-    import train
-
-    os.environ.update(OFFLINE)
-    code = train.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, [line for line in out.err.splitlines() if line.startswith(("error:", "interrupted:"))]
 
 
 def test_contained_refuses_every_way_out(tmp_path):

@@ -34,8 +34,9 @@ from pipeline.core.hooks import get_module
 from pipeline.core.requests import EditRequest
 from pipeline.core.timing import Clock
 from pipeline.editors.ledger import Ledger
+from pipeline.errors import UserError
 
-__all__ = ["Edit", "Editor", "PHASES", "REGISTRY", "register", "LayerStatistics"]
+__all__ = ["Edit", "Editor", "BatchEditor", "PHASES", "REGISTRY", "register", "LayerStatistics"]
 
 PHASES = ("begun", "optimised", "applied", "verified")
 REGISTRY: dict[str, type[Editor]] = {}
@@ -193,3 +194,34 @@ class Editor(abc.ABC):
             self.advance(edit, "verified")
             out.append(edit)
         return out
+
+
+class BatchEditor(Editor):
+    """An editor that writes batches of ``batch_size`` requests across an increasing set of layers (MEMIT,
+    AlphaEdit, UltraEdit): the layer set and the batch size checked once, the requests grouped into batches."""
+
+    per_case = False  # batches across layers: eval.mode=sequential or batch measures it
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        tokenizer: Any,
+        spec: ArchSpec,
+        hp: Any,
+        layers: Sequence[int],
+        batch_size: int,
+        layers_key: str = "edit.layers",
+    ) -> None:
+        layers = list(layers)
+        if not layers or sorted(set(layers)) != layers:
+            raise UserError(f"{layers_key}={layers} must be increasing layer indices (e.g. [2,3,4,5,6])")
+        for layer in layers:
+            spec.check_layer(model, layer, layers_key)
+        if batch_size <= 0:
+            raise UserError(f"edit.batch_size={batch_size} must be a positive number of requests")
+        super().__init__(name, model, tokenizer, spec, hp, layers)
+        self.batch_size = batch_size
+
+    def units(self, requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
+        return [list(requests[i : i + self.batch_size]) for i in range(0, len(requests), self.batch_size)]

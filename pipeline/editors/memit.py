@@ -38,7 +38,7 @@ from pipeline.core.hooks import Trace, get_module
 from pipeline.core.padding import right_pad
 from pipeline.core.requests import EditRequest
 from pipeline.core.timing import Clock, model_device
-from pipeline.editors.base import Edit, Editor, register
+from pipeline.editors.base import BatchEditor, Edit, register
 from pipeline.editors.hparams import BatchHparams, typed
 from pipeline.editors.ledger import Ledger
 from pipeline.editors.rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
@@ -317,13 +317,12 @@ def write_targets(ctx: MemitEditor, requests: Sequence[EditRequest], z: torch.Te
 
 
 @register("memit")
-class MemitEditor(Editor):
+class MemitEditor(BatchEditor):
     """MEMIT: batches of ``edit.batch_size`` requests, one z optimisation and one solve per layer each.
     ``solvers[l]`` factorises C of layer l; AlphaEdit adds ``projectors[l]`` (P) and ``preserved[l]``
     (the Σ K Kᵀ of every earlier batch, updated as batches are written)."""
 
     recordable = True
-    per_case = False  # batches across layers: eval.mode=sequential or batch measures it
 
     def __init__(
         self,
@@ -337,15 +336,8 @@ class MemitEditor(Editor):
         batch_size: int,
         stats_id: dict[str, Any] | None = None,
     ) -> None:
-        layers = list(layers)
-        if not layers or sorted(set(layers)) != layers:
-            raise UserError(f"edit.layers={layers} must be increasing layer indices (e.g. [2,3,4,5,6])")
-        for layer in layers:
-            spec.check_layer(model, layer, "edit.layers")
-        if batch_size <= 0:
-            raise UserError(f"edit.batch_size={batch_size} must be a positive number of requests")
-        super().__init__(name, model, tokenizer, spec, typed(BatchHparams, hp), layers)
-        self.templates, self.batch_size, self.stats_id = templates, batch_size, stats_id
+        super().__init__(name, model, tokenizer, spec, typed(BatchHparams, hp), layers, batch_size)
+        self.templates, self.stats_id = templates, stats_id
         self.solvers: dict[int, KeySolver] = {}
         self.projectors: dict[int, torch.Tensor] = {}
         self.preserved: dict[int, torch.Tensor] = {}
@@ -389,9 +381,6 @@ class MemitEditor(Editor):
     @property
     def steps(self) -> int:
         return int(self.hp.memit.v.steps)
-
-    def units(self, requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
-        return [list(requests[i : i + self.batch_size]) for i in range(0, len(requests), self.batch_size)]
 
     def begin(self, requests: Sequence[EditRequest]) -> BatchEdit:
         return begin_batch(self, requests)

@@ -44,7 +44,7 @@ from pipeline.core.padding import right_pad
 from pipeline.core.probability import target_token_ids
 from pipeline.core.requests import EditRequest
 from pipeline.core.timing import Clock, model_device
-from pipeline.editors.base import Edit, Editor, register
+from pipeline.editors.base import BatchEditor, Edit, register
 from pipeline.editors.hparams import UltraEditHparams, typed
 from pipeline.editors.ledger import Ledger
 from pipeline.editors.rank_one import LowRank, apply_low_rank, frobenius_norm
@@ -241,12 +241,11 @@ class UltraEditBatch(Edit):
 
 
 @register("ultraedit")
-class UltraEditEditor(Editor):
+class UltraEditEditor(BatchEditor):
     """UltraEdit: batches of ``edit.batch_size`` requests, no optimisation, one ridge solve per layer each;
     ``stats`` holds the lifelong normalisation (one set for all layers, or one per layer)."""
 
     recordable = True
-    per_case = False  # batches: eval.mode=sequential or batch measures it
 
     def __init__(
         self,
@@ -259,24 +258,18 @@ class UltraEditEditor(Editor):
         batch_size: int,
     ) -> None:
         hp = typed(UltraEditHparams, hp, "edit.ultraedit")
-        layers = list(layers)
-        if not layers or sorted(set(layers)) != layers:
-            raise UserError(f"edit.ultraedit.layers={layers} must be increasing layer indices (e.g. [20,21,22])")
-        for layer in layers:
-            spec.check_layer(model, layer, "edit.ultraedit.layers")
-        if batch_size <= 0:
-            raise UserError(f"edit.batch_size={batch_size} must be a positive number of requests")
         if hp.statistics not in STATISTICS:
             raise UserError(f"edit.ultraedit.statistics={hp.statistics} must be one of {', '.join(STATISTICS)}")
         if not hp.ridge > 0:
             raise UserError(f"edit.ultraedit.ridge={hp.ridge} must be positive (the release uses 1)")
         if hp.rows_per_pass <= 0:
             raise UserError(f"edit.ultraedit.rows_per_pass={hp.rows_per_pass} must be a positive number of prompts")
-        super().__init__(name, model, tokenizer, spec, hp, layers)
-        self.batch_size = batch_size
+        super().__init__(name, model, tokenizer, spec, hp, layers, batch_size, "edit.ultraedit.layers")
         device = model_device(model)
-        size = {layer: spec.key_size(model, layer) + spec.down_proj_matrix(model, layer).shape[0] for layer in layers}
-        self.stats = {self.group(layer): LifelongStats(size[layer], device) for layer in layers}
+        size = {
+            layer: spec.key_size(model, layer) + spec.down_proj_matrix(model, layer).shape[0] for layer in self.layers
+        }
+        self.stats = {self.group(layer): LifelongStats(size[layer], device) for layer in self.layers}
 
     @classmethod
     def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
@@ -295,9 +288,6 @@ class UltraEditEditor(Editor):
         """The statistics a layer's features go into: ``shared`` (the release keys one normaliser per weight
         shape, which every down-projection shares) or ``layer<l>``."""
         return "shared" if self.hp.statistics == "shared" else f"layer{layer}"
-
-    def units(self, requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
-        return [list(requests[i : i + self.batch_size]) for i in range(0, len(requests), self.batch_size)]
 
     def begin(self, requests: Sequence[EditRequest]) -> UltraEditBatch:
         clock = Clock(self.model)
