@@ -269,3 +269,22 @@ def main_in_process(capsys, *argv):
     code = train.main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, [line for line in out.err.splitlines() if line.startswith(("error:", "interrupted:"))]
+
+
+def tiny_edit_args(model_dir, wiki, shared: Path, v_steps: int) -> list[str]:
+    """Arguments of an in-process edit on a tiny model: statistics and templates cached under ``shared``."""
+    return [
+        f"model.name={model_dir}",
+        f"data.files={wiki}",
+        f"stats.dir={shared / 'stats'}",
+        f"model.cache_dir={shared / 'cache'}",
+        "stats.tokens=2000",
+        "data.max_length=64",
+        "data.batch_tokens=256",
+        "edit.layer=2",
+        "trainer.accelerator=cpu",
+        "model.device=cpu",
+        "edit.generate_tokens=0",
+        "edit.verify.enabled=false",
+        f"edit.v.steps={v_steps}",
+    ]

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 import torch
-from conftest import FAMILIES, OFFLINE, check_fast_value_loss, run_cli, signal_run
+from conftest import FAMILIES, OFFLINE, check_fast_value_loss, run_cli, signal_run, tiny_edit_args
 from conftest import main_in_process as main
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -205,21 +205,7 @@ RIVIERA = {"prompt": "{} is located in the city of", "subject": "The Louvre", "t
 def edit_env(tiny_model_dir, small_wiki, tmp_path_factory):
     """Arguments of an in-process edit on the tiny GPT-2, with statistics and templates shared by the tests."""
     shared = tmp_path_factory.mktemp("edit-shared")
-    return [
-        f"model.name={tiny_model_dir('gpt2')}",
-        f"data.files={small_wiki}",
-        f"stats.dir={shared / 'stats'}",
-        f"model.cache_dir={shared / 'cache'}",
-        "stats.tokens=2000",
-        "data.max_length=64",
-        "data.batch_tokens=256",
-        "edit.layer=2",
-        "trainer.accelerator=cpu",
-        "model.device=cpu",
-        "edit.generate_tokens=0",
-        "edit.verify.enabled=false",
-        "edit.v.steps=4",
-    ]
+    return tiny_edit_args(tiny_model_dir("gpt2"), small_wiki, shared, v_steps=4)
 
 
 def tree(d):

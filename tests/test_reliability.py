@@ -10,7 +10,7 @@ import shutil
 from collections import namedtuple
 
 import pytest
-from conftest import OFFLINE
+from conftest import OFFLINE, tiny_edit_args
 from conftest import main_in_process as main
 
 from pipeline.core.paths import contained
@@ -27,21 +27,7 @@ EIFFEL = {
 @pytest.fixture(scope="module")
 def env(tiny_model_dir, small_wiki, tmp_path_factory):
     shared = tmp_path_factory.mktemp("reliability")
-    return shared, [
-        f"model.name={tiny_model_dir('gpt2')}",
-        f"data.files={small_wiki}",
-        f"stats.dir={shared / 'stats'}",
-        f"model.cache_dir={shared / 'cache'}",
-        "stats.tokens=2000",
-        "data.max_length=64",
-        "data.batch_tokens=256",
-        "edit.layer=2",
-        "trainer.accelerator=cpu",
-        "model.device=cpu",
-        "edit.generate_tokens=0",
-        "edit.verify.enabled=false",
-        "edit.v.steps=2",
-    ]
+    return shared, tiny_edit_args(tiny_model_dir("gpt2"), small_wiki, shared, v_steps=2)
 
 
 def test_contained_refuses_every_way_out(tmp_path):
