@@ -1,6 +1,6 @@
 """Randomly initialised models of real sizes (GPT-J 6B, Llama-3 8B) built directly on a device, for the
-benchmarks' timing runs on machines that do not hold the real weights. Timing only: the outcomes of a random
-model mean nothing."""
+benchmarks' timing runs on machines that do not hold the real weights (and a tiny Llama for smoke runs).
+Timing only: the outcomes of a random model mean nothing."""
 
 from __future__ import annotations
 
@@ -29,6 +29,20 @@ SHAPES = {  # family, config, the layer the benchmarks edit / collect statistics
             rope_theta=500000.0,
         ),
         5,
+    ),
+    # not a real size: Llama's layout at a width a CPU runs in seconds, for smoke runs (gpu_check.py --tiny)
+    "llama-tiny": (
+        "llama",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=6,
+            intermediate_size=160,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=49152,
+            max_position_embeddings=2048,
+        ),
+        3,
     ),
 }
 
@@ -88,9 +102,10 @@ def statistics_for(args: argparse.Namespace, cfg, loaded):
                 d = loaded.spec.key_size(loaded.model, layer)
                 g = torch.Generator(device=args.device).manual_seed(layer)
                 a = torch.randn(d, 2 * d, generator=g, device=args.device, dtype=torch.float32)
-                c = (a @ a.T / (2 * d)).double()
+                c = (a @ a.T / (2 * d)).double().cpu()  # on the CPU, as a statistics file is loaded
+                del a
                 path = where / f"layer_{layer}.safetensors"
-                save_file({"second_moment": c.cpu().contiguous()}, str(path))
+                save_file({"second_moment": c.contiguous()}, str(path))
                 made[layer] = LayerStats(layer, loaded.spec.down_proj_name(layer), c, 2 * d, path)
         return {layer: made[layer] for layer in layers}
 

@@ -6,7 +6,8 @@
     python benchmarks/stats_throughput.py --device cuda --model EleutherAI/gpt-j-6b --dtype float16
 
 Every row reads the first ``--tokens`` tokens of the Wikipedia sample in stream order, each text truncated
-to ``--max-length`` (the last one cut to the budget), and accumulates the statistics of one layer:
+to ``--max-length`` (the last one cut to the budget), whatever ``--workers`` (the stage's shards take their
+parts of that prefix: ``pipeline.stats.text.plan_stream``), and accumulates the statistics of one layer:
 
 - forward only: the stage's batches, the forward stopped at the layer's down-projection input, nothing else
   (the ceiling: what the stage would reach if accumulating cost nothing);
@@ -54,7 +55,7 @@ from pipeline.core.hooks import Trace, TraceDict, get_module  # noqa: E402
 from pipeline.core.loading import configure, load_model, resolve_dtype  # noqa: E402
 from pipeline.core.timing import Clock  # noqa: E402
 from pipeline.stats.store import batch_tokens as resolve_batch_tokens  # noqa: E402
-from pipeline.stats.text import TextSource, tokenize_window  # noqa: E402
+from pipeline.stats.text import TextSource, plan_stream, tokenize_window  # noqa: E402
 
 # -- the texts every method reads -------------------------------------------------------------------------
 
@@ -204,8 +205,22 @@ def run_stage(loaded, layer: int, product: str, args) -> tuple[float, torch.Tens
 
 
 def stage_batches(loaded, args, tokens_per_batch: int) -> DataLoader:
+    """The stage's batches on one process with ``--workers`` workers (their budgets from the stream's plan, as
+    the stage's data module makes it)."""
+    source = TextSource(files=str(WIKI))
+    plan = None
+    if args.workers > 1:
+        plan = plan_stream(
+            source,
+            loaded.tokenizer,
+            sort_window=512,
+            max_length=args.max_length,
+            chars_per_token=8,
+            budget=args.tokens,
+            workers=args.workers,
+        )
     stream = ShardedTokenStream(
-        TextSource(files=str(WIKI)),
+        source,
         loaded.tokenizer,
         max_length=args.max_length,
         chars_per_token=8,
@@ -215,6 +230,7 @@ def stage_batches(loaded, args, tokens_per_batch: int) -> DataLoader:
         rank=0,
         world_size=1,
         resume={},
+        plan=plan,
     )
     return DataLoader(
         stream,

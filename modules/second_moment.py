@@ -40,6 +40,9 @@ from pipeline.stats.convergence import Readout, converged_hint, pick_probes, tak
 from pipeline.stats.second_moment import accumulate_second_moment
 
 NEW_SHARD = {"window": 0, "batches": 0, "before": 0, "tokens": 0}
+# the partial state's layout and meaning; 3: the shards' budgets are their parts of the stream's first
+# stats.tokens tokens (2 split the budget evenly over the shards: other texts with several shards)
+PARTIAL_FORMAT = 3
 
 
 class PartialStats:
@@ -80,10 +83,17 @@ class PartialStats:
                     raise UserError(
                         f"partial statistics {p} were corrupt and have been removed; run the command again"
                     ) from err
-                if state.get("run") != self.run:
+                run = state.get("run") or {}
+                if run.get("format") != self.run.get("format"):
+                    raise UserError(
+                        f"{self.dir} holds a partial run written by another version of the stats stage (format "
+                        f"{run.get('format')}, now {self.run.get('format')}) that cannot be resumed; delete {self.dir} "
+                        "and run the command again"
+                    )
+                if run != self.run:
                     raise UserError(
                         f"{self.dir} holds a partial run with other settings "
-                        f"({_diff(state.get('run') or {}, self.run)}); "
+                        f"({_diff(run, self.run)}); "
                         f"rerun with those settings to resume, or delete {self.dir}"
                     )
             self._cache[rank] = state

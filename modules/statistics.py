@@ -31,7 +31,7 @@ from pipeline.stats.store import (
 )
 
 from .progress import TokenProgressBar
-from .second_moment import ConvergenceSettings, PartialStats, SecondMomentModule
+from .second_moment import PARTIAL_FORMAT, ConvergenceSettings, PartialStats, SecondMomentModule
 from .trainer import make_trainer
 
 __all__ = ["collect", "second_moment", "layer_statistics"]
@@ -115,7 +115,7 @@ def _compute(
     )
     tokens_per_batch = batch_tokens(cfg, tr.strategy.root_device.type)
     run = {
-        "format": 2,
+        "format": PARTIAL_FORMAT,
         "key": store.key.digest(),
         "layers": layers,
         "devices": str(cfg.trainer.devices),

@@ -6,9 +6,16 @@ next-token distribution at the subject's last token against the unedited model).
 module's output (the MLP's for ROME) at the subject's last token of every row.
 
 Several requests can be optimised together (``ValueBatch.build`` takes one ``Rows`` per request): each
-request has its own δ (a row of ``delta`` [R, d]), its rows sit in one batch, and its loss depends only on
-its own rows, so the gradient of the summed loss with respect to δ_r is request r's own gradient. Adam
-works element by element, so the batched optimisation gives every request the result it gets alone.
+request has its own δ (a row of ``delta`` [R, d], float32, and so Adam's state), its rows sit in one batch,
+its loss is its own sum (never a mean over the batch) and depends only on its own rows, so the gradient of
+the summed loss with respect to δ_r is request r's own gradient; Adam works element by element and each
+request stops early on its own loss, so the batched optimisation gives every request the result it gets
+alone. That holds in the arithmetic too, in bf16 as in float32, because nothing a row computes depends on
+the batch's shapes (``batch_invariant``): the attention runs eagerly (the fused SDPA kernels block and
+reduce the keys by the padded length: a longer neighbour changed a bf16 row's loss gradient by 1% on a CPU,
+and the issue measured batched δ 19% away from δ alone in bf16 on an H200), the GEMMs reduce in float32
+(``pipeline.core.precision``), and the loss's log-softmax is taken in float32 (``ArchSpec.logits``).
+A batch can be optimised in micro-batches of requests with the same result (``MicroBatches``).
 
 Work δ cannot change is done once (``ValueBatch.build``):
 - tokens before the subject's last token never see δ (causal attention), at any layer: their keys and
@@ -22,8 +29,9 @@ Work δ cannot change is done once (``ValueBatch.build``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +39,7 @@ import torch
 from pipeline.core.arch import ArchSpec, cache_kwarg
 from pipeline.core.hooks import Trace, get_module
 from pipeline.core.padding import left_pad, right_pad
+from pipeline.core.precision import full_precision_reductions
 from pipeline.core.probability import target_token_ids
 from pipeline.core.subject import fill_prompt, subject_token_range
 from pipeline.core.timing import model_device
@@ -45,9 +54,35 @@ __all__ = [
     "value_loss",
     "LossParts",
     "ValueOptimisation",
+    "batch_invariant",
+    "MicroBatches",
+    "optimise_values",
+    "step_memory",
+    "requests_per_micro_batch",
+    "MICRO_BATCH_MEMORY",
     "norm_anchor",
     "anchor_reference",
 ]
+
+
+@contextlib.contextmanager
+def batch_invariant(model: torch.nn.Module) -> Iterator[None]:
+    """For the block, what a row computes does not depend on the other rows of its batch or on its padding:
+    the model's attention runs eagerly (its scores, float32 softmax and weighted sum per row, where the
+    fused SDPA kernels block the keys by the padded length) and bf16 / fp16 GEMMs reduce in float32 (the
+    float32 matmul precision is left as the process set it). Restored after the block; switching costs
+    tens of microseconds (a config attribute the attention and mask code read at every forward)."""
+    config = model.config
+    before = getattr(config, "_attn_implementation", None)
+    switch = before is not None and before != "eager"
+    with full_precision_reductions(ieee_fp32=False):
+        if switch:
+            config._attn_implementation = "eager"  # the setter passes it on to the sub-configs
+        try:
+            yield
+        finally:
+            if switch:
+                config._attn_implementation = before
 
 
 @dataclasses.dataclass
@@ -132,7 +167,7 @@ class ValueBatch:
             # window's worth of a sliding layer's prefix): the model's own masks apply the window.
             cache = DynamicCache()
             # only the keys and values are needed: stop before the final norm (no LM head over the prefixes)
-            with Trace(get_module(model, spec.final_norm), stop=True):
+            with batch_invariant(model), Trace(get_module(model, spec.final_norm), stop=True):
                 model(
                     input_ids=prefix_ids,
                     attention_mask=prefix_mask,
@@ -290,6 +325,10 @@ class ValueOptimisation:
 
     def step(self) -> bool:
         """One iteration for every active request; True once every request has finished."""
+        with batch_invariant(self.model):
+            return self._step()
+
+    def _step(self) -> bool:
         parts = value_loss(
             self.model, self.spec, self.module, self.batch, self.delta, self.v0_norm, self.kl_init, self.hp
         )
@@ -328,6 +367,103 @@ class ValueOptimisation:
     def result(self) -> torch.Tensor:
         """δ [R, d], detached."""
         return self.delta.detach().clone()
+
+
+class MicroBatches:
+    """One batch's requests optimised in micro-batches, stepped as one optimisation: each ``step`` runs one
+    step of every micro-batch still going (its forward, backward and Adam step; its graph is freed before
+    the next one's forward), so one micro-batch's activations are in memory at a time. Every request's δ,
+    losses and early stop are its own (``batch_invariant``), so the result is the whole batch's, in
+    float32 as in bf16. The interface of ``ValueOptimisation``: ``step``, ``done``, ``steps``, ``losses``,
+    ``p_target``, ``result``."""
+
+    def __init__(self, parts: Sequence[ValueOptimisation]) -> None:
+        self.parts = list(parts)
+        self.steps = self.parts[0].steps
+
+    @property
+    def done(self) -> bool:
+        return all(p.done for p in self.parts)
+
+    @property
+    def losses(self) -> list[list[float]]:
+        return [losses for p in self.parts for losses in p.losses]
+
+    @property
+    def p_target(self) -> list[float]:
+        return [x for p in self.parts for x in p.p_target]
+
+    def step(self) -> bool:
+        for part in self.parts:
+            if not part.done:
+                part.step()
+        return self.done
+
+    def result(self) -> torch.Tensor:
+        return torch.cat([p.result() for p in self.parts])
+
+
+# ``micro_batch`` auto on a GPU: the most a micro-batch's activations may take, and at most half the free memory
+# (the rest is for the solves that follow and for the allocator's slack). By ``step_memory``'s arithmetic, 8 GiB
+# keeps MEMIT's 100 requests on an 8B model in bf16 near the weights + 16 GB (with C's 8 GB of Cholesky factors)
+# and within a 48 GB card (the issue measured 71 GB peak in one batch).
+MICRO_BATCH_MEMORY = 8 * 2**30
+
+
+def step_memory(model: torch.nn.Module, spec: ArchSpec, layer: int, requests: Sequence[Rows]) -> int:
+    """Estimated bytes of one v* step's activations for ``requests`` with δ at ``layer``: autograd keeps, for
+    every block after it and every suffix token (rows padded to the longest suffix), about 16 x d_model +
+    4 x d_ff values in the model's dtype (the norms' float32 copies, q/k/v, the attention output, the MLP's
+    gate, up and product: 246 kB per token per block for Llama-3-8B in bf16, within 30% of what the issue's
+    H200 run took), plus the float32 logits, log-probabilities and their gradient at the loss positions."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    d_model, d_ff = config.hidden_size, spec.key_size(model, layer)
+    element = next(model.parameters()).element_size()
+    blocks = spec.num_layers(model) - layer
+    suffix = max(len(r) - s for rows in requests for r, s in zip(rows.ids, rows.subject_last))
+    tokens = suffix * sum(len(rows.ids) for rows in requests)
+    positions = sum(rows.n_rewrite * len(rows.target) + len(rows.ids) - rows.n_rewrite for rows in requests)
+    return tokens * blocks * (16 * d_model + 4 * d_ff) * element + positions * config.vocab_size * 4 * 3
+
+
+def requests_per_micro_batch(n_requests: int, memory: int, free: int) -> int:
+    """``micro_batch`` auto: the most requests whose step (``memory`` bytes for all ``n_requests``) takes at
+    most ``MICRO_BATCH_MEMORY`` and half of ``free`` bytes; at least one."""
+    budget = min(MICRO_BATCH_MEMORY, free // 2)
+    return max(1, min(n_requests, budget * n_requests // max(memory, 1)))
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free on a CUDA device: the driver's free memory and what PyTorch's allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def optimise_values(
+    model: torch.nn.Module,
+    spec: ArchSpec,
+    module: str,
+    layer: int,
+    requests: Sequence[Rows],
+    v0: torch.Tensor,
+    hp: ValueHparams,
+    pad: int,
+    micro_batch: int | None = None,
+) -> ValueOptimisation | MicroBatches:
+    """The optimisation of every request's δ at ``module`` (in block ``layer``), in micro-batches of
+    ``micro_batch`` requests (None: auto, by free memory on a GPU, ``requests_per_micro_batch``; all at
+    once elsewhere). One micro-batch is a plain ``ValueOptimisation``."""
+    n = len(requests)
+    device = model_device(model)
+    if micro_batch is None:
+        micro_batch = n
+        if device.type == "cuda":
+            micro_batch = requests_per_micro_batch(n, step_memory(model, spec, layer, requests), _free_memory(device))
+    parts = []
+    for i in range(0, n, micro_batch):
+        batch = ValueBatch.build(model, spec, requests[i : i + micro_batch], pad)
+        parts.append(ValueOptimisation(model, spec, module, batch, v0[i : i + micro_batch], hp))
+    return parts[0] if len(parts) == 1 else MicroBatches(parts)
 
 
 def norm_anchor(v0: torch.Tensor, delta: torch.Tensor, reference: float, skip_factor: float) -> torch.Tensor:

@@ -3,46 +3,30 @@
 ``accumulate_second_moment``: the keys arrive in the model's dtype; the running total Σ k kᵀ is kept in
 ``stats.dtype`` (float64 by default). ``product="fp32"`` (``stats.product``'s default) forms each block's
 kᵀk with float32 accumulation, the fast path (bf16/fp16 keys on a GPU: one tensor-core GEMM with float32
-output, whose products of bf16 numbers are exact; float32 keys: an IEEE float32 GEMM, TF32 forced off) and
-adds it into the float64 total; ``product="exact"`` casts the keys to the total's dtype first (the
-all-float64 path). The fast path's relative Frobenius error against the exact one is about 1e-7 on real
-keys (budget: 1e-6; docs/stats.md, "Precision budget"). The same batches give the same bits, so resumed and
-multi-process runs stay identical (the batches do not depend on the number of processes: ``pipeline.stats.text``).
+output, whose products of bf16 numbers are exact; float32 keys: an IEEE float32 GEMM), and adds it into the
+float64 total; the block runs with full-precision reductions whatever the process set (no reduced-precision
+split-K sums in cuBLAS, no TF32, no oneDNN bf16 passes: ``pipeline.core.precision``). ``product="exact"``
+casts the keys to the total's dtype first (the all-float64 path). The fast path's relative Frobenius error
+against the exact one is about 1e-7 on real keys (budget: 1e-6; docs/stats.md, "Precision budget"). The
+same batches give the same bits, so resumed and multi-process runs stay identical (the batches, and the
+texts the budget covers, do not depend on the number of processes: ``pipeline.stats.text``).
 
 Where C is kept on disk, looked up, loaded and saved: ``pipeline.stats.store``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 
 import torch
 
+from pipeline.core.precision import full_precision_reductions
 from pipeline.stats.store import LayerStats  # re-exported: the edit code imports it from here
 
-__all__ = ["PRODUCTS", "PRODUCT_TOKENS", "accumulate_second_moment", "ieee_fp32_matmul", "LayerStats"]
+__all__ = ["PRODUCTS", "PRODUCT_TOKENS", "accumulate_second_moment", "LayerStats"]
 
 PRODUCTS = ("fp32", "exact")
 PRODUCT_TOKENS = 8192  # keys per float32 product: float32 sums over longer runs of keys lose more bits
-
-
-@contextlib.contextmanager
-def ieee_fp32_matmul(device: torch.device) -> Iterator[None]:
-    """Float32 matmuls on ``device`` in IEEE float32 for the block, whatever the process set globally
-    (``torch.set_float32_matmul_precision("high")`` turns on TF32 on a GPU, bf16 passes in oneDNN on a CPU:
-    relative errors of 1e-5 to 1e-3, far over the budget). Setting the flag costs no device sync."""
-    backend = {"cuda": torch.backends.cuda.matmul, "cpu": torch.backends.mkldnn.matmul}.get(device.type)
-    old = getattr(backend, "fp32_precision", None)
-    if old is None or old == "ieee":
-        yield
-        return
-    backend.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        backend.fp32_precision = old
 
 
 @functools.cache
@@ -75,6 +59,6 @@ def accumulate_second_moment(total: torch.Tensor, keys: torch.Tensor, product: s
         return
     if product != "fp32":
         raise ValueError(f"product={product!r} is not one of {PRODUCTS}")
-    with ieee_fp32_matmul(keys.device):
+    with full_precision_reductions():
         for block in keys.split(PRODUCT_TOKENS):
             total.add_(_fp32_product(block))

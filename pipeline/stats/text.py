@@ -1,8 +1,11 @@
 """Streaming text for the statistics: hub datasets or local files, cut into windows of consecutive texts,
 sharded by window, tokenised, sorted by length and packed into batches by tokens.
 
-The windows, and so the batches, do not depend on how many processes and workers share the text: a run on
-N processes sums the same per-batch products as a run on one (``pipeline.stats.second_moment``).
+The windows, and so the batches, do not depend on how many processes and workers share the text, and
+neither does where the token budget ends: it is the first ``stats.tokens`` tokens of the stream (the last
+text cut), located once by counting the windows' tokens (``plan_stream``) when several shards share it, so
+each shard's budget is exactly its windows' part of that prefix. A run on N processes sums the same
+per-batch products as a run on one (``pipeline.stats.second_moment``).
 Lightning-free: ``datamodules/`` wraps this for a Trainer, and later stages use ``TextSource.identity``
 to look statistics up without touching the data.
 """
@@ -17,12 +20,23 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.core.digest import file_sha256, short
 from pipeline.core.padding import right_pad
+from pipeline.core.signals import check_stop, ignore_stop_signals
 from pipeline.errors import UserError
 
-__all__ = ["TextSource", "TokenBatch", "tokenize_window", "pack_window", "pack_batches", "shard_budget"]
+__all__ = [
+    "TextSource",
+    "TokenBatch",
+    "StreamPlan",
+    "plan_stream",
+    "feeding_worker_init",
+    "tokenize_window",
+    "pack_window",
+    "pack_batches",
+]
 
 TOKENIZE_TEXTS = 64  # texts per batched tokenizer call
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -95,21 +109,19 @@ class TextSource:
     def windows(self, size: int, shard: int = 0, num_shards: int = 1, skip: int = 0) -> Iterator[list[str]]:
         """This shard's windows, after skipping ``skip`` of them. A window is ``size`` consecutive records of
         one file (a file's last window may be shorter): the same windows whatever the number of shards, so
-        that the batches made from them, and the per-batch products summed into C, are too. Each window
-        belongs to exactly one shard: whole files per shard when the file count divides evenly (each shard
-        reads only its files), else the windows round-robin (each shard reads past the others' windows)."""
+        that the batches made from them, and the per-batch products summed into C, are too. The windows go
+        round-robin in stream order (window w to shard w % num_shards), so every shard has its share of any
+        prefix of the stream (where the token budget ends) and reads past the others' windows."""
         if size < 1:
             raise UserError(f"data.sort_window={size} must be at least 1 text")
         ds = self._dataset()
         n_files = ds.n_shards
-        by_file = num_shards > 1 and n_files % num_shards == 0
-        files = range(shard, n_files, num_shards) if by_file else range(n_files)
         seen = own = 0  # windows of every shard / of this one
-        for f in files:
+        for f in range(n_files):
             part = ds.shard(num_shards=n_files, index=f) if n_files > 1 else ds
             texts = self._texts(part)
             while window := list(itertools.islice(texts, size)):
-                if by_file or seen % num_shards == shard:
+                if seen % num_shards == shard:
                     if own >= skip:
                         yield window
                     own += 1
@@ -131,11 +143,6 @@ class TextSource:
             raise UserError(f"cannot read {where}: {type(err).__name__}: {first_line}{hint}") from err
         if first is None:
             raise UserError(f"{self.files or self.path} holds no records")
-
-
-def shard_budget(total: int, shard: int, num_shards: int) -> int:
-    """Token budget of one shard; the shards' budgets add up to ``total`` exactly."""
-    return total // num_shards + (1 if shard < total % num_shards else 0)
 
 
 @dataclasses.dataclass
@@ -221,3 +228,84 @@ def pack_batches(
             if w == window and b < skip_batches:
                 continue
             yield TokenBatch(ids, index, tokens, w, b, b == len(batches) - 1)
+
+
+def feeding_worker_init(worker_id: int) -> None:
+    """A dataloader worker feeding the statistics ignores the stop signals: the main process stops at a batch
+    boundary and its workers go with it (``pipeline.core.signals``)."""
+    ignore_stop_signals()
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPlan:
+    """Where a token budget ends in the stream: the tokens each window gives, in stream order, up to the
+    window in which the budget is reached (its count cut to the budget). Shard s of N owns windows s, s + N,
+    ... (``TextSource.windows``), so its budget is their sum, and the shards together read exactly the
+    stream's first ``tokens`` tokens, the texts one shard alone would read."""
+
+    window_tokens: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.window_tokens)
+
+    def budget(self, shard: int, num_shards: int) -> int:
+        return sum(self.window_tokens[shard::num_shards])
+
+
+def _window_tokens(tokenizer, texts: list[str], max_length: int, chars_per_token: int) -> int:
+    """The tokens a window gives (each text truncated to ``max_length``): what ``pack_batches`` counts."""
+    return sum(
+        len(ids)
+        for start in range(0, len(texts), TOKENIZE_TEXTS)
+        for ids in tokenize_window(tokenizer, texts[start : start + TOKENIZE_TEXTS], max_length, chars_per_token)
+    )
+
+
+class _WindowTokens(IterableDataset):
+    """(window's index in the stream, its tokens) for the windows of this dataloader worker."""
+
+    def __init__(self, source: TextSource, tokenizer, sort_window: int, max_length: int, chars_per_token: int) -> None:
+        self.source, self.tokenizer = source, tokenizer
+        self.sort_window, self.max_length, self.chars_per_token = sort_window, max_length, chars_per_token
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        for i, texts in enumerate(self.source.windows(self.sort_window, worker, workers)):
+            yield worker + i * workers, _window_tokens(self.tokenizer, texts, self.max_length, self.chars_per_token)
+
+
+def plan_stream(
+    source: TextSource,
+    tokenizer,
+    *,
+    sort_window: int,
+    max_length: int,
+    chars_per_token: int,
+    budget: int,
+    workers: int = 0,
+) -> StreamPlan:
+    """Count the windows' tokens in stream order until ``budget`` (``workers`` dataloader workers tokenise
+    the windows in turn; 0: in this process): the ``StreamPlan`` every shard of a run takes its budget from.
+    A tokenising pass over the budget's texts, run once per run when several shards share the text (one
+    shard needs none: its budget is the whole one). A stop request ends it with nothing to save."""
+    counts: list[int] = []
+    found: dict[int, int] = {}  # windows counted ahead of the next one in stream order
+    left = budget
+    loader = DataLoader(
+        _WindowTokens(source, tokenizer, sort_window, max_length, chars_per_token),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        worker_init_fn=feeding_worker_init if workers else None,
+    )
+    for index, tokens in loader:
+        check_stop("stopped while locating the token budget in the stream, before any batch; run the same command")
+        found[index] = tokens
+        while left > 0 and len(counts) in found:
+            counts.append(min(found.pop(len(counts)), left))
+            left -= counts[-1]
+        if left <= 0:
+            break
+    return StreamPlan(tuple(counts))

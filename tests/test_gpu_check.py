@@ -1,0 +1,42 @@
+"""benchmarks/gpu_check.py runs on a CPU too (``--tiny``: a tiny random Llama, small counts): every row of the
+GPU check is printed with a value and a verdict, no step fails or runs out of time, and the numerical rows
+(C's precision, C with 2 workers vs 1, batched vs alone δ) pass."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import OFFLINE, ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_check import NUMERICAL, ROWS  # noqa: E402
+
+
+@pytest.mark.slow  # a few minutes on a CPU: every step of the check, with its Trainers and dataloader workers
+def test_the_gpu_check_runs_on_a_cpu_and_prints_every_row(tmp_path):
+    out = tmp_path / "rows.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **OFFLINE},
+        timeout=1800,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["key"] for row in rows] == [key for key, *_ in ROWS]
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| measure")]
+    assert len(table) == len(ROWS)
+    for row, line in zip(rows, table):
+        assert row["value"] and row["verdict"], row
+        assert row["verdict"] not in ("FAIL", "TIMEOUT"), row
+        assert line.startswith(f"| {row['measure']} | {row['value']} |") and line.endswith(f"| {row['verdict']} |")
+        if row["key"] in NUMERICAL:
+            assert row["verdict"] == "PASS", row
+        else:  # timing and memory goals are the 8B shape's on a GPU
+            assert row["verdict"].startswith("n/a") or row["verdict"] == "info", row
+    assert "timing only" in r.stdout
