@@ -13,8 +13,14 @@ The frozen model is held by the editor, a plain attribute, never a registered ch
 never moves, copies or re-modes it; the optimisation's state lives in the editor's objects on the model's
 device. The one host sync per step is the early-stop check's.
 
-On a stop request (SIGTERM, SIGINT: ``pipeline.core.signals``) the unit in progress runs its remaining
-steps in the current batch, so that the callbacks apply, verify and record it whole; no further unit begins.
+Every phase is announced to the progress (``EditProgress``) as it starts: ``begin`` (the unedited model's
+probabilities and answers, the keys), ``optimising`` (each step), ``applied`` (solve and apply), ``verified``,
+``record``; it redraws itself while a phase runs, so a long phase is never silent.
+
+On a stop request (SIGTERM, SIGINT: ``pipeline.core.signals``) a unit still in ``begin`` or its optimisation
+is abandoned at the next forward pass or step (a recordable editor writes the weights in ``apply`` alone, so
+nothing of it is in the model; it is edited again on resume); a unit whose optimisation has ended is applied,
+verified and recorded whole. No further unit begins.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from torch.utils.data import DataLoader
 from pipeline.core.requests import EditRequest
 from pipeline.core.signals import stop_requested
 from pipeline.core.timing import sync
-from pipeline.editors.base import Edit, Editor
+from pipeline.editors.base import PHASES, Edit, Editor
 from pipeline.editors.ledger import Ledger
 
 from .callbacks import ApplyEdit, EditProgress, RecordEdit, VerifyEdit
+from .progress import Abandoned, abandon_if_stopped, on_forward
 from .trainer import single_device_trainer
 
 __all__ = ["EditLoop", "fit_edits"]
@@ -46,8 +53,12 @@ class EditLoop(L.LightningModule):
         self.automatic_optimization = False  # the editor's step does zero_grad, backward, its optimiser, clamps
         self.editor = editor  # not an nn.Module: never registered, never moved
         self.units = editor.units(requests)
-        self.edits: list[Edit] = []  # every unit begun, in order
+        self.edits: list[Edit] = []  # every unit begun, in order (an abandoned one is taken out again)
         self.current: Edit | None = None
+        self.watchers: list[Any] = []  # the progress: ``.phase(loop, unit index, phase, detail)``
+        # a stop request may abandon the unit in flight: only before its optimisation has ended, and only for an
+        # editor that writes the weights in ``apply`` alone (a recordable one: its ledger entry is the whole change)
+        self._abandonable = False
         self._mark = 0.0
 
     def train_dataloader(self) -> DataLoader:
@@ -61,30 +72,69 @@ class EditLoop(L.LightningModule):
         sync(self.editor.model)
         self._mark = time.perf_counter()
 
+    # -- the progress ------------------------------------------------------------------------------------
+    def announce(self, index: int, phase: str, detail: str = "") -> None:
+        """Tell the watchers that unit ``index`` enters ``phase`` (or, same phase, how far it is: ``detail``)."""
+        for watcher in self.watchers:
+            watcher.phase(self, index, phase, detail)
+
+    def on_forward(self) -> None:
+        """Before every forward pass of the model during ``fit_edits``: a stop request abandons the unit while
+        that is still clean."""
+        if self._abandonable:
+            abandon_if_stopped()
+
+    def advance(self, edit: Edit, phase: str) -> None:
+        """``Editor.advance`` one phase at a time, each announced as it starts."""
+        index = self.edits.index(edit)
+        while PHASES.index(edit.phase) < PHASES.index(phase):
+            following = PHASES[PHASES.index(edit.phase) + 1]
+            self.announce(index, following)
+            self.editor.advance(edit, following)
+
+    # -- the loop -----------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[int, int], batch_idx: int) -> dict[str, Edit] | None:
         index, _ = batch
-        if index == len(self.edits):  # the unit's first step
-            if stop_requested():  # between units: begin no new one
-                self.trainer.should_stop = True
+        try:
+            if index == len(self.edits):  # the unit's first step
+                if stop_requested():  # between units: begin no new one
+                    self.trainer.should_stop = True
+                    return None
+                self._abandonable = self.editor.recordable
+                self.announce(index, "begin")
+                self.current = self.editor.begin(self.units[index])
+                self.edits.append(self.current)
+                self.announce(index, "optimising")
+            edit = self.current
+            if edit is None or edit.phase != "begun":  # ended early: the rest of its steps are skipped
                 return None
-            self.current = self.editor.begin(self.units[index])
-            self.edits.append(self.current)
-        edit = self.current
-        if edit is None or edit.phase != "begun":  # ended early: the rest of its steps are skipped
-            return None
-        ended = self.editor.step(edit)
-        while not ended and stop_requested():  # a stop finishes the unit, it never leaves it half-done
+            if self._abandonable:
+                abandon_if_stopped()
             ended = self.editor.step(edit)
+            while not ended and stop_requested():
+                if self._abandonable:
+                    raise Abandoned
+                ended = self.editor.step(edit)  # an editor that cannot be abandoned finishes its unit
+        except Abandoned:
+            self._abandon(index)
+            return None
         if not ended:
             return None
-        self.editor.advance(edit, "optimised")
+        self._abandonable = False  # from here on the unit is applied, verified and recorded whole
+        self.advance(edit, "optimised")
         return {"edit": edit}
+
+    def _abandon(self, index: int) -> None:
+        del self.edits[index:]
+        self.current, self._abandonable = None, False
+        self.trainer.should_stop = True
+        self.announce(index, "abandoned")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         edit = (outputs or {}).get("edit")
         if edit is None:
             return
-        self.editor.advance(edit, "verified")  # whatever phase no callback asked for
+        self.advance(edit, "verified")  # whatever phase no callback asked for
         sync(self.editor.model)
         now = time.perf_counter()
         edit.timings["wall"] = now - self._mark  # the framework's own work included
@@ -105,7 +155,8 @@ def fit_edits(
     run: tuple[str, list[int]] | None = None,
 ) -> list[Edit]:
     """Every request, unit by unit, through one Trainer and one ``fit`` (the edit stage's loop; benchmarks
-    time it too). After a stop request: the units finished so far, each applied, verified and recorded whole."""
+    time it too). After a stop request: the units finished so far, each applied, verified and recorded whole
+    (the one in flight, if still in its optimisation, abandoned)."""
     if not requests:
         return []
     callbacks: list[L.Callback] = [ApplyEdit(), VerifyEdit()]
@@ -115,7 +166,8 @@ def fit_edits(
     trainer = single_device_trainer(cfg, editor.model, callbacks)
     module = EditLoop(editor, requests)
     try:
-        trainer.fit(module)
+        with on_forward(editor.model, module.on_forward):
+            trainer.fit(module)
     except SIGTERMException:  # Lightning ends a fit on SIGTERM after the batch in progress: our stop request
         if not stop_requested():
             raise

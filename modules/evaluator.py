@@ -6,13 +6,18 @@ edit (``Editor.edit``, the request's rewrite alone), score, and copy back the cl
 an editor may touch (``Editor.touched``: its layers' down-projections; checked with ``torch.equal``), so every
 edit starts from the clean model. Each (case, method) result is appended to this rank's JSON-lines file at once, and its
 post-edit values go into ``CaseValues`` metrics, which are gathered across ranks at the end.
-After a stop request (SIGTERM, SIGINT) the case in progress is finished and recorded and the remaining ones
-are passed over (Lightning's predict loop has no stop of its own); the recipe then reports how to resume.
+A case's records are appended together once its last method is scored: the unit of work is the case.
+After a stop request (SIGTERM, SIGINT) the case in flight is abandoned at the next forward pass of the model
+(a scoring chunk, a generated token, a v* step: ``progress.on_forward``) or between methods, its edit undone,
+nothing of it recorded (it is evaluated again on resume), and the remaining cases are passed over (Lightning's
+predict loop has no stop of its own); the recipe then reports how to resume. Rank 0 shows which case, method
+and phase runs and counts the cases recorded (``progress.CaseProgress``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +26,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from datamodules.cases import NO_CASE
+from datamodules.cases import NO_CASE, shard
 from pipeline.core.loading import LoadedModel
 from pipeline.core.signals import stop_requested
 from pipeline.core.timing import Clock
@@ -34,8 +39,10 @@ from pipeline.evaluation.report import GENERATIVE, METRICS
 from pipeline.evaluation.scoring import Generation, References, score_case
 
 from .case_values import CaseValues
+from .progress import Abandoned, CaseProgress, abandon_if_stopped, on_forward
 
 OK = "ok"  # the metric that counts a method's evaluated cases
+OPTIMISATION = {"rome": "v*", "ft_l": "fine-tuning"}  # what a method's optimisation steps are called in the progress
 
 
 @dataclasses.dataclass
@@ -78,6 +85,8 @@ class CaseEvaluator(L.LightningModule):
         for i, name in enumerate(self.touched):
             self.register_buffer(f"clean_{i}", ctx.loaded.model.get_parameter(name).detach().clone(), persistent=False)
         self.values: dict[str, dict[str, list[tuple[int, float]]]] = {}
+        self.progress = CaseProgress(0, show=False)  # rank 0's real one is made when predicting starts
+        self.case_seconds: dict[str, float] = {}  # the last case's seconds per part: "unedited" and per method
 
     # -- the edited parameters --------------------------------------------------------------------------
     def _pairs(self) -> list[tuple[str, torch.nn.Parameter, torch.Tensor]]:
@@ -103,17 +112,32 @@ class CaseEvaluator(L.LightningModule):
                 self.on_start()
             for rec in self.done:  # results of an earlier run count once, on rank 0
                 self._update(rec)
+            pending = [i for i, methods in self.todo.items() if methods]
+            world = self.trainer.world_size
+            mine = [i for i in shard(pending, 0, world) if i != NO_CASE]
+            before = len(self.todo) - len(pending) if world == 1 else 0  # cases an earlier run finished
+            label = "eval" if world == 1 else f"eval (rank 0 of {world})"
+            self.progress = CaseProgress(before + len(mine), before, label, show=bool(mine))
 
     def predict_step(self, index: int, batch_idx: int = 0) -> None:
         if int(index) == NO_CASE or stop_requested():
             return None
         case = self.cases[int(index)]
-        for rec in self.evaluate(case, self.todo[case.index]):
+        self.progress.start()
+        try:
+            with on_forward(self.ctx.loaded.model, abandon_if_stopped):
+                records = self.evaluate(case, self.todo[case.index])
+        except Abandoned:  # a stop request: nothing of the case is recorded, the model is the clean one again
+            self.progress.abandon()
+            return None
+        for rec in records:
             self.case_log.append(rec)
             self._update(rec)
+        self.progress.finish(self.case_seconds)
         return None
 
     def on_predict_end(self) -> None:
+        self.progress.close()
         self.case_log.close()
         with warnings.catch_warnings():  # a rank without cases computes before any update
             warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
@@ -136,11 +160,29 @@ class CaseEvaluator(L.LightningModule):
             self.generative,
         )
 
+    def _on_step(self, method: Editor) -> Callable[[Any], None]:
+        """``Editor.edit``'s ``on_step``: the step in the progress; a stop request abandons the case here."""
+        name = f"{method.name}: {OPTIMISATION.get(method.method, 'optimisation')}"
+
+        def on_step(edit: Any) -> None:
+            opt = edit.optimisation
+            self.progress.phase(name, f"step {max(map(len, opt.losses))}/{opt.steps}")
+            abandon_if_stopped()
+
+        return on_step
+
     def evaluate(self, case: EvalCase, methods: Sequence[Editor]) -> list[dict[str, Any]]:
+        """Every pending method's record of ``case`` (``Abandoned`` on a stop request: no record, the clean
+        model restored)."""
         self._check_clean(f"before case {case.index}")
+        self.progress.phase("scoring the unedited model")
+        start = time.perf_counter()
         pre = self._score(case)
+        self.case_seconds = {"unedited": time.perf_counter() - start}
         out = []
         for m in methods:
+            abandon_if_stopped()
+            start = time.perf_counter()
             rec = {
                 "index": case.index,
                 "case_id": case.case_id,
@@ -167,18 +209,22 @@ class CaseEvaluator(L.LightningModule):
                 out[-1]["greedy"]["post"] = out[-1]["greedy"]["pre"]
                 continue
             try:
+                self.progress.phase(f"{m.name}: editing")
                 clock = Clock(self.ctx.loaded.model)
                 torch.manual_seed(self.seed + case.index)
                 # the rewrite alone: paraphrases and neighbours are for scoring, never seen by the edit
-                (edit,) = m.edit([dataclasses.replace(case.request, paraphrases=(), neighbours=())])
+                request = dataclasses.replace(case.request, paraphrases=(), neighbours=())
+                (edit,) = m.edit([request], on_step=self._on_step(m))
                 info = m.info(edit)
                 edit_seconds = clock.lap("edit")
+                self.progress.phase(f"{m.name}: scoring the edited model")
                 post = self._score(case)
             except UserError as err:  # this case cannot be edited by this method: reported, not fatal
                 out.append({**rec, "status": "skipped", "reason": str(err)})
                 continue
             finally:
                 self._restore()
+                self.case_seconds[m.name] = time.perf_counter() - start
             rec["generations"]["post"] = post.get("generations", [])
             rec["greedy"]["post"] = post.get("greedy", {})
             out.append(

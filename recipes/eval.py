@@ -9,8 +9,10 @@
 5. rank 0 writes cases.jsonl, summary.json, table.md, chart.png and timing.json (all atomically); the summary
    and the table hold the paper's teacher-forced metrics and, apart, the generative ones (``eval.generative``:
    greedy continuations scored by exact match and "contains"), each named with its protocol.
-A SIGTERM / SIGINT stops after the case in progress (its results are already in cases.rank<r>.jsonl); no
-summary is written, and the same command resumes with the cases not yet recorded.
+Progress: ``eval [case 3/5] rome: v* step 7/20`` and a count of the cases recorded (``modules/progress.py``).
+A SIGTERM / SIGINT abandons the case in flight within a forward pass (nothing of it is recorded; the cases
+before it are in cases.rank<r>.jsonl); no summary is written, and the same command resumes with the cases not
+yet recorded.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from pipeline.evaluation.report import (
     summarize,
 )
 from pipeline.evaluation.scoring import Generation, References
+from pipeline.report import report_after_run
 
 ZSRE_CONVENTION = {
     "answer": "edits write the true answer answers[0] (ROME's dsets/zsre.py)",
@@ -247,7 +250,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     claim_output_dir(cfg.eval.out, "eval.out", ours=earlier_eval_output)  # before any work: never another's directory
     # one process writes a per-case eval.out at a time (its DDP ranks write their own case files under its lock)
     with DirectoryLock(cfg.eval.out, "eval.out") if first_process() else contextlib.nullcontext():
-        return _run(cfg)
+        result = _run(cfg)
+        report_after_run(cfg.eval.out, bool(cfg.report.after_run))  # rank 0 only: the other ranks exited in _run
+        return result
 
 
 def _run(cfg: DictConfig) -> dict[str, Any] | None:
@@ -286,7 +291,8 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         methods,
         on_start=lambda: write_json(out / "run.json", run_record),
     )
-    tr = make_trainer(cfg, use_distributed_sampler=False, inference_mode=False, enable_progress_bar=bool(pending))
+    # Lightning's bar counts predict steps, not recorded cases: the evaluator shows its own (case, method, phase)
+    tr = make_trainer(cfg, use_distributed_sampler=False, inference_mode=False, enable_progress_bar=False)
     if tr.is_global_zero:
         print(
             f"eval: {len(cases)} case(s) of {cfg.eval.dataset} ({cases[0].schema}), {len(load_skipped)} skipped; "

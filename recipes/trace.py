@@ -34,6 +34,7 @@ from pipeline.core.signals import check_stop
 from pipeline.core.subject import fill_prompt
 from pipeline.core.timing import Clock
 from pipeline.errors import UserError
+from pipeline.report import report_after_run
 from pipeline.tracing.aie import AIE_MODES, BUCKETS, average_effects, recommend_layer
 from pipeline.tracing.engine import KINDS, TraceResult, trace_fact
 from pipeline.tracing.facts import Fact, load_facts
@@ -354,6 +355,6 @@ def run(cfg: DictConfig) -> TraceResult | dict:
     torch.manual_seed(cfg.seed)
     loaded = load_configured(cfg.model)
     noise = _noise(cfg, loaded)
-    if cfg.trace.dataset is not None:
-        return trace_dataset(cfg, loaded, noise)
-    return trace_one(cfg, loaded, noise)
+    result = trace_dataset(cfg, loaded, noise) if cfg.trace.dataset is not None else trace_one(cfg, loaded, noise)
+    report_after_run(cfg.trace.out, bool(cfg.report.after_run))
+    return result

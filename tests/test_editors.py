@@ -110,7 +110,8 @@ def test_hyperparameters_are_typed_and_read_only(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("method", ["rome", "memit"])
 def test_the_plain_loop_and_the_lightning_loop_write_the_same_weights(tiny_model_dir, tmp_path, method):
-    cfg, loaded = setup(tiny_model_dir, tmp_path, f"edit.method={method}")
+    # verification off: 3 v* steps do not make a random model say the objects, and a rolled-back edit writes nothing
+    cfg, loaded = setup(tiny_model_dir, tmp_path, f"edit.method={method}", "edit.verify.enabled=false")
     requests = parse_requests([EIFFEL, RIVIERA])
     clean = weights(loaded, [1, 2])
     torch.manual_seed(0)

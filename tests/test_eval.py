@@ -199,8 +199,8 @@ def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits
     original_edit = [m.edit for m in methods]
 
     def watch(i, m):
-        def edit(requests):
-            out = original_edit[i](requests)
+        def edit(requests, on_step=None):
+            out = original_edit[i](requests, on_step=on_step)
             seen[m.name] = {k for k, v in loaded.model.state_dict().items() if not torch.equal(v, before[k])}
             return out
 

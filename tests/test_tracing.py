@@ -218,7 +218,7 @@ def test_cli_one_fact_and_bad_input(tiny_model_dir, tmp_path):
     d = tiny_model_dir("gpt2")
     r = _cli(d, tmp_path, "prompt={} is located in the city of", "subject=The Eiffel Tower", "answer=Paris")
     assert r.returncode == 0, r.stderr
-    (fact_dir,) = [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]  # the output marker aside
+    (fact_dir,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]  # the output marker and report.html aside
     assert sorted(p.name for p in fact_dir.iterdir()) == sorted(
         ["scores.npz"] + [f"{k}.{e}" for k in KINDS for e in ("png", "pdf")]
     )
@@ -325,7 +325,7 @@ def test_smollm2_eiffel_tower(tmp_path):
         "trace.samples=3",
     )
     assert r.returncode == 0, r.stderr
-    (fact_dir,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # the output marker aside
+    (fact_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # the output marker and report.html aside
     for kind in KINDS:
         assert (fact_dir / f"{kind}.png").stat().st_size > 5000 and (fact_dir / f"{kind}.pdf").exists()
     res, meta = TraceResult.load(fact_dir / "scores.npz")

@@ -2,9 +2,10 @@
 tokenizer, written into a temporary directory and swapped into place as a whole.
 
 A destination is never anything this project did not write: every saved model carries ``MARKER``
-(``rome_saved_model.json``: what wrote it and the files it wrote), and a non-empty directory is replaced only
-when it is such a model holding nothing but those files. ``check_destination`` says so, and that the place
-is writable, before any work is done; ``save_model`` checks again right before the swap.
+(``rome_saved_model.json``: what wrote it and the files it wrote), every adapter ``ADAPTER_MARKER``
+(``rome_adapter.json``, written by ``pipeline/core/adapters.py``), and a non-empty directory is replaced only
+when it is such a directory holding nothing but those files. ``check_destination`` says so, and that the place
+is writable, before any work is done; ``write_marked_dir`` checks again right before the swap.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,10 @@ from pipeline.core.atomic import atomic_dir, ensure_free_space, no_space
 from pipeline.core.loading import LoadedModel
 from pipeline.errors import UserError
 
-__all__ = ["MARKER", "check_destination", "check_writable", "save_model"]
+__all__ = ["MARKER", "ADAPTER_MARKER", "check_destination", "check_writable", "save_model", "write_marked_dir"]
 
 MARKER = "rome_saved_model.json"
+ADAPTER_MARKER = "rome_adapter.json"  # the same rule for an adapter directory: its manifest is its marker
 WRITTEN_BY = "rome-lightning"
 
 
@@ -31,12 +34,16 @@ def _listing(names: list[str], most: int = 4) -> str:
     return ", ".join(sorted(names)[:most]) + (", ..." if len(names) > most else "")
 
 
-def _marker(directory: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((directory / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("written_by") == WRITTEN_BY else None
+def _marker(directory: Path) -> tuple[str, dict[str, Any]] | None:
+    """The marker file ``directory`` carries (a saved model's or an adapter's) and its content, if ours."""
+    for name in (MARKER, ADAPTER_MARKER):
+        try:
+            data = json.loads((directory / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("written_by") == WRITTEN_BY:
+            return name, data
+    return None
 
 
 def check_writable(path: str | os.PathLike, what: str) -> Path:
@@ -84,13 +91,14 @@ def check_destination(
     if path.is_dir():
         entries = [p.name for p in path.iterdir()]
         if entries:
-            marker = _marker(path)
-            if marker is None:
+            found = _marker(path)
+            if found is None:
                 raise UserError(
                     f"{what}={directory} is not empty and is not a model saved by this project (no {MARKER}); "
                     f"it holds {_listing(entries)}. Nothing was touched: name a new or empty directory"
                 )
-            foreign = [n for n in entries if n not in set(marker.get("files", [])) | {MARKER}]
+            name, marker = found
+            foreign = [n for n in entries if n not in set(marker.get("files", [])) | {name}]
             if foreign:
                 raise UserError(
                     f"{what}={directory} is a model saved by this project but also holds files it did not "
@@ -99,15 +107,43 @@ def check_destination(
     return path
 
 
+def write_marked_dir(
+    directory: str | os.PathLike,
+    what: str,
+    write: Callable[[Path], dict[str, Any] | None],
+    info: dict[str, Any],
+    marker: str = MARKER,
+) -> Path:
+    """A directory of ours written as a whole: ``write(tmp)`` fills a temporary directory (and may return more
+    for the marker), ``marker`` (with ``info``, what wrote it, when, and the files) goes beside what it wrote,
+    and the directory is swapped into place; an existing one is replaced only when ``check_destination``
+    allows, checked again right before."""
+    path = check_destination(directory, what)
+    with atomic_dir(path, before_replace=lambda p: check_destination(p, what)) as tmp:
+        written = write(tmp)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.iterdir())
+        record = {
+            "written_by": WRITTEN_BY,
+            **info,
+            **(written or {}),
+            "time": datetime.datetime.now().isoformat(timespec="seconds"),
+            "files": files,
+        }
+        (tmp / marker).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
 def save_model(
     loaded: LoadedModel, directory: str | os.PathLike, what: str = "edit.save_to", record: dict[str, Any] | None = None
 ) -> Path:
-    """Write the model and tokenizer to ``directory`` with our marker (``record``: what else it should say,
-    e.g. the ledger and the edits); an existing directory is replaced only when ``check_destination`` allows."""
+    """Write the model (in its own dtype) and tokenizer to ``directory`` with our marker (``record``: what else
+    it should say, e.g. the ledger and the edits); an existing directory is replaced only when
+    ``check_destination`` allows."""
     path = check_destination(directory, what)
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     ensure_free_space(path.parent, weights, f"{what}={directory} (the model in its own dtype)")
-    with atomic_dir(path, before_replace=lambda p: check_destination(p, what)) as tmp:
+
+    def write(tmp: Path) -> None:
         try:
             loaded.model.save_pretrained(tmp)
         except OSError:
@@ -117,14 +153,6 @@ def save_model(
                 raise OSError(errno.ENOSPC, f"no space left on device writing {what}={directory}") from err
             raise
         loaded.tokenizer.save_pretrained(tmp)
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.iterdir())
-        info = {
-            "written_by": WRITTEN_BY,
-            "what": "an edited model: save_pretrained + the tokenizer",
-            "base_model": loaded.identity,
-            "time": datetime.datetime.now().isoformat(timespec="seconds"),
-            **(record or {}),
-            "files": files,
-        }
-        (tmp / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return path
+
+    info = {"what": "an edited model: save_pretrained + the tokenizer", "base_model": loaded.identity, **(record or {})}
+    return write_marked_dir(path, what, write, info)

@@ -54,7 +54,7 @@ def _handler(signum: int, frame: object) -> None:
         os._exit(130)
     _received.append(signum)
     print(
-        f"\nreceived {signal.Signals(signum).name}: stopping after the current unit of work "
+        f"\nreceived {signal.Signals(signum).name}: stopping; the unit of work in flight is finished or abandoned "
         "(Ctrl+C again stops at once)",
         file=sys.stderr,
         flush=True,

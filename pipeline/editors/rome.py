@@ -13,7 +13,8 @@ The down-projection W of layer l is a key-value memory: keys k (its input, d_ff)
 2. ``ValueOptimisation.step`` until done: v* = v₀ + δ makes the model predict the new object.
 3. ``apply_edit``: the closed-form update W' = W + Λ (C⁻¹k*)ᵀ with Λ = (v* − W k*) / ((C⁻¹k*)ᵀ k*),
                 solved in float64 (``KeySolver``: one Cholesky factor of C per layer), written in place.
-4. ``verify_edit``: the post-edit probabilities, the checks (the edit took on the prompt and its
+4. ``verify_edit``: the post-edit probabilities, the checks (the model now says the new object on the
+                prompt: ``pipeline/editors/verification.py``; P(new) > P(true) on the prompt and its
                 paraphrases, neighbours kept their answer, no disabling edit), rollback on failure.
 ``RomeEditor`` is these phases behind the editor interface (``pipeline/editors/base.py``); ``edit`` builds one
 for a single request. The edit stage's Lightning loop and callbacks drive the same editor.
@@ -34,7 +35,7 @@ from torch import nn
 from pipeline.core.arch import ArchSpec, arch_for
 from pipeline.core.hooks import Trace, get_module
 from pipeline.core.padding import right_pad
-from pipeline.core.probability import greedy_continuation, new_and_true_probs
+from pipeline.core.probability import greedy_continuation
 from pipeline.core.requests import EditRequest, request_from_record
 from pipeline.core.timing import Clock, model_device
 from pipeline.editors.base import Edit, Editor, register
@@ -49,7 +50,17 @@ from pipeline.editors.value import (
     norm_anchor,
     subject_rows,
 )
+from pipeline.editors.verification import (
+    answer_length,
+    check_settings,
+    knowledge,
+    measure,
+    on_prompt,
+    said,
+    took_problem,
+)
 from pipeline.errors import UserError
+from pipeline.evaluation.generative import continuation
 
 __all__ = [
     "RomeEditor",
@@ -98,6 +109,52 @@ class EditResult(Edit):
         """Take δ, the losses and P(target) from the finished optimisation."""
         opt = self.optimisation
         self.delta, self.losses, self.p_target = opt.result()[0], opt.losses[0], opt.p_target[0]
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def table(self) -> str:
+        """The edit stage's report of this edit: P(true) and P(new) before and after on the prompt, paraphrases
+        and neighbours, the greedy continuation before and after, warnings, the time of each phase, the status."""
+        r = self.request
+        pre, post = self.probs.get("pre", {}), self.probs.get("post", {})
+        own = ", the model’s own answer" if self.true_from_model else ""
+        was = f" (was {r.target_true}{own})" if r.target_true else ""
+        after = "after" if self.status != "rolled_back" else "rolled back"
+        lines = [f"[{self.entry_id or '-'}] {r.text} -> {r.target_new}{was}"]
+        lines += [f"  {w}" for w in self.warnings]
+        lines.append(
+            f"  {'prompts':<12} {'P(true) before':>15} {'P(true) ' + after:>15} "
+            f"{'P(new) before':>15} {'P(new) ' + after:>15}"
+        )
+        for name in ("prompt", "paraphrases", "neighbours"):
+            if name in pre:
+                b, a = pre[name], post.get(name, {"new": [], "true": []})
+                cells = (_fmt(b["true"]), _fmt(a["true"]), _fmt(b["new"]), _fmt(a["new"]))
+                lines.append(f"  {name:<12} " + " ".join(f"{c:>15}" for c in cells))
+        if self.status == "rolled_back" and self.probs.get("rejected", {}).get("prompt"):
+            rej = self.probs["rejected"]["prompt"]
+            lines.append(
+                f"  the rejected edit gave P(true) {_fmt(rej['true'])}, P(new) {_fmt(rej['new'])} on the prompt; "
+                "the model above is the restored one"
+            )
+        if self.generations:
+            lines.append(f"  before: {r.text}{self.generations.get('pre', '')!r}")
+            lines.append(f"  {after + ':':<7} {r.text}{self.generations.get('post', '')!r}")
+        elif self.checks and self.checks[0].get("said_after") is not None:
+            lines.append(f"  says after the edit: {r.text}{' ' + self.checks[0]['said_after']!r}")
+        t = self.timings
+        lines.append(
+            "  time: "
+            + ", ".join(f"{k} {v:.2f}s" for k, v in t.items())
+            + f" | ‖ΔW‖/‖W‖ {self.norms.get('relative_update', 0):.3g}"
+            f" | status: {self.status}" + (f" ({self.reason})" if self.reason else "")
+        )
+        return "\n".join(lines)
+
+
+def _fmt(p: list[float]) -> str:
+    return ", ".join(f"{x:.4f}" for x in p) if p else "-"
 
 
 # ---------------------------------------------------------------------------------------------- keys
@@ -151,18 +208,6 @@ def key_and_value(
 # ----------------------------------------------------------------------------------------- measuring
 
 
-def prompt_sets(request: EditRequest) -> dict[str, list[str]]:
-    return {"prompt": [request.text], "paraphrases": list(request.paraphrases), "neighbours": list(request.neighbours)}
-
-
-def measure(
-    model: nn.Module, tokenizer: Any, request: EditRequest, batch_size: int
-) -> dict[str, dict[str, list[float]]]:
-    """P(target_new) and P(target_true) on the prompt, the paraphrases and the neighbours (one batched pass)."""
-    sets = {name: (ps, [request.target_true] * len(ps)) for name, ps in prompt_sets(request).items()}
-    return new_and_true_probs(model, tokenizer, sets, request.target_new, batch_size)
-
-
 def verification_problems(result: EditResult, post: Mapping[str, Mapping[str, list[float]]], verify: Any) -> list[str]:
     """Why an applied edit fails its checks (empty: it passes)."""
     out = []
@@ -202,17 +247,24 @@ def begin(ctx: RomeEditor, request: EditRequest) -> EditResult:
     """Measure the unedited model (when verifying), compute k* and v₀, and set up the v* optimisation.
 
     Verification compares P(new) with P(true): without a ``target_true`` the model's own pre-edit answer
-    stands in for it (recorded as ``true_from_model``), so an edit that leaves the old answer in place fails."""
+    stands in for it (recorded as ``true_from_model``), so an edit that leaves the old answer in place fails.
+    A given ``target_true`` the model does not predict is a warning (``verification.knowledge``)."""
     model, tok, hp = ctx.model, ctx.tokenizer, ctx.hp
     timings: dict[str, float] = {}
     clock = Clock(model, timings)
-    probs, generations, true_from_model = {}, {}, False
+    probs, generations, true_from_model, checks = {}, {}, False, []
     if hp.verify.enabled and request.target_true is None:
         answer = model_answer(model, tok, request.text, int(hp.verify.answer_tokens))
         if answer and answer.lower() != request.target_new.lower():
             request, true_from_model = dataclasses.replace(request, target_true=answer), True
     if hp.verify.enabled:
         probs["pre"] = measure(model, tok, request, int(hp.verify.batch_size))
+        check = {"p_before": on_prompt(probs["pre"])}
+        if true_from_model:  # the model's own answer: known by construction
+            check.update(known=True, said_before=request.target_true, warning=None)
+        else:
+            check.update(knowledge(model, tok, request, check["p_before"]["true"]))
+        checks.append(check)
     if int(hp.generate_tokens):
         generations["pre"] = greedy_continuation(model, tok, request.text, int(hp.generate_tokens))
     clock.lap("pre")
@@ -235,6 +287,7 @@ def begin(ctx: RomeEditor, request: EditRequest) -> EditResult:
         generations=generations,
         timings=timings,
         true_from_model=true_from_model,
+        checks=checks,
     )
 
 
@@ -278,14 +331,32 @@ def apply_edit(ctx: RomeEditor, result: EditResult) -> None:
 
 
 def verify_edit(ctx: RomeEditor, result: EditResult) -> None:
-    """Measure the edited model; roll the edit back (``edit.verify.rollback``) when a check fails."""
+    """Measure the edited model; roll the edit back (``edit.verify.rollback``) when a check fails: the model
+    does not say the new object on the prompt (``verification.took_problem``), or one of
+    ``verification_problems``."""
     model, tok, hp = ctx.model, ctx.tokenizer, ctx.hp
     clock = Clock(model, result.timings)
+    request = result.request
     if hp.verify.enabled:
-        result.probs["post"] = measure(model, tok, result.request, int(hp.verify.batch_size))
+        result.probs["post"] = measure(model, tok, request, int(hp.verify.batch_size))
     if int(hp.generate_tokens):
-        result.generations["post"] = greedy_continuation(model, tok, result.request.text, int(hp.generate_tokens))
+        result.generations["post"] = greedy_continuation(model, tok, request.text, int(hp.generate_tokens))
     problems = verification_problems(result, result.probs.get("post", {}), hp.verify)
+    if hp.verify.enabled:
+        text = None
+        if hp.verify.generative:
+            length = answer_length(tok, request.target_new, hp.verify)
+            text = (  # greedy: a longer continuation starts with the shorter one, so the shown one serves
+                continuation(result.generations["post"])
+                if int(hp.generate_tokens) >= length
+                else said(model, tok, [request.text], length, 1)[0]
+            )
+        after = on_prompt(result.probs["post"])
+        problem = took_problem(request.target_new, text, after["new"], hp.verify)
+        if not result.checks:  # begun elsewhere (the latency benchmark's reference loop): no pre-edit check
+            result.checks.append({})
+        result.checks[0].update(p_after=after, said_after=text, took=problem is None)
+        problems = ([problem] if problem else []) + problems
     if problems:
         result.reason = "; ".join(problems)
         if hp.verify.rollback:
@@ -316,6 +387,8 @@ def ledger_entry(ctx: RomeEditor, result: EditResult, model_identity: dict[str, 
         "reason": result.reason,
         "request": result.request.as_dict(),
         "true_from_model": result.true_from_model,
+        "checks": result.checks,  # known before, what the model says after, whether the edit took
+        "warnings": result.warnings,
         "layer": result.layer,
         "module": result.module,
         "conv1d": ctx.spec.down_proj_conv1d,
@@ -349,6 +422,8 @@ class RomeEditor(Editor):
         stats_id: dict[str, Any] | None = None,
     ) -> None:
         hp = typed(RomeHparams, OmegaConf.merge(hp, {"layer": layer}))
+        if hp.verify.enabled:
+            check_settings(hp.verify)
         super().__init__(name, model, tokenizer, spec, hp, [layer])
         self.layer, self.templates, self.solver, self.stats_id = layer, templates, solver, stats_id
         self.anchor_reference: float | None = None  # NAS (edit.v.norm_anchor): set by the first edit

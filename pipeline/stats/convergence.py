@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Readout", "take_readout", "pick_probes", "converged_hint", "plot_convergence"]
+__all__ = ["Readout", "take_readout", "pick_probes", "converged_hint", "budget_verdict", "plot_convergence"]
 
 
 @dataclasses.dataclass
@@ -84,6 +84,38 @@ def converged_hint(curves: Mapping[int, Sequence[Mapping[str, Any]]], threshold:
         f"stats: converged for editing: u = C⁻¹k moved at most {worst:.1%} from {a:,} to {b:,} tokens{where} "
         f"(layer {layers}; under stats.convergence.threshold={threshold:g}): more tokens will change edits little, "
         f'stats.tokens={b * ranks:,} would have done (docs/stats.md, "Convergence")'
+    )
+
+
+def budget_verdict(record: Mapping[str, Any] | None) -> tuple[bool | None, str]:
+    """Whether one layer's token budget converged, and why, from its manifest entry's ``convergence`` record
+    ({"points", "threshold", "ranks"}): True once u moved less than the threshold over the last doubling, False
+    when it still moved more (with the budget the next doubling needs), None when there is no such change to
+    judge (no readouts, fewer than two, or C not yet positive definite at the last)."""
+    if not record:
+        return None, "not measured (stats.convergence.probes=0, or statistics written before the readouts existed)"
+    if not record.get("points"):
+        return None, "not judged: no readout (fewer tokens read than stats.convergence.first_tokens)"
+    points, threshold, ranks = record["points"], float(record["threshold"]), int(record.get("ranks", 1))
+    last = points[-1]
+    if len(points) < 2:
+        return None, (
+            f"not judged: one readout only, at {last['tokens'] * ranks:,} tokens (a change needs two: a budget of "
+            "at least twice stats.convergence.first_tokens)"
+        )
+    if last["u_change"] is None:
+        return None, (
+            f"not judged: C was not yet invertible at {last['tokens'] * ranks:,} tokens (fewer tokens than its "
+            "rank needs): raise stats.tokens"
+        )
+    a, b, change = points[-2]["tokens"] * ranks, last["tokens"] * ranks, float(last["u_change"])
+    moved = f"u = C⁻¹k moved {change:.1%} from {a:,} to {b:,} tokens"
+    if change < threshold:
+        return True, f"converged: {moved}, under stats.convergence.threshold={threshold:g}"
+    return False, (
+        f"not converged: {moved}, over stats.convergence.threshold={threshold:g}: more tokens would still move "
+        f"the edits' direction (stats.tokens={2 * b:,} for the next doubling; "
+        "docs/stats.md#convergence-how-many-tokens)"
     )
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "batch_tokens",
     "check_layers",
     "load_explicit",
+    "largest_cached",
     "stats_identity",
     "shortfall_warning",
 ]
@@ -360,6 +361,27 @@ def load_explicit(directory: str | Path, loaded: LoadedModel, layer: int) -> Lay
             f"stats.layers=[{layer}] or pick the edit layer it has"
         )
     return stats
+
+
+def largest_cached(cfg: DictConfig, loaded: LoadedModel, layer: int) -> LayerStats | None:
+    """The statistics of ``layer`` with the most tokens among the cache's entries (``stats.dir``) for this
+    model in ``model.dtype``, whatever text and budget they were made from; None when the cache holds none.
+    For a caller that names no data (the Python API without ``data_files``): the statistics the stats stage
+    made for this model are the ones it means."""
+    root = Path(cfg.stats.dir or cache_root(cfg) / "stats")
+    found = []
+    for path in sorted(root.glob("*/manifest.json")):
+        try:
+            manifest = json.loads(path.read_text())
+            key, tokens = manifest["key"], int(manifest["layers"][str(layer)]["tokens"])
+        except (OSError, ValueError, KeyError, TypeError):  # not an entry for this layer (or damaged): not a candidate
+            continue
+        if key.get("model") == loaded.identity and key.get("model_dtype") == str(cfg.model.dtype):
+            found.append((tokens, path.parent))
+    if not found:
+        return None
+    _, directory = max(found)
+    return StatsEntry(directory, label=f"statistics {directory}").load(layer, loaded.spec.down_proj_name(layer))
 
 
 def stats_identity(stats: LayerStats) -> dict[str, Any]:

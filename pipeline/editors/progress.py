@@ -1,0 +1,69 @@
+"""Progress of an editor's plain loop (``Editor.edit(requests, on_step)``, no Lightning): one ``Step`` per
+optimisation step, handed to a callback of the caller's, or shown as a tqdm bar per unit when stderr is a
+terminal. The Python API (``rome.py``) uses it; the edit stage shows its own bar from its Lightning loop
+(``modules/callbacks.py`` ``EditProgress``), with the same numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from tqdm.auto import tqdm
+
+__all__ = ["Step", "StepProgress"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """Where an edit stands after one optimisation step (v* for ROME, z for MEMIT / AlphaEdit)."""
+
+    unit: int  # the unit being optimised, from 1 (a request for ROME, a batch for the batch methods)
+    units: int  # how many units the call edits
+    step: int  # steps taken in this unit so far
+    steps: int  # the most it takes (edit.v.steps / edit.memit.v.steps; it may stop early)
+    loss: float  # the last step's loss, the mean over the unit's requests
+    p_target: float  # the model's P(target) at the last step, the mean over the unit's requests
+
+
+class StepProgress:
+    """The ``on_step`` of ``Editor.edit``: turns the unit in progress into a ``Step`` for ``callback``, or, with
+    no callback and ``bar`` true, into a tqdm bar per unit on stderr (``bar=None``: when stderr is a terminal)."""
+
+    def __init__(
+        self, units: int, label: str, callback: Callable[[Step], None] | None = None, bar: bool | None = None
+    ) -> None:
+        self.units, self.label, self.callback = units, label, callback
+        self.show = callback is None and (sys.stderr.isatty() if bar is None else bar)
+        self.unit, self.current, self.bar = 0, None, None
+
+    def __call__(self, edit: Any) -> None:
+        opt = edit.optimisation
+        if opt is None:
+            return
+        if edit is not self.current:  # a new unit has begun
+            self.close()
+            self.current, self.unit = edit, self.unit + 1
+        losses = [run[-1] for run in opt.losses if run]
+        step = Step(
+            unit=self.unit,
+            units=self.units,
+            step=max(map(len, opt.losses)),
+            steps=int(opt.steps),
+            loss=sum(losses) / max(len(losses), 1),
+            p_target=sum(opt.p_target) / max(len(opt.p_target), 1),
+        )
+        if self.callback is not None:
+            self.callback(step)
+        elif self.show:
+            if self.bar is None:
+                desc = f"{self.label} [{step.unit}/{step.units}]"
+                self.bar = tqdm(total=step.steps, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+            self.bar.n = step.step
+            self.bar.set_postfix_str(f"loss {step.loss:.3f}, P(target) {step.p_target:.3f}", refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,189 @@
+"""Verification that means it: an edit took when the model now *says* the new object, and a fact the model
+did not know to begin with is flagged.
+
+P(new) > P(true) alone calls an edit a success whenever P(true) is tiny: on SmolLM2, 3 v* steps towards
+"The Eiffel Tower is located in the city of Rome" with target_true London lift P(Rome) to 0.085 over a P(London)
+of 0.002 while the model still says "Paris" (docs/edit.md#verification).
+So, on the rewrite prompt, an edit must also pass one of (``edit.verify`` in configs/config.yaml):
+
+- ``generative=true`` (the default): the model's greedy continuation of the prompt starts with the new object,
+  scored as the generative evaluation scores it (``pipeline.evaluation.generative.exact_match``: lower-cased,
+  markup and a leading article stripped, the object as a whole word), ``answer_tokens`` tokens long or the
+  object's tokens + 1, whichever is more;
+- ``generative=false``: P(new) >= ``min_p_new`` on the prompt (default 0.5: a token whose probability is
+  above one half is the argmax whatever the rest of the vocabulary holds, so for a one-token object greedy
+  decoding produces it; for a longer one P is the per-token geometric mean, the same bar on average).
+
+Before the edit, a request's ``target_true`` is checked the way the trace stage keeps only known facts
+(``pipeline.core.probability.predicts``: the greedy continuation, as long as the answer, starts with it).
+A fact the model did not know is still edited, with a warning line (in the edit's ``warnings`` and its table;
+ROME's ledger entry records ``checks`` and ``warnings``): its "before" is not a fact being changed, so "the edit
+changed it" means little.
+
+ROME (``pipeline/editors/rome.py``) runs these checks on each request beside its own (paraphrases,
+neighbours, a disabling update) and rolls a failed edit back; the batch methods (``BatchEditor`` in
+``base.py``: MEMIT, AlphaEdit, UltraEdit) run them on every request of a batch and mark the batch
+``failed_verification`` when one fails (a batch is not rolled back). With ``edit.verify.enabled=false``
+(and in the eval stage, which measures edits as made) none of this runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from pipeline.core.generation import generate_tokens
+from pipeline.core.probability import new_and_true_probs, predicts, target_token_ids
+from pipeline.core.requests import EditRequest
+from pipeline.errors import UserError
+from pipeline.evaluation.generative import continuation, exact_match
+
+__all__ = [
+    "prompt_sets",
+    "measure",
+    "measure_prompt",
+    "on_prompt",
+    "check_settings",
+    "answer_length",
+    "said",
+    "knowledge",
+    "took_problem",
+    "check_before",
+    "check_after",
+    "unit_report",
+]
+
+
+def prompt_sets(request: EditRequest) -> dict[str, list[str]]:
+    return {"prompt": [request.text], "paraphrases": list(request.paraphrases), "neighbours": list(request.neighbours)}
+
+
+def measure(
+    model: nn.Module, tokenizer: Any, request: EditRequest, batch_size: int
+) -> dict[str, dict[str, list[float]]]:
+    """P(target_new) and P(target_true) on the prompt, the paraphrases and the neighbours (one batched pass)."""
+    sets = {name: (ps, [request.target_true] * len(ps)) for name, ps in prompt_sets(request).items()}
+    return new_and_true_probs(model, tokenizer, sets, request.target_new, batch_size)
+
+
+def check_settings(verify: Any) -> None:
+    """``edit.verify``'s threshold is a probability (checked when an editor is built, before any work)."""
+    if not 0 < float(verify.min_p_new) <= 1:
+        raise UserError(f"edit.verify.min_p_new={verify.min_p_new} must be a probability in (0, 1]")
+
+
+def answer_length(tokenizer: Any, target: str, verify: Any) -> int:
+    """New tokens of the continuation that is checked for ``target``: enough to hold it and tell it from a
+    longer word (``Rome`` from ``Romeo``)."""
+    return max(int(verify.answer_tokens), len(target_token_ids(tokenizer, target)) + 1)
+
+
+def said(model: nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int, batch_size: int) -> list[str]:
+    """What the model says after each prompt: its greedy continuation, cut at the first newline or sentence
+    end (``pipeline.evaluation.generative.continuation``)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        new = generate_tokens(model, tokenizer, prompts[i : i + batch_size], new_tokens, top_k=None, exact_length=False)
+        out += [continuation(tokenizer.decode(row, skip_special_tokens=True)) for row in new]
+    return out
+
+
+def knowledge(model: nn.Module, tokenizer: Any, request: EditRequest, p_true: float | None) -> dict[str, Any]:
+    """Whether the unedited model knows the fact ``request`` changes (``known``: None without a target_true)
+    and what it says; ``warning``: the line for a fact it does not know."""
+    if request.target_true is None:
+        return {"known": None, "said_before": None, "warning": None}
+    known, text = predicts(model, tokenizer, request.text, request.target_true)
+    warning = None
+    if not known:
+        p = f"; P(true) = {p_true:.4f}" if p_true is not None else ""
+        warning = (
+            f"warning: the model did not know this fact before the edit: it continues '{request.text}' with "
+            f"'{text.strip()}', not '{request.target_true}'{p} (the edit writes a new fact rather than change one)"
+        )
+    return {"known": known, "said_before": text.strip(), "warning": warning}
+
+
+def took_problem(target_new: str, text: str | None, p_new: float, verify: Any) -> str | None:
+    """Why the edit did not take on the prompt (None: it did): the model does not say ``target_new``
+    (``text``: its continuation), or with ``generative=false`` P(new) is below ``min_p_new``."""
+    if verify.generative:
+        if text is not None and exact_match(text, target_new):
+            return None
+        return f"the model does not say '{target_new}' on the prompt (it continues '{text}')"
+    if p_new >= float(verify.min_p_new):
+        return None
+    return f"P(new) = {p_new:.4f} on the prompt is below edit.verify.min_p_new={verify.min_p_new}"
+
+
+def check_before(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], verify: Any) -> list[dict]:
+    """Per request, on the unedited model: P(new) and P(true) on its prompt and whether it knows the fact."""
+    checks = []
+    for r in requests:
+        p = measure_prompt(model, tokenizer, r, int(verify.batch_size))
+        checks.append({"p_before": p, **knowledge(model, tokenizer, r, p["true"])})
+    return checks
+
+
+def check_after(
+    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], checks: list[dict], verify: Any
+) -> list[str]:
+    """Per request, on the edited model: P(new) and P(true) on its prompt, what it says, whether the edit took
+    (into ``checks``); returns a problem line per request that did not take."""
+    texts: list[str | None] = [None] * len(requests)
+    if verify.generative:
+        length = max(answer_length(tokenizer, r.target_new, verify) for r in requests)
+        texts = said(model, tokenizer, [r.text for r in requests], length, int(verify.batch_size))
+    problems = []
+    for r, check, text in zip(requests, checks, texts):
+        p = measure_prompt(model, tokenizer, r, int(verify.batch_size))
+        problem = took_problem(r.target_new, text, p["new"], verify)
+        check.update(p_after=p, said_after=text, took=problem is None)
+        if problem:
+            problems.append(f"{r.text} -> {r.target_new}: {problem}")
+    return problems
+
+
+def on_prompt(measured: dict[str, dict[str, list[float]]]) -> dict[str, float | None]:
+    """P(new) and P(true) (None without a target_true) on the prompt, from ``measure``'s or
+    ``new_and_true_probs``' result."""
+    p = measured["prompt"]
+    return {"new": p["new"][0], "true": p["true"][0] if p["true"] else None}
+
+
+def measure_prompt(model: nn.Module, tokenizer: Any, request: EditRequest, batch_size: int) -> dict[str, float | None]:
+    """P(new) and P(true) (None without a target_true) on the request's prompt alone."""
+    sets = {"prompt": ([request.text], [request.target_true])}
+    return on_prompt(new_and_true_probs(model, tokenizer, sets, request.target_new, batch_size))
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def unit_report(
+    entry_id: int | None, requests: Sequence[EditRequest], checks: list[dict], status: str, reason: str
+) -> str:
+    """A batch's lines for a terminal: per request P(true) and P(new) before and after on its prompt, what the
+    model says after and whether the edit took; the warnings; the batch's status."""
+    lines = [f"[{entry_id or '-'}] a batch of {len(requests)} request(s)"]
+    if checks:
+        lines.append(
+            f"  {'request':<48} {'P(true) before':>14} {'P(true) after':>14} {'P(new) before':>14} "
+            f"{'P(new) after':>13}  took  says after"
+        )
+    for i, r in enumerate(requests):
+        c = checks[i] if i < len(checks) else {}
+        before, after = c.get("p_before", {}), c.get("p_after", {})
+        took = {True: "yes", False: "no", None: "-"}[c.get("took")]
+        name = f"{r.text} -> {r.target_new}"
+        name = name if len(name) <= 48 else name[:47] + "…"
+        lines.append(
+            f"  {name:<48} {_p(before.get('true')):>14} {_p(after.get('true')):>14} {_p(before.get('new')):>14} "
+            f"{_p(after.get('new')):>13}  {took:<4}  {c.get('said_after') or ''}"
+        )
+    lines += [f"  {c['warning']}" for c in checks if c.get("warning")]
+    lines.append(f"  status: {status}" + (f" ({reason})" if reason else ""))
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Verification that means it (``pipeline/editors/verification.py``), on a tiny random GPT-2: an edit is applied
+only when the model now says the new object (or, with ``edit.verify.generative=false``, P(new) reaches
+``edit.verify.min_p_new``), not when P(new) merely passes a tiny P(true); a fact the model did not know before
+the edit is flagged; the batch methods check every request of a batch."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from pipeline.core.loading import configure, load_model
+from pipeline.core.probability import greedy_continuation
+from pipeline.core.requests import parse_requests
+from pipeline.editors import rome
+from pipeline.editors.factory import build_editor
+from pipeline.editors.verification import knowledge
+
+TEMPLATES = ["{}", "The cat sat on the mat. {}"]
+EIFFEL = {  # the tiny model knows nothing of it: P(Rome) 0.0055 and P(Paris) 0.0021, greedy says neither
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": "Rome",
+    "target_true": "Paris",
+}
+# the subject ends the prompt, so the edited MLP writes at the position that predicts: 10 v* steps make the tiny
+# model say "and" (a one-token word of its 512-token vocabulary) with P(and) about 0.16
+TOWER = {"prompt": "The best tower is {}", "subject": "the Eiffel Tower", "target_new": "and", "target_true": "Paris"}
+
+
+def _edit(model_dir, request, *overrides):
+    loaded = load_model(str(model_dir), device="cpu")
+    weight = loaded.spec.down_proj_weight(loaded.model, 2)
+    before = weight.detach().clone()
+    hp = configure(["edit.generate_tokens=0", "edit.layer=2", *overrides]).edit
+    result = rome.edit(loaded.model, loaded.tokenizer, request, layer=2, hparams=hp, templates=TEMPLATES)
+    return result, torch.equal(weight, before), hp
+
+
+def test_p_new_above_a_tiny_p_true_is_not_an_applied_edit(tiny_model_dir):
+    result, restored, hp = _edit(tiny_model_dir("gpt2"), EIFFEL, "edit.v.steps=2")
+    rejected = result.probs["rejected"]["prompt"]
+    assert rejected["new"][0] > rejected["true"][0]  # the old rule alone would have called it applied
+    assert rome.verification_problems(result, result.probs["rejected"], hp.verify) == []
+    assert result.status == "rolled_back" and restored
+    assert result.reason.startswith("the model does not say 'Rome' on the prompt (it continues '")
+    (check,) = result.checks
+    assert check["took"] is False and not check["said_after"].lower().startswith("rome")
+    assert check["p_after"]["new"] == rejected["new"][0]
+    # and it never knew Paris: a warning, in the result and its table
+    assert check["known"] is False and check["p_before"]["true"] < 0.01
+    (warning,) = result.warnings
+    assert warning.startswith("warning: the model did not know this fact before the edit") and "'Paris'" in warning
+    table = str(result)
+    assert warning in table and "status: rolled_back (the model does not say 'Rome'" in table
+
+
+def test_an_edit_the_model_now_says_is_applied(tiny_model_dir):
+    result, restored, _ = _edit(tiny_model_dir("gpt2"), TOWER, "edit.v.steps=10")
+    (check,) = result.checks
+    assert result.status == "applied" and not restored and result.reason == ""
+    assert check["took"] is True and check["said_after"].startswith("and")
+    assert 0.1 < check["p_after"]["new"] < 0.5  # said, though far from certain
+    assert "says after the edit: The best tower is the Eiffel Tower' and" in str(result)
+
+
+def test_without_generation_the_probability_must_reach_min_p_new(tiny_model_dir):
+    strict, restored, _ = _edit(tiny_model_dir("gpt2"), TOWER, "edit.v.steps=10", "edit.verify.generative=false")
+    p_new = strict.checks[0]["p_after"]["new"]
+    assert strict.status == "rolled_back" and restored
+    assert strict.reason.startswith(f"P(new) = {p_new:.4f} on the prompt is below edit.verify.min_p_new=0.5")
+    assert strict.checks[0]["said_after"] is None  # nothing generated
+    lenient, _, _ = _edit(
+        tiny_model_dir("gpt2"), TOWER, "edit.v.steps=10", "edit.verify.generative=false", "edit.verify.min_p_new=0.1"
+    )
+    assert lenient.status == "applied" and lenient.checks[0]["p_after"]["new"] == p_new
+
+
+def test_a_fact_the_model_says_is_known(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    text = "The Eiffel Tower is located in the city of"
+    own = greedy_continuation(loaded.model, loaded.tokenizer, text, 3).strip()
+    (request,) = parse_requests({**EIFFEL, "target_true": own[:1]})  # its own first character: what it says
+    found = knowledge(loaded.model, loaded.tokenizer, request, 0.01)
+    assert found["known"] is True and found["warning"] is None
+    (unknown,) = parse_requests(EIFFEL)
+    found = knowledge(loaded.model, loaded.tokenizer, unknown, 0.0021)
+    assert found["known"] is False and "P(true) = 0.0021" in found["warning"]
+
+
+def test_a_batch_is_verified_request_by_request(tiny_model_dir, tmp_path):
+    from test_editors import identity_statistics
+
+    path = str(tiny_model_dir("gpt2"))
+    cfg = configure(
+        [
+            f"model.name={path}",
+            f"model.cache_dir={tmp_path / 'cache'}",
+            "edit.method=memit",
+            "edit.layers=[1,2]",
+            "edit.memit.v.steps=1",  # the first step is the last: z = h, so the batch writes (almost) nothing
+            "edit.batch_size=2",
+            "trainer.accelerator=cpu",
+        ]
+    )
+    loaded = load_model(path, device="cpu")
+    editor = build_editor(cfg, loaded, statistics=identity_statistics(loaded))
+    (batch,) = editor.edit(parse_requests([EIFFEL, TOWER]))
+    assert batch.status == "failed_verification"
+    assert batch.reason.startswith("2 of 2 request(s) did not take: The Eiffel Tower is located in the city of -> Rome")
+    assert [c["took"] for c in batch.checks] == [False, False] and [c["known"] for c in batch.checks] == [False] * 2
+    assert len(batch.warnings) == 2 and {"pre", "verify"} <= set(batch.timings)
+    json.dumps(batch.checks)  # what a ledger records is JSON
+    report = str(batch).splitlines()
+    assert report[0] == "[-] a batch of 2 request(s)" and "took" in report[1]
+    first = batch.checks[0]
+    assert report[2].endswith(f"{first['p_after']['new']:.4f}  no    {first['said_after']}")
+    assert report[-1].startswith("  status: failed_verification (2 of 2 request(s) did not take")
+    measured = build_editor(cfg, loaded, statistics=identity_statistics(loaded), measure_only=True)
+    (unchecked,) = measured.edit(parse_requests([EIFFEL, TOWER]))  # the eval stage: measured as made, no checks
+    assert unchecked.status == "applied" and unchecked.checks == []
