@@ -7,6 +7,7 @@ python train.py stage=trace prompt="{} is located in the city of" subject="The E
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import sys
 
@@ -17,11 +18,14 @@ STAGES = {  # stage: (recipe, what it does)
         "ROME (or MEMIT / AlphaEdit) edits from request=..., verified, recorded in a ledger, saved",
     ),
     "revert": ("recipes.revert", "undo edits of a ledger (ledger=DIR edit_id=N|all), bitwise"),
+    "export": ("recipes.export", "a ledger's edits as a PEFT LoRA adapter (ledger=DIR; kilobytes, not the model)"),
+    "ask": ("recipes.ask", 'prompt="..." answered with a ledger\'s edits (ledger=DIR) beside the unedited model'),
     "trace": ("recipes.trace", "causal tracing: where the model recalls a fact; heatmaps and the edit layer"),
     "eval": (
         "recipes.eval",
         "CounterFact / zsRE evaluation of methods side by side (eval.mode=sequential|batch: many edits)",
     ),
+    "report": ("recipes.report", "one HTML page of an eval.out, trace.out or edit ledger (rome report DIR)"),
 }
 HELP_WORDS = ("--help", "-h", "help")
 
@@ -32,7 +36,8 @@ def usage() -> str:
 
     from pipeline.config import CONFIG_DIR
 
-    lines = ["usage: python train.py stage=STAGE [key=value ...]", "       rome STAGE [key=value ...]", "", "stages:"]
+    lines = ["usage: python train.py stage=STAGE [key=value ...]", "       rome STAGE [key=value ...]"]
+    lines += ["       rome report DIR [report.out=PATH]", "", "stages:"]
     lines += [f"  {name:<8} {what}" for name, (_, what) in STAGES.items()]
     lines += ["", "config keys (dotted, YAML values: stats.layers=[4,5,6]):"]
     text = (CONFIG_DIR / "config.yaml").read_text()
@@ -87,6 +92,8 @@ def main(argv: list[str]) -> int:
             raise UserError(
                 f"stage={fast.stage} is not one of {', '.join(STAGES)}{nearest(str(fast.stage), list(STAGES))}"
             )
+        if not fast.print_config:  # the first line at once: the imports below take seconds on a busy machine
+            print(f"{fast.stage}: {fast.model.name}: loading torch, transformers and the model", file=sys.stderr)
         _quiet()
         from pipeline.core.loading import configure
         from pipeline.core.signals import stop_on_signals
@@ -124,10 +131,13 @@ def main(argv: list[str]) -> int:
 
 def cli() -> int:
     """The ``rome`` command: ``rome STAGE key=value ...`` (``rome edit request=...``) is
-    ``python train.py stage=STAGE key=value ...``; bare ``rome`` prints the help."""
+    ``python train.py stage=STAGE key=value ...``; ``rome report DIR`` is ``stage=report report.dir=DIR``;
+    bare ``rome`` prints the help."""
     argv = sys.argv[1:]
     if argv and "=" not in argv[0] and argv[0] not in HELP_WORDS:
         argv = [f"stage={argv[0]}", *argv[1:]]
+        if argv[0] == "stage=report" and len(argv) > 1 and "=" not in argv[1] and argv[1] not in HELP_WORDS:
+            argv[1] = f"report.dir={json.dumps(argv[1])}"  # the directory, positional (quoted: 2026-12-04 is text)
     return main(argv)
 
 

@@ -16,6 +16,7 @@ model's family and checks the machine, ``pipeline.editors.settings`` resolves th
 
 from __future__ import annotations
 
+import datetime
 import difflib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +46,8 @@ def parse_overrides(argv: Sequence[str]) -> DictConfig:
             value = raw  # e.g. prompt={} is located in ... is text, not YAML
         if isinstance(value, dict) and raw.lstrip().startswith("{}"):
             value = raw
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            value = raw  # edit.out=2026-12-04 names a directory: YAML's date type is not a config value
         OmegaConf.update(cli, key, value, merge=False, force_add=True)
     return cli
 
@@ -112,6 +115,7 @@ def _merge_model_file(base: DictConfig, model_file: DictConfig) -> DictConfig:
 # What a key may hold besides the type of its default (each checked again where it is used).
 OTHER_VALUES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "edit.layer": ("auto", lambda v: v == "auto"),
+    "ask.chat": ("true or false", lambda v: isinstance(v, bool)),
     "trainer.devices": ("auto, a list of device ids or a string such as '0,1'", lambda v: isinstance(v, (str, list))),
     "data.batch_tokens": (
         "a positive number of tokens",
@@ -149,6 +153,10 @@ POSITIVE = {
     "eval.heldout.articles",
     "eval.heldout.max_length",
     "eval.heldout.batch_size",
+    "ask.max_tokens",
+    "ask.temperature",
+    "ask.top_k",
+    "ask.batch_size",
     "trainer.num_nodes",
 }
 NON_NEGATIVE = {

@@ -11,8 +11,9 @@ another; MEMIT / AlphaEdit: batches of ``edit.batch_size``).
    optimisation steps; the callbacks apply, verify (or roll back) and record each unit;
 6. print the before/after table of every edit; save the edited model when ``edit.save_to`` is set (if that
    fails, this run's edits are taken out of the ledger again: it never records what was not saved).
-A SIGTERM / SIGINT stops after the edit in progress is applied, verified and recorded; the model is saved
-with the edits made so far and the command to resume is printed.
+A SIGTERM / SIGINT abandons an edit still measuring or optimising (nothing of it is in the weights yet) and
+finishes one already applied (verified and recorded whole); the model is saved with the edits made so far and
+the command to resume is printed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from omegaconf import DictConfig
 
 from modules.edit_loop import fit_edits
 from modules.statistics import layer_statistics
+from pipeline.core.adapters import export_adapter
 from pipeline.core.atomic import ensure_free_space
 from pipeline.core.digest import json_digest
 from pipeline.core.loading import load_configured
@@ -40,6 +42,8 @@ from pipeline.editors.factory import build_editor
 from pipeline.editors.ledger import Ledger
 from pipeline.errors import UserError
 
+SAVE_FORMATS = ("model", "adapter")  # edit.save_format
+
 
 class Run:
     """Where this run writes: the ledger directory (given, or fresh for this run) and ``edit.save_to``, both
@@ -51,6 +55,9 @@ class Run:
         check_writable(self.out, "edit.out")
         Ledger.open(self.out)  # an existing directory must be a ledger of ours (checked before the model loads)
         model_dir = cfg.model.name if os.path.isdir(str(cfg.model.name)) else None
+        if cfg.edit.save_format not in SAVE_FORMATS:
+            raise UserError(f"edit.save_format={cfg.edit.save_format} is not one of {', '.join(SAVE_FORMATS)}")
+        self.save_format = str(cfg.edit.save_format)
         self.save_to = (
             check_destination(cfg.edit.save_to, "edit.save_to", protect=(model_dir, self.out))
             if cfg.edit.save_to
@@ -68,14 +75,19 @@ class Run:
         return f"{self.done} of {self.total} {self.unit} edited and recorded in {self.out}{where}; to resume, {how}"
 
     def save_and_report(self, loaded, ledger: Ledger) -> None:
-        if self.save_to is not None:
+        if self.save_to is not None and self.save_format == "adapter" and not ledger.active():
+            print(f"no edit of {ledger.dir} is applied (all rolled back or reverted): no adapter written")
+        elif self.save_to is not None:
             try:
-                save_model(
-                    loaded,
-                    self.save_to,
-                    "edit.save_to",
-                    {"ledger": str(ledger.dir.resolve()), "edits": [e["id"] for e in ledger.active()]},
-                )
+                if self.save_format == "adapter":  # the ledger's edits alone, in the model's dtype
+                    export_adapter(ledger, self.save_to, "edit.save_to", loaded.model.dtype)
+                else:
+                    save_model(
+                        loaded,
+                        self.save_to,
+                        "edit.save_to",
+                        {"ledger": str(ledger.dir.resolve()), "edits": [e["id"] for e in ledger.active()]},
+                    )
             except (OSError, UserError) as err:
                 dropped = ledger.discard_since(self.recorded_before)
                 if self.fresh and not ledger.entries:
@@ -85,9 +97,12 @@ class Run:
                     f"could not save the model to {self.save_to} ({reason}); the {len(dropped)} edit(s) of "
                     f"this run were taken out of the ledger again, which is as before the run"
                 ) from None
-            ledger.data["saved_to"] = str(self.save_to.resolve())
-            ledger.save()
-            print(f"edited model saved to {self.save_to}")
+            if self.save_format == "adapter":  # saved_to names a model (what revert rebuilds into): not this
+                print(f"the ledger's edits saved as a PEFT LoRA adapter to {self.save_to}")
+            else:
+                ledger.data["saved_to"] = str(self.save_to.resolve())
+                ledger.save()
+                print(f"edited model saved to {self.save_to}")
         if ledger.entries:
             print(
                 f"ledger: {ledger.dir / 'ledger.json'} ({len(ledger.active())} active edit(s)); "
@@ -105,42 +120,9 @@ def fresh_dir(parent: Path) -> Path:
     return path
 
 
-def _fmt(p: list[float]) -> str:
-    return ", ".join(f"{x:.4f}" for x in p) if p else "-"
-
-
 def print_table(result: rome.EditResult) -> None:
-    r = result.request
-    pre, post = result.probs.get("pre", {}), result.probs.get("post", {})
-    was = (
-        f" (was {r.target_true}{', the model’s own answer' if result.true_from_model else ''})" if r.target_true else ""
-    )
-    print(f"\n[{result.entry_id or '-'}] {r.text} -> {r.target_new}{was}")
-    after = "after" if result.status != "rolled_back" else "rolled back"
-    print(
-        f"  {'prompts':<12} {'P(true) before':>15} {'P(true) ' + after:>15} "
-        f"{'P(new) before':>15} {'P(new) ' + after:>15}"
-    )
-    for name in ("prompt", "paraphrases", "neighbours"):
-        if name in pre:
-            b, a = pre[name], post.get(name, {"new": [], "true": []})
-            print(f"  {name:<12} {_fmt(b['true']):>15} {_fmt(a['true']):>15} {_fmt(b['new']):>15} {_fmt(a['new']):>15}")
-    if result.status == "rolled_back" and result.probs.get("rejected", {}).get("prompt"):
-        rej = result.probs["rejected"]["prompt"]
-        print(
-            f"  the rejected edit gave P(true) {_fmt(rej['true'])}, P(new) {_fmt(rej['new'])} on the prompt; "
-            "the model above is the restored one"
-        )
-    if result.generations:
-        print(f"  before: {r.text}{result.generations.get('pre', '')!r}")
-        print(f"  {after + ':':<7} {r.text}{result.generations.get('post', '')!r}")
-    t = result.timings
-    print(
-        "  time: "
-        + ", ".join(f"{k} {v:.2f}s" for k, v in t.items())
-        + f" | ‖ΔW‖/‖W‖ {result.norms.get('relative_update', 0):.3g}"
-        f" | status: {result.status}" + (f" ({result.reason})" if result.reason else "")
-    )
+    """The before/after table of one ROME edit (``EditResult.table``: the Python API prints the same)."""
+    print(f"\n{result.table()}")
 
 
 def _todo(ledger: Ledger, run: Run, total: int, unit: str) -> list[int]:
@@ -162,7 +144,8 @@ def run(cfg: DictConfig) -> list:
         raise UserError(f"edit.method={cfg.edit.method} is not one of {', '.join(recordable)}")
     run_ = Run(cfg, requests)  # edit.out and edit.save_to checked before any work
     loaded = load_configured(cfg.model)
-    if run_.save_to is not None:  # room for the model before any edit (its size is known once it is loaded)
+    if run_.save_to is not None and run_.save_format == "model":  # room for the model before any edit (its size
+        # is known once it is loaded); an adapter is kilobytes
         weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         try:
             ensure_free_space(run_.save_to.parent, weights, f"edit.save_to={run_.save_to} (the model in its own dtype)")
@@ -198,7 +181,9 @@ def run(cfg: DictConfig) -> list:
         for edit in edits:
             if isinstance(edit, rome.EditResult):
                 print_table(edit)
-        if editor.method != "rome":
+            elif edit.checks:  # a verified batch: per request, whether it took (``verification.unit_report``)
+                print(f"\n{edit}")
+        if editor.method != "rome" and not any(e.checks for e in edits):
             known = [r for e in edits for r in e.requests if r.target_true]
             if known:
                 won = sum(

@@ -16,8 +16,8 @@ Many edits into one model (AlphaEdit's protocol), and what the model still knows
    every method: a rerun with the same settings skips the methods already there, and several processes can
    run different methods into the same ``eval.out`` at once (each assembles what is finished).
 A SIGTERM / SIGINT stops at the next batch boundary: finished methods are in ``methods/``; the method in
-progress is abandoned (its edits lived only in memory) and reruns from the clean model when the same
-command is run again.
+progress saves its edited matrices and its editor's state in ``progress/`` (also at every checkpoint, so a
+kill loses at most ``eval.eval_every`` batches), and the same command resumes it at that batch, bit for bit.
 """
 
 from __future__ import annotations
@@ -37,15 +37,16 @@ from pipeline.core.atomic import atomic_path, write_json
 from pipeline.core.digest import file_sha256
 from pipeline.core.loading import LoadedModel, load_configured
 from pipeline.core.outputs import claim_output_dir
-from pipeline.core.signals import check_stop
+from pipeline.core.signals import check_stop, stop_requested
 from pipeline.core.timing import Clock
 from pipeline.editors.base import Editor
 from pipeline.editors.factory import build_editor, method_class
 from pipeline.editors.settings import edit_layer
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError
 from pipeline.evaluation.cases import EvalCase, load_cases
 from pipeline.evaluation.generative import GenerativeEval, generative_settings, score_generative
 from pipeline.evaluation.metrics import fluency, harmonic_mean
+from pipeline.evaluation.progress_state import drop_progress, load_progress, save_progress
 from pipeline.evaluation.report import GENERATIVE_PROTOCOL, PROTOCOL, earlier_eval_output, summarize
 from pipeline.evaluation.retention import (
     fact_accuracy,
@@ -64,6 +65,7 @@ from pipeline.evaluation.scale_report import (
     scale_table,
 )
 from pipeline.evaluation.scoring import Generation, counterfact_scores, generate
+from pipeline.report import report_after_run
 from pipeline.tracing.facts import Fact, load_facts
 
 SEQUENTIAL = ("none", "rome", "memit", "alphaedit", "ultraedit")  # the classes of the sequential protocol
@@ -80,8 +82,8 @@ def build_editors(cfg: DictConfig, loaded: LoadedModel, names: list[str], batch_
                 f"eval.mode={cfg.eval.mode} runs {', '.join(SEQUENTIAL)} (and their configs); "
                 f"'{name}' is a {kind} method"
             )
-    run_cfg = OmegaConf.merge(cfg, {"edit": {"batch_size": batch_size}})
-    statistics = layer_statistics(run_cfg, loaded)
+    method_runcfg = OmegaConf.merge(cfg, {"edit": {"batch_size": batch_size}})
+    statistics = layer_statistics(method_runcfg, loaded)
     layers = set()
     if {"memit", "alphaedit"} & set(classes.values()):
         layers |= set(cfg.edit.layers or [])
@@ -91,7 +93,7 @@ def build_editors(cfg: DictConfig, loaded: LoadedModel, names: list[str], batch_
             layers.add(edit_layer(cfg, loaded) if own is None else int(own))
     if layers:
         statistics(sorted(layers))  # one pass for every layer (the provider keeps them)
-    return [build_editor(run_cfg, loaded, name, statistics, measure_only=True) for name in names]
+    return [build_editor(method_runcfg, loaded, name, statistics, measure_only=True) for name in names]
 
 
 def _scores(
@@ -108,11 +110,16 @@ def _scores(
     (``eval.generation.batch_size`` prompts per ``generate`` call, seeded per call); with ``generative``, the
     greedy-generation scores of the prompt sets ``sets`` (default all), batched likewise."""
     out = []
+
+    def between() -> None:  # Ctrl-C / SIGTERM acts within one forward pass or generate call, not a whole scoring
+        check_stop(f"{desc}: the scoring in progress was abandoned (it is redone); to resume, run the same command")
+
     for i in tqdm(range(0, len(cases), CASES_PER_CALL), desc=desc, leave=False, dynamic_ncols=True):
+        between()
         chunk = cases[i : i + CASES_PER_CALL]
         out += counterfact_scores(loaded.model, loaded.tokenizer, chunk, int(cfg.eval.score_batch_size))
     if generative.enabled:
-        scored = score_generative(loaded.model, loaded.tokenizer, cases, generative, sets)
+        scored = score_generative(loaded.model, loaded.tokenizer, cases, generative, sets, between)
         for metrics, g in zip(out, scored):
             metrics.update(g["metrics"])
     if gen.tokens:
@@ -121,6 +128,7 @@ def _scores(
         size = int(cfg.eval.generation.batch_size)
         texts: list[list[str]] = [[] for _ in cases]
         for j in tqdm(range(0, len(prompts), size), desc=f"{desc}: generating", leave=False, dynamic_ncols=True):
+            between()
             for i, text in zip(
                 owner[j : j + size],
                 generate(loaded.model, loaded.tokenizer, prompts[j : j + size], gen, int(cfg.seed) + j),
@@ -158,13 +166,19 @@ class _Monitor:
     pre_ppl: float
 
     def checkpoint(
-        self, name: str, edits: bool, own: dict[int, torch.Tensor], n_edits: int, scores: list[dict] | None = None
+        self,
+        name: str,
+        edits: bool,
+        own: dict[int, torch.Tensor],
+        n_edits: int,
+        scores: dict[int, dict] | None = None,
     ) -> dict[str, Any]:
         """The curve's point after ``n_edits``: the teacher-forced and generative efficacy of a sample of the
-        cases edited so far (``scores``: every case already scored, the sample picked from them), the held-out
+        cases edited so far (``scores``: case index -> scores already taken, the sample picked from them when they
+        cover it), the held-out
         perplexity, the known facts and the relative change of the method's edited matrices ``own``."""
         sample = curve_sample(n_edits, self.curve_cases)
-        if scores is None:
+        if scores is None or not set(sample) <= set(scores):
             picked = [self.cases[i] for i in sample]
             scores = _scores(
                 self.loaded, picked, self.no_text, self.cfg, f"{name}: checkpoint", self.generative, ["es"]
@@ -178,6 +192,103 @@ class _Monitor:
             "weight_change": weight_change(own, self.clean),
         }
         return _curve_point(n_edits, scores, extra)
+
+
+class _MethodRun:
+    """One method's batches in a many-edit run: edits, checkpoints, and its progress saved at batch boundaries
+    (``pipeline/evaluation/progress_state.py``) so that a stopped run resumes where it stopped."""
+
+    def __init__(
+        self, name: str, editor: Editor, monitor: _Monitor, batches: list[list[int]], every: int, folder: Path, bar
+    ) -> None:
+        self.name, self.editor, self.monitor, self.batches, self.every, self.bar = (
+            name,
+            editor,
+            monitor,
+            batches,
+            every,
+            bar,
+        )
+        self.edits = editor.edits_weights
+        weights = {layer: monitor.loaded.spec.down_proj_weight(monitor.loaded.model, layer) for layer in monitor.clean}
+        self.own = {layer: weights[layer] for layer in editor.layers if layer in weights}
+        self.stem = folder / name
+        self.done = 0  # batches applied
+        self.curve: list[dict[str, Any]] = []
+        self.timings: dict[str, float] = {}
+        self.seconds = self.checkpoint_seconds = 0.0
+        self.settings: dict[str, Any] = {}
+
+    def edit_batch(self, requests: list) -> None:
+        clock = Clock(self.monitor.loaded.model)
+        for edit in self.editor.edit(requests):
+            for k, v in edit.timings.items():
+                self.timings[k] = self.timings.get(k, 0.0) + v
+        self.seconds += clock.lap("batch")
+        self.done += 1
+        self.bar.update(1)
+
+    def checkpoint_due(self) -> bool:
+        """A curve point after the first batch (what the method reaches with one batch, the reference for later
+        points) and every ``eval_every`` batches; not after the last: the final scoring takes that one."""
+        if not self.edits or not self.every or self.done >= len(self.batches):
+            return False
+        return self.done == 1 or self.done % self.every == 0
+
+    def take_checkpoint(self) -> None:
+        clock = Clock(self.monitor.loaded.model)
+        n_edits = self.batches[self.done - 1][-1] + 1
+        self.curve.append(self.monitor.checkpoint(self.name, self.edits, self.own, n_edits))
+        self.checkpoint_seconds += clock.lap("checkpoint")
+        p = self.curve[-1]
+        gen_es = f" ES(gen) {p['es_gen_em']:.0f}" if "es_gen_em" in p else ""
+        self.bar.set_postfix_str(
+            f"{p['edits']} edits: ES {p['es']:.0f}{gen_es} ppl {p['perplexity']:.1f} "
+            f"known {100 * p['known_accuracy']:.0f}%"
+        )
+
+    def save(self, checkpoint_pending: bool = False) -> None:
+        if not self.edits or not self.done:
+            return
+        info = {
+            "settings": self.settings,
+            "batches": self.done,
+            "edits": self.batches[self.done - 1][-1] + 1,
+            "checkpoint_pending": checkpoint_pending,
+            "curve": self.curve,
+            "timings": self.timings,
+            "edit_seconds": self.seconds,
+            "checkpoint_seconds": self.checkpoint_seconds,
+        }
+        save_progress(self.stem, self.own, self.editor.state(), info)
+
+    def resume(self, method_config: dict[str, Any]) -> None:
+        """Take up the saved progress made with the same settings: the edited matrices, the editor's state,
+        the curve and timings so far (a pending checkpoint is taken now)."""
+        self.settings = {"method": method_config, "editor": self.editor.config()}
+        saved = load_progress(self.stem, self.settings) if self.edits else None
+        if isinstance(saved, str):
+            self.bar.write(f"{self.name}: {saved}; it starts again from the clean model")
+            return
+        if saved is None:
+            return
+        info, weights, state = saved
+        if set(weights) != set(self.own):
+            self.bar.write(f"{self.name}: its progress in {self.stem}.json covers other layers; it starts again")
+            return
+        with torch.no_grad():
+            for layer, w in weights.items():
+                self.own[layer].copy_(w)
+        self.editor.load_state(state)
+        self.done, self.curve, self.timings = int(info["batches"]), info["curve"], info["timings"]
+        self.seconds, self.checkpoint_seconds = info["edit_seconds"], info["checkpoint_seconds"]
+        self.bar.update(self.done)
+        self.bar.write(
+            f"{self.name}: resuming after batch {self.done} of {len(self.batches)} ({info['edits']} edits), "
+            f"from {self.stem}.json"
+        )
+        if info["checkpoint_pending"]:
+            self.take_checkpoint()
 
 
 def _method_row(kind: str, scores: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
@@ -222,6 +333,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     curve_cases = int(cfg.eval.curve_cases) or None  # 0: every case edited so far
     if curve_cases is not None and curve_cases < 0:
         raise UserError(f"eval.curve_cases={curve_cases} must be a number of cases (0: all)")
+    final_cases = int(cfg.eval.final_cases) or None  # 0: every case
+    if final_cases is not None and final_cases < 0:
+        raise UserError(f"eval.final_cases={final_cases} must be a number of cases (0: all)")
+    final = curve_sample(len(cases), final_cases)  # the cases scored before the edits and after the last batch
+    scored = [cases[i] for i in final]
     out = Path(cfg.eval.out)
 
     heldout, records = (
@@ -257,6 +373,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "batch_size": batch_size,
         "eval_every": int(cfg.eval.eval_every),
         "curve_cases": curve_cases,
+        **({"final_cases": final_cases} if final_cases else {}),  # absent: every case (runs made before the key)
         "seed": int(cfg.seed),
         "start": int(cfg.eval.start),
         "n": len(cases),
@@ -267,18 +384,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "heldout": OmegaConf.to_container(cfg.eval.heldout, resolve=True),
         "known": OmegaConf.to_container(cfg.eval.known, resolve=True),
     }
-    run_path = out / "run.json"
-    if run_path.exists() and json.loads(run_path.read_text()) != identity:
+    method_runpath = out / "run.json"
+    if method_runpath.exists() and json.loads(method_runpath.read_text()) != identity:
         raise UserError(f"eval.out={out} holds a many-edit run with other settings; use another eval.out or delete it")
-    write_json(run_path, identity)
+    write_json(method_runpath, identity)
     unedited_path = out / "unedited.json"
     if unedited_path.exists():
         unedited = json.loads(unedited_path.read_text())
     else:
         check_stop("nothing was evaluated yet; to start, run the same command")
-        print(f"unedited model: scoring {len(cases)} cases, held-out perplexity, known facts")
+        print(f"unedited model: scoring {len(scored)} cases, held-out perplexity, known facts")
         unedited = {
-            "pre": _scores(loaded, cases, gen, cfg, "unedited", generative),
+            "pre": _scores(loaded, scored, gen, cfg, "unedited", generative),
             "pre_perplexity": ppl(),
             "known_facts": [f.index for f in known_facts(loaded.model, loaded.tokenizer, facts)],
         }
@@ -288,7 +405,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     def stop(method: str | None = None, batch: int = 0, of: int = 0) -> None:
         finished = sorted(p.stem for p in (out / "methods").glob("*.json"))
-        now = f"; {method} stopped after {batch} of {of} batch(es) and reruns from the start" if method else ""
+        now = (
+            f"; {method} stopped after {batch} of {of} batch(es), its edits and state saved in "
+            f"{out / 'progress'} (it resumes there)"
+            if method
+            else ""
+        )
         check_stop(
             f"finished method(s) in {out / 'methods'}: {', '.join(finished) or 'none'}{now}; "
             "to resume, run the same command"
@@ -313,31 +435,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             editor = editors[name]
             edits = editor.method != "none"
             requests = [dataclass_request(c) for c in cases]
-            curve, timings, seconds, checkpoint_seconds = [], {}, 0.0, 0.0
-            own = {layer: weights[layer] for layer in editor.layers if layer in weights}
-
             bar.set_description(f"{name} ({pending.index(name) + 1}/{len(pending)})")
-            every = int(cfg.eval.eval_every)
-            for b, idx in enumerate(batches):
-                clock = Clock(loaded.model)
-                for edit in editor.edit([requests[i] for i in idx]):
-                    for k, v in edit.timings.items():
-                        timings[k] = timings.get(k, 0.0) + v
-                seconds += clock.lap("batch")
-                bar.update(1)
-                stop(name, b + 1, len(batches))
-                if edits and every and ((b + 1) % every == 0) and b + 1 < len(batches):
-                    curve.append(monitor.checkpoint(name, edits, own, idx[-1] + 1))
-                    checkpoint_seconds += clock.lap("checkpoint")
-                    p = curve[-1]
-                    gen_es = f" ES(gen) {p['es_gen_em']:.0f}" if "es_gen_em" in p else ""
-                    bar.set_postfix_str(
-                        f"{p['edits']} edits: ES {p['es']:.0f}{gen_es} ppl {p['perplexity']:.1f} "
-                        f"known {100 * p['known_accuracy']:.0f}%"
-                    )
+            method_run = _MethodRun(name, editor, monitor, batches, int(cfg.eval.eval_every), out / "progress", bar)
+            method_run.resume(OmegaConf.to_container(conf, resolve=True))
+            for b in range(method_run.done, len(batches)):
+                method_run.edit_batch([requests[i] for i in batches[b]])
+                if stop_requested():  # the batch boundary: what the next batch needs, saved; then stop
+                    method_run.save(checkpoint_pending=method_run.checkpoint_due())
+                    stop(name, method_run.done, len(batches))
+                if method_run.checkpoint_due():
+                    try:
+                        method_run.take_checkpoint()
+                    except Interrupted:  # stopped inside the checkpoint: keep the edits, redo the checkpoint
+                        method_run.save(checkpoint_pending=True)
+                        raise
+                    method_run.save()  # a kill loses at most eval_every batches
+            method_run.save()  # the final scoring, if stopped, resumes without editing again
+            curve, timings, seconds, own = method_run.curve, method_run.timings, method_run.seconds, method_run.own
+            checkpoint_seconds = method_run.checkpoint_seconds
             clock = Clock(loaded.model)
-            post = _scores(loaded, cases, gen, cfg, f"{name}: all cases", generative) if edits else summary["pre"]
-            curve.append(monitor.checkpoint(name, edits, own, len(cases), post))
+            what = "all cases" if len(scored) == len(cases) else f"{len(scored)} cases"
+            post = _scores(loaded, scored, gen, cfg, f"{name}: {what}", generative) if edits else summary["pre"]
+            curve.append(monitor.checkpoint(name, edits, own, len(cases), dict(zip(final, post))))
             checkpoint_seconds += clock.lap("checkpoint")
             collapse = (
                 collapse_point(curve, summary["pre_perplexity"], 1.0 if known else None, len(cases))
@@ -382,6 +501,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 },
             )
             write_json(out / "methods" / f"{name}.json", row)
+            drop_progress(method_run.stem)
             summary = _assemble(out, identity, unedited, names)  # with whatever other processes finished meanwhile
             with torch.no_grad():
                 for layer, w in weights.items():
@@ -404,6 +524,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     table = scale_table(summary)
     print("\n" + table)
     print(f"results: {out}/ (summary.json, table.md, curve.png)")
+    report_after_run(out, bool(cfg.report.after_run))
     return summary
 
 
@@ -449,17 +570,26 @@ def _write(
     summary["title"] = (
         f"CounterFact, {len(cases)} edits into one {loaded.identity['name']} ({how}; "
         f"records {int(cfg.eval.start)}-{int(cfg.eval.start) + len(cases) - 1} of "
-        f"{Path(cfg.eval.dataset).name}, {n_skipped} skipped)"
+        f"{Path(cfg.eval.dataset).name}, {n_skipped} skipped"
+        + (f"; {len(summary['pre'])} of them scored" if len(summary["pre"]) != len(cases) else "")
+        + ")"
     )
     summary["notes"] = [
-        "every case is scored after the last batch (its edit has had every later edit applied on top)",
+        (
+            "every case is scored after the last batch (its edit has had every later edit applied on top)"
+            if len(summary["pre"]) == len(cases)
+            else f"after the last batch (and on the unedited model) {len(summary['pre'])} of the {len(cases)} cases "
+            "are scored (eval.final_cases: evenly spaced in edit order, first and last included); each has had "
+            "every later edit applied on top"
+        ),
         f"ppl: perplexity on the last {len(records)} articles of {Path(cfg.data.files).name} (records "
         f"{records.start}-{records.stop - 1}, max {int(cfg.eval.heldout.max_length)} tokens each); "
         f"C read the first {read}",
         f"known facts: of the first {int(cfg.eval.known.n)} records of {Path(cfg.eval.known.dataset).name}, the "
         f"{len(summary['known_facts'])} the unedited model answers; the share still answered",
         "ROME applies its edits one at a time",
-        f"curve (every {int(cfg.eval.eval_every)} batch(es) and after the last): ES/PS/NS (tf) and the generative "
+        f"curve (after the first batch, every {int(cfg.eval.eval_every)} batch(es) and after the last): ES/PS/NS (tf) "
+        "and the generative "
         f"efficacy of {_sample_words(cfg)} of the cases edited so far (evenly spaced in edit order), without GE; "
         "held-out ppl, known facts and per edited layer ||W - W0|| / ||W0|| at the same checkpoints",
         f"collapse point: the first checkpoint where the held-out perplexity passes {PPL_FACTOR:g}x the unedited or "

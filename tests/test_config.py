@@ -167,5 +167,11 @@ def test_help_print_config_and_the_nearest_stage(capsys):
     assert train.main(["stage=edt"]) == 2
     assert (
         capsys.readouterr().err.strip()
-        == "error: stage=edt is not one of stats, edit, revert, trace, eval (did you mean edit?)"
+        == f"error: stage=edt is not one of {', '.join(train.STAGES)} (did you mean edit?)"  # every stage, in order
     )
+
+
+def test_a_date_like_value_stays_text():
+    from pipeline.config import parse_overrides
+
+    assert parse_overrides(["edit.out=2024-01-01", "report.dir=2026-12-04_10:00"]).edit.out == "2024-01-01"

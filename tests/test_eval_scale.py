@@ -154,8 +154,8 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("interrupted:")] == [
         f"interrupted: finished method(s) in {tmp_path / 'out' / 'methods'}: rome; "
-        "memit stopped after 1 of 2 batch(es) "
-        "and reruns from the start; to resume, run the same command"
+        f"memit stopped after 1 of 2 batch(es), its edits and state saved in {tmp_path / 'out' / 'progress'} "
+        "(it resumes there); to resume, run the same command"
     ]
     assert calls == ["rome", "rome", "memit"] and sorted(p.name for p in (tmp_path / "out" / "methods").iterdir()) == [
         "rome.json"
@@ -165,3 +165,91 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(
     out = capsys.readouterr().out
     assert "rome: already in" in out
     assert set(json.loads((tmp_path / "out" / "summary.json").read_text())["methods"]) == {"rome", "memit"}
+
+
+def test_a_stopped_method_resumes_at_its_batch_boundary_bit_for_bit(
+    tiny_model_dir, small_wiki, tmp_path, capsys, monkeypatch
+):
+    """Stopped after batch 2 of 3 (each method), resumed by the same command: every method's scores, curve and
+    weight changes equal an uninterrupted run's exactly (the edited matrices and the editors' state —
+    UltraEdit's lifelong statistics, AlphaEdit's preserved keys, the NAS reference — are saved and restored)."""
+    import os
+    import signal
+
+    import train
+    from pipeline.editors.base import Editor
+
+    os.environ.update(OFFLINE)
+    base = tiny_model_dir("llama")
+
+    def args(out):
+        return [
+            "stage=eval",
+            "eval.mode=sequential",
+            f"model.name={base}",
+            "model.device=cpu",
+            f"data.files={small_wiki}",
+            f"stats.dir={tmp_path / 'stats'}",
+            f"model.cache_dir={tmp_path / 'cache'}",
+            "stats.tokens=1000",
+            "data.max_length=64",
+            "data.batch_tokens=256",
+            "trainer.accelerator=cpu",
+            f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}",
+            "eval.n=6",
+            "eval.batch_size=2",
+            "eval.eval_every=1",
+            "eval.generation.tokens=0",
+            "eval.heldout.articles=5",
+            "eval.heldout.max_length=32",
+            "eval.known.n=30",
+            "edit.layer=2",
+            "edit.layers=[1,2]",
+            "edit.v.steps=2",
+            "edit.memit.v.steps=2",
+            "edit.v.norm_anchor=true",
+            "edit.alphaedit.norm_anchor=true",
+            "edit.ultraedit.lr=0.01",
+            f"eval.out={out}",
+            "eval.methods=[ultraedit,alphaedit,rome]",
+        ]
+
+    assert train.main(args(tmp_path / "whole")) == 0
+    edit = Editor.edit
+    batches = {}
+
+    def edit_then_signal(self, requests, on_step=None):  # a real SIGTERM during each method's second batch
+        batches[self.name] = batches.get(self.name, 0) + len(self.units(requests))
+        edits = edit(self, requests, on_step)
+        if batches[self.name] == (2 if self.name != "rome" else 4):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return edits
+
+    monkeypatch.setattr(Editor, "edit", edit_then_signal)
+    out = tmp_path / "stopped"
+    for name in ("ultraedit", "alphaedit", "rome"):  # each run stops one method after its batch 2 of 3
+        assert train.main(args(out)) == 143
+        err = capsys.readouterr().err
+        assert f"{name} stopped after 2 of 3 batch(es)" in err
+        assert (out / "progress" / f"{name}.safetensors").exists()
+        batches.clear()
+    monkeypatch.undo()
+    assert train.main(args(out)) == 0
+    printed = capsys.readouterr()
+    assert "rome: resuming after batch 2 of 3 (4 edits)" in printed.out + printed.err
+    assert not list((out / "progress").glob("*")), "a finished method leaves no saved progress"
+
+    def outcome(path):
+        row = json.loads(path.read_text())
+        return {
+            k: v
+            for k, v in row.items()
+            if k not in ("edit_seconds", "checkpoint_seconds", "edits_per_second", "timings")
+        }
+
+    for name in ("ultraedit", "alphaedit", "rome"):
+        whole = outcome(tmp_path / "whole" / "methods" / f"{name}.json")
+        resumed = outcome(out / "methods" / f"{name}.json")
+        assert [p["edits"] for p in whole["curve"]] == [2, 4, 6]
+        assert resumed == whole, name
+        assert all(v > 0 for v in whole["weight_change"].values())

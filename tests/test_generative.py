@@ -192,3 +192,20 @@ def test_per_case_eval_reports_generative_columns_with_their_protocol(tiny_model
     rec = json.loads((out / "cases.jsonl").read_text().splitlines()[1])
     assert rec["method"] == "rome_identity_cov" and set(rec["greedy"]["post"]) == {"es_gen", "ps_gen", "ns_gen"}
     assert rec["post"]["es_gen_em"] in (0.0, 1.0) and rec["timings"]["greedy"] > 0
+
+
+def test_stopping_rows_once_their_text_is_settled_changes_no_continuation(tiny_model_dir):
+    """Generation stops a row once a newline or a sentence end followed by whitespace settles what
+    ``continuation`` reads; every row's continuation is the one of the full-length generation."""
+    from pipeline.core.generation import generate_tokens
+    from pipeline.evaluation.generative import settled
+
+    assert settled("Paris. The") and settled("\n\n Paris\n") and not settled("\n Paris") and not settled("St.")
+    assert not settled("3.5 million") and settled("3.5 million. And")
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    prompts = [t.replace("{}", s) for s in SUBJECTS for t in PROMPTS]
+    full = generate_tokens(model, tok, prompts, 24, top_k=None, exact_length=False)
+    early = generate_tokens(model, tok, prompts, 24, top_k=None, exact_length=False, done=settled)
+    read = lambda rows: [continuation(tok.decode(r, skip_special_tokens=True)) for r in rows]  # noqa: E731
+    assert read(early) == read(full)

@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-UPPER = ("modules", "datamodules", "recipes")
+UPPER = ("modules", "datamodules", "recipes", "rome", "train")  # rome.py: the Python API, beside train.py
 
 
 def module_name(path: Path) -> str:

@@ -109,7 +109,8 @@ def _editor(loaded, *overrides):
 def test_editor_writes_the_ridge_shift_of_its_normalised_pseudo_targets(tiny_model_dir, family):
     loaded = load_model(str(tiny_model_dir(family)), device="cpu")
     loaded.model.double()  # the weight difference then is ΔW itself (no float32 rounding)
-    editor = _editor(loaded, "edit.ultraedit.lr=0.01", "edit.batch_size=2")
+    # verification off: about the shift written (one small step does not make a random model say the objects)
+    editor = _editor(loaded, "edit.ultraedit.lr=0.01", "edit.batch_size=2", "edit.verify.enabled=false")
     assert isinstance(editor, ultraedit.UltraEditEditor) and editor.layers == [1, 2]
     requests = parse_requests(REQUESTS[:3])
     assert [len(u) for u in editor.units(requests)] == [2, 1]
@@ -155,6 +156,7 @@ def test_edit_stage_continues_a_ledger_bitwise_reverts_and_saves(tiny_model_dir,
             "edit.ultraedit.layers=[1,2]",
             "edit.ultraedit.lr=0.01",
             "edit.batch_size=2",
+            "edit.verify.enabled=false",  # about the ledger: one small step does not make a random model say them
             f"edit.out={out}",
             f"edit.save_to={saved}",
             f"request={json.dumps(requests)}",

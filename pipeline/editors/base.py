@@ -34,6 +34,7 @@ from pipeline.core.hooks import get_module
 from pipeline.core.requests import EditRequest
 from pipeline.core.timing import Clock
 from pipeline.editors.ledger import Ledger
+from pipeline.editors.verification import check_after, check_before, check_settings, unit_report
 from pipeline.errors import UserError
 
 __all__ = ["Edit", "Editor", "BatchEditor", "PHASES", "REGISTRY", "register", "LayerStatistics"]
@@ -66,7 +67,19 @@ class Edit:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     entry_id: int | None = None  # the ledger's id, once recorded
     clock: Clock | None = dataclasses.field(default=None, repr=False)  # started when the optimisation starts
+    # per request, what verification found (``pipeline/editors/verification.py``): P(new) and P(true) on the
+    # prompt before and after, whether the model knew the fact, what it says after, whether the edit took
+    checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # a subclass also has ``requests``: the unit's requests
+
+    @property
+    def warnings(self) -> list[str]:
+        """A line per request whose fact the model did not know before the edit."""
+        return [c["warning"] for c in self.checks if c.get("warning")]
+
+    def __str__(self) -> str:
+        """The unit's report for a terminal (ROME's ``EditResult`` has its own table)."""
+        return unit_report(self.entry_id, self.requests, self.checks, self.status, self.reason)
 
 
 class Editor(abc.ABC):
@@ -137,6 +150,18 @@ class Editor(abc.ABC):
 
     def verify(self, edit: Edit) -> None:  # noqa: B027  (a phase with a default, not an abstract one)
         """Check the applied edit; the default accepts it."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What the next unit depends on besides the weights, as named CPU tensors (a run stopped at a unit
+        boundary saves it with the edited weights and resumes bit for bit): the NAS reference of the methods
+        that optimise values; subclasses add theirs (AlphaEdit's preserved keys, UltraEdit's statistics)."""
+        reference = getattr(self, "anchor_reference", None)
+        return {} if reference is None else {"anchor_reference": torch.tensor([reference], dtype=torch.float64)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take up what ``state`` saved (the tensors of an editor of the same method and settings)."""
+        if "anchor_reference" in tensors:
+            self.anchor_reference = float(tensors["anchor_reference"][0])
 
     def continue_from(self, ledger: Ledger) -> str | None:
         """Take up the state a ledger's earlier edits leave for this method (AlphaEdit: the keys to preserve);
@@ -212,7 +237,9 @@ class BatchEditor(Editor):
         layers: Sequence[int],
         batch_size: int,
         layers_key: str = "edit.layers",
+        verify: Any = None,
     ) -> None:
+        """``verify``: the ``edit.verify`` group (None, or ``enabled: false``: no checks)."""
         layers = list(layers)
         if not layers or sorted(set(layers)) != layers:
             raise UserError(f"{layers_key}={layers} must be increasing layer indices (e.g. [2,3,4,5,6])")
@@ -222,6 +249,37 @@ class BatchEditor(Editor):
             raise UserError(f"edit.batch_size={batch_size} must be a positive number of requests")
         super().__init__(name, model, tokenizer, spec, hp, layers)
         self.batch_size = batch_size
+        if verify is not None:
+            from pipeline.editors.hparams import VerifyHparams, typed
+
+            verify = typed(VerifyHparams, verify, "edit.verify")
+        self.verifying = verify if verify is not None and verify.enabled else None
+        if self.verifying is not None:
+            check_settings(self.verifying)
 
     def units(self, requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
         return [list(requests[i : i + self.batch_size]) for i in range(0, len(requests), self.batch_size)]
+
+    def check_before(self, edit: Edit) -> None:
+        """The unedited model's side of verification, for every request of the batch (subclasses call it in
+        ``begin``, before anything is written)."""
+        if self.verifying is not None:
+            clock = Clock(self.model, edit.timings)
+            edit.checks = check_before(self.model, self.tokenizer, edit.requests, self.verifying)
+            clock.lap("pre")
+
+    def verify(self, edit: Edit) -> None:
+        """Every request of the batch must take (``verification.check_after``); a batch is not rolled back: one
+        that fails stays in the weights, ``failed_verification``, with the requests that did not take."""
+        if self.verifying is None:
+            return
+        clock = Clock(self.model, edit.timings)
+        problems = check_after(self.model, self.tokenizer, edit.requests, edit.checks, self.verifying)
+        clock.lap("verify")
+        if problems:
+            edit.status = "failed_verification"
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            edit.reason = (
+                f"{len(problems)} of {len(edit.requests)} request(s) did not take: {problems[0]}{more}; "
+                "a batch is not rolled back"
+            )

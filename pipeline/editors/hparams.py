@@ -74,10 +74,14 @@ class TemplateHparams:
 
 @dataclasses.dataclass
 class VerifyHparams:
+    """``edit.verify``: whether an edit took (``pipeline/editors/verification.py``) and is not a disabling one."""
+
     enabled: bool
     rollback: bool
     batch_size: int
     answer_tokens: int
+    generative: bool  # took = the greedy continuation starts with the new object; false: P(new) >= min_p_new
+    min_p_new: float
     max_relative_update: float
     min_denominator: float
 
@@ -100,6 +104,7 @@ class RomeHparams:
 class MemitHparams:
     mom2_update_weight: float  # λ in R Kᵀ (λC + K Kᵀ)⁻¹
     rows_per_pass: int
+    micro_batch: Any  # requests per z micro-batch: null / auto or a number (the same z either way: not identity)
     templates: TemplateHparams
     v: ValueHparams
     norm_anchor: bool  # NAS on z's MLP part (``NormAnchorHparams``)

@@ -6,8 +6,9 @@
 For a batch of n requests and consecutive MLP layers l_1 < ... < l_L (the "layer set"):
 1. ``subject_states``: h̄ = the residual stream (block output) of the last layer l_L at the subject's last
    token, averaged over the context templates, for every request.
-2. z = h̄ + δ, δ optimised with ROME's loss, one δ per request, all requests in one batch
-   (``ValueOptimisation`` with δ added to the block output of l_L).
+2. z = h̄ + δ, δ optimised with ROME's loss, one δ per request, all requests in one batch or in
+   micro-batches of ``edit.memit.micro_batch`` requests with the same result (auto: as many as a GPU's free
+   memory allows, ``value.optimise_values``; ``ValueOptimisation`` with δ added to the block output of l_L).
 3. For each layer l_i in ascending order, on the model as edited so far:
    K = the down-projection's input at the subject's last token (averaged over the same templates) [d_ff, n],
    R = (z − h̄_now) / (L − i + 1)  — h̄_now re-read from the partly edited model, averaged like K (the
@@ -43,11 +44,12 @@ from pipeline.editors.hparams import BatchHparams, typed
 from pipeline.editors.ledger import Ledger
 from pipeline.editors.rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
 from pipeline.editors.value import (
-    ValueBatch,
+    MicroBatches,
     ValueOptimisation,
     anchor_reference,
     build_rows,
     norm_anchor,
+    optimise_values,
     subject_rows,
 )
 from pipeline.errors import UserError
@@ -66,6 +68,7 @@ __all__ = [
     "subject_states",
     "PromptRows",
     "target_optimisation",
+    "micro_batch_setting",
     "subject_values",
     "anchor_targets",
     "memit_right",
@@ -171,13 +174,30 @@ def subject_states(
     return {layer: k / n_templates for layer, k in keys.items()}, (out / n_templates if out is not None else None)
 
 
-def target_optimisation(ctx: MemitEditor, requests: Sequence[EditRequest], h0: torch.Tensor) -> ValueOptimisation:
+def target_optimisation(
+    ctx: MemitEditor, requests: Sequence[EditRequest], h0: torch.Tensor
+) -> ValueOptimisation | MicroBatches:
     """δ for every request at once: added to the last layer's block output at the subject's last token,
-    ROME's loss per request, Adam per element (so each request gets what it would get alone)."""
-    tok, hp = ctx.tokenizer, ctx.hp
+    ROME's loss per request, Adam per element (so each request gets what it would get alone), in micro-batches
+    of ``ctx.micro_batch`` requests (``edit.memit.micro_batch``; None: by free memory on a GPU) with the
+    same result."""
+    tok, hp, last = ctx.tokenizer, ctx.hp, ctx.layers[-1]
     rows = [build_rows(tok, ctx.templates, r.prompt, r.subject, r.target_new, list(hp.kl_prompts)) for r in requests]
-    batch = ValueBatch.build(ctx.model, ctx.spec, rows, tok.pad_token_id or 0)
-    return ValueOptimisation(ctx.model, ctx.spec, ctx.spec.block_name(ctx.layers[-1]), batch, h0, hp.memit.v)
+    module = ctx.spec.block_name(last)
+    return optimise_values(
+        ctx.model, ctx.spec, module, last, rows, h0, hp.memit.v, tok.pad_token_id or 0, ctx.micro_batch
+    )
+
+
+def micro_batch_setting(value: Any) -> int | None:
+    """``edit.memit.micro_batch``: requests per z micro-batch, None for auto (null or ``auto``)."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(
+            f"edit.memit.micro_batch={value} must be auto (null: by free GPU memory) or a number of requests >= 1"
+        )
+    return value
 
 
 def memit_right(keys: torch.Tensor, solver: KeySolver, mom2_update_weight: float) -> torch.Tensor:
@@ -336,13 +356,15 @@ class MemitEditor(BatchEditor):
         batch_size: int,
         stats_id: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(name, model, tokenizer, spec, typed(BatchHparams, hp), layers, batch_size)
+        verify = hp.get("verify") if hasattr(hp, "get") else None  # edit.verify (BatchHparams does not hold it)
+        super().__init__(name, model, tokenizer, spec, typed(BatchHparams, hp), layers, batch_size, verify=verify)
         self.templates, self.stats_id = templates, stats_id
         self.solvers: dict[int, KeySolver] = {}
         self.projectors: dict[int, torch.Tensor] = {}
         self.preserved: dict[int, torch.Tensor] = {}
         self.null_space_ranks: dict[int, int] = {}
         self.anchor_reference: float | None = None  # NAS (norm_anchor): set by the first batch
+        self.micro_batch = micro_batch_setting(self.hp.memit.micro_batch)  # requests per z micro-batch (None: auto)
 
     @property
     def norm_anchor(self) -> bool:
@@ -362,6 +384,7 @@ class MemitEditor(BatchEditor):
             raise UserError(f"{name} needs C for its layers but no statistics were given")
         hp = method_hparams(cfg, conf, measure_only)
         layers = [loaded.spec.check_layer(loaded.model, layer, "edit.layers") for layer in cfg.edit.layers]
+        micro_batch_setting(hp.memit.micro_batch)  # a bad value is refused before the statistics are computed
         templates = templates_for(cfg, loaded, hp.memit.templates)
         stats = statistics(layers)
         editor = cls(
@@ -383,7 +406,9 @@ class MemitEditor(BatchEditor):
         return int(self.hp.memit.v.steps)
 
     def begin(self, requests: Sequence[EditRequest]) -> BatchEdit:
-        return begin_batch(self, requests)
+        edit = begin_batch(self, requests)
+        self.check_before(edit)
+        return edit
 
     def apply(self, edit: BatchEdit) -> None:
         finish_batch(self, edit)
@@ -398,13 +423,26 @@ class MemitEditor(BatchEditor):
         return {**out, "norm_anchor": edit.anchor} if edit.anchor else out
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "stats": self.stats_id}
+        out = {**super().config(), "stats": self.stats_id}
+        out["hparams"]["memit"].pop("micro_batch", None)  # how the z optimisation is split changes no result
+        return out
 
 
 @register("alphaedit")
 class AlphaEditEditor(MemitEditor):
     """AlphaEdit: MEMIT's batches with the update projected onto C's null space and the keys of earlier
     batches (of this run and of the ledger it continues) preserved."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        kept = {f"preserved.{layer}": k.detach().cpu().clone() for layer, k in self.preserved.items()}
+        return {**super().state(), **kept}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state(tensors)
+        device = model_device(self.model)
+        self.preserved = {
+            int(name.split(".")[1]): k.to(device) for name, k in tensors.items() if name.startswith("preserved.")
+        }
 
     def continue_from(self, ledger: Ledger) -> str | None:
         device = model_device(self.model)

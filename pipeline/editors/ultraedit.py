@@ -256,7 +256,9 @@ class UltraEditEditor(BatchEditor):
         hp: Any,
         layers: Sequence[int],
         batch_size: int,
+        verify: Any = None,
     ) -> None:
+        """``verify``: the ``edit.verify`` group (None: no checks)."""
         hp = typed(UltraEditHparams, hp, "edit.ultraedit")
         if hp.statistics not in STATISTICS:
             raise UserError(f"edit.ultraedit.statistics={hp.statistics} must be one of {', '.join(STATISTICS)}")
@@ -264,7 +266,7 @@ class UltraEditEditor(BatchEditor):
             raise UserError(f"edit.ultraedit.ridge={hp.ridge} must be positive (the release uses 1)")
         if hp.rows_per_pass <= 0:
             raise UserError(f"edit.ultraedit.rows_per_pass={hp.rows_per_pass} must be a positive number of prompts")
-        super().__init__(name, model, tokenizer, spec, hp, layers, batch_size, "edit.ultraedit.layers")
+        super().__init__(name, model, tokenizer, spec, hp, layers, batch_size, "edit.ultraedit.layers", verify)
         device = model_device(model)
         size = {
             layer: spec.key_size(model, layer) + spec.down_proj_matrix(model, layer).shape[0] for layer in self.layers
@@ -275,14 +277,16 @@ class UltraEditEditor(BatchEditor):
     def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
         from pipeline.editors.settings import method_hparams
 
-        hp = method_hparams(cfg, conf, measure_only).ultraedit
+        edit_hp = method_hparams(cfg, conf, measure_only)
+        hp = edit_hp.ultraedit
         # the paper edits late MLPs at the answer positions (the release: GPT-J down-projections 18-26 of 28,
         # Mistral-7B 29-30 of 32, Phi-4 30-38 of 40); a model file sets them in edit.ultraedit.layers, and
         # without one the run's MEMIT layer set (edit.layers) stands in
         layers = hp.layers if hp.layers is not None else cfg.edit.layers
         if not layers:
             raise UserError(f"{name} needs its layers: pass edit.ultraedit.layers=[...] (or edit.layers=[...])")
-        return cls(name, loaded.model, loaded.tokenizer, loaded.spec, hp, list(layers), int(cfg.edit.batch_size))
+        model, batch_size = loaded.model, int(cfg.edit.batch_size)
+        return cls(name, model, loaded.tokenizer, loaded.spec, hp, list(layers), batch_size, edit_hp.verify)
 
     def group(self, layer: int) -> str:
         """The statistics a layer's features go into: ``shared`` (the release keys one normaliser per weight
@@ -295,7 +299,9 @@ class UltraEditEditor(BatchEditor):
             self.model, self.tokenizer, self.spec, requests, self.layers, int(self.hp.rows_per_pass)
         )
         clock.lap("features")
-        return UltraEditBatch(list(requests), features, optimisation=None, timings=clock.timings)
+        edit = UltraEditBatch(list(requests), features, optimisation=None, timings=clock.timings)
+        self.check_before(edit)
+        return edit
 
     def apply(self, edit: UltraEditBatch) -> None:
         clock = Clock(self.model, edit.timings)
@@ -313,6 +319,17 @@ class UltraEditEditor(BatchEditor):
         edit.statistics = {k: v for group, s in self.stats.items() for k, v in s.state(f"stats.{group}").items()}
         edit.status = "applied"
         clock.lap("solve")
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = super().state()
+        for group, s in self.stats.items():
+            out.update(s.state(f"stats.{group}"))
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state(tensors)
+        device = model_device(self.model)
+        self.stats = {group: LifelongStats.from_state(tensors, f"stats.{group}", device) for group in self.stats}
 
     def continue_from(self, ledger: Ledger) -> str | None:
         entry = next(

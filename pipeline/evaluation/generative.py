@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,8 @@ from pipeline.evaluation.cases import EvalCase
 __all__ = [
     "GenerativeEval",
     "generative_settings",
+    "resolve_chat",
+    "chat_text",
     "continuation",
     "normalise",
     "exact_match",
@@ -72,18 +74,31 @@ class GenerativeEval:
         return dataclasses.asdict(self)
 
 
+def resolve_chat(value: Any, tokenizer: Any, key: str) -> bool:
+    """A ``chat`` setting (null or auto: when the tokenizer has a chat template; true; false) as a bool;
+    ``key`` names it in the error."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    chat = {None: has_template, "auto": has_template, "true": True, "false": False}.get(
+        value if isinstance(value, bool) else (None if value is None else str(value).lower()), value
+    )
+    if not isinstance(chat, bool):
+        raise UserError(f"{key}={value} must be null (auto), auto, true or false")
+    if chat and not has_template:
+        raise UserError(f"{key}=true needs a tokenizer with a chat template; set it to auto or false")
+    return chat
+
+
+def chat_text(tokenizer: Any, prompt: str, chat_prompt: str) -> str:
+    """``prompt`` asked through the tokenizer's chat template as the user's message: ``chat_prompt`` with
+    {prompt} filled in, or a question (ending in ?) as it is; the text holds its special tokens."""
+    ask = prompt if prompt.rstrip().endswith("?") else chat_prompt.format(prompt=prompt)
+    return tokenizer.apply_chat_template([{"role": "user", "content": ask}], tokenize=False, add_generation_prompt=True)
+
+
 def generative_settings(node: Any, tokenizer: Any) -> GenerativeEval:
     """The settings from the ``eval.generative`` node; ``chat`` null (or auto) is on when the tokenizer has a
     chat template."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    chat = {None: has_template, "auto": has_template, "true": True, "false": False}.get(
-        node.chat if isinstance(node.chat, bool) else (None if node.chat is None else str(node.chat).lower()),
-        node.chat,
-    )
-    if not isinstance(chat, bool):
-        raise UserError(f"eval.generative.chat={node.chat} must be null (auto), auto, true or false")
-    if chat and not has_template:
-        raise UserError("eval.generative.chat=true needs a tokenizer with a chat template; set it to auto or false")
+    chat = resolve_chat(node.chat, tokenizer, "eval.generative.chat")
     if int(node.max_tokens) <= 0 or int(node.batch_size) <= 0:
         raise UserError(
             f"eval.generative.max_tokens={node.max_tokens} and batch_size={node.batch_size} must be positive "
@@ -104,6 +119,15 @@ def continuation(text: str) -> str:
     text = text.lstrip().split("\n", 1)[0]
     end = _SENTENCE_END.search(text)
     return text[: end.end()] if end else text
+
+
+_SETTLED = re.compile(r"\S[^\n]*\n|[.!?]\s")
+
+
+def settled(text: str) -> bool:
+    """True once more tokens cannot change ``continuation(text)``: a newline after some text, or a sentence end
+    followed by whitespace (generation may stop there)."""
+    return bool(_SETTLED.search(text.lstrip()))
 
 
 def normalise(text: str) -> str:
@@ -165,10 +189,7 @@ def _jobs(cases: Sequence[EvalCase], settings: GenerativeEval, tokenizer: Any, s
                     continue
                 jobs.append(_Job(i, name, "gen", prompt, target, prompt))
                 if settings.chat:
-                    ask = prompt if prompt.rstrip().endswith("?") else settings.chat_prompt.format(prompt=prompt)
-                    chat = tokenizer.apply_chat_template(
-                        [{"role": "user", "content": ask}], tokenize=False, add_generation_prompt=True
-                    )
+                    chat = chat_text(tokenizer, prompt, settings.chat_prompt)
                     jobs.append(_Job(i, name, "chat", prompt, target, chat))
     return jobs
 
@@ -180,6 +201,7 @@ def score_generative(
     cases: Sequence[EvalCase],
     settings: GenerativeEval,
     sets: Sequence[str] | None = None,
+    between: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Per case: {"metrics": {"<set>_<form>_<em|contains>": mean over the set's prompts}, "texts": {"<set>_<form>":
     [continuation, ...]}}. ``sets``: only these prompt sets (default all). Prompts of all cases are generated
@@ -193,6 +215,8 @@ def score_generative(
     for form in FORMS:
         todo = sorted((j for j, job in enumerate(jobs) if job.form == form), key=lambda j: len(jobs[j].text))
         for b in range(0, len(todo), settings.batch_size):
+            if between is not None:
+                between()  # the caller's stop check: a long scoring can be abandoned between calls
             chunk = todo[b : b + settings.batch_size]
             new = generate_tokens(
                 model,
@@ -202,6 +226,7 @@ def score_generative(
                 top_k=None,
                 exact_length=False,
                 add_special_tokens=form == "gen",
+                done=settled,
             )
             for j, row in zip(chunk, new):
                 texts[j] = continuation(tokenizer.decode(row, skip_special_tokens=True))

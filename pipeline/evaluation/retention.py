@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.core.padding import right_pad
-from pipeline.core.probability import predicts
+from pipeline.core.probability import predicts_many
 from pipeline.core.subject import fill_prompt
 from pipeline.core.timing import model_device
 from pipeline.errors import UserError
@@ -77,8 +77,10 @@ def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_lengt
 
 def known_facts(model: nn.Module, tokenizer: Any, facts: Sequence[Fact]) -> list[Fact]:
     """The facts the model knows, by the trace stage's rule (``pipeline.core.probability.predicts``: its greedy
-    continuation, as long as the answer, starts with the answer)."""
-    return [f for f in facts if predicts(model, tokenizer, fill_prompt(f.prompt, f.subject)[0], f.answer)[0]]
+    continuation, as long as the answer, starts with the answer), decoded in batches (``predicts_many``)."""
+    texts = [fill_prompt(f.prompt, f.subject)[0] for f in facts]
+    known = predicts_many(model, tokenizer, texts, [f.answer for f in facts])
+    return [f for f, (yes, _) in zip(facts, known) if yes]
 
 
 def fact_accuracy(model: nn.Module, tokenizer: Any, facts: Sequence[Fact]) -> float:
