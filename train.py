@@ -92,7 +92,8 @@ def main(argv: list[str]) -> int:
             raise UserError(
                 f"stage={fast.stage} is not one of {', '.join(STAGES)}{nearest(str(fast.stage), list(STAGES))}"
             )
-        if not fast.print_config:  # the first line at once: the imports below take seconds on a busy machine
+        if not fast.print_config and sys.stderr.isatty():  # at a terminal, a first line at once: the imports
+            # below take seconds on a busy machine (logs and pipes keep one error line for bad input)
             print(f"{fast.stage}: {fast.model.name}: loading torch, transformers and the model", file=sys.stderr)
         _quiet()
         from pipeline.core.loading import configure
