@@ -8,8 +8,9 @@ from conftest import DATA, run_cli
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def scale_cli(model_dir, data, tmp, *extra):
-    return run_cli(
+def scale_args(model_dir, data, tmp, *extra) -> list[str]:
+    """The sequential protocol on a tiny model, small enough for a test; later ``extra`` overrides win."""
+    return [
         "stage=eval",
         "eval.mode=sequential",
         f"model.name={model_dir}",
@@ -34,8 +35,11 @@ def scale_cli(model_dir, data, tmp, *extra):
         "edit.memit.v.steps=2",
         f"eval.out={tmp / 'out'}",
         *extra,
-        env=OFFLINE,
-    )
+    ]
+
+
+def scale_cli(model_dir, data, tmp, *extra):
+    return run_cli(*scale_args(model_dir, data, tmp, *extra), env=OFFLINE)
 
 
 def test_sequential_protocol_end_to_end_and_resume(tiny_model_dir, small_wiki, tmp_path):
@@ -113,32 +117,9 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(
     from pipeline.editors.base import Editor
 
     os.environ.update(OFFLINE)
-    args = [
-        "stage=eval",
-        "eval.mode=sequential",
-        f"model.name={tiny_model_dir('gpt2')}",
-        "model.device=cpu",
-        f"data.files={small_wiki}",
-        f"stats.dir={tmp_path / 'stats'}",
-        f"model.cache_dir={tmp_path / 'cache'}",
-        "stats.tokens=1000",
-        "data.max_length=64",
-        "data.batch_tokens=256",
-        "trainer.accelerator=cpu",
-        f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}",
-        "eval.n=4",
-        "eval.batch_size=2",
-        "eval.generation.tokens=0",
-        "eval.heldout.articles=5",
-        "eval.heldout.max_length=32",
-        "eval.known.n=30",
-        "edit.layer=2",
-        "edit.layers=[1,2]",
-        "edit.v.steps=2",
-        "edit.memit.v.steps=2",
-        f"eval.out={tmp_path / 'out'}",
-        "eval.methods=[rome,memit]",
-    ]
+    args = scale_args(
+        tiny_model_dir("gpt2"), small_wiki, tmp_path, "eval.generation.tokens=0", "eval.methods=[rome,memit]"
+    )
     edit = Editor.edit
     calls = []
 
@@ -183,36 +164,19 @@ def test_a_stopped_method_resumes_at_its_batch_boundary_bit_for_bit(
     base = tiny_model_dir("llama")
 
     def args(out):
-        return [
-            "stage=eval",
-            "eval.mode=sequential",
-            f"model.name={base}",
-            "model.device=cpu",
-            f"data.files={small_wiki}",
-            f"stats.dir={tmp_path / 'stats'}",
-            f"model.cache_dir={tmp_path / 'cache'}",
-            "stats.tokens=1000",
-            "data.max_length=64",
-            "data.batch_tokens=256",
-            "trainer.accelerator=cpu",
-            f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}",
+        return scale_args(
+            base,
+            small_wiki,
+            tmp_path,
             "eval.n=6",
-            "eval.batch_size=2",
             "eval.eval_every=1",
             "eval.generation.tokens=0",
-            "eval.heldout.articles=5",
-            "eval.heldout.max_length=32",
-            "eval.known.n=30",
-            "edit.layer=2",
-            "edit.layers=[1,2]",
-            "edit.v.steps=2",
-            "edit.memit.v.steps=2",
             "edit.v.norm_anchor=true",
             "edit.alphaedit.norm_anchor=true",
             "edit.ultraedit.lr=0.01",
             f"eval.out={out}",
             "eval.methods=[ultraedit,alphaedit,rome]",
-        ]
+        )
 
     assert train.main(args(tmp_path / "whole")) == 0
     edit = Editor.edit
