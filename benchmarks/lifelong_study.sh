@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The lifelong-editing measurements of docs/many-edits.md, one command each (CPU; hours on 2 cores).
+# Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k batch1000 rome300 table300 gemma1000
+# variants; default: all). Each writes its own eval.out under outputs/; a stopped step resumes where it stopped
+# (the same command: finished methods are kept, the method in progress continues at its batch boundary).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=../shared/data
+COMMON=(stats.tokens=50000 "data.files=$DATA/wikipedia/wikipedia_en_sample.jsonl.gz" trainer.accelerator=cpu
+  model.device=cpu)
+SEQ=(stage=eval eval.mode=sequential "${COMMON[@]}")
+
+run() { echo "== $*" >&2; OMP_NUM_THREADS="${THREADS:-1}" python train.py "$@"; }
+
+ultraedit10k() {  # records 0-9,999 in batches of 100; 200 cases scored at the end
+  run "${SEQ[@]}" eval.batch_size=100 eval.n=10000 'eval.methods=[none,ultraedit]' eval.eval_every=10 \
+    eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 eval.out=outputs/seq10k_ultraedit
+}
+batch1000() {  # MEMIT and AlphaEdit (and UltraEdit), 1,000 edits in batches of 100, on one curve; NAS in a second run
+  run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,memit,alphaedit,ultraedit]' eval.eval_every=1 \
+    eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 eval.out=outputs/seq1000_batch
+  run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,memit,alphaedit]' eval.eval_every=1 \
+    eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 edit.memit.norm_anchor=true \
+    edit.alphaedit.norm_anchor=true eval.out=outputs/seq1000_batch_nas
+}
+rome300() {  # ROME one at a time to 300 edits (checkpoints every 50)
+  run "${SEQ[@]}" eval.batch_size=50 eval.n=300 'eval.methods=[none,rome]' eval.eval_every=1 eval.curve_cases=50 \
+    eval.generation.tokens=0 eval.out=outputs/seq300_rome
+}
+table300() {  # the README's 300-edit table again, now with the generative columns
+  run "${SEQ[@]}" eval.batch_size=50 eval.n=300 'eval.methods=[none,memit,alphaedit,rome,ultraedit]' \
+    eval.out=outputs/seq300
+}
+gemma1000() {  # Gemma 3 270M, the same protocol at 1,000 edits
+  run "${SEQ[@]}" model.name=gemma3-270m eval.batch_size=100 eval.n=1000 \
+    'eval.methods=[none,memit,alphaedit,ultraedit]' eval.eval_every=1 eval.curve_cases=50 eval.final_cases=200 \
+    eval.generation.tokens=0 eval.out=outputs/seq1000_gemma3
+}
+variants() {  # ROME's key variant chosen again by the generative numbers (case mode, 100 cases)
+  run stage=eval "${COMMON[@]}" eval.n=100 eval.start=1000 eval.generation.tokens=0 \
+    'eval.methods=[none,rome,rome_original,rome_rrome]' 'method.rome_original={class: rome, variant: original}' \
+    'method.rome_rrome={class: rome, variant: rrome}' eval.out=outputs/variants_generative
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k batch1000 rome300 table300 gemma1000 variants)
+for step in "${steps[@]}"; do
+  case "$step" in
+    ultraedit10k | batch1000 | rome300 | table300 | gemma1000 | variants) "$step" ;;
+    *) echo "error: unknown step '$step' (ultraedit10k batch1000 rome300 table300 gemma1000 variants)" >&2; exit 2 ;;
+  esac
+done
