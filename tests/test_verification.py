@@ -116,6 +116,14 @@ def test_a_batch_is_verified_request_by_request(tiny_model_dir, tmp_path):
     first = batch.checks[0]
     assert report[2].endswith(f"{first['p_after']['new']:.4f}  no    {first['said_after']}")
     assert report[-1].startswith("  status: failed_verification (2 of 2 request(s) did not take")
+    from pipeline.editors.ledger import Ledger
+
+    ledger = Ledger.open(tmp_path / "ledger", loaded.identity, "float32")
+    entry_id = editor.record(batch, ledger, loaded.identity)  # the ledger keeps what the checks found
+    kept = Ledger.open(tmp_path / "ledger").entries[-1]
+    assert kept["id"] == entry_id and kept["status"] == "applied"  # still in the weights: rebuilt with the rest
+    assert kept["verification"]["status"] == "failed_verification" and kept["verification"]["reason"] == batch.reason
+    assert [c["took"] for c in kept["verification"]["checks"]] == [False, False]
     measured = build_editor(cfg, loaded, statistics=identity_statistics(loaded), measure_only=True)
     (unchecked,) = measured.edit(parse_requests([EIFFEL, TOWER]))  # the eval stage: measured as made, no checks
     assert unchecked.status == "applied" and unchecked.checks == []

@@ -143,9 +143,11 @@ class Ledger:
         model_identity: dict[str, str],
         stats: dict | None,
         run: dict[str, Any] | None = None,
+        verification: dict[str, Any] | None = None,
     ) -> int:
         """Record a MEMIT / AlphaEdit batch: its requests and, per layer, ΔW = L Rᵀ as the factors L, R
-        (float64), plus for AlphaEdit the batch's keys K, whose K Kᵀ later batches preserve."""
+        (float64), plus for AlphaEdit the batch's keys K, whose K Kᵀ later batches preserve; ``verification``:
+        what its checks found (``verification.verification_record``)."""
         tensors = {}
         for layer, update in result.updates.items():
             tensors[f"left.{layer}"], tensors[f"right.{layer}"] = update.left, update.right
@@ -168,6 +170,7 @@ class Ledger:
             "stats": stats,
             "hparams": {"memit": _plain(ctx.hp.memit), "alphaedit": _plain(ctx.hp.alphaedit)},
             **({"run": run} if run else {}),
+            **(verification or {}),
         }
         return self._append(entry, tensors)
 

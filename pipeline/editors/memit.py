@@ -52,6 +52,7 @@ from pipeline.editors.value import (
     optimise_values,
     subject_rows,
 )
+from pipeline.editors.verification import verification_record
 from pipeline.errors import UserError
 from pipeline.stats.second_moment import LayerStats
 from pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
@@ -416,7 +417,8 @@ class MemitEditor(BatchEditor):
     def record(
         self, edit: BatchEdit, ledger: Ledger, model_identity: dict[str, str], run: dict[str, Any] | None = None
     ) -> int | None:
-        return ledger.append_batch(self, edit.result, model_identity, self.stats_id, run)
+        checked = verification_record(edit.checks, edit.status, edit.reason)
+        return ledger.append_batch(self, edit.result, model_identity, self.stats_id, run, checked)
 
     def info(self, edit: BatchEdit) -> dict[str, Any]:
         out = {"timings": dict(edit.timings), "residual": edit.result.residual if edit.result else None}

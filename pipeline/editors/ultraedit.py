@@ -48,6 +48,7 @@ from pipeline.editors.base import BatchEditor, Edit, register
 from pipeline.editors.hparams import UltraEditHparams, typed
 from pipeline.editors.ledger import Ledger
 from pipeline.editors.rank_one import LowRank, apply_low_rank, frobenius_norm
+from pipeline.editors.verification import verification_record
 from pipeline.errors import UserError
 
 __all__ = [
@@ -376,6 +377,7 @@ class UltraEditEditor(BatchEditor):
             "model": model_identity,
             "hparams": {"ultraedit": _plain(self.hp)},
             **({"run": run} if run else {}),
+            **verification_record(edit.checks, edit.status, edit.reason),
         }
         return ledger.append_low_rank(entry, edit.updates, edit.statistics)
 

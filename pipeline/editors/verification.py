@@ -41,6 +41,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation.generative import continuation, exact_match
 
 __all__ = [
+    "verification_record",
     "prompt_sets",
     "measure",
     "measure_prompt",
@@ -187,3 +188,12 @@ def unit_report(
     lines += [f"  {c['warning']}" for c in checks if c.get("warning")]
     lines.append(f"  status: {status}" + (f" ({reason})" if reason else ""))
     return "\n".join(lines)
+
+
+def verification_record(checks: list[dict], status: str, reason: str) -> dict[str, Any]:
+    """What a batch's ledger entry keeps of its verification (empty when it was not verified): per request the
+    checks (P before / after, what the model said, whether it took, the warning), the batch's verdict and why.
+    The entry's own ``status`` stays ``applied``: a batch that failed verification is still in the weights."""
+    if not checks:
+        return {}
+    return {"verification": {"status": status, "reason": reason, "checks": checks}}
