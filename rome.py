@@ -79,10 +79,10 @@ class EditReport:
 
 
 def _quiet() -> None:
-    """The command line's console: no framework banners or tips around our bars and tables (``train._quiet``)."""
+    """The command line's console: no framework banners or tips around our bars and tables (``train.quiet``)."""
     import train
 
-    train._quiet()
+    train.quiet()
 
 
 def _requests(requests: Any) -> list[EditRequest]:

@@ -56,7 +56,7 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _quiet() -> None:
+def quiet() -> None:
     """Keep the console for our own progress bars and results: no framework banners or tips."""
     import warnings
 
@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
         if not fast.print_config and sys.stderr.isatty():  # at a terminal, a first line at once: the imports
             # below take seconds on a busy machine (logs and pipes keep one error line for bad input)
             print(f"{fast.stage}: {fast.model.name}: loading torch, transformers and the model", file=sys.stderr)
-        _quiet()
+        quiet()
         from pipeline.core.loading import configure
         from pipeline.core.signals import stop_on_signals
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from pipeline.editors.base import Edit
 from pipeline.editors.ledger import Ledger
+from pipeline.editors.progress import step_of
 
 from .progress import PhaseStatus, is_terminal
 
@@ -131,13 +132,11 @@ class EditProgress(L.Callback):
         opt = (finished or edit).optimisation
         if finished is None:
             if opt is not None and edit.phase == "begun" and any(opt.losses):
-                last = [losses[-1] for losses in opt.losses if losses]
+                step = step_of(opt)
                 if self.bar is not None:
-                    self.bar.n = max(map(len, opt.losses))
+                    self.bar.n = step.step
                 self.status.set(
-                    self.label,
-                    self.PHASES["optimising"],
-                    f"loss {sum(last) / len(last):.3f}, P(target) {sum(opt.p_target) / len(opt.p_target):.3f}",
+                    self.label, self.PHASES["optimising"], f"loss {step.loss:.3f}, P(target) {step.p_target:.3f}"
                 )
             return
         pl_module.advance(finished, "verified")  # the line reports the edit's outcome

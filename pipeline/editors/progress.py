@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["Step", "StepProgress"]
+__all__ = ["Step", "StepProgress", "step_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,20 @@ class Step:
     steps: int  # the most it takes (edit.v.steps / edit.memit.v.steps; it may stop early)
     loss: float  # the last step's loss, the mean over the unit's requests
     p_target: float  # the model's P(target) at the last step, the mean over the unit's requests
+
+
+def step_of(optimisation: Any, unit: int = 1, units: int = 1) -> Step:
+    """Where an optimisation stands: steps taken, the most it takes, and the mean over its requests of the last
+    step's loss and P(target) (the one reading the API's bar and the edit stage's bar both show)."""
+    losses = [run[-1] for run in optimisation.losses if run]
+    return Step(
+        unit=unit,
+        units=units,
+        step=max(map(len, optimisation.losses)),
+        steps=int(optimisation.steps),
+        loss=sum(losses) / max(len(losses), 1),
+        p_target=sum(optimisation.p_target) / max(len(optimisation.p_target), 1),
+    )
 
 
 class StepProgress:
@@ -45,15 +59,7 @@ class StepProgress:
         if edit is not self.current:  # a new unit has begun
             self.close()
             self.current, self.unit = edit, self.unit + 1
-        losses = [run[-1] for run in opt.losses if run]
-        step = Step(
-            unit=self.unit,
-            units=self.units,
-            step=max(map(len, opt.losses)),
-            steps=int(opt.steps),
-            loss=sum(losses) / max(len(losses), 1),
-            p_target=sum(opt.p_target) / max(len(opt.p_target), 1),
-        )
+        step = step_of(opt, self.unit, self.units)
         if self.callback is not None:
             self.callback(step)
         elif self.show:
