@@ -27,9 +27,10 @@ rome300() {  # ROME one at a time to 300 edits (checkpoints every 50)
   run "${SEQ[@]}" eval.batch_size=50 eval.n=300 'eval.methods=[none,rome]' eval.eval_every=1 eval.curve_cases=50 \
     eval.generation.tokens=0 eval.out=outputs/seq300_rome
 }
-table300() {  # the README's 300-edit table again, now with the generative columns
+table300() {  # the README's 300-edit table again, now with the generative columns and every method's curve
+  # (checkpoints every 50 edits: ROME's curve to 300 as well; GE, the fluency texts, is in the first table)
   run "${SEQ[@]}" eval.batch_size=50 eval.n=300 'eval.methods=[none,memit,alphaedit,rome,ultraedit]' \
-    eval.out=outputs/seq300
+    eval.eval_every=1 eval.curve_cases=50 eval.generation.tokens=0 eval.out=outputs/seq300
 }
 gemma1000() {  # Gemma 3 270M, the same protocol at 1,000 edits
   run "${SEQ[@]}" model.name=gemma3-270m eval.batch_size=100 eval.n=1000 \
