@@ -35,7 +35,7 @@ from shapes import add_model_arguments, build_shape, statistics_for  # noqa: E40
 
 
 def clock(model):
-    from pipeline.core.timing import sync
+    from rome.pipeline.core.timing import sync
 
     sync(model)
     return time.perf_counter()
@@ -59,9 +59,9 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from pipeline.core.loading import configure, load_model, resolve_dtype
-    from pipeline.core.requests import parse_requests
-    from pipeline.editors.factory import build_editor
+    from rome.pipeline.core.loading import configure, load_model, resolve_dtype
+    from rome.pipeline.core.requests import parse_requests
+    from rome.pipeline.editors.factory import build_editor
 
     overrides = [
         f"data.files={WIKI}",

@@ -45,12 +45,12 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     from omegaconf import OmegaConf
 
-    from modules.statistics import layer_statistics
-    from pipeline.core.loading import configure, load_model
-    from pipeline.editors import memit
-    from pipeline.editors.factory import build_editor
-    from pipeline.evaluation.cases import load_cases
-    from pipeline.evaluation.scoring import Generation, score_case
+    from rome.modules.statistics import layer_statistics
+    from rome.pipeline.core.loading import configure, load_model
+    from rome.pipeline.editors import memit
+    from rome.pipeline.editors.factory import build_editor
+    from rome.pipeline.evaluation.cases import load_cases
+    from rome.pipeline.evaluation.scoring import Generation, score_case
 
     cfg = configure(
         [

@@ -52,7 +52,7 @@ from shapes import add_model_arguments, build_shape, statistics_for  # noqa: E40
 
 
 def requests(n: int):
-    from pipeline.core.requests import parse_requests
+    from rome.pipeline.core.requests import parse_requests
 
     return parse_requests([EIFFEL] + json.loads(COUNTERFACT.read_text())[: n - 1])
 
@@ -60,10 +60,10 @@ def requests(n: int):
 def reference_edit(ctx, request, hp):
     """The original's v* loop (full forward over every prompt, every step) between the same k*/v₀ and the
     same solve, apply and verification as the stage."""
-    from pipeline.core.timing import Clock
-    from pipeline.editors import rome
-    from pipeline.editors.reference import reference_loss
-    from pipeline.editors.value import build_rows
+    from rome.pipeline.core.timing import Clock
+    from rome.pipeline.editors import rome
+    from rome.pipeline.editors.reference import reference_loss
+    from rome.pipeline.editors.value import build_rows
 
     result = rome.EditResult(request, ctx.layer, ctx.module, None, None, None)
     clock = Clock(ctx.model, result.timings)
@@ -118,10 +118,10 @@ def child(args) -> None:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    from modules.edit_loop import fit_edits
-    from pipeline.core.loading import configure, load_model, resolve_dtype
-    from pipeline.core.timing import Clock, sync
-    from pipeline.editors.factory import build_editor
+    from rome.modules.edit_loop import fit_edits
+    from rome.pipeline.core.loading import configure, load_model, resolve_dtype
+    from rome.pipeline.core.timing import Clock, sync
+    from rome.pipeline.editors.factory import build_editor
 
     dtype = resolve_dtype(args.dtype)
     overrides = [

@@ -59,7 +59,7 @@ from edit_latency import COUNTERFACT, WIKI, reference_edit  # noqa: E402
 from edit_latency import requests as edit_requests  # noqa: E402
 from shapes import build_shape, statistics_for  # noqa: E402
 
-from pipeline.stats.text import TextSource, plan_stream  # noqa: E402
+from rome.pipeline.stats.text import TextSource, plan_stream  # noqa: E402
 
 GB = 1e9
 CHECK_WINDOW = 2  # texts per window in the precision and worker rows: both workers get windows of a small budget
@@ -246,7 +246,7 @@ class Check:
         return types.SimpleNamespace(**{**base, **kw})
 
     def configure(self, *overrides: str):
-        from pipeline.core.loading import configure
+        from rome.pipeline.core.loading import configure
 
         return configure(
             [
@@ -272,9 +272,9 @@ class Check:
         say(f"built random {self.plan.shape} in bf16 on {self.device}: {self.weights:.1f} GB of weights")
 
     def rome(self, dtype: str) -> None:
-        from modules.edit_loop import fit_edits
-        from pipeline.core.timing import sync
-        from pipeline.editors.factory import build_editor
+        from rome.modules.edit_loop import fit_edits
+        from rome.pipeline.core.timing import sync
+        from rome.pipeline.editors.factory import build_editor
 
         loaded = self.loaded
         if dtype == "float32":
@@ -326,7 +326,7 @@ class Check:
         del editor, loaded
 
     def stats(self) -> None:
-        from pipeline.stats.store import batch_tokens
+        from rome.pipeline.stats.store import batch_tokens
 
         layer, ns = self.layer, self.ns()
         per_batch = batch_tokens(stats_throughput.stage_cfg(ns, layer, "fp32", "unused"), self.device.split(":")[0])
@@ -353,7 +353,7 @@ class Check:
         """C from the stats stage over ``check_tokens`` tokens, windows of ``CHECK_WINDOW`` texts."""
         from omegaconf import OmegaConf
 
-        from modules.statistics import collect
+        from rome.modules.statistics import collect
 
         ns = self.ns(tokens=self.plan.check_tokens, workers=workers)
         with tempfile.TemporaryDirectory() as tmp:
@@ -386,7 +386,7 @@ class Check:
 
     def memit_editor(self):
         """One MEMIT editor (its C factorised once) for the MEMIT and the batched v* steps."""
-        from pipeline.editors.factory import build_editor
+        from rome.pipeline.editors.factory import build_editor
 
         if self.editor is None:
             cfg = self.configure("edit.method=memit", f"edit.batch_size={self.plan.memit_requests}")
@@ -394,12 +394,12 @@ class Check:
         return self.editor
 
     def counterfact(self, n: int):
-        from pipeline.core.requests import parse_requests
+        from rome.pipeline.core.requests import parse_requests
 
         return parse_requests(json.loads(COUNTERFACT.read_text())[:n])
 
     def memit(self) -> None:
-        from pipeline.core.timing import sync
+        from rome.pipeline.core.timing import sync
 
         n = self.plan.memit_requests
         editor = self.memit_editor()
@@ -429,7 +429,7 @@ class Check:
         self.judge("memit-memory", self.cuda and peak <= 16.0)
 
     def batched(self) -> None:
-        from pipeline.core.timing import sync
+        from rome.pipeline.core.timing import sync
 
         n = self.plan.batched_requests
         editor = self.memit_editor()

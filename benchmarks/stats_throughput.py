@@ -50,12 +50,12 @@ WIKI = ROOT.parent / "shared" / "data" / "wikipedia" / "wikipedia_en_sample.json
 
 from shapes import add_model_arguments, build_shape  # noqa: E402
 
-from datamodules.text import ShardedTokenStream  # noqa: E402
-from pipeline.core.hooks import Trace, TraceDict, get_module  # noqa: E402
-from pipeline.core.loading import configure, load_model, resolve_dtype  # noqa: E402
-from pipeline.core.timing import Clock  # noqa: E402
-from pipeline.stats.store import batch_tokens as resolve_batch_tokens  # noqa: E402
-from pipeline.stats.text import TextSource, plan_stream, tokenize_window  # noqa: E402
+from rome.datamodules.text import ShardedTokenStream  # noqa: E402
+from rome.pipeline.core.hooks import Trace, TraceDict, get_module  # noqa: E402
+from rome.pipeline.core.loading import configure, load_model, resolve_dtype  # noqa: E402
+from rome.pipeline.core.timing import Clock  # noqa: E402
+from rome.pipeline.stats.store import batch_tokens as resolve_batch_tokens  # noqa: E402
+from rome.pipeline.stats.text import TextSource, plan_stream, tokenize_window  # noqa: E402
 
 # -- the texts every method reads -------------------------------------------------------------------------
 
@@ -183,7 +183,7 @@ def stage_cfg(args, layer: int, product: str, stats_dir: str):
 def run_stage(loaded, layer: int, product: str, args) -> tuple[float, torch.Tensor, int, dict]:
     """The whole call (the lookup, the pass, then writing the files with their checksums), and in ``extra``
     the streaming pass alone and, with --check-syncs, the syncs counted."""
-    from modules.statistics import collect
+    from rome.modules.statistics import collect
 
     extra: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

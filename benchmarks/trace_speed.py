@@ -23,14 +23,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.core.loading import configure, default_cache_dir, load_model  # noqa: E402
-from pipeline.core.probability import answer_tokens, predicts  # noqa: E402
-from pipeline.core.subject import fill_prompt  # noqa: E402
-from pipeline.tracing.engine import KINDS, trace_fact  # noqa: E402
-from pipeline.tracing.facts import load_facts  # noqa: E402
-from pipeline.tracing.noise import subject_noise  # noqa: E402
-from pipeline.tracing.prompt import make_prompt  # noqa: E402
-from pipeline.tracing.reference import trace_fact_per_cell  # noqa: E402
+from rome.pipeline.core.loading import configure, default_cache_dir, load_model  # noqa: E402
+from rome.pipeline.core.probability import answer_tokens, predicts  # noqa: E402
+from rome.pipeline.core.subject import fill_prompt  # noqa: E402
+from rome.pipeline.tracing.engine import KINDS, trace_fact  # noqa: E402
+from rome.pipeline.tracing.facts import load_facts  # noqa: E402
+from rome.pipeline.tracing.noise import subject_noise  # noqa: E402
+from rome.pipeline.tracing.prompt import make_prompt  # noqa: E402
+from rome.pipeline.tracing.reference import trace_fact_per_cell  # noqa: E402
 
 
 def timed(fn):

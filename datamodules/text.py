@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.stats.text import StreamPlan, TextSource, feeding_worker_init, pack_batches, plan_stream
+from rome.pipeline.stats.text import StreamPlan, TextSource, feeding_worker_init, pack_batches, plan_stream
 
 # shard -> {"window": windows done, "batches": batches of that window done, "before": tokens of the windows
 # done, "tokens": tokens counted} of a partial run

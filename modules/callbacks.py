@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 import lightning as L
 from tqdm.auto import tqdm
 
-from pipeline.editors.base import Edit
-from pipeline.editors.ledger import Ledger
-from pipeline.editors.progress import step_of
+from rome.pipeline.editors.base import Edit
+from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.editors.progress import step_of
 
 from .progress import PhaseStatus, is_terminal
 

@@ -34,11 +34,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from pipeline.core.requests import EditRequest
-from pipeline.core.signals import stop_requested
-from pipeline.core.timing import sync
-from pipeline.editors.base import PHASES, Edit, Editor
-from pipeline.editors.ledger import Ledger
+from rome.pipeline.core.requests import EditRequest
+from rome.pipeline.core.signals import stop_requested
+from rome.pipeline.core.timing import sync
+from rome.pipeline.editors.base import PHASES, Edit, Editor
+from rome.pipeline.editors.ledger import Ledger
 
 from .callbacks import ApplyEdit, EditProgress, RecordEdit, VerifyEdit
 from .progress import Abandoned, abandon_if_stopped, on_forward

@@ -26,17 +26,17 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from datamodules.cases import NO_CASE, shard
-from pipeline.core.loading import LoadedModel
-from pipeline.core.signals import stop_requested
-from pipeline.core.timing import Clock
-from pipeline.editors.base import Editor
-from pipeline.errors import UserError
-from pipeline.evaluation.case_log import CaseLog
-from pipeline.evaluation.cases import EvalCase
-from pipeline.evaluation.generative import generative_settings
-from pipeline.evaluation.report import GENERATIVE, METRICS
-from pipeline.evaluation.scoring import Generation, References, score_case
+from rome.datamodules.cases import NO_CASE, shard
+from rome.pipeline.core.loading import LoadedModel
+from rome.pipeline.core.signals import stop_requested
+from rome.pipeline.core.timing import Clock
+from rome.pipeline.editors.base import Editor
+from rome.pipeline.errors import UserError
+from rome.pipeline.evaluation.case_log import CaseLog
+from rome.pipeline.evaluation.cases import EvalCase
+from rome.pipeline.evaluation.generative import generative_settings
+from rome.pipeline.evaluation.report import GENERATIVE, METRICS
+from rome.pipeline.evaluation.scoring import Generation, References, score_case
 
 from .case_values import CaseValues
 from .progress import Abandoned, CaseProgress, abandon_if_stopped, on_forward

@@ -25,7 +25,7 @@ import lightning as L
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.core.signals import stop_requested
+from rome.pipeline.core.signals import stop_requested
 
 __all__ = [
     "TokenProgressBar",

@@ -30,14 +30,14 @@ import lightning as L
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.core.arch import ArchSpec
-from pipeline.core.atomic import atomic_path
-from pipeline.core.digest import file_sha256
-from pipeline.core.hooks import TraceDict
-from pipeline.core.signals import check_stop, stop_requested
-from pipeline.errors import UserError
-from pipeline.stats.convergence import Readout, converged_hint, pick_probes, take_readout
-from pipeline.stats.second_moment import accumulate_second_moment
+from rome.pipeline.core.arch import ArchSpec
+from rome.pipeline.core.atomic import atomic_path
+from rome.pipeline.core.digest import file_sha256
+from rome.pipeline.core.hooks import TraceDict
+from rome.pipeline.core.signals import check_stop, stop_requested
+from rome.pipeline.errors import UserError
+from rome.pipeline.stats.convergence import Readout, converged_hint, pick_probes, take_readout
+from rome.pipeline.stats.second_moment import accumulate_second_moment
 
 NEW_SHARD = {"window": 0, "batches": 0, "before": 0, "tokens": 0}
 # the partial state's layout and meaning; 3: the shards' budgets are their parts of the stream's first

@@ -12,14 +12,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from datamodules import TextDataModule
-from pipeline.core.atomic import ensure_free_space
-from pipeline.core.loading import LoadedModel
-from pipeline.core.locks import DirectoryLock, first_process
-from pipeline.core.outputs import claim_output_dir
-from pipeline.core.timing import Clock
-from pipeline.stats.convergence import plot_convergence
-from pipeline.stats.store import (
+from rome.datamodules import TextDataModule
+from rome.pipeline.core.atomic import ensure_free_space
+from rome.pipeline.core.loading import LoadedModel
+from rome.pipeline.core.locks import DirectoryLock, first_process
+from rome.pipeline.core.outputs import claim_output_dir
+from rome.pipeline.core.timing import Clock
+from rome.pipeline.stats.convergence import plot_convergence
+from rome.pipeline.stats.store import (
     LayerStats,
     StatsStore,
     accumulation_dtype,

@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from pipeline.core.timing import model_device
+from rome.pipeline.core.timing import model_device
 
 __all__ = ["make_trainer", "single_device_trainer"]
 
@@ -16,7 +16,7 @@ def make_trainer(cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` (no logger, no checkpoints, no model summary unless asked)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from pipeline.errors import UserError
+    from rome.pipeline.errors import UserError
 
     t = cfg.trainer
     defaults = dict(

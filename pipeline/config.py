@@ -26,7 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from pipeline.errors import UserError
+from rome.pipeline.errors import UserError
 
 __all__ = ["CONFIG_DIR", "compose", "parse_overrides", "model_file_for", "config_keys", "nearest", "CHOICES"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from pipeline.evaluation.ask import Answers, ask_settings, compare, open_models, read_prompts
+from rome.pipeline.evaluation.ask import Answers, ask_settings, compare, open_models, read_prompts
 
 
 def run(cfg: DictConfig) -> Answers:

@@ -25,22 +25,22 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from modules.edit_loop import fit_edits
-from modules.statistics import layer_statistics
-from pipeline.core.adapters import export_adapter
-from pipeline.core.atomic import ensure_free_space
-from pipeline.core.digest import json_digest
-from pipeline.core.loading import load_configured
-from pipeline.core.locks import DirectoryLock
-from pipeline.core.requests import parse_requests
-from pipeline.core.saving import check_destination, check_writable, save_model
-from pipeline.core.signals import check_stop
-from pipeline.core.timing import Clock
-from pipeline.editors import rome
-from pipeline.editors.base import REGISTRY
-from pipeline.editors.factory import build_editor
-from pipeline.editors.ledger import Ledger
-from pipeline.errors import UserError
+from rome.modules.edit_loop import fit_edits
+from rome.modules.statistics import layer_statistics
+from rome.pipeline.core.adapters import export_adapter
+from rome.pipeline.core.atomic import ensure_free_space
+from rome.pipeline.core.digest import json_digest
+from rome.pipeline.core.loading import load_configured
+from rome.pipeline.core.locks import DirectoryLock
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.core.saving import check_destination, check_writable, save_model
+from rome.pipeline.core.signals import check_stop
+from rome.pipeline.core.timing import Clock
+from rome.pipeline.editors import rome
+from rome.pipeline.editors.base import REGISTRY
+from rome.pipeline.editors.factory import build_editor
+from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.errors import UserError
 
 SAVE_FORMATS = ("model", "adapter")  # edit.save_format
 

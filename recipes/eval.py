@@ -26,24 +26,24 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules import CaseDataModule
-from modules.evaluator import OK, CaseEvaluator, EvalContext
-from modules.statistics import layer_statistics
-from modules.trainer import make_trainer
-from pipeline.core.atomic import atomic_path, write_json
-from pipeline.core.digest import file_sha256
-from pipeline.core.loading import load_configured
-from pipeline.core.locks import DirectoryLock, first_process
-from pipeline.core.outputs import claim_output_dir
-from pipeline.core.signals import check_stop, stop_requested
-from pipeline.editors.base import REGISTRY, Editor
-from pipeline.editors.factory import build_editor, method_class
-from pipeline.editors.settings import edit_layer
-from pipeline.errors import UserError
-from pipeline.evaluation.case_log import CaseLog
-from pipeline.evaluation.cases import EvalCase, Skipped, load_cases, load_snippets
-from pipeline.evaluation.generative import generative_settings
-from pipeline.evaluation.report import (
+from rome.datamodules import CaseDataModule
+from rome.modules.evaluator import OK, CaseEvaluator, EvalContext
+from rome.modules.statistics import layer_statistics
+from rome.modules.trainer import make_trainer
+from rome.pipeline.core.atomic import atomic_path, write_json
+from rome.pipeline.core.digest import file_sha256
+from rome.pipeline.core.loading import load_configured
+from rome.pipeline.core.locks import DirectoryLock, first_process
+from rome.pipeline.core.outputs import claim_output_dir
+from rome.pipeline.core.signals import check_stop, stop_requested
+from rome.pipeline.editors.base import REGISTRY, Editor
+from rome.pipeline.editors.factory import build_editor, method_class
+from rome.pipeline.editors.settings import edit_layer
+from rome.pipeline.errors import UserError
+from rome.pipeline.evaluation.case_log import CaseLog
+from rome.pipeline.evaluation.cases import EvalCase, Skipped, load_cases, load_snippets
+from rome.pipeline.evaluation.generative import generative_settings
+from rome.pipeline.evaluation.report import (
     GENERATIVE_PROTOCOL,
     PROTOCOL,
     bar_chart,
@@ -51,8 +51,8 @@ from pipeline.evaluation.report import (
     markdown_table,
     summarize,
 )
-from pipeline.evaluation.scoring import Generation, References
-from pipeline.report import report_after_run
+from rome.pipeline.evaluation.scoring import Generation, References
+from rome.pipeline.report import report_after_run
 
 ZSRE_CONVENTION = {
     "answer": "edits write the true answer answers[0] (ROME's dsets/zsre.py)",

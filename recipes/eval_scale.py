@@ -32,23 +32,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from modules.statistics import layer_statistics
-from pipeline.core.atomic import atomic_path, write_json
-from pipeline.core.digest import file_sha256
-from pipeline.core.loading import LoadedModel, load_configured
-from pipeline.core.outputs import claim_output_dir
-from pipeline.core.signals import check_stop, stop_requested
-from pipeline.core.timing import Clock
-from pipeline.editors.base import Editor
-from pipeline.editors.factory import build_editor, method_class
-from pipeline.editors.settings import edit_layer
-from pipeline.errors import Interrupted, UserError
-from pipeline.evaluation.cases import EvalCase, load_cases
-from pipeline.evaluation.generative import GenerativeEval, generative_settings, score_generative
-from pipeline.evaluation.metrics import fluency, harmonic_mean
-from pipeline.evaluation.progress_state import drop_progress, load_progress, save_progress
-from pipeline.evaluation.report import GENERATIVE_PROTOCOL, PROTOCOL, earlier_eval_output, summarize
-from pipeline.evaluation.retention import (
+from rome.modules.statistics import layer_statistics
+from rome.pipeline.core.atomic import atomic_path, write_json
+from rome.pipeline.core.digest import file_sha256
+from rome.pipeline.core.loading import LoadedModel, load_configured
+from rome.pipeline.core.outputs import claim_output_dir
+from rome.pipeline.core.signals import check_stop, stop_requested
+from rome.pipeline.core.timing import Clock
+from rome.pipeline.editors.base import Editor
+from rome.pipeline.editors.factory import build_editor, method_class
+from rome.pipeline.editors.settings import edit_layer
+from rome.pipeline.errors import Interrupted, UserError
+from rome.pipeline.evaluation.cases import EvalCase, load_cases
+from rome.pipeline.evaluation.generative import GenerativeEval, generative_settings, score_generative
+from rome.pipeline.evaluation.metrics import fluency, harmonic_mean
+from rome.pipeline.evaluation.progress_state import drop_progress, load_progress, save_progress
+from rome.pipeline.evaluation.report import GENERATIVE_PROTOCOL, PROTOCOL, earlier_eval_output, summarize
+from rome.pipeline.evaluation.retention import (
     fact_accuracy,
     heldout_texts,
     known_facts,
@@ -56,7 +56,7 @@ from pipeline.evaluation.retention import (
     texts_read,
     weight_change,
 )
-from pipeline.evaluation.scale_report import (
+from rome.pipeline.evaluation.scale_report import (
     KNOWN_FACTOR,
     PPL_FACTOR,
     collapse_point,
@@ -64,9 +64,9 @@ from pipeline.evaluation.scale_report import (
     curve_sample,
     scale_table,
 )
-from pipeline.evaluation.scoring import Generation, counterfact_scores, generate
-from pipeline.report import report_after_run
-from pipeline.tracing.facts import Fact, load_facts
+from rome.pipeline.evaluation.scoring import Generation, counterfact_scores, generate
+from rome.pipeline.report import report_after_run
+from rome.pipeline.tracing.facts import Fact, load_facts
 
 SEQUENTIAL = ("none", "rome", "memit", "alphaedit", "ultraedit")  # the classes of the sequential protocol
 CASES_PER_CALL = 64  # cases scored per teacher-forced call: the progress bar's step, not a tuning knob

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.core.adapters import FORMATS, export_adapter
-from pipeline.core.locks import DirectoryLock
-from pipeline.editors.ledger import Ledger
-from pipeline.errors import UserError
+from rome.pipeline.core.adapters import FORMATS, export_adapter
+from rome.pipeline.core.locks import DirectoryLock
+from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.errors import UserError
 
 
 def run(cfg: DictConfig) -> Path:

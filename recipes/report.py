@@ -9,8 +9,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.errors import UserError
-from pipeline.report import write_report
+from rome.pipeline.errors import UserError
+from rome.pipeline.report import write_report
 
 
 def run(cfg: DictConfig) -> Path:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from pipeline.core.loading import load_model
-from pipeline.core.locks import DirectoryLock
-from pipeline.core.saving import check_destination, save_model
-from pipeline.core.signals import check_stop
-from pipeline.editors.ledger import Ledger
-from pipeline.errors import UserError
+from rome.pipeline.core.loading import load_model
+from rome.pipeline.core.locks import DirectoryLock
+from rome.pipeline.core.saving import check_destination, save_model
+from rome.pipeline.core.signals import check_stop
+from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.errors import UserError
 
 
 def run(cfg: DictConfig) -> None:

@@ -18,10 +18,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from modules.statistics import collect
-from pipeline.core.loading import load_configured
-from pipeline.stats.convergence import budget_verdict
-from pipeline.stats.store import LayerStats, StatsEntry
+from rome.modules.statistics import collect
+from rome.pipeline.core.loading import load_configured
+from rome.pipeline.stats.convergence import budget_verdict
+from rome.pipeline.stats.store import LayerStats, StatsEntry
 
 
 def run(cfg: DictConfig) -> dict[int, LayerStats]:

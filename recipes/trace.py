@@ -25,23 +25,23 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pipeline.core.atomic import atomic_dir, write_json
-from pipeline.core.digest import slug, text_digest
-from pipeline.core.loading import LoadedModel, cache_root, load_configured
-from pipeline.core.outputs import claim_output_dir
-from pipeline.core.probability import answer_tokens, greedy_tokens, predicts
-from pipeline.core.signals import check_stop
-from pipeline.core.subject import fill_prompt
-from pipeline.core.timing import Clock
-from pipeline.errors import UserError
-from pipeline.report import report_after_run
-from pipeline.tracing.aie import AIE_MODES, BUCKETS, average_effects, recommend_layer
-from pipeline.tracing.engine import KINDS, TraceResult, trace_fact
-from pipeline.tracing.facts import Fact, load_facts
-from pipeline.tracing.noise import subject_noise
-from pipeline.tracing.plots import plot_average, plot_fact, plot_lines
-from pipeline.tracing.prompt import make_prompt
-from pipeline.tracing.recommendation import save_recommendation
+from rome.pipeline.core.atomic import atomic_dir, write_json
+from rome.pipeline.core.digest import slug, text_digest
+from rome.pipeline.core.loading import LoadedModel, cache_root, load_configured
+from rome.pipeline.core.outputs import claim_output_dir
+from rome.pipeline.core.probability import answer_tokens, greedy_tokens, predicts
+from rome.pipeline.core.signals import check_stop
+from rome.pipeline.core.subject import fill_prompt
+from rome.pipeline.core.timing import Clock
+from rome.pipeline.errors import UserError
+from rome.pipeline.report import report_after_run
+from rome.pipeline.tracing.aie import AIE_MODES, BUCKETS, average_effects, recommend_layer
+from rome.pipeline.tracing.engine import KINDS, TraceResult, trace_fact
+from rome.pipeline.tracing.facts import Fact, load_facts
+from rome.pipeline.tracing.noise import subject_noise
+from rome.pipeline.tracing.plots import plot_average, plot_fact, plot_lines
+from rome.pipeline.tracing.prompt import make_prompt
+from rome.pipeline.tracing.recommendation import save_recommendation
 
 
 def _check(cfg: DictConfig) -> None:

@@ -180,8 +180,8 @@ def check_fast_value_loss(loaded, layer: int, delta_scale: float, v0_norm: float
     (``reference_loss``), at δ = 0 and at a seeded random δ: asserts they agree and returns the fast (δ = 0, δ)."""
     import types
 
-    from pipeline.editors.reference import reference_loss
-    from pipeline.editors.value import ValueBatch, build_rows, value_loss
+    from rome.pipeline.editors.reference import reference_loss
+    from rome.pipeline.editors.value import ValueBatch, build_rows, value_loss
 
     tok, model, spec = loaded.tokenizer, loaded.model, loaded.spec
     hp = types.SimpleNamespace(kl_factor=0.0625, weight_decay=0.5)
@@ -263,10 +263,10 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 def main_in_process(capsys, *argv):
     """``python train.py argv`` in this process: (exit code, stdout, the error and interrupted lines)."""
-    import train
+    from rome import cli
 
     os.environ.update(OFFLINE)
-    code = train.main([str(a) for a in argv])
+    code = cli.main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, [line for line in out.err.splitlines() if line.startswith(("error:", "interrupted:"))]
 

@@ -6,7 +6,7 @@ refused in one ``error:`` line with exit code 2, leaving every file it names as 
 
 A probe "holds" when the run exits 2 with exactly one error line containing the expected words, prints no
 traceback, and every protected file (the user's directory, a ledger, statistics) has the same bytes afterwards.
-The probes run in this process through ``train.main`` on a tiny random GPT-2 (no download); the ones that need a
+The probes run in this process through ``cli.main`` on a tiny random GPT-2 (no download); the ones that need a
 model load it once. ``tests/test_probes.py`` runs this catalogue in the test suite.
 """
 
@@ -72,12 +72,12 @@ def digest(paths: list[Path]) -> str:
 
 
 def run(argv: list[str]) -> tuple[int, list[str], str]:
-    import train
+    from rome import cli
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = train.main(argv)
+            code = cli.main(argv)
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else 1
         except BaseException as crash:  # a traceback is a broken probe

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import rome
-from pipeline.core.loading import load_model
-from pipeline.errors import UserError
+from rome.pipeline.core.loading import load_model
+from rome.pipeline.errors import UserError
 
 TOWER = {"prompt": "The best tower is {}", "subject": "the Eiffel Tower", "target_new": "and", "target_true": "Paris"}
 

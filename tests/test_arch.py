@@ -3,10 +3,10 @@ import torch
 from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
-from pipeline.core.arch import FAMILIES as ADAPTER_FAMILIES
-from pipeline.core.arch import arch_for
-from pipeline.core.hooks import Trace, get_module
-from pipeline.errors import UserError
+from rome.pipeline.core.arch import FAMILIES as ADAPTER_FAMILIES
+from rome.pipeline.core.arch import arch_for
+from rome.pipeline.core.hooks import Trace, get_module
+from rome.pipeline.errors import UserError
 
 
 def test_every_family_the_adapter_lists_has_a_tiny_model_in_the_tests():

@@ -10,14 +10,14 @@ import pytest
 import torch
 from conftest import main_in_process as main
 
-from pipeline.core.loading import configure, load_model
-from pipeline.core.probability import greedy_continuation
-from pipeline.core.requests import parse_requests
-from pipeline.core.saving import save_model
-from pipeline.editors.factory import build_editor
-from pipeline.editors.ledger import Ledger
-from pipeline.errors import UserError
-from pipeline.evaluation.ask import read_prompts
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.core.probability import greedy_continuation
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.core.saving import save_model
+from rome.pipeline.editors.factory import build_editor
+from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.errors import UserError
+from rome.pipeline.evaluation.ask import read_prompts
 
 TOWER = {"prompt": "The best tower is {}", "subject": "the Eiffel Tower", "target_new": "and", "target_true": "Paris"}
 ASKED = "The best tower is the Eiffel Tower"

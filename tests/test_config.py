@@ -1,9 +1,9 @@
 import pytest
 import yaml
 
-from pipeline.config import compose, parse_overrides
-from pipeline.core.loading import configure
-from pipeline.errors import UserError
+from rome.pipeline.config import compose, parse_overrides
+from rome.pipeline.core.loading import configure
+from rome.pipeline.errors import UserError
 
 
 def test_defaults_and_model_files():
@@ -51,7 +51,7 @@ def test_a_study_method_is_defined_on_the_command_line_from_its_class_file():
 def test_model_files_set_the_releases_edit_and_method_hyperparameters(tmp_path):
     from omegaconf import OmegaConf
 
-    from pipeline.editors.settings import edit_defaults
+    from rome.pipeline.editors.settings import edit_defaults
 
     clamp = {
         m: compose([f"model.name={m}"]).edit.v.clamp_norm_factor
@@ -148,30 +148,30 @@ def test_devices_this_machine_does_not_have_are_refused_up_front(monkeypatch):
         configure(["model.device=cuda:3"])
     with pytest.raises(UserError, match="is not a device"):
         configure(["model.device=gpu0"])
-    from modules.trainer import make_trainer
+    from rome.modules.trainer import make_trainer
 
     with pytest.raises(UserError, match="trainer.. settings .*strategy=nope"):
         make_trainer(configure(["trainer.accelerator=cpu", "trainer.strategy=nope"]))
 
 
 def test_help_print_config_and_the_nearest_stage(capsys):
-    import train
+    from rome import cli
 
     for word in ("--help", "-h", "help"):
-        assert train.main([word]) == 0
+        assert cli.main([word]) == 0
         out = capsys.readouterr().out
-        assert all(f"  {stage} " in out for stage in train.STAGES) and "edit.*" in out and "configs/config.yaml" in out
-    assert train.main(["print_config=true", "stage=edit", "edit.layer=3"]) == 0
+        assert all(f"  {stage} " in out for stage in cli.STAGES) and "edit.*" in out and "configs/config.yaml" in out
+    assert cli.main(["print_config=true", "stage=edit", "edit.layer=3"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["stage"] == "edit" and printed["edit"]["layer"] == 3 and printed["model"]["edit_layer"] == 6
-    assert train.main(["stage=edt"]) == 2
+    assert cli.main(["stage=edt"]) == 2
     assert (
         capsys.readouterr().err.strip()
-        == f"error: stage=edt is not one of {', '.join(train.STAGES)} (did you mean edit?)"  # every stage, in order
+        == f"error: stage=edt is not one of {', '.join(cli.STAGES)} (did you mean edit?)"  # every stage, in order
     )
 
 
 def test_a_date_like_value_stays_text():
-    from pipeline.config import parse_overrides
+    from rome.pipeline.config import parse_overrides
 
     assert parse_overrides(["edit.out=2024-01-01", "report.dir=2026-12-04_10:00"]).edit.out == "2024-01-01"

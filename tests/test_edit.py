@@ -13,10 +13,10 @@ from conftest import main_in_process as main
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pipeline.core.hooks import get_module
-from pipeline.core.loading import configure, load_model
-from pipeline.core.requests import parse_requests
-from pipeline.editors import rome
+from rome.pipeline.core.hooks import get_module
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.editors import rome
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
 EIFFEL = {
@@ -186,7 +186,7 @@ def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wik
         "out of range": [f"request={json.dumps(EIFFEL)}", "edit.layer=7"],
         "are for model": [f"request={json.dumps(EIFFEL)}", f"edit.stats={other_entry}"],
     }
-    for expect, extra in cases.items():  # in this process: the same train.main, without a start-up each
+    for expect, extra in cases.items():  # in this process: the same rome.cli.main, without a start-up each
         code, _, errors = main(
             capsys,
             *edit_args(base, small_wiki, tmp_path, *extra, f"edit.out={tmp_path / 'l'}", f"edit.save_to={saved}"),
@@ -260,7 +260,7 @@ def test_save_to_never_touches_what_this_project_did_not_write(edit_env, tiny_mo
 
     # a ledger whose saved_to names the user's directory cannot make revert replace it: a changed ledger fails
     # its checksum; one whose checksum was recomputed too still meets the destination rule
-    from pipeline.editors.ledger import content_checksum
+    from rome.pipeline.editors.ledger import content_checksum
 
     data = json.loads((ledger / "ledger.json").read_text())
     (ledger / "ledger.json").write_text(json.dumps({**data, "saved_to": str(mine)}))
@@ -447,7 +447,7 @@ def test_sigint_stops_a_memit_run_between_batches(edit_env, tmp_path):
 
 
 def test_a_signal_before_the_save_leaves_revert_undone(edit_env, tmp_path, capsys, monkeypatch):
-    from pipeline.editors.ledger import Ledger
+    from rome.pipeline.editors.ledger import Ledger
 
     ledger, saved = tmp_path / "ledger", tmp_path / "saved"
     code, _, errors = main(

@@ -10,15 +10,15 @@ import json
 import pytest
 import torch
 
-from modules.callbacks import ApplyEdit, EditProgress, RecordEdit, VerifyEdit
-from modules.edit_loop import EditLoop, fit_edits
-from modules.trainer import single_device_trainer
-from pipeline.core.loading import configure, load_model
-from pipeline.core.requests import parse_requests
-from pipeline.editors.base import REGISTRY, Edit, Editor, register
-from pipeline.editors.factory import build_editor
-from pipeline.editors.ledger import Ledger
-from pipeline.errors import UserError
+from rome.modules.callbacks import ApplyEdit, EditProgress, RecordEdit, VerifyEdit
+from rome.modules.edit_loop import EditLoop, fit_edits
+from rome.modules.trainer import single_device_trainer
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.editors.base import REGISTRY, Edit, Editor, register
+from rome.pipeline.editors.factory import build_editor
+from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.errors import UserError
 
 EIFFEL = {
     "prompt": "{} is located in the city of",
@@ -53,7 +53,7 @@ def identity_statistics(loaded):
     """C = I as statistics (MEMIT needs a C; the tests need no streaming pass)."""
     from pathlib import Path
 
-    from pipeline.stats.store import LayerStats
+    from rome.pipeline.stats.store import LayerStats
 
     def provide(layers):
         return {
@@ -99,7 +99,7 @@ def test_hyperparameters_are_typed_and_read_only(tiny_model_dir, tmp_path):
     assert isinstance(editor.hp.v.lr, float) and editor.hp.layer == 2
     with pytest.raises(Exception, match="read-only|ReadonlyConfigError"):
         editor.hp.v.lr = 1.0
-    from pipeline.editors.hparams import FineTuneHparams, typed
+    from rome.pipeline.editors.hparams import FineTuneHparams, typed
 
     conf = dict(cfg.method.ft_l)  # the command line's values are checked by configure; a config built in code here
     with pytest.raises(UserError, match="method.ft_l.lr: .*'fast'"):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import DATA, run_cli, signal_run
 
-from pipeline.core.loading import configure, load_model
-from pipeline.errors import UserError
-from pipeline.evaluation.cases import load_cases
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.errors import UserError
+from rome.pipeline.evaluation.cases import load_cases
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 NESTED = {
@@ -105,11 +105,11 @@ def test_shared_counterfact_and_zsre_files():
 
 
 def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_dir, tmp_path):
-    from modules.evaluator import CaseEvaluator, EvalContext
-    from pipeline.editors.factory import build_editor
-    from pipeline.editors.none import NoEditor
-    from pipeline.evaluation.case_log import CaseLog
-    from pipeline.evaluation.scoring import Generation
+    from rome.modules.evaluator import CaseEvaluator, EvalContext
+    from rome.pipeline.editors.factory import build_editor
+    from rome.pipeline.editors.none import NoEditor
+    from rome.pipeline.evaluation.case_log import CaseLog
+    from rome.pipeline.evaluation.scoring import Generation
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
@@ -161,10 +161,10 @@ def test_methods_restore_the_clean_model_and_bad_cases_are_skipped(tiny_model_di
 def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits_its_own_layer(
     tiny_model_dir, tmp_path
 ):
-    from modules.evaluator import CaseEvaluator, EvalContext
-    from pipeline.editors.factory import build_editor
-    from pipeline.evaluation.case_log import CaseLog
-    from pipeline.evaluation.scoring import Generation
+    from rome.modules.evaluator import CaseEvaluator, EvalContext
+    from rome.pipeline.editors.factory import build_editor
+    from rome.pipeline.evaluation.case_log import CaseLog
+    from rome.pipeline.evaluation.scoring import Generation
 
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")  # GPT-2's c_proj has a bias
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
@@ -307,7 +307,7 @@ def test_cli_outputs_resume_and_bad_config(tiny_model_dir, small_wiki, tmp_path)
 
 
 def test_results_of_another_run_are_refused(tmp_path):
-    from recipes.eval import _check_run
+    from rome.recipes.eval import _check_run
 
     cfg = configure([])
     methods = {"none": dict(cfg.method.none), "ft_l": dict(cfg.method.ft_l)}
@@ -351,7 +351,7 @@ def test_cli_zsre_token_accuracy(tiny_model_dir, small_wiki, tmp_path):
 def test_the_zsre_title_names_either_convention():
     import types
 
-    from recipes.eval import _title
+    from rome.recipes.eval import _title
 
     cases, _ = load_cases(DATA / "zsre" / "zsre_mend_train-1k.json", n=2)
     ctx = types.SimpleNamespace(loaded=types.SimpleNamespace(identity={"name": "m"}), layer=3)
@@ -449,7 +449,7 @@ def test_an_empty_paraphrase_skips_the_case_with_its_reason(tmp_path):
 def test_chart_clips_rate_intervals_to_0_100_and_shows_n(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from pipeline.evaluation.report import bar_chart, summarize
+    from rome.pipeline.evaluation.report import bar_chart, summarize
 
     values = {
         "rome": {

@@ -113,8 +113,8 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(
     import os
     import signal
 
-    import train
-    from pipeline.editors.base import Editor
+    from rome import cli
+    from rome.pipeline.editors.base import Editor
 
     os.environ.update(OFFLINE)
     args = scale_args(
@@ -131,7 +131,7 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(
         return edits
 
     monkeypatch.setattr(Editor, "edit", edit_then_signal)
-    assert train.main(args) == 143
+    assert cli.main(args) == 143
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("interrupted:")] == [
         f"interrupted: finished method(s) in {tmp_path / 'out' / 'methods'}: rome; "
@@ -142,7 +142,7 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(
         "rome.json"
     ]
     monkeypatch.undo()
-    assert train.main(args) == 0
+    assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "rome: already in" in out
     assert set(json.loads((tmp_path / "out" / "summary.json").read_text())["methods"]) == {"rome", "memit"}
@@ -157,8 +157,8 @@ def test_a_stopped_method_resumes_at_its_batch_boundary_bit_for_bit(
     import os
     import signal
 
-    import train
-    from pipeline.editors.base import Editor
+    from rome import cli
+    from rome.pipeline.editors.base import Editor
 
     os.environ.update(OFFLINE)
     base = tiny_model_dir("llama")
@@ -178,7 +178,7 @@ def test_a_stopped_method_resumes_at_its_batch_boundary_bit_for_bit(
             "eval.methods=[ultraedit,alphaedit,rome]",
         )
 
-    assert train.main(args(tmp_path / "whole")) == 0
+    assert cli.main(args(tmp_path / "whole")) == 0
     edit = Editor.edit
     batches = {}
 
@@ -192,13 +192,13 @@ def test_a_stopped_method_resumes_at_its_batch_boundary_bit_for_bit(
     monkeypatch.setattr(Editor, "edit", edit_then_signal)
     out = tmp_path / "stopped"
     for name in ("ultraedit", "alphaedit", "rome"):  # each run stops one method after its batch 2 of 3
-        assert train.main(args(out)) == 143
+        assert cli.main(args(out)) == 143
         err = capsys.readouterr().err
         assert f"{name} stopped after 2 of 3 batch(es)" in err
         assert (out / "progress" / f"{name}.safetensors").exists()
         batches.clear()
     monkeypatch.undo()
-    assert train.main(args(out)) == 0
+    assert cli.main(args(out)) == 0
     printed = capsys.readouterr()
     assert "rome: resuming after batch 2 of 3 (4 edits)" in printed.out + printed.err
     assert not list((out / "progress").glob("*")), "a finished method leaves no saved progress"

@@ -16,8 +16,8 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from pipeline.core.loading import load_model
-from pipeline.editors.ledger import Ledger
+from rome.pipeline.core.loading import load_model
+from rome.pipeline.editors.ledger import Ledger
 
 EIFFEL = {
     "prompt": "{} is located in the city of",

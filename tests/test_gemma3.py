@@ -8,9 +8,9 @@ import torch
 from conftest import WIKI, check_fast_value_loss, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.core.loading import load_model
-from pipeline.core.probability import target_probs
-from pipeline.editors.templates import start_text
+from rome.pipeline.core.loading import load_model
+from rome.pipeline.core.probability import target_probs
+from rome.pipeline.editors.templates import start_text
 
 pytestmark = pytest.mark.slow
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

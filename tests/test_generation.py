@@ -5,11 +5,11 @@ import copy
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.core.generation import generate_tokens
-from pipeline.core.loading import load_model
-from pipeline.core.probability import greedy_continuation
-from pipeline.editors.templates import context_templates
-from pipeline.evaluation.scoring import Generation, generate
+from rome.pipeline.core.generation import generate_tokens
+from rome.pipeline.core.loading import load_model
+from rome.pipeline.core.probability import greedy_continuation
+from rome.pipeline.editors.templates import context_templates
+from rome.pipeline.evaluation.scoring import Generation, generate
 
 PROMPTS = ["The Eiffel Tower is", "Because the river", "I think that", "You can see the"]
 
@@ -55,9 +55,9 @@ def test_original_style_templates_sample_from_endoftext_and_count_it(tiny_model_
 
     import pytest
 
-    from pipeline.core.loading import configure
-    from pipeline.editors import templates as tpl
-    from pipeline.errors import UserError
+    from rome.pipeline.core.loading import configure
+    from rome.pipeline.editors import templates as tpl
+    from rome.pipeline.errors import UserError
 
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     model, tok = loaded.model, loaded.tokenizer

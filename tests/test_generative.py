@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import DATA
 
-from pipeline.core.loading import configure, load_model
-from pipeline.core.probability import greedy_tokens
-from pipeline.core.requests import EditRequest
-from pipeline.errors import UserError
-from pipeline.evaluation.cases import EvalCase
-from pipeline.evaluation.generative import (
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.core.probability import greedy_tokens
+from rome.pipeline.core.requests import EditRequest
+from rome.pipeline.errors import UserError
+from rome.pipeline.evaluation.cases import EvalCase
+from rome.pipeline.evaluation.generative import (
     GenerativeEval,
     contains,
     continuation,
@@ -23,7 +23,7 @@ from pipeline.evaluation.generative import (
     generative_settings,
     score_generative,
 )
-from pipeline.evaluation.scale_report import collapse_point, curve_sample
+from rome.pipeline.evaluation.scale_report import collapse_point, curve_sample
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 MAX_TOKENS = 12
@@ -197,8 +197,8 @@ def test_per_case_eval_reports_generative_columns_with_their_protocol(tiny_model
 def test_stopping_rows_once_their_text_is_settled_changes_no_continuation(tiny_model_dir):
     """Generation stops a row once a newline or a sentence end followed by whitespace settles what
     ``continuation`` reads; every row's continuation is the one of the full-length generation."""
-    from pipeline.core.generation import generate_tokens
-    from pipeline.evaluation.generative import settled
+    from rome.pipeline.core.generation import generate_tokens
+    from rome.pipeline.evaluation.generative import settled
 
     assert settled("Paris. The") and settled("\n\n Paris\n") and not settled("\n Paris") and not settled("St.")
     assert not settled("3.5 million") and settled("3.5 million. And")

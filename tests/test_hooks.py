@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.core.hooks import StopForward, Trace, TraceDict, get_module
+from rome.pipeline.core.hooks import StopForward, Trace, TraceDict, get_module
 
 
 class Counter(nn.Module):

@@ -4,11 +4,11 @@ one request in one layer is ROME, the null-space projection spares preserved key
 import pytest
 import torch
 
-from pipeline.core.loading import configure, load_model
-from pipeline.core.requests import parse_requests
-from pipeline.editors import memit, rome
-from pipeline.editors.rank_one import KeySolver
-from pipeline.stats.spectrum import cached_eigendecomposition, eigendecomposition, null_space_projector
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.editors import memit, rome
+from rome.pipeline.editors.rank_one import KeySolver
+from rome.pipeline.stats.spectrum import cached_eigendecomposition, eigendecomposition, null_space_projector
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
 REQUESTS = [
@@ -113,7 +113,7 @@ def test_alphaedit_spares_keys_in_the_preserved_space_and_accumulates(tiny_model
 
 
 def test_bad_layer_sets_are_refused(tiny_model_dir):
-    from pipeline.errors import UserError
+    from rome.pipeline.errors import UserError
 
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     hp = configure([]).edit
@@ -122,7 +122,7 @@ def test_bad_layer_sets_are_refused(tiny_model_dir):
             memit.MemitEditor(
                 "memit", loaded.model, loaded.tokenizer, loaded.spec, hp, layers, TEMPLATES, batch_size=100
             )
-    from pipeline.editors.factory import build_editor
+    from rome.pipeline.editors.factory import build_editor
 
     with pytest.raises(UserError, match="not an editor"):
         build_editor(configure(["edit.method=rome_batches"]), loaded)
@@ -193,7 +193,7 @@ def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_di
 def test_the_eigendecomposition_is_cached_beside_c_and_recomputed_when_c_or_it_changes(tmp_path):
     from safetensors.torch import save_file
 
-    from pipeline.stats.second_moment import LayerStats
+    from rome.pipeline.stats.second_moment import LayerStats
 
     c = random_spd(24)
     path = tmp_path / "layer_3.safetensors"

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pipeline.evaluation.metrics import (
+from rome.pipeline.evaluation.metrics import (
     TfIdf,
     counterfact_case,
     fluency,

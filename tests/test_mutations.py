@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.core.loading import configure, load_model
-from pipeline.core.requests import parse_requests
-from pipeline.editors.ledger import Ledger
-from pipeline.editors.rank_one import KeySolver
-from pipeline.editors.rome import RomeEditor
-from pipeline.errors import UserError
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.editors.rank_one import KeySolver
+from rome.pipeline.editors.rome import RomeEditor
+from rome.pipeline.errors import UserError
 
 SEED = 20261204
 REQUESTS = [
@@ -150,7 +150,7 @@ def test_mutated_ledgers_refuse_or_rebuild_the_same_weights(world, tmp_path, cap
 
 
 def test_mutated_statistics_refuse_or_load_the_same(tmp_path):
-    from pipeline.stats.store import StatsEntry, StatsKey
+    from rome.pipeline.stats.store import StatsEntry, StatsKey
 
     key = StatsKey(
         model={"name": "m", "revision": "r"},
@@ -186,7 +186,7 @@ def test_mutated_statistics_refuse_or_load_the_same(tmp_path):
 
 
 def test_mutated_partial_statistics_restart_or_resume_the_same(tmp_path, capsys):
-    from modules.second_moment import PartialStats
+    from rome.modules.second_moment import PartialStats
 
     run = {"format": 2, "key": "k", "layers": [2]}
     state = {"count": 10, "sums": {2: torch.eye(4, dtype=torch.float64)}, "shards": {0: {"texts": 3}}}

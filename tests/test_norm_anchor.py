@@ -5,13 +5,13 @@ bitwise the optimiser's; AlphaEdit with it on still spares the keys C preserves.
 import pytest
 import torch
 
-from pipeline.core.loading import configure, load_model
-from pipeline.core.requests import parse_requests
-from pipeline.editors import memit, rome
-from pipeline.editors.rank_one import KeySolver
-from pipeline.editors.value import anchor_reference, norm_anchor
-from pipeline.errors import UserError
-from pipeline.stats.spectrum import eigendecomposition, null_space_projector
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.editors import memit, rome
+from rome.pipeline.editors.rank_one import KeySolver
+from rome.pipeline.editors.value import anchor_reference, norm_anchor
+from rome.pipeline.errors import UserError
+from rome.pipeline.stats.spectrum import eigendecomposition, null_space_projector
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
 REQUESTS = [

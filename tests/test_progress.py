@@ -16,15 +16,15 @@ import pytest
 import torch
 from conftest import DATA, OFFLINE, tiny_edit_args
 
-import train
-from modules.callbacks import ApplyEdit, EditProgress, VerifyEdit
-from modules.edit_loop import EditLoop
-from modules.progress import CaseProgress, PhaseStatus
-from modules.trainer import single_device_trainer
-from pipeline.core.loading import configure, load_model
-from pipeline.core.requests import parse_requests
-from pipeline.editors.factory import build_editor
-from pipeline.stats.convergence import budget_verdict
+from rome import cli
+from rome.modules.callbacks import ApplyEdit, EditProgress, VerifyEdit
+from rome.modules.edit_loop import EditLoop
+from rome.modules.progress import CaseProgress, PhaseStatus
+from rome.modules.trainer import single_device_trainer
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.editors.factory import build_editor
+from rome.pipeline.stats.convergence import budget_verdict
 
 EIFFEL = {
     "prompt": "{} is located in the city of",
@@ -38,7 +38,7 @@ BIG_BEN = {**EIFFEL, "subject": "Big Ben", "target_new": "Oslo"}
 def run_main(capsys, argv):
     """``python train.py argv`` in this process: (exit code, stdout, stderr)."""
     os.environ.update(OFFLINE)
-    code = train.main([str(a) for a in argv])
+    code = cli.main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -13,8 +13,8 @@ import pytest
 from conftest import OFFLINE, tiny_edit_args
 from conftest import main_in_process as main
 
-from pipeline.core.paths import contained
-from pipeline.errors import UserError
+from rome.pipeline.core.paths import contained
+from rome.pipeline.errors import UserError
 
 EIFFEL = {
     "prompt": "{} is located in the city of",
@@ -100,14 +100,14 @@ def test_a_full_disk_reported_by_safetensors_is_one_line(env, tmp_path, capsys, 
 def test_a_full_disk_anywhere_else_is_one_line_at_the_boundary(env, tmp_path, capsys, monkeypatch):
     import errno
 
-    import recipes.stats
+    import rome.recipes.stats
 
     _, args = env
 
     def full(cfg):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
 
-    monkeypatch.setattr(recipes.stats, "run", full)
+    monkeypatch.setattr(rome.recipes.stats, "run", full)
     code, _, errors = main(capsys, "stage=stats", *args)
     assert code == 2 and errors == [
         "error: no space left on device (No space left on device); free some space and run the same command "
@@ -184,7 +184,7 @@ def test_inputs_that_can_be_judged_before_work_are(env, capsys):
 
 
 def test_a_directory_lock_refuses_a_second_writer_and_takes_over_from_a_dead_one(tmp_path, capsys):
-    from pipeline.core.locks import LOCK_FILE, DirectoryLock
+    from rome.pipeline.core.locks import LOCK_FILE, DirectoryLock
 
     target = tmp_path / "ledger"
     with DirectoryLock(target, "edit.out"):
@@ -200,7 +200,7 @@ def test_a_directory_lock_refuses_a_second_writer_and_takes_over_from_a_dead_one
 
 
 def test_two_runs_on_one_ledger_or_one_statistics_entry_one_is_refused(env, tmp_path, capsys):
-    from pipeline.core.locks import DirectoryLock
+    from rome.pipeline.core.locks import DirectoryLock
 
     shared, args = env
     ledger = tmp_path / "ledger"
@@ -225,7 +225,7 @@ def test_two_runs_on_one_ledger_or_one_statistics_entry_one_is_refused(env, tmp_
 
 
 def test_output_directories_of_the_users_are_refused_before_any_work(env, tmp_path, capsys):
-    from pipeline.core.outputs import OUTPUT_MARKER
+    from rome.pipeline.core.outputs import OUTPUT_MARKER
 
     _, args = env
     mine = tmp_path / "mine"
@@ -252,7 +252,7 @@ def test_output_directories_of_the_users_are_refused_before_any_work(env, tmp_pa
 def test_damaged_partial_statistics_are_never_resumed(tmp_path, capsys):
     import torch
 
-    from modules.second_moment import PartialStats
+    from rome.modules.second_moment import PartialStats
 
     run = {"format": 2, "key": "k", "layers": [2]}
     partial = PartialStats(tmp_path / "partial", run)
@@ -272,8 +272,8 @@ def test_damaged_partial_statistics_are_never_resumed(tmp_path, capsys):
 
 
 def test_a_damaged_templates_cache_is_sampled_again(tiny_model_dir, tmp_path, capsys):
-    from pipeline.core.loading import configure, load_model
-    from pipeline.editors.templates import context_templates
+    from rome.pipeline.core.loading import configure, load_model
+    from rome.pipeline.editors.templates import context_templates
 
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     hp = configure([]).edit.templates
@@ -313,11 +313,11 @@ def test_eval_out_of_the_user_is_refused_and_eval_n_past_the_data_is_said(env, t
     assert [p.name for p in mine.iterdir()] == ["notes.md"]
     two = tmp_path / "two.json"
     two.write_text(json.dumps(json.loads(cf.read_text())[:2]))
-    import train
+    from rome import cli
 
     capsys.readouterr()
     argv = ["stage=eval", *args, f"eval.dataset={two}", f"eval.out={tmp_path / 'e'}", "eval.methods=[none]"]
-    assert train.main([*argv, "eval.n=50", "eval.generation.tokens=0"]) == 0
+    assert cli.main([*argv, "eval.n=50", "eval.generation.tokens=0"]) == 0
     assert "note: eval.n=50 from record 0 asks for more than" in capsys.readouterr().err  # said before any work
     code, _, errors = main(
         capsys,

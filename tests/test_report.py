@@ -19,12 +19,12 @@ import pytest
 import torch
 from conftest import DATA, OFFLINE, tiny_edit_args
 
-from pipeline.core.loading import load_model
-from pipeline.core.probability import greedy_tokens
-from pipeline.errors import UserError
-from pipeline.report import detect_kind, render_report, write_report
-from pipeline.report import html as report_html
-from pipeline.report.page import MARKER, markdown
+from rome.pipeline.core.loading import load_model
+from rome.pipeline.core.probability import greedy_tokens
+from rome.pipeline.errors import UserError
+from rome.pipeline.report import detect_kind, render_report, write_report
+from rome.pipeline.report import html as report_html
+from rome.pipeline.report.page import MARKER, markdown
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 COUNTERFACT = DATA / "counterfact" / "counterfact-edit.json"
@@ -33,12 +33,12 @@ REQUEST = '{"prompt": "{} is located in the city of", "subject": "The Eiffel Tow
 
 def _main(*argv: object) -> tuple[int, str]:
     """``python train.py argv`` in this process: (exit code, stdout and stderr)."""
-    import train
+    from rome import cli
 
     os.environ.update(OFFLINE)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        code = train.main([str(a) for a in argv])
+        code = cli.main([str(a) for a in argv])
     return code, buf.getvalue()
 
 
@@ -244,21 +244,21 @@ def test_page_contents(outputs, monkeypatch):
 
 
 def _escaped(s: str) -> str:
-    from pipeline.report.page import text
+    from rome.pipeline.report.page import text
 
     return text(s)
 
 
 def _rome(*argv: object) -> tuple[int, str]:
-    """The ``rome`` console script (train.cli) in this process."""
-    import train
+    """The ``rome`` console script (cli.cli) in this process."""
+    from rome import cli
 
     os.environ.update(OFFLINE)
     buf, old = io.StringIO(), sys.argv
     sys.argv = ["rome", *map(str, argv)]
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            code = train.cli()
+            code = cli.cli()
     finally:
         sys.argv = old
     return code, buf.getvalue()

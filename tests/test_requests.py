@@ -3,9 +3,9 @@ import re
 
 import pytest
 
-from pipeline.core.requests import parse_requests
-from pipeline.core.subject import fill_prompt, subject_token_range
-from pipeline.errors import UserError
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.core.subject import fill_prompt, subject_token_range
+from rome.pipeline.errors import UserError
 
 EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
 

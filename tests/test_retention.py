@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.core.probability import greedy_tokens, predicts, predicts_many
+from rome.pipeline.core.probability import greedy_tokens, predicts, predicts_many
 
 
 def test_batched_known_facts_equal_the_one_at_a_time_rule(tiny_model_dir):

@@ -9,12 +9,12 @@ import torch
 from conftest import ROOT
 from torch import nn
 
-from pipeline.core.loading import configure, load_model
-from pipeline.core.requests import parse_requests
-from pipeline.editors import rome
-from pipeline.editors.rank_one import KeySolver
-from pipeline.editors.settings import edit_defaults
-from pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.editors import rome
+from rome.pipeline.editors.rank_one import KeySolver
+from rome.pipeline.editors.settings import edit_defaults
+from rome.pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
 EIFFEL = {
@@ -77,7 +77,7 @@ def _params(model):
 
 
 def test_an_edit_never_moves_or_copies_the_model(tiny_model_dir):
-    from modules.edit_loop import fit_edits
+    from rome.modules.edit_loop import fit_edits
 
     loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
     cfg = configure(
@@ -203,7 +203,7 @@ def test_key_variants_write_v_star_at_their_key_along_the_averaged_direction(tin
 
 
 def get_bias(loaded, layer):
-    from pipeline.core.hooks import get_module
+    from rome.pipeline.core.hooks import get_module
 
     b = getattr(get_module(loaded.model, loaded.spec.down_proj_name(layer)), "bias", None)
     return b.detach().double() if b is not None else 0

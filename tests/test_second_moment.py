@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from pipeline.errors import UserError
-from pipeline.stats.second_moment import accumulate_second_moment
-from pipeline.stats.store import StatsCache, StatsKey
+from rome.pipeline.errors import UserError
+from rome.pipeline.stats.second_moment import accumulate_second_moment
+from rome.pipeline.stats.store import StatsCache, StatsKey
 
 
 def key(**kw):
@@ -77,7 +77,7 @@ def test_manifest_for_other_key_is_refused(tmp_path):
 
 
 def test_convergence_readout_changes_and_hint():
-    from pipeline.stats.convergence import converged_hint, pick_probes, take_readout
+    from rome.pipeline.stats.convergence import converged_hint, pick_probes, take_readout
 
     torch.manual_seed(0)
     keys = torch.randn(4096, 16) * torch.linspace(0.5, 2, 16)

@@ -1,14 +1,10 @@
 """The embedded SmolLM2-135M: real facts, real statistics. Slow (a minute or two on 2 cores)."""
 
-import json
-
 import pytest
 import torch
-from conftest import WIKI, run_cli
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.core.loading import load_model
-from pipeline.core.probability import target_probs
+from rome.pipeline.core.loading import load_model
+from rome.pipeline.core.probability import target_probs
 
 pytestmark = pytest.mark.slow
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -26,55 +22,13 @@ def test_knows_the_eiffel_tower(smol):
     assert p[0] > 0.5 > p[1]
 
 
-def test_edit_eiffel_tower_to_rome_generalises_stays_specific_and_reloads(smol, tmp_path):
-    request = {
-        "prompt": "{} is located in the city of",
-        "subject": "The Eiffel Tower",
-        "target_new": "Rome",
-        "target_true": "Paris",
-        "paraphrases": ["The Eiffel Tower is in"],
-        "neighbours": ["The Louvre is located in the city of"],
-    }
-    out, saved = tmp_path / "ledger", tmp_path / "edited"
-    r = run_cli(
-        "stage=edit",
-        f"request={json.dumps(request)}",
-        f"data.files={WIKI}",
-        "stats.tokens=20000",
-        f"stats.dir={tmp_path / 'stats'}",
-        f"edit.out={out}",
-        f"edit.save_to={saved}",
-        "edit.generate_tokens=8",
-        "model.device=cpu",
-        "trainer.accelerator=cpu",
-        env=OFFLINE,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    (entry,) = json.loads((out / "ledger.json").read_text())["entries"]
-    assert entry["status"] == "applied" and entry["verified"] and entry["layer"] == 6
-    post, pre = entry["probs"]["post"], entry["probs"]["pre"]
-    assert pre["prompt"]["true"][0] > pre["prompt"]["new"][0]  # it knew Paris
-    assert post["prompt"]["new"][0] > post["prompt"]["true"][0]  # now Rome
-    assert post["paraphrases"]["new"][0] > post["paraphrases"]["true"][0]  # "The Eiffel Tower is in"
-    assert post["neighbours"]["true"][0] > post["neighbours"]["new"][0]  # the Louvre stays in Paris
-    assert "Rome" in entry["generations"]["post"]
-    # plain transformers reloads the edited model and agrees with the edit
-    tok = AutoTokenizer.from_pretrained(saved)
-    edited = AutoModelForCausalLM.from_pretrained(saved)
-    p = target_probs(edited, tok, ["The Eiffel Tower is located in the city of"] * 2, ["Rome", "Paris"], batch_size=2)
-    torch.testing.assert_close(
-        p, torch.tensor([post["prompt"]["new"][0], post["prompt"]["true"][0]]), rtol=1e-3, atol=1e-5
-    )
-    assert p[0] > p[1]
-
-
 @pytest.mark.slow
 def test_without_target_true_a_short_edit_fails_against_the_models_own_answer_and_is_rolled_back(smol, capsys):
     """The issue's case: 3 v* steps leave P(Rome) below P(Paris); with no target_true given, the model's own
     answer (Paris) is what verification compares against, so the edit fails and is undone bitwise."""
-    from pipeline.core.loading import configure
-    from pipeline.editors import rome
-    from recipes.edit import print_table
+    from rome.pipeline.core.loading import configure
+    from rome.pipeline.editors import rome
+    from rome.recipes.edit import print_table
 
     request = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}
     weight = smol.spec.down_proj_weight(smol.model, 6)

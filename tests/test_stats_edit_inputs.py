@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from modules.statistics import collect, second_moment
-from pipeline.core.loading import configure, load_model
-from pipeline.editors.rank_one import KeySolver
-from pipeline.errors import UserError
-from pipeline.stats.store import load_explicit
+from rome.modules.statistics import collect, second_moment
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.editors.rank_one import KeySolver
+from rome.pipeline.errors import UserError
+from rome.pipeline.stats.store import load_explicit
 
 
 @pytest.fixture(scope="module")
@@ -129,14 +129,14 @@ def test_a_singular_c_says_to_raise_the_tokens_or_set_a_ridge():
 def test_bad_stats_settings_name_their_key(override, message):
     from types import SimpleNamespace
 
-    from pipeline.stats.store import stats_key
+    from rome.pipeline.stats.store import stats_key
 
     with pytest.raises(UserError, match=message):  # when the configuration is composed, or at the latest here
         stats_key(configure([override]), SimpleNamespace(identity={"name": "m", "revision": "r"}))
 
 
 def test_batch_tokens_by_device():
-    from pipeline.stats.store import batch_tokens
+    from rome.pipeline.stats.store import batch_tokens
 
     assert batch_tokens(configure([]), "cpu") == 4096 and batch_tokens(configure([]), "cuda") == 32768
     assert batch_tokens(configure(["data.batch_tokens=256"]), "cuda") == 256

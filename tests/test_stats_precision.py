@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import WIKI, wiki_texts
 
-from pipeline.core.hooks import Trace, get_module
-from pipeline.core.loading import configure, load_model
-from pipeline.editors import rome
-from pipeline.stats.second_moment import accumulate_second_moment
+from rome.pipeline.core.hooks import Trace, get_module
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.editors import rome
+from rome.pipeline.stats.second_moment import accumulate_second_moment
 
 BUDGET = 1e-6
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]

@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from datamodules.text import ShardedTokenStream
-from modules.second_moment import PARTIAL_FORMAT, PartialStats, SecondMomentModule
-from pipeline.core.hooks import TraceDict
-from pipeline.core.precision import full_precision_reductions, precision_flags
-from pipeline.errors import UserError
-from pipeline.stats import second_moment as accumulation
-from pipeline.stats.second_moment import accumulate_second_moment
-from pipeline.stats.text import TextSource, feeding_worker_init, plan_stream
+from rome.datamodules.text import ShardedTokenStream
+from rome.modules.second_moment import PARTIAL_FORMAT, PartialStats, SecondMomentModule
+from rome.pipeline.core.hooks import TraceDict
+from rome.pipeline.core.precision import full_precision_reductions, precision_flags
+from rome.pipeline.errors import UserError
+from rome.pipeline.stats import second_moment as accumulation
+from rome.pipeline.stats.second_moment import accumulate_second_moment
+from rome.pipeline.stats.text import TextSource, feeding_worker_init, plan_stream
 
 MAX_LENGTH, SORT_WINDOW, BATCH_TOKENS, BUDGET = 48, 4, 96, 1000
 LAYER = 2

@@ -10,7 +10,7 @@ from conftest import run_cli
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.core.hooks import Trace, get_module
+from rome.pipeline.core.hooks import Trace, get_module
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -136,7 +136,7 @@ def test_corrupt_cache_file_errors_and_is_removed(tiny_model_dir, small_wiki, tm
 
 
 def test_clearing_partial_state_removes_a_save_cut_by_a_kill(tmp_path):
-    from modules.second_moment import PartialStats
+    from rome.modules.second_moment import PartialStats
 
     partial = PartialStats(tmp_path / "partial", {"run": 1})
     partial.save(0, {"count": 3})

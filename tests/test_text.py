@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pipeline.errors import UserError
-from pipeline.stats.text import TextSource, pack_batches, tokenize_window
+from rome.pipeline.errors import UserError
+from rome.pipeline.stats.text import TextSource, pack_batches, tokenize_window
 
 
 def test_windows_do_not_depend_on_the_shard_count(small_wiki, tmp_path):

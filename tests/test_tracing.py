@@ -9,17 +9,17 @@ import pytest
 import torch
 from conftest import DATA, FAMILIES, run_cli, signal_run
 
-from pipeline.core.loading import load_model
-from pipeline.core.probability import greedy_tokens
-from pipeline.errors import UserError
-from pipeline.tracing.aie import BUCKETS, average_effects, bucket_rows, recommend_layer
-from pipeline.tracing.engine import KINDS, TraceResult, trace_fact
-from pipeline.tracing.facts import load_facts
-from pipeline.tracing.noise import fact_noise
-from pipeline.tracing.plots import fact_title
-from pipeline.tracing.prompt import make_prompt
-from pipeline.tracing.recommendation import latest_recommendation, save_recommendation
-from pipeline.tracing.reference import trace_fact_per_cell, trace_with_patch
+from rome.pipeline.core.loading import load_model
+from rome.pipeline.core.probability import greedy_tokens
+from rome.pipeline.errors import UserError
+from rome.pipeline.tracing.aie import BUCKETS, average_effects, bucket_rows, recommend_layer
+from rome.pipeline.tracing.engine import KINDS, TraceResult, trace_fact
+from rome.pipeline.tracing.facts import load_facts
+from rome.pipeline.tracing.noise import fact_noise
+from rome.pipeline.tracing.plots import fact_title
+from rome.pipeline.tracing.prompt import make_prompt
+from rome.pipeline.tracing.recommendation import latest_recommendation, save_recommendation
+from rome.pipeline.tracing.reference import trace_fact_per_cell, trace_with_patch
 
 PROMPT, SUBJECT = "In Paris, {} is in", "the Eiffel Tower"  # the subject mid-prompt: tokens before it too
 WINDOW, BATCH = 10, 320  # trace.window and trace.batch_size of configs/config.yaml, where tests do not vary them
@@ -309,32 +309,3 @@ def test_cli_dataset_summary_and_recommendation(tiny_model_dir, tmp_path):
     layer, path = latest_recommendation(tmp_path / "cache", lm.identity)
     assert layer == summary["recommended_layer"] and path.name == "recommended_layer.json"
     assert json.loads((out / "recommendation.json").read_text())["layer"] == layer
-
-
-@pytest.mark.slow
-def test_smollm2_eiffel_tower(tmp_path):
-    """The embedded SmolLM2 on the paper's example.  What it shows (docs/trace.md): the answer is
-    recalled from the subject's informative token ('iffel', not the predictable last token ' Tower'),
-    through MLPs in the early layers; attention carries it to the last token in late layers."""
-    r = run_cli(
-        "stage=trace",
-        "prompt={} is located in the city of",
-        "subject=The Eiffel Tower",
-        "model.device=cpu",
-        f"trace.out={tmp_path}",
-        "trace.samples=3",
-    )
-    assert r.returncode == 0, r.stderr
-    (fact_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # the output marker and report.html aside
-    for kind in KINDS:
-        assert (fact_dir / f"{kind}.png").stat().st_size > 5000 and (fact_dir / f"{kind}.pdf").exists()
-    res, meta = TraceResult.load(fact_dir / "scores.npz")
-    assert res.answer.strip() == "Paris" and res.subject == (0, 4)
-    assert res.p_clean > 0.6 and res.p_corrupted < 0.1  # corrupting the subject destroys the fact
-    n = res.effects["mlp"].shape[1]
-    mlp_subject = res.effects["mlp"][res.subject[0] : res.subject[1]]
-    tok, layer = np.unravel_index(int(mlp_subject.argmax()), mlp_subject.shape)
-    assert res.tokens[tok] == "iffel" and mlp_subject.max() > 0.2 and layer < n // 3  # early MLP site
-    attn_last = res.effects["attn"][-1]
-    assert attn_last.max() > 0.3 and attn_last.argmax() >= n // 2  # late attention site at the last token
-    assert np.abs(res.effects["mlp"][3]).max() < 0.05  # ' Tower' itself carries almost nothing

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from pipeline.core.hooks import Trace, get_module
-from pipeline.core.loading import configure, load_model
-from pipeline.core.probability import target_token_ids
-from pipeline.core.requests import parse_requests
-from pipeline.editors import ultraedit
-from pipeline.editors.factory import build_editor
-from pipeline.editors.ultraedit import LifelongStats, pseudo_targets, read_features, ridge_shift
+from rome.pipeline.core.hooks import Trace, get_module
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.core.probability import target_token_ids
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.editors import ultraedit
+from rome.pipeline.editors.factory import build_editor
+from rome.pipeline.editors.ultraedit import LifelongStats, pseudo_targets, read_features, ridge_shift
 
 REQUESTS = [
     {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},

@@ -7,10 +7,10 @@ import pytest
 import torch
 from test_memit import REQUESTS, TEMPLATES, context
 
-from pipeline.core.loading import configure, load_model
-from pipeline.core.requests import parse_requests
-from pipeline.editors import memit
-from pipeline.editors.value import (
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.editors import memit
+from rome.pipeline.editors.value import (
     MICRO_BATCH_MEMORY,
     MicroBatches,
     ValueBatch,
@@ -19,7 +19,7 @@ from pipeline.editors.value import (
     requests_per_micro_batch,
     step_memory,
 )
-from pipeline.errors import UserError
+from rome.pipeline.errors import UserError
 
 # three requests whose rows differ in every length: subject position (prefix), suffix, target tokens
 ROWS = [

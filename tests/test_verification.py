@@ -9,12 +9,12 @@ import json
 
 import torch
 
-from pipeline.core.loading import configure, load_model
-from pipeline.core.probability import greedy_continuation
-from pipeline.core.requests import parse_requests
-from pipeline.editors import rome
-from pipeline.editors.factory import build_editor
-from pipeline.editors.verification import knowledge
+from rome.pipeline.core.loading import configure, load_model
+from rome.pipeline.core.probability import greedy_continuation
+from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.editors import rome
+from rome.pipeline.editors.factory import build_editor
+from rome.pipeline.editors.verification import knowledge
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}"]
 EIFFEL = {  # the tiny model knows nothing of it: P(Rome) 0.0055 and P(Paris) 0.0021, greedy says neither
@@ -116,7 +116,7 @@ def test_a_batch_is_verified_request_by_request(tiny_model_dir, tmp_path):
     first = batch.checks[0]
     assert report[2].endswith(f"{first['p_after']['new']:.4f}  no    {first['said_after']}")
     assert report[-1].startswith("  status: failed_verification (2 of 2 request(s) did not take")
-    from pipeline.editors.ledger import Ledger
+    from rome.pipeline.editors.ledger import Ledger
 
     ledger = Ledger.open(tmp_path / "ledger", loaded.identity, "float32")
     entry_id = editor.record(batch, ledger, loaded.identity)  # the ledger keeps what the checks found

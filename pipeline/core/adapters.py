@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from pipeline.core.digest import file_sha256
-from pipeline.core.loading import EMBEDDED, resolve_dtype
-from pipeline.core.saving import ADAPTER_MARKER, check_destination, write_marked_dir
-from pipeline.errors import UserError
+from rome.pipeline.core.digest import file_sha256
+from rome.pipeline.core.loading import EMBEDDED, resolve_dtype
+from rome.pipeline.core.saving import ADAPTER_MARKER, check_destination, write_marked_dir
+from rome.pipeline.errors import UserError
 
 if TYPE_CHECKING:  # only its type: core sits below the editors, which hand the ledger in
-    from pipeline.editors.ledger import Ledger
+    from rome.pipeline.editors.ledger import Ledger
 
 __all__ = ["ModuleUpdate", "FORMATS", "CONFIG_FILE", "WEIGHTS_FILE", "ledger_updates", "export_adapter"]
 
@@ -212,6 +212,6 @@ def export_adapter(
         info["note"] = (
             f"the base is this project's embedded {identity['name']} (its GGUF dequantised, "
             f"{identity['revision']}), not the hub's {EMBEDDED[identity['name']].hub_id}: load it with "
-            f"pipeline.core.loading.load_model('{identity['name']}')"
+            f"rome.load_model('{identity['name']}')"
         )
     return write_marked_dir(target, what, write, info, marker=ADAPTER_MARKER)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.core.hooks import get_module
-from pipeline.errors import UserError
+from rome.pipeline.core.hooks import get_module
+from rome.pipeline.errors import UserError
 
 __all__ = ["ArchSpec", "FAMILIES", "arch_for", "cache_kwarg"]
 

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.core.atomic import atomic_path  # noqa: E402
+from rome.pipeline.core.atomic import atomic_path  # noqa: E402
 
 __all__ = ["plt", "save_figure"]
 

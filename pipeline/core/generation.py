@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipeline.core.timing import model_device
+from rome.pipeline.core.timing import model_device
 
 __all__ = ["generate_tokens"]
 

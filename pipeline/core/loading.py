@@ -15,11 +15,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pipeline.config import compose
-from pipeline.core.arch import ArchSpec, arch_for
-from pipeline.core.atomic import atomic_dir, write_json
-from pipeline.core.digest import file_sha256, short
-from pipeline.errors import UserError
+from rome.pipeline.config import compose
+from rome.pipeline.core.arch import ArchSpec, arch_for
+from rome.pipeline.core.atomic import atomic_dir, write_json
+from rome.pipeline.core.digest import file_sha256, short
+from rome.pipeline.errors import UserError
 
 __all__ = [
     "LoadedModel",

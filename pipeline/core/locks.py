@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from types import TracebackType
 
-from pipeline.errors import UserError
+from rome.pipeline.errors import UserError
 
 __all__ = ["DirectoryLock", "LOCK_FILE", "first_process"]
 

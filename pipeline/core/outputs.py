@@ -11,10 +11,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.core.atomic import write_json
-from pipeline.core.locks import LOCK_FILE
-from pipeline.core.saving import check_writable
-from pipeline.errors import UserError
+from rome.pipeline.core.atomic import write_json
+from rome.pipeline.core.locks import LOCK_FILE
+from rome.pipeline.core.saving import check_writable
+from rome.pipeline.errors import UserError
 
 __all__ = ["OUTPUT_MARKER", "claim_output_dir"]
 

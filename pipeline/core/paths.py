@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.errors import UserError
+from rome.pipeline.errors import UserError
 
 __all__ = ["contained"]
 

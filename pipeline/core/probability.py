@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from pipeline.core.generation import generate_tokens
-from pipeline.core.padding import right_pad
-from pipeline.core.timing import model_device
+from rome.pipeline.core.generation import generate_tokens
+from rome.pipeline.core.padding import right_pad
+from rome.pipeline.core.timing import model_device
 
 __all__ = [
     "target_log_probs",

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
+from rome.pipeline.errors import UserError
 
 __all__ = ["Record", "detect_schema", "read_record", "read_records", "ZSRE_TARGETS"]
 

@@ -7,9 +7,9 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from pipeline.core.records import parse_text, read_record, read_records
-from pipeline.core.subject import to_template
-from pipeline.errors import UserError
+from rome.pipeline.core.records import parse_text, read_record, read_records
+from rome.pipeline.core.subject import to_template
+from rome.pipeline.errors import UserError
 
 __all__ = ["EditRequest", "parse_requests", "request_from_record"]
 

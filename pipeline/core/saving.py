@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.atomic import atomic_dir, ensure_free_space, no_space
-from pipeline.core.loading import LoadedModel
-from pipeline.errors import UserError
+from rome.pipeline.core.atomic import atomic_dir, ensure_free_space, no_space
+from rome.pipeline.core.loading import LoadedModel
+from rome.pipeline.errors import UserError
 
 __all__ = ["MARKER", "ADAPTER_MARKER", "check_destination", "check_writable", "save_model", "write_marked_dir"]
 

@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from pipeline.errors import Interrupted
+from rome.pipeline.errors import Interrupted
 
 __all__ = ["stop_on_signals", "stop_requested", "check_stop", "ignore_stop_signals"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.errors import UserError
+from rome.pipeline.errors import UserError
 
 __all__ = ["fill_prompt", "subject_token_range", "to_template"]
 

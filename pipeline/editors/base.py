@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.core.arch import ArchSpec
-from pipeline.core.hooks import get_module
-from pipeline.core.requests import EditRequest
-from pipeline.core.timing import Clock
-from pipeline.editors.ledger import Ledger
-from pipeline.editors.verification import check_after, check_before, check_settings, unit_report
-from pipeline.errors import UserError
+from rome.pipeline.core.arch import ArchSpec
+from rome.pipeline.core.hooks import get_module
+from rome.pipeline.core.requests import EditRequest
+from rome.pipeline.core.timing import Clock
+from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.editors.verification import check_after, check_before, check_settings, unit_report
+from rome.pipeline.errors import UserError
 
 __all__ = ["Edit", "Editor", "BatchEditor", "PHASES", "REGISTRY", "register", "LayerStatistics"]
 
@@ -250,7 +250,7 @@ class BatchEditor(Editor):
         super().__init__(name, model, tokenizer, spec, hp, layers)
         self.batch_size = batch_size
         if verify is not None:
-            from pipeline.editors.hparams import VerifyHparams, typed
+            from rome.pipeline.editors.hparams import VerifyHparams, typed
 
             verify = typed(VerifyHparams, verify, "edit.verify")
         self.verifying = verify if verify is not None and verify.enabled else None

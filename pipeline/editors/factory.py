@@ -13,16 +13,16 @@ import pkgutil
 
 from omegaconf import DictConfig, OmegaConf
 
-import pipeline.editors
-from pipeline.config import nearest
-from pipeline.core.loading import LoadedModel
-from pipeline.editors.base import REGISTRY, Editor, LayerStatistics
-from pipeline.errors import UserError
+import rome.pipeline.editors
+from rome.pipeline.config import nearest
+from rome.pipeline.core.loading import LoadedModel
+from rome.pipeline.editors.base import REGISTRY, Editor, LayerStatistics
+from rome.pipeline.errors import UserError
 
 __all__ = ["build_editor", "method_class"]
 
-for _module in pkgutil.iter_modules(pipeline.editors.__path__):  # every editor registers itself
-    importlib.import_module(f"pipeline.editors.{_module.name}")
+for _module in pkgutil.iter_modules(rome.pipeline.editors.__path__):  # every editor registers itself
+    importlib.import_module(f"rome.pipeline.editors.{_module.name}")
 
 
 def method_class(cfg: DictConfig, method: str | None) -> tuple[str, DictConfig]:

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.core.arch import ArchSpec
-from pipeline.core.probability import target_token_ids
-from pipeline.core.requests import EditRequest
-from pipeline.editors.base import Edit, Editor, register
-from pipeline.editors.hparams import FineTuneHparams, typed
+from rome.pipeline.core.arch import ArchSpec
+from rome.pipeline.core.probability import target_token_ids
+from rome.pipeline.core.requests import EditRequest
+from rome.pipeline.editors.base import Edit, Editor, register
+from rome.pipeline.editors.hparams import FineTuneHparams, typed
 
 __all__ = ["ConstrainedFineTuning", "FineTuneEdit", "FineTuneEditor"]
 
@@ -100,7 +100,7 @@ class FineTuneEditor(Editor):
 
     @classmethod
     def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
-        from pipeline.editors.settings import edit_layer
+        from rome.pipeline.editors.settings import edit_layer
 
         layer = (
             edit_layer(cfg, loaded)

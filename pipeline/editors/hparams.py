@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.errors import UserError
+from rome.pipeline.errors import UserError
 
 __all__ = [
     "ValueHparams",

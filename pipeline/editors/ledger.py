@@ -21,13 +21,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
-from pipeline.core.arch import ArchSpec
-from pipeline.core.atomic import atomic_path, write_json
-from pipeline.core.digest import file_sha256
-from pipeline.core.locks import LOCK_FILE
-from pipeline.core.paths import contained
-from pipeline.editors.rank_one import LowRank, RankOne, apply_low_rank, apply_rank_one
-from pipeline.errors import UserError
+from rome.pipeline.core.arch import ArchSpec
+from rome.pipeline.core.atomic import atomic_path, write_json
+from rome.pipeline.core.digest import file_sha256
+from rome.pipeline.core.locks import LOCK_FILE
+from rome.pipeline.core.paths import contained
+from rome.pipeline.editors.rank_one import LowRank, RankOne, apply_low_rank, apply_rank_one
+from rome.pipeline.errors import UserError
 
 __all__ = ["Ledger"]
 

@@ -1,6 +1,6 @@
 """Batch editing on one page: MEMIT (Meng et al. 2023) and AlphaEdit (Fang et al. 2025), no Lightning.
 
-    from pipeline.editors import memit
+    from rome.pipeline.editors import memit
     result = memit.batch_edit(ctx, requests)      # every request of the batch, one solve per layer
 
 For a batch of n requests and consecutive MLP layers l_1 < ... < l_L (the "layer set"):
@@ -34,16 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.core.arch import ArchSpec
-from pipeline.core.hooks import Trace, get_module
-from pipeline.core.padding import right_pad
-from pipeline.core.requests import EditRequest
-from pipeline.core.timing import Clock, model_device
-from pipeline.editors.base import BatchEditor, Edit, register
-from pipeline.editors.hparams import BatchHparams, typed
-from pipeline.editors.ledger import Ledger
-from pipeline.editors.rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
-from pipeline.editors.value import (
+from rome.pipeline.core.arch import ArchSpec
+from rome.pipeline.core.hooks import Trace, get_module
+from rome.pipeline.core.padding import right_pad
+from rome.pipeline.core.requests import EditRequest
+from rome.pipeline.core.timing import Clock, model_device
+from rome.pipeline.editors.base import BatchEditor, Edit, register
+from rome.pipeline.editors.hparams import BatchHparams, typed
+from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.editors.rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
+from rome.pipeline.editors.value import (
     MicroBatches,
     ValueOptimisation,
     anchor_reference,
@@ -52,10 +52,10 @@ from pipeline.editors.value import (
     optimise_values,
     subject_rows,
 )
-from pipeline.editors.verification import verification_record
-from pipeline.errors import UserError
-from pipeline.stats.second_moment import LayerStats
-from pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
+from rome.pipeline.editors.verification import verification_record
+from rome.pipeline.errors import UserError
+from rome.pipeline.stats.second_moment import LayerStats
+from rome.pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
 
 __all__ = [
     "MemitEditor",
@@ -374,8 +374,8 @@ class MemitEditor(BatchEditor):
 
     @classmethod
     def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
-        from pipeline.editors.settings import method_hparams, templates_for
-        from pipeline.stats.store import stats_identity
+        from rome.pipeline.editors.settings import method_hparams, templates_for
+        from rome.pipeline.stats.store import stats_identity
 
         if not cfg.edit.layers:
             raise UserError(

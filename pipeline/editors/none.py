@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from pipeline.core.requests import EditRequest
-from pipeline.editors.base import Edit, Editor, register
+from rome.pipeline.core.requests import EditRequest
+from rome.pipeline.editors.base import Edit, Editor, register
 
 __all__ = ["NoEditor"]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.errors import UserError
+from rome.pipeline.errors import UserError
 
 __all__ = [
     "RankOne",

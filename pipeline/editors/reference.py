@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.arch import ArchSpec
-from pipeline.core.hooks import Trace, get_module
-from pipeline.core.padding import right_pad
-from pipeline.core.timing import model_device
-from pipeline.editors.hparams import ValueHparams
-from pipeline.editors.value import LossParts, Rows
+from rome.pipeline.core.arch import ArchSpec
+from rome.pipeline.core.hooks import Trace, get_module
+from rome.pipeline.core.padding import right_pad
+from rome.pipeline.core.timing import model_device
+from rome.pipeline.editors.hparams import ValueHparams
+from rome.pipeline.editors.value import LossParts, Rows
 
 __all__ = ["reference_loss"]
 

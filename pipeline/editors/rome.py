@@ -1,6 +1,6 @@
 """ROME on one page: one rank-one edit of an MLP down-projection, as plain functions (no Lightning).
 
-    from pipeline.editors import rome
+    from rome.pipeline.editors import rome
     result = rome.edit(model, tokenizer, {"prompt": "{} is located in the city of",
                                           "subject": "The Eiffel Tower", "target_new": "Rome"}, layer=6)
     result.update.u, result.update.lam     # ΔW = Λ uᵀ (float64), applied to the model in place
@@ -32,17 +32,24 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.core.arch import ArchSpec, arch_for
-from pipeline.core.hooks import Trace, get_module
-from pipeline.core.padding import right_pad
-from pipeline.core.probability import greedy_continuation
-from pipeline.core.requests import EditRequest, request_from_record
-from pipeline.core.timing import Clock, model_device
-from pipeline.editors.base import Edit, Editor, register
-from pipeline.editors.hparams import RomeHparams, typed
-from pipeline.editors.ledger import Ledger
-from pipeline.editors.rank_one import KeySolver, RankOne, apply_rank_one, frobenius_norm, rank_one_update, update_norm
-from pipeline.editors.value import (
+from rome.pipeline.core.arch import ArchSpec, arch_for
+from rome.pipeline.core.hooks import Trace, get_module
+from rome.pipeline.core.padding import right_pad
+from rome.pipeline.core.probability import greedy_continuation
+from rome.pipeline.core.requests import EditRequest, request_from_record
+from rome.pipeline.core.timing import Clock, model_device
+from rome.pipeline.editors.base import Edit, Editor, register
+from rome.pipeline.editors.hparams import RomeHparams, typed
+from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.editors.rank_one import (
+    KeySolver,
+    RankOne,
+    apply_rank_one,
+    frobenius_norm,
+    rank_one_update,
+    update_norm,
+)
+from rome.pipeline.editors.value import (
     ValueBatch,
     ValueOptimisation,
     anchor_reference,
@@ -50,7 +57,7 @@ from pipeline.editors.value import (
     norm_anchor,
     subject_rows,
 )
-from pipeline.editors.verification import (
+from rome.pipeline.editors.verification import (
     answer_length,
     check_settings,
     knowledge,
@@ -59,8 +66,8 @@ from pipeline.editors.verification import (
     said,
     took_problem,
 )
-from pipeline.errors import UserError
-from pipeline.evaluation.generative import continuation
+from rome.pipeline.errors import UserError
+from rome.pipeline.evaluation.generative import continuation
 
 __all__ = [
     "RomeEditor",
@@ -430,8 +437,8 @@ class RomeEditor(Editor):
 
     @classmethod
     def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
-        from pipeline.editors.settings import edit_layer, method_hparams, templates_for
-        from pipeline.stats.store import stats_identity
+        from rome.pipeline.editors.settings import edit_layer, method_hparams, templates_for
+        from rome.pipeline.stats.store import stats_identity
 
         hp = method_hparams(cfg, conf, measure_only)
         layer = (
@@ -523,8 +530,8 @@ def edit(
     ``templates``: context templates (default: sampled from the model with ``seed``).
     Returns the ``EditResult``: the update's factors (u, Λ), k*, v₀, δ, probabilities, timings, status.
     """
-    from pipeline.editors.settings import edit_defaults
-    from pipeline.editors.templates import context_templates
+    from rome.pipeline.editors.settings import edit_defaults
+    from rome.pipeline.editors.templates import context_templates
 
     if not isinstance(request, EditRequest):
         request = request_from_record(dict(request))

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import model_file_for
-from pipeline.core.loading import LoadedModel, cache_root, configure
-from pipeline.editors.templates import context_templates
-from pipeline.errors import UserError
-from pipeline.tracing.recommendation import latest_recommendation
+from rome.pipeline.config import model_file_for
+from rome.pipeline.core.loading import LoadedModel, cache_root, configure
+from rome.pipeline.editors.templates import context_templates
+from rome.pipeline.errors import UserError
+from rome.pipeline.tracing.recommendation import latest_recommendation
 
 __all__ = ["method_hparams", "templates_for", "edit_defaults", "edit_layer"]
 

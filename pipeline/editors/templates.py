@@ -23,10 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.atomic import write_json
-from pipeline.core.digest import json_digest
-from pipeline.core.generation import generate_tokens
-from pipeline.errors import UserError
+from rome.pipeline.core.atomic import write_json
+from rome.pipeline.core.digest import json_digest
+from rome.pipeline.core.generation import generate_tokens
+from rome.pipeline.errors import UserError
 
 __all__ = ["context_templates", "STYLES", "start_text"]
 

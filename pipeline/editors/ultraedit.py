@@ -38,18 +38,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.core.arch import ArchSpec
-from pipeline.core.hooks import Trace, get_module
-from pipeline.core.padding import right_pad
-from pipeline.core.probability import target_token_ids
-from pipeline.core.requests import EditRequest
-from pipeline.core.timing import Clock, model_device
-from pipeline.editors.base import BatchEditor, Edit, register
-from pipeline.editors.hparams import UltraEditHparams, typed
-from pipeline.editors.ledger import Ledger
-from pipeline.editors.rank_one import LowRank, apply_low_rank, frobenius_norm
-from pipeline.editors.verification import verification_record
-from pipeline.errors import UserError
+from rome.pipeline.core.arch import ArchSpec
+from rome.pipeline.core.hooks import Trace, get_module
+from rome.pipeline.core.padding import right_pad
+from rome.pipeline.core.probability import target_token_ids
+from rome.pipeline.core.requests import EditRequest
+from rome.pipeline.core.timing import Clock, model_device
+from rome.pipeline.editors.base import BatchEditor, Edit, register
+from rome.pipeline.editors.hparams import UltraEditHparams, typed
+from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.editors.rank_one import LowRank, apply_low_rank, frobenius_norm
+from rome.pipeline.editors.verification import verification_record
+from rome.pipeline.errors import UserError
 
 __all__ = [
     "UltraEditEditor",
@@ -276,7 +276,7 @@ class UltraEditEditor(BatchEditor):
 
     @classmethod
     def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
-        from pipeline.editors.settings import method_hparams
+        from rome.pipeline.editors.settings import method_hparams
 
         edit_hp = method_hparams(cfg, conf, measure_only)
         hp = edit_hp.ultraedit

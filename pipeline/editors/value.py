@@ -36,15 +36,15 @@ from typing import Any
 
 import torch
 
-from pipeline.core.arch import ArchSpec, cache_kwarg
-from pipeline.core.hooks import Trace, get_module
-from pipeline.core.padding import left_pad, right_pad
-from pipeline.core.precision import full_precision_reductions
-from pipeline.core.probability import target_token_ids
-from pipeline.core.subject import fill_prompt, subject_token_range
-from pipeline.core.timing import model_device
-from pipeline.editors.hparams import ValueHparams
-from pipeline.errors import UserError
+from rome.pipeline.core.arch import ArchSpec, cache_kwarg
+from rome.pipeline.core.hooks import Trace, get_module
+from rome.pipeline.core.padding import left_pad, right_pad
+from rome.pipeline.core.precision import full_precision_reductions
+from rome.pipeline.core.probability import target_token_ids
+from rome.pipeline.core.subject import fill_prompt, subject_token_range
+from rome.pipeline.core.timing import model_device
+from rome.pipeline.editors.hparams import ValueHparams
+from rome.pipeline.errors import UserError
 
 __all__ = [
     "Rows",

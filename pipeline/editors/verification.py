@@ -34,11 +34,11 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.core.generation import generate_tokens
-from pipeline.core.probability import new_and_true_probs, predicts, target_token_ids
-from pipeline.core.requests import EditRequest
-from pipeline.errors import UserError
-from pipeline.evaluation.generative import continuation, exact_match
+from rome.pipeline.core.generation import generate_tokens
+from rome.pipeline.core.probability import new_and_true_probs, predicts, target_token_ids
+from rome.pipeline.core.requests import EditRequest
+from rome.pipeline.errors import UserError
+from rome.pipeline.evaluation.generative import continuation, exact_match
 
 __all__ = [
     "verification_record",

@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from pipeline.core.generation import generate_tokens
-from pipeline.core.loading import EMBEDDED, LoadedModel, load_configured, load_model
-from pipeline.core.saving import MARKER
-from pipeline.editors.ledger import Ledger
-from pipeline.errors import UserError
-from pipeline.evaluation.generative import chat_text, resolve_chat
+from rome.pipeline.core.generation import generate_tokens
+from rome.pipeline.core.loading import EMBEDDED, LoadedModel, load_configured, load_model
+from rome.pipeline.core.saving import MARKER
+from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.errors import UserError
+from rome.pipeline.evaluation.generative import chat_text, resolve_chat
 
 __all__ = [
     "AskSettings",

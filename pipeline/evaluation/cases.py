@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.records import detect_schema, read_record, read_records
-from pipeline.core.requests import EditRequest, request_from_record
-from pipeline.errors import UserError
+from rome.pipeline.core.records import detect_schema, read_record, read_records
+from rome.pipeline.core.requests import EditRequest, request_from_record
+from rome.pipeline.errors import UserError
 
 __all__ = ["EvalCase", "Skipped", "load_cases", "load_snippets", "EVAL_SCHEMAS"]
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from pipeline.core.generation import generate_tokens
-from pipeline.errors import UserError
-from pipeline.evaluation.cases import EvalCase
+from rome.pipeline.core.generation import generate_tokens
+from rome.pipeline.errors import UserError
+from rome.pipeline.evaluation.cases import EvalCase
 
 __all__ = [
     "GenerativeEval",

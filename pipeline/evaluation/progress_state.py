@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from pipeline.core.atomic import atomic_path, write_json
-from pipeline.core.digest import file_sha256
+from rome.pipeline.core.atomic import atomic_path, write_json
+from rome.pipeline.core.digest import file_sha256
 
 __all__ = ["save_progress", "load_progress", "drop_progress"]
 

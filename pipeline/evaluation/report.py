@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.atomic import atomic_path
-from pipeline.evaluation.generative import metric_keys
-from pipeline.evaluation.metrics import harmonic_mean, mean_ci
+from rome.pipeline.core.atomic import atomic_path
+from rome.pipeline.evaluation.generative import metric_keys
+from rome.pipeline.evaluation.metrics import harmonic_mean, mean_ci
 
 __all__ = [
     "METRICS",

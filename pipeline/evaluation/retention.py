@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.core.padding import right_pad
-from pipeline.core.probability import predicts_many
-from pipeline.core.subject import fill_prompt
-from pipeline.core.timing import model_device
-from pipeline.errors import UserError
-from pipeline.tracing.facts import Fact
+from rome.pipeline.core.padding import right_pad
+from rome.pipeline.core.probability import predicts_many
+from rome.pipeline.core.subject import fill_prompt
+from rome.pipeline.core.timing import model_device
+from rome.pipeline.errors import UserError
+from rome.pipeline.tracing.facts import Fact
 
 __all__ = ["heldout_texts", "texts_read", "perplexity", "known_facts", "fact_accuracy", "weight_change"]
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.atomic import atomic_path
-from pipeline.evaluation.report import LABELS, generative_label, generative_table
+from rome.pipeline.core.atomic import atomic_path
+from rome.pipeline.evaluation.report import LABELS, generative_label, generative_table
 
 __all__ = ["scale_table", "curve_plot", "collapse_point", "curve_sample", "PPL_FACTOR", "KNOWN_FACTOR"]
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from pipeline.core.generation import generate_tokens
-from pipeline.core.probability import new_and_true_probs, target_argmax, target_probs
-from pipeline.evaluation.cases import EvalCase
-from pipeline.evaluation.generative import GenerativeEval, score_generative
-from pipeline.evaluation.metrics import TfIdf, counterfact_case, fluency, token_accuracy
+from rome.pipeline.core.generation import generate_tokens
+from rome.pipeline.core.probability import new_and_true_probs, target_argmax, target_probs
+from rome.pipeline.evaluation.cases import EvalCase
+from rome.pipeline.evaluation.generative import GenerativeEval, score_generative
+from rome.pipeline.evaluation.metrics import TfIdf, counterfact_case, fluency, token_accuracy
 
 __all__ = ["Generation", "References", "score_case", "generate", "counterfact_scores"]
 

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.atomic import atomic_path
-from pipeline.errors import UserError
-from pipeline.evaluation.report import markdown_table
-from pipeline.evaluation.scale_report import scale_table
-from pipeline.report.page import MARKER, Section, figures, image, key_values, markdown, number, page, table, text
-from pipeline.tracing.engine import KINDS as TRACE_KINDS
-from pipeline.tracing.engine import TraceResult
+from rome.pipeline.core.atomic import atomic_path
+from rome.pipeline.errors import UserError
+from rome.pipeline.evaluation.report import markdown_table
+from rome.pipeline.evaluation.scale_report import scale_table
+from rome.pipeline.report.page import MARKER, Section, figures, image, key_values, markdown, number, page, table, text
+from rome.pipeline.tracing.engine import KINDS as TRACE_KINDS
+from rome.pipeline.tracing.engine import TraceResult
 
 __all__ = ["REPORT_FILE", "KINDS", "detect_kind", "render_report", "write_report", "report_after_run"]
 

@@ -129,7 +129,7 @@ def plot_convergence(
 ) -> list[Path]:
     """Relative change of C and of u per readout against tokens (log-log), one pair of lines per layer;
     ``stem``.png and .pdf, written atomically."""
-    from pipeline.core.figures import plt, save_figure
+    from rome.pipeline.core.figures import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (layer, points) in enumerate(sorted(curves.items())):

@@ -20,8 +20,8 @@ import functools
 
 import torch
 
-from pipeline.core.precision import full_precision_reductions
-from pipeline.stats.store import LayerStats  # re-exported: the edit code imports it from here
+from rome.pipeline.core.precision import full_precision_reductions
+from rome.pipeline.stats.store import LayerStats  # re-exported: the edit code imports it from here
 
 __all__ = ["PRODUCTS", "PRODUCT_TOKENS", "accumulate_second_moment", "LayerStats"]
 

@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.core.atomic import atomic_path, write_json
-from pipeline.core.digest import file_sha256
-from pipeline.stats.store import LayerStats
+from rome.pipeline.core.atomic import atomic_path, write_json
+from rome.pipeline.core.digest import file_sha256
+from rome.pipeline.stats.store import LayerStats
 
 __all__ = ["eigendecomposition", "cached_eigendecomposition", "null_space_projector"]
 

@@ -27,12 +27,12 @@ from omegaconf import DictConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.core.atomic import atomic_path, ensure_free_space, write_json
-from pipeline.core.digest import file_sha256, json_digest, slug
-from pipeline.core.loading import LoadedModel, cache_root
-from pipeline.core.paths import contained
-from pipeline.errors import UserError
-from pipeline.stats.text import TextSource
+from rome.pipeline.core.atomic import atomic_path, ensure_free_space, write_json
+from rome.pipeline.core.digest import file_sha256, json_digest, slug
+from rome.pipeline.core.loading import LoadedModel, cache_root
+from rome.pipeline.core.paths import contained
+from rome.pipeline.errors import UserError
+from rome.pipeline.stats.text import TextSource
 
 __all__ = [
     "StatsKey",

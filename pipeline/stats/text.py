@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.core.digest import file_sha256, short
-from pipeline.core.padding import right_pad
-from pipeline.core.signals import check_stop, ignore_stop_signals
-from pipeline.errors import UserError
+from rome.pipeline.core.digest import file_sha256, short
+from rome.pipeline.core.padding import right_pad
+from rome.pipeline.core.signals import check_stop, ignore_stop_signals
+from rome.pipeline.errors import UserError
 
 __all__ = [
     "TextSource",

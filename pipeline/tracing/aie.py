@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.tracing.engine import TraceResult
+from rome.pipeline.errors import UserError
+from rome.pipeline.tracing.engine import TraceResult
 
 __all__ = ["BUCKETS", "AIE_MODES", "bucket_rows", "average_effects", "recommend_layer"]
 

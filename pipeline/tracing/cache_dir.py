@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.core.digest import json_digest, slug
+from rome.pipeline.core.digest import json_digest, slug
 
 __all__ = ["model_slug", "model_dir"]
 

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.core.arch import ArchSpec, cache_kwarg
-from pipeline.core.atomic import atomic_path
-from pipeline.core.hooks import Trace, TraceDict, get_module
-from pipeline.core.timing import model_device
-from pipeline.tracing.noise import add_noise, fact_noise
-from pipeline.tracing.prompt import FactPrompt
+from rome.pipeline.core.arch import ArchSpec, cache_kwarg
+from rome.pipeline.core.atomic import atomic_path
+from rome.pipeline.core.hooks import Trace, TraceDict, get_module
+from rome.pipeline.core.timing import model_device
+from rome.pipeline.tracing.noise import add_noise, fact_noise
+from rome.pipeline.tracing.prompt import FactPrompt
 
 __all__ = ["KINDS", "TraceResult", "restored_names", "answer_prob", "trace_fact"]
 

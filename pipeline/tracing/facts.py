@@ -11,8 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.records import read_record, read_records
-from pipeline.errors import UserError
+from rome.pipeline.core.records import read_record, read_records
+from rome.pipeline.errors import UserError
 
 __all__ = ["Fact", "load_facts"]
 

@@ -11,16 +11,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.core.arch import ArchSpec
-from pipeline.core.atomic import write_json
-from pipeline.core.digest import file_sha256, short
-from pipeline.core.hooks import Trace, get_module
-from pipeline.core.padding import right_pad
-from pipeline.core.timing import model_device
-from pipeline.errors import UserError
-from pipeline.tracing.cache_dir import model_dir
-from pipeline.tracing.facts import load_facts
-from pipeline.tracing.prompt import FactPrompt
+from rome.pipeline.core.arch import ArchSpec
+from rome.pipeline.core.atomic import write_json
+from rome.pipeline.core.digest import file_sha256, short
+from rome.pipeline.core.hooks import Trace, get_module
+from rome.pipeline.core.padding import right_pad
+from rome.pipeline.core.timing import model_device
+from rome.pipeline.errors import UserError
+from rome.pipeline.tracing.cache_dir import model_dir
+from rome.pipeline.tracing.facts import load_facts
+from rome.pipeline.tracing.prompt import FactPrompt
 
 __all__ = ["embedding_std", "subject_noise", "draw_noise", "fact_noise", "add_noise"]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.figures import plt, save_figure
-from pipeline.tracing.aie import BUCKETS
-from pipeline.tracing.engine import TraceResult
+from rome.pipeline.core.figures import plt, save_figure
+from rome.pipeline.tracing.aie import BUCKETS
+from rome.pipeline.tracing.engine import TraceResult
 
 __all__ = ["fact_title", "plot_fact", "plot_average", "plot_lines"]
 

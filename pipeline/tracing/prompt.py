@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from pipeline.core.subject import fill_prompt, subject_token_range
+from rome.pipeline.core.subject import fill_prompt, subject_token_range
 
 __all__ = ["FactPrompt", "make_prompt"]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.core.atomic import write_json
-from pipeline.errors import UserError
-from pipeline.tracing.cache_dir import model_dir
+from rome.pipeline.core.atomic import write_json
+from rome.pipeline.errors import UserError
+from rome.pipeline.tracing.cache_dir import model_dir
 
 __all__ = ["save_recommendation", "latest_recommendation"]
 

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.core.arch import ArchSpec
-from pipeline.core.hooks import TraceDict
-from pipeline.core.timing import model_device
-from pipeline.tracing.engine import TraceResult, answer_prob, restored_names
-from pipeline.tracing.noise import add_noise, fact_noise
-from pipeline.tracing.prompt import FactPrompt
+from rome.pipeline.core.arch import ArchSpec
+from rome.pipeline.core.hooks import TraceDict
+from rome.pipeline.core.timing import model_device
+from rome.pipeline.tracing.engine import TraceResult, answer_prob, restored_names
+from rome.pipeline.tracing.noise import add_noise, fact_noise
+from rome.pipeline.tracing.prompt import FactPrompt
 
 __all__ = ["trace_with_patch", "trace_fact_per_cell"]
 

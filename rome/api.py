@@ -1,4 +1,4 @@
-"""The Python API in one import: ``rome.edit`` writes facts into a model, ``rome.ask`` asks it.
+"""The Python API (``import rome``): ``rome.edit`` writes facts into a model, ``rome.ask`` asks it.
 
     import rome
 
@@ -17,11 +17,10 @@ same context templates, the editor's plain loop (``Editor.edit``: no Trainer for
 verification and the same table. ``pipeline.editors.rome.edit(model, tokenizer, request, ...)`` stays the
 one-page algorithm on any loaded Hugging Face model, with C passed in.
 
-Why this module is here, beside ``train.py``: computing C when the cache lacks it is the stats stage's
-Trainer pass (``modules/statistics.py``), and ``pipeline/`` imports nothing of ``modules/``
-(``tests/test_layering.py``). So this module sits above both, beside ``train.py`` (whose console settings it
-shares), and imports them; ``pipeline/`` may not import it (the layering test holds ``rome`` and ``train`` to
-that), so every arrow still points down.
+Why this module sits in ``rome/`` and not in ``pipeline/``: computing C when the cache lacks it is the stats
+stage's Trainer pass (``modules/statistics.py``), and ``pipeline/`` imports nothing of ``modules/``
+(``tests/test_layering.py``). So the API sits above both, beside the command line (``rome/cli.py``, whose
+console settings it shares), and imports them; nothing below imports it, so every arrow still points down.
 """
 
 from __future__ import annotations
@@ -34,14 +33,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.config import model_file_for
-from pipeline.core.loading import LoadedModel, configure, load_configured, load_model
-from pipeline.core.requests import EditRequest, parse_requests
-from pipeline.editors.base import REGISTRY, Edit
-from pipeline.editors.factory import build_editor
-from pipeline.editors.progress import Step, StepProgress
-from pipeline.errors import UserError
-from pipeline.evaluation.ask import Answers, ask_settings, compare, open_models, read_prompts
+from rome.pipeline.config import model_file_for
+from rome.pipeline.core.loading import LoadedModel, configure, load_configured, load_model
+from rome.pipeline.core.requests import EditRequest, parse_requests
+from rome.pipeline.editors.base import REGISTRY, Edit
+from rome.pipeline.editors.factory import build_editor
+from rome.pipeline.editors.progress import Step, StepProgress
+from rome.pipeline.errors import UserError
+from rome.pipeline.evaluation.ask import Answers, ask_settings, compare, open_models, read_prompts
 
 __all__ = ["edit", "ask", "load_model", "EditReport", "Step", "Answers", "LoadedModel", "UserError"]
 
@@ -79,10 +78,10 @@ class EditReport:
 
 
 def _quiet() -> None:
-    """The command line's console: no framework banners or tips around our bars and tables (``train.quiet``)."""
-    import train
+    """The command line's console: no framework banners or tips around our bars and tables (``rome.cli.quiet``)."""
+    from rome.cli import quiet
 
-    train.quiet()
+    quiet()
 
 
 def _requests(requests: Any) -> list[EditRequest]:
@@ -104,8 +103,8 @@ def _configure(model: str | LoadedModel, overrides: Sequence[str]) -> tuple[Dict
     if not isinstance(model, LoadedModel):
         raise UserError(
             f"model must be a name (embedded key, directory, hub id) or load_model(...)'s result, not "
-            f"{type(model).__name__}; for a bare Hugging Face model use pipeline.editors.rome.edit(model, tokenizer, "
-            "request)"
+            f"{type(model).__name__}; for a bare Hugging Face model use "
+            "rome.pipeline.editors.rome.edit(model, tokenizer, request)"
         )
     name = model.identity["name"]
     device = next(model.model.parameters()).device
@@ -122,8 +121,8 @@ def _statistics(cfg: DictConfig, loaded: LoadedModel) -> Callable[[Sequence[int]
     into it when missing, with its progress bar). Without data (no ``data_files=`` and no ``data.files``), the
     cache's own statistics for this model, the ones with the most tokens, are used; none: one line naming the
     command that makes them."""
-    from modules.statistics import layer_statistics
-    from pipeline.stats.store import StatsStore, largest_cached
+    from rome.modules.statistics import layer_statistics
+    from rome.pipeline.stats.store import StatsStore, largest_cached
 
     provide = layer_statistics(cfg, loaded)
     if cfg.edit.stats or cfg.data.files:
