@@ -23,7 +23,7 @@ from rome.pipeline.evaluation.generative import (
     generative_settings,
     score_generative,
 )
-from rome.pipeline.evaluation.scale_report import collapse_point, curve_sample
+from rome.pipeline.evaluation.scale_report import collapse_point, curve_plot, curve_sample, merge_runs
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 MAX_TOKENS = 12
@@ -209,3 +209,29 @@ def test_stopping_rows_once_their_text_is_settled_changes_no_continuation(tiny_m
     early = generate_tokens(model, tok, prompts, 24, top_k=None, exact_length=False, done=settled)
     read = lambda rows: [continuation(tok.decode(r, skip_special_tokens=True)) for r in rows]  # noqa: E731
     assert read(early) == read(full)
+
+
+def test_runs_of_different_lengths_merge_onto_one_curve(tmp_path):
+    """benchmarks/lifelong_curve.py: ROME's 300 edits beside UltraEdit's 10,000, each method labelled by its run."""
+    identity = {"model": {"name": "m"}, "heldout": {"articles": 20}, "known": {"n": 300}}
+
+    def run(method, edits):
+        curve = [{"edits": e, "es": 90.0, "perplexity": 20.0 + e / 1000, "known_accuracy": 0.9} for e in edits]
+        m = {"edits": edits[-1], "curve": curve, "collapse_edits": None}
+        return {"identity": identity, "order": ["none", method], "title": f"{method} run", "pre_perplexity": 20.0}, {
+            "none": {"edits": 0, "curve": []},
+            method: m,
+        }
+
+    runs = {}
+    for label, method, edits in (("300", "rome", [50, 300]), ("10k", "ultraedit", [100, 10000])):
+        summary, methods = run(method, edits)
+        runs[label] = {**summary, "methods": methods}
+    merged = merge_runs(runs)
+    assert merged["order"] == ["rome (300)", "ultraedit (10k)"] and merged["pre_perplexity"] == 20.0
+    assert merged["methods"]["ultraedit (10k)"]["curve"][-1]["edits"] == 10000
+    curve_plot(merged, tmp_path / "one.png", log_x=True)
+    assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
+    other = {**runs["10k"], "identity": {**identity, "model": {"name": "other"}}}
+    with pytest.raises(ValueError, match="run 10k differs from the first in model: not one curve"):
+        merge_runs({"300": runs["300"], "10k": other})

@@ -16,7 +16,15 @@ from typing import Any
 from rome.pipeline.core.atomic import atomic_path
 from rome.pipeline.evaluation.report import LABELS, generative_label, generative_table
 
-__all__ = ["scale_table", "curve_plot", "collapse_point", "curve_sample", "PPL_FACTOR", "KNOWN_FACTOR"]
+__all__ = [
+    "scale_table",
+    "curve_plot",
+    "merge_runs",
+    "collapse_point",
+    "curve_sample",
+    "PPL_FACTOR",
+    "KNOWN_FACTOR",
+]
 
 PPL_FACTOR = 2.0  # collapse: held-out perplexity above this multiple of the unedited model's
 KNOWN_FACTOR = 0.5  # collapse: known-fact accuracy below this share of the unedited model's
@@ -107,10 +115,33 @@ PANELS = [
 ]
 
 
-def curve_plot(summary: Mapping[str, Any], path: str | Path) -> None:
+def merge_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One summary of several sequential runs' ``summary.json`` (``{label: summary}``), for one curve: each
+    run's edited methods under ``<method> (<label>)``. The runs must share the model and the held-out and
+    known-facts checks (the unedited references drawn once); a mismatch is an error, not a silent overlay."""
+    if not runs:
+        raise ValueError("no runs to merge")
+    first = next(iter(runs.values()))
+    same = ("model", "heldout", "known")
+    for label, run in runs.items():
+        differs = [k for k in same if run["identity"].get(k) != first["identity"].get(k)]
+        if differs:
+            raise ValueError(f"run {label} differs from the first in {', '.join(differs)}: not one curve")
+    methods, order = {}, []
+    for label, run in runs.items():
+        for name in run["order"]:
+            if run["methods"][name].get("edits"):
+                methods[f"{name} ({label})"] = run["methods"][name]
+                order.append(f"{name} ({label})")
+    runs_text = "; ".join(f"{label}: {run['title']}" for label, run in runs.items())
+    return {"methods": methods, "order": order, "pre_perplexity": first.get("pre_perplexity"), "title": runs_text}
+
+
+def curve_plot(summary: Mapping[str, Any], path: str | Path, log_x: bool = False) -> None:
     """The collapse monitor against the number of edits, one line per method (per layer for the weight
     change): teacher-forced S/ES/PS/NS and generative efficacy of the sampled cases edited so far, held-out
-    perplexity (unedited and 2x drawn), known facts (100% and 50% drawn); a method's collapse point dotted."""
+    perplexity (unedited and 2x drawn), known facts (100% and 50% drawn); a method's collapse point dotted.
+    ``log_x``: edits on a log scale (runs of 300 and 10,000 edits side by side)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,9 +178,11 @@ def curve_plot(summary: Mapping[str, Any], path: str | Path) -> None:
             ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
-        ax.set_xlabel("edits applied")
+        ax.set_xlabel("edits applied" + (" (log scale)" if log_x else ""))
+    if log_x:
+        axes.flat[0].set_xscale("log")  # shared x: every panel
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(summary["title"], fontsize=9)
+    fig.suptitle(summary["title"], fontsize=9 if len(summary["title"]) < 200 else 6, wrap=True)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
