@@ -40,3 +40,19 @@ def test_the_gpu_check_runs_on_a_cpu_and_prints_every_row(tmp_path):
         else:  # timing and memory goals are the 8B shape's on a GPU
             assert row["verdict"].startswith("n/a") or row["verdict"] == "info", row
     assert "timing only" in r.stdout
+
+
+def test_the_ultraedit_scale_check_runs_on_a_cpu(tmp_path, capsys):
+    """benchmarks/ultraedit_scale.py (issue 19's GPU number: edits/s at 20,000 edits on the 8B shape) on the tiny
+    shape: every batch timed, the statistics counted over every batch, a stop by --seconds said as such."""
+    import ultraedit_scale
+
+    os.environ.update(OFFLINE)
+    out = tmp_path / "ue.json"
+    assert ultraedit_scale.main(["--shape", "llama-tiny", "--edits", "25", "--batch", "10", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [n for n, _ in result["batches"]] == [10, 20, 25] and result["edits"] == 25
+    assert result["statistics_rows"]["stats.shared"] > 25  # a row per target-predicting position of every request
+    assert "25 edits in " in capsys.readouterr().out
+    assert ultraedit_scale.main(["--shape", "llama-tiny", "--edits", "30", "--batch", "10", "--seconds", "0"]) == 0
+    assert "(stopped by --seconds 0 after 10 of 30)" in capsys.readouterr().out
