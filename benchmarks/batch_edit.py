@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from edit_latency import COUNTERFACT, WIKI  # noqa: E402
-from shapes import add_model_arguments, build_shape, statistics_for  # noqa: E402
+from shapes import add_model_arguments, model_and_config, statistics_for  # noqa: E402
 
 
 def clock(model):
@@ -59,7 +59,6 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from rome.pipeline.core.loading import configure, load_model, resolve_dtype
     from rome.pipeline.core.requests import parse_requests
     from rome.pipeline.editors.factory import build_editor
 
@@ -71,12 +70,7 @@ def main() -> None:
         "trainer.accelerator=cpu",
         f"edit.batch_size={args.requests}",
     ]
-    if args.shape:
-        loaded, _ = build_shape(args.shape, args.device, resolve_dtype(args.dtype), args.num_layers)
-        cfg = configure(["model.name=llama" if "llama" in args.shape else "model.name=EleutherAI/gpt-j-6b", *overrides])
-    else:
-        cfg = configure([f"model.name={args.model}", *overrides])
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    cfg, loaded = model_and_config(args, overrides)
     layers, layer = list(cfg.edit.layers), int(cfg.edit.layer)
     model, spec = loaded.model, loaded.spec
     statistics = statistics_for(args, cfg, loaded)

@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-__all__ = ["SHAPES", "build_shape", "add_model_arguments", "statistics_for"]
+__all__ = ["SHAPES", "build_shape", "model_and_config", "add_model_arguments", "statistics_for"]
 
 SHAPES = {  # family, config, the layer the benchmarks edit / collect statistics for
     "gptj-6b": (
@@ -67,6 +67,20 @@ def build_shape(shape: str, device: str, dtype: torch.dtype, num_layers: int | N
     return LoadedModel(
         model, tok, arch_for(model), {"name": f"random-{shape}", "revision": "timing-only"}, f"random-{shape}"
     ), layer
+
+
+def model_and_config(args: argparse.Namespace, overrides: list[str]):
+    """The benchmarks' model and its configuration with ``overrides``: ``--shape``, random at the real size and
+    configured with its family's model file (configs/model/llama.yaml or gpt-j's); else ``--model``, loaded.
+    Returns (cfg, LoadedModel)."""
+    from rome.pipeline.core.loading import configure, load_model, resolve_dtype
+
+    if args.shape:
+        loaded, _ = build_shape(args.shape, args.device, resolve_dtype(args.dtype), args.num_layers)
+        family = "llama" if SHAPES[args.shape][0] == "llama" else "EleutherAI/gpt-j-6b"
+        return configure([f"model.name={family}", *overrides]), loaded
+    cfg = configure([f"model.name={args.model}", *overrides])
+    return cfg, load_model(args.model, device=args.device, dtype=args.dtype)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from edit_latency import COUNTERFACT  # noqa: E402
-from shapes import add_model_arguments, build_shape  # noqa: E402
+from shapes import add_model_arguments, model_and_config  # noqa: E402
 
 SHAPE_LAYERS = {  # the release's depth for each shape (see the docstring); the tiny shape: its upper half
     "llama3-8b": [11, 12, 13, 14, 15, 18, 19, 20, 21, 22, 23, 24],
@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from rome.pipeline.core.loading import configure, load_model, resolve_dtype
     from rome.pipeline.core.timing import sync
     from rome.pipeline.editors.factory import build_editor
 
@@ -75,12 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         "trainer.accelerator=cpu",
         *([f"edit.ultraedit.layers=[{','.join(map(str, layers))}]"] if layers else []),
     ]
-    if args.shape:
-        loaded, _ = build_shape(args.shape, args.device, resolve_dtype(args.dtype), args.num_layers)
-        cfg = configure(["model.name=llama" if "llama" in args.shape else "model.name=EleutherAI/gpt-j-6b", *overrides])
-    else:
-        cfg = configure([f"model.name={args.model}", *overrides])
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    cfg, loaded = model_and_config(args, overrides)
     model = loaded.model
     editor = build_editor(cfg, loaded)
     requests = requests_for(args.edits)
