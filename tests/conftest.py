@@ -271,8 +271,9 @@ def main_in_process(capsys, *argv):
     return code, out.out, [line for line in out.err.splitlines() if line.startswith(("error:", "interrupted:"))]
 
 
-def tiny_edit_args(model_dir, wiki, shared: Path, v_steps: int) -> list[str]:
-    """Arguments of an in-process edit on a tiny model: statistics and templates cached under ``shared``."""
+def tiny_args(model_dir, wiki, shared: Path) -> list[str]:
+    """A tiny model on the CPU with small statistics (2,000 tokens) and its caches under ``shared``, edited at
+    layer 2: the settings every command-line test on a tiny model shares."""
     return [
         f"model.name={model_dir}",
         f"data.files={wiki}",
@@ -284,6 +285,13 @@ def tiny_edit_args(model_dir, wiki, shared: Path, v_steps: int) -> list[str]:
         "edit.layer=2",
         "trainer.accelerator=cpu",
         "model.device=cpu",
+    ]
+
+
+def tiny_edit_args(model_dir, wiki, shared: Path, v_steps: int) -> list[str]:
+    """Arguments of an in-process edit on a tiny model: statistics and templates cached under ``shared``."""
+    return [
+        *tiny_args(model_dir, wiki, shared),
         "edit.generate_tokens=0",
         "edit.verify.enabled=false",
         f"edit.v.steps={v_steps}",

@@ -87,7 +87,7 @@ def run(argv: list[str]) -> tuple[int, list[str], str]:
 
 
 def make_world(root: Path) -> World:
-    from conftest import WIKI, build_tiny_model
+    from conftest import WIKI, build_tiny_model, tiny_args
 
     model = build_tiny_model("gpt2", root / "tiny-gpt2")
     wiki = root / "wiki.jsonl"
@@ -95,16 +95,7 @@ def make_world(root: Path) -> World:
         wiki.write_text("".join(line for _, line in zip(range(300), f)))
     stats = root / "stats"
     base = [
-        f"model.name={model}",
-        f"data.files={wiki}",
-        f"stats.dir={stats}",
-        f"model.cache_dir={root / 'cache'}",
-        "stats.tokens=2000",
-        "data.max_length=64",
-        "data.batch_tokens=256",
-        "edit.layer=2",
-        "trainer.accelerator=cpu",
-        "model.device=cpu",
+        *tiny_args(model, wiki, root),
         "edit.generate_tokens=0",
         "edit.verify.enabled=false",
         "edit.v.steps=2",

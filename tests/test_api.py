@@ -76,3 +76,10 @@ def test_batch_methods_through_the_same_call(tiny_model_dir, small_wiki, tmp_pat
     assert sum(line.startswith("warning: the model did not know") for line in capsys.readouterr().err.splitlines()) == 2
     with pytest.raises(UserError, match="method=romee is not one of"):
         rome.edit(path, TOWER, method="romee")
+
+
+def test_the_package_offers_what_the_api_exports():
+    """``rome/__init__.py`` names the API lazily (``import rome`` stays instant); the names are the API's own."""
+    from rome import api
+
+    assert list(rome._API) == api.__all__ and all(getattr(rome, name) is getattr(api, name) for name in api.__all__)

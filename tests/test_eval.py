@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from conftest import DATA, run_cli, signal_run
+from conftest import DATA, run_cli, signal_run, tiny_args
 
 from rome.pipeline.core.loading import configure, load_model
 from rome.pipeline.errors import UserError
@@ -219,16 +219,7 @@ def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits
 def eval_cli(model_dir, tmp, *extra, env=None):
     return run_cli(
         "stage=eval",
-        f"model.name={model_dir}",
-        f"model.cache_dir={tmp / 'cache'}",
-        f"stats.dir={tmp / 'stats'}",
-        f"data.files={tmp / 'wiki.jsonl'}",
-        "stats.tokens=2000",
-        "data.max_length=64",
-        "data.batch_tokens=256",
-        "edit.layer=2",
-        "trainer.accelerator=cpu",
-        "model.device=cpu",
+        *tiny_args(model_dir, tmp / "wiki.jsonl", tmp),
         "eval.generation.tokens=6",
         "edit.v.steps=5",
         "method.ft_l.steps=5",

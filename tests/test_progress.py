@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import DATA, OFFLINE, tiny_edit_args
+from conftest import DATA, OFFLINE, tiny_args, tiny_edit_args
 
 from rome import cli
 from rome.modules.callbacks import ApplyEdit, EditProgress, VerifyEdit
@@ -132,16 +132,7 @@ def eval_args(tiny_model_dir, small_wiki, tmp_path_factory):
     shared = tmp_path_factory.mktemp("progress-eval")
     return shared, [
         "stage=eval",
-        f"model.name={tiny_model_dir('gpt2')}",
-        f"data.files={small_wiki}",
-        f"stats.dir={shared / 'stats'}",
-        f"model.cache_dir={shared / 'cache'}",
-        "stats.tokens=2000",
-        "data.max_length=64",
-        "data.batch_tokens=256",
-        "edit.layer=2",
-        "trainer.accelerator=cpu",
-        "model.device=cpu",
+        *tiny_args(tiny_model_dir("gpt2"), small_wiki, shared),
         f"eval.dataset={DATA / 'counterfact' / 'counterfact-edit.json'}",
         "eval.n=2",
         "eval.methods=[none,rome]",
