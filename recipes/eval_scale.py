@@ -358,11 +358,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"the statistics read {read} articles, into the {len(records)} held out at the end; "
             "lower stats.tokens or eval.heldout.articles"
         )
-    ppl = lambda: perplexity(
+    ppl = lambda: perplexity(  # noqa: E731
         loaded.model,
         loaded.tokenizer,
+        loaded.spec,
         heldout,
-        int(cfg.eval.heldout.max_length),  # noqa: E731
+        int(cfg.eval.heldout.max_length),
         int(cfg.eval.heldout.batch_size),
     )
     facts = load_facts(cfg.eval.known.dataset, int(cfg.eval.known.n))

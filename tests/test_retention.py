@@ -1,9 +1,15 @@
-"""The known-facts check batched (``predicts_many``) decides every fact as the one-at-a-time rule does."""
+"""What an edited model still knows: the known-facts check batched (``predicts_many``) decides every fact as the
+one-at-a-time rule does; the held-out perplexity equals the model's own loss."""
 
+import math
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rome.pipeline.core.arch import arch_for
 from rome.pipeline.core.probability import greedy_tokens, predicts, predicts_many
+from rome.pipeline.evaluation.retention import perplexity
 
 
 def test_batched_known_facts_equal_the_one_at_a_time_rule(tiny_model_dir):
@@ -32,3 +38,30 @@ def test_batched_known_facts_equal_the_one_at_a_time_rule(tiny_model_dir):
     assert [k for k, _ in many] == [k for k, _ in one]
     assert sum(k for k, _ in one) >= len(prompts) - 1  # most own answers are known: the check is not vacuous
     assert not any(k for (k, _), a in zip(one, answers) if a == "zebra crossing")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text"])  # gemma3_text: the final logits soft-capped
+def test_perplexity_is_the_models_own_loss_over_every_token(tiny_model_dir, family):
+    """Rows of different lengths batched (padding), the pass stopped at the final norm and the LM head run in
+    chunks of 7 tokens give exp of the mean of the model's own per-token loss (HF's ``labels=`` loss, row by
+    row, weighted by each row's tokens), with truncation to max_length."""
+    path = tiny_model_dir(family)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = [
+        "The Eiffel Tower is located in Paris, the capital of France.",
+        "A cat",
+        "Toyota was founded in Japan in 1937 by Kiichiro Toyoda, and it makes cars and trucks and buses.",
+        "x",  # one token (or two with BOS): no prediction when one
+        "Michael Jordan plays basketball.",
+    ]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok(t, truncation=True, max_length=16)["input_ids"]])
+            if ids.shape[1] > 1:
+                nll += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+                count += ids.shape[1] - 1
+    got = perplexity(model, tok, arch_for(model), texts, max_length=16, batch_size=2, head_rows=7)
+    assert got == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert perplexity(model, tok, arch_for(model), texts, 16, batch_size=5) == pytest.approx(got, rel=1e-6)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rome.pipeline.core.arch import ArchSpec
+from rome.pipeline.core.hooks import Trace, get_module
 from rome.pipeline.core.padding import right_pad
 from rome.pipeline.core.probability import predicts_many
 from rome.pipeline.core.subject import fill_prompt
@@ -59,19 +61,36 @@ def texts_read(path: str | Path, tokenizer: Any, tokens: int, max_length: int, t
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int, batch_size: int) -> float:
-    """exp of the mean next-token negative log-likelihood over all tokens of ``texts`` (each truncated)."""
+def perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: ArchSpec,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    head_rows: int = 1024,
+) -> float:
+    """exp of the mean next-token negative log-likelihood over all tokens of ``texts`` (each truncated).
+
+    On a CPU this check is the collapse monitor's largest cost, so it does only the work the number needs: the
+    rows go longest first (each batch's rows of similar length: little padding), the pass stops at the final
+    norm, and the LM head runs on the real tokens only, ``head_rows`` at a time (the full [rows, width, vocab]
+    logits of a batch are never held; the model's own soft-cap applies, ``ArchSpec.logits``)."""
     device = model_device(model)
     rows = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    rows = [r for r in rows if len(r) > 1]
+    rows = sorted((r for r in rows if len(r) > 1), key=len, reverse=True)  # the sum does not depend on the order
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(0, len(rows), batch_size):
         ids, mask = right_pad(rows[i : i + batch_size], tokenizer.pad_token_id or 0, device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        with Trace(get_module(model, spec.final_norm), retain_output=True, stop=True) as final:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
         keep = mask[:, 1:].bool()
-        total += nll[keep].double().sum()
-        count += int(keep.sum())
+        hidden, targets = final.output[:, :-1][keep], ids[:, 1:][keep]
+        for j in range(0, len(targets), head_rows):
+            logits = spec.logits(model, hidden[j : j + head_rows])
+            nll = torch.nn.functional.cross_entropy(logits, targets[j : j + head_rows], reduction="none")
+            total += nll.double().sum()
+        count += len(targets)
     return float(torch.exp(total / count))
 
 
