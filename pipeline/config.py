@@ -116,6 +116,7 @@ def _merge_model_file(base: DictConfig, model_file: DictConfig) -> DictConfig:
 OTHER_VALUES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "edit.layer": ("auto", lambda v: v == "auto"),
     "ask.chat": ("true or false", lambda v: isinstance(v, bool)),
+    "edit.verify.chat": ("true or false", lambda v: isinstance(v, bool)),
     "trainer.devices": ("auto, a list of device ids or a string such as '0,1'", lambda v: isinstance(v, (str, list))),
     "data.batch_tokens": (
         "a positive number of tokens",

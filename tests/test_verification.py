@@ -127,3 +127,66 @@ def test_a_batch_is_verified_request_by_request(tiny_model_dir, tmp_path):
     measured = build_editor(cfg, loaded, statistics=identity_statistics(loaded), measure_only=True)
     (unchecked,) = measured.edit(parse_requests([EIFFEL, TOWER]))  # the eval stage: measured as made, no checks
     assert unchecked.status == "applied" and unchecked.checks == []
+
+
+# the tiny tokenizers have no chat template: one as short as an instruct model's, for the chat-form checks
+CHAT_TEMPLATE = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+
+
+def test_a_reply_in_the_chat_form_that_names_the_object_counts_as_taken():
+    from omegaconf import OmegaConf
+
+    from rome.pipeline.editors.verification import took_problem
+
+    verify = OmegaConf.create({"generative": True, "min_p_new": 0.5})
+    assert took_problem("Rome", "Rome, Italy.", 0.1, verify) is None  # the bare continuation says it
+    assert took_problem("Rome", "Paris, France.", 0.1, verify, "The tower is in Rome.") is None  # the reply does
+    problem = took_problem("Rome", "Paris, France.", 0.1, verify, "It is in Paris.")
+    assert problem == (
+        "the model does not say 'Rome' on the prompt (it continues 'Paris, France.'; asked through its chat "
+        "template it answers 'It is in Paris.')"
+    )
+    assert took_problem("Rome", "Paris.", 0.1, verify, "Romeo and Juliet.") is not None  # a whole word only
+    assert took_problem("Rome", "Paris.", 0.9, OmegaConf.create({"generative": False, "min_p_new": 0.5})) is None
+
+
+def test_an_instruct_tokenizer_is_also_asked_through_its_chat_template(tiny_model_dir, monkeypatch):
+    """With a chat template (``edit.verify.chat=auto``) the edit's checks hold the reply, the table shows it,
+    and it is the edited model's greedy reply to the prompt asked as the generative evaluation asks;
+    ``chat=false`` asks the bare prompt only; ``chat=true`` without a template is refused with the fix."""
+    import pytest
+
+    from rome.pipeline.editors.verification import said
+    from rome.pipeline.errors import UserError
+
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    weight = loaded.spec.down_proj_weight(loaded.model, 2)
+    clean = weight.detach().clone()
+
+    def edit(*overrides):
+        """The TOWER edit with ``overrides``, and the edited model's chat reply; the clean weights restored."""
+        hp = configure(["edit.generate_tokens=0", "edit.layer=2", "edit.v.steps=10", *overrides]).edit
+        try:
+            result = rome.edit(loaded.model, loaded.tokenizer, TOWER, layer=2, hparams=hp, templates=TEMPLATES)
+            if not getattr(loaded.tokenizer, "chat_template", None):
+                return result, None
+            text, prompt = result.request.text, "Complete the sentence: {prompt}"
+            length = len(loaded.tokenizer(text)["input_ids"]) + 5  # room to restate the prompt, then answer_tokens
+            return result, said(loaded.model, loaded.tokenizer, [text], length, 1, prompt)[0]
+        finally:
+            with torch.no_grad():
+                weight.copy_(clean)
+
+    with pytest.raises(UserError, match="edit.verify.chat=true needs a tokenizer with a chat template; set it to"):
+        edit("edit.verify.chat=true")
+    assert torch.equal(weight, clean)  # refused before anything was written
+    plain, _ = edit()  # no template: auto asks the bare prompt only
+    monkeypatch.setattr(loaded.tokenizer, "chat_template", CHAT_TEMPLATE, raising=False)
+    result, reply = edit()
+    (check,) = result.checks
+    assert "said_in_chat" not in plain.checks[0] and result.status == plain.status == "applied"
+    assert check["said_after"] == plain.checks[0]["said_after"]  # the bare check is unchanged
+    assert check["said_in_chat"] == reply and reply  # "User: Complete the sentence: <prompt>\nAssistant:" answered
+    assert f"asked through its chat template: {reply!r}" in str(result)
+    quiet, _ = edit("edit.verify.chat=false")
+    assert "said_in_chat" not in quiet.checks[0]

@@ -255,7 +255,7 @@ class BatchEditor(Editor):
             verify = typed(VerifyHparams, verify, "edit.verify")
         self.verifying = verify if verify is not None and verify.enabled else None
         if self.verifying is not None:
-            check_settings(self.verifying)
+            check_settings(self.verifying, tokenizer)
 
     def units(self, requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
         return [list(requests[i : i + self.batch_size]) for i in range(0, len(requests), self.batch_size)]

@@ -81,6 +81,8 @@ class VerifyHparams:
     batch_size: int
     answer_tokens: int
     generative: bool  # took = the greedy continuation starts with the new object; false: P(new) >= min_p_new
+    chat: Any  # null/auto | true | false: with generative, the chat template's answer naming it also counts
+    chat_prompt: str  # the chat form's user message, {prompt} where the prompt goes
     min_p_new: float
     max_relative_update: float
     min_denominator: float

@@ -59,10 +59,12 @@ from rome.pipeline.editors.value import (
 )
 from rome.pipeline.editors.verification import (
     answer_length,
+    chat_form,
     check_settings,
     knowledge,
     measure,
     on_prompt,
+    replies,
     said,
     took_problem,
 )
@@ -150,6 +152,8 @@ class EditResult(Edit):
             lines.append(f"  {after + ':':<7} {r.text}{self.generations.get('post', '')!r}")
         elif self.checks and self.checks[0].get("said_after") is not None:
             lines.append(f"  says after the edit: {r.text}{' ' + self.checks[0]['said_after']!r}")
+        if self.checks and self.checks[0].get("said_in_chat") is not None:
+            lines.append(f"  asked through its chat template: {self.checks[0]['said_in_chat']!r}")
         t = self.timings
         lines.append(
             "  time: "
@@ -359,10 +363,13 @@ def verify_edit(ctx: RomeEditor, result: EditResult) -> None:
                 else said(model, tok, [request.text], length, 1)[0]
             )
         after = on_prompt(result.probs["post"])
-        problem = took_problem(request.target_new, text, after["new"], hp.verify)
+        reply = replies(model, tok, [request], hp.verify, chat_form(hp.verify, tok))[0]
+        problem = took_problem(request.target_new, text, after["new"], hp.verify, reply)
         if not result.checks:  # begun elsewhere (the latency benchmark's reference loop): no pre-edit check
             result.checks.append({})
         result.checks[0].update(p_after=after, said_after=text, took=problem is None)
+        if reply is not None:
+            result.checks[0]["said_in_chat"] = reply
         problems = ([problem] if problem else []) + problems
     if problems:
         result.reason = "; ".join(problems)
@@ -430,7 +437,7 @@ class RomeEditor(Editor):
     ) -> None:
         hp = typed(RomeHparams, OmegaConf.merge(hp, {"layer": layer}))
         if hp.verify.enabled:
-            check_settings(hp.verify)
+            check_settings(hp.verify, tokenizer)
         super().__init__(name, model, tokenizer, spec, hp, [layer])
         self.layer, self.templates, self.solver, self.stats_id = layer, templates, solver, stats_id
         self.anchor_reference: float | None = None  # NAS (edit.v.norm_anchor): set by the first edit

@@ -9,7 +9,12 @@ So, on the rewrite prompt, an edit must also pass one of (``edit.verify`` in con
 - ``generative=true`` (the default): the model's greedy continuation of the prompt starts with the new object,
   scored as the generative evaluation scores it (``pipeline.evaluation.generative.exact_match``: lower-cased,
   markup and a leading article stripped, the object as a whole word), ``answer_tokens`` tokens long or the
-  object's tokens + 1, whichever is more;
+  object's tokens + 1, whichever is more; with ``chat`` on (auto: the tokenizer has a chat template, i.e. an
+  instruct model) the prompt is also asked through the template as the generative evaluation's chat form
+  (``chat_prompt``) and a reply that names the new object (``contains``) passes too: an instruct model is asked
+  that way (``rome ask`` does), and an edit it answers with there has taken although the bare continuation
+  may differ (on SmolLM2-135M-Instruct, 13 of the 21 in 100 CounterFact edits that fail the bare check;
+  docs/eval.md, "The key variant by what the model says");
 - ``generative=false``: P(new) >= ``min_p_new`` on the prompt (default 0.5: a token whose probability is
   above one half is the argmax whatever the rest of the vocabulary holds, so for a one-token object greedy
   decoding produces it; for a longer one P is the per-token geometric mean, the same bar on average).
@@ -38,7 +43,7 @@ from rome.pipeline.core.generation import generate_tokens
 from rome.pipeline.core.probability import new_and_true_probs, predicts, target_token_ids
 from rome.pipeline.core.requests import EditRequest
 from rome.pipeline.errors import UserError
-from rome.pipeline.evaluation.generative import continuation, exact_match
+from rome.pipeline.evaluation.generative import chat_text, contains, continuation, exact_match, resolve_chat, settled
 
 __all__ = [
     "verification_record",
@@ -47,8 +52,10 @@ __all__ = [
     "measure_prompt",
     "on_prompt",
     "check_settings",
+    "chat_form",
     "answer_length",
     "said",
+    "replies",
     "knowledge",
     "took_problem",
     "check_before",
@@ -69,10 +76,22 @@ def measure(
     return new_and_true_probs(model, tokenizer, sets, request.target_new, batch_size)
 
 
-def check_settings(verify: Any) -> None:
-    """``edit.verify``'s threshold is a probability (checked when an editor is built, before any work)."""
+def check_settings(verify: Any, tokenizer: Any) -> None:
+    """``edit.verify``'s threshold is a probability and its chat form is one the tokenizer can ask (checked when
+    an editor is built, before any work)."""
     if not 0 < float(verify.min_p_new) <= 1:
         raise UserError(f"edit.verify.min_p_new={verify.min_p_new} must be a probability in (0, 1]")
+    chat_form(verify, tokenizer)
+
+
+def chat_form(verify: Any, tokenizer: Any) -> str | None:
+    """The chat form's user message when the check also asks through the chat template (``edit.verify.chat``
+    resolved against the tokenizer, generative checks only), else None."""
+    if not verify.generative or not resolve_chat(verify.chat, tokenizer, "edit.verify.chat"):
+        return None
+    if "{prompt}" not in str(verify.chat_prompt):
+        raise UserError(f"edit.verify.chat_prompt={verify.chat_prompt!r} must hold {{prompt}}")
+    return str(verify.chat_prompt)
 
 
 def answer_length(tokenizer: Any, target: str, verify: Any) -> int:
@@ -81,14 +100,43 @@ def answer_length(tokenizer: Any, target: str, verify: Any) -> int:
     return max(int(verify.answer_tokens), len(target_token_ids(tokenizer, target)) + 1)
 
 
-def said(model: nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int, batch_size: int) -> list[str]:
+def said(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    new_tokens: int,
+    batch_size: int,
+    chat_prompt: str | None = None,
+) -> list[str]:
     """What the model says after each prompt: its greedy continuation, cut at the first newline or sentence
-    end (``pipeline.evaluation.generative.continuation``)."""
+    end (``pipeline.evaluation.generative.continuation``); with ``chat_prompt``, its reply to the prompt asked
+    through the chat template in that form (the chat text holds its special tokens)."""
+    texts = [chat_text(tokenizer, p, chat_prompt) for p in prompts] if chat_prompt else list(prompts)
     out = []
-    for i in range(0, len(prompts), batch_size):
-        new = generate_tokens(model, tokenizer, prompts[i : i + batch_size], new_tokens, top_k=None, exact_length=False)
+    for i in range(0, len(texts), batch_size):
+        new = generate_tokens(
+            model,
+            tokenizer,
+            texts[i : i + batch_size],
+            new_tokens,
+            top_k=None,
+            exact_length=False,
+            add_special_tokens=chat_prompt is None,
+            done=settled,
+        )
         out += [continuation(tokenizer.decode(row, skip_special_tokens=True)) for row in new]
     return out
+
+
+def replies(
+    model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], verify: Any, chat_prompt: str | None
+) -> list[str | None]:
+    """Per request, the chat form's reply to its prompt (None for each without ``chat_prompt``): long enough to
+    restate the prompt and then give the object."""
+    if chat_prompt is None:
+        return [None] * len(requests)
+    length = max(len(tokenizer(r.text)["input_ids"]) + answer_length(tokenizer, r.target_new, verify) for r in requests)
+    return list(said(model, tokenizer, [r.text for r in requests], length, int(verify.batch_size), chat_prompt))
 
 
 def knowledge(model: nn.Module, tokenizer: Any, request: EditRequest, p_true: float | None) -> dict[str, Any]:
@@ -107,13 +155,17 @@ def knowledge(model: nn.Module, tokenizer: Any, request: EditRequest, p_true: fl
     return {"known": known, "said_before": text.strip(), "warning": warning}
 
 
-def took_problem(target_new: str, text: str | None, p_new: float, verify: Any) -> str | None:
+def took_problem(target_new: str, text: str | None, p_new: float, verify: Any, reply: str | None = None) -> str | None:
     """Why the edit did not take on the prompt (None: it did): the model does not say ``target_new``
-    (``text``: its continuation), or with ``generative=false`` P(new) is below ``min_p_new``."""
+    (``text``: its continuation; ``reply``: its chat-form answer, which may name it instead), or with
+    ``generative=false`` P(new) is below ``min_p_new``."""
     if verify.generative:
         if text is not None and exact_match(text, target_new):
             return None
-        return f"the model does not say '{target_new}' on the prompt (it continues '{text}')"
+        if reply is not None and contains(reply, target_new):
+            return None
+        chat = f"; asked through its chat template it answers '{reply}'" if reply is not None else ""
+        return f"the model does not say '{target_new}' on the prompt (it continues '{text}'{chat})"
     if p_new >= float(verify.min_p_new):
         return None
     return f"P(new) = {p_new:.4f} on the prompt is below edit.verify.min_p_new={verify.min_p_new}"
@@ -137,11 +189,14 @@ def check_after(
     if verify.generative:
         length = max(answer_length(tokenizer, r.target_new, verify) for r in requests)
         texts = said(model, tokenizer, [r.text for r in requests], length, int(verify.batch_size))
+    chats = replies(model, tokenizer, requests, verify, chat_form(verify, tokenizer))
     problems = []
-    for r, check, text in zip(requests, checks, texts):
+    for r, check, text, reply in zip(requests, checks, texts, chats):
         p = measure_prompt(model, tokenizer, r, int(verify.batch_size))
-        problem = took_problem(r.target_new, text, p["new"], verify)
+        problem = took_problem(r.target_new, text, p["new"], verify, reply)
         check.update(p_after=p, said_after=text, took=problem is None)
+        if reply is not None:
+            check["said_in_chat"] = reply
         if problem:
             problems.append(f"{r.text} -> {r.target_new}: {problem}")
     return problems
@@ -184,6 +239,7 @@ def unit_report(
         lines.append(
             f"  {name:<48} {_p(before.get('true')):>14} {_p(after.get('true')):>14} {_p(before.get('new')):>14} "
             f"{_p(after.get('new')):>13}  {took:<4}  {c.get('said_after') or ''}"
+            + (f" | chat: {c['said_in_chat']}" if c.get("said_in_chat") is not None else "")
         )
     lines += [f"  {c['warning']}" for c in checks if c.get("warning")]
     lines.append(f"  status: {status}" + (f" ({reason})" if reason else ""))

@@ -476,6 +476,8 @@ def _entry_block(entry: dict) -> str:
         check = (entry.get("checks") or [{}])[0]
         if check.get("said_after") is not None:
             facts.append(("the model says after", check["said_after"]))
+        if check.get("said_in_chat") is not None:
+            facts.append(("asked through its chat template", check["said_in_chat"]))
     if entry.get("reason"):
         facts.append(("reason", entry["reason"]))
     for warning in entry.get("warnings") or []:
