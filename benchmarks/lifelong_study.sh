@@ -16,9 +16,9 @@ ultraedit10k() {  # records 0-9,999 in batches of 100; 200 cases scored at the e
   run "${SEQ[@]}" eval.batch_size=100 eval.n=10000 'eval.methods=[none,ultraedit]' eval.eval_every=10 \
     eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 eval.out=outputs/seq10k_ultraedit
 }
-ultraedit_lr() {  # UltraEdit's lr against the collapse point: the same 10,000 edits at lr 1e-4 and 3e-5 (the model
+ultraedit_lr() {  # UltraEdit's lr against the collapse point: the same 10,000 edits at lr 1e-4 and 2e-4 (the model
   # file's 3e-4 is ultraedit10k); checkpoints every 20 batches on 25 cases, so that they cost less than the edits
-  for lr in 1e-4 3e-5; do
+  for lr in 1e-4 2e-4; do
     run "${SEQ[@]}" eval.batch_size=100 eval.n=10000 'eval.methods=[none,ultraedit]' eval.eval_every=20 \
       eval.curve_cases=25 eval.final_cases=200 eval.generation.tokens=0 "edit.ultraedit.lr=$lr" \
       "eval.out=outputs/seq10k_ultraedit_lr$lr"
