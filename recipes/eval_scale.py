@@ -453,12 +453,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     method_run.save()  # a kill loses at most eval_every batches
             method_run.save()  # the final scoring, if stopped, resumes without editing again
             curve, timings, seconds, own = method_run.curve, method_run.timings, method_run.seconds, method_run.own
-            checkpoint_seconds = method_run.checkpoint_seconds
+            checkpoint_seconds = method_run.checkpoint_seconds  # the curve's checkpoints between the batches
             clock = Clock(loaded.model)
             what = "all cases" if len(scored) == len(cases) else f"{len(scored)} cases"
             post = _scores(loaded, scored, gen, cfg, f"{name}: {what}", generative) if edits else summary["pre"]
             curve.append(monitor.checkpoint(name, edits, own, len(cases), dict(zip(final, post))))
-            checkpoint_seconds += clock.lap("checkpoint")
+            final_seconds = clock.lap("final")  # the final scoring: the evaluation itself, not a checkpoint
             collapse = (
                 collapse_point(curve, summary["pre_perplexity"], 1.0 if known else None, len(cases))
                 if edits
@@ -478,6 +478,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "collapse_edits": collapse["edits"],
                     "edit_seconds": seconds,
                     "checkpoint_seconds": checkpoint_seconds,
+                    "final_seconds": final_seconds,
                     "edits_per_second": len(cases) / seconds if edits and seconds else None,
                     "timings": timings,
                     "curve": curve,
@@ -516,7 +517,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 + (f" ES (gen EM) {gen_es['mean']:.1f}" if gen_es else "")
                 + f" PS {row['metrics']['ps']['mean']:.1f} NS {row['metrics']['ns']['mean']:.1f} "
                 f"ppl {row['perplexity']:.2f} known {100 * row['known_accuracy']:.1f}; "
-                f"collapse: {row['collapse_point']}"
+                f"collapse: {row['collapse_point']}; time: edits {seconds:.0f} s, "
+                f"checkpoints {checkpoint_seconds:.0f} s, final scoring {final_seconds:.0f} s"
             )
     finally:
         bar.close()

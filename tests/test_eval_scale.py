@@ -65,7 +65,8 @@ def test_sequential_protocol_end_to_end_and_resume(tiny_model_dir, small_wiki, t
         last = m["curve"][-1]
         assert last["perplexity"] == m["perplexity"] and last["weight_change"] == m["weight_change"]
         assert m["collapse_point"] == "none within 4 edits" and m["collapse_edits"] is None
-        assert m["checkpoint_seconds"] > 0 and {"es_gen_em", "ns_gen_contains"} <= set(m["generative"])
+        assert m["checkpoint_seconds"] > 0 and m["final_seconds"] > 0
+        assert {"es_gen_em", "ns_gen_contains"} <= set(m["generative"])
     assert set(pre["generative"]) == {f"{s}_gen_{k}" for s in ("es", "ps", "ns") for k in ("em", "contains")}
     none = summary["methods"]["none"]  # the clean weights came back after every method
     assert none["perplexity"] == pre["perplexity"] and none["metrics"]["es"] == pre["metrics"]["es"]
@@ -208,7 +209,7 @@ def test_a_stopped_method_resumes_at_its_batch_boundary_bit_for_bit(
         return {
             k: v
             for k, v in row.items()
-            if k not in ("edit_seconds", "checkpoint_seconds", "edits_per_second", "timings")
+            if k not in ("edit_seconds", "checkpoint_seconds", "final_seconds", "edits_per_second", "timings")
         }
 
     for name in ("ultraedit", "alphaedit", "rome"):
