@@ -133,7 +133,7 @@ def merge_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             if run["methods"][name].get("edits"):
                 methods[f"{name} ({label})"] = run["methods"][name]
                 order.append(f"{name} ({label})")
-    runs_text = "; ".join(f"{label}: {run['title']}" for label, run in runs.items())
+    runs_text = "\n".join(f"{label}: {run['title']}" for label, run in runs.items())  # a line per run
     return {"methods": methods, "order": order, "pre_perplexity": first.get("pre_perplexity"), "title": runs_text}
 
 
@@ -182,8 +182,9 @@ def curve_plot(summary: Mapping[str, Any], path: str | Path, log_x: bool = False
     if log_x:
         axes.flat[0].set_xscale("log")  # shared x: every panel
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(summary["title"], fontsize=9 if len(summary["title"]) < 200 else 6, wrap=True)
-    fig.tight_layout()
+    lines = summary["title"].split("\n")  # a merged curve's title: a line per run, each within the figure's width
+    fig.suptitle(summary["title"], fontsize=9 if max(map(len, lines)) < 180 else 7)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.018 * len(lines)))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
