@@ -147,6 +147,10 @@ def test_a_reply_in_the_chat_form_that_names_the_object_counts_as_taken():
         "template it answers 'It is in Paris.')"
     )
     assert took_problem("Rome", "Paris.", 0.1, verify, "Romeo and Juliet.") is not None  # a whole word only
+    # a reply restating a prompt that itself names the object: only what follows the restatement counts
+    prompt = "The Rome Marathon starts in the city of"
+    assert took_problem("Rome", "Paris.", 0.1, verify, "The Rome Marathon starts in the city of Paris.", prompt)
+    assert took_problem("Rome", "Paris.", 0.1, verify, "The Rome Marathon starts in the city of Rome.", prompt) is None
     assert took_problem("Rome", "Paris.", 0.9, OmegaConf.create({"generative": False, "min_p_new": 0.5})) is None
 
 

@@ -364,7 +364,7 @@ def verify_edit(ctx: RomeEditor, result: EditResult) -> None:
             )
         after = on_prompt(result.probs["post"])
         reply = replies(model, tok, [request], hp.verify, chat_form(hp.verify, tok))[0]
-        problem = took_problem(request.target_new, text, after["new"], hp.verify, reply)
+        problem = took_problem(request.target_new, text, after["new"], hp.verify, reply, request.text)
         if not result.checks:  # begun elsewhere (the latency benchmark's reference loop): no pre-edit check
             result.checks.append({})
         result.checks[0].update(p_after=after, said_after=text, took=problem is None)

@@ -155,14 +155,16 @@ def knowledge(model: nn.Module, tokenizer: Any, request: EditRequest, p_true: fl
     return {"known": known, "said_before": text.strip(), "warning": warning}
 
 
-def took_problem(target_new: str, text: str | None, p_new: float, verify: Any, reply: str | None = None) -> str | None:
+def took_problem(
+    target_new: str, text: str | None, p_new: float, verify: Any, reply: str | None = None, prompt: str = ""
+) -> str | None:
     """Why the edit did not take on the prompt (None: it did): the model does not say ``target_new``
-    (``text``: its continuation; ``reply``: its chat-form answer, which may name it instead), or with
-    ``generative=false`` P(new) is below ``min_p_new``."""
+    (``text``: its continuation; ``reply``: its chat-form answer to ``prompt``, which may name it instead after
+    restating the prompt), or with ``generative=false`` P(new) is below ``min_p_new``."""
     if verify.generative:
         if text is not None and exact_match(text, target_new):
             return None
-        if reply is not None and contains(reply, target_new):
+        if reply is not None and contains(reply, target_new, echo=prompt):
             return None
         chat = f"; asked through its chat template it answers '{reply}'" if reply is not None else ""
         return f"the model does not say '{target_new}' on the prompt (it continues '{text}'{chat})"
@@ -193,7 +195,7 @@ def check_after(
     problems = []
     for r, check, text, reply in zip(requests, checks, texts, chats):
         p = measure_prompt(model, tokenizer, r, int(verify.batch_size))
-        problem = took_problem(r.target_new, text, p["new"], verify, reply)
+        problem = took_problem(r.target_new, text, p["new"], verify, reply, r.text)
         check.update(p_after=p, said_after=text, took=problem is None)
         if reply is not None:
             check["said_in_chat"] = reply

@@ -143,9 +143,7 @@ def exact_match(text: str, target: str, echo: str = "") -> bool:
     """``text`` (a continuation) starts with ``target`` as a whole word, both normalised, after a leading
     article of the text (unless the target has one); ``echo``: a prefix the text may repeat first (a chat reply
     restating the prompt), removed before matching."""
-    t, want = normalise(text), _target(target)
-    if echo and t.startswith(_target(echo)):
-        t = normalise(t[len(_target(echo)) :])
+    t, want = _after_echo(normalise(text), echo), _target(target)
     article = _ARTICLE.match(t)
     if article and not _ARTICLE.match(want):
         t = t[article.end() :]
@@ -155,10 +153,18 @@ def exact_match(text: str, target: str, echo: str = "") -> bool:
     return not rest or not (rest[0].isalnum() or rest[0] == "_")
 
 
-def contains(text: str, target: str) -> bool:
-    """``target`` occurs in ``text`` as a whole word, both normalised."""
+def contains(text: str, target: str, echo: str = "") -> bool:
+    """``target`` occurs in ``text`` as a whole word, both normalised; ``echo``: a prefix the text may repeat
+    first, not searched (a prompt that itself names the target is not an answer naming it)."""
     want = _target(target)
-    return bool(want) and re.search(rf"(?<!\w){re.escape(want)}(?!\w)", normalise(text)) is not None
+    return bool(want) and re.search(rf"(?<!\w){re.escape(want)}(?!\w)", _after_echo(normalise(text), echo)) is not None
+
+
+def _after_echo(text: str, echo: str) -> str:
+    """``text`` (normalised) without a leading repetition of ``echo`` (a chat reply restating the prompt)."""
+    if echo and text.startswith(_target(echo)):
+        return normalise(text[len(_target(echo)) :])
+    return text
 
 
 @dataclasses.dataclass(frozen=True)
