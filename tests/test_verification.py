@@ -194,3 +194,9 @@ def test_an_instruct_tokenizer_is_also_asked_through_its_chat_template(tiny_mode
     assert f"asked through its chat template: {reply!r}" in str(result)
     quiet, _ = edit("edit.verify.chat=false")
     assert "said_in_chat" not in quiet.checks[0]
+    rejected, _ = edit("edit.v.steps=1")  # the first step is the last: the edit writes (almost) nothing
+    reply = rejected.checks[0]["said_in_chat"]
+    assert rejected.status == "rolled_back" and rejected.reason.endswith(
+        f"asked through its chat template it answers '{reply}')"
+    )
+    assert f"the rejected edit, asked through the chat template: {reply!r}" in str(rejected)  # not the restored model's

@@ -153,7 +153,8 @@ class EditResult(Edit):
         elif self.checks and self.checks[0].get("said_after") is not None:
             lines.append(f"  says after the edit: {r.text}{' ' + self.checks[0]['said_after']!r}")
         if self.checks and self.checks[0].get("said_in_chat") is not None:
-            lines.append(f"  asked through its chat template: {self.checks[0]['said_in_chat']!r}")
+            whose = "the rejected edit, asked through the" if self.status == "rolled_back" else "asked through its"
+            lines.append(f"  {whose} chat template: {self.checks[0]['said_in_chat']!r}")
         t = self.timings
         lines.append(
             "  time: "
