@@ -56,3 +56,15 @@ def test_the_ultraedit_scale_check_runs_on_a_cpu(tmp_path, capsys):
     assert "25 edits in " in capsys.readouterr().out
     assert ultraedit_scale.main(["--shape", "llama-tiny", "--edits", "30", "--batch", "10", "--seconds", "0"]) == 0
     assert "(stopped by --seconds 0 after 10 of 30)" in capsys.readouterr().out
+
+
+def test_key_overlap_share_is_the_ridge_hat_energy():
+    """benchmarks/key_overlap.py's share kᵀPk / kᵀk, P = Hᵀ(HHᵀ + λI)⁻¹H: for keys H = e1..e3 (unit rows) P is
+    diag(1/(1+λ)) on their span and 0 off it, so e1 gives 1/(1+λ), e4 gives 0 and (e1 + e4)/√2 half of e1's."""
+    import torch
+    from key_overlap import hat_share
+
+    h = torch.eye(6, dtype=torch.float64)[:3]
+    k = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0], [1, 0, 0, 1, 0, 0]], dtype=torch.float64)
+    assert hat_share(h, k, ridge=1.0).tolist() == pytest.approx([0.5, 0.0, 0.25])
+    assert hat_share(h, k, ridge=1e-9)[0] == pytest.approx(1.0)

@@ -1,0 +1,98 @@
+"""How much of an unrelated fact's key a batch's update responds to: ``python benchmarks/key_overlap.py``.
+
+A least-squares update over a batch's keys H [m, d_ff] (UltraEdit's ridge solve, ΔW = Vᵀ(HHᵀ + λI)⁻¹H) changes
+the layer's output at any key k by Vᵀ(HHᵀ + λI)⁻¹Hk: what it writes for the edits, it also writes for k, in
+proportion to k's energy inside the keys' span. Per layer this prints that share, kᵀPk / kᵀk with the ridge
+"hat" P = Hᵀ(HHᵀ + λI)⁻¹H, for the edits' own keys (≈ 1) and for the facts the unedited model answers
+(known_1000, as the many-edit runs check them), at two sites:
+
+- ``answer``: the positions UltraEdit reads (the last prompt token, predicting the object), in its layers;
+- ``subject``: the subject's last token (where ROME and MEMIT read their keys), in MEMIT's layers.
+
+A random key would put m / d_ff of its energy in the span; a share far above that means the keys of different
+facts at that site lie in one common subspace, so an update written there reaches every fact's answer
+(docs/many-edits.md, "Why the known facts go").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rome.pipeline.core.hooks import Trace, get_module  # noqa: E402
+from rome.pipeline.core.loading import configure, load_configured  # noqa: E402
+from rome.pipeline.core.subject import fill_prompt, subject_token_range  # noqa: E402
+from rome.pipeline.evaluation.retention import known_facts  # noqa: E402
+from rome.pipeline.tracing.facts import load_facts  # noqa: E402
+
+
+def keys_at(loaded, texts: list[tuple[str, int]], layer: int) -> torch.Tensor:
+    """The down-projection inputs [len(texts), d_ff] (float64) of ``layer`` at each (text, token index)."""
+    module = get_module(loaded.model, loaded.spec.down_proj_name(layer))
+    out = []
+    for text, index in texts:
+        ids = torch.tensor([loaded.tokenizer(text)["input_ids"]])
+        with torch.no_grad(), Trace(module, retain_input=True, stop=True) as trace:
+            loaded.model(input_ids=ids, use_cache=False)
+        out.append(trace.input[0, index].double())
+    return torch.stack(out)
+
+
+def hat_share(h: torch.Tensor, k: torch.Tensor, ridge: float) -> torch.Tensor:
+    """kᵀPk / kᵀk per row of ``k``, P = Hᵀ(HHᵀ + λI)⁻¹H: the share of each key's energy the update responds to."""
+    system = h @ h.T + ridge * torch.eye(len(h), dtype=h.dtype)
+    response = (h.T @ torch.linalg.solve(system, h @ k.T)).T
+    return (response * k).sum(1) / (k * k).sum(1)
+
+
+def subject_end(tokenizer, prompt: str, subject: str) -> tuple[str, int]:
+    text, start, end = fill_prompt(prompt, subject)
+    return text, subject_token_range(tokenizer, text, start, end)[1] - 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="model.name (default: the embedded SmolLM2)")
+    parser.add_argument("--edits", type=int, default=100, help="CounterFact records 0..N-1: one batch")
+    parser.add_argument("--counterfact", default="../shared/data/counterfact/counterfact-edit.json")
+    args = parser.parse_args(argv)
+    cfg = configure([f"model.name={args.model}"])
+    loaded = load_configured(cfg.model, "cpu")
+    tok = loaded.tokenizer
+    records = json.loads(Path(args.counterfact).read_text())[: args.edits]
+    facts = known_facts(loaded.model, tok, load_facts(cfg.eval.known.dataset, int(cfg.eval.known.n)))
+    ridge = float(cfg.edit.ultraedit.ridge)
+    sites = {
+        "answer": (
+            list(cfg.edit.ultraedit.layers or cfg.edit.layers),
+            [(t, len(tok(t)["input_ids"]) - 1) for t in (fill_prompt(r["prompt"], r["subject"])[0] for r in records)],
+            [(t, len(tok(t)["input_ids"]) - 1) for t in (fill_prompt(f.prompt, f.subject)[0] for f in facts)],
+        ),
+        "subject": (
+            list(cfg.edit.layers),
+            [subject_end(tok, r["prompt"], r["subject"]) for r in records],
+            [subject_end(tok, f.prompt, f.subject) for f in facts],
+        ),
+    }
+    print(f"{args.model}: one batch of {len(records)} CounterFact edits, {len(facts)} known facts, ridge {ridge}")
+    print("site     layer  d_ff  chance  edits' keys  known facts' keys (mean / median / min)")
+    for site, (layers, edit_texts, fact_texts) in sites.items():
+        for layer in layers:
+            h, k = keys_at(loaded, edit_texts, layer), keys_at(loaded, fact_texts, layer)
+            own, other = hat_share(h, h, ridge), hat_share(h, k, ridge)
+            print(
+                f"{site:<8} {layer:>5} {h.shape[1]:>5} {len(h) / h.shape[1]:>7.3f} {own.mean():>12.3f}  "
+                f"{other.mean():.3f} / {other.median():.3f} / {other.min():.3f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
