@@ -194,3 +194,51 @@ def test_edit_stage_continues_a_ledger_bitwise_reverts_and_saves(tiny_model_dir,
     bare, orig = weights(tmp_path / "bare"), weights(base)
     assert "model.layers.2.mlp.down_proj.weight" in set(bare) & set(orig)
     assert all(torch.equal(bare[k], orig[k]) for k in set(bare) & set(orig))  # every edit reverted: the base, bitwise
+
+
+def test_nullspace_preserving_shift_leaves_cs_frequent_keys_alone(tiny_model_dir, tmp_path):
+    """edit.ultraedit.preserve=nullspace: ΔW is the ridge solve on the keys projected onto C's null space, so it
+    maps every key in C's preserved (high-energy) subspace to zero; refused without C or with an unknown mode."""
+    from safetensors.torch import save_file
+
+    from rome.pipeline.errors import UserError
+    from rome.pipeline.stats.second_moment import LayerStats
+
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    loaded.model.double()
+    d_ff = loaded.spec.key_size(loaded.model, 1)
+    g = torch.Generator().manual_seed(0)
+
+    def provide(layers):  # a C with a few strong directions (eigenvalues 1e3) over a weak rest (1e-3)
+        out = {}
+        for layer in layers:
+            q, _ = torch.linalg.qr(torch.randn(d_ff, d_ff, generator=g, dtype=torch.float64))
+            c = q @ torch.diag(torch.where(torch.arange(d_ff) < d_ff // 4, 1e3, 1e-3).double()) @ q.T
+            path = tmp_path / f"layer_{layer}.safetensors"
+            save_file({"second_moment": c}, str(path))
+            out[layer] = LayerStats(layer, loaded.spec.down_proj_name(layer), c, 100, path)
+        return out
+
+    cfg = configure(["edit.ultraedit.layers=[1,2]", "edit.ultraedit.preserve=nullspace", "edit.verify.enabled=false"])
+    with pytest.raises(UserError, match="preserve=nullspace needs C"):
+        build_editor(cfg, loaded, "ultraedit")
+    with pytest.raises(UserError, match="edit.ultraedit.preserve=all must be one of none, nullspace"):
+        build_editor(configure(["edit.ultraedit.layers=[1,2]", "edit.ultraedit.preserve=all"]), loaded, "ultraedit")
+    stats = provide([1, 2])
+    editor = build_editor(cfg, loaded, "ultraedit", statistics=lambda layers: {k: stats[k] for k in layers})
+    assert editor.config()["stats"].keys() == {"1", "2"}  # C is part of what identifies its results
+    before = {layer: loaded.spec.down_proj_matrix(loaded.model, layer).detach().clone() for layer in (1, 2)}
+    (edit,) = editor.edit(parse_requests(REQUESTS[:2]))
+    for layer in (1, 2):
+        p = editor.projectors[layer]
+        assert round(float(p.trace())) == d_ff - d_ff // 4  # the weak directions
+        frequent = stats[layer].second_moment @ torch.randn(d_ff, 5, generator=g, dtype=torch.float64)
+        dw = loaded.spec.down_proj_matrix(loaded.model, layer).detach() - before[layer]
+        assert dw.norm() > 0
+        assert float((dw @ frequent).norm()) < 1e-6 * float(dw.norm() * frequent.norm())
+        h = edit.features.keys[layer].double() @ p
+        v = pseudo_targets(
+            edit.features.keys[layer], edit.features.grads[layer], editor.stats["shared"], editor.hp.lr, editor.hp.eps
+        )
+        normal = dw @ (h.T @ h + float(editor.hp.ridge) * torch.eye(d_ff, dtype=torch.float64))
+        torch.testing.assert_close(normal, v.T @ h, rtol=1e-7, atol=1e-9 * float((v.T @ h).abs().max()))

@@ -149,6 +149,8 @@ class UltraEditHparams:
     eps: float  # ε in (z − μ) / (σ + ε)
     statistics: str  # shared | per_layer
     rows_per_pass: int
+    preserve: str  # none | nullspace: the keys projected onto C's null space before the solve
+    nullspace_threshold: float  # eigenvalues below this x the mean eigenvalue span the null space
 
 
 def typed(schema: type[T], node: Any, where: str = "edit") -> T:

@@ -20,6 +20,11 @@ For a batch of n requests ("turn" t) and every edited down-projection W_l ([d_mo
 Every layer's features are read before any layer changes and each layer's shift depends only on them (the
 release caches all modules' features, then writes all shifts), so the layers are independent.
 
+``edit.ultraedit.preserve=nullspace`` (not in the paper): the solve runs on the keys projected onto the null
+space of the layer's C (P = AlphaEdit's projector, ``stats.spectrum.null_space_projector``): with H̃ = H P,
+ΔW = Vᵀ (H̃H̃ᵀ + λI)⁻¹ H̃ is the ridge solution restricted to ΔW = ΔW P, so ΔW k = ΔW P k ≈ 0 for the keys C
+sees often (P k ≈ 0), where a batch's shift otherwise reaches every fact's answer (benchmarks/key_overlap.py).
+
 Where this differs from the release (github XiaojieGu/UltraEdit): it edits the down-projections only (the
 module every editor here edits; the release does so for GPT-J, Mistral-7B and Phi-4 but edits gate/up
 projections for Llama-3 and Qwen2.5); L is the sum over target tokens, not the mean over each forward pass of
@@ -63,6 +68,7 @@ __all__ = [
 ]
 
 STATISTICS = ("shared", "per_layer")  # edit.ultraedit.statistics
+PRESERVE = ("none", "nullspace")  # edit.ultraedit.preserve
 
 
 class LifelongStats:
@@ -267,12 +273,16 @@ class UltraEditEditor(BatchEditor):
             raise UserError(f"edit.ultraedit.ridge={hp.ridge} must be positive (the release uses 1)")
         if hp.rows_per_pass <= 0:
             raise UserError(f"edit.ultraedit.rows_per_pass={hp.rows_per_pass} must be a positive number of prompts")
+        if hp.preserve not in PRESERVE:
+            raise UserError(f"edit.ultraedit.preserve={hp.preserve} must be one of {', '.join(PRESERVE)}")
         super().__init__(name, model, tokenizer, spec, hp, layers, batch_size, "edit.ultraedit.layers", verify)
         device = model_device(model)
         size = {
             layer: spec.key_size(model, layer) + spec.down_proj_matrix(model, layer).shape[0] for layer in self.layers
         }
         self.stats = {self.group(layer): LifelongStats(size[layer], device) for layer in self.layers}
+        self.projectors: dict[int, torch.Tensor] = {}  # preserve=nullspace: P per layer (``preserve_null_space``)
+        self.stats_id: dict[str, Any] | None = None
 
     @classmethod
     def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
@@ -287,7 +297,25 @@ class UltraEditEditor(BatchEditor):
         if not layers:
             raise UserError(f"{name} needs its layers: pass edit.ultraedit.layers=[...] (or edit.layers=[...])")
         model, batch_size = loaded.model, int(cfg.edit.batch_size)
-        return cls(name, model, loaded.tokenizer, loaded.spec, hp, list(layers), batch_size, edit_hp.verify)
+        editor = cls(name, model, loaded.tokenizer, loaded.spec, hp, list(layers), batch_size, edit_hp.verify)
+        if hp.preserve == "nullspace":
+            if statistics is None:
+                raise UserError(f"{name} with edit.ultraedit.preserve=nullspace needs C of its layers (stage=stats)")
+            editor.preserve_null_space(statistics(editor.layers))
+        return editor
+
+    def preserve_null_space(self, stats: dict[int, Any]) -> dict[int, int]:
+        """P per layer from its C's (cached) eigendecomposition; returns each P's rank."""
+        from rome.pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
+        from rome.pipeline.stats.store import stats_identity
+
+        device, ranks = model_device(self.model), {}
+        for layer in self.layers:
+            values, vectors = cached_eigendecomposition(stats[layer], device)
+            projector, ranks[layer] = null_space_projector(values, vectors, float(self.hp.nullspace_threshold))
+            self.projectors[layer] = projector.to(device=device, dtype=torch.float64)
+        self.stats_id = {str(layer): stats_identity(s) for layer, s in stats.items()}
+        return ranks
 
     def group(self, layer: int) -> str:
         """The statistics a layer's features go into: ``shared`` (the release keys one normaliser per weight
@@ -311,7 +339,10 @@ class UltraEditEditor(BatchEditor):
             self.stats[self.group(layer)].update(torch.cat([f.keys[layer], f.grads[layer]], dim=1))
         for layer in self.layers:
             values = pseudo_targets(f.keys[layer], f.grads[layer], self.stats[self.group(layer)], hp.lr, hp.eps)
-            update = ridge_shift(f.keys[layer].to(values.device), values, float(hp.ridge))
+            keys = f.keys[layer].to(device=values.device, dtype=torch.float64)
+            if layer in self.projectors:  # H̃ = H P (P symmetric)
+                keys = keys @ self.projectors[layer]
+            update = ridge_shift(keys, values, float(hp.ridge))
             weight = self.spec.down_proj_weight(self.model, layer)
             norm_w = frobenius_norm(weight)
             apply_low_rank(weight, update, self.spec.down_proj_conv1d)
@@ -320,6 +351,10 @@ class UltraEditEditor(BatchEditor):
         edit.statistics = {k: v for group, s in self.stats.items() for k, v in s.state(f"stats.{group}").items()}
         edit.status = "applied"
         clock.lap("solve")
+
+    def config(self) -> dict[str, Any]:
+        out = super().config()
+        return {**out, "stats": self.stats_id} if self.stats_id else out
 
     def state(self) -> dict[str, torch.Tensor]:
         out = super().state()
