@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lifelong-editing measurements of docs/many-edits.md, one command each (CPU; hours on 2 cores).
-# Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_lr batch1000 rome300 table300
-# gemma1000 variants; default: all). Each writes its own eval.out under outputs/; a stopped step resumes where it stopped
+# Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_lr ultraedit_nullspace batch1000
+# rome300 table300 gemma1000 variants; default: all). Each writes its own eval.out under outputs/; a stopped step resumes where it stopped
 # (the same command: finished methods are kept, the method in progress continues at its batch boundary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,17 @@ ultraedit_lr() {  # UltraEdit's lr against the collapse point: the same 10,000 e
       eval.curve_cases=25 eval.final_cases=200 eval.generation.tokens=0 "edit.ultraedit.lr=$lr" \
       "eval.out=outputs/seq10k_ultraedit_lr$lr"
   done
+}
+ultraedit_nullspace() {  # edit.ultraedit.preserve=nullspace (the solve on keys projected onto C's null space) against
+  # the paper's shift: 1,000 edits each (checkpoints every 2 batches), then 10,000 with it (as ultraedit_lr)
+  for preserve in none nullspace; do
+    run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' eval.eval_every=2 \
+      eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 "edit.ultraedit.preserve=$preserve" \
+      "eval.out=outputs/seq1000_ultraedit_$preserve"
+  done
+  run "${SEQ[@]}" eval.batch_size=100 eval.n=10000 'eval.methods=[none,ultraedit]' eval.eval_every=20 \
+    eval.curve_cases=25 eval.final_cases=200 eval.generation.tokens=0 edit.ultraedit.preserve=nullspace \
+    eval.out=outputs/seq10k_ultraedit_nullspace
 }
 batch1000() {  # MEMIT and AlphaEdit (and UltraEdit), 1,000 edits in batches of 100, on one curve; NAS in a second run
   run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,memit,alphaedit,ultraedit]' eval.eval_every=1 \
@@ -52,10 +63,10 @@ variants() {  # ROME's key variant chosen again by the generative numbers (case 
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_lr batch1000 rome300 table300 gemma1000 variants)
+[ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_lr ultraedit_nullspace batch1000 rome300 table300 gemma1000 variants)
 for step in "${steps[@]}"; do
   case "$step" in
-    ultraedit10k | ultraedit_lr | batch1000 | rome300 | table300 | gemma1000 | variants) "$step" ;;
-    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_lr batch1000 rome300 table300 gemma1000 variants)" >&2; exit 2 ;;
+    ultraedit10k | ultraedit_lr | ultraedit_nullspace | batch1000 | rome300 | table300 | gemma1000 | variants) "$step" ;;
+    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_lr ultraedit_nullspace batch1000 rome300 table300 gemma1000 variants)" >&2; exit 2 ;;
   esac
 done
