@@ -12,6 +12,11 @@ proportion to k's energy inside the keys' span. Per layer this prints that share
 A random key would put m / d_ff of its energy in the span; a share far above that means the keys of different
 facts at that site lie in one common subspace, so an update written there reaches every fact's answer
 (docs/many-edits.md, "Why the known facts go").
+
+``--nullspace`` adds, at the answer site, the shares under ``edit.ultraedit.preserve=nullspace``'s solve: the
+keys projected onto C's null space (H̃ = HP, P from C's eigendecomposition), the hat H̃ᵀ(H̃H̃ᵀ + λI)⁻¹H̃. C comes
+from the statistics cache (computed when missing) with the overrides given after the options, e.g.
+``python benchmarks/key_overlap.py --nullspace stats.tokens=50000 data.files=...``.
 """
 
 from __future__ import annotations
@@ -62,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m", help="model.name (default: the embedded SmolLM2)")
     parser.add_argument("--edits", type=int, default=100, help="CounterFact records 0..N-1: one batch")
     parser.add_argument("--counterfact", default="../shared/data/counterfact/counterfact-edit.json")
+    parser.add_argument("--nullspace", action="store_true", help="also the shares of the null-space solve")
+    parser.add_argument("overrides", nargs="*", help="config overrides (key=value) for the statistics")
     args = parser.parse_args(argv)
-    cfg = configure([f"model.name={args.model}"])
+    cfg = configure([f"model.name={args.model}", *args.overrides])
     loaded = load_configured(cfg.model, "cpu")
     tok = loaded.tokenizer
     records = json.loads(Path(args.counterfact).read_text())[: args.edits]
@@ -82,16 +89,34 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     print(f"{args.model}: one batch of {len(records)} CounterFact edits, {len(facts)} known facts, ridge {ridge}")
+    projectors = null_space_projectors(cfg, loaded, sites["answer"][0]) if args.nullspace else {}
     print("site     layer  d_ff  chance  edits' keys  known facts' keys (mean / median / min)")
     for site, (layers, edit_texts, fact_texts) in sites.items():
         for layer in layers:
             h, k = keys_at(loaded, edit_texts, layer), keys_at(loaded, fact_texts, layer)
-            own, other = hat_share(h, h, ridge), hat_share(h, k, ridge)
-            print(
-                f"{site:<8} {layer:>5} {h.shape[1]:>5} {len(h) / h.shape[1]:>7.3f} {own.mean():>12.3f}  "
-                f"{other.mean():.3f} / {other.median():.3f} / {other.min():.3f}"
-            )
+            solves = {site: h, f"{site}, P": h @ projectors[layer]} if site == "answer" and projectors else {site: h}
+            for name, keys in solves.items():
+                own, other = hat_share(keys, h, ridge), hat_share(keys, k, ridge)
+                print(
+                    f"{name:<9}{layer:>5} {h.shape[1]:>5} {len(h) / h.shape[1]:>7.3f} {own.mean():>12.3f}  "
+                    f"{other.mean():.3f} / {other.median():.3f} / {other.min():.3f}"
+                )
     return 0
+
+
+def null_space_projectors(cfg, loaded, layers: list[int]) -> dict[int, torch.Tensor]:
+    """P per layer, as ``edit.ultraedit.preserve=nullspace`` builds it (C from the statistics cache)."""
+    from rome.modules.statistics import layer_statistics
+    from rome.pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
+
+    stats = layer_statistics(cfg, loaded)(layers)
+    threshold = float(cfg.edit.ultraedit.nullspace_threshold)
+    out = {}
+    for layer in layers:
+        projector, rank = null_space_projector(*cached_eigendecomposition(stats[layer]), threshold)
+        print(f"layer {layer}: C from {stats[layer].path.name}, null space of rank {rank}")
+        out[layer] = projector.double()
+    return out
 
 
 if __name__ == "__main__":
