@@ -263,6 +263,8 @@ def test_cli_outputs_resume_and_bad_config(tiny_model_dir, small_wiki, tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "counterfact" and summary["schema"] == "counterfact-nested"
     assert summary["cases"] == {"usable": 4, "skipped_at_load": 1}
+    assert any(n.startswith("edit settings other than configs/ sets for this model: ") for n in summary["notes"])
+    assert any("edit.layer=2" in n.split(": ", 1)[1].split("; ") for n in summary["notes"] if n.startswith("edit s"))
     assert summary["skipped"][0]["index"] == 3 and "unknown schema" in summary["skipped"][0]["reason"]
     rows = summary["methods"]
     assert summary["order"] == ["none", "rome", "ft_l"] and all(rows[m]["n"] == 4 for m in summary["order"])

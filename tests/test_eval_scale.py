@@ -86,8 +86,15 @@ def test_batch_mode_and_bad_input(tiny_model_dir, small_wiki, tmp_path):
     base = tiny_model_dir("gpt2")
     r = scale_cli(base, small_wiki, tmp_path, "eval.methods=[memit]", "eval.mode=batch")
     assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((tmp_path / "out" / "summary.json").read_text())["methods"]["memit"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    m = summary["methods"]["memit"]
     assert [p["edits"] for p in m["curve"]] == [4]  # one batch
+    # the table names the edit settings the command line changed (a run with others measured another method)
+    changed = "edit settings other than configs/ sets for this model: "
+    assert summary["notes"][0].startswith(changed) and changed in (tmp_path / "out" / "table.md").read_text()
+    assert {"edit.layer=2", "edit.layers=[1, 2]", "edit.memit.v.steps=2"} <= set(
+        summary["notes"][0].removeprefix(changed).split("; ")
+    )
     for extra, expect in (
         (["eval.methods=[memit]", "eval.mode=parallel"], "not one of case, sequential, batch"),
         (["eval.methods=[ft_l]", f"eval.out={tmp_path / 'o2'}"], "runs none, rome, memit, alphaedit"),

@@ -18,7 +18,7 @@ from rome.pipeline.editors.templates import context_templates
 from rome.pipeline.errors import UserError
 from rome.pipeline.tracing.recommendation import latest_recommendation
 
-__all__ = ["method_hparams", "templates_for", "edit_defaults", "edit_layer"]
+__all__ = ["method_hparams", "templates_for", "edit_defaults", "edit_layer", "changed_edit_settings"]
 
 # a method file's keys that override the edit group (the rest: its class and its own settings)
 _EDIT_KEYS = ("layer", "variant", "mom2_adjustment")
@@ -66,3 +66,18 @@ def edit_layer(cfg: DictConfig, loaded: Any) -> int:
     if layer is None:
         raise UserError("this model has no default edit layer; pass edit.layer=N (or edit.layer=auto after a trace)")
     return loaded.spec.check_layer(loaded.model, layer, "edit.layer")
+
+
+def changed_edit_settings(cfg: DictConfig) -> list[str]:
+    """``edit.key=value`` for each ``edit`` setting of ``cfg`` (resolved) that differs from what ``configs/`` set for
+    its model: what a results table must name, since a run with another setting measured another method."""
+
+    def flat(node: Any, prefix: str = "edit") -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}.{key}").items()}
+        return {prefix: node}
+
+    mine = flat(OmegaConf.to_container(cfg.edit, resolve=True))
+    default = flat(OmegaConf.to_container(edit_defaults(str(cfg.model.name)), resolve=True))
+    changed = [key for key, value in mine.items() if key not in default or default[key] != value]
+    return [f"{key}={mine[key] if isinstance(mine[key], str) else json.dumps(mine[key])}" for key in changed]
