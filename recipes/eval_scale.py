@@ -54,6 +54,7 @@ from rome.pipeline.evaluation.retention import (
     known_facts,
     perplexity,
     texts_read,
+    unrelated_facts,
     weight_change,
 )
 from rome.pipeline.evaluation.scale_report import (
@@ -367,6 +368,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         int(cfg.eval.heldout.batch_size),
     )
     facts = load_facts(cfg.eval.known.dataset, int(cfg.eval.known.n))
+    known_settings = OmegaConf.to_container(cfg.eval.known, resolve=True)
+    set_aside = []
+    if known_settings.pop("exclude_edited", False):
+        facts, set_aside = unrelated_facts(facts, [c.request.subject for c in cases])
+        known_settings["exclude_edited"] = True  # absent: every fact kept (runs made before the key)
     identity = {
         "model": loaded.identity,
         "dtype": cfg.model.dtype,
@@ -383,23 +389,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "generation": OmegaConf.to_container(cfg.eval.generation, resolve=True),
         "generative": generative.as_dict(),
         "heldout": OmegaConf.to_container(cfg.eval.heldout, resolve=True),
-        "known": OmegaConf.to_container(cfg.eval.known, resolve=True),
+        "known": known_settings,
     }
     method_runpath = out / "run.json"
-    if method_runpath.exists() and json.loads(method_runpath.read_text()) != identity:
-        raise UserError(f"eval.out={out} holds a many-edit run with other settings; use another eval.out or delete it")
+    if method_runpath.exists() and (earlier := json.loads(method_runpath.read_text())) != identity:
+        differ = sorted(k for k in identity.keys() | earlier.keys() if identity.get(k) != earlier.get(k))
+        raise UserError(
+            f"eval.out={out} holds a many-edit run with other settings ({', '.join(differ)} differ); "
+            "use another eval.out or delete it"
+        )
     write_json(method_runpath, identity)
     unedited_path = out / "unedited.json"
     if unedited_path.exists():
         unedited = json.loads(unedited_path.read_text())
     else:
         check_stop("nothing was evaluated yet; to start, run the same command")
-        print(f"unedited model: scoring {len(scored)} cases, held-out perplexity, known facts")
+        aside = f" ({len(set_aside)} about a subject this run edits set aside)" if set_aside else ""
+        print(f"unedited model: scoring {len(scored)} cases, held-out perplexity, known facts{aside}")
         unedited = {
             "pre": _scores(loaded, scored, gen, cfg, "unedited", generative),
             "pre_perplexity": ppl(),
             "known_facts": [f.index for f in known_facts(loaded.model, loaded.tokenizer, facts)],
         }
+        if "exclude_edited" in known_settings:
+            unedited["known_set_aside"] = [f.index for f in set_aside]  # about a subject this run edits
         write_json(unedited_path, unedited)
     summary = _assemble(out, identity, unedited, names)
     known = [f for f in facts if f.index in set(summary["known_facts"])]
@@ -588,8 +601,13 @@ def _write(
         f"ppl: perplexity on the last {len(records)} articles of {Path(cfg.data.files).name} (records "
         f"{records.start}-{records.stop - 1}, max {int(cfg.eval.heldout.max_length)} tokens each); "
         f"C read the first {read}",
-        f"known facts: of the first {int(cfg.eval.known.n)} records of {Path(cfg.eval.known.dataset).name}, the "
-        f"{len(summary['known_facts'])} the unedited model answers; the share still answered",
+        f"known facts: of the first {int(cfg.eval.known.n)} records of {Path(cfg.eval.known.dataset).name}"
+        + (
+            f", less the {len(summary['known_set_aside'])} about a subject this run edits,"
+            if "known_set_aside" in summary
+            else " (those about a subject this run edits included),"
+        )
+        + f" the {len(summary['known_facts'])} the unedited model answers; the share still answered",
         "ROME applies its edits one at a time",
         f"curve (after the first batch, every {int(cfg.eval.eval_every)} batch(es) and after the last): ES/PS/NS (tf) "
         "and the generative "

@@ -79,14 +79,22 @@ def test_sequential_protocol_end_to_end_and_resume(tiny_model_dir, small_wiki, t
     again = scale_cli(base, small_wiki, tmp_path, "eval.methods=[none,rome,memit,alphaedit]")
     assert again.returncode == 0 and again.stdout.count("already in") == 4
     other = scale_cli(base, small_wiki, tmp_path, "eval.methods=[rome]", "eval.batch_size=1")
-    assert other.returncode == 2 and "other settings" in other.stderr
+    assert other.returncode == 2 and "other settings (batch_size differ)" in other.stderr
 
 
 def test_batch_mode_and_bad_input(tiny_model_dir, small_wiki, tmp_path):
     base = tiny_model_dir("gpt2")
-    r = scale_cli(base, small_wiki, tmp_path, "eval.methods=[memit]", "eval.mode=batch")
+    # known facts about a subject the run edits (CounterFact record 1: Edwin of Northumbria) are set aside
+    facts = json.loads((DATA / "known_1000.json").read_text())[:3]
+    facts[1] = {**facts[1], "subject": "edwin of  Northumbria", "prompt": "edwin of  Northumbria was a"}
+    (tmp_path / "known.json").write_text(json.dumps(facts))
+    known = f"eval.known.dataset={tmp_path / 'known.json'}"
+    r = scale_cli(base, small_wiki, tmp_path, "eval.methods=[memit]", "eval.mode=batch", known)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["known_set_aside"] == [1] and 1 not in summary["known_facts"]
+    note = next(n for n in summary["notes"] if n.startswith("known facts:"))
+    assert note.startswith("known facts: of the first 30 records of known.json, less the 1 about a subject this run")
     m = summary["methods"]["memit"]
     assert [p["edits"] for p in m["curve"]] == [4]  # one batch
     # the table names the edit settings the command line changed (a run with others measured another method)

@@ -224,11 +224,14 @@ def test_runs_of_different_lengths_merge_onto_one_curve(tmp_path):
         }
 
     runs = {}
-    for label, method, edits in (("300", "rome", [50, 300]), ("10k", "ultraedit", [100, 10000])):
+    for label, method, edits, known in (("300", "rome", [50, 300], [1, 2, 3]), ("10k", "ultraedit", [100, 10000], [1])):
         summary, methods = run(method, edits)
-        runs[label] = {**summary, "methods": methods}
+        runs[label] = {**summary, "methods": methods, "known_facts": known}
     merged = merge_runs(runs)
     assert merged["order"] == ["rome (300)", "ultraedit (10k)"] and merged["pre_perplexity"] == 20.0
+    # the longer run set aside more facts about its edited subjects: the title says how many each kept
+    assert merged["title"] == "300: rome run (known facts: 3)\n10k: ultraedit run (known facts: 1)"
+    assert merge_runs({"a": runs["300"], "b": runs["300"]})["title"] == "a: rome run\nb: rome run"
     assert merged["methods"]["ultraedit (10k)"]["curve"][-1]["edits"] == 10000
     curve_plot(merged, tmp_path / "one.png", log_x=True)
     assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"

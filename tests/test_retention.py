@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rome.pipeline.core.arch import arch_for
 from rome.pipeline.core.probability import greedy_tokens, predicts, predicts_many
-from rome.pipeline.evaluation.retention import perplexity
+from rome.pipeline.evaluation.retention import perplexity, unrelated_facts
+from rome.pipeline.tracing.facts import Fact
 
 
 def test_batched_known_facts_equal_the_one_at_a_time_rule(tiny_model_dir):
@@ -65,3 +66,16 @@ def test_perplexity_is_the_models_own_loss_over_every_token(tiny_model_dir, fami
     got = perplexity(model, tok, arch_for(model), texts, max_length=16, batch_size=2, head_rows=7)
     assert got == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert perplexity(model, tok, arch_for(model), texts, 16, batch_size=5) == pytest.approx(got, rel=1e-6)
+
+
+def test_facts_about_an_edited_subject_are_set_aside():
+    """An edit may rightly change what the model says about its own subject: the retention check keeps the rest."""
+    facts = [
+        Fact(0, "Italy", "{}'s capital,", "Rome", "0"),
+        Fact(1, "Vinson Massif", "{} is located in the continent of", "Antarctica", "1"),
+        Fact(2, "Madame  de Montesson", "{} died in the city of", "Paris", "2"),
+        Fact(3, "Italy national football team", "{} plays", "football", "3"),
+    ]
+    kept, aside = unrelated_facts(facts, ["ITALY", "Madame de Montesson", "Danielle Darrieux"])
+    assert [f.index for f in kept] == [1, 3] and [f.index for f in aside] == [0, 2]  # whole subjects only
+    assert unrelated_facts(facts, []) == (facts, [])

@@ -5,6 +5,8 @@
 - ``perplexity``: exp(mean next-token NLL over every token of those texts, truncated to ``max_length``);
 - ``known_facts`` / ``fact_accuracy``: of known_1000's facts, those the unedited model answers (the trace
   stage's rule), and the share it still answers after editing;
+- ``unrelated_facts``: the facts left once those about a subject the run edits are set aside (an edit may rightly
+  change them: "Italy's capital" after "The official language of Italy" is rewritten);
 - ``weight_change``: how far edited matrices have moved, ||W - W0|| / ||W0|| (Frobenius) per layer.
 """
 
@@ -28,7 +30,15 @@ from rome.pipeline.core.timing import model_device
 from rome.pipeline.errors import UserError
 from rome.pipeline.tracing.facts import Fact
 
-__all__ = ["heldout_texts", "texts_read", "perplexity", "known_facts", "fact_accuracy", "weight_change"]
+__all__ = [
+    "heldout_texts",
+    "texts_read",
+    "perplexity",
+    "known_facts",
+    "fact_accuracy",
+    "unrelated_facts",
+    "weight_change",
+]
 
 
 def _lines(path: str | Path):
@@ -105,6 +115,20 @@ def known_facts(model: nn.Module, tokenizer: Any, facts: Sequence[Fact]) -> list
 def fact_accuracy(model: nn.Module, tokenizer: Any, facts: Sequence[Fact]) -> float:
     """The share of ``facts`` the model knows."""
     return len(known_facts(model, tokenizer, facts)) / max(1, len(facts))
+
+
+def _subject_key(subject: str) -> str:
+    return " ".join(subject.split()).casefold()
+
+
+def unrelated_facts(facts: Sequence[Fact], edited_subjects: Sequence[str]) -> tuple[list[Fact], list[Fact]]:
+    """(kept, set aside): ``facts`` split by whether their subject is one of ``edited_subjects`` (compared
+    case-insensitively, whitespace collapsed). A retention check that kept them would count an edit that rightly
+    changes what the model says about its own subject as knowledge lost: CounterFact records 0-9,999 share a
+    subject with 35 of the 70 known_1000 facts SmolLM2-135M answers (4 within records 0-999)."""
+    edited = {_subject_key(s) for s in edited_subjects}
+    kept = [f for f in facts if _subject_key(f.subject) not in edited]
+    return kept, [f for f in facts if _subject_key(f.subject) in edited]
 
 
 @torch.no_grad()

@@ -118,7 +118,8 @@ PANELS = [
 def merge_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """One summary of several sequential runs' ``summary.json`` (``{label: summary}``), for one curve: each
     run's edited methods under ``<method> (<label>)``. The runs must share the model and the held-out and
-    known-facts checks (the unedited references drawn once); a mismatch is an error, not a silent overlay."""
+    known-facts checks (the unedited references drawn once); a mismatch is an error, not a silent overlay. Where
+    the runs' known facts differ (each sets aside those about a subject it edits), the title gives each run's count."""
     if not runs:
         raise ValueError("no runs to merge")
     first = next(iter(runs.values()))
@@ -133,7 +134,10 @@ def merge_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             if run["methods"][name].get("edits"):
                 methods[f"{name} ({label})"] = run["methods"][name]
                 order.append(f"{name} ({label})")
-    runs_text = "\n".join(f"{label}: {run['title']}" for label, run in runs.items())  # a line per run
+    # runs of different lengths set aside different facts (those about a subject each edits): say how many each kept
+    sets = {tuple(run.get("known_facts", ())) for run in runs.values()}
+    kept = lambda run: f" (known facts: {len(run.get('known_facts', ()))})" if len(sets) > 1 else ""  # noqa: E731
+    runs_text = "\n".join(f"{label}: {run['title']}{kept(run)}" for label, run in runs.items())  # a line per run
     return {"methods": methods, "order": order, "pre_perplexity": first.get("pre_perplexity"), "title": runs_text}
 
 
