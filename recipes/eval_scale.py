@@ -394,9 +394,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method_runpath = out / "run.json"
     if method_runpath.exists() and (earlier := json.loads(method_runpath.read_text())) != identity:
         differ = sorted(k for k in identity.keys() | earlier.keys() if identity.get(k) != earlier.get(k))
+        before_rule = "exclude_edited" in known_settings and "exclude_edited" not in earlier.get("known", {})
         raise UserError(
             f"eval.out={out} holds a many-edit run with other settings ({', '.join(differ)} differ); "
-            "use another eval.out or delete it"
+            + (
+                "it was made before known facts about edited subjects were set aside: continue it with "
+                "eval.known.exclude_edited=false, or use another eval.out"
+                if before_rule and differ == ["known"]
+                else "use another eval.out or delete it"
+            )
         )
     write_json(method_runpath, identity)
     unedited_path = out / "unedited.json"

@@ -80,6 +80,15 @@ def test_sequential_protocol_end_to_end_and_resume(tiny_model_dir, small_wiki, t
     assert again.returncode == 0 and again.stdout.count("already in") == 4
     other = scale_cli(base, small_wiki, tmp_path, "eval.methods=[rome]", "eval.batch_size=1")
     assert other.returncode == 2 and "other settings (batch_size differ)" in other.stderr
+    # a run made before known facts about edited subjects were set aside continues with the rule off
+    run_json = tmp_path / "out" / "run.json"
+    earlier = json.loads(run_json.read_text())
+    before = {k: v for k, v in earlier["known"].items() if k != "exclude_edited"}
+    run_json.write_text(json.dumps({**earlier, "known": before}))
+    old = scale_cli(base, small_wiki, tmp_path, "eval.methods=[none,rome,memit,alphaedit]")
+    assert old.returncode == 2 and "continue it with eval.known.exclude_edited=false" in old.stderr
+    resumed = scale_cli(base, small_wiki, tmp_path, "eval.methods=[rome]", "eval.known.exclude_edited=false")
+    assert resumed.returncode == 0 and "already in" in resumed.stdout
 
 
 def test_batch_mode_and_bad_input(tiny_model_dir, small_wiki, tmp_path):
