@@ -38,7 +38,7 @@ from rome.pipeline.core.outputs import claim_output_dir
 from rome.pipeline.core.signals import check_stop, stop_requested
 from rome.pipeline.editors.base import REGISTRY, Editor
 from rome.pipeline.editors.factory import build_editor, method_class
-from rome.pipeline.editors.settings import changed_edit_settings, edit_layer
+from rome.pipeline.editors.settings import changed_edit_note, edit_layer
 from rome.pipeline.errors import UserError
 from rome.pipeline.evaluation.case_log import CaseLog
 from rome.pipeline.evaluation.cases import EvalCase, Skipped, load_cases, load_snippets
@@ -126,9 +126,8 @@ def _notes(
     ]
     if own:
         notes.append(f"Methods with their own settings (the others edit layer {ctx.layer}): {'; '.join(own)}")
-    changed = changed_edit_settings(cfg)
-    if changed:
-        notes.append(f"edit settings other than configs/ sets for this model: {'; '.join(changed)}")
+    if changed := changed_edit_note(cfg):
+        notes.append(changed)
     if cases[0].kind == "counterfact":
         if gen.tokens:
             how = f"sampled top-k {gen.top_k}" if gen.do_sample else "greedy"

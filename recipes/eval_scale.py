@@ -41,7 +41,7 @@ from rome.pipeline.core.signals import check_stop, stop_requested
 from rome.pipeline.core.timing import Clock
 from rome.pipeline.editors.base import Editor
 from rome.pipeline.editors.factory import build_editor, method_class
-from rome.pipeline.editors.settings import changed_edit_settings, edit_layer
+from rome.pipeline.editors.settings import changed_edit_note, edit_layer
 from rome.pipeline.errors import Interrupted, UserError
 from rome.pipeline.evaluation.cases import EvalCase, load_cases
 from rome.pipeline.evaluation.generative import GenerativeEval, generative_settings, score_generative
@@ -622,9 +622,8 @@ def _write(
         f"collapse point: the first checkpoint where the held-out perplexity passes {PPL_FACTOR:g}x the unedited or "
         f"the known facts fall below {KNOWN_FACTOR:g}x the unedited",
     ]
-    changed = changed_edit_settings(cfg)
-    if changed:
-        summary["notes"].insert(0, f"edit settings other than configs/ sets for this model: {'; '.join(changed)}")
+    if changed := changed_edit_note(cfg):
+        summary["notes"].insert(0, changed)
     pre = _method_row(
         "counterfact",
         summary["pre"],

@@ -18,7 +18,14 @@ from rome.pipeline.editors.templates import context_templates
 from rome.pipeline.errors import UserError
 from rome.pipeline.tracing.recommendation import latest_recommendation
 
-__all__ = ["method_hparams", "templates_for", "edit_defaults", "edit_layer", "changed_edit_settings"]
+__all__ = [
+    "method_hparams",
+    "templates_for",
+    "edit_defaults",
+    "edit_layer",
+    "changed_edit_settings",
+    "changed_edit_note",
+]
 
 # a method file's keys that override the edit group (the rest: its class and its own settings)
 _EDIT_KEYS = ("layer", "variant", "mom2_adjustment")
@@ -81,3 +88,9 @@ def changed_edit_settings(cfg: DictConfig) -> list[str]:
     default = flat(OmegaConf.to_container(edit_defaults(str(cfg.model.name)), resolve=True))
     changed = [key for key, value in mine.items() if key not in default or default[key] != value]
     return [f"{key}={mine[key] if isinstance(mine[key], str) else json.dumps(mine[key])}" for key in changed]
+
+
+def changed_edit_note(cfg: DictConfig) -> str | None:
+    """The results tables' note naming ``changed_edit_settings`` (None when the run used configs/' settings)."""
+    changed = changed_edit_settings(cfg)
+    return f"edit settings other than configs/ sets for this model: {'; '.join(changed)}" if changed else None

@@ -127,8 +127,10 @@ def unrelated_facts(facts: Sequence[Fact], edited_subjects: Sequence[str]) -> tu
     changes what the model says about its own subject as knowledge lost: CounterFact records 0-9,999 share a
     subject with 35 of the 70 known_1000 facts SmolLM2-135M answers (4 within records 0-999)."""
     edited = {_subject_key(s) for s in edited_subjects}
-    kept = [f for f in facts if _subject_key(f.subject) not in edited]
-    return kept, [f for f in facts if _subject_key(f.subject) in edited]
+    kept, aside = [], []
+    for fact in facts:
+        (aside if _subject_key(fact.subject) in edited else kept).append(fact)
+    return kept, aside
 
 
 @torch.no_grad()
