@@ -29,7 +29,7 @@ class ShardedTokenStream(IterableDataset):
     def __init__(
         self,
         source: TextSource,
-        tokenizer,
+        tokenizer: Any,
         *,
         max_length: int,
         chars_per_token: int,
@@ -77,7 +77,7 @@ class TextDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: TextSource,
-        tokenizer,
+        tokenizer: Any,
         *,
         max_length: int,
         chars_per_token: int,

@@ -30,7 +30,7 @@ from rome.modules.statistics import layer_statistics
 from rome.pipeline.core.adapters import export_adapter
 from rome.pipeline.core.atomic import ensure_free_space
 from rome.pipeline.core.digest import json_digest
-from rome.pipeline.core.loading import load_configured
+from rome.pipeline.core.loading import LoadedModel, load_configured
 from rome.pipeline.core.locks import DirectoryLock
 from rome.pipeline.core.requests import parse_requests
 from rome.pipeline.core.saving import check_destination, check_writable, save_model
@@ -74,7 +74,7 @@ class Run:
         how = f"run the same command with edit.out={self.out}" if self.fresh else "run the same command"
         return f"{self.done} of {self.total} {self.unit} edited and recorded in {self.out}{where}; to resume, {how}"
 
-    def save_and_report(self, loaded, ledger: Ledger) -> None:
+    def save_and_report(self, loaded: LoadedModel, ledger: Ledger) -> None:
         if self.save_to is not None and self.save_format == "adapter" and not ledger.active():
             print(f"no edit of {ledger.dir} is applied (all rolled back or reverted): no adapter written")
         elif self.save_to is not None:

@@ -37,6 +37,7 @@ from rome.pipeline.core.atomic import atomic_path, write_json
 from rome.pipeline.core.digest import file_sha256
 from rome.pipeline.core.loading import LoadedModel, load_configured
 from rome.pipeline.core.outputs import claim_output_dir
+from rome.pipeline.core.requests import EditRequest
 from rome.pipeline.core.signals import check_stop, stop_requested
 from rome.pipeline.core.timing import Clock
 from rome.pipeline.editors.base import Editor
@@ -200,7 +201,14 @@ class _MethodRun:
     (``pipeline/evaluation/progress_state.py``) so that a stopped run resumes where it stopped."""
 
     def __init__(
-        self, name: str, editor: Editor, monitor: _Monitor, batches: list[list[int]], every: int, folder: Path, bar
+        self,
+        name: str,
+        editor: Editor,
+        monitor: _Monitor,
+        batches: list[list[int]],
+        every: int,
+        folder: Path,
+        bar: tqdm,
     ) -> None:
         self.name, self.editor, self.monitor, self.batches, self.every, self.bar = (
             name,
@@ -571,7 +579,7 @@ def _sample_words(cfg: DictConfig) -> str:
     return f"at most {n}" if n else "all"
 
 
-def dataclass_request(case: EvalCase):
+def dataclass_request(case: EvalCase) -> EditRequest:
     """The request an edit gets: the rewrite alone (paraphrases and neighbours are for scoring)."""
     return dataclasses.replace(case.request, paraphrases=(), neighbours=())
 

@@ -116,7 +116,7 @@ class Trace(contextlib.AbstractContextManager):
             h.remove()
         self._handles.clear()
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         self.close()
         return exc_type is not None and issubclass(exc_type, StopForward)
 
@@ -162,7 +162,7 @@ class TraceDict(dict, contextlib.AbstractContextManager):
             t.__enter__()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         for t in self.values():
             t.close()
         return exc_type is not None and issubclass(exc_type, StopForward)

@@ -9,7 +9,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -20,6 +20,9 @@ from rome.pipeline.core.arch import ArchSpec, arch_for
 from rome.pipeline.core.atomic import atomic_dir, write_json
 from rome.pipeline.core.digest import file_sha256, short
 from rome.pipeline.errors import UserError
+
+if TYPE_CHECKING:  # transformers is imported where a model is loaded: it takes seconds
+    from transformers import PretrainedConfig
 
 __all__ = [
     "LoadedModel",
@@ -165,7 +168,7 @@ def _local_identity(path: Path, name: str) -> dict[str, str]:
 _CONFIGS: dict[tuple[str, str | None], Any] = {}
 
 
-def model_config(name: str, revision: str | None = None):
+def model_config(name: str, revision: str | None = None) -> PretrainedConfig:
     """The HF config of a local directory or hub id. One network round trip per process: failures are
     remembered too, since an unreachable hub costs ~20 s of retries each time."""
     if (name, revision) not in _CONFIGS:
@@ -176,7 +179,7 @@ def model_config(name: str, revision: str | None = None):
     return found
 
 
-def _fetch_config(name: str, revision: str | None):
+def _fetch_config(name: str, revision: str | None) -> PretrainedConfig | UserError:
     from transformers import AutoConfig
 
     try:

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from rome.pipeline.core.generation import generate_tokens
 from rome.pipeline.core.padding import right_pad
@@ -74,7 +75,9 @@ def target_argmax(
     ]
 
 
-def target_probs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int) -> torch.Tensor:
+def target_probs(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str], batch_size: int
+) -> torch.Tensor:
     return target_log_probs(model, tokenizer, prompts, targets, batch_size).exp()
 
 

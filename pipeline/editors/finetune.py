@@ -19,7 +19,7 @@ from torch import nn
 from rome.pipeline.core.arch import ArchSpec
 from rome.pipeline.core.probability import target_token_ids
 from rome.pipeline.core.requests import EditRequest
-from rome.pipeline.editors.base import Edit, Editor, register
+from rome.pipeline.editors.base import Edit, Editor, LayerStatistics, register
 from rome.pipeline.editors.hparams import FineTuneHparams, typed
 
 __all__ = ["ConstrainedFineTuning", "FineTuneEdit", "FineTuneEditor"]
@@ -99,7 +99,9 @@ class FineTuneEditor(Editor):
         super().__init__(name, model, tokenizer, spec, typed(FineTuneHparams, hp, f"method.{name}"), [layer])
 
     @classmethod
-    def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
+    def from_config(
+        cls, name: str, cfg: Any, loaded: Any, conf: Any, statistics: LayerStatistics | None, measure_only: bool
+    ) -> Editor:
         from rome.pipeline.editors.settings import edit_layer
 
         layer = (

@@ -39,7 +39,7 @@ from rome.pipeline.core.hooks import Trace, get_module
 from rome.pipeline.core.padding import right_pad
 from rome.pipeline.core.requests import EditRequest
 from rome.pipeline.core.timing import Clock, model_device
-from rome.pipeline.editors.base import BatchEditor, Edit, register
+from rome.pipeline.editors.base import BatchEditor, Edit, Editor, LayerStatistics, register
 from rome.pipeline.editors.hparams import BatchHparams, typed
 from rome.pipeline.editors.ledger import Ledger
 from rome.pipeline.editors.rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
@@ -373,7 +373,9 @@ class MemitEditor(BatchEditor):
         return bool((self.hp.alphaedit if self.method == "alphaedit" else self.hp.memit).norm_anchor)
 
     @classmethod
-    def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
+    def from_config(
+        cls, name: str, cfg: Any, loaded: Any, conf: Any, statistics: LayerStatistics | None, measure_only: bool
+    ) -> Editor:
         from rome.pipeline.editors.settings import method_hparams, templates_for
         from rome.pipeline.stats.store import stats_identity
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from rome.pipeline.core.requests import EditRequest
-from rome.pipeline.editors.base import Edit, Editor, register
+from rome.pipeline.editors.base import Edit, Editor, LayerStatistics, register
 
 __all__ = ["NoEditor"]
 
@@ -21,7 +22,9 @@ class NoEditor(Editor):
     edits_weights = False
 
     @classmethod
-    def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
+    def from_config(
+        cls, name: str, cfg: Any, loaded: Any, conf: Any, statistics: LayerStatistics | None, measure_only: bool
+    ) -> Editor:
         return cls(name, loaded.model, loaded.tokenizer, loaded.spec, conf, [])
 
     def begin(self, requests: Sequence[EditRequest]) -> NoEdit:

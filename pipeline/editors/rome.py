@@ -38,7 +38,7 @@ from rome.pipeline.core.padding import right_pad
 from rome.pipeline.core.probability import greedy_continuation
 from rome.pipeline.core.requests import EditRequest, request_from_record
 from rome.pipeline.core.timing import Clock, model_device
-from rome.pipeline.editors.base import Edit, Editor, register
+from rome.pipeline.editors.base import Edit, Editor, LayerStatistics, register
 from rome.pipeline.editors.hparams import RomeHparams, typed
 from rome.pipeline.editors.ledger import Ledger
 from rome.pipeline.editors.rank_one import (
@@ -444,7 +444,9 @@ class RomeEditor(Editor):
         self.anchor_reference: float | None = None  # NAS (edit.v.norm_anchor): set by the first edit
 
     @classmethod
-    def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
+    def from_config(
+        cls, name: str, cfg: Any, loaded: Any, conf: Any, statistics: LayerStatistics | None, measure_only: bool
+    ) -> Editor:
         from rome.pipeline.editors.settings import edit_layer, method_hparams, templates_for
         from rome.pipeline.stats.store import stats_identity
 

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from rome.pipeline.core.atomic import write_json
 from rome.pipeline.core.digest import json_digest
 from rome.pipeline.core.generation import generate_tokens
@@ -50,7 +52,13 @@ def start_text(tokenizer: Any) -> str:
 
 
 def _sample_prefixes(
-    model, tokenizer, style: str, seeds: Sequence[str], lengths: Sequence[Sequence[int]], top_k: int, seed: int
+    model: nn.Module,
+    tokenizer: Any,
+    style: str,
+    seeds: Sequence[str],
+    lengths: Sequence[Sequence[int]],
+    top_k: int,
+    seed: int,
 ) -> list[str]:
     """One batched call: every (length, count) group is cut from rows of the longest generation."""
     total = sum(n for _, n in lengths)
@@ -71,7 +79,7 @@ def _sample_prefixes(
 
 
 def context_templates(
-    model, tokenizer, identity: dict[str, str], cfg: Any, cache_dir: Path | None, seed: int = 0
+    model: nn.Module, tokenizer: Any, identity: dict[str, str], cfg: Any, cache_dir: Path | None, seed: int = 0
 ) -> list[str]:
     """``["{}", "<prefix 1>. {}", ...]``; cached in ``cache_dir`` per model identity and settings."""
     style = str(cfg.style)

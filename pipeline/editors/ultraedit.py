@@ -51,7 +51,7 @@ from rome.pipeline.core.padding import right_pad
 from rome.pipeline.core.probability import target_token_ids
 from rome.pipeline.core.requests import EditRequest
 from rome.pipeline.core.timing import Clock, model_device
-from rome.pipeline.editors.base import BatchEditor, Edit, register
+from rome.pipeline.editors.base import BatchEditor, Edit, Editor, LayerStatistics, register
 from rome.pipeline.editors.hparams import UltraEditHparams, typed
 from rome.pipeline.editors.ledger import Ledger
 from rome.pipeline.editors.rank_one import LowRank, apply_low_rank, frobenius_norm
@@ -289,7 +289,9 @@ class UltraEditEditor(BatchEditor):
         self.stats_id: dict[str, Any] | None = None
 
     @classmethod
-    def from_config(cls, name, cfg, loaded, conf, statistics, measure_only):
+    def from_config(
+        cls, name: str, cfg: Any, loaded: Any, conf: Any, statistics: LayerStatistics | None, measure_only: bool
+    ) -> Editor:
         from rome.pipeline.editors.settings import method_hparams
 
         edit_hp = method_hparams(cfg, conf, measure_only)

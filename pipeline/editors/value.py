@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,6 +45,9 @@ from rome.pipeline.core.subject import fill_prompt, subject_token_range
 from rome.pipeline.core.timing import model_device
 from rome.pipeline.editors.hparams import ValueHparams
 from rome.pipeline.errors import UserError
+
+if TYPE_CHECKING:  # transformers is imported where the cache is built
+    from transformers import DynamicCache
 
 __all__ = [
     "Rows",
@@ -218,7 +221,7 @@ class ValueBatch:
             len(requests),
         )
 
-    def cache(self):
+    def cache(self) -> DynamicCache | None:
         if self.prefix_kv is None:
             return None
         from transformers import DynamicCache

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from rome.pipeline.core.generation import generate_tokens
 from rome.pipeline.core.probability import new_and_true_probs, target_argmax, target_probs
@@ -50,7 +51,9 @@ class References:
         return self.tfidf.similarity(" ".join(texts), " ".join(refs))
 
 
-def _counterfact_probs(model, tok, case: EvalCase, batch_size: int) -> dict[str, dict[str, list[float]]]:
+def _counterfact_probs(
+    model: nn.Module, tok: Any, case: EvalCase, batch_size: int
+) -> dict[str, dict[str, list[float]]]:
     r = case.request
     sets = {
         "prompt": ([r.text], [r.target_true]),
@@ -60,7 +63,9 @@ def _counterfact_probs(model, tok, case: EvalCase, batch_size: int) -> dict[str,
     return new_and_true_probs(model, tok, sets, r.target_new, batch_size)
 
 
-def counterfact_scores(model, tok, cases: Sequence[EvalCase], batch_size: int) -> list[dict[str, float]]:
+def counterfact_scores(
+    model: nn.Module, tok: Any, cases: Sequence[EvalCase], batch_size: int
+) -> list[dict[str, float]]:
     """ES/EM, PS/PM, NS/NM of many CounterFact cases, their prompts batched across cases (``batch_size``
     (prompt, target) pairs per forward pass): the many-edit runs score hundreds of cases at a time."""
     prompts: list[str] = []
@@ -87,7 +92,7 @@ def counterfact_scores(model, tok, cases: Sequence[EvalCase], batch_size: int) -
     ]
 
 
-def _zsre_accuracy(model, tok, case: EvalCase, batch_size: int) -> dict[str, float]:
+def _zsre_accuracy(model: nn.Module, tok: Any, case: EvalCase, batch_size: int) -> dict[str, float]:
     r = case.request
     pairs = [(r.text, r.target_new)] + [(p, r.target_new) for p in r.paraphrases]
     pairs += list(zip(r.neighbours, case.neighbour_targets))
@@ -105,7 +110,7 @@ def _zsre_accuracy(model, tok, case: EvalCase, batch_size: int) -> dict[str, flo
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: Sequence[str], gen: Generation, seed: int) -> list[str]:
+def generate(model: nn.Module, tok: Any, prompts: Sequence[str], gen: Generation, seed: int) -> list[str]:
     """Prompt + continuation for every prompt, in one left-padded batch; seeded (sampling is per case)."""
     new = generate_tokens(model, tok, prompts, gen.tokens, top_k=gen.top_k if gen.do_sample else None, seed=seed)
     return [p + tok.decode(row, skip_special_tokens=True) for p, row in zip(prompts, new)]

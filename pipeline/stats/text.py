@@ -96,7 +96,7 @@ class TextSource:
             return datasets.load_dataset(builders.pop(), data_files=files, split="train", streaming=True)
         return datasets.load_dataset(self.path, self.name, split=self.split, revision=self.revision, streaming=True)
 
-    def _texts(self, part) -> Iterator[str]:
+    def _texts(self, part: Any) -> Iterator[str]:
         # .iter() rather than iter(ds): inside a DataLoader worker the latter would re-shard by worker.
         for batch in part.iter(batch_size=64):
             if self.text_field not in batch:
@@ -161,7 +161,7 @@ class TokenBatch:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # asdict would deep-copy the tensors
 
 
-def tokenize_window(tokenizer, texts: list[str], max_length: int, chars_per_token: int) -> list[list[int]]:
+def tokenize_window(tokenizer: Any, texts: list[str], max_length: int, chars_per_token: int) -> list[list[int]]:
     """Token ids of each text, truncated to ``max_length``. Whole Wikipedia articles run to 100k characters:
     each text's first ``max_length x chars_per_token`` characters are tokenised (one batched call), and
     only a text whose prefix gives fewer than ``max_length`` tokens is tokenised whole (exact either way)."""
@@ -194,7 +194,7 @@ def pack_window(
 
 def pack_batches(
     windows: Iterator[list[str]],
-    tokenizer,
+    tokenizer: Any,
     *,
     max_length: int,
     chars_per_token: int,
@@ -253,7 +253,7 @@ class StreamPlan:
         return sum(self.window_tokens[shard::num_shards])
 
 
-def _window_tokens(tokenizer, texts: list[str], max_length: int, chars_per_token: int) -> int:
+def _window_tokens(tokenizer: Any, texts: list[str], max_length: int, chars_per_token: int) -> int:
     """The tokens a window gives (each text truncated to ``max_length``): what ``pack_batches`` counts."""
     return sum(
         len(ids)
@@ -265,7 +265,9 @@ def _window_tokens(tokenizer, texts: list[str], max_length: int, chars_per_token
 class _WindowTokens(IterableDataset):
     """(window's index in the stream, its tokens) for the windows of this dataloader worker."""
 
-    def __init__(self, source: TextSource, tokenizer, sort_window: int, max_length: int, chars_per_token: int) -> None:
+    def __init__(
+        self, source: TextSource, tokenizer: Any, sort_window: int, max_length: int, chars_per_token: int
+    ) -> None:
         self.source, self.tokenizer = source, tokenizer
         self.sort_window, self.max_length, self.chars_per_token = sort_window, max_length, chars_per_token
 
@@ -278,7 +280,7 @@ class _WindowTokens(IterableDataset):
 
 def plan_stream(
     source: TextSource,
-    tokenizer,
+    tokenizer: Any,
     *,
     sort_window: int,
     max_length: int,
