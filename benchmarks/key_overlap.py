@@ -17,6 +17,13 @@ facts at that site lie in one common subspace, so an update written there reache
 keys projected onto C's null space (H̃ = HP, P from C's eigendecomposition), the hat H̃ᵀ(H̃H̃ᵀ + λI)⁻¹H̃. C comes
 from the statistics cache (computed when missing) with the overrides given after the options, e.g.
 ``python benchmarks/key_overlap.py --nullspace stats.tokens=50000 data.files=...``.
+
+``--alphaedit`` asks the same of AlphaEdit's null-space projector P (eigenvalues of C below
+``edit.alphaedit.nullspace_threshold`` x the mean) at the subject site in MEMIT's layers. AlphaEdit applies ΔP,
+so a key k feeds the update only through Pk: per layer it prints the share kᵀPk / kᵀk for the edits' keys (what
+the edits can be written through), for the known facts' keys (what they are exposed to), for every token of the
+held-out articles (``eval.heldout``: text C never read; energy-weighted) and, for reference, C's own share
+tr(PC) / tr(C) (the text C was read from); ``--thresholds 0.5,0.1`` compares thresholds.
 """
 
 from __future__ import annotations
@@ -68,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edits", type=int, default=100, help="CounterFact records 0..N-1: one batch")
     parser.add_argument("--counterfact", default="../shared/data/counterfact/counterfact-edit.json")
     parser.add_argument("--nullspace", action="store_true", help="also the shares of the null-space solve")
+    parser.add_argument("--alphaedit", action="store_true", help="AlphaEdit's null-space shares (subject site)")
+    parser.add_argument(
+        "--thresholds", default=None, help="with --alphaedit: comma-separated thresholds (default: the config's)"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value) for the statistics")
     args = parser.parse_args(argv)
     cfg = configure([f"model.name={args.model}", *args.overrides])
@@ -89,12 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     print(f"{args.model}: one batch of {len(records)} CounterFact edits, {len(facts)} known facts, ridge {ridge}")
+    if args.alphaedit:
+        thresholds = args.thresholds or str(cfg.edit.alphaedit.nullspace_threshold)
+        return alphaedit_shares(cfg, loaded, sites["subject"], [float(t) for t in thresholds.split(",")])
     projectors = null_space_projectors(cfg, loaded, sites["answer"][0]) if args.nullspace else {}
     print("site     layer  d_ff  chance  edits' keys  known facts' keys (mean / median / min)")
     for site, (layers, edit_texts, fact_texts) in sites.items():
         for layer in layers:
             h, k = keys_at(loaded, edit_texts, layer), keys_at(loaded, fact_texts, layer)
-            solves = {site: h, f"{site}, P": h @ projectors[layer]} if site == "answer" and projectors else {site: h}
+            nullspace = site == "answer" and projectors
+            solves = {site: h, f"{site}, P": h @ projectors[layer][0]} if nullspace else {site: h}
             for name, keys in solves.items():
                 own, other = hat_share(keys, h, ridge), hat_share(keys, k, ridge)
                 print(
@@ -104,19 +119,68 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def null_space_projectors(cfg, loaded, layers: list[int]) -> dict[int, torch.Tensor]:
-    """P per layer, as ``edit.ultraedit.preserve=nullspace`` builds it (C from the statistics cache)."""
+def null_space_projectors(
+    cfg, loaded, layers: list[int], threshold: float | None = None
+) -> dict[int, tuple[torch.Tensor, float]]:
+    """(P, tr(PC) / tr(C)) per layer, P as ``edit.ultraedit.preserve=nullspace`` builds it (C from the statistics
+    cache; ``threshold``: ``edit.ultraedit.nullspace_threshold`` unless given)."""
     from rome.modules.statistics import layer_statistics
     from rome.pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
 
     stats = layer_statistics(cfg, loaded)(layers)
-    threshold = float(cfg.edit.ultraedit.nullspace_threshold)
+    threshold = float(cfg.edit.ultraedit.nullspace_threshold) if threshold is None else threshold
     out = {}
     for layer in layers:
-        projector, rank = null_space_projector(*cached_eigendecomposition(stats[layer]), threshold)
+        values, vectors = cached_eigendecomposition(stats[layer])
+        projector, rank = null_space_projector(values, vectors, threshold)
+        own = float(values[values < threshold * values.mean()].sum() / values.sum())
         print(f"layer {layer}: C from {stats[layer].path.name}, null space of rank {rank}")
-        out[layer] = projector.double()
+        out[layer] = projector.double(), own
     return out
+
+
+def token_keys(loaded, texts: list[str], layer: int, max_length: int) -> torch.Tensor:
+    """The down-projection inputs (float64) at every token of each text's first ``max_length`` tokens."""
+    module = get_module(loaded.model, loaded.spec.down_proj_name(layer))
+    out = []
+    for text in texts:
+        ids = torch.tensor([loaded.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]])
+        with torch.no_grad(), Trace(module, retain_input=True, stop=True) as trace:
+            loaded.model(input_ids=ids, use_cache=False)
+        out.append(trace.input[0].double())
+    return torch.cat(out)
+
+
+def alphaedit_shares(cfg, loaded, site: tuple[list[int], list, list], thresholds: list[float]) -> int:
+    """``--alphaedit``: the share of each kind of key inside AlphaEdit's null space, per MEMIT layer and threshold."""
+    from rome.pipeline.evaluation.retention import heldout_texts
+
+    layers, edit_texts, fact_texts = site
+    articles, _ = heldout_texts(cfg.data.files, int(cfg.eval.heldout.articles), cfg.data.text_field)
+    share = lambda p, k: (k @ p * k).sum(1) / (k * k).sum(1)
+    keys = {
+        layer: (
+            keys_at(loaded, edit_texts, layer),
+            keys_at(loaded, fact_texts, layer),
+            token_keys(loaded, articles, layer, int(cfg.eval.heldout.max_length)),
+        )
+        for layer in layers
+    }
+    print(
+        "threshold  layer  rank  C's own  held-out tokens  edits' keys (mean / median)  "
+        "known facts' keys (mean / median / max)  edits / facts"
+    )
+    for threshold in thresholds:
+        for layer, (p, own) in null_space_projectors(cfg, loaded, layers, threshold).items():
+            h, k, text = keys[layer]
+            heldout = float((text @ p * text).sum() / (text * text).sum())
+            edits, facts = share(p, h), share(p, k)
+            print(
+                f"{threshold:>9g} {layer:>6} {round(float(p.trace())):>5} {own:>8.4f} {heldout:>16.4f}  "
+                f"{edits.mean():>13.4f} / {edits.median():.4f}  {facts.mean():>20.4f} / {facts.median():.4f} / "
+                f"{facts.max():.4f}  {edits.mean() / facts.mean():>13.2f}"
+            )
+    return 0
 
 
 if __name__ == "__main__":
