@@ -107,15 +107,17 @@ def main() -> None:
     for method, hp in settings:
         restore()
         run = editor(method, hp)
-        ranks = run.null_space_ranks
+        null_space = run.null_space
         result = memit.write_targets(run, requests, z)
         s = scores()
         left = result.residual[-1] / result.residual[0]
         rel = max(n["relative_update"] for n in result.norms.values())
         setting = json.dumps(hp[method]).replace('"', "")
-        if ranks:
+        if null_space:
+            ranks, shares = [r for r, _ in null_space.values()], [e for _, e in null_space.values()]
             setting += (
-                f" (P rank {min(ranks.values())}-{max(ranks.values())} of {stats[layers[0]].second_moment.shape[0]})"
+                f" (P rank {min(ranks)}-{max(ranks)} of {stats[layers[0]].second_moment.shape[0]}, "
+                f"{min(shares):.0%}-{max(shares):.0%} of C's energy)"
             )
         rows.append({"method": method, "setting": hp[method], "residual_left": left, "max_relative_update": rel, **s})
         print(

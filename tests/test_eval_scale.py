@@ -55,6 +55,9 @@ def test_sequential_protocol_end_to_end_and_resume(tiny_model_dir, small_wiki, t
         assert [p["edits"] for p in m["curve"]] == [2, 4]  # after batch 1 (2 cases) and at the end (4)
         assert m["perplexity"] > 1 and 0 <= m["known_accuracy"] <= 1 and m["edits_per_second"] > 0
     assert summary["methods"]["memit"]["layers"] == [1, 2] and summary["methods"]["rome"]["layers"] == [2]
+    null_space = summary["methods"]["alphaedit"]["null_space"]  # P's rank and C's energy in its range, per layer
+    assert set(null_space) == {"1", "2"} and all(0 <= v["energy"] < 1 and v["rank"] > 0 for v in null_space.values())
+    assert summary["methods"]["memit"]["null_space"] == {}
     for name in ("rome", "memit", "alphaedit"):  # the collapse monitor at every checkpoint
         m = summary["methods"][name]
         for p in m["curve"]:

@@ -8,7 +8,13 @@ from rome.pipeline.core.loading import configure, load_model
 from rome.pipeline.core.requests import parse_requests
 from rome.pipeline.editors import memit, rome
 from rome.pipeline.editors.rank_one import KeySolver
-from rome.pipeline.stats.spectrum import cached_eigendecomposition, eigendecomposition, null_space_projector
+from rome.pipeline.stats.spectrum import (
+    cached_eigendecomposition,
+    describe_null_space,
+    eigendecomposition,
+    null_space_projector,
+    null_space_share,
+)
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}", "Therefore we went home. {}"]
 REQUESTS = [
@@ -112,6 +118,27 @@ def test_alphaedit_spares_keys_in_the_preserved_space_and_accumulates(tiny_model
     torch.testing.assert_close(ctx.preserved[2], result.keys[2] @ result.keys[2].T + second.keys[2] @ second.keys[2].T)
 
 
+def test_null_space_share_is_cs_energy_inside_the_projector_and_a_flat_spectrum_gets_a_note():
+    d = 40
+    basis = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64))[0]
+    clear = torch.cat([torch.linspace(1.0, 2.0, d // 2), torch.full((d // 2,), 1e-6)]).double()
+    flat = torch.linspace(0.1, 1.9, d).double()  # smallest eigenvalue 0.1x the mean, like SmolLM2's subject keys
+    shares = {}
+    for name, spectrum in (("clear", clear), ("flat", flat)):
+        c = basis @ torch.diag(spectrum) @ basis.T
+        p, rank = null_space_projector(*eigendecomposition(c), 0.5)
+        shares[name] = null_space_share(eigendecomposition(c)[0], 0.5)
+        assert shares[name] == pytest.approx(float(torch.trace(p @ c) / torch.trace(c)), abs=1e-9)
+    assert shares["clear"] < 1e-5 and 0.05 < shares["flat"] < 0.3  # 9 of 40 directions below half the mean: 6.4%
+    quiet = describe_null_space({1: (20, shares["clear"])}, "edit.alphaedit.nullspace_threshold")
+    assert quiet == ["layer 1: C's null space has 20 dimensions, holding 0.0% of C's key energy"]
+    noted = describe_null_space(
+        {1: (20, shares["clear"]), 2: (12, shares["flat"])}, "edit.alphaedit.nullspace_threshold"
+    )
+    assert len(noted) == 3 and noted[2].startswith(f"note: up to {shares['flat']:.0%} of C's key energy")
+    assert "edit.alphaedit.nullspace_threshold" in noted[2]
+
+
 def test_bad_layer_sets_are_refused(tiny_model_dir):
     from rome.pipeline.errors import UserError
 
@@ -176,6 +203,7 @@ def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_di
     r2 = cli([{"prompt": "{} is in", "subject": "Madrid", "target_new": "Oslo"}], "alphaedit", tmp_path / "m2")
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "re-applying 2 earlier edit(s)" in r2.stdout and "preserving the keys" in r2.stdout
+    assert r2.stdout.count("C's null space has") == 2  # one line per layer: P's rank and C's energy in its range
     m1 = load_file(next((tmp_path / "m1").glob("*.safetensors")))
     m2 = load_file(next((tmp_path / "m2").glob("*.safetensors")))
     assert not torch.equal(m1["model.layers.1.mlp.down_proj.weight"], m2["model.layers.1.mlp.down_proj.weight"])

@@ -55,7 +55,7 @@ from rome.pipeline.editors.value import (
 from rome.pipeline.editors.verification import verification_record
 from rome.pipeline.errors import UserError
 from rome.pipeline.stats.second_moment import LayerStats
-from rome.pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
+from rome.pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector, null_space_share
 
 __all__ = [
     "MemitEditor",
@@ -81,18 +81,21 @@ __all__ = [
 METHODS = ("memit", "alphaedit")
 
 
-def prepare(ctx: MemitEditor, stats: dict[int, LayerStats]) -> dict[int, int]:
+def prepare(ctx: MemitEditor, stats: dict[int, LayerStats]) -> dict[int, tuple[int, float]]:
     """Factorise each layer's C once for the run (``ctx.solvers``) and, for AlphaEdit, build the null-space
-    projectors from C's cached eigendecomposition (``ctx.projectors``); returns each projector's rank."""
+    projectors from C's cached eigendecomposition (``ctx.projectors``); returns each projector's rank and the
+    share of C's key energy in its range (``null_space_share``)."""
     device = model_device(ctx.model)
-    ranks = {}
+    null_space = {}
     for layer in ctx.layers:
         ctx.solvers[layer] = KeySolver(stats[layer].second_moment, float(ctx.hp.ridge), device)
         if ctx.method == "alphaedit":
             values, vectors = cached_eigendecomposition(stats[layer], device)
-            projector, ranks[layer] = null_space_projector(values, vectors, float(ctx.hp.alphaedit.nullspace_threshold))
+            threshold = float(ctx.hp.alphaedit.nullspace_threshold)
+            projector, rank = null_space_projector(values, vectors, threshold)
             ctx.projectors[layer] = projector.to(device)
-    return ranks
+            null_space[layer] = rank, null_space_share(values, threshold)
+    return null_space
 
 
 @dataclasses.dataclass
@@ -363,7 +366,7 @@ class MemitEditor(BatchEditor):
         self.solvers: dict[int, KeySolver] = {}
         self.projectors: dict[int, torch.Tensor] = {}
         self.preserved: dict[int, torch.Tensor] = {}
-        self.null_space_ranks: dict[int, int] = {}
+        self.null_space: dict[int, tuple[int, float]] = {}  # AlphaEdit: per layer P's rank, C's energy in it
         self.anchor_reference: float | None = None  # NAS (norm_anchor): set by the first batch
         self.micro_batch = micro_batch_setting(self.hp.memit.micro_batch)  # requests per z micro-batch (None: auto)
 
@@ -401,7 +404,7 @@ class MemitEditor(BatchEditor):
             int(cfg.edit.batch_size),
             {str(layer): stats_identity(s) for layer, s in stats.items()},
         )
-        editor.null_space_ranks = prepare(editor, stats)
+        editor.null_space = prepare(editor, stats)
         return editor
 
     @property

@@ -57,7 +57,7 @@ from rome.pipeline.editors.ledger import Ledger
 from rome.pipeline.editors.rank_one import LowRank, apply_low_rank, frobenius_norm
 from rome.pipeline.editors.verification import verification_record
 from rome.pipeline.errors import UserError
-from rome.pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
+from rome.pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector, null_space_share
 from rome.pipeline.stats.store import stats_identity
 
 __all__ = [
@@ -286,6 +286,7 @@ class UltraEditEditor(BatchEditor):
         }
         self.stats = {self.group(layer): LifelongStats(size[layer], device) for layer in self.layers}
         self.projectors: dict[int, torch.Tensor] = {}  # preserve=nullspace: P per layer (``preserve_null_space``)
+        self.null_space: dict[int, tuple[int, float]] = {}  # preserve=nullspace: P's rank, C's energy in it
         self.stats_id: dict[str, Any] | None = None
 
     @classmethod
@@ -310,15 +311,16 @@ class UltraEditEditor(BatchEditor):
             editor.preserve_null_space(statistics(editor.layers))
         return editor
 
-    def preserve_null_space(self, stats: dict[int, Any]) -> dict[int, int]:
-        """P per layer from its C's (cached) eigendecomposition; returns each P's rank."""
-        device, ranks = model_device(self.model), {}
+    def preserve_null_space(self, stats: dict[int, Any]) -> None:
+        """P per layer from its C's (cached) eigendecomposition (``projectors``; ``null_space``: its rank and the
+        share of C's key energy in its range)."""
+        device, threshold = model_device(self.model), float(self.hp.nullspace_threshold)
         for layer in self.layers:
             values, vectors = cached_eigendecomposition(stats[layer], device)
-            projector, ranks[layer] = null_space_projector(values, vectors, float(self.hp.nullspace_threshold))
+            projector, rank = null_space_projector(values, vectors, threshold)
             self.projectors[layer] = projector.to(device=device, dtype=torch.float64)
+            self.null_space[layer] = rank, null_space_share(values, threshold)
         self.stats_id = {str(layer): stats_identity(s) for layer, s in stats.items()}
-        return ranks
 
     def group(self, layer: int) -> str:
         """The statistics a layer's features go into: ``shared`` (the release keys one normaliser per weight
