@@ -125,7 +125,7 @@ def null_space_projectors(
     """(P, tr(PC) / tr(C)) per layer, P as ``edit.ultraedit.preserve=nullspace`` builds it (C from the statistics
     cache; ``threshold``: ``edit.ultraedit.nullspace_threshold`` unless given)."""
     from rome.modules.statistics import layer_statistics
-    from rome.pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector
+    from rome.pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector, null_space_share
 
     stats = layer_statistics(cfg, loaded)(layers)
     threshold = float(cfg.edit.ultraedit.nullspace_threshold) if threshold is None else threshold
@@ -133,9 +133,8 @@ def null_space_projectors(
     for layer in layers:
         values, vectors = cached_eigendecomposition(stats[layer])
         projector, rank = null_space_projector(values, vectors, threshold)
-        own = float(values[values < threshold * values.mean()].sum() / values.sum())
         print(f"layer {layer}: C from {stats[layer].path.name}, null space of rank {rank}")
-        out[layer] = projector.double(), own
+        out[layer] = projector.double(), null_space_share(values, threshold)
     return out
 
 
