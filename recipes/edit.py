@@ -41,7 +41,6 @@ from rome.pipeline.editors.base import REGISTRY
 from rome.pipeline.editors.factory import build_editor
 from rome.pipeline.editors.ledger import Ledger
 from rome.pipeline.errors import UserError
-from rome.pipeline.stats.spectrum import describe_null_space
 
 SAVE_FORMATS = ("model", "adapter")  # edit.save_format
 
@@ -167,7 +166,7 @@ def run(cfg: DictConfig) -> list:
         clock = Clock(loaded.model)
         editor = build_editor(cfg, loaded, statistics=layer_statistics(cfg, loaded))
         print(f"{editor.method}: layer(s) {', '.join(map(str, editor.layers))} ({clock.lap('setup'):.2f} s)")
-        for line in describe_null_space(getattr(editor, "null_space", {}), f"edit.{editor.method}.nullspace_threshold"):
+        for line in editor.null_space_report():
             print(line)
         taken_up = editor.continue_from(ledger)
         if taken_up:

@@ -68,7 +68,6 @@ from rome.pipeline.evaluation.scale_report import (
 )
 from rome.pipeline.evaluation.scoring import Generation, counterfact_scores, generate
 from rome.pipeline.report import report_after_run
-from rome.pipeline.stats.spectrum import describe_null_space
 from rome.pipeline.tracing.facts import Fact, load_facts
 
 SEQUENTIAL = ("none", "rome", "memit", "alphaedit", "ultraedit")  # the classes of the sequential protocol
@@ -465,8 +464,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             edits = editor.method != "none"
             requests = [dataclass_request(c) for c in cases]
             bar.set_description(f"{name} ({pending.index(name) + 1}/{len(pending)})")
-            null_space = getattr(editor, "null_space", {})
-            for line in describe_null_space(null_space, f"edit.{editor.method}.nullspace_threshold"):
+            for line in editor.null_space_report():
                 bar.write(f"{name}: {line}")
             method_run = _MethodRun(name, editor, monitor, batches, int(cfg.eval.eval_every), out / "progress", bar)
             method_run.resume(OmegaConf.to_container(conf, resolve=True))
@@ -502,7 +500,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "edits": len(cases) if edits else 0,
                     "class": editor.method,
                     "layers": editor.layers,
-                    "null_space": {str(layer): {"rank": r, "energy": e} for layer, (r, e) in null_space.items()},
+                    "null_space": {str(layer): {"rank": r, "energy": e} for layer, (r, e) in editor.null_space.items()},
                     "perplexity": curve[-1]["perplexity"],
                     "known_accuracy": curve[-1]["known_accuracy"],
                     "weight_change": curve[-1]["weight_change"],

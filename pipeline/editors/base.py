@@ -36,6 +36,7 @@ from rome.pipeline.core.timing import Clock
 from rome.pipeline.editors.ledger import Ledger
 from rome.pipeline.editors.verification import check_after, check_before, check_settings, unit_report
 from rome.pipeline.errors import UserError
+from rome.pipeline.stats.spectrum import describe_null_space
 
 __all__ = ["Edit", "Editor", "BatchEditor", "PHASES", "REGISTRY", "register", "LayerStatistics"]
 
@@ -93,6 +94,12 @@ class Editor(abc.ABC):
     def __init__(self, name: str, model: nn.Module, tokenizer: Any, spec: ArchSpec, hp: Any, layers: Sequence[int]):
         self.name, self.model, self.tokenizer, self.spec, self.hp = name, model, tokenizer, spec, hp
         self.layers = list(layers)
+        # methods that confine updates to C's null space: per layer P's rank and C's energy in its range
+        self.null_space: dict[int, tuple[int, float]] = {}
+
+    def null_space_report(self) -> list[str]:
+        """What ``null_space`` holds, a line per layer and a note where it is not much of a null space."""
+        return describe_null_space(self.null_space, f"edit.{self.method}.nullspace_threshold")
 
     # -- construction -----------------------------------------------------------------------------------
     @classmethod

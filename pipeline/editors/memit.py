@@ -366,7 +366,6 @@ class MemitEditor(BatchEditor):
         self.solvers: dict[int, KeySolver] = {}
         self.projectors: dict[int, torch.Tensor] = {}
         self.preserved: dict[int, torch.Tensor] = {}
-        self.null_space: dict[int, tuple[int, float]] = {}  # AlphaEdit: per layer P's rank, C's energy in it
         self.anchor_reference: float | None = None  # NAS (norm_anchor): set by the first batch
         self.micro_batch = micro_batch_setting(self.hp.memit.micro_batch)  # requests per z micro-batch (None: auto)
 

@@ -286,7 +286,6 @@ class UltraEditEditor(BatchEditor):
         }
         self.stats = {self.group(layer): LifelongStats(size[layer], device) for layer in self.layers}
         self.projectors: dict[int, torch.Tensor] = {}  # preserve=nullspace: P per layer (``preserve_null_space``)
-        self.null_space: dict[int, tuple[int, float]] = {}  # preserve=nullspace: P's rank, C's energy in it
         self.stats_id: dict[str, Any] | None = None
 
     @classmethod
