@@ -103,7 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.alphaedit:
         thresholds = args.thresholds or str(cfg.edit.alphaedit.nullspace_threshold)
         return alphaedit_shares(cfg, loaded, sites["subject"], [float(t) for t in thresholds.split(",")])
-    projectors = null_space_projectors(cfg, loaded, sites["answer"][0]) if args.nullspace else {}
+    projectors = {}
+    if args.nullspace:
+        answer_layers = sites["answer"][0]
+        threshold = float(cfg.edit.ultraedit.nullspace_threshold)
+        projectors = null_space_projectors(layer_spectra(cfg, loaded, answer_layers), threshold)
+        for layer, (projector, own) in projectors.items():
+            print(f"layer {layer}: null space of rank {round(float(projector.trace()))}, {own:.1%} of C's key energy")
     print("site     layer  d_ff  chance  edits' keys  known facts' keys (mean / median / min)")
     for site, (layers, edit_texts, fact_texts) in sites.items():
         for layer in layers:
@@ -119,21 +125,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def null_space_projectors(
-    cfg, loaded, layers: list[int], threshold: float | None = None
-) -> dict[int, tuple[torch.Tensor, float]]:
-    """(P, tr(PC) / tr(C)) per layer, P as ``edit.ultraedit.preserve=nullspace`` builds it (C from the statistics
-    cache; ``threshold``: ``edit.ultraedit.nullspace_threshold`` unless given)."""
+def layer_spectra(cfg, loaded, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """C's cached eigendecomposition (eigenvalues, eigenvectors) per layer, read once: every threshold's P is built
+    from it."""
     from rome.modules.statistics import layer_statistics
-    from rome.pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector, null_space_share
+    from rome.pipeline.stats.spectrum import cached_eigendecomposition
 
     stats = layer_statistics(cfg, loaded)(layers)
-    threshold = float(cfg.edit.ultraedit.nullspace_threshold) if threshold is None else threshold
-    out = {}
+    spectra = {}
     for layer in layers:
-        values, vectors = cached_eigendecomposition(stats[layer])
-        projector, rank = null_space_projector(values, vectors, threshold)
-        print(f"layer {layer}: C from {stats[layer].path.name}, null space of rank {rank}")
+        spectra[layer] = cached_eigendecomposition(stats[layer])
+        print(f"layer {layer}: C from {stats[layer].path.name}")
+    return spectra
+
+
+def null_space_projectors(
+    spectra: dict[int, tuple[torch.Tensor, torch.Tensor]], threshold: float
+) -> dict[int, tuple[torch.Tensor, float]]:
+    """(P, tr(PC) / tr(C)) per layer at ``threshold``, P as AlphaEdit and ``edit.ultraedit.preserve=nullspace``
+    build it."""
+    from rome.pipeline.stats.spectrum import null_space_projector, null_space_share
+
+    out = {}
+    for layer, (values, vectors) in spectra.items():
+        projector, _ = null_space_projector(values, vectors, threshold)
         out[layer] = projector.double(), null_space_share(values, threshold)
     return out
 
@@ -169,8 +184,9 @@ def alphaedit_shares(cfg, loaded, site: tuple[list[int], list, list], thresholds
         "threshold  layer  rank  C's own  held-out tokens  edits' keys (mean / median)  "
         "known facts' keys (mean / median / max)  edits / facts"
     )
+    spectra = layer_spectra(cfg, loaded, layers)
     for threshold in thresholds:
-        for layer, (p, own) in null_space_projectors(cfg, loaded, layers, threshold).items():
+        for layer, (p, own) in null_space_projectors(spectra, threshold).items():
             h, k, text = keys[layer]
             heldout = float((text @ p * text).sum() / (text * text).sum())
             edits, facts = share(p, h), share(p, k)

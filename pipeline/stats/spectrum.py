@@ -68,13 +68,19 @@ def cached_eigendecomposition(
     return values, vectors
 
 
+def _in_null_space(values: torch.Tensor, relative_threshold: float) -> torch.Tensor:
+    """The eigenvalues below ``relative_threshold`` x the mean eigenvalue (trace(C)/d): the one definition of the null
+    space that the projector and its energy share both use."""
+    return values < relative_threshold * values.mean()
+
+
 def null_space_projector(
     values: torch.Tensor, vectors: torch.Tensor, relative_threshold: float
 ) -> tuple[torch.Tensor, int]:
     """P = U₀U₀ᵀ over C's eigenvectors whose eigenvalue is below ``relative_threshold`` x the mean eigenvalue
     (trace(C)/d: scale-free, and unlike a fraction of the largest one not set by a single outlier direction),
     in float64, and how many there are (P's rank)."""
-    keep = values < relative_threshold * values.mean()
+    keep = _in_null_space(values, relative_threshold)
     u0 = vectors[:, keep]
     return u0 @ u0.T, int(keep.sum())
 
@@ -84,7 +90,7 @@ def null_space_share(values: torch.Tensor, relative_threshold: float) -> float:
     null space. A model whose keys use every direction has none to spare (SmolLM2's subject keys: 13-17% at the
     threshold 0.5, docs/many-edits.md), and then an update confined to P still reaches the keys C was read from."""
     values = values.double()
-    return float(values[values < relative_threshold * values.mean()].sum() / values.sum())
+    return float(values[_in_null_space(values, relative_threshold)].sum() / values.sum())
 
 
 def describe_null_space(null_space: Mapping[int, tuple[int, float]], threshold_key: str) -> list[str]:
