@@ -42,6 +42,7 @@ from rome.pipeline.core.signals import check_stop, stop_requested
 from rome.pipeline.core.timing import Clock
 from rome.pipeline.editors.base import Editor
 from rome.pipeline.editors.factory import build_editor, method_class
+from rome.pipeline.editors.progress import StepProgress
 from rome.pipeline.editors.settings import changed_edit_note, edit_layer
 from rome.pipeline.errors import Interrupted, UserError
 from rome.pipeline.evaluation.cases import EvalCase, load_cases
@@ -230,7 +231,15 @@ class _MethodRun:
 
     def edit_batch(self, requests: list) -> None:
         clock = Clock(self.monitor.loaded.model)
-        for edit in self.editor.edit(requests):
+        # the optimisation inside the batch (z or v* steps, loss, P(target)) on a terminal: a batch of a method that
+        # optimises takes minutes on a CPU, and the run's bar moves only between batches
+        label = f"{self.name}: batch {self.done + 1}/{len(self.batches)}"
+        steps = StepProgress(len(self.editor.units(requests)), label)
+        try:
+            edits = self.editor.edit(requests, steps)
+        finally:
+            steps.close()
+        for edit in edits:
             for k, v in edit.timings.items():
                 self.timings[k] = self.timings.get(k, 0.0) + v
         self.seconds += clock.lap("batch")

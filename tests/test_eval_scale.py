@@ -149,11 +149,17 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(
         tiny_model_dir("gpt2"), small_wiki, tmp_path, "eval.generation.tokens=0", "eval.methods=[rome,memit]"
     )
     edit = Editor.edit
-    calls = []
+    calls, progress, steps = [], [], []
 
     def edit_then_signal(self, requests, on_step=None):  # a real SIGTERM to this process during memit's first batch
         calls.append(self.name)
-        edits = edit(self, requests, on_step)
+        progress.append((on_step.label, on_step.units))  # the optimisation inside a batch is reported
+
+        def counting(edit_in_progress):
+            steps.append(self.name)
+            on_step(edit_in_progress)
+
+        edits = edit(self, requests, counting)
         if self.name == "memit":
             os.kill(os.getpid(), signal.SIGTERM)
         return edits
@@ -166,6 +172,9 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(
         f"memit stopped after 1 of 2 batch(es), its edits and state saved in {tmp_path / 'out' / 'progress'} "
         "(it resumes there); to resume, run the same command"
     ]
+    # ROME's units are its requests (2 a batch), MEMIT's its batch; every optimisation step reaches the bar
+    assert progress == [("rome: batch 1/2", 2), ("rome: batch 2/2", 2), ("memit: batch 1/2", 1)]
+    assert steps.count("rome") > 0 and steps.count("memit") > 0
     assert calls == ["rome", "rome", "memit"] and sorted(p.name for p in (tmp_path / "out" / "methods").iterdir()) == [
         "rome.json"
     ]
