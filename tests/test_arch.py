@@ -31,6 +31,16 @@ def test_adapter_names_real_modules_and_orientation(tiny_model_dir, family):
     torch.testing.assert_close(t.output, expect, rtol=1e-5, atol=1e-5)
     for name in (spec.embed, spec.final_norm, spec.lm_head, spec.attn_name(0), spec.mlp_name(3)):
         get_module(model, name)
+    # the families whose MLP output is normed before the residual add (MEMIT refuses them) name that norm, and it
+    # is the module the MLP's output goes into
+    assert (spec.mlp_out_norm is not None) == (family in ("gemma2", "gemma3_text", "olmo2"))
+    if spec.mlp_out_norm is None:
+        assert spec.mlp_out_norm_name(3) is None
+        return
+    norm = get_module(model, spec.mlp_out_norm_name(3))
+    with Trace(get_module(model, spec.mlp_name(3)), retain_output=True) as mlp, Trace(norm, retain_input=True) as t:
+        model(ids)
+    torch.testing.assert_close(t.input, mlp.output, rtol=0, atol=0)
 
 
 def test_layer_bounds_and_unknown_family(tiny_model_dir):

@@ -155,6 +155,38 @@ def test_bad_layer_sets_are_refused(tiny_model_dir):
         build_editor(configure(["edit.method=rome_batches"]), loaded)
 
 
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_a_model_whose_mlp_output_is_normed_is_refused_unless_asked_for(tiny_model_dir, method):
+    from rome.pipeline.editors.factory import build_editor
+    from rome.pipeline.errors import UserError
+
+    loaded = load_model(str(tiny_model_dir("gemma3_text")), device="cpu")
+    asked = []
+
+    def statistics(layers):  # reached only once the method has accepted the model
+        asked.append(list(layers))
+        raise RuntimeError("statistics reached")
+
+    with pytest.raises(UserError) as refused:
+        build_editor(configure(cfg_args(method)), loaded, statistics=statistics)
+    message = str(refused.value)
+    assert f"{method} does not edit gemma3_text models" in message and "post_feedforward_layernorm" in message
+    assert "rome or ultraedit" in message and "edit.memit.allow_mlp_out_norm=true" in message and "\n" not in message
+    assert asked == []
+    with pytest.raises(RuntimeError, match="statistics reached"):
+        allowed = configure([*cfg_args(method), "edit.memit.allow_mlp_out_norm=true"])
+        build_editor(allowed, loaded, statistics=statistics)
+    assert asked == [[1, 2]]
+    # a family without that norm is not refused
+    llama = load_model(str(tiny_model_dir("llama")), device="cpu")
+    with pytest.raises(RuntimeError, match="statistics reached"):
+        build_editor(configure(cfg_args(method)), llama, statistics=statistics)
+
+
+def cfg_args(method: str) -> list[str]:
+    return [f"edit.method={method}", "edit.layers=[1,2]"]
+
+
 def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_dir, small_wiki, tmp_path):
     import json
 

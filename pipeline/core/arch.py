@@ -36,6 +36,10 @@ class ArchSpec:
     embed: str  # the token embedding
     final_norm: str  # the norm before the LM head
     lm_head: str  # the output projection
+    # the norm the MLP output passes before it joins the residual stream, relative to a block (Gemma 2/3, OLMo 2:
+    # post_feedforward_layernorm); None where the down-projection's output is added as it is. MEMIT's targets
+    # are residual-stream shifts, so where this norm sits they are mapped through it (pipeline/editors/memit.py).
+    mlp_out_norm: str | None = None
 
     def block_name(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -45,6 +49,9 @@ class ArchSpec:
 
     def down_proj_name(self, layer: int) -> str:
         return f"{self.blocks}.{layer}.{self.down_proj}"
+
+    def mlp_out_norm_name(self, layer: int) -> str | None:
+        return None if self.mlp_out_norm is None else f"{self.blocks}.{layer}.{self.mlp_out_norm}"
 
     def attn_name(self, layer: int) -> str:
         return f"{self.blocks}.{layer}.{self.attn}"
@@ -83,6 +90,7 @@ class ArchSpec:
     def validate(self, model: nn.Module) -> ArchSpec:
         names = [self.blocks, self.embed, self.final_norm, self.lm_head]
         names += [self.mlp_name(0), self.down_proj_name(0), self.attn_name(0)]
+        names += [self.mlp_out_norm_name(0)] if self.mlp_out_norm is not None else []
         missing = [n for n in names if not _has(model, n)]
         if missing:
             raise UserError(
@@ -142,13 +150,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
         final_norm="gpt_neox.final_layer_norm",
         lm_head=("lm_head", "embed_out"),  # transformers 5 renamed embed_out
     ),
-    # Gemma 1-3 only differ in what the stages never touch by hand: (1 + w) RMS norms, norms after the
-    # attention and the MLP, sqrt(d)-scaled embeddings, tied LM head, sliding-window layers, the soft-cap
-    # (``ArchSpec.logits``). Every family here is tested against the model's own forward (tests/conftest.py).
-    **{
-        t: _LLAMA_LIKE
-        for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")
-    },
+    # Gemma 1-3 only differ in what the stages never touch by hand: (1 + w) RMS norms, the norm after the
+    # attention, sqrt(d)-scaled embeddings, tied LM head, sliding-window layers, the soft-cap (``ArchSpec.logits``),
+    # except the norm after the MLP (Gemma 2/3, OLMo 2: ``mlp_out_norm``), which MEMIT's targets pass through.
+    # Every family here is tested against the model's own forward (tests/conftest.py).
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo")},
+    **{t: {**_LLAMA_LIKE, "mlp_out_norm": "post_feedforward_layernorm"} for t in ("gemma2", "gemma3_text", "olmo2")},
 }
 
 
@@ -172,7 +179,8 @@ def arch_for(model: nn.Module, overrides: Mapping[str, Any] | None = None) -> Ar
         for k, v in FAMILIES.get(model_type, {}).items()
     }
     fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    missing = [f.name for f in dataclasses.fields(ArchSpec) if f.name not in fields]
+    required = [f.name for f in dataclasses.fields(ArchSpec) if f.default is dataclasses.MISSING]
+    missing = [name for name in required if name not in fields]
     if missing:
         raise UserError(
             f"unsupported architecture '{model_type}': known are {', '.join(sorted(FAMILIES))}; "

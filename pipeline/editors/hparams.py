@@ -110,6 +110,7 @@ class MemitHparams:
     templates: TemplateHparams
     v: ValueHparams
     norm_anchor: bool  # NAS on z's MLP part (``NormAnchorHparams``)
+    allow_mlp_out_norm: bool  # run on a model whose MLP output is normed before the residual add (refused: off)
 
 
 @dataclasses.dataclass

@@ -71,6 +71,7 @@ __all__ = [
     "target_optimisation",
     "micro_batch_setting",
     "subject_values",
+    "refuse_mlp_out_norm",
     "anchor_targets",
     "memit_right",
     "alphaedit_right",
@@ -202,6 +203,26 @@ def micro_batch_setting(value: Any) -> int | None:
             f"edit.memit.micro_batch={value} must be auto (null: by free GPU memory) or a number of requests >= 1"
         )
     return value
+
+
+def refuse_mlp_out_norm(name: str, model: nn.Module, spec: ArchSpec, allowed: bool) -> None:
+    """MEMIT and AlphaEdit write z − h, a residual-stream shift, as if each edited down-projection's output joined
+    the residual stream as it is. Where a norm follows the MLP (Gemma 2/3, OLMo 2: ``ArchSpec.mlp_out_norm``),
+    N(d) = g ⊙ d / rms(d) fixes the output's scale and its gains g span four orders of magnitude (Gemma 3 270M:
+    0 to 789), so the shift written lands elsewhere, the next layer is asked for more, and the updates grow layer
+    by layer. Measured on Gemma 3 270M (docs/many-edits.md): one batch of 100 CounterFact edits moved layer 6 by
+    756x its norm and took the held-out perplexity from 16.8 to 1,098. Mapping each layer's share through the
+    norm's inverse keeps the weights but does not make the edits take: z's shift lies off what the normed output
+    can reach. So the run is refused, unless asked for."""
+    if spec.mlp_out_norm is None or allowed:
+        return
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    raise UserError(
+        f"{name} does not edit {model_type} models: their MLP output passes a norm ({spec.mlp_out_norm}) before the "
+        "residual stream, and MEMIT's spread of z over the layers assumes it does not (one batch wrecks Gemma 3 "
+        "270M: docs/many-edits.md); edit this model with rome or ultraedit, or pass "
+        "edit.memit.allow_mlp_out_norm=true to run it anyway"
+    )
 
 
 def memit_right(keys: torch.Tensor, solver: KeySolver, mom2_update_weight: float) -> torch.Tensor:
@@ -388,6 +409,7 @@ class MemitEditor(BatchEditor):
         if statistics is None:
             raise UserError(f"{name} needs C for its layers but no statistics were given")
         hp = method_hparams(cfg, conf, measure_only)
+        refuse_mlp_out_norm(name, loaded.model, loaded.spec, bool(hp.memit.allow_mlp_out_norm))
         layers = [loaded.spec.check_layer(loaded.model, layer, "edit.layers") for layer in cfg.edit.layers]
         micro_batch_setting(hp.memit.micro_batch)  # a bad value is refused before the statistics are computed
         templates = templates_for(cfg, loaded, hp.memit.templates)
