@@ -38,7 +38,7 @@ class ArchSpec:
     lm_head: str  # the output projection
     # the norm the MLP output passes before it joins the residual stream, relative to a block (Gemma 2/3, OLMo 2:
     # post_feedforward_layernorm); None where the down-projection's output is added as it is. MEMIT's targets
-    # are residual-stream shifts, so where this norm sits they are mapped through it (pipeline/editors/memit.py).
+    # are residual-stream shifts that assume no such norm: MEMIT and AlphaEdit refuse these models (editors/memit.py).
     mlp_out_norm: str | None = None
 
     def block_name(self, layer: int) -> str:
@@ -152,7 +152,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     ),
     # Gemma 1-3 only differ in what the stages never touch by hand: (1 + w) RMS norms, the norm after the
     # attention, sqrt(d)-scaled embeddings, tied LM head, sliding-window layers, the soft-cap (``ArchSpec.logits``),
-    # except the norm after the MLP (Gemma 2/3, OLMo 2: ``mlp_out_norm``), which MEMIT's targets pass through.
+    # except the norm after the MLP (Gemma 2/3, OLMo 2: ``mlp_out_norm``), which breaks MEMIT's targets.
     # Every family here is tested against the model's own forward (tests/conftest.py).
     **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo")},
     **{t: {**_LLAMA_LIKE, "mlp_out_norm": "post_feedforward_layernorm"} for t in ("gemma2", "gemma3_text", "olmo2")},

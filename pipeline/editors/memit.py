@@ -208,8 +208,8 @@ def micro_batch_setting(value: Any) -> int | None:
 def refuse_mlp_out_norm(name: str, model: nn.Module, spec: ArchSpec, allowed: bool) -> None:
     """MEMIT and AlphaEdit write z − h, a residual-stream shift, as if each edited down-projection's output joined
     the residual stream as it is. Where a norm follows the MLP (Gemma 2/3, OLMo 2: ``ArchSpec.mlp_out_norm``),
-    N(d) = g ⊙ d / rms(d) fixes the output's scale and its gains g span four orders of magnitude (Gemma 3 270M:
-    0 to 789), so the shift written lands elsewhere, the next layer is asked for more, and the updates grow layer
+    N(d) = g ⊙ d / rms(d) fixes the output's scale and its gains g range widely (Gemma 3 270M, layers 2-6:
+    from 0 to 789), so the shift written lands elsewhere, the next layer is asked for more, and the updates grow layer
     by layer. Measured on Gemma 3 270M (docs/many-edits.md): one batch of 100 CounterFact edits moved layer 6 by
     756x its norm and took the held-out perplexity from 16.8 to 1,098. Mapping each layer's share through the
     norm's inverse keeps the weights but does not make the edits take: z's shift lies off what the normed output
