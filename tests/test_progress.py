@@ -325,3 +325,22 @@ def test_the_stats_stage_ends_with_the_budget_verdict_and_the_plot(tiny_model_di
 
     code, again, err = run_main(capsys, args)  # from the cache: the same verdict, no pass
     assert code == 0 and f"  token budget: {verdict}" in again.splitlines() and "tokens/s" not in again
+
+
+def test_the_plain_loops_bar_counts_steps_and_its_rate_leaves_out_the_step_taken_before_it_opened(capsys):
+    from types import SimpleNamespace
+
+    from rome.pipeline.editors.progress import StepProgress
+
+    progress = StepProgress(units=2, label="memit: batch 1/10", bar=True)
+    unit = SimpleNamespace(optimisation=SimpleNamespace(losses=[[5.0], [4.0]], steps=4, p_target=[0.1, 0.3]))
+    progress(unit)  # the bar opens after the unit's first step
+    shown = capsys.readouterr().err.rstrip().split("\r")[-1]  # the bar as it stands
+    assert "memit: batch 1/10 [1/2]" in shown and "1/4" in shown and "loss 4.500, P(target) 0.200" in shown
+    assert "?it/s" in shown  # the step taken before the bar opened is no rate (it read thousands a second)
+    time.sleep(0.05)
+    unit.optimisation.losses = [[5.0, 3.0], [4.0, 2.0]]
+    progress(unit)
+    shown = capsys.readouterr().err.rstrip().split("\r")[-1]
+    assert "2/4" in shown and "loss 2.500" in shown and "?it/s" not in shown
+    progress.close()

@@ -65,7 +65,11 @@ class StepProgress:
         elif self.show:
             if self.bar is None:
                 desc = f"{self.label} [{step.unit}/{step.units}]"
-                self.bar = tqdm(total=step.steps, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+                # created after the unit's first step: ``initial`` keeps that step out of the rate (else it reads
+                # thousands of steps a second)
+                self.bar = tqdm(
+                    total=step.steps, initial=step.step, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr
+                )
             self.bar.n = step.step
             self.bar.set_postfix_str(f"loss {step.loss:.3f}, P(target) {step.p_target:.3f}", refresh=True)
 
