@@ -53,6 +53,10 @@ def mlp_contribution(ctx, prompts: memit.PromptRows, layer: int, shift: torch.Te
     norm = get_module(model, spec.mlp_out_norm_name(layer)) if spec.mlp_out_norm else None
     out = torch.zeros(prompts.n_requests, model.config.hidden_size, dtype=torch.float64)
     mapped, reach, sizes = torch.zeros_like(out), [], {"|d|": [], "|N(d)|": []}
+    if norm is not None:  # the norm's gain g = N(1), and μ: where g is below it the output cannot be moved
+        gain = norm(torch.ones(1, out.shape[-1], dtype=model.dtype)).double()[0]
+        mu = 1e-3 * gain.pow(2).mean().sqrt()
+        sizes["gain"] = [float(gain.abs().min()), float(gain.abs().max())]
     for start in range(0, len(prompts.rows), 64):
         chunk = prompts.rows[start : start + 64]
         ids, mask = right_pad([r for r, _ in chunk], ctx.tokenizer.pad_token_id or 0, "cpu")
@@ -65,17 +69,12 @@ def mlp_contribution(ctx, prompts: memit.PromptRows, layer: int, shift: torch.Te
         sizes["|d|"] += d.double().norm(dim=-1).tolist()
         sizes["|N(d)|"] += o.norm(dim=-1).tolist()
         if shift is not None and norm is not None:
-            gain = norm(torch.ones_like(d[:1])).double()[0]
-            mu = 1e-3 * gain.pow(2).mean().sqrt()
             u = (o + shift[owner]) * gain / (gain.pow(2) + mu.pow(2))
             rms = lambda x: x.pow(2).mean(-1, keepdim=True).sqrt()  # noqa: E731
             d64 = d.double()
             mapped.index_add_(0, owner, rms(d64) * u / rms(u) - d64)
             reach += rms(u).squeeze(-1).tolist()
     n = len(ctx.templates)
-    if norm is not None:
-        gain = norm(torch.ones(1, out.shape[-1], dtype=d.dtype)).double()[0].abs()
-        sizes["gain"] = [float(gain.min()), float(gain.max())]
     return out / n, (mapped / n if shift is not None and norm is not None else shift), reach, sizes
 
 
