@@ -5,10 +5,12 @@ it does not (plain and through a chat template), the per-case eval's summary and
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, ROOT
 
 from rome.pipeline.core.loading import configure, load_model
 from rome.pipeline.core.probability import greedy_tokens
@@ -238,3 +240,41 @@ def test_runs_of_different_lengths_merge_onto_one_curve(tmp_path):
     other = {**runs["10k"], "identity": {**identity, "model": {"name": "other"}}}
     with pytest.raises(ValueError, match="run 10k differs from the first in model: not one curve"):
         merge_runs({"300": runs["300"], "10k": other})
+
+
+def test_a_stopped_run_is_drawn_from_its_saved_progress(tmp_path):
+    """benchmarks/lifelong_curve.py on a run stopped mid-method: the method in progress is drawn from
+    progress/<method>.json to its last checkpoint, named by where it stopped, its collapse point from those
+    checkpoints; a finished method is drawn from the summary only."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from lifelong_curve import with_stopped_methods
+
+    identity = {"model": {"name": "m"}, "heldout": {"articles": 20}, "known": {"n": 300}}
+    curve = [{"edits": e, "es": 90.0, "perplexity": 20.0, "known_accuracy": k} for e, k in ((100, 0.9), (200, 0.4))]
+    summary = {
+        "identity": identity,
+        "order": ["none", "rome"],
+        "title": "t",
+        "pre_perplexity": 20.0,
+        "known_facts": [1, 2],
+        "methods": {"none": {"edits": 0, "curve": []}, "rome": {"edits": 300, "curve": curve, "collapse_edits": 200}},
+    }
+    run = tmp_path / "run"
+    (run / "progress").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "progress" / "memit.json").write_text(json.dumps({"edits": 200, "batches": 2, "curve": curve}))
+    (run / "progress" / "rome.json").write_text(json.dumps({"edits": 100, "curve": curve[:1]}))  # finished since
+    (run / "progress" / "alphaedit.json").write_text(json.dumps({"edits": 0, "curve": []}))  # no checkpoint yet
+    merged = with_stopped_methods(summary, run)
+    assert merged["order"] == ["none", "rome", "memit stopped at 200"]
+    # known facts 40% < half of the unedited 100% at 200 edits: the collapse point of the checkpoints reached
+    assert merged["methods"]["memit stopped at 200"] == {"edits": 200, "curve": curve, "collapse_edits": 200}
+    assert merged["methods"]["rome"] is summary["methods"]["rome"]
+    out = tmp_path / "curve.png"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "lifelong_curve.py"), str(out), f"a={run}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert r.stdout.strip() == f"2 curves -> {out}" and out.read_bytes()[:4] == b"\x89PNG"
