@@ -145,6 +145,14 @@ def test_memit_batch_targets_have_the_reference_norm(tiny_model_dir, family):
     assert edit.result.norms[2]["delta_w"] > 0
 
 
+def test_the_defaults_anchor_memit_only(tiny_model_dir):
+    """NAS is on by default where two record ranges measured it to help (MEMIT), off where not (AlphaEdit, ROME)."""
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    assert batch_editor(loaded, "memit", [1, 2]).norm_anchor
+    assert not batch_editor(loaded, "alphaedit", [1, 2]).norm_anchor
+    assert not configure([]).edit.v.norm_anchor
+
+
 def test_memit_with_the_anchor_off_is_bitwise_unchanged(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     layers = [1, 2]

@@ -24,7 +24,8 @@ Work δ cannot change is done once (``ValueBatch.build``):
 - the loss needs the LM head only at the target positions and the KL positions, not over the sequence.
 ``pipeline/editors/reference.py`` computes the same loss the plain way (the original's procedure), to check against.
 
-``norm_anchor`` (NAS, off by default) rescales a solved v* to a fixed reference norm, for ROME and MEMIT/AlphaEdit.
+``norm_anchor`` (NAS; on by default for MEMIT only) rescales a solved v* to a fixed reference norm, for ROME and
+MEMIT/AlphaEdit.
 """
 
 from __future__ import annotations
