@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lifelong-editing measurements of docs/many-edits.md, one command each (CPU; hours on 2 cores).
 # Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace
-# batch1000 nas_checks rome300 table300 gemma1000 variants; default: all). Each writes its own eval.out under outputs/; a stopped step resumes where it stopped
+# batch1000 nas_checks alphaedit_range2 rome300 table300 gemma1000 variants; default: all). Each writes its own eval.out under outputs/; a stopped step resumes where it stopped
 # (the same command: finished methods are kept, the method in progress continues at its batch boundary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,16 +52,24 @@ batch1000() {  # MEMIT and AlphaEdit (and UltraEdit), 1,000 edits in batches of 
     eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 edit.memit.norm_anchor=true \
     edit.alphaedit.norm_anchor=true eval.out=outputs/seq1000_batch_nas
 }
-nas_checks() {  # NAS against none where the 1,000-edit run leaves it open: MEMIT with and without it on a second
-  # record range (1000-1999; made with the known-facts rule), and ROME one at a time to 300 with it (seq300's protocol)
+second_range() {  # METHOD (memit or alphaedit) with and without NAS on records 1000-1999, in batches of 100 (made
+  # with the known-facts rule); eval.out: outputs/seq1000_start1000_METHOD and ..._nas
+  local method=$1 anchor
   for anchor in true false; do
     run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=100 eval.n=1000 eval.start=1000 \
-      'eval.methods=[none,memit]' "edit.memit.norm_anchor=$anchor" eval.eval_every=1 eval.curve_cases=50 \
+      "eval.methods=[none,$method]" "edit.$method.norm_anchor=$anchor" eval.eval_every=1 eval.curve_cases=50 \
       eval.final_cases=200 eval.generation.tokens=0 \
-      "eval.out=outputs/seq1000_start1000_memit$([ "$anchor" = true ] && echo _nas)"
+      "eval.out=outputs/seq1000_start1000_$method$([ "$anchor" = true ] && echo _nas)"
   done
+}
+nas_checks() {  # NAS against none where the 1,000-edit run leaves it open: MEMIT with and without it on a second
+  # record range (1000-1999), and ROME one at a time to 300 with it (seq300's protocol)
+  second_range memit
   run "${SEQ[@]}" eval.batch_size=50 eval.n=300 'eval.methods=[none,rome]' edit.v.norm_anchor=true eval.eval_every=1 \
     eval.curve_cases=50 eval.generation.tokens=0 eval.out=outputs/seq300_rome_nas
+}
+alphaedit_range2() {  # AlphaEdit with and without NAS on the second record range, as MEMIT's in nas_checks
+  second_range alphaedit
 }
 rome300() {  # ROME one at a time to 300 edits (checkpoints every 50)
   run "${SEQ[@]}" eval.batch_size=50 eval.n=300 'eval.methods=[none,rome]' eval.eval_every=1 eval.curve_cases=50 \
@@ -84,12 +92,12 @@ variants() {  # ROME's key variant chosen again by the generative numbers (case 
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks rome300
-  table300 gemma1000 variants)
+[ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks
+  alphaedit_range2 rome300 table300 gemma1000 variants)
 for step in "${steps[@]}"; do
   case "$step" in
-    ultraedit10k | ultraedit_unrelated | ultraedit_lr | ultraedit_nullspace | batch1000 | nas_checks | rome300 | table300 | \
-      gemma1000 | variants) "$step" ;;
-    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks rome300 table300 gemma1000 variants)" >&2; exit 2 ;;
+    ultraedit10k | ultraedit_unrelated | ultraedit_lr | ultraedit_nullspace | batch1000 | nas_checks | alphaedit_range2 | \
+      rome300 | table300 | gemma1000 | variants) "$step" ;;
+    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks alphaedit_range2 rome300 table300 gemma1000 variants)" >&2; exit 2 ;;
   esac
 done
