@@ -197,6 +197,16 @@ class _Monitor:
         return _curve_point(n_edits, scores, extra)
 
 
+def count_without_timing(bar: tqdm, n: int) -> None:
+    """Add ``n`` units done elsewhere (a resumed method's saved batches) to ``bar`` without entering its rate:
+    ``update(n)`` would time them as done in an instant, so the run's ETA read 00:00 after a resume and its
+    grown ``miniters`` kept the bar from redrawing for the batches that followed."""
+    bar.n += n
+    bar.last_print_n += n  # the next update's increment is the new units only
+    bar.initial += n  # the rate before the first timed update: (n - initial) / elapsed
+    bar.refresh()
+
+
 class _MethodRun:
     """One method's batches in a many-edit run: edits, checkpoints, and its progress saved at batch boundaries
     (``pipeline/evaluation/progress_state.py``) so that a stopped run resumes where it stopped."""
@@ -300,7 +310,7 @@ class _MethodRun:
         self.editor.load_state(state)
         self.done, self.curve, self.timings = int(info["batches"]), info["curve"], info["timings"]
         self.seconds, self.checkpoint_seconds = info["edit_seconds"], info["checkpoint_seconds"]
-        self.bar.update(self.done)
+        count_without_timing(self.bar, self.done)
         self.bar.write(
             f"{self.name}: resuming after batch {self.done} of {len(self.batches)} ({info['edits']} edits), "
             f"from {self.stem}.json"

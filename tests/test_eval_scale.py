@@ -3,6 +3,7 @@ perplexity, known facts, resuming, and bad input."""
 
 import json
 
+import pytest
 from conftest import DATA, run_cli
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -254,3 +255,26 @@ def test_a_stopped_method_resumes_at_its_batch_boundary_bit_for_bit(
         assert [p["edits"] for p in whole["curve"]] == [2, 4, 6]
         assert resumed == whole, name
         assert all(v > 0 for v in whole["weight_change"].values())
+
+
+def test_a_resumed_methods_saved_batches_do_not_enter_the_eta():
+    """The run's bar after a resume: 5 of 10 batches restored, then one batch of 100 s. The ETA is the 4 batches
+    left at that pace (``update(5)`` timed the restored batches as instant: an ETA of 00:00)."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    from rome.recipes.eval_scale import count_without_timing
+
+    clock = [0.0]
+    bar = tqdm(total=10, file=io.StringIO(), mininterval=0)
+    bar._time = lambda: clock[0]  # tqdm's own clock, made a test's
+    bar.start_t = bar.last_print_t = 0.0
+    clock[0] = 0.01
+    count_without_timing(bar, 5)
+    assert bar.n == 5 and bar.format_dict["rate"] is None
+    clock[0] = 100.01
+    bar.update(1)
+    rate = bar.format_dict["rate"]
+    assert bar.n == 6 and rate == pytest.approx(0.01, rel=1e-3)
+    assert (bar.total - bar.n) / rate == pytest.approx(400, rel=1e-3)
