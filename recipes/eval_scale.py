@@ -198,12 +198,14 @@ class _Monitor:
 
 
 def count_without_timing(bar: tqdm, n: int) -> None:
-    """Add ``n`` units done elsewhere (a resumed method's saved batches) to ``bar`` without entering its rate:
-    ``update(n)`` would time them as done in an instant, so the run's ETA read 00:00 after a resume and its
-    grown ``miniters`` kept the bar from redrawing for the batches that followed."""
+    """Add ``n`` units that cost no time of this run (a resumed method's saved batches, the batches of method
+    ``none``) to ``bar`` without entering its rate: ``update(n)`` would time them as done in an instant, so the
+    run's ETA read 00:00 and the bar's grown ``miniters`` kept it from redrawing for the batches that followed.
+    The next timed interval starts now."""
     bar.n += n
     bar.last_print_n += n  # the next update's increment is the new units only
     bar.initial += n  # the rate before the first timed update: (n - initial) / elapsed
+    bar.last_print_t = bar._time()
     bar.refresh()
 
 
@@ -254,7 +256,10 @@ class _MethodRun:
                 self.timings[k] = self.timings.get(k, 0.0) + v
         self.seconds += clock.lap("batch")
         self.done += 1
-        self.bar.update(1)
+        if self.edits:
+            self.bar.update(1)
+        else:  # method none: an instant batch must not set the pace of the run's ETA
+            count_without_timing(self.bar, 1)
 
     def checkpoint_due(self) -> bool:
         """A curve point after the first batch (what the method reaches with one batch, the reference for later

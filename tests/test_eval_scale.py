@@ -258,8 +258,9 @@ def test_a_stopped_method_resumes_at_its_batch_boundary_bit_for_bit(
 
 
 def test_a_resumed_methods_saved_batches_do_not_enter_the_eta():
-    """The run's bar after a resume: 5 of 10 batches restored, then one batch of 100 s. The ETA is the 4 batches
-    left at that pace (``update(5)`` timed the restored batches as instant: an ETA of 00:00)."""
+    """The run's bar after a resume: 4 of 10 batches restored, one batch of method none (no edits), then one
+    batch of 100 s. The ETA is the 4 batches left at that pace (``update`` timed the restored and the no-op
+    batches as instant: an ETA of 00:00)."""
     import io
 
     from tqdm.auto import tqdm
@@ -271,9 +272,11 @@ def test_a_resumed_methods_saved_batches_do_not_enter_the_eta():
     bar._time = lambda: clock[0]  # tqdm's own clock, made a test's
     bar.start_t = bar.last_print_t = 0.0
     clock[0] = 0.01
-    count_without_timing(bar, 5)
+    count_without_timing(bar, 4)
+    clock[0] = 50.01
+    count_without_timing(bar, 1)  # the interval timed next starts here
     assert bar.n == 5 and bar.format_dict["rate"] is None
-    clock[0] = 100.01
+    clock[0] = 150.01
     bar.update(1)
     rate = bar.format_dict["rate"]
     assert bar.n == 6 and rate == pytest.approx(0.01, rel=1e-3)
