@@ -10,9 +10,11 @@ COMMON=(stats.tokens=50000 "data.files=$DATA/wikipedia/wikipedia_en_sample.jsonl
   model.device=cpu)
 # The sequential runs of docs/many-edits.md were made before eval.known.exclude_edited (all known facts counted,
 # those about edited subjects too): exclude_edited=false in SEQ reproduces them and continues their eval.out;
-# ultraedit_unrelated is the one run made with the rule. They were also made before MEMIT's NAS default
-# (edit.memit.norm_anchor=true since the nas_checks replication): SEQ keeps it off; the NAS runs switch it on.
-SEQ=(stage=eval eval.mode=sequential "${COMMON[@]}" eval.known.exclude_edited=false edit.memit.norm_anchor=false)
+# ultraedit_unrelated is the one run made with the rule. They were also made before MEMIT's and AlphaEdit's NAS
+# defaults (norm_anchor=true since the nas_checks and alphaedit_range2 replications): SEQ keeps both off; the NAS
+# runs switch them on.
+SEQ=(stage=eval eval.mode=sequential "${COMMON[@]}" eval.known.exclude_edited=false edit.memit.norm_anchor=false
+  edit.alphaedit.norm_anchor=false)
 
 run() { echo "== $*" >&2; OMP_NUM_THREADS="${THREADS:-1}" python train.py "$@"; }
 
