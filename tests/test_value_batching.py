@@ -92,6 +92,29 @@ def test_memit_in_micro_batches_gives_the_one_batch_z_and_update(tiny_model_dir)
         assert float((dw_micro - dw_one).norm() / dw_one.norm()) < 1e-6
 
 
+def test_on_a_cpu_auto_runs_all_requests_at_once_and_says_when_that_may_not_fit(tiny_model_dir, monkeypatch, capsys):
+    """auto on a CPU does not depend on the free memory (the same z on every machine); where the step's estimate
+    passes half the available RAM it prints which micro_batch would fit, and still runs all at once."""
+    import types
+
+    from rome.pipeline.editors import value
+
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
+    rows = [build_rows(tok, TEMPLATES, p, s, t, ["{} is a"]) for p, s, t in ROWS]
+    hp = configure(["edit.v.steps=1"]).edit.v
+    v0 = torch.zeros(len(rows), model.config.hidden_size)
+    memory = step_memory(model, spec, 1, rows)
+    for available, noted in ((100 * memory, False), (memory, True)):
+        monkeypatch.setattr(value.psutil, "virtual_memory", lambda a=available: types.SimpleNamespace(available=a))
+        opt = value.optimise_values(model, spec, spec.mlp_name(1), 1, rows, v0, hp, tok.pad_token_id or 0)
+        assert isinstance(opt, ValueOptimisation) and opt.batch.n_requests == 3  # all at once either way
+        err = capsys.readouterr().err
+        fit = requests_per_micro_batch(3, memory, available)
+        assert (f"edit.memit.micro_batch={fit} splits it" in err) == noted, err
+        assert fit == 1 or not noted  # half of the step's own size fits one request of three
+
+
 def test_micro_batch_setting_and_the_auto_size(tiny_model_dir):
     assert memit.micro_batch_setting(None) is None and memit.micro_batch_setting("auto") is None
     assert memit.micro_batch_setting(4) == 4

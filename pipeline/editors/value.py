@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import torch
 
 from rome.pipeline.core.arch import ArchSpec, cache_kwarg
@@ -63,6 +65,7 @@ __all__ = [
     "optimise_values",
     "step_memory",
     "requests_per_micro_batch",
+    "note_if_short_of_memory",
     "MICRO_BATCH_MEMORY",
     "norm_anchor",
     "anchor_reference",
@@ -437,6 +440,21 @@ def requests_per_micro_batch(n_requests: int, memory: int, free: int) -> int:
     return max(1, min(n_requests, budget * n_requests // max(memory, 1)))
 
 
+def note_if_short_of_memory(n_requests: int, memory: int) -> None:
+    """On a CPU the requests' step runs all at once (so the result does not depend on the memory free at the
+    time); when its ``memory`` bytes pass half the available RAM, say so, and which ``micro_batch`` would fit,
+    before the run is killed for memory with no message."""
+    available = psutil.virtual_memory().available
+    if memory > available // 2:
+        fit = requests_per_micro_batch(n_requests, memory, available)
+        print(
+            f"note: the z optimisation of {n_requests} requests takes about {memory / 2**30:.1f} GiB at once and "
+            f"{available / 2**30:.1f} GiB of memory is available; edit.memit.micro_batch={fit} splits it (the same z "
+            "within 1e-6)",
+            file=sys.stderr,
+        )
+
+
 def _free_memory(device: torch.device) -> int:
     """Bytes free on a CUDA device: the driver's free memory and what PyTorch's allocator holds unused."""
     free, _ = torch.cuda.mem_get_info(device)
@@ -456,13 +474,15 @@ def optimise_values(
 ) -> ValueOptimisation | MicroBatches:
     """The optimisation of every request's δ at ``module`` (in block ``layer``), in micro-batches of
     ``micro_batch`` requests (None: auto, by free memory on a GPU, ``requests_per_micro_batch``; all at
-    once elsewhere). One micro-batch is a plain ``ValueOptimisation``."""
+    once elsewhere, with a note when that may not fit). One micro-batch is a plain ``ValueOptimisation``."""
     n = len(requests)
     device = model_device(model)
     if micro_batch is None:
         micro_batch = n
         if device.type == "cuda":
             micro_batch = requests_per_micro_batch(n, step_memory(model, spec, layer, requests), _free_memory(device))
+        else:
+            note_if_short_of_memory(n, step_memory(model, spec, layer, requests))
     parts = []
     for i in range(0, n, micro_batch):
         batch = ValueBatch.build(model, spec, requests[i : i + micro_batch], pad)
