@@ -1,0 +1,76 @@
+"""ROME's v* norms as solved, one request at a time on the clean model: where a record range's first request
+stands among the next ones. ROME's NAS reference (``edit.v.norm_anchor``) is the first request's own ‖v*‖, so
+this says how hard the anchor holds the later edits of a sequential run back (docs/many-edits.md, "Norm
+anchoring on ROME: a second record range").
+
+    python benchmarks/rome_v_norms.py [--model smollm2-135m] [--starts 0,1000] [--n 20]
+
+Each request is edited with the model's ROME settings (no anchor, no verification) and its layer restored
+before the next; C comes from the statistics cache (computed there if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+WIKI = ROOT.parent / "shared" / "data" / "wikipedia" / "wikipedia_en_sample.jsonl.gz"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--starts", default="0,1000", help="comma-separated first CounterFact records of the ranges")
+    p.add_argument("--n", type=int, default=20, help="requests per range")
+    p.add_argument("--stats-tokens", type=int, default=50000)
+    args = p.parse_args()
+
+    warnings.filterwarnings("ignore")
+    from rome.modules.statistics import layer_statistics
+    from rome.pipeline.core.loading import configure, load_model
+    from rome.pipeline.editors.factory import build_editor
+    from rome.pipeline.evaluation.cases import load_cases
+
+    cfg = configure(
+        [
+            f"model.name={args.model}",
+            f"data.files={WIKI}",
+            f"stats.tokens={args.stats_tokens}",
+            "trainer.accelerator=cpu",
+            "edit.method=rome",
+            "edit.verify.enabled=false",
+            "edit.v.norm_anchor=false",
+        ]
+    )
+    loaded = load_model(args.model, device="cpu")
+    editor = build_editor(cfg, loaded, statistics=layer_statistics(cfg, loaded))
+    weight = loaded.spec.down_proj_weight(loaded.model, editor.layers[0])
+    clean = weight.detach().clone()
+    print(f"{args.model}, ROME at layer {editor.layers[0]}: ‖v*‖ = ‖v0 + δ‖ as solved, each request alone")
+    for start in (int(s) for s in args.starts.split(",")):
+        cases, _ = load_cases(str(COUNTERFACT), args.n, start)
+        norms = []
+        for case in cases:
+            (result,) = editor.edit([case.request])
+            norms.append(float((result.v0 + result.delta).norm()))
+            with torch.no_grad():
+                weight.copy_(clean)
+        first = norms[0]
+        print(
+            f"records {start}-{start + len(norms) - 1}: first {first:.1f}, mean {statistics.mean(norms):.1f}, "
+            f"median {statistics.median(norms):.1f}, min {min(norms):.1f}, max {max(norms):.1f}; the first is "
+            f"{sorted(norms).index(first) + 1}th of {len(norms)} ({100 * (first / statistics.mean(norms) - 1):+.0f}% "
+            "against the mean)"
+        )
+
+
+if __name__ == "__main__":
+    main()
