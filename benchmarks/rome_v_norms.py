@@ -3,7 +3,9 @@ stands among the next ones. ROME's NAS reference (``edit.v.norm_anchor``) is the
 this says how hard the anchor holds the later edits of a sequential run back (docs/many-edits.md, "Norm
 anchoring on ROME: a second record range").
 
-    python benchmarks/rome_v_norms.py [--model smollm2-135m] [--starts 0,1000] [--n 20]
+    python benchmarks/rome_v_norms.py [--model smollm2-135m] [--starts 0,1000] [--n 20] [key=value ...]
+    (the runs of docs/many-edits.md: data.files=../shared/data/wikipedia/wikipedia_en_sample.jsonl.gz
+    stats.tokens=50000, the statistics the sequential runs used)
 
 Each request is edited with the model's ROME settings (no anchor, no verification) and its layer restored
 before the next; C comes from the statistics cache (computed there if missing).
@@ -22,35 +24,24 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
-WIKI = ROOT.parent / "shared" / "data" / "wikipedia" / "wikipedia_en_sample.jsonl.gz"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--starts", default="0,1000", help="comma-separated first CounterFact records of the ranges")
-    p.add_argument("--n", type=int, default=20, help="requests per range")
-    p.add_argument("--stats-tokens", type=int, default=50000)
-    args = p.parse_args()
-
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--starts", default="0,1000", help="comma-separated first CounterFact records of the ranges")
+    parser.add_argument("--n", type=int, default=20, help="requests per range")
+    parser.add_argument("overrides", nargs="*", help="config overrides (key=value), e.g. for the statistics")
+    args = parser.parse_args()
     warnings.filterwarnings("ignore")
     from rome.modules.statistics import layer_statistics
-    from rome.pipeline.core.loading import configure, load_model
+    from rome.pipeline.core.loading import configure, load_configured
     from rome.pipeline.editors.factory import build_editor
     from rome.pipeline.evaluation.cases import load_cases
 
-    cfg = configure(
-        [
-            f"model.name={args.model}",
-            f"data.files={WIKI}",
-            f"stats.tokens={args.stats_tokens}",
-            "trainer.accelerator=cpu",
-            "edit.method=rome",
-            "edit.verify.enabled=false",
-            "edit.v.norm_anchor=false",
-        ]
-    )
-    loaded = load_model(args.model, device="cpu")
+    fixed = ["edit.method=rome", "edit.verify.enabled=false", "edit.v.norm_anchor=false", "trainer.accelerator=cpu"]
+    cfg = configure([f"model.name={args.model}", *args.overrides, *fixed])
+    loaded = load_configured(cfg.model, "cpu")
     editor = build_editor(cfg, loaded, statistics=layer_statistics(cfg, loaded))
     weight = loaded.spec.down_proj_weight(loaded.model, editor.layers[0])
     clean = weight.detach().clone()
@@ -66,9 +57,9 @@ def main() -> None:
         first = norms[0]
         print(
             f"records {start}-{start + len(norms) - 1}: first {first:.1f}, mean {statistics.mean(norms):.1f}, "
-            f"median {statistics.median(norms):.1f}, min {min(norms):.1f}, max {max(norms):.1f}; the first is "
-            f"{sorted(norms).index(first) + 1}th of {len(norms)} ({100 * (first / statistics.mean(norms) - 1):+.0f}% "
-            "against the mean)"
+            f"median {statistics.median(norms):.1f}, min {min(norms):.1f}, max {max(norms):.1f}; the first ranks "
+            f"{sorted(norms).index(first) + 1} of {len(norms)} from the smallest "
+            f"({100 * (first / statistics.mean(norms) - 1):+.0f}% against the mean)"
         )
 
 
