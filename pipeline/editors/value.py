@@ -440,12 +440,17 @@ def requests_per_micro_batch(n_requests: int, memory: int, free: int) -> int:
     return max(1, min(n_requests, budget * n_requests // max(memory, 1)))
 
 
+_memory_noted = False  # the note below is printed once per process: every batch of a sequential run would repeat it
+
+
 def note_if_short_of_memory(n_requests: int, memory: int) -> None:
     """On a CPU the requests' step runs all at once (so the result does not depend on the memory free at the
     time); when its ``memory`` bytes pass half the available RAM, say so, and which ``micro_batch`` would fit,
     before the run is killed for memory with no message."""
+    global _memory_noted
     available = psutil.virtual_memory().available
-    if memory > available // 2:
+    if memory > available // 2 and not _memory_noted:
+        _memory_noted = True
         fit = requests_per_micro_batch(n_requests, memory, available)
         print(
             f"note: the z optimisation of {n_requests} requests takes about {memory / 2**30:.1f} GiB at once and "
