@@ -344,3 +344,28 @@ def test_the_plain_loops_bar_counts_steps_and_its_rate_leaves_out_the_step_taken
     shown = capsys.readouterr().err.rstrip().split("\r")[-1]
     assert "2/4" in shown and "loss 2.500" in shown and "?it/s" not in shown
     progress.close()
+
+
+def test_in_a_log_the_plain_loop_writes_a_line_at_most_every_heartbeat(capsys, monkeypatch):
+    """stderr not a terminal (pytest's capture): no bar, but a line once ``heartbeat_s`` has passed, none in
+    between; ``bar=False`` writes nothing."""
+    from types import SimpleNamespace
+
+    from rome.pipeline.editors import progress as module
+    from rome.pipeline.editors.progress import StepProgress
+
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    unit = SimpleNamespace(optimisation=SimpleNamespace(losses=[[5.0], [4.0]], steps=25, p_target=[0.1, 0.3]))
+    progress = StepProgress(units=10, label="alphaedit: batch 3/10", heartbeat_s=60)
+    clock[0] += 59
+    progress(unit)  # before the first heartbeat has passed: nothing
+    assert capsys.readouterr().err == ""
+    clock[0] += 1
+    progress(unit)
+    assert capsys.readouterr().err == "alphaedit: batch 3/10 [1/10]: step 1/25, loss 4.500, P(target) 0.200\n"
+    progress(unit)  # right after a line: nothing
+    assert capsys.readouterr().err == ""
+    quiet = StepProgress(units=10, label="x", bar=False, heartbeat_s=0.0)
+    quiet(unit)
+    assert capsys.readouterr().err == ""

@@ -1,18 +1,24 @@
 """Progress of an editor's plain loop (``Editor.edit(requests, on_step)``, no Lightning): one ``Step`` per
-optimisation step, handed to a callback of the caller's, or shown as a tqdm bar per unit when stderr is a
-terminal. The Python API (``rome.py``) uses it; the edit stage shows its own bar from its Lightning loop
+optimisation step, handed to a callback of the caller's, shown as a tqdm bar per unit when stderr is a
+terminal, or, in a log, written as a line at most every ``HEARTBEAT_S`` seconds. The Python API (``rome.py``)
+and the sequential eval use it; the edit stage shows its own bar from its Lightning loop
 (``modules/callbacks.py`` ``EditProgress``), with the same numbers."""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["Step", "StepProgress", "step_of"]
+__all__ = ["Step", "StepProgress", "step_of", "HEARTBEAT_S"]
+
+# in a log, the most seconds between two lines: a batch of 100 requests takes minutes of z steps on a CPU, and a
+# log that says nothing for that long cannot be told from a hung run
+HEARTBEAT_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +49,21 @@ def step_of(optimisation: Any, unit: int = 1, units: int = 1) -> Step:
 
 class StepProgress:
     """The ``on_step`` of ``Editor.edit``: turns the unit in progress into a ``Step`` for ``callback``, or, with
-    no callback and ``bar`` true, into a tqdm bar per unit on stderr (``bar=None``: when stderr is a terminal)."""
+    no callback and ``bar`` true, into a tqdm bar per unit on stderr (``bar=None``: when stderr is a terminal;
+    otherwise a line on stderr at most every ``heartbeat_s`` seconds; ``bar=False``: nothing)."""
 
     def __init__(
-        self, units: int, label: str, callback: Callable[[Step], None] | None = None, bar: bool | None = None
+        self,
+        units: int,
+        label: str,
+        callback: Callable[[Step], None] | None = None,
+        bar: bool | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.units, self.label, self.callback = units, label, callback
         self.show = callback is None and (sys.stderr.isatty() if bar is None else bar)
+        self.log = callback is None and bar is None and not self.show
+        self.heartbeat_s, self.said = heartbeat_s, time.monotonic()
         self.unit, self.current, self.bar = 0, None, None
 
     def __call__(self, edit: Any) -> None:
@@ -72,6 +86,14 @@ class StepProgress:
                 )
             self.bar.n = step.step
             self.bar.set_postfix_str(f"loss {step.loss:.3f}, P(target) {step.p_target:.3f}", refresh=True)
+        elif self.log and time.monotonic() - self.said >= self.heartbeat_s:
+            self.said = time.monotonic()
+            print(
+                f"{self.label} [{step.unit}/{step.units}]: step {step.step}/{step.steps}, loss {step.loss:.3f}, "
+                f"P(target) {step.p_target:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
