@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rome.pipeline.core.signals import stop_requested
+from rome.pipeline.editors.progress import HEARTBEAT_S
 
 __all__ = [
     "TokenProgressBar",
@@ -78,7 +79,7 @@ class PhaseStatus:
     started by the first ``set`` and stopped by ``close``; every write holds one lock."""
 
     def __init__(
-        self, file: TextIO, bar: tqdm | None = None, heartbeat_s: float = 30.0, refresh_s: float = 0.5
+        self, file: TextIO, bar: tqdm | None = None, heartbeat_s: float = HEARTBEAT_S, refresh_s: float = 0.5
     ) -> None:
         self.file, self.bar, self.heartbeat_s, self.refresh_s = file, bar, heartbeat_s, refresh_s
         self.prefix, self.phase, self.detail = "", "", ""
@@ -155,7 +156,7 @@ class CaseProgress:
         show: bool = True,
         file: TextIO | None = None,
         live: bool | None = None,
-        heartbeat_s: float = 30.0,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.total, self.done, self.label, self.show = total, done, label, show
         self.file = file if file is not None else sys.stderr

@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 __all__ = ["Step", "StepProgress", "step_of", "HEARTBEAT_S"]
 
-# in a log, the most seconds between two lines: a batch of 100 requests takes minutes of z steps on a CPU, and a
-# log that says nothing for that long cannot be told from a hung run
-HEARTBEAT_S = 60.0
+# in a log, the most seconds between two lines (here and in modules/progress.py's phase lines): a batch of 100
+# requests takes minutes of z steps on a CPU, and a log that says nothing for that long looks like a hung run
+HEARTBEAT_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
