@@ -88,7 +88,16 @@ FULL = Plan(
     memit_requests=100,
     batched_requests=10,
     budget=470,
-    limits={"build": 90, "rome-bf16": 80, "rome-fp32": 80, "stats": 110, "checks": 60, "memit": 60, "batched": 60},
+    limits={
+        "build": 90,
+        "rome-bf16": 80,
+        "profile": 60,
+        "rome-fp32": 80,
+        "stats": 110,
+        "checks": 60,
+        "memit": 60,
+        "batched": 60,
+    },
 )
 TINY = Plan(
     "llama-tiny",
@@ -98,7 +107,16 @@ TINY = Plan(
     memit_requests=6,
     batched_requests=3,
     budget=1500,
-    limits={"build": 60, "rome-bf16": 300, "rome-fp32": 300, "stats": 300, "checks": 300, "memit": 200, "batched": 200},
+    limits={
+        "build": 60,
+        "rome-bf16": 300,
+        "profile": 300,
+        "rome-fp32": 300,
+        "stats": 300,
+        "checks": 300,
+        "memit": 200,
+        "batched": 200,
+    },
     overrides=("edit.layers=[2,3]", "edit.v.steps=5", "edit.memit.v.steps=5"),
 )
 
@@ -117,9 +135,10 @@ ROWS = [
     ("memit-memory", "memit", "MEMIT, one batch, bf16: peak GPU memory", "<= weights + 16 GB"),
     ("batched-speed", "batched", "batched v*, bf16: speedup over one at a time", ">= 5x"),
     ("batched-delta", "batched", "batched v*, bf16: δ batched vs alone (largest relative difference)", "<= 1e-3"),
+    ("profile", "profile", "bf16 edit under torch.profiler (--profile): device busy / wall, launches, syncs", "info"),
     ("peak-memory", "end", "peak GPU memory over the check", "info"),
 ]
-STEPS = ["build", "rome-bf16", "rome-fp32", "stats", "checks", "memit", "batched"]
+STEPS = ["build", "rome-bf16", "profile", "rome-fp32", "stats", "checks", "memit", "batched"]
 NUMERICAL = {"c-precision", "c-workers", "batched-delta"}  # judged on any device and shape
 
 
@@ -158,7 +177,8 @@ def time_limit(seconds: float) -> Iterator[None]:
 class Check:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        chosen = {k: getattr(args, k) for k in ("edits", "stats_tokens", "memit_requests", "batched_requests")}
+        counts = ("edits", "stats_tokens", "memit_requests", "batched_requests", "budget")
+        chosen = {k: getattr(args, k) for k in counts}
         self.plan = dataclasses.replace(TINY if args.tiny else FULL, **{k: v for k, v in chosen.items() if v})
         self.device = args.device
         self.cuda = self.device.startswith("cuda")
@@ -176,6 +196,7 @@ class Check:
         steps: dict[str, Callable[[], None]] = {
             "build": self.build,
             "rome-bf16": lambda: self.rome("bfloat16"),
+            "profile": self.profile,
             "rome-fp32": lambda: self.rome("float32"),
             "stats": self.stats,
             "checks": self.checks,
@@ -185,6 +206,9 @@ class Check:
         for name in STEPS:
             left = self.plan.budget - (time.monotonic() - self.start)
             limit = min(self.plan.limits[name], left)
+            if name == "profile" and not self.args.profile:
+                self.rows["profile"].value, self.rows["profile"].verdict = "not asked for (--profile DIR)", "info"
+                continue
             if name != "build" and self.loaded is None:
                 self.fail_step(name, "not run: the model was not built")
                 continue
@@ -324,6 +348,66 @@ class Check:
             memory.value = f"weights + {peak:.1f} GB" if self.cuda else "n/a (no GPU)"
             self.judge("rome-bf16-memory", self.cuda and peak <= 2.0)
         del editor, loaded
+
+    def profile(self) -> None:
+        """torch.profiler over two bf16 ROME edits of one request that the timed edits did not use: first with
+        its shapes new to the run, then again. Writes each edit's tables (by device time, by CPU time) to
+        ``--profile``, and the trace of the repeat; the row: the device's busy time against the wall clock
+        (far below it: the loop waits on launches, Python or syncs, not on arithmetic), kernel launches, syncs."""
+        import gzip
+        import shutil
+
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        from rome.modules.edit_loop import fit_edits
+        from rome.pipeline.core.timing import sync
+        from rome.pipeline.editors.factory import build_editor
+
+        out = Path(self.args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.configure(f"edit.layer={self.layer}", "edit.mom2_adjustment=true", "edit.method=rome")
+        editor = build_editor(cfg, self.loaded, statistics=statistics_for(self.ns(), cfg, self.loaded))
+        weight = self.loaded.spec.down_proj_weight(self.loaded.model, self.layer)
+        clean = weight.detach().clone()
+        request = edit_requests(self.plan.edits + 1)[-1]  # after the timed edits' requests: shapes not seen yet
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        by_device = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        found = {}
+        for label in ("new", "repeat"):
+            torch.manual_seed(0)
+            with profiler(activities=activities) as prof:
+                sync(self.loaded.model)
+                t = time.perf_counter()
+                (edit,) = fit_edits(editor, [request], cfg, progress=False)
+                sync(self.loaded.model)
+                wall = time.perf_counter() - t
+            with torch.no_grad():
+                weight.copy_(clean)
+            counts = profile_counts(prof.events())
+            found[label] = {"wall_s": wall, "phases": dict(edit.timings), **counts}
+            table = prof.key_averages()
+            (out / f"profile_{label}.txt").write_text(
+                f"{label}: {request.prompt!r} -> {request.target_new!r}; wall {wall:.2f} s; {counts}\n"
+                f"phases: {edit.timings}\n\n"
+                + table.table(sort_by=by_device, row_limit=40, max_name_column_width=70)
+                + "\n\n"
+                + table.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
+            )
+            if label == "repeat":
+                trace = out / "trace_repeat.json"
+                prof.export_chrome_trace(str(trace))
+                with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                trace.unlink()
+        row = self.rows["profile"]
+        row.value = "; ".join(
+            f"{k}: wall {v['wall_s']:.2f} s, device busy {v['busy_s']:.2f} s, {v['launches']} launches, "
+            f"{v['syncs']} syncs"
+            for k, v in found.items()
+        )
+        row.beside = f"tables and trace in {out}"
+        row.data, row.verdict = found, "info"
 
     def stats(self) -> None:
         from rome.pipeline.stats.store import batch_tokens
@@ -480,6 +564,33 @@ class Check:
         return [dataclasses.asdict(r) for r in self.rows.values()]
 
 
+def profile_counts(events) -> dict:
+    """From a profiler's events: the device's busy seconds (the union of its kernels' and copies' intervals:
+    overlaps count once), the kernel launches and the host-device synchronisations (explicit ones and the
+    blocking copies to the host that ``.item()`` and ``.cpu()`` make)."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type != torch.autograd.DeviceType.CPU and e.time_range.end > e.time_range.start
+    )
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    names = [e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    launches = sum(n.startswith(("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch")) for n in names)
+    syncs = sum("Synchronize" in n for n in names)
+    copies = sum(n.startswith("cudaMemcpy") and "Async" not in n for n in names)
+    return {
+        "busy_s": busy / 1e6,
+        "launches": launches,
+        "syncs": syncs,
+        "blocking_copies": copies,
+        "kernels": len(spans),
+    }
+
+
 def statistics_mean(xs: list[float]) -> float:
     return statistics.fmean(xs) if xs else float("nan")
 
@@ -502,9 +613,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama and small counts (a smoke run)")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--profile", help="profile two bf16 ROME edits with torch.profiler; tables and trace to this folder")
     p.add_argument("--edits", type=int, help="ROME edits per method (default 4; --tiny 2)")
     p.add_argument("--stats-tokens", type=int, help="tokens of the statistics rows (default 1,000,000; --tiny 4000)")
     p.add_argument("--memit-requests", type=int, help="requests of the MEMIT batch (default 100; --tiny 6)")
+    p.add_argument("--budget", type=float, help="seconds for the whole check, the build included (default 470)")
     p.add_argument("--batched-requests", type=int, help="requests of the batched v* rows (default 10; --tiny 3)")
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():

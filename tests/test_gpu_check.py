@@ -19,7 +19,8 @@ from gpu_check import NUMERICAL, ROWS  # noqa: E402
 def test_the_gpu_check_runs_on_a_cpu_and_prints_every_row(tmp_path):
     out = tmp_path / "rows.json"
     r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu", "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--device", "cpu", "--json", str(out)]
+        + ["--profile", str(tmp_path / "profile")],
         capture_output=True,
         text=True,
         env={**os.environ, **OFFLINE},
@@ -40,6 +41,15 @@ def test_the_gpu_check_runs_on_a_cpu_and_prints_every_row(tmp_path):
         else:  # timing and memory goals are the 8B shape's on a GPU
             assert row["verdict"].startswith("n/a") or row["verdict"] == "info", row
     assert "timing only" in r.stdout
+    profiled = {row["key"]: row for row in rows}["profile"]["data"]  # two edits under torch.profiler, one request
+    assert set(profiled) == {"new", "repeat"} and all(
+        p["wall_s"] > 0 and "v_star" in p["phases"] for p in profiled.values()
+    )
+    assert sorted(f.name for f in (tmp_path / "profile").iterdir()) == [
+        "profile_new.txt",
+        "profile_repeat.txt",
+        "trace_repeat.json.gz",
+    ]
 
 
 def test_the_ultraedit_scale_check_runs_on_a_cpu(tmp_path, capsys):
