@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lifelong-editing measurements of docs/many-edits.md, one command each (CPU; hours on 2 cores).
 # Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace
-# batch1000 nas_checks alphaedit_range2 rome_range2 rome300 table300 gemma1000 variants; default: all). Each writes its own eval.out under outputs/; a stopped step resumes where it stopped
+# batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 variants; default: all). Each writes its own eval.out under outputs/; a stopped step resumes where it stopped
 # (the same command: finished methods are kept, the method in progress continues at its batch boundary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,6 +82,17 @@ rome_range2() {  # ROME one at a time with and without NAS on records 1000-1299 
       eval.generation.tokens=0 "eval.out=outputs/seq300_start1000_rome$([ "$anchor" = true ] && echo _nas)"
   done
 }
+rome_reference() {  # ROME with NAS, its reference taken over the first 20 edits (edit.nas.reference_values=20)
+  # instead of the first edit's alone: records 0-299 with rome300's protocol (as nas_checks' ROME run)
+  run "${SEQ[@]}" eval.batch_size=50 eval.n=300 'eval.methods=[none,rome]' edit.v.norm_anchor=true \
+    edit.nas.reference_values=20 eval.eval_every=1 eval.curve_cases=50 eval.generation.tokens=0 \
+    eval.out=outputs/seq300_rome_nas20
+}
+rome_reference_range2() {  # the same on records 1000-1299 with rome_range2's protocol (the known-facts rule)
+  run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=50 eval.n=300 eval.start=1000 \
+    'eval.methods=[none,rome]' edit.v.norm_anchor=true edit.nas.reference_values=20 eval.eval_every=1 \
+    eval.curve_cases=50 eval.generation.tokens=0 eval.out=outputs/seq300_start1000_rome_nas20
+}
 rome300() {  # ROME one at a time to 300 edits (checkpoints every 50)
   run "${SEQ[@]}" eval.batch_size=50 eval.n=300 'eval.methods=[none,rome]' eval.eval_every=1 eval.curve_cases=50 \
     eval.generation.tokens=0 eval.out=outputs/seq300_rome
@@ -104,11 +115,11 @@ variants() {  # ROME's key variant chosen again by the generative numbers (case 
 
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks
-  alphaedit_range2 rome_range2 rome300 table300 gemma1000 variants)
+  alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 variants)
 for step in "${steps[@]}"; do
   case "$step" in
     ultraedit10k | ultraedit_unrelated | ultraedit_lr | ultraedit_nullspace | batch1000 | nas_checks | alphaedit_range2 | \
-      rome_range2 | rome300 | table300 | gemma1000 | variants) "$step" ;;
-    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks alphaedit_range2 rome_range2 rome300 table300 gemma1000 variants)" >&2; exit 2 ;;
+      rome_range2 | rome_reference | rome_reference_range2 | rome300 | table300 | gemma1000 | variants) "$step" ;;
+    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 variants)" >&2; exit 2 ;;
   esac
 done

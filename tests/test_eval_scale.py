@@ -191,7 +191,8 @@ def test_a_stopped_method_resumes_at_its_batch_boundary_bit_for_bit(
 ):
     """Stopped after batch 2 of 3 (each method), resumed by the same command: every method's scores, curve and
     weight changes equal an uninterrupted run's exactly (the edited matrices and the editors' state —
-    UltraEdit's lifelong statistics, AlphaEdit's preserved keys, the NAS reference — are saved and restored)."""
+    UltraEdit's lifelong statistics, AlphaEdit's preserved keys, the NAS reference and the norms it is being taken
+    over — are saved and restored)."""
     import os
     import signal
 
@@ -211,6 +212,7 @@ def test_a_stopped_method_resumes_at_its_batch_boundary_bit_for_bit(
             "eval.generation.tokens=0",
             "edit.v.norm_anchor=true",
             "edit.alphaedit.norm_anchor=true",
+            "edit.nas.reference_values=6",  # still being taken over the edits when the run stops
             "edit.ultraedit.lr=0.01",
             f"eval.out={out}",
             "eval.methods=[ultraedit,alphaedit,rome]",

@@ -9,7 +9,7 @@ from rome.pipeline.core.loading import configure, load_model
 from rome.pipeline.core.requests import parse_requests
 from rome.pipeline.editors import memit, rome
 from rome.pipeline.editors.rank_one import KeySolver
-from rome.pipeline.editors.value import anchor_reference, norm_anchor
+from rome.pipeline.editors.value import NormReference, anchor_reference, norm_anchor
 from rome.pipeline.errors import UserError
 from rome.pipeline.stats.spectrum import eigendecomposition, null_space_projector
 
@@ -50,6 +50,38 @@ def test_anchor_reference_is_the_trimmed_mean():
         anchor_reference(norms, 1.0)
 
 
+def test_the_reference_is_taken_over_the_first_units_until_enough_values_are_in():
+    reference = NormReference(count=3, trim=0.0)
+    assert reference.value is None and not reference.frozen
+    assert reference.update(torch.tensor([4.0])) == 4.0  # the first unit is anchored to its own norm
+    assert reference.update(torch.tensor([8.0])) == 6.0  # the next to the mean so far
+    assert reference.update(torch.tensor([9.0])) == 7.0 and reference.frozen  # three values: set for good
+    assert reference.update(torch.tensor([100.0])) == 7.0 and len(reference.norms) == 3
+    batch = NormReference(count=3, trim=0.0)  # a unit is never cut: a first batch of five takes all five
+    assert batch.update(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])) == 3.0 and batch.frozen
+    assert NormReference(count=1, trim=0.0).update(torch.tensor([5.0, 7.0])) == 6.0  # NAS: the first unit's
+    with pytest.raises(UserError, match="edit.nas.reference_values"):
+        NormReference(count=0, trim=0.05)
+
+
+def test_the_reference_resumes_from_its_state():
+    """Stopped after two of three values and taken up from ``state()``: the references of an uninterrupted run;
+    a state saved before this rule (the reference alone) is taken as set for good."""
+    norms = [torch.tensor([4.0]), torch.tensor([8.0]), torch.tensor([9.0]), torch.tensor([1.0])]
+    whole = NormReference(3, 0.0)
+    expected = [whole.update(n) for n in norms]
+    first = NormReference(3, 0.0)
+    got = [first.update(n) for n in norms[:2]]
+    resumed = NormReference(3, 0.0)
+    resumed.load_state(first.state())
+    got += [resumed.update(n) for n in norms[2:]]
+    assert got == expected == [4.0, 6.0, 7.0, 7.0]
+    old = NormReference(3, 0.0)
+    old.load_state({"anchor_reference": torch.tensor([5.0], dtype=torch.float64)})
+    assert old.frozen and old.update(torch.tensor([50.0])) == 5.0
+    assert NormReference(3, 0.0).state() == {}  # nothing solved yet: nothing to save
+
+
 def rome_editor(loaded, *overrides):
     hp = configure([*(f"edit.v.{x}" for x in LOOSE), "edit.verify.enabled=false", "edit.generate_tokens=0", *overrides])
     c = random_spd(loaded.spec.key_size(loaded.model, 2))
@@ -81,6 +113,22 @@ def test_rome_writes_v_star_at_the_reference_norm(tiny_model_dir, family):
     # the anchor changed the second value: its own ‖v*‖ was not the reference
     assert abs(second.anchor["v_star_solved"] / reference - 1) > 1e-3
     assert second.norms["anchor_reference"] == reference  # recorded with the edit's norms (the ledger's)
+
+
+def test_rome_takes_the_reference_over_its_first_edits(tiny_model_dir):
+    """``edit.nas.reference_values=2``: the first edit is anchored to its own ‖v*‖, the second to the mean of
+    both solved norms, and that mean anchors the third."""
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    editor = rome_editor(loaded, "edit.v.norm_anchor=true", "edit.nas.reference_values=2", "edit.nas.trim=0", *FAR)
+    results = [editor.edit([request])[0] for request in parse_requests(REQUESTS)]
+    solved = [r.anchor["v_star_solved"] for r in results]
+    assert results[0].anchor["anchor_reference"] == pytest.approx(solved[0], rel=1e-12)
+    assert results[1].anchor["anchor_reference"] == pytest.approx((solved[0] + solved[1]) / 2, rel=1e-12)
+    assert results[2].anchor["anchor_reference"] == results[1].anchor["anchor_reference"]
+    assert abs(solved[1] / solved[0] - 1) > 1e-3  # two different norms: the mean is not either one's
+    for result in results[1:]:
+        assert float((result.v0 + result.delta).norm()) == pytest.approx(result.anchor["anchor_reference"], rel=1e-5)
+    assert set(editor.state()) == {"anchor_reference", "anchor_norms"} and len(editor.state()["anchor_norms"]) == 2
 
 
 def test_rome_with_the_anchor_off_is_the_optimiser_s_delta_bitwise(tiny_model_dir):

@@ -162,13 +162,20 @@ class Editor(abc.ABC):
         """What the next unit depends on besides the weights, as named CPU tensors (a run stopped at a unit
         boundary saves it with the edited weights and resumes bit for bit): the NAS reference of the methods
         that optimise values; subclasses add theirs (AlphaEdit's preserved keys, UltraEdit's statistics)."""
-        reference = getattr(self, "anchor_reference", None)
-        return {} if reference is None else {"anchor_reference": torch.tensor([reference], dtype=torch.float64)}
+        reference = getattr(self, "norm_reference", None)
+        return {} if reference is None else reference.state()
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take up what ``state`` saved (the tensors of an editor of the same method and settings)."""
-        if "anchor_reference" in tensors:
-            self.anchor_reference = float(tensors["anchor_reference"][0])
+        reference = getattr(self, "norm_reference", None)
+        if reference is not None:
+            reference.load_state(tensors)
+
+    @property
+    def anchor_reference(self) -> float | None:
+        """The NAS reference norm of a method that optimises values, once its first unit has set it."""
+        reference = getattr(self, "norm_reference", None)
+        return None if reference is None else reference.value
 
     def continue_from(self, ledger: Ledger) -> str | None:
         """Take up the state a ledger's earlier edits leave for this method (AlphaEdit: the keys to preserve);

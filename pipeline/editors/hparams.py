@@ -59,7 +59,8 @@ class NormAnchorHparams:
     methods whose ``norm_anchor`` is on (``edit.v``, ``edit.memit``, ``edit.alphaedit``)."""
 
     skip_factor: float  # a solved v* longer than this x the reference is dropped (δ' = 0)
-    trim: float  # the reference: mean ‖v*‖ as solved over the first unit, this largest fraction dropped
+    trim: float  # the reference: mean ‖v*‖ as solved over the first unit(s), this largest fraction dropped
+    reference_values: int  # the reference is taken over the first units until this many values are in (1: one unit)
 
 
 @dataclasses.dataclass

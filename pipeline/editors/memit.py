@@ -45,8 +45,8 @@ from rome.pipeline.editors.ledger import Ledger
 from rome.pipeline.editors.rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
 from rome.pipeline.editors.value import (
     MicroBatches,
+    NormReference,
     ValueOptimisation,
-    anchor_reference,
     build_rows,
     norm_anchor,
     optimise_values,
@@ -302,13 +302,12 @@ def subject_values(ctx: MemitEditor, prompts: PromptRows, layer: int) -> torch.T
 
 def anchor_targets(ctx: MemitEditor, state: BatchEdit, delta: torch.Tensor) -> torch.Tensor:
     """NAS on z (``value.norm_anchor``): z = h̄ + δ = (h̄ − v₀) + v* with v₀ the last layer's MLP output, so
-    v* = v₀ + δ is the value NAS rescales; the reference is the first batch's trimmed mean ‖v*‖ as solved
-    (docs/edit.md#norm-anchoring-nas). Returns the anchored δ'; ``state.anchor`` records the norms."""
+    v* = v₀ + δ is the value NAS rescales; the reference is the first batch's trimmed mean ‖v*‖ as solved (or
+    the first batches' until ``edit.nas.reference_values`` are in; docs/edit.md#norm-anchoring-nas). Returns the
+    anchored δ'; ``state.anchor`` records the norms."""
     v0 = subject_values(ctx, PromptRows.build(ctx, state.requests), ctx.layers[-1])
     solved = (v0 + delta).norm(dim=-1)
-    if ctx.anchor_reference is None:
-        ctx.anchor_reference = anchor_reference(solved, float(ctx.hp.nas.trim))
-    reference, skip = ctx.anchor_reference, float(ctx.hp.nas.skip_factor)
+    reference, skip = ctx.norm_reference.update(solved), float(ctx.hp.nas.skip_factor)
     state.anchor = {
         "reference": reference,
         "v_star_solved": solved.tolist(),
@@ -387,7 +386,7 @@ class MemitEditor(BatchEditor):
         self.solvers: dict[int, KeySolver] = {}
         self.projectors: dict[int, torch.Tensor] = {}
         self.preserved: dict[int, torch.Tensor] = {}
-        self.anchor_reference: float | None = None  # NAS (norm_anchor): set by the first batch
+        self.norm_reference = NormReference(self.hp.nas.reference_values, self.hp.nas.trim)  # NAS (norm_anchor)
         self.micro_batch = micro_batch_setting(self.hp.memit.micro_batch)  # requests per z micro-batch (None: auto)
 
     @property

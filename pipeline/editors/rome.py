@@ -50,9 +50,9 @@ from rome.pipeline.editors.rank_one import (
     update_norm,
 )
 from rome.pipeline.editors.value import (
+    NormReference,
     ValueBatch,
     ValueOptimisation,
-    anchor_reference,
     build_rows,
     norm_anchor,
     subject_rows,
@@ -305,11 +305,10 @@ def begin(ctx: RomeEditor, request: EditRequest) -> EditResult:
 
 def anchor_value(ctx: RomeEditor, result: EditResult) -> None:
     """NAS (``edit.v.norm_anchor``): v* = v₀ + δ rescaled to the reference norm (``value.norm_anchor``), the
-    reference being the first edit's ‖v*‖ as solved (docs/edit.md#norm-anchoring-nas: how it differs from NAS's)."""
+    reference being the trimmed mean ‖v*‖ as solved over the first ``edit.nas.reference_values`` edits (1: the
+    first edit's alone; docs/edit.md#norm-anchoring-nas: how it differs from NAS's)."""
     solved = (result.v0 + result.delta).norm()
-    if ctx.anchor_reference is None:
-        ctx.anchor_reference = anchor_reference(solved[None], float(ctx.hp.nas.trim))
-    reference, skip = ctx.anchor_reference, float(ctx.hp.nas.skip_factor)
+    reference, skip = ctx.norm_reference.update(solved[None]), float(ctx.hp.nas.skip_factor)
     result.delta = norm_anchor(result.v0[None], result.delta[None], reference, skip)[0]
     result.anchor = {"v_star_solved": float(solved), "anchor_reference": reference}
 
@@ -441,7 +440,7 @@ class RomeEditor(Editor):
             check_settings(hp.verify, tokenizer)
         super().__init__(name, model, tokenizer, spec, hp, [layer])
         self.layer, self.templates, self.solver, self.stats_id = layer, templates, solver, stats_id
-        self.anchor_reference: float | None = None  # NAS (edit.v.norm_anchor): set by the first edit
+        self.norm_reference = NormReference(hp.nas.reference_values, hp.nas.trim)  # NAS (edit.v.norm_anchor)
 
     @classmethod
     def from_config(

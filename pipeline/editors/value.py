@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # transformers is imported where the cache is built
     from transformers import DynamicCache
 
 __all__ = [
+    "NormReference",
     "Rows",
     "build_rows",
     "subject_rows",
@@ -506,6 +507,47 @@ def norm_anchor(v0: torch.Tensor, delta: torch.Tensor, reference: float, skip_fa
     norm = v.norm(dim=-1, keepdim=True)
     anchored = v * (reference / norm.clamp_min(torch.finfo(torch.float64).tiny)) - v0
     return torch.where(norm <= skip_factor * reference, anchored, 0.0).to(delta.dtype)
+
+
+class NormReference:
+    """NAS's reference norm, taken over the first units an editor solves: each unit's solved ‖v*‖ (before
+    anchoring) join ``norms`` until at least ``count`` values are in, and the reference is their trimmed mean
+    (``anchor_reference``), frozen from then on; a unit before that is anchored to the mean of the values so far
+    (the first unit to its own). ``count=1``: the first unit alone (NAS's first batch). A larger count matters
+    for ROME, whose unit is one request: otherwise that request's norm alone anchors every later edit, and the
+    run depends on which request comes first (docs/edit.md#norm-anchoring-nas)."""
+
+    def __init__(self, count: int, trim: float) -> None:
+        if count < 1:
+            raise UserError(f"edit.nas.reference_values={count} must be at least 1 (1: the first unit's values)")
+        self.count, self.trim = int(count), float(trim)
+        self.norms: torch.Tensor | None = None  # float64, on the CPU: the solved norms taken so far
+        self.value: float | None = None
+
+    @property
+    def frozen(self) -> bool:
+        """Set for good: enough values are in (or a ledger from before this rule saved the reference alone)."""
+        return self.value is not None and (self.norms is None or len(self.norms) >= self.count)
+
+    def update(self, solved: torch.Tensor) -> float:
+        """The reference for the unit whose solved norms are ``solved``, taking them in while not frozen."""
+        if not self.frozen:
+            new = solved.detach().double().flatten().cpu()
+            self.norms = new if self.norms is None else torch.cat([self.norms, new])
+            self.value = anchor_reference(self.norms, self.trim)
+        return self.value
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self.value is None:
+            return {}
+        out = {"anchor_reference": torch.tensor([self.value], dtype=torch.float64)}
+        return out if self.norms is None else {**out, "anchor_norms": self.norms.clone()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if "anchor_reference" in tensors:
+            self.value = float(tensors["anchor_reference"][0])
+            norms = tensors.get("anchor_norms")
+            self.norms = None if norms is None else norms.double().clone()
 
 
 def anchor_reference(norms: torch.Tensor, trim: float) -> float:
