@@ -11,6 +11,9 @@ limit (a step over it is reported as TIMEOUT and the check goes on with the next
 1. ROME, bf16: ``--edits`` edits through the edit stage's loop (``fit_edits``) and the same edits with the
    original's full-forward v* loop (``edit_latency.reference_edit``): s/edit, the keys and v* phases, the
    peak GPU memory over the weights.
+   With ``--profile DIR``: torch.profiler over two more bf16 edits of one new request (its shapes new, then
+   again), their operator tables and the repeat's trace in DIR, and a row with the device's busy time against
+   the wall clock, the kernel launches and the synchronisations.
 2. ROME, fp32, C = I: the same on a float32 copy of the model (skipped when the GPU cannot hold it).
 3. Statistics, bf16, the shape's layer (5), ``--stats-tokens`` tokens of the Wikipedia sample: forward only,
    the original's procedure and the stage (``stats_throughput``'s methods): tokens/s, the pass alone, the rest.
