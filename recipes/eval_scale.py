@@ -122,7 +122,9 @@ def _scores(
         chunk = cases[i : i + CASES_PER_CALL]
         out += counterfact_scores(loaded.model, loaded.tokenizer, chunk, int(cfg.eval.score_batch_size))
     if generative.enabled:
-        scored = score_generative(loaded.model, loaded.tokenizer, cases, generative, sets, between)
+        scored = score_generative(
+            loaded.model, loaded.tokenizer, cases, generative, sets, between, f"{desc}: greedy answers"
+        )
         for metrics, g in zip(out, scored):
             metrics.update(g["metrics"])
     if gen.tokens:

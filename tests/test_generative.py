@@ -72,7 +72,7 @@ PROMPTS = ["{} was born in", "The capital of {} is", "{} plays the", "{} is a", 
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_a_target_the_model_generates_verbatim_scores_1_and_another_0(tiny_model_dir, family):
+def test_a_target_the_model_generates_verbatim_scores_1_and_another_0(tiny_model_dir, family, capsys):
     loaded = load_model(str(tiny_model_dir(family)), device="cpu")
     model, tok = loaded.model, loaded.tokenizer
     found = []  # (subject, template, the model's own first word)
@@ -102,6 +102,9 @@ def test_a_target_the_model_generates_verbatim_scores_1_and_another_0(tiny_model
         assert score_generative(model, tok, [c], settings)[0]["metrics"] == s["metrics"]
     off = score_generative(model, tok, cases, GenerativeEval(False, MAX_TOKENS, 4, False, "{prompt}"))
     assert all(o == {"metrics": {}, "texts": {}} for o in off)
+    capsys.readouterr()
+    with_bar = score_generative(model, tok, cases, settings, desc="unedited: greedy answers")
+    assert with_bar == scored and "unedited: greedy answers" in capsys.readouterr().err  # a bar, the same scores
 
 
 def test_the_chat_form_goes_through_the_template(tiny_model_dir):

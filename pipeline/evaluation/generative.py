@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from rome.pipeline.core.generation import generate_tokens
 from rome.pipeline.errors import UserError
@@ -208,34 +209,37 @@ def score_generative(
     settings: GenerativeEval,
     sets: Sequence[str] | None = None,
     between: Callable[[], None] | None = None,
+    desc: str | None = None,
 ) -> list[dict[str, Any]]:
     """Per case: {"metrics": {"<set>_<form>_<em|contains>": mean over the set's prompts}, "texts": {"<set>_<form>":
     [continuation, ...]}}. ``sets``: only these prompt sets (default all). Prompts of all cases are generated
     together, sorted by length (less padding), ``settings.batch_size`` per call; the chat form's text already
-    holds its special tokens, so it is encoded without adding them."""
+    holds its special tokens, so it is encoded without adding them. ``desc``: a progress bar of that name over
+    the ``generate`` calls (minutes for hundreds of cases on a CPU)."""
     out: list[dict[str, Any]] = [{"metrics": {}, "texts": {}} for _ in cases]
     if not settings.enabled or not cases:
         return out
     jobs = _jobs(cases, settings, tokenizer, sets or [s for c in cases[:1] for s in SETS[c.kind]])
     texts: list[str] = [""] * len(jobs)
+    calls = []  # (form, job indices): each form's prompts sorted by length, batch_size per generate call
     for form in FORMS:
         todo = sorted((j for j, job in enumerate(jobs) if job.form == form), key=lambda j: len(jobs[j].text))
-        for b in range(0, len(todo), settings.batch_size):
-            if between is not None:
-                between()  # the caller's stop check: a long scoring can be abandoned between calls
-            chunk = todo[b : b + settings.batch_size]
-            new = generate_tokens(
-                model,
-                tokenizer,
-                [jobs[j].text for j in chunk],
-                settings.max_tokens,
-                top_k=None,
-                exact_length=False,
-                add_special_tokens=form == "gen",
-                done=settled,
-            )
-            for j, row in zip(chunk, new):
-                texts[j] = continuation(tokenizer.decode(row, skip_special_tokens=True))
+        calls += [(form, todo[b : b + settings.batch_size]) for b in range(0, len(todo), settings.batch_size)]
+    for form, chunk in tqdm(calls, desc=desc, disable=desc is None, leave=False, dynamic_ncols=True):
+        if between is not None:
+            between()  # the caller's stop check: a long scoring can be abandoned between calls
+        new = generate_tokens(
+            model,
+            tokenizer,
+            [jobs[j].text for j in chunk],
+            settings.max_tokens,
+            top_k=None,
+            exact_length=False,
+            add_special_tokens=form == "gen",
+            done=settled,
+        )
+        for j, row in zip(chunk, new):
+            texts[j] = continuation(tokenizer.decode(row, skip_special_tokens=True))
     hits: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for job, text in zip(jobs, texts):
         echo = job.prompt if job.form == "chat" else ""
