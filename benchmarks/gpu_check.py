@@ -97,7 +97,7 @@ FULL = Plan(
         "profile": 60,
         "rome-fp32": 80,
         "stats": 110,
-        "checks": 60,
+        "checks": 75,
         "memit": 60,
         "batched": 60,
     },

@@ -4,11 +4,11 @@
 # own timeout, so that one step's failure leaves the other's numbers. Results under $OUT (8 files come back):
 # gpu_check.{out,err,json}, profile/{profile_new,profile_repeat}.txt, profile/trace_repeat.json.gz,
 # ultraedit.{out,json}. Prepare here with `bash ../shared/gpu/stage.sh`; call with carry [".gpu"]:
-#   source .gpu/on-device.sh && bash benchmarks/gpu_session.sh [CHECK_SECONDS=300] [ULTRAEDIT_SECONDS=60]
+#   source .gpu/on-device.sh && bash benchmarks/gpu_session.sh [CHECK_SECONDS=330] [ULTRAEDIT_SECONDS=60]
 set -uo pipefail
 out=${OUT:-gpu-session}
 mkdir -p "$out"
-check_s=${1:-300}
+check_s=${1:-330}
 ultraedit_s=${2:-60}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout $((check_s + 40)) python3 benchmarks/gpu_check.py --budget "$check_s" --stats-tokens 500000 \

@@ -92,6 +92,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-layers", type=int, help="with --shape: fewer blocks (a smoke run, not a measurement)")
 
 
+_RANDOM_SPD: dict = {}  # (d_ff, layer, device) -> LayerStats: the random C of statistics_for, drawn once per process
+
+
 def statistics_for(args: argparse.Namespace, cfg, loaded):
     """The statistics provider a benchmark builds its editors with: for a ``--shape`` model a random SPD C of
     the real size per layer (timing only; written to a temporary directory, so AlphaEdit's cached
@@ -107,20 +110,21 @@ def statistics_for(args: argparse.Namespace, cfg, loaded):
 
     from pipeline.stats.store import LayerStats
 
-    where = Path(tempfile.mkdtemp(prefix="random-spd-"))
-    made: dict[int, LayerStats] = {}
-
     def random_spd(layers):
+        found = {}
         for layer in layers:
-            if layer not in made:
-                d = loaded.spec.key_size(loaded.model, layer)
+            d = loaded.spec.key_size(loaded.model, layer)
+            key = (d, layer, str(args.device))
+            if key not in _RANDOM_SPD:  # once per process: 1.6 GB to draw and write per layer at the 8B shape
                 g = torch.Generator(device=args.device).manual_seed(layer)
                 a = torch.randn(d, 2 * d, generator=g, device=args.device, dtype=torch.float32)
                 c = (a @ a.T / (2 * d)).double().cpu()  # on the CPU, as a statistics file is loaded
                 del a
+                where = Path(tempfile.mkdtemp(prefix="random-spd-"))
                 path = where / f"layer_{layer}.safetensors"
                 save_file({"second_moment": c.contiguous()}, str(path))
-                made[layer] = LayerStats(layer, loaded.spec.down_proj_name(layer), c, 2 * d, path)
-        return {layer: made[layer] for layer in layers}
+                _RANDOM_SPD[key] = LayerStats(layer, loaded.spec.down_proj_name(layer), c, 2 * d, path)
+            found[layer] = _RANDOM_SPD[key]
+        return found
 
     return random_spd
