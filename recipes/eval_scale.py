@@ -527,6 +527,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "class": editor.method,
                     "layers": editor.layers,
                     "null_space": {str(layer): {"rank": r, "energy": e} for layer, (r, e) in editor.null_space.items()},
+                    "anchor_reference": editor.anchor_reference,  # NAS's reference norm (None: no anchor)
                     "perplexity": curve[-1]["perplexity"],
                     "known_accuracy": curve[-1]["known_accuracy"],
                     "weight_change": curve[-1]["weight_change"],

@@ -257,6 +257,7 @@ def test_a_stopped_method_resumes_at_its_batch_boundary_bit_for_bit(
         assert [p["edits"] for p in whole["curve"]] == [2, 4, 6]
         assert resumed == whole, name
         assert all(v > 0 for v in whole["weight_change"].values())
+        assert (whole["anchor_reference"] is None) == (name == "ultraedit")  # NAS's ρ, recorded with the method
 
 
 def test_a_resumed_methods_saved_batches_do_not_enter_the_eta():
