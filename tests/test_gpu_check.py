@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import OFFLINE, ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -78,3 +79,29 @@ def test_key_overlap_share_is_the_ridge_hat_energy():
     k = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0], [1, 0, 0, 1, 0, 0]], dtype=torch.float64)
     assert hat_share(h, k, ridge=1.0).tolist() == pytest.approx([0.5, 0.0, 0.25])
     assert hat_share(h, k, ridge=1e-9)[0] == pytest.approx(1.0)
+
+
+def test_step_ops_counts_launches_and_host_reads_per_v_star_step(capsys):
+    """benchmarks/step_ops.py (what a v* step asks of the device, counted by the CPU profiler) on the tiny shape:
+    a row per loop; our loop reads device values on the host fewer times per step than the original's (its
+    one read per step, where the original reads the loss and the norms)."""
+    import step_ops
+
+    os.environ.update(OFFLINE)
+    assert step_ops.main(["--shape", "llama-tiny", "--steps", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| the ")]
+    assert [r.split(" | ")[0] for r in rows] == ["| the edit stage (fit_edits)", "| the original's loop"]
+    ops, reads = ([float(r.split(" | ")[i].replace(",", "")) for r in rows] for i in (2, 3))
+    assert all(n > 100 for n in ops)  # six layers' forward and backward: hundreds of launches a step
+    assert reads[0] < reads[1]
+    x = torch.ones(3, 4)
+    counted = step_ops.computing_ops(_events_of(lambda: torch.mm(x.view(4, 3), x).t()))
+    assert counted == {"aten::mm": 1}  # the view and the transpose launch nothing
+
+
+def _events_of(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.events()
