@@ -113,11 +113,12 @@ def reference_edit(ctx, request, hp):
 
 
 def child(args) -> None:
-    import logging
     import warnings
 
+    from rome.cli import quiet
+
+    quiet()  # no framework banners or tips (the CLI's settings)
     warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     from rome.modules.edit_loop import fit_edits
     from rome.pipeline.core.loading import configure, load_model, resolve_dtype
     from rome.pipeline.core.timing import Clock, sync

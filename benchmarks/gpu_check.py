@@ -607,10 +607,9 @@ def say(line: str) -> None:
 
 
 def main() -> None:
-    import logging
+    from rome.cli import quiet
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet()  # no framework banners or tips (the CLI's settings)
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")

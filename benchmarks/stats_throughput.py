@@ -254,10 +254,9 @@ def run_forward_only(loaded, layer: int, args, tokens_per_batch: int) -> tuple[f
 
 
 def main() -> None:
-    import logging
+    from rome.cli import quiet
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet()  # no framework banners or tips (the CLI's settings)
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=65536)

@@ -23,7 +23,6 @@ the statistics cache, computed when missing; a ``--shape`` model gets a random C
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 import warnings
@@ -69,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=8, help="the most frequent ops to name")
     add_model_arguments(p)
     args, overrides = p.parse_known_args(argv)
+    from rome.cli import quiet
+
+    quiet()  # no framework banners or tips (the CLI's settings)
     warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):  # the Trainer's banner
-        logging.getLogger(name).setLevel(logging.ERROR)
     from torch.profiler import ProfilerActivity, profile
 
     from rome.modules.edit_loop import fit_edits
