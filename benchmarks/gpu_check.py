@@ -62,6 +62,7 @@ from edit_latency import COUNTERFACT, WIKI, reference_edit  # noqa: E402
 from edit_latency import requests as edit_requests  # noqa: E402
 from shapes import build_shape, statistics_for  # noqa: E402
 
+from rome.pipeline.core.atomic import write_json  # noqa: E402
 from rome.pipeline.stats.text import TextSource, plan_stream  # noqa: E402
 
 GB = 1e9
@@ -231,6 +232,12 @@ class Check:
                 gc.collect()
                 if self.cuda:
                     torch.cuda.empty_cache()
+            for key, row_step, _, _ in ROWS:  # each step's rows as soon as it ends: a kill from outside keeps them
+                if row_step == name:
+                    row = self.rows[key]
+                    say(f"    {row.measure}: {row.value} [{row.verdict}]" + (f" ({row.beside})" if row.beside else ""))
+            if self.args.json:
+                write_json(self.args.json, [dataclasses.asdict(r) for r in self.rows.values()])
         peak = self.rows["peak-memory"]
         if self.cuda:
             peak.value = f"{torch.cuda.max_memory_allocated() / GB:.1f} GB (weights {self.weights:.1f} GB)"
@@ -628,7 +635,7 @@ def main() -> None:
     check.run()
     rows = check.report()
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":
