@@ -74,6 +74,9 @@ class CaseEvaluator(L.LightningModule):
         self.gen, self.refs, self.seed, self.kind, self.on_start = gen, refs, seed, kind, on_start
         self.model = ctx.loaded.model  # registered: the Trainer places it on this rank's device
         self.methods, self.method_names = list(methods), [m.name for m in methods]
+        # each case is edited from the clean model, so each method starts it from its state before any case: the
+        # sequential state (NAS's reference, UltraEdit's statistics, AlphaEdit's preserved keys) is put back too
+        self.initial_state = {m.name: m.state() for m in methods}
         # the greedy-generation scores beside the paper's (eval.generative; chat resolved against the tokenizer)
         self.generative = generative_settings(ctx.cfg.eval.generative, ctx.loaded.tokenizer)
         keys = [OK, *METRICS[kind], *GENERATIVE[kind]]
@@ -224,6 +227,7 @@ class CaseEvaluator(L.LightningModule):
                 continue
             finally:
                 self._restore()
+                m.load_state(self.initial_state[m.name])
                 self.case_seconds[m.name] = time.perf_counter() - start
             rec["generations"]["post"] = post.get("generations", [])
             rec["greedy"]["post"] = post.get("greedy", {})

@@ -216,6 +216,61 @@ def test_ft_l_as_released_tunes_layer_0_weight_and_bias_and_a_study_method_edits
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_case_is_scored_as_if_edited_alone(tiny_model_dir, tmp_path):
+    """Case mode edits every case from the clean weights: the methods' sequential state (NAS's reference,
+    UltraEdit's lifelong statistics, AlphaEdit's preserved keys) must not carry from one case to the next, so a
+    case scores the same after another case as alone."""
+    from rome.modules.evaluator import CaseEvaluator, EvalContext
+    from rome.pipeline.editors.factory import build_editor
+    from rome.pipeline.evaluation.case_log import CaseLog
+    from rome.pipeline.evaluation.scoring import Generation
+
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu")
+    cfg = configure(
+        [
+            f"model.name={tiny_model_dir('llama')}",
+            f"model.cache_dir={tmp_path}",
+            "edit.layer=2",
+            "edit.v.steps=4",
+            "edit.v.norm_anchor=true",
+            "edit.nas.skip_factor=1e9",
+            "edit.ultraedit.layers=[2,3]",
+            "edit.ultraedit.lr=0.01",
+            "eval.methods=[rome_identity_cov,ultraedit]",
+        ]
+    )
+    records = [
+        nested_case(0, "Danielle Darrieux", "The mother tongue of {} is", "English", "Q1860", "French"),
+        nested_case(1, "Michael Jordan", "{} plays the sport of", "tennis", "Q847", "basketball"),
+    ]
+    cases, _ = load_cases(_write(tmp_path / "c.json", records))
+
+    def scores(order):
+        methods = [build_editor(cfg, loaded, m, measure_only=True) for m in cfg.eval.methods]
+        ev = CaseEvaluator(
+            EvalContext(cfg, loaded, 2),
+            dict(enumerate(cases)),
+            {i: methods for i in range(len(cases))},
+            [],
+            CaseLog(tmp_path / "log"),
+            Generation(tokens=0, top_k=5, do_sample=False),
+            None,
+            0,
+            "counterfact",
+            methods,
+        )
+        out = {}
+        for i in order:
+            for rec in ev.evaluate(cases[i], methods):
+                assert rec["status"] == "ok", rec
+                out[(i, rec["method"])] = rec["post_probs"]
+        return out
+
+    after_another, alone = scores([0, 1]), scores([1])
+    for method in cfg.eval.methods:
+        assert after_another[(1, method)] == alone[(1, method)], method
+
+
 def eval_cli(model_dir, tmp, *extra, env=None):
     return run_cli(
         "stage=eval",

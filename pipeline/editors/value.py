@@ -544,10 +544,11 @@ class NormReference:
         return out if self.norms is None else {**out, "anchor_norms": self.norms.clone()}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        if "anchor_reference" in tensors:
-            self.value = float(tensors["anchor_reference"][0])
-            norms = tensors.get("anchor_norms")
-            self.norms = None if norms is None else norms.double().clone()
+        """Exactly what ``state`` saved: no reference when it saved none (a snapshot taken before the first unit
+        puts the editor back to its start, as the case evaluation does between cases)."""
+        reference, norms = tensors.get("anchor_reference"), tensors.get("anchor_norms")
+        self.value = None if reference is None else float(reference[0])
+        self.norms = None if norms is None or reference is None else norms.double().clone()
 
 
 def anchor_reference(norms: torch.Tensor, trim: float) -> float:
