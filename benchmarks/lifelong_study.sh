@@ -67,7 +67,8 @@ second_range() {  # METHOD (memit or alphaedit) with and without NAS on records 
 nas_checks() {  # NAS against none where the 1,000-edit run leaves it open: MEMIT with and without it on a second
   # record range (1000-1999), and ROME one at a time to 300 with it (seq300's protocol)
   second_range memit
-  run "${SEQ[@]}" eval.batch_size=50 eval.n=300 'eval.methods=[none,rome]' edit.v.norm_anchor=true eval.eval_every=1 \
+  run "${SEQ[@]}" eval.batch_size=50 eval.n=300 'eval.methods=[none,rome]' edit.v.norm_anchor=true \
+    edit.nas.reference_values=1 eval.eval_every=1 \
     eval.curve_cases=50 eval.generation.tokens=0 eval.out=outputs/seq300_rome_nas
 }
 alphaedit_range2() {  # AlphaEdit with and without NAS on the second record range, as MEMIT's in nas_checks
@@ -78,7 +79,8 @@ rome_range2() {  # ROME one at a time with and without NAS on records 1000-1299 
   local anchor
   for anchor in true false; do
     run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=50 eval.n=300 eval.start=1000 \
-      'eval.methods=[none,rome]' "edit.v.norm_anchor=$anchor" eval.eval_every=1 eval.curve_cases=50 \
+      'eval.methods=[none,rome]' "edit.v.norm_anchor=$anchor" edit.nas.reference_values=1 eval.eval_every=1 \
+      eval.curve_cases=50 \
       eval.generation.tokens=0 "eval.out=outputs/seq300_start1000_rome$([ "$anchor" = true ] && echo _nas)"
   done
 }

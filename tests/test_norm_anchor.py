@@ -98,7 +98,7 @@ def written_value(loaded, request) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_rome_writes_v_star_at_the_reference_norm(tiny_model_dir, family):
     loaded = load_model(str(tiny_model_dir(family)), device="cpu")
-    editor = rome_editor(loaded, "edit.v.norm_anchor=true", *FAR)
+    editor = rome_editor(loaded, "edit.v.norm_anchor=true", "edit.nas.reference_values=1", *FAR)  # NAS's first unit
     results = []
     for request in parse_requests(REQUESTS[:2]):
         (result,) = editor.edit([request])
