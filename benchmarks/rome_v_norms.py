@@ -1,7 +1,8 @@
 """ROME's v* norms as solved, one request at a time on the clean model: where a record range's first request
-stands among the next ones. ROME's NAS reference (``edit.v.norm_anchor``) is the first request's own ‖v*‖, so
-this says how hard the anchor holds the later edits of a sequential run back (docs/many-edits.md, "Norm
-anchoring on ROME: a second record range").
+stands among the next ones. With ``edit.nas.reference_values=1`` ROME's NAS reference (``edit.v.norm_anchor``)
+is the first request's own ‖v*‖, so this says how hard that anchor holds the later edits of a sequential run
+back; the default (20) takes the trimmed mean of the first 20 (docs/many-edits.md, "Norm anchoring on ROME: a
+second record range" and "the reference over the first 20 edits").
 
     python benchmarks/rome_v_norms.py [--model smollm2-135m] [--starts 0,1000] [--n 20] [key=value ...]
     (the runs of docs/many-edits.md: data.files=../shared/data/wikipedia/wikipedia_en_sample.jsonl.gz
@@ -23,7 +24,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from edit_latency import COUNTERFACT  # noqa: E402  (the benchmarks' one path to the data)
 
 
 def main() -> None:
