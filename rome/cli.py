@@ -82,7 +82,9 @@ def quiet() -> None:
     hf_logging.set_verbosity_error()
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], *, exits_after: bool = False) -> int:
+    """Run one stage; ``exits_after``: the process ends when this returns (the console command), so a
+    stopping signal that comes after the stage is ignored rather than raised into the interpreter's exit."""
     from rome.pipeline.config import compose, nearest
     from rome.pipeline.errors import Interrupted, UserError
 
@@ -114,7 +116,7 @@ def main(argv: list[str]) -> int:
         recipe = STAGES[cfg.stage][0]
         if cfg.stage == "eval" and cfg.eval.mode != "case":  # many edits into one model: its own recipe
             recipe = "rome.recipes.eval_scale"
-        with stop_on_signals():
+        with stop_on_signals(then_ignore=exits_after):
             importlib.import_module(recipe).run(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -151,7 +153,7 @@ def cli() -> int:
 def run(argv: list[str]) -> int:
     """``main`` for a console: a reader that leaves the pipe early (``rome --help | head``) ends it quietly."""
     try:
-        return main(argv)
+        return main(argv, exits_after=True)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141  # 128 + SIGPIPE, as a shell reports it

@@ -62,9 +62,14 @@ def _handler(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS, *, then_ignore: bool = False) -> Iterator[None]:
     """Turn ``signals`` into a stop request for the duration (main thread only; elsewhere a no-op).
-    Lightning's own SIGTERM handler, installed inside fit/predict, calls this one too."""
+    Lightning's own SIGTERM handler, installed inside fit/predict, calls this one too.
+
+    ``then_ignore``: for a process that exits after the block (the console command). The signals are ignored
+    afterwards instead of given back to Python's default, which would raise KeyboardInterrupt wherever the
+    exit is (an atexit finaliser of torch prints a traceback): a second Ctrl+C that comes after the stage
+    stopped, while the process prints its ``interrupted:`` line and exits, changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -76,7 +81,7 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
         yield
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if then_ignore else h)
         _received.clear()
 
 
