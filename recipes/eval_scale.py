@@ -1,13 +1,14 @@
 """Recipe: ``python train.py stage=eval eval.mode=sequential eval.methods=[rome,memit,alphaedit] eval.batch_size=100``
 
 Many edits into one model (AlphaEdit's protocol), and what the model still knows afterwards:
-1. read the cases (CounterFact); load the model; C for every layer a method edits (statistics cache);
+1. read the cases (CounterFact or zsRE); load the model; C for every layer a method edits (statistics cache);
 2. the unedited model: every case's scores, perplexity on held-out Wikipedia articles (never read for C),
    and the known_1000 facts it answers (the reference for "still knows");
 3. per method, from the clean model: apply the cases' edits cumulatively in batches of ``eval.batch_size``
    (``eval.mode=batch``: all of them in one batch; ROME one request at a time), and every ``eval.eval_every``
    batches take a checkpoint (the collapse monitor): per edited layer ||W - W0|| / ||W0||, the held-out
-   perplexity, the known-fact accuracy, and the teacher-forced (ES/PS/NS) and generative (greedy) efficacy of
+   perplexity, the known-fact accuracy, and the teacher-forced (ES/PS/NS; zsRE: efficacy, paraphrase and
+   specificity accuracy) and generative (greedy) efficacy of
    at most ``eval.curve_cases`` of the cases edited so far (the curve); after the last batch score every case
    (GE and the generative scores too), the same checkpoint, and the collapse point (the first checkpoint where
    the perplexity passes 2x the unedited or the known facts fall below half); restore the clean weights
@@ -46,10 +47,16 @@ from rome.pipeline.editors.progress import StepProgress
 from rome.pipeline.editors.settings import changed_edit_note, edit_layer
 from rome.pipeline.errors import Interrupted, UserError
 from rome.pipeline.evaluation.cases import EvalCase, load_cases
-from rome.pipeline.evaluation.generative import GenerativeEval, generative_settings, score_generative
+from rome.pipeline.evaluation.generative import SETS, GenerativeEval, generative_settings, score_generative
 from rome.pipeline.evaluation.metrics import fluency, harmonic_mean
 from rome.pipeline.evaluation.progress_state import drop_progress, load_progress, save_progress
-from rome.pipeline.evaluation.report import GENERATIVE_PROTOCOL, PROTOCOL, earlier_eval_output, summarize
+from rome.pipeline.evaluation.report import (
+    GENERATIVE_PROTOCOL,
+    LABELS,
+    PROTOCOL,
+    earlier_eval_output,
+    summarize,
+)
 from rome.pipeline.evaluation.retention import (
     fact_accuracy,
     heldout_texts,
@@ -67,10 +74,11 @@ from rome.pipeline.evaluation.scale_report import (
     curve_sample,
     scale_table,
 )
-from rome.pipeline.evaluation.scoring import Generation, counterfact_scores, generate
+from rome.pipeline.evaluation.scoring import Generation, generate, teacher_forced_scores
 from rome.pipeline.report import report_after_run
 from rome.pipeline.tracing.facts import Fact, load_facts
 
+DATASET_NAMES = {"counterfact": "CounterFact", "zsre": "zsRE"}  # in the title
 SEQUENTIAL = ("none", "rome", "memit", "alphaedit", "ultraedit")  # the classes of the sequential protocol
 CASES_PER_CALL = 64  # cases scored per teacher-forced call: the progress bar's step, not a tuning knob
 
@@ -108,10 +116,10 @@ def _scores(
     generative: GenerativeEval,
     sets: list[str] | None = None,
 ) -> list[dict]:
-    """Every case's CounterFact metrics, the prompts batched across cases (``eval.score_batch_size`` pairs per
-    forward pass); with ``gen.tokens``, GE from texts generated in batches across cases
-    (``eval.generation.batch_size`` prompts per ``generate`` call, seeded per call); with ``generative``, the
-    greedy-generation scores of the prompt sets ``sets`` (default all), batched likewise."""
+    """Every case's teacher-forced metrics (CounterFact's or zsRE's), the prompts batched across cases
+    (``eval.score_batch_size`` pairs per forward pass); with ``gen.tokens``, GE from texts generated in batches
+    across cases (``eval.generation.batch_size`` prompts per ``generate`` call, seeded per call); with
+    ``generative``, the greedy-generation scores of the prompt sets ``sets`` (default all), batched likewise."""
     out = []
 
     def between() -> None:  # Ctrl-C / SIGTERM acts within one forward pass or generate call, not a whole scoring
@@ -120,7 +128,7 @@ def _scores(
     for i in tqdm(range(0, len(cases), CASES_PER_CALL), desc=desc, leave=False, dynamic_ncols=True):
         between()
         chunk = cases[i : i + CASES_PER_CALL]
-        out += counterfact_scores(loaded.model, loaded.tokenizer, chunk, int(cfg.eval.score_batch_size))
+        out += teacher_forced_scores(loaded.model, loaded.tokenizer, chunk, int(cfg.eval.score_batch_size))
     if generative.enabled:
         scored = score_generative(
             loaded.model, loaded.tokenizer, cases, generative, sets, between, f"{desc}: greedy answers"
@@ -145,12 +153,19 @@ def _scores(
     return out
 
 
-def _curve_point(edits: int, scores: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
-    """ES/PS/NS (teacher-forced), S, and the generative efficacy (``es_gen_em``, ...) of ``scores`` (x100), with
-    the checkpoint's other measurements (``extra``)."""
-    point = {k: 100 * sum(s[k] for s in scores) / len(scores) for k in ("es", "ps", "ns")}
-    point["s"] = harmonic_mean([point[k] for k in ("es", "ps", "ns")])
-    for k in sorted({k for s in scores for k in s if k.startswith("es_")}):
+def _curve_point(kind: str, edits: int, scores: list[dict], extra: dict[str, Any]) -> dict[str, Any]:
+    """The teacher-forced efficacy, generalisation and specificity (CounterFact: ES/PS/NS and S; zsRE: efficacy,
+    paraphrase, specificity) and the generative efficacy (``es_gen_em``, ``efficacy_gen_em``, ...) of ``scores``
+    (x100, each over the cases that have it), with the checkpoint's other measurements (``extra``)."""
+    point = {}
+    for k in SETS[kind]:
+        have = [s[k] for s in scores if k in s]
+        if have:
+            point[k] = 100 * sum(have) / len(have)
+    if kind == "counterfact":
+        point["s"] = harmonic_mean([point[k] for k in ("es", "ps", "ns")])
+    efficacy = SETS[kind][0]
+    for k in sorted({k for s in scores for k in s if k.startswith(f"{efficacy}_")}):
         point[k] = 100 * sum(s[k] for s in scores if k in s) / sum(1 for s in scores if k in s)
     return {"edits": edits, "cases": len(scores), **point, **extra}
 
@@ -169,6 +184,7 @@ class _Monitor:
     known: list[Fact]
     clean: dict[int, torch.Tensor]
     pre_ppl: float
+    kind: str  # the cases' dataset kind: counterfact or zsre
 
     def checkpoint(
         self,
@@ -185,8 +201,9 @@ class _Monitor:
         sample = curve_sample(n_edits, self.curve_cases)
         if scores is None or not set(sample) <= set(scores):
             picked = [self.cases[i] for i in sample]
+            efficacy = SETS[self.kind][0]
             scores = _scores(
-                self.loaded, picked, self.no_text, self.cfg, f"{name}: checkpoint", self.generative, ["es"]
+                self.loaded, picked, self.no_text, self.cfg, f"{name}: checkpoint", self.generative, [efficacy]
             )
         else:
             scores = [scores[i] for i in sample]
@@ -196,7 +213,7 @@ class _Monitor:
             "known_accuracy": fact_accuracy(model, tok, self.known) if edits else 1.0,
             "weight_change": weight_change(own, self.clean),
         }
-        return _curve_point(n_edits, scores, extra)
+        return _curve_point(self.kind, n_edits, scores, extra)
 
 
 def count_without_timing(bar: tqdm, n: int) -> None:
@@ -276,9 +293,11 @@ class _MethodRun:
         self.curve.append(self.monitor.checkpoint(self.name, self.edits, self.own, n_edits))
         self.checkpoint_seconds += clock.lap("checkpoint")
         p = self.curve[-1]
-        gen_es = f" ES(gen) {p['es_gen_em']:.0f}" if "es_gen_em" in p else ""
+        efficacy = SETS[self.monitor.kind][0]
+        label = LABELS[efficacy]
+        gen = f" {label}(gen) {p[f'{efficacy}_gen_em']:.0f}" if f"{efficacy}_gen_em" in p else ""
         self.bar.set_postfix_str(
-            f"{p['edits']} edits: ES {p['es']:.0f}{gen_es} ppl {p['perplexity']:.1f} "
+            f"{p['edits']} edits: {label} {p[efficacy]:.0f}{gen} ppl {p['perplexity']:.1f} "
             f"known {100 * p['known_accuracy']:.0f}%"
         )
 
@@ -341,11 +360,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if mode not in ("sequential", "batch"):
         raise UserError(f"eval.mode={mode} is not one of case, sequential, batch")
     cases, skipped = load_cases(cfg.eval.dataset, cfg.eval.n, int(cfg.eval.start), str(cfg.eval.zsre_target))
-    if not cases or cases[0].kind != "counterfact":
+    if not cases:
         raise UserError(
-            f"eval.mode={mode} needs CounterFact cases; eval.dataset={cfg.eval.dataset} gave "
-            f"{len(cases)} usable ({len(skipped)} skipped)"
+            f"eval.mode={mode} needs cases; eval.dataset={cfg.eval.dataset} gave none usable from record "
+            f"{cfg.eval.start} ({len(skipped)} skipped)"
         )
+    kind = cases[0].kind
     names = list(cfg.eval.methods or [])
     unknown = [m for m in names if m not in cfg.method]
     if unknown:
@@ -454,7 +474,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if "exclude_edited" in known_settings:
             unedited["known_set_aside"] = [f.index for f in set_aside]  # about a subject this run edits
         write_json(unedited_path, unedited)
-    summary = _assemble(out, identity, unedited, names)
+    summary = _assemble(out, identity, unedited, names, kind)
     known = [f for f in facts if f.index in set(summary["known_facts"])]
 
     def stop(method: str | None = None, batch: int = 0, of: int = 0) -> None:
@@ -474,7 +494,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     clean = {layer: w.detach().clone() for layer, w in weights.items()}
     batches = [list(range(i, min(i + batch_size, len(cases)))) for i in range(0, len(cases), batch_size)]
     monitor = _Monitor(
-        loaded, cases, cfg, generative, no_text, curve_cases, ppl, known, clean, summary["pre_perplexity"]
+        loaded, cases, cfg, generative, no_text, curve_cases, ppl, known, clean, summary["pre_perplexity"], kind
     )
     pending = [n for n in names if not (out / "methods" / f"{n}.json").exists()]
     # one bar over the whole run (every pending method's batches), so its ETA is the run's
@@ -520,7 +540,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 else {"edits": None, "text": "-"}
             )
             row = _method_row(
-                "counterfact",
+                kind,
                 post,
                 {
                     "edits": len(cases) if edits else 0,
@@ -561,25 +581,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             )
             write_json(out / "methods" / f"{name}.json", row)
             drop_progress(method_run.stem)
-            summary = _assemble(out, identity, unedited, names)  # with whatever other processes finished meanwhile
+            summary = _assemble(
+                out, identity, unedited, names, kind
+            )  # with whatever other processes finished meanwhile
             with torch.no_grad():
                 for layer, w in weights.items():
                     w.copy_(clean[layer])
             if not all(torch.equal(weights[layer], clean[layer]) for layer in layers):
                 raise RuntimeError("the clean weights could not be restored")
             _write(out, summary, cfg, loaded, cases, len(skipped), records, read, batch_size)
-            gen_es = row.get("generative", {}).get("es_gen_em")
+            efficacy, paraphrase, specificity = SETS[kind]
+            gen_es = row.get("generative", {}).get(f"{efficacy}_gen_em")
+            means = {k: f"{v['mean']:.1f}" for k, v in row["metrics"].items()}
             bar.write(
-                f"{name}: ES (tf) {row['metrics']['es']['mean']:.1f}"
-                + (f" ES (gen EM) {gen_es['mean']:.1f}" if gen_es else "")
-                + f" PS {row['metrics']['ps']['mean']:.1f} NS {row['metrics']['ns']['mean']:.1f} "
+                f"{name}: {LABELS[efficacy]} (tf) {means.get(efficacy, '-')}"
+                + (f" {LABELS[efficacy]} (gen EM) {gen_es['mean']:.1f}" if gen_es else "")
+                + f" {LABELS[paraphrase]} {means.get(paraphrase, '-')} "
+                f"{LABELS[specificity]} {means.get(specificity, '-')} "
                 f"ppl {row['perplexity']:.2f} known {100 * row['known_accuracy']:.1f}; "
                 f"collapse: {row['collapse_point']}; time: edits {seconds:.0f} s, "
                 f"checkpoints {checkpoint_seconds:.0f} s, final scoring {final_seconds:.0f} s"
             )
     finally:
         bar.close()
-    summary = _assemble(out, identity, unedited, names)
+    summary = _assemble(out, identity, unedited, names, kind)
     _write(out, summary, cfg, loaded, cases, len(skipped), records, read, batch_size)
     table = scale_table(summary)
     print("\n" + table)
@@ -588,15 +613,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _assemble(out: Path, identity: dict, unedited: dict, names: list[str]) -> dict[str, Any]:
+def _assemble(out: Path, identity: dict, unedited: dict, names: list[str], kind: str) -> dict[str, Any]:
     """The run's summary from its parts: the unedited model's and one file per finished method (processes
     running other methods into the same eval.out each add theirs)."""
     methods = {p.stem: json.loads(p.read_text()) for p in sorted((out / "methods").glob("*.json"))}
     order = [m for m in names if m in methods] + sorted(m for m in methods if m not in names)
     return {
         "identity": identity,
-        "kind": "counterfact",
-        "protocol": PROTOCOL["counterfact"],
+        "kind": kind,
+        "protocol": PROTOCOL[kind],
         "generative_protocol": GENERATIVE_PROTOCOL,
         **unedited,
         "methods": methods,
@@ -628,7 +653,7 @@ def _write(
     mode = str(cfg.eval.mode)
     how = f"sequential, batches of {batch_size}" if mode == "sequential" else f"all {len(cases)} edits in one batch"
     summary["title"] = (
-        f"CounterFact, {len(cases)} edits into one {loaded.identity['name']} ({how}; "
+        f"{DATASET_NAMES[summary['kind']]}, {len(cases)} edits into one {loaded.identity['name']} ({how}; "
         f"records {int(cfg.eval.start)}-{int(cfg.eval.start) + len(cases) - 1} of "
         f"{Path(cfg.eval.dataset).name}, {n_skipped} skipped"
         + (f"; {len(summary['pre'])} of them scored" if len(summary["pre"]) != len(cases) else "")
@@ -653,8 +678,9 @@ def _write(
         )
         + f" the {len(summary['known_facts'])} the unedited model answers; the share still answered",
         "ROME applies its edits one at a time",
-        f"curve (after the first batch, every {int(cfg.eval.eval_every)} batch(es) and after the last): ES/PS/NS (tf) "
-        "and the generative "
+        f"curve (after the first batch, every {int(cfg.eval.eval_every)} batch(es) and after the last): "
+        + ("ES/PS/NS" if summary["kind"] == "counterfact" else "efficacy/paraphrase/specificity")
+        + " (tf) and the generative "
         f"efficacy of {_sample_words(cfg)} of the cases edited so far (evenly spaced in edit order), without GE; "
         "held-out ppl, known facts and per edited layer ||W - W0|| / ||W0|| at the same checkpoints",
         f"collapse point: the first checkpoint where the held-out perplexity passes {PPL_FACTOR:g}x the unedited or "
@@ -663,7 +689,7 @@ def _write(
     if changed := changed_edit_note(cfg):
         summary["notes"].insert(0, changed)
     pre = _method_row(
-        "counterfact",
+        summary["kind"],
         summary["pre"],
         {"edits": 0, "perplexity": summary["pre_perplexity"], "known_accuracy": 1.0, "edits_per_second": None},
     )

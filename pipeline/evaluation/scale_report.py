@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rome.pipeline.core.atomic import atomic_path
-from rome.pipeline.evaluation.report import LABELS, generative_label, generative_table
+from rome.pipeline.evaluation.report import LABELS, METRICS, generative_label, generative_table
 
 __all__ = [
     "scale_table",
@@ -74,18 +74,21 @@ def _rows(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
 
 
 def scale_table(summary: Mapping[str, Any]) -> str:
-    """One row per method: the teacher-forced CounterFact metrics over every case after the last edit (columns
-    marked "(tf)"), fluency, held-out perplexity, known-fact accuracy, the collapse point and edit throughput;
-    then the generative scores ("(gen ...)" columns)."""
-    cols = ["es", "ps", "ns", "em", "pm", "nm"]
-    head = ["Method", "edits", "S (tf)"] + [f"{LABELS[k]} (tf)" for k in cols]
-    head += ["GE", "ppl", "known facts", "collapse point", "edits/s"]
+    """One row per method: the teacher-forced metrics over every case after the last edit (columns marked
+    "(tf)": CounterFact's S, ES, PS, NS, EM, PM, NM and GE; zsRE's efficacy, paraphrase and specificity),
+    held-out perplexity, known-fact accuracy, the collapse point and edit throughput; then the generative scores
+    ("(gen ...)" columns)."""
+    kind = summary.get("kind", "counterfact")
+    counterfact = kind == "counterfact"
+    cols = ["es", "ps", "ns", "em", "pm", "nm"] if counterfact else list(METRICS[kind])
+    head = ["Method", "edits"] + (["S (tf)"] if counterfact else []) + [f"{LABELS[k]} (tf)" for k in cols]
+    head += (["GE"] if counterfact else []) + ["ppl", "known facts", "collapse point", "edits/s"]
     lines = [f"**{summary['title']}**", "", "Teacher-forced (tf), the paper's protocol, and retention:", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = _rows(summary)
     for name, m in rows:
-        cells = [name, str(m["edits"]), f"{m['s']:.1f}" if m.get("s") is not None else "-"]
-        cells += [_cell(m["metrics"].get(k)) for k in cols + ["ge"]]
+        cells = [name, str(m["edits"])] + ([f"{m['s']:.1f}" if m.get("s") is not None else "-"] if counterfact else [])
+        cells += [_cell(m["metrics"].get(k)) for k in cols + (["ge"] if counterfact else [])]
         cells += [
             f"{m['perplexity']:.2f}",
             f"{100 * m['known_accuracy']:.1f}",
@@ -94,25 +97,38 @@ def scale_table(summary: Mapping[str, Any]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Protocol: {summary['protocol']}.", ""]
-    gen = generative_table("counterfact", dict(rows), first="edits")
+    gen = generative_table(kind, dict(rows), first="edits")
     if gen:
         lines += [gen, f"Protocol: {summary.get('generative_protocol', '')}.", ""]
     lines += [f"- {n}" for n in summary.get("notes", [])] + [""]
     return "\n".join(lines)
 
 
-# the curve's panels: (key of a curve point, title, y-limits or None)
-PANELS = [
-    ("s", "S (tf): harmonic mean of ES, PS, NS", (-2, 102)),
-    ("es", "ES (tf)", (-2, 102)),
-    ("ps", "PS (tf)", (-2, 102)),
-    ("ns", "NS (tf)", (-2, 102)),
-    ("es_gen_em", generative_label("es_gen_em"), (-2, 102)),
-    ("es_gen_contains", generative_label("es_gen_contains"), (-2, 102)),
+# the curve's panels per dataset kind: (key of a curve point, title, y-limits or None)
+_RETENTION = [
     ("perplexity", "held-out perplexity", None),
     ("known_accuracy", "known facts still answered (%)", (-2, 102)),
     ("weight_change", "||W - W0|| / ||W0|| per edited layer", None),
 ]
+PANELS = {
+    "counterfact": [
+        ("s", "S (tf): harmonic mean of ES, PS, NS", (-2, 102)),
+        ("es", "ES (tf)", (-2, 102)),
+        ("ps", "PS (tf)", (-2, 102)),
+        ("ns", "NS (tf)", (-2, 102)),
+        ("es_gen_em", generative_label("es_gen_em"), (-2, 102)),
+        ("es_gen_contains", generative_label("es_gen_contains"), (-2, 102)),
+        *_RETENTION,
+    ],
+    "zsre": [
+        ("efficacy", "Efficacy (tf token accuracy)", (-2, 102)),
+        ("paraphrase", "Paraphrase (tf token accuracy)", (-2, 102)),
+        ("specificity", "Specificity (tf token accuracy)", (-2, 102)),
+        ("efficacy_gen_em", generative_label("efficacy_gen_em"), (-2, 102)),
+        ("efficacy_gen_contains", generative_label("efficacy_gen_contains"), (-2, 102)),
+        *_RETENTION,
+    ],
+}
 
 
 def merge_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -126,6 +142,8 @@ def merge_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     same = ("model", "heldout", "known")
     for label, run in runs.items():
         differs = [k for k in same if run["identity"].get(k) != first["identity"].get(k)]
+        if run.get("kind", "counterfact") != first.get("kind", "counterfact"):
+            differs.append("dataset kind")
         if differs:
             raise ValueError(f"run {label} differs from the first in {', '.join(differs)}: not one curve")
     methods, order = {}, []
@@ -138,7 +156,13 @@ def merge_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     sets = {tuple(run.get("known_facts", ())) for run in runs.values()}
     kept = lambda run: f" (known facts: {len(run.get('known_facts', ()))})" if len(sets) > 1 else ""  # noqa: E731
     runs_text = "\n".join(f"{label}: {run['title']}{kept(run)}" for label, run in runs.items())  # a line per run
-    return {"methods": methods, "order": order, "pre_perplexity": first.get("pre_perplexity"), "title": runs_text}
+    return {
+        "methods": methods,
+        "order": order,
+        "pre_perplexity": first.get("pre_perplexity"),
+        "title": runs_text,
+        "kind": first.get("kind", "counterfact"),
+    }
 
 
 def curve_plot(summary: Mapping[str, Any], path: str | Path, log_x: bool = False) -> None:
@@ -154,7 +178,10 @@ def curve_plot(summary: Mapping[str, Any], path: str | Path, log_x: bool = False
     methods = [(n, summary["methods"][n]) for n in summary["order"] if summary["methods"][n].get("curve")]
     fig, axes = plt.subplots(3, 3, figsize=(13, 10), sharex=True)
     pre_ppl = summary.get("pre_perplexity")
-    for ax, (key, title, ylim) in zip(axes.flat, PANELS):
+    panels = PANELS[summary.get("kind", "counterfact")]
+    for ax in axes.flat[len(panels) :]:
+        ax.set_axis_off()
+    for ax, (key, title, ylim) in zip(axes.flat, panels):
         for j, (name, m) in enumerate(methods):
             color = f"C{j}"
             curve = m["curve"]

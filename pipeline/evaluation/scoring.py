@@ -21,7 +21,15 @@ from rome.pipeline.evaluation.cases import EvalCase
 from rome.pipeline.evaluation.generative import GenerativeEval, score_generative
 from rome.pipeline.evaluation.metrics import TfIdf, counterfact_case, fluency, token_accuracy
 
-__all__ = ["Generation", "References", "score_case", "generate", "counterfact_scores"]
+__all__ = [
+    "Generation",
+    "References",
+    "score_case",
+    "generate",
+    "counterfact_scores",
+    "zsre_scores",
+    "teacher_forced_scores",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,21 +100,39 @@ def counterfact_scores(
     ]
 
 
-def _zsre_accuracy(model: nn.Module, tok: Any, case: EvalCase, batch_size: int) -> dict[str, float]:
-    r = case.request
-    pairs = [(r.text, r.target_new)] + [(p, r.target_new) for p in r.paraphrases]
-    pairs += list(zip(r.neighbours, case.neighbour_targets))
-    acc = [
-        token_accuracy(p, t)
-        for p, t in target_argmax(model, tok, [a for a, _ in pairs], [b for _, b in pairs], batch_size)
-    ]
-    n_para = len(r.paraphrases)
-    out = {"efficacy": acc[0]}
-    if n_para:
-        out["paraphrase"] = sum(acc[1 : 1 + n_para]) / n_para
-    if len(acc) > 1 + n_para:
-        out["specificity"] = sum(acc[1 + n_para :]) / (len(acc) - 1 - n_para)
+def zsre_scores(model: nn.Module, tok: Any, cases: Sequence[EvalCase], batch_size: int) -> list[dict[str, float]]:
+    """Efficacy, paraphrase and specificity accuracy (zsRE's teacher-forced token accuracy) of many cases, their
+    prompts batched across cases (``batch_size`` (prompt, answer) pairs per forward pass)."""
+    prompts: list[str] = []
+    targets: list[str] = []
+    spans: list[tuple[int, int, int]] = []  # per case: first pair, paraphrases, neighbours
+    for c in cases:
+        r = c.request
+        spans.append((len(prompts), len(r.paraphrases), len(r.neighbours)))
+        prompts += [r.text, *r.paraphrases, *r.neighbours]
+        targets += [r.target_new] * (1 + len(r.paraphrases)) + list(c.neighbour_targets)
+    acc = [token_accuracy(p, t) for p, t in target_argmax(model, tok, prompts, targets, batch_size)] if prompts else []
+    out = []
+    for start, n_para, n_neigh in spans:
+        own = {"efficacy": acc[start]}
+        if n_para:
+            own["paraphrase"] = sum(acc[start + 1 : start + 1 + n_para]) / n_para
+        if n_neigh:
+            own["specificity"] = sum(acc[start + 1 + n_para : start + 1 + n_para + n_neigh]) / n_neigh
+        out.append(own)
     return out
+
+
+def teacher_forced_scores(
+    model: nn.Module, tok: Any, cases: Sequence[EvalCase], batch_size: int
+) -> list[dict[str, float]]:
+    """The paper's metrics of many cases of one dataset kind: CounterFact's probabilities or zsRE's accuracy."""
+    kinds = {c.kind for c in cases}
+    if len(kinds) > 1:
+        raise ValueError(f"cases of several kinds scored together: {sorted(kinds)}")
+    if kinds == {"zsre"}:
+        return zsre_scores(model, tok, cases, batch_size)
+    return counterfact_scores(model, tok, cases, batch_size)
 
 
 @torch.no_grad()
@@ -135,7 +161,7 @@ def score_case(
         out["probs"] = _counterfact_probs(model, tok, case, batch_size)
         out["metrics"] = counterfact_case(out["probs"])
     else:
-        out["metrics"] = _zsre_accuracy(model, tok, case, batch_size)
+        out["metrics"] = zsre_scores(model, tok, [case], batch_size)[0]
     timings = {"score": time.perf_counter() - t}
     if case.kind == "counterfact" and gen.tokens > 0 and case.generation_prompts:
         t = time.perf_counter()

@@ -247,7 +247,22 @@ def _identity(identity: dict) -> str:
     return key_values(pairs)
 
 
-CURVE_KEYS = [("s", "S"), ("es", "ES"), ("ps", "PS"), ("ns", "NS"), ("es_gen_em", "ES (gen EM)")]
+# a checkpoint's scores per dataset kind: (key of a curve point, column head)
+CURVE_KEYS = {
+    "counterfact": [
+        ("s", "S (tf)"),
+        ("es", "ES (tf)"),
+        ("ps", "PS (tf)"),
+        ("ns", "NS (tf)"),
+        ("es_gen_em", "ES (gen EM)"),
+    ],
+    "zsre": [
+        ("efficacy", "Efficacy (tf)"),
+        ("paraphrase", "Paraphrase (tf)"),
+        ("specificity", "Specificity (tf)"),
+        ("efficacy_gen_em", "Efficacy (gen EM)"),
+    ],
+}
 
 
 def _scale_sections(directory: Path) -> tuple[str, list[Section]]:
@@ -257,6 +272,7 @@ def _scale_sections(directory: Path) -> tuple[str, list[Section]]:
         Section("curve", "Curve", image(directory / "curve.png", "the collapse monitor against the number of edits")),
     ]
     parts = []
+    keys = CURVE_KEYS[summary.get("kind", "counterfact")]
     for name in summary.get("order", []):
         m = summary["methods"][name]
         curve = m.get("curve") or []
@@ -265,17 +281,17 @@ def _scale_sections(directory: Path) -> tuple[str, list[Section]]:
             change = p.get("weight_change") or {}
             rows.append(
                 [p.get("edits"), p.get("cases")]
-                + [p.get(k) for k, _ in CURVE_KEYS]
+                + [p.get(k) for k, _ in keys]
                 + [p.get("perplexity"), _pct(p.get("known_accuracy")), max(change.values()) if change else None]
             )
-        head = ["edits", "cases scored"] + [f"{label} (tf)" if k != "es_gen_em" else label for k, label in CURVE_KEYS]
+        head = ["edits", "cases scored"] + [label for _, label in keys]
         head += ["ppl", "known facts %", "max ||W - W0|| / ||W0||"]
         collapse = m.get("collapse_point", "-")
         parts.append(
             f"<h3>{text(name)}</h3>"
             f'<p class="note">layers {text(", ".join(map(str, m.get("layers") or [])) or "-")}; '
             f"collapse point: {text(collapse)}</p>"
-            + (table(head, rows, digits=[0, 0, 1, 1, 1, 1, 1, 2, 1, 4]) if rows else "<p>(no checkpoint)</p>")
+            + (table(head, rows, digits=[0, 0] + [1] * len(keys) + [2, 1, 4]) if rows else "<p>(no checkpoint)</p>")
         )
         change = m.get("weight_change") or {}
         if change:
