@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The lifelong-editing measurements of docs/many-edits.md, one command each (CPU; hours on 2 cores).
 # Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace
-# batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 variants; default: all). Each writes its own eval.out under outputs/; a stopped step resumes where it stopped
+# batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 zsre1000
+# variants; default: all). Each writes its own eval.out under outputs/; a stopped step resumes where it stopped
 # (the same command: finished methods are kept, the method in progress continues at its batch boundary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -109,6 +110,18 @@ gemma1000() {  # Gemma 3 270M, the same protocol at 1,000 edits: UltraEdit (MEMI
   run "${SEQ[@]}" model.name=gemma3-270m eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' \
     eval.eval_every=1 eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 eval.out=outputs/seq1000_gemma3
 }
+zsre1000() {  # zsRE, UltraEdit's own dataset: the 1,000 records here (the MEND 1k train subset) in batches of 100
+  # (UltraEdit's batch), today's defaults (MEMIT with NAS, known facts about edited subjects set aside); edits
+  # write answers[0] (ROME's convention, eval.zsre_target=answer); one process per method into one eval.out
+  # (steps zsre_ultraedit and zsre_memit run one method each: side by side, a process each)
+  local method methods=("$@")
+  [ ${#methods[@]} -eq 0 ] && methods=(ultraedit memit)
+  for method in "${methods[@]}"; do
+    run stage=eval eval.mode=sequential "${COMMON[@]}" "eval.dataset=$DATA/zsre/zsre_mend_train-1k.json" \
+      eval.batch_size=100 eval.n=1000 "eval.methods=[none,$method]" eval.eval_every=1 eval.curve_cases=50 \
+      eval.final_cases=200 eval.generation.tokens=0 eval.out=outputs/seq1000_zsre
+  done
+}
 variants() {  # ROME's key variant chosen again by the generative numbers (case mode, 100 cases)
   run stage=eval "${COMMON[@]}" eval.n=100 eval.start=1000 eval.generation.tokens=0 \
     'eval.methods=[none,rome,rome_original,rome_rrome]' 'method.rome_original={class: rome, variant: original}' \
@@ -117,11 +130,12 @@ variants() {  # ROME's key variant chosen again by the generative numbers (case 
 
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks
-  alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 variants)
+  alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 zsre1000 variants)
 for step in "${steps[@]}"; do
   case "$step" in
     ultraedit10k | ultraedit_unrelated | ultraedit_lr | ultraedit_nullspace | batch1000 | nas_checks | alphaedit_range2 | \
-      rome_range2 | rome_reference | rome_reference_range2 | rome300 | table300 | gemma1000 | variants) "$step" ;;
-    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 variants)" >&2; exit 2 ;;
+      rome_range2 | rome_reference | rome_reference_range2 | rome300 | table300 | gemma1000 | zsre1000 | variants) "$step" ;;
+    zsre_ultraedit | zsre_memit | zsre_alphaedit) zsre1000 "${step#zsre_}" ;;  # one method of zsre1000
+    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 zsre1000 variants)" >&2; exit 2 ;;
   esac
 done

@@ -41,7 +41,7 @@ from rome.pipeline.editors.factory import build_editor, method_class
 from rome.pipeline.editors.settings import changed_edit_note, edit_layer
 from rome.pipeline.errors import UserError
 from rome.pipeline.evaluation.case_log import CaseLog
-from rome.pipeline.evaluation.cases import EvalCase, Skipped, load_cases, load_snippets
+from rome.pipeline.evaluation.cases import EvalCase, Skipped, dataset_title, load_cases, load_snippets
 from rome.pipeline.evaluation.generative import generative_settings
 from rome.pipeline.evaluation.report import (
     GENERATIVE_PROTOCOL,
@@ -53,11 +53,6 @@ from rome.pipeline.evaluation.report import (
 )
 from rome.pipeline.evaluation.scoring import Generation, References
 from rome.pipeline.report import report_after_run
-
-ZSRE_CONVENTION = {
-    "answer": "edits write the true answer answers[0] (ROME's dsets/zsre.py)",
-    "alt": "edits write alt (MEND's and EasyEdit's convention)",
-}
 
 
 def _identity(cfg: DictConfig, ctx: EvalContext, gen: Generation, kind: str) -> dict[str, Any]:
@@ -102,7 +97,7 @@ def _check_run(out: Path, identity: dict[str, Any], methods: dict[str, dict[str,
 
 
 def _title(cfg: DictConfig, cases: list[EvalCase], n_skipped: int, ctx: EvalContext) -> str:
-    kind = "CounterFact" if cases[0].kind == "counterfact" else f"zsRE ({ZSRE_CONVENTION[str(cfg.eval.zsre_target)]})"
+    kind = dataset_title(cases[0].kind, str(cfg.eval.zsre_target))
     return (
         f"{kind}: {len(cases)} cases ({n_skipped} skipped) from record {int(cfg.eval.start)} of "
         f"{Path(cfg.eval.dataset).name} ({cases[0].schema} schema), {ctx.loaded.identity['name']}, layer {ctx.layer}"

@@ -46,7 +46,7 @@ from rome.pipeline.editors.factory import build_editor, method_class
 from rome.pipeline.editors.progress import StepProgress
 from rome.pipeline.editors.settings import changed_edit_note, edit_layer
 from rome.pipeline.errors import Interrupted, UserError
-from rome.pipeline.evaluation.cases import EvalCase, load_cases
+from rome.pipeline.evaluation.cases import EvalCase, dataset_title, load_cases
 from rome.pipeline.evaluation.generative import SETS, GenerativeEval, generative_settings, score_generative
 from rome.pipeline.evaluation.metrics import fluency, harmonic_mean
 from rome.pipeline.evaluation.progress_state import drop_progress, load_progress, save_progress
@@ -78,7 +78,6 @@ from rome.pipeline.evaluation.scoring import Generation, generate, teacher_force
 from rome.pipeline.report import report_after_run
 from rome.pipeline.tracing.facts import Fact, load_facts
 
-DATASET_NAMES = {"counterfact": "CounterFact", "zsre": "zsRE"}  # in the title
 SEQUENTIAL = ("none", "rome", "memit", "alphaedit", "ultraedit")  # the classes of the sequential protocol
 CASES_PER_CALL = 64  # cases scored per teacher-forced call: the progress bar's step, not a tuning knob
 
@@ -428,6 +427,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         facts, set_aside = unrelated_facts(facts, [c.request.subject for c in cases])
         known_settings["exclude_edited"] = True  # absent: every fact kept (runs made before the key)
     identity = {
+        **({"zsre_target": str(cfg.eval.zsre_target)} if kind == "zsre" else {}),  # what the edits write
         "model": loaded.identity,
         "dtype": cfg.model.dtype,
         "mode": mode,
@@ -653,7 +653,8 @@ def _write(
     mode = str(cfg.eval.mode)
     how = f"sequential, batches of {batch_size}" if mode == "sequential" else f"all {len(cases)} edits in one batch"
     summary["title"] = (
-        f"{DATASET_NAMES[summary['kind']]}, {len(cases)} edits into one {loaded.identity['name']} ({how}; "
+        f"{dataset_title(summary['kind'], str(cfg.eval.zsre_target))}, {len(cases)} edits into one "
+        f"{loaded.identity['name']} ({how}; "
         f"records {int(cfg.eval.start)}-{int(cfg.eval.start) + len(cases) - 1} of "
         f"{Path(cfg.eval.dataset).name}, {n_skipped} skipped"
         + (f"; {len(summary['pre'])} of them scored" if len(summary["pre"]) != len(cases) else "")

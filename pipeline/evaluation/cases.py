@@ -16,9 +16,19 @@ from rome.pipeline.core.records import detect_schema, read_record, read_records
 from rome.pipeline.core.requests import EditRequest, request_from_record
 from rome.pipeline.errors import UserError
 
-__all__ = ["EvalCase", "Skipped", "load_cases", "load_snippets", "EVAL_SCHEMAS"]
+__all__ = ["EvalCase", "Skipped", "load_cases", "load_snippets", "dataset_title", "EVAL_SCHEMAS", "ZSRE_CONVENTION"]
 
 EVAL_SCHEMAS = ("counterfact-nested", "counterfact-flat", "zsre")
+# what a zsRE edit writes (eval.zsre_target), as the titles say it
+ZSRE_CONVENTION = {
+    "answer": "edits write the true answer answers[0] (ROME's dsets/zsre.py)",
+    "alt": "edits write alt (MEND's and EasyEdit's convention)",
+}
+
+
+def dataset_title(kind: str, zsre_target: str) -> str:
+    """The dataset as a title names it: "CounterFact", or "zsRE (<what its edits write>)"."""
+    return "CounterFact" if kind == "counterfact" else f"zsRE ({ZSRE_CONVENTION[zsre_target]})"
 
 
 @dataclasses.dataclass(frozen=True)
