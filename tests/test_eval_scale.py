@@ -284,3 +284,41 @@ def test_a_resumed_methods_saved_batches_do_not_enter_the_eta():
     rate = bar.format_dict["rate"]
     assert bar.n == 6 and rate == pytest.approx(0.01, rel=1e-3)
     assert (bar.total - bar.n) / rate == pytest.approx(400, rel=1e-3)
+
+
+def test_sequential_protocol_on_zsre(tiny_model_dir, small_wiki, tmp_path):
+    """zsRE (UltraEdit's own dataset) in the sequential protocol: its teacher-forced token accuracies
+    (efficacy, paraphrase, specificity) and generative efficacy at every checkpoint, its table, curve and
+    report, and the run naming what the edits write."""
+    base = tiny_model_dir("llama")
+    r = scale_cli(
+        base,
+        small_wiki,
+        tmp_path,
+        f"eval.dataset={DATA / 'zsre' / 'zsre_mend_train-1k.json'}",
+        "eval.methods=[none,ultraedit]",
+        "edit.ultraedit.lr=0.01",
+        "eval.generation.tokens=0",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "zsre" and summary["identity"]["zsre_target"] == "answer"
+    assert summary["title"].startswith(
+        "zsRE (edits write the true answer answers[0] (ROME's dsets/zsre.py)), 4 edits into one"
+    )
+    pre, m = summary["unedited"], summary["methods"]["ultraedit"]
+    assert set(m["metrics"]) == set(pre["metrics"]) == {"efficacy", "paraphrase", "specificity"}
+    assert m["metrics"]["efficacy"]["n"] == 4 and "s" not in m
+    sets = ("efficacy", "paraphrase", "specificity")
+    assert {f"{s}_gen_{k}" for s in sets for k in ("em", "contains")} <= set(pre["generative"])
+    assert [p["edits"] for p in m["curve"]] == [2, 4] and all(v > 0 for v in m["weight_change"].values())
+    for p in m["curve"]:
+        assert {"efficacy", "paraphrase", "specificity"} <= set(p) and not {"es", "s"} & set(p)
+        assert 0 <= p["efficacy_gen_em"] <= p["efficacy_gen_contains"] <= 100 and 0 <= p["efficacy"] <= 100
+    assert summary["methods"]["none"]["metrics"] == pre["metrics"]  # the clean weights came back
+    table = (out / "table.md").read_text()
+    assert "| Method | edits | Efficacy (tf) | Paraphrase (tf) | Specificity (tf) | ppl |" in table
+    assert "S (tf)" not in table and "Efficacy (gen EM)" in table and "top-1 accuracy of the answer's tokens" in table
+    assert (out / "curve.png").stat().st_size > 0
+    assert "Efficacy (gen EM)" in (out / "report.html").read_text()
