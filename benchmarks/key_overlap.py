@@ -29,7 +29,6 @@ tr(PC) / tr(C) (the text C was read from); ``--thresholds 0.5,0.1`` compares thr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from rome.pipeline.core.hooks import Trace, get_module  # noqa: E402
 from rome.pipeline.core.loading import configure, load_configured  # noqa: E402
 from rome.pipeline.core.subject import fill_prompt, subject_token_range  # noqa: E402
+from rome.pipeline.evaluation.cases import load_cases  # noqa: E402
 from rome.pipeline.evaluation.retention import known_facts  # noqa: E402
 from rome.pipeline.tracing.facts import load_facts  # noqa: E402
 
@@ -72,8 +72,12 @@ def subject_end(tokenizer, prompt: str, subject: str) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="model.name (default: the embedded SmolLM2)")
-    parser.add_argument("--edits", type=int, default=100, help="CounterFact records 0..N-1: one batch")
-    parser.add_argument("--counterfact", default="../shared/data/counterfact/counterfact-edit.json")
+    parser.add_argument("--edits", type=int, default=100, help="the dataset's records 0..N-1: one batch")
+    parser.add_argument(
+        "--dataset",
+        default="../shared/data/counterfact/counterfact-edit.json",
+        help="the edits' records: CounterFact or zsRE (as eval.dataset; zsRE's prompts are its questions)",
+    )
     parser.add_argument("--nullspace", action="store_true", help="also the shares of the null-space solve")
     parser.add_argument("--alphaedit", action="store_true", help="AlphaEdit's null-space shares (subject site)")
     parser.add_argument(
@@ -84,22 +88,25 @@ def main(argv: list[str] | None = None) -> int:
     cfg = configure([f"model.name={args.model}", *args.overrides])
     loaded = load_configured(cfg.model, "cpu")
     tok = loaded.tokenizer
-    records = json.loads(Path(args.counterfact).read_text())[: args.edits]
+    requests = [c.request for c in load_cases(args.dataset, args.edits)[0]]
     facts = known_facts(loaded.model, tok, load_facts(cfg.eval.known.dataset, int(cfg.eval.known.n)))
     ridge = float(cfg.edit.ultraedit.ridge)
     sites = {
         "answer": (
             list(cfg.edit.ultraedit.layers or cfg.edit.layers),
-            [(t, len(tok(t)["input_ids"]) - 1) for t in (fill_prompt(r["prompt"], r["subject"])[0] for r in records)],
+            [(t, len(tok(t)["input_ids"]) - 1) for t in (r.text for r in requests)],
             [(t, len(tok(t)["input_ids"]) - 1) for t in (fill_prompt(f.prompt, f.subject)[0] for f in facts)],
         ),
         "subject": (
             list(cfg.edit.layers),
-            [subject_end(tok, r["prompt"], r["subject"]) for r in records],
+            [subject_end(tok, r.prompt, r.subject) for r in requests],
             [subject_end(tok, f.prompt, f.subject) for f in facts],
         ),
     }
-    print(f"{args.model}: one batch of {len(records)} CounterFact edits, {len(facts)} known facts, ridge {ridge}")
+    print(
+        f"{args.model}: one batch of {len(requests)} edits of {Path(args.dataset).name}, {len(facts)} known facts, "
+        f"ridge {ridge}"
+    )
     if args.alphaedit:
         thresholds = args.thresholds or str(cfg.edit.alphaedit.nullspace_threshold)
         return alphaedit_shares(cfg, loaded, sites["subject"], [float(t) for t in thresholds.split(",")])
