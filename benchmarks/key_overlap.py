@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model}: one batch of {len(requests)} edits of {Path(args.dataset).name}, {len(facts)} known facts, "
         f"ridge {ridge}"
     )
+    shared = sum(1 for f in facts if f.prompt in {r.prompt for r in requests})
+    print(f"known facts whose prompt template is one of the batch's: {shared} of {len(facts)}")
     if args.alphaedit:
         thresholds = args.thresholds or str(cfg.edit.alphaedit.nullspace_threshold)
         return alphaedit_shares(cfg, loaded, sites["subject"], [float(t) for t in thresholds.split(",")])
