@@ -113,10 +113,11 @@ gemma1000() {  # Gemma 3 270M, the same protocol at 1,000 edits: UltraEdit (MEMI
 zsre1000() {  # zsRE, UltraEdit's own dataset: the 1,000 records here (the MEND 1k train subset) in batches of 100
   # (UltraEdit's batch), today's defaults (MEMIT with NAS, known facts about edited subjects set aside); edits
   # write answers[0] (ROME's convention, eval.zsre_target=answer); one process per method into one eval.out
-  # (steps zsre_ultraedit and zsre_memit run one method each: side by side, a process each). MEMIT's z for 100 zsRE
-  # requests at once takes about 15 GiB: micro-batches of 25 (the same z within 1e-6) leave room on a 24 GB machine
+  # (steps zsre_ultraedit, zsre_memit and zsre_alphaedit run one method each: side by side, a process each).
+  # MEMIT's z for 100 zsRE requests at once takes about 15 GiB: micro-batches of 25 (the same z within 1e-6)
+  # leave room on a 24 GB machine
   local method methods=("$@")
-  [ ${#methods[@]} -eq 0 ] && methods=(ultraedit memit)
+  [ ${#methods[@]} -eq 0 ] && methods=(ultraedit memit alphaedit)
   for method in "${methods[@]}"; do
     run stage=eval eval.mode=sequential "${COMMON[@]}" "eval.dataset=$DATA/zsre/zsre_mend_train-1k.json" \
       eval.batch_size=100 eval.n=1000 "eval.methods=[none,$method]" eval.eval_every=1 eval.curve_cases=50 \
