@@ -2,7 +2,7 @@
 # The lifelong-editing measurements of docs/many-edits.md, one command each (CPU; hours on 2 cores).
 # Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace
 # batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 zsre1000
-# variants; default: all). Each writes its own eval.out under outputs/; a stopped step resumes where it stopped
+# zsre_alt variants; default: all). Each writes its own eval.out under outputs/; a stopped step resumes where it stopped
 # (the same command: finished methods are kept, the method in progress continues at its batch boundary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -124,6 +124,12 @@ zsre1000() {  # zsRE, UltraEdit's own dataset: the 1,000 records here (the MEND 
       eval.final_cases=200 eval.generation.tokens=0 edit.memit.micro_batch=25 eval.out=outputs/seq1000_zsre
   done
 }
+zsre_alt() {  # zsre1000's UltraEdit with the edits writing the counterfactual alt (MEND's and EasyEdit's convention):
+  # the same questions, so the same keys, other targets; checkpoints every 2 batches
+  run stage=eval eval.mode=sequential "${COMMON[@]}" "eval.dataset=$DATA/zsre/zsre_mend_train-1k.json" \
+    eval.zsre_target=alt eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' eval.eval_every=2 \
+    eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 eval.out=outputs/seq1000_zsre_alt
+}
 variants() {  # ROME's key variant chosen again by the generative numbers (case mode, 100 cases)
   run stage=eval "${COMMON[@]}" eval.n=100 eval.start=1000 eval.generation.tokens=0 \
     'eval.methods=[none,rome,rome_original,rome_rrome]' 'method.rome_original={class: rome, variant: original}' \
@@ -132,12 +138,13 @@ variants() {  # ROME's key variant chosen again by the generative numbers (case 
 
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks
-  alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 zsre1000 variants)
+  alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 zsre1000 zsre_alt variants)
 for step in "${steps[@]}"; do
   case "$step" in
     ultraedit10k | ultraedit_unrelated | ultraedit_lr | ultraedit_nullspace | batch1000 | nas_checks | alphaedit_range2 | \
-      rome_range2 | rome_reference | rome_reference_range2 | rome300 | table300 | gemma1000 | zsre1000 | variants) "$step" ;;
+      rome_range2 | rome_reference | rome_reference_range2 | rome300 | table300 | gemma1000 | zsre1000 | zsre_alt | \
+      variants) "$step" ;;
     zsre_ultraedit | zsre_memit | zsre_alphaedit) zsre1000 "${step#zsre_}" ;;  # one method of zsre1000
-    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 zsre1000 variants)" >&2; exit 2 ;;
+    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 zsre1000 zsre_alt variants)" >&2; exit 2 ;;
   esac
 done

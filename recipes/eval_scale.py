@@ -655,7 +655,7 @@ def _write(
     summary["title"] = (
         f"{dataset_title(summary['kind'], str(cfg.eval.zsre_target))}, {len(cases)} edits into one "
         f"{loaded.identity['name']} ({how}; "
-        f"records {int(cfg.eval.start)}-{int(cfg.eval.start) + len(cases) - 1} of "
+        f"records {int(cfg.eval.start)}-{int(cfg.eval.start) + len(cases) + n_skipped - 1} of "  # skipped ones too
         f"{Path(cfg.eval.dataset).name}, {n_skipped} skipped"
         + (f"; {len(summary['pre'])} of them scored" if len(summary["pre"]) != len(cases) else "")
         + ")"

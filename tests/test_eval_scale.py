@@ -289,13 +289,15 @@ def test_a_resumed_methods_saved_batches_do_not_enter_the_eta():
 def test_sequential_protocol_on_zsre(tiny_model_dir, small_wiki, tmp_path):
     """zsRE (UltraEdit's own dataset) in the sequential protocol: its teacher-forced token accuracies
     (efficacy, paraphrase, specificity) and generative efficacy at every checkpoint, its table, curve and
-    report, and the run naming what the edits write."""
+    report, and the run naming what the edits write and which records it read (one skipped: its alt is its answer)."""
     base = tiny_model_dir("llama")
     r = scale_cli(
         base,
         small_wiki,
         tmp_path,
         f"eval.dataset={DATA / 'zsre' / 'zsre_mend_train-1k.json'}",
+        "eval.zsre_target=alt",
+        "eval.start=98",  # records 98-101: 101's alt is its answer, so it is skipped
         "eval.methods=[none,ultraedit]",
         "edit.ultraedit.lr=0.01",
         "eval.generation.tokens=0",
@@ -303,16 +305,15 @@ def test_sequential_protocol_on_zsre(tiny_model_dir, small_wiki, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "out"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["kind"] == "zsre" and summary["identity"]["zsre_target"] == "answer"
-    assert summary["title"].startswith(
-        "zsRE (edits write the true answer answers[0] (ROME's dsets/zsre.py)), 4 edits into one"
-    )
+    assert summary["kind"] == "zsre" and summary["identity"]["zsre_target"] == "alt"
+    assert summary["title"].startswith("zsRE (edits write alt (MEND's and EasyEdit's convention)), 3 edits into one")
+    assert "records 98-101 of zsre_mend_train-1k.json, 1 skipped" in summary["title"]
     pre, m = summary["unedited"], summary["methods"]["ultraedit"]
     assert set(m["metrics"]) == set(pre["metrics"]) == {"efficacy", "paraphrase", "specificity"}
-    assert m["metrics"]["efficacy"]["n"] == 4 and "s" not in m
+    assert m["metrics"]["efficacy"]["n"] == 3 and "s" not in m
     sets = ("efficacy", "paraphrase", "specificity")
     assert {f"{s}_gen_{k}" for s in sets for k in ("em", "contains")} <= set(pre["generative"])
-    assert [p["edits"] for p in m["curve"]] == [2, 4] and all(v > 0 for v in m["weight_change"].values())
+    assert [p["edits"] for p in m["curve"]] == [2, 3] and all(v > 0 for v in m["weight_change"].values())
     for p in m["curve"]:
         assert {"efficacy", "paraphrase", "specificity"} <= set(p) and not {"es", "s"} & set(p)
         assert 0 <= p["efficacy_gen_em"] <= p["efficacy_gen_contains"] <= 100 and 0 <= p["efficacy"] <= 100
