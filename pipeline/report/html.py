@@ -26,7 +26,8 @@ import numpy as np
 
 from rome.pipeline.core.atomic import atomic_path
 from rome.pipeline.errors import UserError
-from rome.pipeline.evaluation.report import markdown_table
+from rome.pipeline.evaluation.generative import SETS
+from rome.pipeline.evaluation.report import LABELS, generative_label, markdown_table
 from rome.pipeline.evaluation.scale_report import scale_table
 from rome.pipeline.report.page import MARKER, Section, figures, image, key_values, markdown, number, page, table, text
 from rome.pipeline.tracing.engine import KINDS as TRACE_KINDS
@@ -247,22 +248,13 @@ def _identity(identity: dict) -> str:
     return key_values(pairs)
 
 
-# a checkpoint's scores per dataset kind: (key of a curve point, column head)
-CURVE_KEYS = {
-    "counterfact": [
-        ("s", "S (tf)"),
-        ("es", "ES (tf)"),
-        ("ps", "PS (tf)"),
-        ("ns", "NS (tf)"),
-        ("es_gen_em", "ES (gen EM)"),
-    ],
-    "zsre": [
-        ("efficacy", "Efficacy (tf)"),
-        ("paraphrase", "Paraphrase (tf)"),
-        ("specificity", "Specificity (tf)"),
-        ("efficacy_gen_em", "Efficacy (gen EM)"),
-    ],
-}
+def curve_keys(kind: str) -> list[tuple[str, str]]:
+    """A checkpoint's scores for a dataset kind, as (key of a curve point, column head): S (CounterFact), the
+    three teacher-forced scores, and the generative efficacy."""
+    efficacy = SETS[kind][0]
+    tf = [("s", "S")] if kind == "counterfact" else []
+    tf += [(k, LABELS[k]) for k in SETS[kind]]
+    return [(k, f"{label} (tf)") for k, label in tf] + [(f"{efficacy}_gen_em", generative_label(f"{efficacy}_gen_em"))]
 
 
 def _scale_sections(directory: Path) -> tuple[str, list[Section]]:
@@ -272,7 +264,7 @@ def _scale_sections(directory: Path) -> tuple[str, list[Section]]:
         Section("curve", "Curve", image(directory / "curve.png", "the collapse monitor against the number of edits")),
     ]
     parts = []
-    keys = CURVE_KEYS[summary.get("kind", "counterfact")]
+    keys = curve_keys(summary.get("kind", "counterfact"))
     for name in summary.get("order", []):
         m = summary["methods"][name]
         curve = m.get("curve") or []
