@@ -105,3 +105,22 @@ def _events_of(fn):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     return prof.events()
+
+
+@pytest.mark.slow  # about a minute: the compiler builds four graphs for the one block after the edited one
+def test_compile_lever_gives_the_eager_delta_from_compiled_blocks(capsys):
+    """benchmarks/compile_lever.py (the fusion lever: the blocks after the edited one compiled) on the tiny shape:
+    a row per edit; in float32 the compiled blocks give the eager δ, and the compiler really built graphs (the
+    recompile limit raised, so no block silently fell back to eager)."""
+    import compile_lever
+
+    os.environ.update(OFFLINE)
+    before = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    assert compile_lever.main(["--shape", "llama-tiny", "--num-layers", "5", "--cases", "2"]) == 0
+    assert {k: os.environ.get(k) for k in before} == before  # the empty caches were the run's own
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2
+    assert all(float(r[4].rstrip(" |")) < 1e-4 for r in rows), rows
+    graphs = int(out.split("graphs compiled: ")[1].split(";")[0].split()[0])
+    assert 0 < graphs < 256 and "the limit" not in out
