@@ -134,3 +134,36 @@ def test_slurm_requeue_then_sigterm_resumes(tiny_model_dir, reference, tmp_path)
     got = statistics(tmp_path / "stats")
     assert torch.equal(got["second_moment"], reference["second_moment"])
     assert not list((tmp_path / "stats").rglob("partial"))
+
+
+def test_a_worker_prints_no_traceback_when_the_main_process_drops_a_transfer():
+    """A dataloader worker serves its batches' file descriptors from multiprocessing's resource-sharer thread,
+    which prints its errors through ``sys.excepthook``; a main process stopped at once by a second Ctrl+C resets
+    that connection. The worker's hook leaves the sharer's lost connection unprinted and passes everything else
+    on as before."""
+    import os as _os
+    import sys
+    import threading
+    import traceback
+
+    from rome.pipeline.core.signals import ignore_resource_sharer_resets
+
+    def raised_in(filename: str):
+        namespace: dict = {}
+        exec(compile("def serve():\n    raise ConnectionResetError(104, 'reset')\n", filename, "exec"), namespace)
+        try:
+            namespace["serve"]()
+        except ConnectionResetError:
+            return sys.exc_info()
+
+    sharer = _os.path.join(_os.path.dirname(threading.__file__), "multiprocessing", "resource_sharer.py")
+    passed_on = []
+    before = sys.excepthook
+    sys.excepthook = lambda exc_type, exc, tb: passed_on.append(traceback.extract_tb(tb)[-1].filename)
+    ignore_resource_sharer_resets()
+    try:
+        for filename in (sharer, "elsewhere.py"):
+            sys.excepthook(*raised_in(filename))
+    finally:
+        sys.excepthook = before
+    assert passed_on == ["elsewhere.py"]

@@ -9,6 +9,8 @@ A second Ctrl+C stops at once (one ``interrupted:`` line, exit 130), for when th
 Processes that only feed the main one (dataloader workers) call ``ignore_stop_signals()``: a signal sent to
 the whole process group (Ctrl+C in a terminal, SLURM signalling every process of a job step) must not kill
 a worker under the main process's feet; the main process stops at a unit boundary and its workers go with it.
+They also call ``ignore_resource_sharer_resets()``: after a second Ctrl+C the main process may be gone
+mid-transfer, and the worker must not print a traceback about it.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
+from typing import Any
 
 from rome.pipeline.errors import Interrupted
 
-__all__ = ["stop_on_signals", "stop_requested", "check_stop", "ignore_stop_signals"]
+__all__ = ["stop_on_signals", "stop_requested", "check_stop", "ignore_stop_signals", "ignore_resource_sharer_resets"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _received: list[int] = []  # the signals received while armed (the first one decides the exit code)
@@ -83,6 +87,28 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS, *, then_ignore: boo
         for s, h in previous.items():
             signal.signal(s, signal.SIG_IGN if then_ignore else h)
         _received.clear()
+
+
+def ignore_resource_sharer_resets() -> None:
+    """In a dataloader worker: a worker hands each batch's tensors to the main process through multiprocessing's
+    resource sharer, a thread of the worker that serves their file descriptors. When a second Ctrl+C stops the
+    main process at once, a connection it had opened to that thread is reset, and the thread prints the error
+    (through ``sys.excepthook``, which it calls itself) after the user's one ``interrupted:`` line. The worker
+    goes with its main process either way; only that thread's lost connections are left unprinted, everything
+    else reaches the hook as before."""
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        lost = issubclass(exc_type, (ConnectionError, EOFError))
+        if lost and any(_in_resource_sharer(frame) for frame, _ in traceback.walk_tb(tb)):
+            return
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
+def _in_resource_sharer(frame: Any) -> bool:
+    return frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "resource_sharer.py"))
 
 
 def ignore_stop_signals() -> None:

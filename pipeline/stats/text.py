@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rome.pipeline.core.digest import file_sha256, short
 from rome.pipeline.core.padding import right_pad
-from rome.pipeline.core.signals import check_stop, ignore_stop_signals
+from rome.pipeline.core.signals import check_stop, ignore_resource_sharer_resets, ignore_stop_signals
 from rome.pipeline.errors import UserError
 
 __all__ = [
@@ -232,8 +232,10 @@ def pack_batches(
 
 def feeding_worker_init(worker_id: int) -> None:
     """A dataloader worker feeding the statistics ignores the stop signals: the main process stops at a batch
-    boundary and its workers go with it (``pipeline.core.signals``)."""
+    boundary and its workers go with it; and it prints nothing when a main process stopped at once leaves a
+    batch's transfer half done (``pipeline.core.signals``)."""
     ignore_stop_signals()
+    ignore_resource_sharer_resets()
 
 
 @dataclasses.dataclass(frozen=True)
