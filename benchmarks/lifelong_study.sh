@@ -111,8 +111,8 @@ gemma1000() {  # Gemma 3 270M, the same protocol at 1,000 edits: UltraEdit (MEMI
     eval.eval_every=1 eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 eval.out=outputs/seq1000_gemma3
 }
 gemma_rome300() {  # ROME one edit at a time on Gemma 3 270M, CounterFact records 0-299 (the 300-edit protocol of
-  # rome300: a checkpoint every 50 edits), today's defaults (v* norm-anchored, known facts about edited subjects set
-  # aside); 100 cases scored at the end (Gemma's 262k-token vocabulary makes scoring cost ~3 s a case on one thread)
+  # rome300: a checkpoint every 50 edits), today's defaults (ROME's v* not norm-anchored, its default; known facts
+  # about edited subjects set aside); 100 cases scored at the end (Gemma's 262k-token vocabulary makes scoring slow)
   run stage=eval eval.mode=sequential "${COMMON[@]}" model.name=gemma3-270m eval.batch_size=50 eval.n=300 \
     'eval.methods=[none,rome]' eval.eval_every=1 eval.curve_cases=50 eval.final_cases=100 eval.generation.tokens=0 \
     eval.out=outputs/seq300_rome_gemma3
