@@ -2,7 +2,8 @@
 # The lifelong-editing measurements of docs/many-edits.md, one command each (CPU; hours on 2 cores).
 # Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace
 # batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000
-# gemma_rome300 zsre1000 zsre_alt variants; default: all). Each writes its own eval.out under outputs/; a stopped step resumes where it stopped
+# gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants; default: all). Each writes its own eval.out under
+# outputs/; a stopped step resumes where it stopped
 # (the same command: finished methods are kept, the method in progress continues at its batch boundary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -117,6 +118,11 @@ gemma_rome300() {  # ROME one edit at a time on Gemma 3 270M, CounterFact record
     'eval.methods=[none,rome]' eval.eval_every=1 eval.curve_cases=50 eval.final_cases=100 eval.generation.tokens=0 \
     eval.out=outputs/seq300_rome_gemma3
 }
+gemma_rome_nas300() {  # the same with ROME's v* norm-anchored (NAS, its reference over the first 20 edits)
+  run stage=eval eval.mode=sequential "${COMMON[@]}" model.name=gemma3-270m eval.batch_size=50 eval.n=300 \
+    'eval.methods=[none,rome]' eval.eval_every=1 eval.curve_cases=50 eval.final_cases=100 eval.generation.tokens=0 \
+    edit.v.norm_anchor=true eval.out=outputs/seq300_rome_nas_gemma3
+}
 zsre1000() {  # zsRE, UltraEdit's own dataset: the 1,000 records here (the MEND 1k train subset) in batches of 100
   # (UltraEdit's batch), today's defaults (MEMIT with NAS, known facts about edited subjects set aside); edits
   # write answers[0] (ROME's convention, eval.zsre_target=answer); one process per method into one eval.out
@@ -145,13 +151,13 @@ variants() {  # ROME's key variant chosen again by the generative numbers (case 
 
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks
-  alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 zsre1000 zsre_alt variants)
+  alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants)
 for step in "${steps[@]}"; do
   case "$step" in
     ultraedit10k | ultraedit_unrelated | ultraedit_lr | ultraedit_nullspace | batch1000 | nas_checks | alphaedit_range2 | \
-      rome_range2 | rome_reference | rome_reference_range2 | rome300 | table300 | gemma1000 | gemma_rome300 | zsre1000 | zsre_alt | \
+      rome_range2 | rome_reference | rome_reference_range2 | rome300 | table300 | gemma1000 | gemma_rome300 | gemma_rome_nas300 | zsre1000 | zsre_alt | \
       variants) "$step" ;;
     zsre_ultraedit | zsre_memit | zsre_alphaedit) zsre1000 "${step#zsre_}" ;;  # one method of zsre1000
-    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 zsre1000 zsre_alt variants)" >&2; exit 2 ;;
+    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants)" >&2; exit 2 ;;
   esac
 done
