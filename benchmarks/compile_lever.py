@@ -45,6 +45,7 @@ from shapes import SHAPES, add_model_arguments, model_and_config, statistics_for
 def timed_edits(editor, requests, cfg, weight, clean) -> list[tuple[float, float, torch.Tensor]]:
     """(outer wall s, v* s, δ) of each request's edit, each from the clean weights."""
     from rome.modules.edit_loop import fit_edits
+    from rome.pipeline.core.timing import sync
 
     out = []
     for request in requests:
@@ -60,11 +61,6 @@ def timed_edits(editor, requests, cfg, weight, clean) -> list[tuple[float, float
 
 def apart(delta: torch.Tensor, reference: torch.Tensor) -> float:
     return float((delta - reference).norm() / reference.norm().clamp_min(1e-30))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:
