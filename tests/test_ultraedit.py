@@ -12,9 +12,11 @@ from rome.pipeline.core.hooks import Trace, get_module
 from rome.pipeline.core.loading import configure, load_model
 from rome.pipeline.core.probability import target_token_ids
 from rome.pipeline.core.requests import parse_requests
+from rome.pipeline.core.subject import fill_prompt, subject_token_range
 from rome.pipeline.editors import ultraedit
 from rome.pipeline.editors.factory import build_editor
 from rome.pipeline.editors.ultraedit import LifelongStats, pseudo_targets, read_features, ridge_shift
+from rome.pipeline.errors import UserError
 
 REQUESTS = [
     {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"},
@@ -98,6 +100,35 @@ def test_features_are_keys_and_output_gradients_at_the_target_positions(tiny_mod
 
         numeric = (shifted(eps) - shifted(-eps)) / (2 * eps)
         assert numeric == pytest.approx(float(f.grads[layer][0, j]), rel=1e-3)
+
+
+def test_subject_position_reads_one_row_per_request_at_the_subjects_last_token(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")  # float64 throughout (llama's rotary is not)
+    model, tok, spec = loaded.model.double(), loaded.tokenizer, loaded.spec
+    requests = parse_requests(REQUESTS[:3])
+    f = read_features(model, tok, spec, requests, [1], rows_per_pass=2, position="subject")
+    answer = read_features(model, tok, spec, requests, [1], rows_per_pass=2)
+    assert f.owner == [0, 1, 2] and f.keys[1].shape[0] == 3 and f.loss == pytest.approx(answer.loss)
+    text, start, end = fill_prompt(requests[1].prompt, requests[1].subject)
+    last = subject_token_range(tok, text, start, end)[1] - 1  # "Danielle Darrieux": mid-prompt
+    loss, _ = _teacher_forced_loss(model, tok, requests[1])
+    with Trace(get_module(model, spec.down_proj_name(1)), retain_input=True) as t:
+        _teacher_forced_loss(model, tok, requests[1])
+    torch.testing.assert_close(f.keys[1][1].double(), t.input[0, last].double(), rtol=1e-5, atol=1e-6)
+    j = int(f.grads[1][1].abs().argmax())  # ∂L/∂(output) at the subject's last token, by central differences
+
+    def shifted(s):
+        def add(out):
+            out = out.clone()
+            out[0, last, j] += s
+            return out
+
+        with Trace(get_module(model, spec.down_proj_name(1)), edit_output=add):
+            return float(_teacher_forced_loss(model, tok, requests[1])[0])
+
+    assert (shifted(1e-4) - shifted(-1e-4)) / 2e-4 == pytest.approx(float(f.grads[1][1, j]), rel=1e-3)
+    with pytest.raises(UserError, match="edit.ultraedit.position=token must be one of answer, subject"):
+        _editor(loaded, "edit.ultraedit.position=token")
 
 
 def _editor(loaded, *overrides):

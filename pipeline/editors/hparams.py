@@ -153,6 +153,7 @@ class UltraEditHparams:
     rows_per_pass: int
     preserve: str  # none | nullspace: the keys projected onto C's null space before the solve
     nullspace_threshold: float  # eigenvalues below this x the mean eigenvalue span the null space
+    position: str  # answer | subject: where the keys and gradients are read
 
 
 def typed(schema: type[T], node: Any, where: str = "edit") -> T:

@@ -50,6 +50,7 @@ from rome.pipeline.core.hooks import Trace, get_module
 from rome.pipeline.core.padding import right_pad
 from rome.pipeline.core.probability import target_token_ids
 from rome.pipeline.core.requests import EditRequest
+from rome.pipeline.core.subject import fill_prompt, subject_token_range
 from rome.pipeline.core.timing import Clock, model_device
 from rome.pipeline.editors.base import BatchEditor, Edit, Editor, LayerStatistics, register
 from rome.pipeline.editors.hparams import UltraEditHparams, typed
@@ -73,6 +74,7 @@ __all__ = [
 
 STATISTICS = ("shared", "per_layer")  # edit.ultraedit.statistics
 PRESERVE = ("none", "nullspace")  # edit.ultraedit.preserve
+POSITIONS = ("answer", "subject")  # edit.ultraedit.position
 
 
 class LifelongStats:
@@ -135,13 +137,16 @@ class Features:
     loss: float  # L: the summed cross-entropy of the target tokens
 
 
-def _rows(tokenizer: Any, requests: Sequence[EditRequest]) -> list[tuple[list[int], list[int], int]]:
-    """Per request: the ids of ``prompt + target[:-1]``, the target's ids, the position predicting its first token."""
+def _rows(tokenizer: Any, requests: Sequence[EditRequest]) -> list[tuple[list[int], list[int], int, int]]:
+    """Per request: the ids of ``prompt + target[:-1]``, the target's ids, the position predicting its first token
+    and the position of the subject's last token."""
     out = []
     for r in requests:
-        prompt = tokenizer(r.text)["input_ids"]
+        text, start, end = fill_prompt(r.prompt, r.subject)
+        prompt = tokenizer(text)["input_ids"]
         target = target_token_ids(tokenizer, r.target_new)
-        out.append((prompt + target[:-1], target, len(prompt) - 1))
+        subject_last = subject_token_range(tokenizer, text, start, end)[1] - 1
+        out.append((prompt + target[:-1], target, len(prompt) - 1, subject_last))
     return out
 
 
@@ -162,8 +167,11 @@ def read_features(
     requests: Sequence[EditRequest],
     layers: Sequence[int],
     rows_per_pass: int,
+    position: str = "answer",
 ) -> Features:
-    """Keys and output gradients of ``layers``' down-projections at every target-predicting position.
+    """Keys and output gradients of ``layers``' down-projections at every target-predicting position
+    (``position="answer"``, the paper's rows) or at the subject's last token, one row per request
+    (``"subject"``, MEMIT's site; not in the paper). The loss is the same either way.
 
     The gradient with respect to a module's output is read as that of a zero tensor added to the output (the
     graph and the forward values stay as they are, whatever the parameters' ``requires_grad``); the pass stops
@@ -176,11 +184,17 @@ def read_features(
     total = 0.0
     for start in range(0, len(rows), rows_per_pass):
         chunk = rows[start : start + rows_per_pass]
-        ids, mask = right_pad([r for r, _, _ in chunk], tokenizer.pad_token_id or 0, device)
-        at_row = torch.tensor([i for i, (_, t, _) in enumerate(chunk) for _ in t], device=device)
-        at_pos = torch.tensor([p + j for _, t, p in chunk for j in range(len(t))], device=device)
-        labels = torch.tensor([tok for _, t, _ in chunk for tok in t], device=device)
-        owner += [start + i for i, (_, t, _) in enumerate(chunk) for _ in t]
+        ids, mask = right_pad([r for r, _, _, _ in chunk], tokenizer.pad_token_id or 0, device)
+        at_row = torch.tensor([i for i, (_, t, _, _) in enumerate(chunk) for _ in t], device=device)
+        at_pos = torch.tensor([p + j for _, t, p, _ in chunk for j in range(len(t))], device=device)
+        labels = torch.tensor([tok for _, t, _, _ in chunk for tok in t], device=device)
+        if position == "subject":
+            read_row = torch.arange(len(chunk), device=device)
+            read_pos = torch.tensor([s for _, _, _, s in chunk], device=device)
+            owner += [start + i for i in range(len(chunk))]
+        else:
+            read_row, read_pos = at_row, at_pos
+            owner += [start + i for i, (_, t, _, _) in enumerate(chunk) for _ in t]
         zeros: dict[int, torch.Tensor] = {}
         with torch.enable_grad():
             with contextlib.ExitStack() as stack:  # the final norm's Trace ends the pass (and is left first)
@@ -203,8 +217,8 @@ def read_features(
             found = torch.autograd.grad(loss, [zeros[layer] for layer in layers])
         total += float(loss.detach())
         for layer, g in zip(layers, found):
-            keys[layer].append(traces[layer].input[at_row, at_pos].float())
-            grads[layer].append(g[at_row, at_pos].float())
+            keys[layer].append(traces[layer].input[read_row, read_pos].float())
+            grads[layer].append(g[read_row, read_pos].float())
     return Features(
         {layer: torch.cat(k) for layer, k in keys.items()},
         {layer: torch.cat(g) for layer, g in grads.items()},
@@ -279,6 +293,8 @@ class UltraEditEditor(BatchEditor):
             raise UserError(f"edit.ultraedit.rows_per_pass={hp.rows_per_pass} must be a positive number of prompts")
         if hp.preserve not in PRESERVE:
             raise UserError(f"edit.ultraedit.preserve={hp.preserve} must be one of {', '.join(PRESERVE)}")
+        if hp.position not in POSITIONS:
+            raise UserError(f"edit.ultraedit.position={hp.position} must be one of {', '.join(POSITIONS)}")
         super().__init__(name, model, tokenizer, spec, hp, layers, batch_size, "edit.ultraedit.layers", verify)
         device = model_device(model)
         size = {
@@ -329,7 +345,7 @@ class UltraEditEditor(BatchEditor):
     def begin(self, requests: Sequence[EditRequest]) -> UltraEditBatch:
         clock = Clock(self.model)
         features = read_features(
-            self.model, self.tokenizer, self.spec, requests, self.layers, int(self.hp.rows_per_pass)
+            self.model, self.tokenizer, self.spec, requests, self.layers, int(self.hp.rows_per_pass), self.hp.position
         )
         clock.lap("features")
         edit = UltraEditBatch(list(requests), features, optimisation=None, timings=clock.timings)
