@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The lifelong-editing measurements of docs/many-edits.md, one command each (CPU; hours on 2 cores).
-# Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace
+# Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_subject
 # batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000
 # gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants; default: all). Each writes its own eval.out under
 # outputs/; a stopped step resumes where it stopped
@@ -48,6 +48,18 @@ ultraedit_nullspace() {  # edit.ultraedit.preserve=nullspace (the solve on keys 
   run "${SEQ[@]}" eval.batch_size=100 eval.n=10000 'eval.methods=[none,ultraedit]' eval.eval_every=20 \
     eval.curve_cases=25 eval.final_cases=200 eval.generation.tokens=0 edit.ultraedit.preserve=nullspace \
     eval.out=outputs/seq10k_ultraedit_nullspace
+}
+ultraedit_subject() {  # one batch of 100 (records 0-99): the paper's rows (the answer positions, layers 19-27, lr
+  # 3e-4) against edit.ultraedit.position=subject (the subject's last token, MEMIT's layers 1-5) at four lrs
+  run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=100 eval.n=100 'eval.methods=[none,ultraedit]' \
+    eval.eval_every=1 eval.curve_cases=50 eval.final_cases=100 eval.generation.tokens=0 \
+    eval.out=outputs/seq100_ultraedit_answer
+  for lr in 3e-4 1e-3 3e-3 1e-2; do
+    run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=100 eval.n=100 \
+      'eval.methods=[none,ultraedit]' eval.eval_every=1 eval.curve_cases=50 eval.final_cases=100 \
+      eval.generation.tokens=0 edit.ultraedit.position=subject 'edit.ultraedit.layers=[1,2,3,4,5]' \
+      "edit.ultraedit.lr=$lr" "eval.out=outputs/seq100_ultraedit_subject_lr$lr"
+  done
 }
 batch1000() {  # MEMIT and AlphaEdit (and UltraEdit), 1,000 edits in batches of 100, on one curve; NAS in a second run
   run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,memit,alphaedit,ultraedit]' eval.eval_every=1 \
@@ -150,14 +162,14 @@ variants() {  # ROME's key variant chosen again by the generative numbers (case 
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks
+[ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_subject batch1000 nas_checks
   alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants)
 for step in "${steps[@]}"; do
   case "$step" in
-    ultraedit10k | ultraedit_unrelated | ultraedit_lr | ultraedit_nullspace | batch1000 | nas_checks | alphaedit_range2 | \
+    ultraedit10k | ultraedit_unrelated | ultraedit_lr | ultraedit_nullspace | ultraedit_subject | batch1000 | nas_checks | alphaedit_range2 | \
       rome_range2 | rome_reference | rome_reference_range2 | rome300 | table300 | gemma1000 | gemma_rome300 | gemma_rome_nas300 | zsre1000 | zsre_alt | \
       variants) "$step" ;;
     zsre_ultraedit | zsre_memit | zsre_alphaedit) zsre1000 "${step#zsre_}" ;;  # one method of zsre1000
-    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants)" >&2; exit 2 ;;
+    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_subject batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants)" >&2; exit 2 ;;
   esac
 done
