@@ -27,6 +27,11 @@ sees often (P k ≈ 0), where a batch's shift otherwise reaches every fact's ans
 Measured on SmolLM2 (docs/many-edits.md): it keeps the held-out perplexity and delays the loss of known facts,
 but does not stop it; off by default.
 
+``edit.ultraedit.position=subject`` (not in the paper): one row per request, the key and gradient at the subject's
+last token (MEMIT's site, where other facts' keys overlap a batch's less), the rest as above. Measured on SmolLM2
+(layers 1-5, one batch of 100, docs/many-edits.md): one step there barely writes the edits (ES 52-57 against 93 at
+the answer positions) while the damage grows with η; off by default.
+
 Where this differs from the release (github XiaojieGu/UltraEdit): it edits the down-projections only (the
 module every editor here edits; the release does so for GPT-J, Mistral-7B and Phi-4 but edits gate/up
 projections for Llama-3 and Qwen2.5); L is the sum over target tokens, not the mean over each forward pass of
