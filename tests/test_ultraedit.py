@@ -176,7 +176,7 @@ def test_edit_stage_continues_a_ledger_bitwise_reverts_and_saves(tiny_model_dir,
 
     base = tiny_model_dir("llama")
 
-    def cli(requests, out, saved):
+    def cli(requests, out, saved, *extra):
         return run_cli(
             "stage=edit",
             f"model.name={base}",
@@ -191,6 +191,7 @@ def test_edit_stage_continues_a_ledger_bitwise_reverts_and_saves(tiny_model_dir,
             f"edit.out={out}",
             f"edit.save_to={saved}",
             f"request={json.dumps(requests)}",
+            *extra,
             env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
         )
 
@@ -216,6 +217,11 @@ def test_edit_stage_continues_a_ledger_bitwise_reverts_and_saves(tiny_model_dir,
         one["model.layers.1.mlp.down_proj.weight"], after_first["model.layers.1.mlp.down_proj.weight"]
     )
     AutoModelForCausalLM.from_pretrained(tmp_path / "m_two")  # plain transformers loads it
+    before = (tmp_path / "two" / "ledger.json").read_bytes()
+    more = [{"prompt": "{} is a citizen of", "subject": "Pablo Picasso", "target_new": "Japan"}]
+    other_site = cli(more, tmp_path / "two", tmp_path / "m_other", "edit.ultraedit.position=subject")
+    assert other_site.returncode != 0 and "continue with edit.ultraedit.position=answer" in other_site.stderr
+    assert (tmp_path / "two" / "ledger.json").read_bytes() == before and not (tmp_path / "m_other").exists()
     r = run_cli("stage=revert", f"ledger={tmp_path / 'two'}", "edit_id=3", f"edit.save_to={tmp_path / 'rev'}")
     assert r.returncode == 0, r.stderr[-2000:]
     rev = weights(tmp_path / "rev")

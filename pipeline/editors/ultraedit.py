@@ -407,6 +407,13 @@ class UltraEditEditor(BatchEditor):
                 f"continue with edit.ultraedit.statistics={kept.get('mode')} and its layers {entry['layers']}, "
                 "or start a new edit.out"
             )
+        kept_position = entry.get("hparams", {}).get("ultraedit", {}).get("position", "answer")  # older: answer
+        if kept_position != self.hp.position:  # the statistics of one site's rows would normalise the other's
+            raise UserError(
+                f"the ledger's UltraEdit statistics (edit {entry['id']}) were gathered at the {kept_position} rows, "
+                f"this run reads the {self.hp.position} rows; continue with edit.ultraedit.position={kept_position}, "
+                "or start a new edit.out"
+            )
         tensors = ledger.tensors(entry)
         device = model_device(self.model)
         for group, old in self.stats.items():
