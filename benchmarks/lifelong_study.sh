@@ -2,7 +2,7 @@
 # The lifelong-editing measurements of docs/many-edits.md, one command each (CPU; hours on 2 cores).
 # Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_subject
 # batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000
-# gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants; default: all). Each writes its own eval.out under
+# gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants templates; default: all). Each writes its own eval.out under
 # outputs/; a stopped step resumes where it stopped
 # (the same command: finished methods are kept, the method in progress continues at its batch boundary).
 set -euo pipefail
@@ -160,16 +160,24 @@ variants() {  # ROME's key variant chosen again by the generative numbers (case 
     'eval.methods=[none,rome,rome_original,rome_rrome]' 'method.rome_original={class: rome, variant: original}' \
     'method.rome_rrome={class: rome, variant: rrome}' eval.out=outputs/variants_generative
 }
+templates() {  # ROME's context-template style, seeded (the default) against original, on the variants' records:
+  # an edit.* setting, so one run each; compare with python benchmarks/paired_runs.py (docs/edit.md)
+  local style
+  for style in seeded original; do
+    run stage=eval "${COMMON[@]}" eval.n=100 eval.start=1000 eval.generation.tokens=0 'eval.methods=[none,rome]' \
+      "edit.templates.style=$style" "eval.out=outputs/templates_$style"
+  done
+}
 
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_subject batch1000 nas_checks
-  alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants)
+  alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants templates)
 for step in "${steps[@]}"; do
   case "$step" in
     ultraedit10k | ultraedit_unrelated | ultraedit_lr | ultraedit_nullspace | ultraedit_subject | batch1000 | nas_checks | alphaedit_range2 | \
       rome_range2 | rome_reference | rome_reference_range2 | rome300 | table300 | gemma1000 | gemma_rome300 | gemma_rome_nas300 | zsre1000 | zsre_alt | \
-      variants) "$step" ;;
+      variants | templates) "$step" ;;
     zsre_ultraedit | zsre_memit | zsre_alphaedit) zsre1000 "${step#zsre_}" ;;  # one method of zsre1000
-    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_subject batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants)" >&2; exit 2 ;;
+    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_subject batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants templates)" >&2; exit 2 ;;
   esac
 done
