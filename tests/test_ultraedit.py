@@ -43,6 +43,23 @@ def test_ridge_shift_solves_its_normal_equations(m):
         torch.testing.assert_close(h @ (small.left @ small.right.T).T, v, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("m", [5, 40])
+def test_covariance_preserving_shift_solves_memits_normal_equations(m):
+    """preserve=covariance: ΔW (HᵀH + μC + λI) = VᵀH, through the Woodbury form (an m x m system) for any m."""
+    from rome.pipeline.editors.rank_one import KeySolver
+
+    g = torch.Generator().manual_seed(m)
+    h = torch.randn(m, 24, generator=g, dtype=torch.float64) * 3 + 1
+    v = torch.randn(m, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(200, 24, generator=g, dtype=torch.float64)
+    c = k.T @ k / 200
+    for mu, ridge in ((10.0, 1.0), (1e3, 1e-3)):
+        shift = ridge_shift(h, v, ridge, KeySolver(mu * c, ridge))
+        dw = shift.left @ shift.right.T
+        normal = dw @ (h.T @ h + mu * c + ridge * torch.eye(24, dtype=torch.float64))
+        torch.testing.assert_close(normal, v.T @ h, rtol=1e-9, atol=1e-9)
+
+
 def test_lifelong_statistics_after_n_batches_equal_all_batches_at_once():
     g = torch.Generator().manual_seed(0)
     batches = [
@@ -235,7 +252,8 @@ def test_edit_stage_continues_a_ledger_bitwise_reverts_and_saves(tiny_model_dir,
 
 def test_nullspace_preserving_shift_leaves_cs_frequent_keys_alone(tiny_model_dir, tmp_path):
     """edit.ultraedit.preserve=nullspace: ΔW is the ridge solve on the keys projected onto C's null space, so it
-    maps every key in C's preserved (high-energy) subspace to zero; refused without C or with an unknown mode."""
+    maps every key in C's preserved (high-energy) subspace to zero; refused without C or with an unknown mode; and
+    preserve=covariance on the same C solves MEMIT's normal equations."""
     from safetensors.torch import save_file
 
     from rome.pipeline.errors import UserError
@@ -279,3 +297,25 @@ def test_nullspace_preserving_shift_leaves_cs_frequent_keys_alone(tiny_model_dir
         )
         normal = dw @ (h.T @ h + float(editor.hp.ridge) * torch.eye(d_ff, dtype=torch.float64))
         torch.testing.assert_close(normal, v.T @ h, rtol=1e-7, atol=1e-9 * float((v.T @ h).abs().max()))
+
+    def provided(layers):
+        return {k: stats[k] for k in layers}
+
+    # preserve=covariance on the same C: the shift is MEMIT's trade-off, ΔW (HᵀH + μC + λI) = VᵀH on the raw keys
+    overrides = ["edit.ultraedit.layers=[1,2]", "edit.ultraedit.preserve=covariance", "edit.verify.enabled=false"]
+    with pytest.raises(UserError, match="covariance_weight=0.0 must be positive"):
+        build_editor(
+            configure([*overrides, "edit.ultraedit.covariance_weight=0"]), loaded, "ultraedit", statistics=provided
+        )
+    editor = build_editor(configure(overrides), loaded, "ultraedit", statistics=provided)
+    before = {layer: loaded.spec.down_proj_matrix(loaded.model, layer).detach().clone() for layer in (1, 2)}
+    (edit,) = editor.edit(parse_requests(REQUESTS[2:4]))
+    mu, ridge = float(editor.hp.covariance_weight), float(editor.hp.ridge)
+    for layer in (1, 2):
+        dw = loaded.spec.down_proj_matrix(loaded.model, layer).detach() - before[layer]
+        h = edit.features.keys[layer].double()
+        v = pseudo_targets(
+            edit.features.keys[layer], edit.features.grads[layer], editor.stats["shared"], editor.hp.lr, editor.hp.eps
+        )
+        system = h.T @ h + mu * stats[layer].second_moment + ridge * torch.eye(d_ff, dtype=torch.float64)
+        torch.testing.assert_close(dw @ system, v.T @ h, rtol=1e-7, atol=1e-9 * float((v.T @ h).abs().max()))

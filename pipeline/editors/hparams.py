@@ -154,6 +154,7 @@ class UltraEditHparams:
     preserve: str  # none | nullspace: the keys projected onto C's null space before the solve
     nullspace_threshold: float  # eigenvalues below this x the mean eigenvalue span the null space
     position: str  # answer | subject: where the keys and gradients are read
+    covariance_weight: float  # μ in ΔW = Vᵀ H (HᵀH + μC + λI)⁻¹ (preserve=covariance)
 
 
 def typed(schema: type[T], node: Any, where: str = "edit") -> T:

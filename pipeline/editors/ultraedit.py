@@ -27,6 +27,11 @@ sees often (P k ≈ 0), where a batch's shift otherwise reaches every fact's ans
 Measured on SmolLM2 (docs/many-edits.md): it keeps the held-out perplexity and delays the loss of known facts,
 but does not stop it; off by default.
 
+``edit.ultraedit.preserve=covariance`` (not in the paper): MEMIT's trade-off in UltraEdit's solve, ΔW = Vᵀ H (HᵀH +
+μC + λI)⁻¹, the minimiser of ‖ΔW Hᵀ − Vᵀ‖² + μ tr(ΔW C ΔWᵀ) + λ‖ΔW‖²: a soft version of the null-space projection
+(the shift kept small on C's frequent keys in proportion to their energy, not removed from them), μ =
+``edit.ultraedit.covariance_weight``; off by default.
+
 ``edit.ultraedit.position=subject`` (not in the paper): one row per request, the key and gradient at the subject's
 last token (MEMIT's site, where other facts' keys overlap a batch's less), the rest as above. Measured on SmolLM2
 (layers 1-5, one batch of 100, docs/many-edits.md): one step there barely writes the edits (ES 52-57 against 93 at
@@ -60,7 +65,7 @@ from rome.pipeline.core.timing import Clock, model_device
 from rome.pipeline.editors.base import BatchEditor, Edit, Editor, LayerStatistics, register
 from rome.pipeline.editors.hparams import UltraEditHparams, typed
 from rome.pipeline.editors.ledger import Ledger
-from rome.pipeline.editors.rank_one import LowRank, apply_low_rank, frobenius_norm
+from rome.pipeline.editors.rank_one import KeySolver, LowRank, apply_low_rank, frobenius_norm
 from rome.pipeline.editors.verification import verification_record
 from rome.pipeline.errors import UserError
 from rome.pipeline.stats.spectrum import cached_eigendecomposition, null_space_projector, null_space_share
@@ -78,7 +83,7 @@ __all__ = [
 ]
 
 STATISTICS = ("shared", "per_layer")  # edit.ultraedit.statistics
-PRESERVE = ("none", "nullspace")  # edit.ultraedit.preserve
+PRESERVE = ("none", "nullspace", "covariance")  # edit.ultraedit.preserve
 POSITIONS = ("answer", "subject")  # edit.ultraedit.position
 
 
@@ -241,13 +246,22 @@ def pseudo_targets(
     return -lr * h.square().sum(1, keepdim=True) * g
 
 
-def ridge_shift(keys: torch.Tensor, values: torch.Tensor, ridge: float) -> LowRank:
+def ridge_shift(keys: torch.Tensor, values: torch.Tensor, ridge: float, preserve: KeySolver | None = None) -> LowRank:
     """ΔW = Vᵀ H (HᵀH + λI)⁻¹ [d_model, d_ff] as ``LowRank(Vᵀ, Hᵀ(HHᵀ + λI)⁻¹)`` (float64, contiguous): the
     ridge regression of the shifts ``values`` V [m, d_model] on the keys H [m, d_ff]. The m x m system when m
-    ≤ d_ff, else the d_ff x d_ff one ((HᵀH + λI)⁻¹Hᵀ: the same matrix)."""
+    ≤ d_ff, else the d_ff x d_ff one ((HᵀH + λI)⁻¹Hᵀ: the same matrix).
+
+    ``preserve``: a solver of A = μC + λI (``preserve=covariance``), and ΔW = Vᵀ H (HᵀH + A)⁻¹, the minimiser of
+    ‖ΔW Hᵀ − Vᵀ‖² + μ tr(ΔW C ΔWᵀ) + λ‖ΔW‖²: MEMIT's trade-off, the shift kept small on the keys C sees often.
+    By Woodbury, (HᵀH + A)⁻¹Hᵀ = A⁻¹Hᵀ (I + H A⁻¹ Hᵀ)⁻¹: one m x m system beside the cached factor of A."""
     h = keys.to(torch.float64)
     m, d = h.shape
-    if m <= d:
+    if preserve is not None:
+        a_inv_ht = preserve.solve(h.T.contiguous())  # [d_ff, m]
+        system = h @ a_inv_ht
+        system.diagonal().add_(1.0)
+        right = torch.linalg.solve(system, a_inv_ht.T).T  # system is symmetric
+    elif m <= d:
         system = h @ h.T
         system.diagonal().add_(ridge)
         right = torch.linalg.solve(system, h).T  # system is symmetric: Hᵀ system⁻¹ = (system⁻¹ H)ᵀ
@@ -307,6 +321,7 @@ class UltraEditEditor(BatchEditor):
         }
         self.stats = {self.group(layer): LifelongStats(size[layer], device) for layer in self.layers}
         self.projectors: dict[int, torch.Tensor] = {}  # preserve=nullspace: P per layer (``preserve_null_space``)
+        self.preservers: dict[int, KeySolver] = {}  # preserve=covariance: μC + λI per layer (``preserve_covariance``)
         self.stats_id: dict[str, Any] | None = None
 
     @classmethod
@@ -325,10 +340,15 @@ class UltraEditEditor(BatchEditor):
             raise UserError(f"{name} needs its layers: pass edit.ultraedit.layers=[...] (or edit.layers=[...])")
         model, batch_size = loaded.model, int(cfg.edit.batch_size)
         editor = cls(name, model, loaded.tokenizer, loaded.spec, hp, list(layers), batch_size, edit_hp.verify)
-        if hp.preserve == "nullspace":
+        if hp.preserve != "none":
             if statistics is None:
-                raise UserError(f"{name} with edit.ultraedit.preserve=nullspace needs C of its layers (stage=stats)")
-            editor.preserve_null_space(statistics(editor.layers))
+                raise UserError(
+                    f"{name} with edit.ultraedit.preserve={hp.preserve} needs C of its layers (stage=stats)"
+                )
+            if hp.preserve == "nullspace":
+                editor.preserve_null_space(statistics(editor.layers))
+            else:
+                editor.preserve_covariance(statistics(editor.layers))
         return editor
 
     def preserve_null_space(self, stats: dict[int, Any]) -> None:
@@ -340,6 +360,15 @@ class UltraEditEditor(BatchEditor):
             projector, rank = null_space_projector(values, vectors, threshold)
             self.projectors[layer] = projector.to(device=device, dtype=torch.float64)
             self.null_space[layer] = rank, null_space_share(values, threshold)
+        self.stats_id = {str(layer): stats_identity(s) for layer, s in stats.items()}
+
+    def preserve_covariance(self, stats: dict[int, Any]) -> None:
+        """The factor of A = μC + λI per layer (``preservers``; μ = edit.ultraedit.covariance_weight)."""
+        device, weight = model_device(self.model), float(self.hp.covariance_weight)
+        if not weight > 0:
+            raise UserError(f"edit.ultraedit.covariance_weight={weight} must be positive (MEMIT's is 15000 at 8B)")
+        for layer in self.layers:
+            self.preservers[layer] = KeySolver(weight * stats[layer].second_moment, float(self.hp.ridge), device)
         self.stats_id = {str(layer): stats_identity(s) for layer, s in stats.items()}
 
     def group(self, layer: int) -> str:
@@ -367,7 +396,7 @@ class UltraEditEditor(BatchEditor):
             keys = f.keys[layer].to(device=values.device, dtype=torch.float64)
             if layer in self.projectors:  # H̃ = H P (P symmetric)
                 keys = keys @ self.projectors[layer]
-            update = ridge_shift(keys, values, float(hp.ridge))
+            update = ridge_shift(keys, values, float(hp.ridge), self.preservers.get(layer))
             weight = self.spec.down_proj_weight(self.model, layer)
             norm_w = frobenius_norm(weight)
             apply_low_rank(weight, update, self.spec.down_proj_conv1d)
