@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The lifelong-editing measurements of docs/many-edits.md, one command each (CPU; hours on 2 cores).
-# Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_subject
+# Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
 # batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000
 # gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants templates; default: all). Each writes its own eval.out under
 # outputs/; a stopped step resumes where it stopped
@@ -48,6 +48,19 @@ ultraedit_nullspace() {  # edit.ultraedit.preserve=nullspace (the solve on keys 
   run "${SEQ[@]}" eval.batch_size=100 eval.n=10000 'eval.methods=[none,ultraedit]' eval.eval_every=20 \
     eval.curve_cases=25 eval.final_cases=200 eval.generation.tokens=0 edit.ultraedit.preserve=nullspace \
     eval.out=outputs/seq10k_ultraedit_nullspace
+}
+ultraedit_covariance() {  # edit.ultraedit.preserve=covariance (MEMIT's trade-off in the solve): one batch of 100
+  # at four weights mu, then 1,000 edits at mu = 100 with ultraedit_nullspace's 1,000-edit protocol (its pair)
+  local mu
+  for mu in 1 10 100 1000; do
+    run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=100 eval.n=100 \
+      'eval.methods=[none,ultraedit]' eval.eval_every=1 eval.curve_cases=50 eval.final_cases=100 \
+      eval.generation.tokens=0 edit.ultraedit.preserve=covariance "edit.ultraedit.covariance_weight=$mu" \
+      "eval.out=outputs/seq100_ultraedit_covariance_mu$mu"
+  done
+  run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' eval.eval_every=2 \
+    eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 edit.ultraedit.preserve=covariance \
+    edit.ultraedit.covariance_weight=100 eval.out=outputs/seq1000_ultraedit_covariance
 }
 ultraedit_subject() {  # one batch of 100 (records 0-99): the paper's rows (the answer positions, layers 19-27, lr
   # 3e-4) against edit.ultraedit.position=subject (the subject's last token, MEMIT's layers 1-5) at four lrs
@@ -170,14 +183,14 @@ templates() {  # ROME's context-template style, seeded (the default) against ori
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_subject batch1000 nas_checks
+[ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject batch1000 nas_checks
   alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants templates)
 for step in "${steps[@]}"; do
   case "$step" in
-    ultraedit10k | ultraedit_unrelated | ultraedit_lr | ultraedit_nullspace | ultraedit_subject | batch1000 | nas_checks | alphaedit_range2 | \
+    ultraedit10k | ultraedit_unrelated | ultraedit_lr | ultraedit_nullspace | ultraedit_covariance | ultraedit_subject | batch1000 | nas_checks | alphaedit_range2 | \
       rome_range2 | rome_reference | rome_reference_range2 | rome300 | table300 | gemma1000 | gemma_rome300 | gemma_rome_nas300 | zsre1000 | zsre_alt | \
       variants | templates) "$step" ;;
     zsre_ultraedit | zsre_memit | zsre_alphaedit) zsre1000 "${step#zsre_}" ;;  # one method of zsre1000
-    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_subject batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants templates)" >&2; exit 2 ;;
+    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants templates)" >&2; exit 2 ;;
   esac
 done
