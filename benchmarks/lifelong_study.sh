@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The lifelong-editing measurements of docs/many-edits.md, one command each (CPU; hours on 2 cores).
-# Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (steps: ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
-# batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000
-# gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants templates; default: all). Each writes its own eval.out under
+# Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (the steps: STEPS at the end, and zsre_ultraedit | zsre_memit |
+# zsre_alphaedit for one method of zsre1000; default: all of STEPS). Each writes its own eval.out under
 # outputs/; a stopped step resumes where it stopped
 # (the same command: finished methods are kept, the method in progress continues at its batch boundary).
 set -euo pipefail
@@ -182,15 +181,20 @@ templates() {  # ROME's context-template style, seeded (the default) against ori
   done
 }
 
+STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject batch1000
+  nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300
+  gemma_rome_nas300 zsre1000 zsre_alt variants templates)
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject batch1000 nas_checks
-  alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants templates)
+[ ${#steps[@]} -eq 0 ] && steps=("${STEPS[@]}")
+for step in "${steps[@]}"; do  # every name checked before the first (hours-long) step runs
+  case " ${STEPS[*]} zsre_ultraedit zsre_memit zsre_alphaedit " in
+    *" $step "*) ;;
+    *) echo "error: unknown step '$step' (${STEPS[*]} zsre_ultraedit zsre_memit zsre_alphaedit)" >&2; exit 2 ;;
+  esac
+done
 for step in "${steps[@]}"; do
   case "$step" in
-    ultraedit10k | ultraedit_unrelated | ultraedit_lr | ultraedit_nullspace | ultraedit_covariance | ultraedit_subject | batch1000 | nas_checks | alphaedit_range2 | \
-      rome_range2 | rome_reference | rome_reference_range2 | rome300 | table300 | gemma1000 | gemma_rome300 | gemma_rome_nas300 | zsre1000 | zsre_alt | \
-      variants | templates) "$step" ;;
     zsre_ultraedit | zsre_memit | zsre_alphaedit) zsre1000 "${step#zsre_}" ;;  # one method of zsre1000
-    *) echo "error: unknown step '$step' (ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants templates)" >&2; exit 2 ;;
+    *) "$step" ;;
   esac
 done
