@@ -90,6 +90,21 @@ def _teacher_forced_loss(model, tok, request):
     return -sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(target)), len(prompt) - 1
 
 
+def _numeric_gradient(model, tok, spec, request, layer, position, j, eps=1e-4):
+    """∂L/∂(layer's down-projection output)[position, j] of one request's target loss, by central differences."""
+
+    def shifted(s):
+        def add(out):
+            out = out.clone()
+            out[0, position, j] += s
+            return out
+
+        with Trace(get_module(model, spec.down_proj_name(layer)), edit_output=add):
+            return float(_teacher_forced_loss(model, tok, request)[0])
+
+    return (shifted(eps) - shifted(-eps)) / (2 * eps)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])  # Conv1D; soft-capped logits
 def test_features_are_keys_and_output_gradients_at_the_target_positions(tiny_model_dir, family):
     loaded = load_model(str(tiny_model_dir(family)), device="cpu")
@@ -104,18 +119,7 @@ def test_features_are_keys_and_output_gradients_at_the_target_positions(tiny_mod
     torch.testing.assert_close(f.keys[2][:first].double(), t.input[0, p : p + first].double(), rtol=1e-5, atol=1e-6)
     for layer in (1, 2):  # ∂L/∂(output) at the first target position, by central differences
         j = int(f.grads[layer][0].abs().argmax())
-        eps = 1e-4
-
-        def shifted(s, layer=layer, j=j):
-            def add(out):
-                out = out.clone()
-                out[0, p, j] += s
-                return out
-
-            with Trace(get_module(model, spec.down_proj_name(layer)), edit_output=add):
-                return float(_teacher_forced_loss(model, tok, requests[0])[0])
-
-        numeric = (shifted(eps) - shifted(-eps)) / (2 * eps)
+        numeric = _numeric_gradient(model, tok, spec, requests[0], layer, p, j)
         assert numeric == pytest.approx(float(f.grads[layer][0, j]), rel=1e-3)
 
 
@@ -133,17 +137,8 @@ def test_subject_position_reads_one_row_per_request_at_the_subjects_last_token(t
         _teacher_forced_loss(model, tok, requests[1])
     torch.testing.assert_close(f.keys[1][1].double(), t.input[0, last].double(), rtol=1e-5, atol=1e-6)
     j = int(f.grads[1][1].abs().argmax())  # ∂L/∂(output) at the subject's last token, by central differences
-
-    def shifted(s):
-        def add(out):
-            out = out.clone()
-            out[0, last, j] += s
-            return out
-
-        with Trace(get_module(model, spec.down_proj_name(1)), edit_output=add):
-            return float(_teacher_forced_loss(model, tok, requests[1])[0])
-
-    assert (shifted(1e-4) - shifted(-1e-4)) / 2e-4 == pytest.approx(float(f.grads[1][1, j]), rel=1e-3)
+    numeric = _numeric_gradient(model, tok, spec, requests[1], 1, last, j)
+    assert numeric == pytest.approx(float(f.grads[1][1, j]), rel=1e-3)
     with pytest.raises(UserError, match="edit.ultraedit.position=token must be one of answer, subject"):
         _editor(loaded, "edit.ultraedit.position=token")
 

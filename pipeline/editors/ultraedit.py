@@ -147,15 +147,17 @@ class Features:
     loss: float  # L: the summed cross-entropy of the target tokens
 
 
-def _rows(tokenizer: Any, requests: Sequence[EditRequest]) -> list[tuple[list[int], list[int], int, int]]:
+def _rows(
+    tokenizer: Any, requests: Sequence[EditRequest], position: str
+) -> list[tuple[list[int], list[int], int, int | None]]:
     """Per request: the ids of ``prompt + target[:-1]``, the target's ids, the position predicting its first token
-    and the position of the subject's last token."""
+    and, for ``position="subject"`` only, the position of the subject's last token."""
     out = []
     for r in requests:
         text, start, end = fill_prompt(r.prompt, r.subject)
         prompt = tokenizer(text)["input_ids"]
         target = target_token_ids(tokenizer, r.target_new)
-        subject_last = subject_token_range(tokenizer, text, start, end)[1] - 1
+        subject_last = subject_token_range(tokenizer, text, start, end)[1] - 1 if position == "subject" else None
         out.append((prompt + target[:-1], target, len(prompt) - 1, subject_last))
     return out
 
@@ -187,7 +189,7 @@ def read_features(
     graph and the forward values stay as they are, whatever the parameters' ``requires_grad``); the pass stops
     at the final norm and the LM head runs at the target positions only."""
     device = model_device(model)
-    rows = _rows(tokenizer, requests)
+    rows = _rows(tokenizer, requests, position)
     keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     grads: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     owner: list[int] = []
