@@ -275,6 +275,11 @@ def config_keys(node: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def plain(node: Any) -> Any:
+    """``node`` as plain dicts and lists (interpolations resolved) if it is a config, else itself: what JSON takes."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
 def nearest(word: str, choices: Sequence[str]) -> str:
     """' (did you mean X?)' for the closest of ``choices``, else ''."""
     found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -6,28 +6,22 @@ model's its ``rome_saved_model.json``: ``pipeline/editors/ledger.py`` and ``pipe
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from rome.pipeline.core.atomic import write_json
 from rome.pipeline.core.locks import LOCK_FILE
-from rome.pipeline.core.saving import check_writable
+from rome.pipeline.core.saving import WRITTEN_BY, check_writable, read_marker, short_listing
 from rome.pipeline.errors import UserError
 
 __all__ = ["OUTPUT_MARKER", "claim_output_dir"]
 
 OUTPUT_MARKER = ".rome-output.json"
-WRITTEN_BY = "rome-lightning"
 
 
-def _marker(directory: Path) -> dict | None:
-    try:
-        data = json.loads((directory / OUTPUT_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("written_by") == WRITTEN_BY else None
+def _marked(directory: Path) -> bool:
+    return read_marker(directory, (OUTPUT_MARKER,)) is not None
 
 
 def claim_output_dir(directory: str | os.PathLike, what: str, ours: Callable[[Path], bool] | None = None) -> Path:
@@ -36,15 +30,14 @@ def claim_output_dir(directory: str | os.PathLike, what: str, ours: Callable[[Pa
     is written. Anything else is a ``UserError`` that lists what is there."""
     path = Path(directory).expanduser()
     check_writable(path, what)
-    if path.is_dir() and _marker(path) is None:
+    if path.is_dir() and not _marked(path):
         entries = sorted(p.name for p in path.iterdir() if p.name not in (OUTPUT_MARKER, LOCK_FILE))
         if entries and not (ours is not None and ours(path)):
-            listing = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
             raise UserError(
                 f"{what}={directory} is not empty and was not written by this project (no {OUTPUT_MARKER}); it holds "
-                f"{listing}. Nothing was touched: name a new or empty directory"
+                f"{short_listing(entries)}. Nothing was touched: name a new or empty directory"
             )
-    if _marker(path) is None:
+    if not _marked(path):
         path.mkdir(parents=True, exist_ok=True)
         write_json(
             path / OUTPUT_MARKER,

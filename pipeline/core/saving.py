@@ -23,20 +23,34 @@ from rome.pipeline.core.atomic import atomic_dir, ensure_free_space, no_space
 from rome.pipeline.core.loading import LoadedModel
 from rome.pipeline.errors import UserError
 
-__all__ = ["MARKER", "ADAPTER_MARKER", "check_destination", "check_writable", "save_model", "write_marked_dir"]
+__all__ = [
+    "MARKER",
+    "ADAPTER_MARKER",
+    "WRITTEN_BY",
+    "check_destination",
+    "check_writable",
+    "read_marker",
+    "save_model",
+    "short_listing",
+    "write_marked_dir",
+]
 
 MARKER = "rome_saved_model.json"
 ADAPTER_MARKER = "rome_adapter.json"  # the same rule for an adapter directory: its manifest is its marker
 WRITTEN_BY = "rome-lightning"
 
 
-def _listing(names: list[str], most: int = 4) -> str:
+def short_listing(names: list[str], most: int = 4) -> str:
+    """The first ``most`` of ``names`` in order, for an error line that says what a directory holds."""
     return ", ".join(sorted(names)[:most]) + (", ..." if len(names) > most else "")
 
 
-def _marker(directory: Path) -> tuple[str, dict[str, Any]] | None:
-    """The marker file ``directory`` carries (a saved model's or an adapter's) and its content, if ours."""
-    for name in (MARKER, ADAPTER_MARKER):
+def read_marker(
+    directory: Path, names: tuple[str, ...] = (MARKER, ADAPTER_MARKER)
+) -> tuple[str, dict[str, Any]] | None:
+    """The first of the marker files ``names`` that ``directory`` carries and this project wrote, and its content
+    (by default a saved model's or an adapter's); None if there is none."""
+    for name in names:
         try:
             data = json.loads((directory / name).read_text())
         except (OSError, ValueError):
@@ -91,18 +105,18 @@ def check_destination(
     if path.is_dir():
         entries = [p.name for p in path.iterdir()]
         if entries:
-            found = _marker(path)
+            found = read_marker(path)
             if found is None:
                 raise UserError(
                     f"{what}={directory} is not empty and is not a model saved by this project (no {MARKER}); "
-                    f"it holds {_listing(entries)}. Nothing was touched: name a new or empty directory"
+                    f"it holds {short_listing(entries)}. Nothing was touched: name a new or empty directory"
                 )
             name, marker = found
             foreign = [n for n in entries if n not in set(marker.get("files", [])) | {name}]
             if foreign:
                 raise UserError(
                     f"{what}={directory} is a model saved by this project but also holds files it did not "
-                    f"write ({_listing(foreign)}); move them out or name another directory"
+                    f"write ({short_listing(foreign)}); move them out or name another directory"
                 )
     return path
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rome.pipeline.config import plain
 from rome.pipeline.core.arch import ArchSpec
 from rome.pipeline.core.hooks import get_module
 from rome.pipeline.core.requests import EditRequest
@@ -194,15 +195,7 @@ class Editor(abc.ABC):
 
     def config(self) -> dict[str, Any]:
         """What identifies this editor's results (a rerun with another config must not mix with them)."""
-        from omegaconf import OmegaConf
-
-        hp = (
-            OmegaConf.to_container(self.hp, resolve=True)
-            if OmegaConf.is_config(self.hp)
-            else dataclasses.asdict(self.hp)
-            if dataclasses.is_dataclass(self.hp)
-            else self.hp
-        )
+        hp = dataclasses.asdict(self.hp) if dataclasses.is_dataclass(self.hp) else plain(self.hp)
         return {"class": self.method, "layers": self.layers, "hparams": hp}
 
     # -- driving the phases -----------------------------------------------------------------------------

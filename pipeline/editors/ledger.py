@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
+from rome.pipeline.config import plain
 from rome.pipeline.core.arch import ArchSpec
 from rome.pipeline.core.atomic import atomic_path, write_json
 from rome.pipeline.core.digest import file_sha256
@@ -168,7 +169,7 @@ class Ledger:
             "timings": result.timings,
             "model": model_identity,
             "stats": stats,
-            "hparams": {"memit": _plain(ctx.hp.memit), "alphaedit": _plain(ctx.hp.alphaedit)},
+            "hparams": {"memit": plain(ctx.hp.memit), "alphaedit": plain(ctx.hp.alphaedit)},
             **({"run": run} if run else {}),
             **(verification or {}),
         }
@@ -268,9 +269,3 @@ def _authenticate(path: Path, data: dict[str, Any]) -> None:
             f"ledger {path} was changed outside this project (its content does not match its checksum); nothing was "
             "applied or changed: restore it from a copy"
         )
-
-
-def _plain(node: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rome.pipeline.config import plain
 from rome.pipeline.core.arch import ArchSpec
 from rome.pipeline.core.hooks import Trace, get_module
 from rome.pipeline.core.padding import right_pad
@@ -473,7 +474,7 @@ class UltraEditEditor(BatchEditor):
             "statistics": {"mode": self.hp.statistics, "groups": sorted(self.stats)},
             "timings": dict(edit.timings),
             "model": model_identity,
-            "hparams": {"ultraedit": _plain(self.hp)},
+            "hparams": {"ultraedit": plain(self.hp)},
             **({"run": run} if run else {}),
             **verification_record(edit.checks, edit.status, edit.reason),
         }
@@ -486,9 +487,3 @@ class UltraEditEditor(BatchEditor):
             "loss": edit.features.loss,
             "relative_update": {str(layer): n["relative_update"] for layer, n in edit.norms.items()},
         }
-
-
-def _plain(node: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node

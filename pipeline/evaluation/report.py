@@ -22,6 +22,7 @@ __all__ = [
     "markdown_table",
     "generative_table",
     "generative_label",
+    "stat_cell",
     "bar_chart",
     "earlier_eval_output",
     "error_bars",
@@ -108,7 +109,8 @@ def summarize(
     return out
 
 
-def _cell(stat: Mapping[str, Any] | None) -> str:
+def stat_cell(stat: Mapping[str, Any] | None) -> str:
+    """A table cell: the mean and its 95% interval ("-" where the metric was not measured)."""
     if not stat:
         return "-"
     return f"{stat['mean']:.1f}" + (f" ± {stat['ci95']:.1f}" if stat.get("ci95") is not None else "")
@@ -127,7 +129,7 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
         cells = [name, str(m["n"])] + ([f"{m['s']:.1f}" if "s" in m else "-"] if kind == "counterfact" else [])
-        lines.append("| " + " | ".join(cells + [_cell(m["metrics"].get(k)) for k in cols]) + " |")
+        lines.append("| " + " | ".join(cells + [stat_cell(m["metrics"].get(k)) for k in cols]) + " |")
     lines += ["", f"Protocol: {summary['protocol']}.", ""]
     gen = generative_table(kind, methods)
     if gen:
@@ -147,7 +149,9 @@ def generative_table(kind: str, rows: Mapping[str, Mapping[str, Any]], first: st
     lines = ["Generative (gen), greedy continuations:", "", "| " + " | ".join(head) + " |"]
     lines.append("|" + "---|" * len(head))
     for name, m in rows.items():
-        cells = [name, str(m.get(first, m.get("n", "-")))] + [_cell((m.get("generative") or {}).get(k)) for k in cols]
+        cells = [name, str(m.get(first, m.get("n", "-")))] + [
+            stat_cell((m.get("generative") or {}).get(k)) for k in cols
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + [""])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rome.pipeline.core.atomic import atomic_path
-from rome.pipeline.evaluation.report import LABELS, METRICS, generative_label, generative_table
+from rome.pipeline.evaluation.report import LABELS, METRICS, generative_label, generative_table, stat_cell
 
 __all__ = [
     "scale_table",
@@ -61,12 +61,6 @@ def curve_sample(n_done: int, k: int | None) -> list[int]:
     return sorted({round(i * (n_done - 1) / (k - 1)) for i in range(k)})
 
 
-def _cell(stat: Mapping[str, Any] | None) -> str:
-    if not stat:
-        return "-"
-    return f"{stat['mean']:.1f}" + (f" ± {stat['ci95']:.1f}" if stat.get("ci95") is not None else "")
-
-
 def _rows(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return ([("unedited", summary["unedited"])] if "unedited" in summary else []) + [
         (name, summary["methods"][name]) for name in summary["order"]
@@ -88,7 +82,7 @@ def scale_table(summary: Mapping[str, Any]) -> str:
     rows = _rows(summary)
     for name, m in rows:
         cells = [name, str(m["edits"])] + ([f"{m['s']:.1f}" if m.get("s") is not None else "-"] if counterfact else [])
-        cells += [_cell(m["metrics"].get(k)) for k in cols + (["ge"] if counterfact else [])]
+        cells += [stat_cell(m["metrics"].get(k)) for k in cols + (["ge"] if counterfact else [])]
         cells += [
             f"{m['perplexity']:.2f}",
             f"{100 * m['known_accuracy']:.1f}",
