@@ -49,7 +49,8 @@ ultraedit_nullspace() {  # edit.ultraedit.preserve=nullspace (the solve on keys 
     eval.out=outputs/seq10k_ultraedit_nullspace
 }
 ultraedit_covariance() {  # edit.ultraedit.preserve=covariance (MEMIT's trade-off in the solve): one batch of 100
-  # at four weights mu, then 1,000 edits at mu = 100 with ultraedit_nullspace's 1,000-edit protocol (its pair)
+  # at four weights mu, then 1,000 edits at mu = 100 with ultraedit_nullspace's 1,000-edit protocol (its pair), then
+  # 10,000 at mu = 100 with its 10,000-edit protocol
   local mu
   for mu in 1 10 100 1000; do
     run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=100 eval.n=100 \
@@ -60,6 +61,9 @@ ultraedit_covariance() {  # edit.ultraedit.preserve=covariance (MEMIT's trade-of
   run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' eval.eval_every=2 \
     eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 edit.ultraedit.preserve=covariance \
     edit.ultraedit.covariance_weight=100 eval.out=outputs/seq1000_ultraedit_covariance
+  run "${SEQ[@]}" eval.batch_size=100 eval.n=10000 'eval.methods=[none,ultraedit]' eval.eval_every=20 \
+    eval.curve_cases=25 eval.final_cases=200 eval.generation.tokens=0 edit.ultraedit.preserve=covariance \
+    edit.ultraedit.covariance_weight=100 eval.out=outputs/seq10k_ultraedit_covariance
 }
 ultraedit_subject() {  # one batch of 100 (records 0-99): the paper's rows (the answer positions, layers 19-27, lr
   # 3e-4) against edit.ultraedit.position=subject (the subject's last token, MEMIT's layers 1-5) at four lrs
