@@ -41,7 +41,7 @@ WRITTEN_BY = "rome-lightning"
 
 
 def short_listing(names: list[str], most: int = 4) -> str:
-    """The first ``most`` of ``names`` in order, for an error line that says what a directory holds."""
+    """The first ``most`` of ``names`` in sorted order, for an error line that says what a directory holds."""
     return ", ".join(sorted(names)[:most]) + (", ..." if len(names) > most else "")
 
 
