@@ -7,9 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rome.pipeline.core.atomic import write_tensors
+from rome.pipeline.core.digest import file_sha256
 from rome.pipeline.core.hooks import Trace, get_module
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -85,6 +88,27 @@ def test_budget_is_exact(tiny_model_dir, small_wiki, tmp_path):
     )  # 5 windows: both workers get some
     assert r.returncode == 0, r.stderr
     assert int(load_file(layer_file(tmp_path, 3))["count"]) == 777
+
+
+def test_a_tensor_file_is_the_same_bytes_each_time(tmp_path):
+    """The statistics, spectrum, ledger and progress files are checksummed, and the same C must give the same
+    checksum: safetensors writes its metadata in a per-process random order (two keys: half the files differ),
+    which write_tensors puts back in sorted order without moving a tensor."""
+    c = torch.randn(6, 6, dtype=torch.float64)
+    tensors = {"second_moment": c, "count": torch.tensor([12])}
+    digests = set()
+    for i in range(12):  # the metadata given in both orders
+        metadata = {"module": "model.layers.4.mlp.down_proj", "layer": "4"}
+        digest = write_tensors(
+            tmp_path / f"{i}.safetensors", tensors, dict(reversed(metadata.items())) if i % 2 else metadata
+        )
+        assert digest == file_sha256(tmp_path / f"{i}.safetensors")
+        digests.add(digest)
+    assert len(digests) == 1
+    with safe_open(tmp_path / "5.safetensors", "pt") as f:
+        assert f.metadata() == {"layer": "4", "module": "model.layers.4.mlp.down_proj"}
+        assert torch.equal(f.get_tensor("second_moment"), c) and int(f.get_tensor("count")) == 12
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 @pytest.mark.slow

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 
+from rome.pipeline.core.atomic import write_tensors
 from rome.pipeline.core.digest import file_sha256
 from rome.pipeline.core.loading import EMBEDDED, resolve_dtype
 from rome.pipeline.core.saving import ADAPTER_MARKER, check_destination, write_marked_dir
@@ -194,7 +194,7 @@ def export_adapter(
     tensors = adapter_tensors(updates, torch_dtype)
 
     def write(tmp: Path) -> dict[str, Any]:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return {"sha256": {name: file_sha256(tmp / name) for name in (CONFIG_FILE, WEIGHTS_FILE)}}
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_dir", "write_json", "user_mode", "ensure_free_space", "no_space"]
+__all__ = ["atomic_path", "atomic_dir", "write_json", "write_tensors", "user_mode", "ensure_free_space", "no_space"]
 
 
 def user_mode(kind: str) -> int:
@@ -103,6 +103,35 @@ def atomic_dir(path: str | os.PathLike, before_replace: Callable[[Path], None] |
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` (name -> CPU tensor) and ``metadata`` to the safetensors file ``path`` atomically and
+    return its sha256. The same tensors and metadata give the same bytes: safetensors writes the metadata in its
+    hash map's per-process random order, so the header is written again with the metadata's keys sorted."""
+    from safetensors.torch import save_file
+
+    from rome.pipeline.core.digest import file_sha256
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        if metadata and len(metadata) > 1:
+            _sort_metadata(tmp)
+        return file_sha256(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header in place with its ``__metadata__`` keys sorted. The header holds the same
+    entries in another order, so it keeps its length and every tensor its offset; where the rewritten JSON would
+    not fit (a writer that formats differently), the file is left as written."""
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:
+            f.seek(8)
+            f.write(text.ljust(length, b" "))  # safetensors pads its header with spaces
 
 
 def ensure_free_space(directory: str | os.PathLike, needed: int, what: str) -> None:

@@ -19,12 +19,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
-from safetensors.torch import save_file
 
 from rome.pipeline.config import plain
 from rome.pipeline.core.arch import ArchSpec
-from rome.pipeline.core.atomic import atomic_path, write_json
-from rome.pipeline.core.digest import file_sha256
+from rome.pipeline.core.atomic import write_json, write_tensors
 from rome.pipeline.core.locks import LOCK_FILE
 from rome.pipeline.core.paths import contained
 from rome.pipeline.editors.rank_one import LowRank, RankOne, apply_low_rank, apply_rank_one
@@ -197,9 +195,8 @@ class Ledger:
         first, then the ledger that names it: a crash leaves no entry without its file."""
         entry = {"id": self.next_id(), **entry}
         name = f"edits/{entry['id']:06d}.safetensors"
-        with atomic_path(self.dir / name) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-            digest = file_sha256(tmp)
+        cpu_tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        digest = write_tensors(self.dir / name, cpu_tensors, metadata)
         self.entries.append({**entry, "file": name, "sha256": digest})
         self.save()
         return entry["id"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from rome.pipeline.core.atomic import atomic_path, write_json
+from rome.pipeline.core.atomic import write_json, write_tensors
 from rome.pipeline.core.digest import file_sha256
 
 __all__ = ["save_progress", "load_progress", "drop_progress"]
@@ -26,14 +26,10 @@ def save_progress(
     stem: Path, weights: dict[int, torch.Tensor], state: dict[str, torch.Tensor], info: dict[str, Any]
 ) -> None:
     """Write the edited matrices ``weights`` (layer -> tensor), the editor's ``state`` and ``info`` (JSON)."""
-    from safetensors.torch import save_file
-
     tensors = {f"weight.{layer}": w.detach().cpu().contiguous() for layer, w in weights.items()}
     tensors.update({f"state.{name}": t.detach().cpu().contiguous() for name, t in state.items()})
     tensor_path = stem.with_suffix(".safetensors")
-    with atomic_path(tensor_path) as tmp:
-        save_file(tensors, str(tmp))
-        digest = file_sha256(tmp)
+    digest = write_tensors(tensor_path, tensors)
     write_json(stem.with_suffix(".json"), {**info, "tensors": tensor_path.name, "sha256": digest})
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from rome.pipeline.core.atomic import atomic_path, write_json
+from rome.pipeline.core.atomic import write_json, write_tensors
 from rome.pipeline.core.digest import file_sha256
 from rome.pipeline.stats.store import LayerStats
 
@@ -58,13 +58,12 @@ def cached_eigendecomposition(
         except (json.JSONDecodeError, SafetensorError, OSError, KeyError):
             pass  # damaged: recomputed and rewritten below
     values, vectors = eigendecomposition(stats.second_moment, device)
-    with atomic_path(data) as tmp:
-        save_file(
-            {"eigenvalues": values.contiguous(), "eigenvectors": vectors.contiguous()},
-            str(tmp),
-            metadata={"layer": str(stats.layer), "source": stats.path.name},
-        )
-    write_json(sidecar, {"source": stats.path.name, "source_sha256": source, "sha256": file_sha256(data)})
+    digest = write_tensors(
+        data,
+        {"eigenvalues": values.contiguous(), "eigenvectors": vectors.contiguous()},
+        metadata={"layer": str(stats.layer), "source": stats.path.name},
+    )
+    write_json(sidecar, {"source": stats.path.name, "source_sha256": source, "sha256": digest})
     return values, vectors
 
 

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from rome.pipeline.core.atomic import atomic_path, ensure_free_space, write_json
+from rome.pipeline.core.atomic import ensure_free_space, write_json, write_tensors
 from rome.pipeline.core.digest import file_sha256, json_digest, slug
 from rome.pipeline.core.loading import LoadedModel, cache_root
 from rome.pipeline.core.paths import contained
@@ -208,17 +208,16 @@ class StatsEntry:
         ensure_free_space(
             self.dir, second_moment.numel() * second_moment.element_size(), f"statistics of layer {layer}"
         )
-        with atomic_path(path) as tmp:
-            save_file(
-                {"second_moment": second_moment, "count": torch.tensor([count])},
-                str(tmp),
-                metadata={"module": module, "layer": str(layer)},
-            )
+        digest = write_tensors(
+            path,
+            {"second_moment": second_moment, "count": torch.tensor([count])},
+            metadata={"module": module, "layer": str(layer)},
+        )
         manifest = self.manifest()
         manifest["layers"][str(layer)] = {
             "module": module,
             "file": path.name,
-            "sha256": file_sha256(path),
+            "sha256": digest,
             "tokens": count,
             "d_ff": int(total.shape[0]),
             "dtype": str(total.dtype).removeprefix("torch."),
