@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from rome.datamodules import TextDataModule
 from rome.pipeline.core.atomic import ensure_free_space
+from rome.pipeline.core.environment import environment
 from rome.pipeline.core.loading import LoadedModel
 from rome.pipeline.core.locks import DirectoryLock, first_process
 from rome.pipeline.core.outputs import claim_output_dir
@@ -174,6 +175,7 @@ def _compute(
             )
         for layer in layers:
             record = {"data_ran_out": True, "shortfall": requested - module.count} if module.count < requested else {}
+            record["environment"] = {**environment(module.sums[layer].device), "processes": tr.world_size}
             if module.convergence:
                 record["convergence"] = {
                     "points": module.curves[layer],

@@ -32,6 +32,7 @@ from rome.modules.statistics import layer_statistics
 from rome.modules.trainer import make_trainer
 from rome.pipeline.core.atomic import atomic_path, write_json
 from rome.pipeline.core.digest import file_sha256
+from rome.pipeline.core.environment import environment
 from rome.pipeline.core.loading import load_configured
 from rome.pipeline.core.locks import DirectoryLock, first_process
 from rome.pipeline.core.outputs import claim_output_dir
@@ -166,6 +167,7 @@ def _write_outputs(
     log: CaseLog,
     gen: Generation,
     run: dict[str, Any],
+    env: dict[str, Any],
 ) -> dict[str, Any]:
     selected = {c.index for c in cases}
     order = {name: i for i, name in enumerate(module.method_names)}
@@ -202,6 +204,7 @@ def _write_outputs(
         "skipped": skipped,
         "notes": _notes(cfg, cases, skipped, gen, module.ctx, module.methods),
         "run": run,
+        "environment": env,  # of the process that wrote the summary (resumed cases may come from others)
     }
     write_json(out / "summary.json", summary)
     table = markdown_table(summary)
@@ -309,7 +312,8 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         )
     result = None
     if tr.is_global_zero:
-        result = _write_outputs(out, cfg, module, cases, load_skipped, log, gen, run_record)
+        env = {**environment(tr.strategy.root_device), "processes": tr.world_size}
+        result = _write_outputs(out, cfg, module, cases, load_skipped, log, gen, run_record, env)
         write_json(out / "timing.json", _timing(result["records"], seconds, len(pending)))
         print("\n" + result["table"])
         print(f"results: {out}/ (summary.json, table.md, chart.png, cases.jsonl)")

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from rome.modules.statistics import layer_statistics
 from rome.pipeline.core.atomic import atomic_path, write_json
 from rome.pipeline.core.digest import file_sha256
+from rome.pipeline.core.environment import environment
 from rome.pipeline.core.loading import LoadedModel, load_configured
 from rome.pipeline.core.outputs import claim_output_dir
 from rome.pipeline.core.requests import EditRequest
@@ -558,6 +559,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     "final_seconds": final_seconds,
                     "edits_per_second": len(cases) / seconds if edits and seconds else None,
                     "timings": timings,
+                    "environment": environment(next(loaded.model.parameters()).device),
                     "curve": curve,
                     "config": OmegaConf.to_container(conf, resolve=True),
                     "hparams": OmegaConf.to_container(

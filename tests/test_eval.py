@@ -434,7 +434,12 @@ def test_two_ddp_processes_give_the_summary_of_one(tiny_model_dir, small_wiki, t
         for r in (0, 1)
     ]
     assert per_rank == [{0, 2, 4}, {1, 3}]
-    assert (tmp_path / "one" / "summary.json").read_text() == (tmp_path / "two" / "summary.json").read_text()
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two")]
+    # the same numbers; only the record of what made them differs: the process count (the threads: 1 each)
+    environments = [s.pop("environment") for s in summaries]
+    assert summaries[0] == summaries[1]
+    assert [(e["processes"], e["threads"]) for e in environments] == [(1, 1), (2, 1)]
+    assert environments[0]["torch"] == torch.__version__ and environments[0]["cpu"]
 
 
 def test_sigterm_stops_after_the_case_in_progress_and_the_same_command_resumes(tiny_model_dir, small_wiki, tmp_path):

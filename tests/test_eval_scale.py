@@ -4,6 +4,7 @@ perplexity, known facts, resuming, and bad input."""
 import json
 
 import pytest
+import torch
 from conftest import DATA, run_cli
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -55,6 +56,7 @@ def test_sequential_protocol_end_to_end_and_resume(tiny_model_dir, small_wiki, t
         assert m["edits"] == 4 and m["metrics"]["es"]["n"] == 4 and "ge" in m["metrics"]
         assert [p["edits"] for p in m["curve"]] == [2, 4]  # after batch 1 (2 cases) and at the end (4)
         assert m["perplexity"] > 1 and 0 <= m["known_accuracy"] <= 1 and m["edits_per_second"] > 0
+        assert m["environment"]["torch"] == torch.__version__ and m["environment"]["threads"] >= 1  # what made it
     assert summary["methods"]["memit"]["layers"] == [1, 2] and summary["methods"]["rome"]["layers"] == [2]
     null_space = summary["methods"]["alphaedit"]["null_space"]  # P's rank and C's energy in its range, per layer
     assert set(null_space) == {"1", "2"} and all(0 <= v["energy"] < 1 and v["rank"] > 0 for v in null_space.values())

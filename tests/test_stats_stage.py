@@ -65,6 +65,8 @@ def test_stats_equal_naive_hook_reference(tiny_model_dir, small_wiki, tmp_path):
     manifest = json.loads(next(tmp_path.glob("*/manifest.json")).read_text())
     assert manifest["key"]["max_length"] == 48 and set(manifest["layers"]) == {"1", "2"}
     assert manifest["layers"]["1"]["module"] == "model.layers.1.mlp.down_proj"
+    environment = manifest["layers"]["1"]["environment"]  # what computed C: versions, CPU, threads, processes
+    assert environment["torch"] == torch.__version__ and environment["processes"] == 1 and environment["threads"] >= 1
     assert not list(tmp_path.rglob("partial")) and not list(tmp_path.rglob("*.tmp"))
     # the same command again finds everything in the cache
     again = run_cli(
