@@ -184,10 +184,33 @@ templates() {  # ROME's context-template style, seeded (the default) against ori
       "edit.templates.style=$style" "eval.out=outputs/templates_$style"
   done
 }
+reproducibility() {  # what running one command again changes, on Gemma 3 270M (docs/many-edits.md): C three times (1,
+  # 1 and 2 threads), 20 ROME edits in sequence three times (1, 1, 2 threads; C from the first), one ROME edit at 1
+  # and 2 threads; each pair compared with benchmarks/run_diff.py
+  local out=outputs/reproducibility name
+  local eiffel='request={"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome"}'
+  for name in 1 1b 2; do
+    THREADS=${name%b} run stage=stats "${COMMON[@]}" model.name=gemma3-270m "stats.dir=$out/stats_$name"
+  done
+  for name in 1 1b 2; do
+    THREADS=${name%b} run stage=eval eval.mode=sequential "${COMMON[@]}" model.name=gemma3-270m eval.batch_size=10 \
+      eval.n=20 'eval.methods=[none,rome]' eval.eval_every=1 eval.curve_cases=10 eval.final_cases=10 \
+      eval.generation.tokens=0 "stats.dir=$out/stats_1" "eval.out=$out/seq20_$name"
+  done
+  for name in 1 2; do  # a ledger that exists is kept (run again, the edit would be added to it)
+    [ -e "$out/edit_$name/ledger.json" ] || THREADS=$name run stage=edit "${COMMON[@]}" model.name=gemma3-270m \
+      "$eiffel" "stats.dir=$out/stats_1" "edit.out=$out/edit_$name"
+  done
+  for pair in "stats_1 stats_1b" "stats_1 stats_2" "seq20_1 seq20_1b" "seq20_1 seq20_2" "edit_1 edit_2"; do
+    set -- $pair
+    echo "== $1 against $2"
+    python benchmarks/run_diff.py "$out/$1" "$out/$2"
+  done
+}
 
 STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject batch1000
   nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300
-  gemma_rome_nas300 zsre1000 zsre_alt variants templates)
+  gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${STEPS[@]}")
 for step in "${steps[@]}"; do  # every name checked before the first (hours-long) step runs
