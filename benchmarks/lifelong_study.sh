@@ -207,10 +207,25 @@ reproducibility() {  # what running one command again changes, on Gemma 3 270M (
     python benchmarks/run_diff.py "$out/$1" "$out/$2"
   done
 }
+reproducibility_smollm2() {  # the same on SmolLM2-135M at this page's scales, 1 thread against 2: ROME one at a
+  # time to 100 (checkpoints every 50 edits on 50 cases) and UltraEdit to 1,000 in batches of 100 (every 500)
+  local out=outputs/reproducibility threads
+  for threads in 1 2; do
+    THREADS=$threads run "${SEQ[@]}" eval.batch_size=50 eval.n=100 'eval.methods=[none,rome]' eval.eval_every=1 \
+      eval.curve_cases=50 eval.final_cases=100 eval.generation.tokens=0 "eval.out=$out/rome100_smollm2_$threads"
+    THREADS=$threads run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' \
+      eval.eval_every=5 eval.curve_cases=50 eval.final_cases=100 eval.generation.tokens=0 \
+      "eval.out=$out/ultraedit1000_smollm2_$threads"
+  done
+  for run in rome100_smollm2 ultraedit1000_smollm2; do
+    echo "== ${run}_1 against ${run}_2"
+    python benchmarks/run_diff.py "$out/${run}_1" "$out/${run}_2"
+  done
+}
 
 STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject batch1000
   nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300
-  gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility)
+  gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${STEPS[@]}")
 for step in "${steps[@]}"; do  # every name checked before the first (hours-long) step runs
