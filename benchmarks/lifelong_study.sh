@@ -207,17 +207,19 @@ reproducibility() {  # what running one command again changes, on Gemma 3 270M (
     python benchmarks/run_diff.py "$out/$1" "$out/$2"
   done
 }
-reproducibility_smollm2() {  # the same on SmolLM2-135M at this page's scales, 1 thread against 2: ROME one at a
-  # time to 100 (checkpoints every 50 edits on 50 cases) and UltraEdit to 1,000 in batches of 100 (every 500)
+reproducibility_smollm2() {  # the same on SmolLM2-135M, 1 thread against 2: ROME one at a time to 50 (checkpoints
+  # every 25 edits on 25 cases, the 50 scored at the end) and UltraEdit to 1,000 in batches of 100 (every 500 edits
+  # on 50 cases, 100 scored at the end); THREADS_LIST="1" or "2" runs one half (two processes side by side)
   local out=outputs/reproducibility threads
-  for threads in 1 2; do
-    THREADS=$threads run "${SEQ[@]}" eval.batch_size=50 eval.n=100 'eval.methods=[none,rome]' eval.eval_every=1 \
-      eval.curve_cases=50 eval.final_cases=100 eval.generation.tokens=0 "eval.out=$out/rome100_smollm2_$threads"
+  for threads in ${THREADS_LIST:-1 2}; do
     THREADS=$threads run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' \
       eval.eval_every=5 eval.curve_cases=50 eval.final_cases=100 eval.generation.tokens=0 \
       "eval.out=$out/ultraedit1000_smollm2_$threads"
+    THREADS=$threads run "${SEQ[@]}" eval.batch_size=25 eval.n=50 'eval.methods=[none,rome]' eval.eval_every=1 \
+      eval.curve_cases=25 eval.final_cases=50 eval.generation.tokens=0 "eval.out=$out/rome50_smollm2_$threads"
   done
-  for run in rome100_smollm2 ultraedit1000_smollm2; do
+  [ -e "$out/rome50_smollm2_1/methods/rome.json" ] && [ -e "$out/rome50_smollm2_2/methods/rome.json" ] || return 0
+  for run in ultraedit1000_smollm2 rome50_smollm2; do
     echo "== ${run}_1 against ${run}_2"
     python benchmarks/run_diff.py "$out/${run}_1" "$out/${run}_2"
   done
