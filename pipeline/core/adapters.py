@@ -194,9 +194,9 @@ def export_adapter(
     tensors = adapter_tensors(updates, torch_dtype)
 
     def write(tmp: Path) -> dict[str, Any]:
-        write_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        weights_digest = write_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return {"sha256": {name: file_sha256(tmp / name) for name in (CONFIG_FILE, WEIGHTS_FILE)}}
+        return {"sha256": {CONFIG_FILE: file_sha256(tmp / CONFIG_FILE), WEIGHTS_FILE: weights_digest}}
 
     info: dict[str, Any] = {
         "what": "a PEFT LoRA adapter of the ledger's applied edits: PeftModel.from_pretrained(base, this directory)",
