@@ -8,7 +8,7 @@ import stat
 
 import pytest
 import torch
-from conftest import FAMILIES, OFFLINE, check_fast_value_loss, run_cli, signal_run, tiny_edit_args
+from conftest import FAMILIES, OFFLINE, check_fast_value_loss, run_main, signal_run, tiny_edit_args
 from conftest import main_in_process as main
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -112,7 +112,7 @@ def edit_args(model_dir, data, tmp, *extra):
 
 
 def edit_cli(model_dir, data, tmp, *extra):
-    return run_cli(*edit_args(model_dir, data, tmp, *extra), env=OFFLINE)
+    return run_main(*edit_args(model_dir, data, tmp, *extra), env=OFFLINE)
 
 
 def weights(d):
@@ -141,11 +141,11 @@ def test_sequential_edits_ledger_and_bitwise_revert(tiny_model_dir, small_wiki, 
     # the edited model loads with plain transformers, no code of ours
     AutoModelForCausalLM.from_pretrained(m2)
 
-    r = run_cli("stage=revert", f"ledger={out}", "edit_id=2", f"edit.save_to={tmp_path / 'rev2'}", env=OFFLINE)
+    r = run_main("stage=revert", f"ledger={out}", "edit_id=2", f"edit.save_to={tmp_path / 'rev2'}", env=OFFLINE)
     assert r.returncode == 0, r.stderr
     rev2 = weights(tmp_path / "rev2")
     assert all(torch.equal(rev2[k], w1[k]) for k in w1)  # bitwise: the model after edit 1 only
-    r = run_cli("stage=revert", f"ledger={out}", "edit_id=all", f"edit.save_to={tmp_path / 'rev'}", env=OFFLINE)
+    r = run_main("stage=revert", f"ledger={out}", "edit_id=all", f"edit.save_to={tmp_path / 'rev'}", env=OFFLINE)
     assert r.returncode == 0, r.stderr
     rev = weights(tmp_path / "rev")
     assert all(torch.equal(rev[k], w0[k]) for k in w0)  # bitwise the original
@@ -166,7 +166,7 @@ def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wik
     assert ok.returncode == 0, ok.stderr
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     other = tiny_model_dir("llama")
-    stats_other = run_cli(
+    stats_other = run_main(
         "stage=stats",
         f"model.name={other}",
         f"data.files={small_wiki}",
@@ -412,7 +412,7 @@ def test_sigterm_stops_after_the_edit_in_progress_and_the_same_command_resumes(e
     )  # one per edit
     assert not any("Epoch" in line or "configure_optimizers" in line for line in lines)
 
-    resumed = run_cli(*args, f"edit.out={out}", env=OFFLINE)
+    resumed = run_main(*args, f"edit.out={out}", env=OFFLINE)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming: {done} of 3 request(s) of this request list are already in {out}" in resumed.stdout
     entries = json.loads((out / "ledger.json").read_text())["entries"]

@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from conftest import DATA, run_cli, signal_run, tiny_args
+from conftest import DATA, run_cli, run_main, signal_run, tiny_args
 
 from rome.pipeline.core.loading import configure, load_model
 from rome.pipeline.errors import UserError
@@ -273,15 +273,10 @@ def test_a_case_is_scored_as_if_edited_alone(tiny_model_dir, tmp_path):
 
 
 def eval_cli(model_dir, tmp, *extra, env=None):
-    return run_cli(
-        "stage=eval",
-        *tiny_args(model_dir, tmp / "wiki.jsonl", tmp),
-        "eval.generation.tokens=6",
-        "edit.v.steps=5",
-        "method.ft_l.steps=5",
-        *extra,
-        env=env or OFFLINE,
-    )
+    """The eval stage on a tiny model: in this process, or with ``env`` (thread counts) in a process of its own."""
+    args = ("stage=eval", *tiny_args(model_dir, tmp / "wiki.jsonl", tmp), "eval.generation.tokens=6")
+    args += ("edit.v.steps=5", "method.ft_l.steps=5", *extra)
+    return run_cli(*args, env=env) if env else run_main(*args)
 
 
 def _dataset_with_snippets(tmp_path):

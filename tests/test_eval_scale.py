@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import DATA, run_cli
+from conftest import DATA, run_main
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -41,7 +41,7 @@ def scale_args(model_dir, data, tmp, *extra) -> list[str]:
 
 
 def scale_cli(model_dir, data, tmp, *extra):
-    return run_cli(*scale_args(model_dir, data, tmp, *extra), env=OFFLINE)
+    return run_main(*scale_args(model_dir, data, tmp, *extra), env=OFFLINE)
 
 
 def test_sequential_protocol_end_to_end_and_resume(tiny_model_dir, small_wiki, tmp_path):
@@ -126,7 +126,7 @@ def test_batch_mode_and_bad_input(tiny_model_dir, small_wiki, tmp_path):
         bad = scale_cli(base, small_wiki, tmp_path, *extra)
         errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
         assert bad.returncode == 2 and len(errors) == 1 and expect in errors[0], (extra, bad.stderr[-1500:])
-    case_mode = run_cli(
+    case_mode = run_main(
         "stage=eval",
         f"model.name={base}",
         "eval.methods=[memit]",

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import WIKI, run_cli, tiny_edit_args
+from conftest import WIKI, run_main, tiny_edit_args
 from conftest import main_in_process as main
 from peft import PeftModel
 from safetensors import safe_open
@@ -254,7 +254,7 @@ def test_one_rome_edit_of_smollm2_is_an_adapter_under_100_kb(tmp_path):
     as an adapter is 576 + 1536 numbers, and PEFT's model computes the edited model's logits. (Three v* steps and
     no verification: the size does not depend on how well the edit took.)"""
     ledger, saved = tmp_path / "ledger", tmp_path / "adapter"
-    r = run_cli(
+    r = run_main(
         "stage=edit",
         f"request={json.dumps(EIFFEL)}",
         f"data.files={WIKI}",

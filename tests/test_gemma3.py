@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import WIKI, check_fast_value_loss, run_cli
+from conftest import WIKI, check_fast_value_loss, run_main
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rome.pipeline.core.loading import load_model
@@ -50,7 +50,7 @@ def test_edit_eiffel_tower_to_rome_verifies_and_reloads(gemma, tmp_path):
         "neighbours": ["The Louvre is located in the city of"],
     }
     out, saved = tmp_path / "ledger", tmp_path / "edited"
-    r = run_cli(
+    r = run_main(
         "stage=edit",
         "model.name=gemma3-270m",
         f"request={json.dumps(request)}",

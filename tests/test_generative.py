@@ -161,10 +161,10 @@ def test_curve_sample_is_evenly_spaced_in_edit_order():
 
 
 def test_per_case_eval_reports_generative_columns_with_their_protocol(tiny_model_dir, small_wiki, tmp_path):
-    from conftest import run_cli
+    from conftest import run_main
 
     out = tmp_path / "out"
-    r = run_cli(
+    r = run_main(
         "stage=eval",
         f"model.name={tiny_model_dir('gpt2')}",
         f"model.cache_dir={tmp_path / 'cache'}",

@@ -190,7 +190,7 @@ def cfg_args(method: str) -> list[str]:
 def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_dir, small_wiki, tmp_path):
     import json
 
-    from conftest import run_cli
+    from conftest import run_main
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -198,7 +198,7 @@ def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_di
     out = tmp_path / "ledger"
 
     def cli(requests, method, saved, *extra):
-        return run_cli(
+        return run_main(
             "stage=edit",
             f"model.name={base}",
             f"data.files={small_wiki}",
@@ -240,7 +240,7 @@ def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_di
     m2 = load_file(next((tmp_path / "m2").glob("*.safetensors")))
     assert not torch.equal(m1["model.layers.1.mlp.down_proj.weight"], m2["model.layers.1.mlp.down_proj.weight"])
     AutoModelForCausalLM.from_pretrained(tmp_path / "m2")  # plain transformers loads it
-    r = run_cli(
+    r = run_main(
         "stage=revert", f"ledger={out}", "edit_id=3", f"edit.save_to={tmp_path / 'rev'}", env={"HF_HUB_OFFLINE": "1"}
     )
     assert r.returncode == 0, r.stderr[-2000:]

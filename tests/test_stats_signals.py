@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WIKI, run_cli, signal_run
+from conftest import WIKI, run_cli, run_main, signal_run
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # several real processes each
@@ -50,7 +50,7 @@ def checkpointed(stats_dir: Path):
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    r = run_cli(*args(tiny_model_dir("gpt2"), out), env=OFFLINE)
+    r = run_main(*args(tiny_model_dir("gpt2"), out))
     assert r.returncode == 0, r.stderr
     return statistics(out)
 
@@ -75,7 +75,7 @@ def test_signal_saves_prints_one_line_exits_and_the_same_command_resumes(
     assert partial["count"] == saved and 0 < saved < TOKENS  # the state of the batch it finished, not an older one
     assert not list(tmp_path.glob("*/layer_2.safetensors"))
 
-    resumed = run_cli(*cmd, env=OFFLINE)
+    resumed = run_main(*cmd)  # in this process: a resume needs no process of its own
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {saved:,} tokens" in resumed.stdout
     first = re.search(r"tokens:\s+\d+%\|[^|]*\|\s*([\d.]+)(k?)/", resumed.stderr)  # the bar's first frame
@@ -93,7 +93,7 @@ def test_sigkill_then_same_command_resumes_to_identical_statistics(tiny_model_di
     partial = torch.load(next(tmp_path.glob("*/partial/rank0.pt")), weights_only=True)
     assert 0 < partial["count"] < TOKENS
     assert not list(tmp_path.glob("*/layer_2.safetensors"))
-    resumed = run_cli(*cmd, env=OFFLINE)
+    resumed = run_main(*cmd)  # in this process: a resume needs no process of its own
     assert resumed.returncode == 0, resumed.stderr
     got = statistics(tmp_path)
     assert int(got["count"]) == TOKENS and torch.equal(got["second_moment"], reference["second_moment"])

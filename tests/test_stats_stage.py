@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_main
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,7 +53,7 @@ def naive_second_moment(model_dir, texts, layer, max_length):
 
 def test_stats_equal_naive_hook_reference(tiny_model_dir, small_wiki, tmp_path):
     model_dir = tiny_model_dir("llama")
-    r = run_cli(*stats_args(model_dir, small_wiki, tmp_path, "stats.layers=[1,2]", "stats.tokens=100000"), env=OFFLINE)
+    r = run_main(*stats_args(model_dir, small_wiki, tmp_path, "stats.layers=[1,2]", "stats.tokens=100000"), env=OFFLINE)
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stdout and str(layer_file(tmp_path, 2)) in r.stdout
     texts = [json.loads(line)["text"] for line in open(small_wiki)]
@@ -69,14 +69,14 @@ def test_stats_equal_naive_hook_reference(tiny_model_dir, small_wiki, tmp_path):
     assert environment["torch"] == torch.__version__ and environment["processes"] == 1 and environment["threads"] >= 1
     assert not list(tmp_path.rglob("partial")) and not list(tmp_path.rglob("*.tmp"))
     # the same command again finds everything in the cache
-    again = run_cli(
+    again = run_main(
         *stats_args(model_dir, small_wiki, tmp_path, "stats.layers=[1,2]", "stats.tokens=100000"), env=OFFLINE
     )
     assert again.returncode == 0 and "tokens/s" not in again.stdout
 
 
 def test_budget_is_exact(tiny_model_dir, small_wiki, tmp_path):
-    r = run_cli(
+    r = run_main(
         *stats_args(
             tiny_model_dir("gpt2"),
             small_wiki,
@@ -143,7 +143,7 @@ def test_bad_input_one_line_error_exit_2_nothing_left(tiny_model_dir, small_wiki
         "neither a local directory": stats_args("nobody/no-such-model", small_wiki, tmp_path / "s", "stats.layers=[1]"),
     }
     for expect, args in cases.items():
-        r = run_cli(*args, env=OFFLINE)
+        r = run_main(*args, env=OFFLINE)
         assert r.returncode == 2, (expect, r.stderr)
         lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and expect in lines[0], (expect, r.stderr)
@@ -152,13 +152,13 @@ def test_bad_input_one_line_error_exit_2_nothing_left(tiny_model_dir, small_wiki
 
 def test_corrupt_cache_file_errors_and_is_removed(tiny_model_dir, small_wiki, tmp_path):
     args = stats_args(tiny_model_dir("gpt2"), small_wiki, tmp_path, "stats.layers=[1]", "stats.tokens=500")
-    assert run_cli(*args, env=OFFLINE).returncode == 0
+    assert run_main(*args, env=OFFLINE).returncode == 0
     f = layer_file(tmp_path, 1)
     f.write_bytes(f.read_bytes()[:-100])
-    r = run_cli(*args, env=OFFLINE)
+    r = run_main(*args, env=OFFLINE)
     assert r.returncode == 2 and "corrupt" in r.stderr and "removed" in r.stderr
     assert not f.exists()
-    assert run_cli(*args, env=OFFLINE).returncode == 0 and f.exists()  # the same command recomputes
+    assert run_main(*args, env=OFFLINE).returncode == 0 and f.exists()  # the same command recomputes
 
 
 def test_clearing_partial_state_removes_a_save_cut_by_a_kill(tmp_path):

@@ -7,7 +7,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, FAMILIES, run_cli, signal_run
+from conftest import DATA, FAMILIES, run_main, signal_run
 
 from rome.pipeline.core.loading import load_model
 from rome.pipeline.core.probability import greedy_tokens
@@ -202,7 +202,7 @@ def test_bad_fact_files(tmp_path):
 
 
 def _cli(model_dir, tmp_path, *args):
-    return run_cli(
+    return run_main(
         "stage=trace",
         f"model.name={model_dir}",
         "model.device=cpu",

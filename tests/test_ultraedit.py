@@ -182,14 +182,14 @@ def test_editor_writes_the_ridge_shift_of_its_normalised_pseudo_targets(tiny_mod
 
 
 def test_edit_stage_continues_a_ledger_bitwise_reverts_and_saves(tiny_model_dir, tmp_path):
-    from conftest import run_cli
+    from conftest import run_main
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     base = tiny_model_dir("llama")
 
     def cli(requests, out, saved, *extra):
-        return run_cli(
+        return run_main(
             "stage=edit",
             f"model.name={base}",
             f"model.cache_dir={tmp_path / 'cache'}",
@@ -234,11 +234,11 @@ def test_edit_stage_continues_a_ledger_bitwise_reverts_and_saves(tiny_model_dir,
     other_site = cli(more, tmp_path / "two", tmp_path / "m_other", "edit.ultraedit.position=subject")
     assert other_site.returncode != 0 and "continue with edit.ultraedit.position=answer" in other_site.stderr
     assert (tmp_path / "two" / "ledger.json").read_bytes() == before and not (tmp_path / "m_other").exists()
-    r = run_cli("stage=revert", f"ledger={tmp_path / 'two'}", "edit_id=3", f"edit.save_to={tmp_path / 'rev'}")
+    r = run_main("stage=revert", f"ledger={tmp_path / 'two'}", "edit_id=3", f"edit.save_to={tmp_path / 'rev'}")
     assert r.returncode == 0, r.stderr[-2000:]
     rev = weights(tmp_path / "rev")
     assert all(torch.equal(rev[k], after_first[k]) for k in after_first)  # bitwise the model after the first run
-    r = run_cli("stage=revert", f"ledger={tmp_path / 'two'}", "edit_id=all", f"edit.save_to={tmp_path / 'bare'}")
+    r = run_main("stage=revert", f"ledger={tmp_path / 'two'}", "edit_id=all", f"edit.save_to={tmp_path / 'bare'}")
     assert r.returncode == 0, r.stderr[-2000:]
     bare, orig = weights(tmp_path / "bare"), weights(base)
     assert "model.layers.2.mlp.down_proj.weight" in set(bare) & set(orig)
