@@ -225,9 +225,8 @@ def _known(loaded: LoadedModel, fact: Fact) -> tuple[bool, str, int]:
     return known, got, answer_tokens(loaded.tokenizer, text, fact.answer)[0]
 
 
-def trace_dataset(cfg: DictConfig, loaded: LoadedModel, noise: float) -> dict:
+def trace_dataset(cfg: DictConfig, loaded: LoadedModel, noise: float, facts: list[Fact]) -> dict:
     t = cfg.trace
-    facts = load_facts(t.dataset, t.n, t.start)
     out = Path(t.out)
     results: list[TraceResult] = []
     skipped: list[dict] = []
@@ -351,10 +350,12 @@ def _earlier_trace(out: Path) -> bool:
 
 def run(cfg: DictConfig) -> TraceResult | dict:
     _check(cfg)
-    claim_output_dir(cfg.trace.out, "trace.out", ours=_earlier_trace)  # before any work: never another's directory
+    t = cfg.trace
+    facts = None if t.dataset is None else load_facts(t.dataset, t.n, t.start)  # a bad file: said before loading
+    claim_output_dir(t.out, "trace.out", ours=_earlier_trace)  # before any work: never another's directory
     torch.manual_seed(cfg.seed)
     loaded = load_configured(cfg.model)
     noise = _noise(cfg, loaded)
-    result = trace_dataset(cfg, loaded, noise) if cfg.trace.dataset is not None else trace_one(cfg, loaded, noise)
+    result = trace_one(cfg, loaded, noise) if facts is None else trace_dataset(cfg, loaded, noise, facts)
     report_after_run(cfg.trace.out, bool(cfg.report.after_run))
     return result
