@@ -99,9 +99,9 @@ def test_the_cycle_finder_finds_cycles():
 
 
 def test_the_stages_that_do_not_train_start_without_lightning(tmp_path):
-    """Importing Lightning takes seconds (4.7 s of a stage's 7 s start on 2 cores, torch and transformers
-    included in the rest): revert, export, report, ask and trace never load it, and a bad fact file is said before
-    the model loads; the stages that train import it at their recipe's top, where the command line quiets it."""
+    """Importing Lightning takes seconds (3.5-4 s of a stage's 6-7 s start on 2 cores: docs/benchmarks.md,
+    Start-up): revert, export, report, ask and trace never load it, and a bad fact file is said before the model
+    loads; the stages that train import it at their recipe's top, where the command line quiets it."""
     import os
     import subprocess
     import sys
