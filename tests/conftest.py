@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -212,8 +213,6 @@ def check_fast_value_loss(loaded, layer: int, delta_scale: float, v0_norm: float
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
     """``python train.py args...`` in a subprocess; returns the CompletedProcess."""
-    import subprocess
-
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
@@ -225,31 +224,21 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
     )
 
 
-def run_main(*args: str, env: dict | None = None):
+def run_main(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python train.py args`` in this process, answered as ``run_cli`` answers (a CompletedProcess: exit code,
     stdout, stderr): the same ``rome.cli.main`` without a process start-up each (torch, transformers and Lightning
     imported again: 6-9 s a call on 2 cores). ``run_cli`` stays for what takes a process of its own: signals, DDP
     ranks, thread counts set by the environment, the README as a reader runs it. ``env`` is set for the call
-    only; the offline switches stay set."""
+    only."""
     import contextlib
     import io
-    import subprocess
+    from unittest import mock
 
     from rome import cli
 
-    os.environ.update(OFFLINE)
-    before = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
     out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main([str(a) for a in args])
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in args])
     return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
 
 
@@ -257,7 +246,6 @@ def signal_run(args, signum, ready, env: dict | None = None, timeout: float = 60
     """``python train.py args`` in its own session; ``signum`` is sent to its process group as soon as
     ``ready(output lines so far)`` is true (polled every 50 ms). Returns (exit code, output lines)."""
     import signal
-    import subprocess
     import threading
     import time
 
@@ -290,14 +278,11 @@ def signal_run(args, signum, ready, env: dict | None = None, timeout: float = 60
     return p.returncode, lines
 
 
-def main_in_process(capsys, *argv):
-    """``python train.py argv`` in this process: (exit code, stdout, the error and interrupted lines)."""
-    from rome import cli
-
-    os.environ.update(OFFLINE)
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, [line for line in out.err.splitlines() if line.startswith(("error:", "interrupted:"))]
+def main_in_process(*argv):
+    """``run_main``'s answer as (exit code, stdout, the error and interrupted lines)."""
+    run = run_main(*argv)
+    said = [line for line in run.stderr.splitlines() if line.startswith(("error:", "interrupted:"))]
+    return run.returncode, run.stdout, said
 
 
 def tiny_args(model_dir, wiki, shared: Path) -> list[str]:

@@ -64,9 +64,8 @@ def _lines(out: str, prompt: str) -> tuple[str, str]:
     return lines[at + 1], lines[at + 2]
 
 
-def test_a_ledger_s_edits_answered_beside_the_unedited_model(edited, capsys):
+def test_a_ledger_s_edits_answered_beside_the_unedited_model(edited):
     code, out, errors = main(
-        capsys,
         "stage=ask",
         f"model.name={edited['model']}",
         "model.device=cpu",
@@ -82,7 +81,7 @@ def test_a_ledger_s_edits_answered_beside_the_unedited_model(edited, capsys):
     assert "The Eiffel Tower is located in the city of" in out.splitlines()
 
 
-def test_the_python_ask_restores_the_weights_and_a_saved_model_is_asked_beside_its_base(edited, capsys):
+def test_the_python_ask_restores_the_weights_and_a_saved_model_is_asked_beside_its_base(edited):
     import rome
 
     loaded = load_model(edited["model"], device="cpu")
@@ -90,13 +89,13 @@ def test_the_python_ask_restores_the_weights_and_a_saved_model_is_asked_beside_i
     assert answers.after == [" ".join(edited["said"].split())] and answers.before != answers.after
     assert all(torch.equal(p, edited["base"][name]) for name, p in loaded.model.named_parameters())
     saved = edited["saved"]
-    code, out, errors = main(capsys, "stage=ask", f"model.name={saved}", "model.device=cpu", f"prompt={ASKED}")
+    code, out, errors = main("stage=ask", f"model.name={saved}", "model.device=cpu", f"prompt={ASKED}")
     assert code == 0, errors
     assert _lines(out, ASKED) == (f"  before: {answers.before[0]}", f"  after:  {answers.after[0]}")
     assert f"before: {edited['model']}, the base model | after: {edited['saved']}" in out
 
 
-def test_prompts_from_a_file_and_sampling_seeded(edited, capsys, tmp_path):
+def test_prompts_from_a_file_and_sampling_seeded(edited, tmp_path):
     listed = tmp_path / "prompts.json"
     listed.write_text(json.dumps([ASKED, {"prompt": "{} is in", "subject": "Rome"}]))
     lines = tmp_path / "prompts.txt"
@@ -104,10 +103,10 @@ def test_prompts_from_a_file_and_sampling_seeded(edited, capsys, tmp_path):
     assert read_prompts(None, None, listed) == read_prompts(None, None, lines) == [ASKED, "Rome is in"]
     assert read_prompts("{} is in", ["b"], None, subject="Rome") == ["Rome is in", "b"]
     args = ["stage=ask", f"model.name={edited['model']}", "model.device=cpu", f"ask.file={listed}"]
-    sampled = [main(capsys, *args, "ask.do_sample=true", "ask.top_k=5", "seed=3") for _ in range(2)]
+    sampled = [main(*args, "ask.do_sample=true", "ask.top_k=5", "seed=3") for _ in range(2)]
     assert sampled[0][0] == 0 and sampled[0][1] == sampled[1][1]  # the same seed, the same answers
     assert "sampled (temperature 1.0, top 5, seed 3)" in sampled[0][1] and "answer:" in sampled[0][1]
-    greedy = main(capsys, *args)[1]  # no ledger: the model's own answers, one line each
+    greedy = main(*args)[1]  # no ledger: the model's own answers, one line each
     assert _lines(greedy, ASKED)[0] == f"  answer: {' '.join(edited['unedited'].split())}"
 
 
@@ -122,13 +121,13 @@ def test_prompts_from_a_file_and_sampling_seeded(edited, capsys, tmp_path):
         (["prompt=x", "ask.max_tokens=0"], "ask.max_tokens=0 must be positive"),
     ],
 )
-def test_bad_input_is_one_line(edited, capsys, args, message):
-    code, _, errors = main(capsys, "stage=ask", f"model.name={edited['model']}", "model.device=cpu", *args)
+def test_bad_input_is_one_line(edited, args, message):
+    code, _, errors = main("stage=ask", f"model.name={edited['model']}", "model.device=cpu", *args)
     assert code == 2 and len(errors) == 1 and message in errors[0], errors
 
 
-def test_a_ledger_of_another_model_is_refused_before_loading(edited, capsys):
-    code, _, errors = main(capsys, "stage=ask", "model.name=gpt2-xl", f"ledger={edited['ledger']}", "prompt=x")
+def test_a_ledger_of_another_model_is_refused_before_loading(edited):
+    code, _, errors = main("stage=ask", "model.name=gpt2-xl", f"ledger={edited['ledger']}", "prompt=x")
     assert code == 2 and f"holds edits of model {edited['model']}, not gpt2-xl" in errors[0]
     with pytest.raises(UserError, match="must be a name"):
         import rome

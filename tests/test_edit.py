@@ -152,7 +152,7 @@ def test_sequential_edits_ledger_and_bitwise_revert(tiny_model_dir, small_wiki, 
     assert [e["status"] for e in json.loads((out / "ledger.json").read_text())["entries"]] == ["reverted", "reverted"]
 
 
-def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wiki, tmp_path, capsys):
+def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wiki, tmp_path):
     base = tiny_model_dir("gpt2")
     saved = tmp_path / "saved"
     ok = edit_cli(
@@ -188,7 +188,6 @@ def test_bad_edit_input_leaves_model_on_disk_untouched(tiny_model_dir, small_wik
     }
     for expect, extra in cases.items():  # in this process: the same rome.cli.main, without a start-up each
         code, _, errors = main(
-            capsys,
             *edit_args(base, small_wiki, tmp_path, *extra, f"edit.out={tmp_path / 'l'}", f"edit.save_to={saved}"),
         )
         assert code == 2 and len(errors) == 1 and expect in errors[0], (expect, errors)
@@ -212,7 +211,7 @@ def tree(d):
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def test_save_to_never_touches_what_this_project_did_not_write(edit_env, tiny_model_dir, tmp_path, capsys, monkeypatch):
+def test_save_to_never_touches_what_this_project_did_not_write(edit_env, tiny_model_dir, tmp_path, monkeypatch):
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
     (mine / "thesis.txt").write_text("four years of work")
@@ -231,12 +230,12 @@ def test_save_to_never_touches_what_this_project_did_not_write(edit_env, tiny_mo
         str(tiny_model_dir("gpt2")): "would replace",
     }
     for target, expect in refused.items():
-        code, _, errors = main(capsys, "stage=edit", *edit_env, req, f"edit.out={ledger}", f"edit.save_to={target}")
+        code, _, errors = main("stage=edit", *edit_env, req, f"edit.out={ledger}", f"edit.save_to={target}")
         assert code == 2 and len(errors) == 1 and expect in errors[0], (target, errors)
     assert tree(mine) == theirs and a_file.read_text() == "x" and not ledger.exists()
 
     saved = tmp_path / "saved"
-    code, out, errors = main(capsys, "stage=edit", *edit_env, req, f"edit.out={ledger}", f"edit.save_to={saved}")
+    code, out, errors = main("stage=edit", *edit_env, req, f"edit.out={ledger}", f"edit.save_to={saved}")
     assert code == 0, errors
     marker = json.loads((saved / "rome_saved_model.json").read_text())
     assert (
@@ -245,7 +244,7 @@ def test_save_to_never_touches_what_this_project_did_not_write(edit_env, tiny_mo
     first = (saved / "model.safetensors").read_bytes()
     # our own saved model is replaced whole; once the user puts a file of theirs into it, it is refused
     code, _, errors = main(
-        capsys, "stage=edit", *edit_env, f"request={json.dumps(RIVIERA)}", f"edit.out={ledger}", f"edit.save_to={saved}"
+        "stage=edit", *edit_env, f"request={json.dumps(RIVIERA)}", f"edit.out={ledger}", f"edit.save_to={saved}"
     )
     assert code == 0, errors
     assert (saved / "model.safetensors").read_bytes() != first and json.loads(
@@ -253,7 +252,7 @@ def test_save_to_never_touches_what_this_project_did_not_write(edit_env, tiny_mo
     )["edits"] == [1, 2]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved")]  # no temporary left beside it
     (saved / "my-notes.md").write_text("mine")
-    code, _, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=2")
+    code, _, errors = main("stage=revert", f"ledger={ledger}", "edit_id=2")
     assert code == 2 and "also holds files it did not write (my-notes.md)" in errors[0]
     assert (saved / "my-notes.md").read_text() == "mine"
     (saved / "my-notes.md").unlink()
@@ -264,11 +263,11 @@ def test_save_to_never_touches_what_this_project_did_not_write(edit_env, tiny_mo
 
     data = json.loads((ledger / "ledger.json").read_text())
     (ledger / "ledger.json").write_text(json.dumps({**data, "saved_to": str(mine)}))
-    code, _, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")
+    code, _, errors = main("stage=revert", f"ledger={ledger}", "edit_id=1")
     assert code == 2 and "was changed outside this project" in errors[0]
     forged = {**data, "saved_to": str(mine)}
     (ledger / "ledger.json").write_text(json.dumps({**forged, "checksum": content_checksum(forged)}))
-    code, _, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")
+    code, _, errors = main("stage=revert", f"ledger={ledger}", "edit_id=1")
     assert code == 2 and "the ledger's saved_to" in errors[0] and "not a model saved by this project" in errors[0]
     assert tree(mine) == theirs
     assert json.loads((ledger / "ledger.json").read_text())["entries"][0]["status"] == "applied"
@@ -281,25 +280,20 @@ def test_save_to_never_touches_what_this_project_did_not_write(edit_env, tiny_mo
 
     ledger2 = tmp_path / "ledger2"
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
-    code, _, errors = main(
-        capsys, "stage=edit", *edit_env, req, f"edit.out={ledger2}", f"edit.save_to={tmp_path / 'm2'}"
-    )
+    code, _, errors = main("stage=edit", *edit_env, req, f"edit.out={ledger2}", f"edit.save_to={tmp_path / 'm2'}")
     assert code == 2 and "No space left on device" in errors[0] and "taken out of the ledger" in errors[0]
     assert json.loads((ledger2 / "ledger.json").read_text())["entries"] == [] and not list(
         (ledger2 / "edits").iterdir()
     )
     assert not (tmp_path / "m2").exists()
     monkeypatch.undo()
-    code, _, errors = main(
-        capsys, "stage=edit", *edit_env, req, f"edit.out={ledger2}", f"edit.save_to={tmp_path / 'm2'}"
-    )
+    code, _, errors = main("stage=edit", *edit_env, req, f"edit.out={ledger2}", f"edit.save_to={tmp_path / 'm2'}")
     assert code == 0 and len(json.loads((ledger2 / "ledger.json").read_text())["entries"]) == 1
 
 
-def test_ledger_files_are_checksummed_and_revert_says_what_it_re_applies(edit_env, tmp_path, capsys):
+def test_ledger_files_are_checksummed_and_revert_says_what_it_re_applies(edit_env, tmp_path):
     ledger, saved = tmp_path / "ledger", tmp_path / "saved"
     code, _, errors = main(
-        capsys,
         "stage=edit",
         *edit_env,
         f"request={json.dumps([EIFFEL, RIVIERA])}",
@@ -317,23 +311,22 @@ def test_ledger_files_are_checksummed_and_revert_says_what_it_re_applies(edit_en
         flipped[i] ^= 0xFF
     for damaged, expect in ((bytes(flipped), "fails its checksum"), (good[: len(good) // 2], "fails its checksum")):
         f.write_bytes(damaged)
-        code, _, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=2")
+        code, _, errors = main("stage=revert", f"ledger={ledger}", "edit_id=2")
         assert code == 2 and len(errors) == 1 and expect in errors[0] and "edit 1" in errors[0], errors
         assert tree(saved) == before_saved and (ledger / "ledger.json").read_text() == before_ledger
     f.write_bytes(good)
-    code, out, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")
+    code, out, errors = main("stage=revert", f"ledger={ledger}", "edit_id=1")
     assert code == 0, errors
     assert "edit(s) [2] were solved on weights that contained edit(s) [1]" in out and "not re-solved" in out
 
 
-def test_each_run_gets_its_own_ledger_and_files_follow_the_umask(edit_env, tmp_path, capsys):
+def test_each_run_gets_its_own_ledger_and_files_follow_the_umask(edit_env, tmp_path):
     runs = tmp_path / "runs"
     old = os.umask(0o022)
     try:
         outs = []
         for request in (EIFFEL, RIVIERA):
             code, out, errors = main(
-                capsys,
                 "stage=edit",
                 *edit_env,
                 f"request={json.dumps(request)}",
@@ -351,14 +344,13 @@ def test_each_run_gets_its_own_ledger_and_files_follow_the_umask(edit_env, tmp_p
         assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p
 
 
-def test_a_rolled_back_edit_reports_the_restored_model(edit_env, tiny_model_dir, tmp_path, capsys):
+def test_a_rolled_back_edit_reports_the_restored_model(edit_env, tiny_model_dir, tmp_path):
     # the new object is less likely than the given true one, and one small v* step cannot change that.
     # steps=2: the last iteration only measures the loss, so steps=1 takes no Adam step at all (dW ~ 1e-9 of W,
     # float noise); with 2 the rejected edit is a real one, whose probabilities differ from the restored model's.
     request = {**EIFFEL, "target_new": "Zanzibar", "target_true": "Rome"}
     ledger, saved = tmp_path / "ledger", tmp_path / "saved"
     code, out, errors = main(
-        capsys,
         "stage=edit",
         *edit_env,
         f"request={json.dumps(request)}",
@@ -446,12 +438,12 @@ def test_sigint_stops_a_memit_run_between_batches(edit_env, tmp_path):
     assert all(e["kind"] == "batch" and e["sha256"] for e in entries)
 
 
-def test_a_signal_before_the_save_leaves_revert_undone(edit_env, tmp_path, capsys, monkeypatch):
+def test_a_signal_before_the_save_leaves_revert_undone(edit_env, tmp_path, monkeypatch):
     from rome.pipeline.editors.ledger import Ledger
 
     ledger, saved = tmp_path / "ledger", tmp_path / "saved"
     code, _, errors = main(
-        capsys, "stage=edit", *edit_env, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}", f"edit.save_to={saved}"
+        "stage=edit", *edit_env, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}", f"edit.save_to={saved}"
     )
     assert code == 0, errors
     before_saved, before_ledger = tree(saved), (ledger / "ledger.json").read_text()
@@ -463,11 +455,11 @@ def test_a_signal_before_the_save_leaves_revert_undone(edit_env, tmp_path, capsy
         return n
 
     monkeypatch.setattr(Ledger, "rebuild", rebuild_then_signal)
-    code, _, lines = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")
+    code, _, lines = main("stage=revert", f"ledger={ledger}", "edit_id=1")
     assert code == 143 and lines == [
         "interrupted: nothing was changed (edit(s) [1] not reverted yet); to revert, run the same command"
     ]
     assert tree(saved) == before_saved and (ledger / "ledger.json").read_text() == before_ledger
     monkeypatch.undo()
-    code, out, _ = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=1")
+    code, out, _ = main("stage=revert", f"ledger={ledger}", "edit_id=1")
     assert code == 0 and "reverted edit(s) [1]" in out and tree(saved) != before_saved

@@ -38,8 +38,8 @@ def shared(tmp_path_factory):
     return tmp_path_factory.mktemp("export-shared")  # statistics and templates, per tiny model
 
 
-def edit(capsys, args, *extra):
-    code, out, errors = main(capsys, "stage=edit", *args, *extra)
+def edit(args, *extra):
+    code, out, errors = main("stage=edit", *args, *extra)
     assert code == 0, errors
     return out
 
@@ -77,11 +77,11 @@ def compare(base_dir, ledger_dir, adapter_dir, dtype: str = "float32"):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # Conv1D [in, out] (fan_in_fan_out) and Linear [out, in]
-def test_a_rome_edit_as_an_adapter_is_the_edited_model(tiny_model_dir, shared, tmp_path, capsys, family):
+def test_a_rome_edit_as_an_adapter_is_the_edited_model(tiny_model_dir, shared, tmp_path, family):
     base_dir, ledger = tiny_model_dir(family), tmp_path / "ledger"
     args = tiny_edit_args(base_dir, WIKI, shared / family, v_steps=3)
-    edit(capsys, args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}")
-    code, out, errors = main(capsys, "stage=export", f"ledger={ledger}")
+    edit(args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}")
+    code, out, errors = main("stage=export", f"ledger={ledger}")
     assert code == 0, errors
     adapter = ledger / "adapter"  # the default export.out
     assert {p.name for p in adapter.iterdir()} == ADAPTER_FILES and str(adapter) in out
@@ -103,16 +103,16 @@ def test_a_rome_edit_as_an_adapter_is_the_edited_model(tiny_model_dir, shared, t
     assert max(v for k, v in got["merged_vs_edited"].items() if k != edited_weight) == 0
 
 
-def test_a_memit_batch_and_a_rome_edit_on_top_then_a_revert(tiny_model_dir, shared, tmp_path, capsys):
+def test_a_memit_batch_and_a_rome_edit_on_top_then_a_revert(tiny_model_dir, shared, tmp_path):
     """Layer 1 carries the batch (rank 2), layer 2 the batch and the ROME edit (rank 3): one rank in ``r``, the
     other in ``rank_pattern``. After reverting the ROME edit the adapter is written again over its own."""
     base_dir, ledger = tiny_model_dir("gpt2"), tmp_path / "ledger"
     args = tiny_edit_args(base_dir, WIKI, shared / "gpt2", v_steps=3)
     memit = ["edit.method=memit", "edit.layers=[1,2]", "edit.batch_size=2", "edit.memit.v.steps=3"]
-    edit(capsys, args, *memit, f"request={json.dumps([LOUVRE, COLOSSEUM])}", f"edit.out={ledger}")
-    edit(capsys, args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}")
+    edit(args, *memit, f"request={json.dumps([LOUVRE, COLOSSEUM])}", f"edit.out={ledger}")
+    edit(args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}")
     adapter = tmp_path / "adapter"
-    code, _, errors = main(capsys, "stage=export", f"ledger={ledger}", f"export.out={adapter}")
+    code, _, errors = main("stage=export", f"ledger={ledger}", f"export.out={adapter}")
     assert code == 0, errors
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["target_modules"] == ["transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_proj"]
@@ -126,9 +126,9 @@ def test_a_memit_batch_and_a_rome_edit_on_top_then_a_revert(tiny_model_dir, shar
     assert max(got["merged_vs_edited"].values()) < 1e-6
 
     reverted = tmp_path / "reverted"
-    code, _, errors = main(capsys, "stage=revert", f"ledger={ledger}", "edit_id=2", f"edit.save_to={reverted}")
+    code, _, errors = main("stage=revert", f"ledger={ledger}", "edit_id=2", f"edit.save_to={reverted}")
     assert code == 0, errors
-    code, _, errors = main(capsys, "stage=export", f"ledger={ledger}", f"export.out={adapter}")
+    code, _, errors = main("stage=export", f"ledger={ledger}", f"export.out={adapter}")
     assert code == 0, errors  # our adapter directory, replaced whole
     manifest = json.loads((adapter / "rome_adapter.json").read_text())
     assert manifest["edits"] == [1] and set(manifest["modules"].values()) == {2}
@@ -138,16 +138,16 @@ def test_a_memit_batch_and_a_rome_edit_on_top_then_a_revert(tiny_model_dir, shar
     torch.testing.assert_close(got["adapter"], logits(saved, tok), rtol=0, atol=1e-5)
 
 
-def test_a_bfloat16_model_saves_in_bfloat16_and_its_adapter_too(tiny_model_dir, shared, tmp_path, capsys):
+def test_a_bfloat16_model_saves_in_bfloat16_and_its_adapter_too(tiny_model_dir, shared, tmp_path):
     base_dir, ledger, saved = tiny_model_dir("llama"), tmp_path / "ledger", tmp_path / "saved"
     args = tiny_edit_args(base_dir, WIKI, shared / "llama-bf16", v_steps=3)
     # three edits of one module in one run, and edit.save_to writes the model in its own dtype (half the bytes)
     three = f"request={json.dumps([EIFFEL, LOUVRE, COLOSSEUM])}"
-    edit(capsys, args, "model.dtype=bfloat16", three, f"edit.out={ledger}", f"edit.save_to={saved}")
+    edit(args, "model.dtype=bfloat16", three, f"edit.out={ledger}", f"edit.save_to={saved}")
     assert dtypes(saved / "model.safetensors") == {torch.bfloat16}
     assert json.loads((saved / "config.json").read_text())["dtype"] == "bfloat16"
 
-    code, _, errors = main(capsys, "stage=export", f"ledger={ledger}")  # the ledger's model dtype by default
+    code, _, errors = main("stage=export", f"ledger={ledger}")  # the ledger's model dtype by default
     assert code == 0, errors
     adapter = ledger / "adapter"
     assert dtypes(adapter / "adapter_model.safetensors") == {torch.bfloat16}
@@ -170,18 +170,15 @@ def test_a_bfloat16_model_saves_in_bfloat16_and_its_adapter_too(tiny_model_dir, 
     assert (got["edited"] - got["base"]).abs().max().item() > 5 * ulp
 
     # export.dtype=float32: the factors at float32 precision, for a float32 base
-    code, _, errors = main(
-        capsys, "stage=export", f"ledger={ledger}", "export.dtype=float32", f"export.out={tmp_path / 'f32'}"
-    )
+    code, _, errors = main("stage=export", f"ledger={ledger}", "export.dtype=float32", f"export.out={tmp_path / 'f32'}")
     assert code == 0, errors
     assert dtypes(tmp_path / "f32" / "adapter_model.safetensors") == {torch.float32}
 
 
-def test_save_format_adapter_writes_only_the_adapter(tiny_model_dir, shared, tmp_path, capsys):
+def test_save_format_adapter_writes_only_the_adapter(tiny_model_dir, shared, tmp_path):
     base_dir, ledger, saved = tiny_model_dir("gpt2"), tmp_path / "ledger", tmp_path / "adapter"
     args = tiny_edit_args(base_dir, WIKI, shared / "gpt2", v_steps=3)
     out = edit(
-        capsys,
         args,
         f"request={json.dumps(EIFFEL)}",
         f"edit.out={ledger}",
@@ -194,7 +191,7 @@ def test_save_format_adapter_writes_only_the_adapter(tiny_model_dir, shared, tmp
     assert weights < 4096  # 64 + 256 float32 numbers and a header; the tiny model itself is 50 times that
     assert json.loads((ledger / "ledger.json").read_text())["saved_to"] is None  # revert never rebuilds into it
     # the same adapter stage=export writes from the ledger
-    code, _, errors = main(capsys, "stage=export", f"ledger={ledger}")
+    code, _, errors = main("stage=export", f"ledger={ledger}")
     assert code == 0, errors
     assert (ledger / "adapter" / "adapter_model.safetensors").read_bytes() == (
         saved / "adapter_model.safetensors"
@@ -203,15 +200,15 @@ def test_save_format_adapter_writes_only_the_adapter(tiny_model_dir, shared, tmp
     torch.testing.assert_close(got["adapter"], got["edited"], rtol=0, atol=1e-5)
 
 
-def test_bad_input_is_one_line_and_touches_nothing(tiny_model_dir, shared, tmp_path, capsys):
+def test_bad_input_is_one_line_and_touches_nothing(tiny_model_dir, shared, tmp_path):
     base_dir, ledger = tiny_model_dir("gpt2"), tmp_path / "ledger"
     args = tiny_edit_args(base_dir, WIKI, shared / "gpt2", v_steps=2)
     code, _, errors = main(
-        capsys, "stage=edit", *args, f"request={json.dumps(EIFFEL)}", "edit.save_format=zip", f"edit.out={ledger}"
+        "stage=edit", *args, f"request={json.dumps(EIFFEL)}", "edit.save_format=zip", f"edit.out={ledger}"
     )
     assert code == 2 and errors == ["error: edit.save_format=zip is not one of model, adapter"]
     assert not ledger.exists()  # judged before any work
-    edit(capsys, args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}")
+    edit(args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}")
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -230,7 +227,7 @@ def test_bad_input_is_one_line_and_touches_nothing(tiny_model_dir, shared, tmp_p
         (f"ledger={ledger}", f"export.out={ledger}"): "would replace",
     }
     for argv, expect in refused.items():
-        code, _, errors = main(capsys, "stage=export", *argv)
+        code, _, errors = main("stage=export", *argv)
         assert code == 2 and len(errors) == 1 and expect in errors[0], (argv, errors)
     assert (mine / "thesis.txt").read_text() == "four years of work" and {p.name for p in mine.iterdir()} == {
         "thesis.txt"
@@ -243,7 +240,7 @@ def test_bad_input_is_one_line_and_touches_nothing(tiny_model_dir, shared, tmp_p
     reverted = Ledger.open(empty, create=False)
     reverted.revert("all")
     reverted.save()
-    code, _, errors = main(capsys, "stage=export", f"ledger={empty}")
+    code, _, errors = main("stage=export", f"ledger={empty}")
     assert code == 2 and "has no applied edits" in errors[0] and f"edit.out={empty}" in errors[0], errors
     assert not (empty / "adapter").exists()
 

@@ -120,7 +120,7 @@ def rebuilt(directory: Path, loaded, clean) -> torch.Tensor:
             weight.copy_(clean)
 
 
-def test_mutated_ledgers_refuse_or_rebuild_the_same_weights(world, tmp_path, capsys):
+def test_mutated_ledgers_refuse_or_rebuild_the_same_weights(world, tmp_path):
     root, loaded, clean = world
     expected = rebuilt(root / "ledger", loaded, clean)
     assert not torch.equal(expected, clean)
@@ -185,7 +185,7 @@ def test_mutated_statistics_refuse_or_load_the_same(tmp_path):
     assert refused >= 25 and (tmp_path / "victim.txt").read_text() == "keep"
 
 
-def test_mutated_partial_statistics_restart_or_resume_the_same(tmp_path, capsys):
+def test_mutated_partial_statistics_restart_or_resume_the_same(tmp_path):
     from rome.modules.second_moment import PartialStats
 
     run = {"format": 2, "key": "k", "layers": [2]}

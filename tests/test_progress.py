@@ -14,9 +14,8 @@ import time
 
 import pytest
 import torch
-from conftest import DATA, OFFLINE, tiny_args, tiny_edit_args
+from conftest import DATA, run_main, tiny_args, tiny_edit_args
 
-from rome import cli
 from rome.modules.callbacks import ApplyEdit, EditProgress, VerifyEdit
 from rome.modules.edit_loop import EditLoop
 from rome.modules.progress import CaseProgress, PhaseStatus
@@ -33,14 +32,6 @@ EIFFEL = {
     "target_true": "Paris",
 }
 BIG_BEN = {**EIFFEL, "subject": "Big Ben", "target_new": "Oslo"}
-
-
-def run_main(capsys, argv):
-    """``python train.py argv`` in this process: (exit code, stdout, stderr)."""
-    os.environ.update(OFFLINE)
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # -- the displays on their own ---------------------------------------------------------------------------------
@@ -169,7 +160,7 @@ def _comparable(out_dir):
 
 
 def test_ctrl_c_abandons_the_case_in_flight_and_the_resumed_run_equals_an_uninterrupted_one(
-    eval_args, tmp_path, capsys, monkeypatch
+    eval_args, tmp_path, monkeypatch
 ):
     shared, args = eval_args
     out = tmp_path / "eval"
@@ -177,32 +168,32 @@ def test_ctrl_c_abandons_the_case_in_flight_and_the_resumed_run_equals_an_uninte
 
     # 1. Ctrl+C at v* step 3 of 8 in the second case: no further step, nothing of the case recorded
     after = interrupt_at(monkeypatch, 2, "rome: v*", "step 3/8")
-    code, _, err = run_main(capsys, [*args, f"eval.out={out}"])
-    assert code == 130, err[-3000:]
+    run = run_main(*args, f"eval.out={out}")
+    assert run.returncode == 130, run.stderr[-3000:]
     assert after == [("rome: v*", "step 3/8")]  # the stop acted before the next step
     assert [(r["index"], r["method"]) for r in map(json.loads, log.read_text().splitlines())] == [
         (0, "none"),
         (0, "rome"),
     ]
-    assert "eval [case 1/2] done in " in err and "eval [case 2/2] abandoned on the stop request" in err
-    (hint,) = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert "eval [case 1/2] done in " in run.stderr and "eval [case 2/2] abandoned on the stop request" in run.stderr
+    (hint,) = [line for line in run.stderr.splitlines() if line.startswith("interrupted:")]
     assert "2 of 4 (case, method) results are recorded" in hint and hint.endswith("run the same command")
 
     # 2. the resumed run, stopped again while it scores the edited model: at the next forward pass
     monkeypatch.undo()
     after = interrupt_at(monkeypatch, 2, "rome: scoring the edited model")
-    code, out_text, err = run_main(capsys, [*args, f"eval.out={out}"])
-    assert code == 130 and "1 to run, 1 already done" in out_text, err[-3000:]
+    run = run_main(*args, f"eval.out={out}")
+    assert run.returncode == 130 and "1 to run, 1 already done" in run.stdout, run.stderr[-3000:]
     assert after == [("rome: scoring the edited model", "")] and len(log.read_text().splitlines()) == 2
-    assert "eval [case 2/2] abandoned on the stop request" in err
+    assert "eval [case 2/2] abandoned on the stop request" in run.stderr
 
     # 3. resumed to the end: every (case, method) once, as an uninterrupted run gives them
     monkeypatch.undo()
-    code, out_text, err = run_main(capsys, [*args, f"eval.out={out}"])
-    assert code == 0 and "1 to run, 1 already done" in out_text, err[-3000:]
+    run = run_main(*args, f"eval.out={out}")
+    assert run.returncode == 0 and "1 to run, 1 already done" in run.stdout, run.stderr[-3000:]
     assert len(log.read_text().splitlines()) == 4
-    code, _, err = run_main(capsys, [*args, f"eval.out={tmp_path / 'whole'}"])
-    assert code == 0, err[-3000:]
+    run = run_main(*args, f"eval.out={tmp_path / 'whole'}")
+    assert run.returncode == 0, run.stderr[-3000:]
     resumed, whole = _comparable(out), _comparable(tmp_path / "whole")
     assert [(r["index"], r["method"]) for r in whole] == [(0, "none"), (0, "rome"), (1, "none"), (1, "rome")]
     assert resumed == whole
@@ -248,7 +239,7 @@ def test_the_edit_shows_each_phase_as_it_starts(tiny_model_dir, tmp_path):
 
 
 def test_ctrl_c_abandons_an_edit_still_in_its_optimisation_and_the_same_command_resumes(
-    tiny_model_dir, small_wiki, tmp_path_factory, tmp_path, capsys, monkeypatch
+    tiny_model_dir, small_wiki, tmp_path_factory, tmp_path, monkeypatch
 ):
     shared = tmp_path_factory.mktemp("progress-edit")
     ledger = tmp_path / "ledger"
@@ -269,8 +260,8 @@ def test_ctrl_c_abandons_an_edit_still_in_its_optimisation_and_the_same_command_
         return announce(self, loop, index, phase, detail)
 
     monkeypatch.setattr(EditProgress, "phase", spy)
-    code, _, err = run_main(capsys, args)
-    assert code == 130, err[-3000:]
+    run = run_main(*args)
+    assert run.returncode == 130, run.stderr[-3000:]
     assert phases == [
         (0, "begin"),
         (0, "optimising"),
@@ -282,15 +273,15 @@ def test_ctrl_c_abandons_an_edit_still_in_its_optimisation_and_the_same_command_
         (1, "optimising"),
         (1, "abandoned"),
     ]
-    assert "stopped: v* [2/2] abandoned before anything was written to the model" in err
-    (hint,) = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert "stopped: v* [2/2] abandoned before anything was written to the model" in run.stderr
+    (hint,) = [line for line in run.stderr.splitlines() if line.startswith("interrupted:")]
     assert "1 of 2 request(s) edited and recorded" in hint
     entries = json.loads((ledger / "ledger.json").read_text())["entries"]
     assert [e["run"]["index"] for e in entries] == [0]
 
     monkeypatch.undo()
-    code, out, err = run_main(capsys, args)
-    assert code == 0 and "resuming: 1 of 2 request(s)" in out, err[-3000:]
+    run = run_main(*args)
+    assert run.returncode == 0 and "resuming: 1 of 2 request(s)" in run.stdout, run.stderr[-3000:]
     entries = json.loads((ledger / "ledger.json").read_text())["entries"]
     assert [e["run"]["index"] for e in entries] == [0, 1]
 
@@ -298,7 +289,7 @@ def test_ctrl_c_abandons_an_edit_still_in_its_optimisation_and_the_same_command_
 # -- the stats stage: its last lines -------------------------------------------------------------------------
 
 
-def test_the_stats_stage_ends_with_the_budget_verdict_and_the_plot(tiny_model_dir, small_wiki, tmp_path, capsys):
+def test_the_stats_stage_ends_with_the_budget_verdict_and_the_plot(tiny_model_dir, small_wiki, tmp_path):
     args = [
         "stage=stats",
         f"model.name={tiny_model_dir('gpt2')}",
@@ -312,19 +303,21 @@ def test_the_stats_stage_ends_with_the_budget_verdict_and_the_plot(tiny_model_di
         "stats.convergence.first_tokens=256",
         "stats.convergence.threshold=0.5",
     ]
-    code, out, err = run_main(capsys, args)
-    assert code == 0, err[-3000:]
+    run = run_main(*args)
+    assert run.returncode == 0, run.stderr[-3000:]
     (entry,) = [p.parent for p in tmp_path.glob("*/manifest.json")]
     record = json.loads((entry / "manifest.json").read_text())["layers"]["2"]["convergence"]
     converged, verdict = budget_verdict(record)
     points = record["points"]
     assert len(points) >= 2 and converged is (points[-1]["u_change"] < 0.5)
-    assert f"  token budget: {verdict}" in out.splitlines()
+    assert f"  token budget: {verdict}" in run.stdout.splitlines()
     plot = entry / "convergence.png"
-    assert plot.is_file() and f"convergence plot (change of C and of u per doubling of the tokens): {plot}" in out
+    said = f"convergence plot (change of C and of u per doubling of the tokens): {plot}"
+    assert plot.is_file() and said in run.stdout
 
-    code, again, err = run_main(capsys, args)  # from the cache: the same verdict, no pass
-    assert code == 0 and f"  token budget: {verdict}" in again.splitlines() and "tokens/s" not in again
+    run = run_main(*args)  # from the cache: the same verdict, no pass
+    assert run.returncode == 0 and f"  token budget: {verdict}" in run.stdout.splitlines()
+    assert "tokens/s" not in run.stdout
 
 
 def test_the_plain_loops_bar_counts_steps_and_its_rate_leaves_out_the_step_taken_before_it_opened(capsys):

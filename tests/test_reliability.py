@@ -40,9 +40,9 @@ def test_contained_refuses_every_way_out(tmp_path):
             contained(tmp_path / "d", bad, "m.json")
 
 
-def test_a_manifest_pointing_outside_its_directory_deletes_nothing(env, tmp_path, capsys):
+def test_a_manifest_pointing_outside_its_directory_deletes_nothing(env, tmp_path):
     shared, args = env
-    code, _, errors = main(capsys, "stage=stats", *args, "stats.layers=[2]")
+    code, _, errors = main("stage=stats", *args, "stats.layers=[2]")
     assert code == 0, errors
     (manifest,) = (shared / "stats").glob("*/manifest.json")
     victim = tmp_path / "victim.txt"
@@ -51,14 +51,14 @@ def test_a_manifest_pointing_outside_its_directory_deletes_nothing(env, tmp_path
     rel = os.path.relpath(victim, manifest.parent)
     data["layers"]["2"]["file"] = rel  # "../../.../victim.txt"
     manifest.write_text(json.dumps(data))
-    code, _, errors = main(capsys, "stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={tmp_path / 'l'}")
+    code, _, errors = main("stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={tmp_path / 'l'}")
     assert code == 2 and len(errors) == 1 and "outside" in errors[0] and "nothing was read or removed" in errors[0]
     assert victim.read_text() == "the user's file"
     assert not (tmp_path / "l").exists()  # no ledger for an edit that never happened
     shutil.rmtree(manifest.parent)  # the other tests recompute
 
 
-def test_too_little_free_space_for_the_model_is_refused_before_writing(env, tmp_path, capsys, monkeypatch):
+def test_too_little_free_space_for_the_model_is_refused_before_writing(env, tmp_path, monkeypatch):
     _, args = env
     ledger, saved = tmp_path / "ledger", tmp_path / "saved"
     usage = namedtuple("usage", "total used free")
@@ -69,14 +69,14 @@ def test_too_little_free_space_for_the_model_is_refused_before_writing(env, tmp_
 
     monkeypatch.setattr(shutil, "disk_usage", small_disk)
     code, _, errors = main(
-        capsys, "stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}", f"edit.save_to={saved}"
+        "stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}", f"edit.save_to={saved}"
     )
     assert code == 2 and len(errors) == 1, errors
     assert "MiB free" in errors[0] and "nothing was edited" in errors[0]
     assert not saved.exists() and not ledger.exists()  # refused before any edit: no ledger either
 
 
-def test_a_full_disk_reported_by_safetensors_is_one_line(env, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_reported_by_safetensors_is_one_line(env, tmp_path, monkeypatch):
     from safetensors import SafetensorError
     from transformers import PreTrainedModel
 
@@ -90,14 +90,14 @@ def test_a_full_disk_reported_by_safetensors_is_one_line(env, tmp_path, capsys, 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
     ledger, saved = tmp_path / "ledger", tmp_path / "saved"
     code, _, errors = main(
-        capsys, "stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}", f"edit.save_to={saved}"
+        "stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}", f"edit.save_to={saved}"
     )
     assert code == 2 and len(errors) == 1 and "no space left on device" in errors[0], errors
     assert not saved.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".saved")]
     assert json.loads((ledger / "ledger.json").read_text())["entries"] == []  # not recorded: it was not saved
 
 
-def test_a_full_disk_anywhere_else_is_one_line_at_the_boundary(env, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_anywhere_else_is_one_line_at_the_boundary(env, tmp_path, monkeypatch):
     import errno
 
     import rome.recipes.stats
@@ -108,7 +108,7 @@ def test_a_full_disk_anywhere_else_is_one_line_at_the_boundary(env, tmp_path, ca
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
 
     monkeypatch.setattr(rome.recipes.stats, "run", full)
-    code, _, errors = main(capsys, "stage=stats", *args)
+    code, _, errors = main("stage=stats", *args)
     assert code == 2 and errors == [
         "error: no space left on device (No space left on device); free some space and run the same command "
         "(finished work is kept; nothing was left half-written)"
@@ -182,15 +182,13 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line_and_exit_130(tiny_model_dir
     assert not any("Traceback" in line for line in lines), lines[-30:]
 
 
-def test_inputs_that_can_be_judged_before_work_are(env, capsys):
+def test_inputs_that_can_be_judged_before_work_are(env):
     from conftest import DATA
 
     _, args = env
-    code, _, errors = main(
-        capsys, "stage=trace", *args, "trace.kinds=[hidden]", f"trace.dataset={DATA / 'known_1000.json'}"
-    )
+    code, _, errors = main("stage=trace", *args, "trace.kinds=[hidden]", f"trace.dataset={DATA / 'known_1000.json'}")
     assert code == 2 and len(errors) == 1 and "trace.dataset needs the mlp kind" in errors[0]
-    code, _, errors = main(capsys, "stage=stats", *args, "stats.layers=[]")
+    code, _, errors = main("stage=stats", *args, "stats.layers=[]")
     assert code == 2 and errors == [
         "error: stats.layers is empty: name the layers to collect, e.g. stats.layers=[6] (the default is the "
         "model's edit layer)"
@@ -213,32 +211,30 @@ def test_a_directory_lock_refuses_a_second_writer_and_takes_over_from_a_dead_one
     assert (target / LOCK_FILE).read_text() == ""  # released: no owner left
 
 
-def test_two_runs_on_one_ledger_or_one_statistics_entry_one_is_refused(env, tmp_path, capsys):
+def test_two_runs_on_one_ledger_or_one_statistics_entry_one_is_refused(env, tmp_path):
     from rome.pipeline.core.locks import DirectoryLock
 
     shared, args = env
     ledger = tmp_path / "ledger"
-    code, _, errors = main(capsys, "stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}")
+    code, _, errors = main("stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}")
     assert code == 0, errors
     before = (ledger / "ledger.json").read_text()
     with DirectoryLock(ledger, "edit.out"):  # another run is writing this ledger
-        code, _, errors = main(capsys, "stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}")
+        code, _, errors = main("stage=edit", *args, f"request={json.dumps(EIFFEL)}", f"edit.out={ledger}")
         assert code == 2 and len(errors) == 1 and "is in use by another run" in errors[0], errors
-        code, _, errors = main(
-            capsys, "stage=revert", f"ledger={ledger}", "edit_id=1", f"edit.save_to={tmp_path / 's'}"
-        )
+        code, _, errors = main("stage=revert", f"ledger={ledger}", "edit_id=1", f"edit.save_to={tmp_path / 's'}")
         assert code == 2 and "is in use by another run" in errors[0], errors
     assert (ledger / "ledger.json").read_text() == before  # nothing lost, nothing added
     stats = tmp_path / "stats"
-    code, _, errors = main(capsys, "stage=stats", *args, f"stats.dir={stats}", "stats.layers=[1]")
+    code, _, errors = main("stage=stats", *args, f"stats.dir={stats}", "stats.layers=[1]")
     assert code == 0, errors
     (entry,) = [p.parent for p in stats.glob("*/manifest.json")]
     with DirectoryLock(entry, "stats.dir entry"):  # a run computing layer 2 into the same entry
-        code, _, errors = main(capsys, "stage=stats", *args, f"stats.dir={stats}", "stats.layers=[2]")
+        code, _, errors = main("stage=stats", *args, f"stats.dir={stats}", "stats.layers=[2]")
     assert code == 2 and "stats.dir entry=" in errors[0] and "is in use by another run" in errors[0], errors
 
 
-def test_output_directories_of_the_users_are_refused_before_any_work(env, tmp_path, capsys):
+def test_output_directories_of_the_users_are_refused_before_any_work(env, tmp_path):
     from rome.pipeline.core.outputs import OUTPUT_MARKER
 
     _, args = env
@@ -250,7 +246,7 @@ def test_output_directories_of_the_users_are_refused_before_any_work(env, tmp_pa
     fact = ["prompt={} is located in the city of", "subject=The Eiffel Tower", "trace.samples=2", "trace.plots=false"]
     for stage, key in (("trace", "trace.out"), ("stats", "stats.dir")):
         extra = fact if stage == "trace" else ["stats.layers=[1]"]
-        code, _, errors = main(capsys, f"stage={stage}", *args, *extra, f"{key}={mine}")
+        code, _, errors = main(f"stage={stage}", *args, *extra, f"{key}={mine}")
         assert code == 2 and len(errors) == 1, errors
         assert f"{key}={mine} is not empty and was not written by this project" in errors[0]
         assert "summary.json, table.md" in errors[0] and "Nothing was touched" in errors[0]
@@ -258,7 +254,7 @@ def test_output_directories_of_the_users_are_refused_before_any_work(env, tmp_pa
     # a new directory is made and marked; the same command then writes into it again
     out = tmp_path / "trace"
     for _ in range(2):
-        code, _, errors = main(capsys, "stage=trace", *args, *fact, f"trace.out={out}")
+        code, _, errors = main("stage=trace", *args, *fact, f"trace.out={out}")
         assert code == 0, errors
     assert json.loads((out / OUTPUT_MARKER).read_text())["what"] == "trace.out"
 
@@ -314,7 +310,6 @@ def test_eval_out_of_the_user_is_refused_and_eval_n_past_the_data_is_said(env, t
     cf = DATA / "counterfact" / "counterfact-edit.json"
     for mode in ("case", "sequential"):
         code, _, errors = main(
-            capsys,
             "stage=eval",
             *args,
             f"eval.mode={mode}",
@@ -334,7 +329,6 @@ def test_eval_out_of_the_user_is_refused_and_eval_n_past_the_data_is_said(env, t
     assert cli.main([*argv, "eval.n=50", "eval.generation.tokens=0"]) == 0
     assert "note: eval.n=50 from record 0 asks for more than" in capsys.readouterr().err  # said before any work
     code, _, errors = main(
-        capsys,
         "stage=eval",
         *args,
         f"eval.dataset={two}",

@@ -197,12 +197,12 @@ def stage_c(stats_dir):
     return got["second_moment"], int(got["count"])
 
 
-def test_the_stage_gives_the_same_c_with_1_and_2_workers(text, tiny_model_dir, tmp_path, capsys):
+def test_the_stage_gives_the_same_c_with_1_and_2_workers(text, tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("llama")
     runs = {}
     for workers in (1, 2):
         code, out, errors = main_in_process(
-            capsys, *stage_args(model_dir, text, tmp_path / str(workers), f"data.num_workers={workers}")
+            *stage_args(model_dir, text, tmp_path / str(workers), f"data.num_workers={workers}")
         )
         assert code == 0 and not errors, errors
         runs[workers] = stage_c(tmp_path / str(workers))
