@@ -24,6 +24,13 @@ so a key k feeds the update only through Pk: per layer it prints the share kᵀP
 the edits can be written through), for the known facts' keys (what they are exposed to), for every token of the
 held-out articles (``eval.heldout``: text C never read; energy-weighted) and, for reference, C's own share
 tr(PC) / tr(C) (the text C was read from); ``--thresholds 0.5,0.1`` compares thresholds.
+
+``--fact-form N`` asks whether a preservation statistic of the facts' own form would tell the two kinds of key
+apart at the answer site, where Wikipedia's C does not: C from the answer-position keys of N statements of
+``counterfact-train.json`` (another 10,000 CounterFact records than the edits'; those about a subject of
+known_1000 left out), then per UltraEdit layer the shares of the solve on the keys with C's r strongest
+directions removed (r = 0, 1, 5, 20, 100, 400), for the edits' keys and the known facts' keys, and their ratio: what
+an update kept off those directions can still write, against what it still reaches.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rome.pipeline.core.hooks import Trace, get_module  # noqa: E402
+from rome.pipeline.core.hooks import Trace, TraceDict, get_module  # noqa: E402
 from rome.pipeline.core.loading import configure, load_configured  # noqa: E402
 from rome.pipeline.core.subject import fill_prompt, subject_token_range  # noqa: E402
 from rome.pipeline.evaluation.cases import load_cases  # noqa: E402
@@ -81,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nullspace", action="store_true", help="also the shares of the null-space solve")
     parser.add_argument("--alphaedit", action="store_true", help="AlphaEdit's null-space shares (subject site)")
     parser.add_argument(
+        "--fact-form", type=int, default=0, metavar="N", help="answer-site C from N CounterFact-train statements"
+    )
+    parser.add_argument(
         "--thresholds", default=None, help="with --alphaedit: comma-separated thresholds (default: the config's)"
     )
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value) for the statistics")
@@ -112,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.alphaedit:
         thresholds = args.thresholds or str(cfg.edit.alphaedit.nullspace_threshold)
         return alphaedit_shares(cfg, loaded, sites["subject"], [float(t) for t in thresholds.split(",")])
+    if args.fact_form:
+        return fact_form_shares(loaded, sites["answer"], args.fact_form, ridge, cfg.eval.known.dataset)
     projectors = {}
     if args.nullspace:
         answer_layers = sites["answer"][0]
@@ -204,6 +216,48 @@ def alphaedit_shares(cfg, loaded, site: tuple[list[int], list, list], thresholds
                 f"{edits.mean():>13.4f} / {edits.median():.4f}  {facts.mean():>20.4f} / {facts.median():.4f} / "
                 f"{facts.max():.4f}  {edits.mean() / facts.mean():>13.2f}"
             )
+    return 0
+
+
+def answer_keys(loaded, texts: list[str], layers: list[int]) -> dict[int, torch.Tensor]:
+    """Per layer, the down-projection inputs [len(texts), d_ff] (float64) at each text's last token: one forward
+    a text for all the layers."""
+    names = [loaded.spec.down_proj_name(layer) for layer in layers]
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for text in texts:
+        ids = torch.tensor([loaded.tokenizer(text)["input_ids"]])
+        with torch.no_grad(), TraceDict(loaded.model, names, retain_input=True, stop=names[-1]) as traces:
+            loaded.model(input_ids=ids, use_cache=False)
+        for layer, name in zip(layers, names):
+            out[layer].append(traces[name].input[0, -1].double())
+    return {layer: torch.stack(keys) for layer, keys in out.items()}
+
+
+def fact_form_shares(loaded, site: tuple[list[int], list, list], n: int, ridge: float, known_path: str) -> int:
+    """``--fact-form N``: the answer-site shares with the strongest directions of a fact-form C removed."""
+    import json
+
+    layers, edit_texts, fact_texts = site
+    known_subjects = {f.subject for f in load_facts(known_path, None)}
+    train = Path(known_path).parent / "counterfact" / "counterfact-train.json"
+    records = json.loads(train.read_text())
+    pool = [r["prompt"] for r in records if r["subject"] not in known_subjects][:n]
+    print(f"C at the answer position from {len(pool)} statements of {train.name} (none about a known_1000 subject)")
+    edits = answer_keys(loaded, [t for t, _ in edit_texts], layers)
+    facts = answer_keys(loaded, [t for t, _ in fact_texts], layers)
+    statements = answer_keys(loaded, pool, layers)
+    removed = (0, 1, 5, 20, 100, 400)
+    print("layer  " + "  ".join(f"r={r}: edits / facts (ratio)" for r in removed))
+    for layer in layers:
+        c = statements[layer].T @ statements[layer] / len(pool)
+        _, vectors = torch.linalg.eigh(c)  # ascending: the strongest directions last
+        cells = []
+        for r in removed:
+            kept = vectors[:, : vectors.shape[1] - r]
+            h = edits[layer] @ kept @ kept.T
+            own, other = hat_share(h, edits[layer], ridge).mean(), hat_share(h, facts[layer], ridge).mean()
+            cells.append(f"{own:>9.3f} / {other:.3f} ({own / other:.1f})")
+        print(f"{layer:>5}  " + "  ".join(cells))
     return 0
 
 
