@@ -5,6 +5,7 @@ the edit is flagged; the batch methods check every request of a batch."""
 
 from __future__ import annotations
 
+import html
 import json
 
 import torch
@@ -14,7 +15,7 @@ from rome.pipeline.core.probability import greedy_continuation
 from rome.pipeline.core.requests import parse_requests
 from rome.pipeline.editors import rome
 from rome.pipeline.editors.factory import build_editor
-from rome.pipeline.editors.verification import knowledge
+from rome.pipeline.editors.verification import knowledge, model_answer, request_label
 
 TEMPLATES = ["{}", "The cat sat on the mat. {}"]
 EIFFEL = {  # the tiny model knows nothing of it: P(Rome) 0.0055 and P(Paris) 0.0021, greedy says neither
@@ -127,6 +128,49 @@ def test_a_batch_is_verified_request_by_request(tiny_model_dir, tmp_path):
     measured = build_editor(cfg, loaded, statistics=identity_statistics(loaded), measure_only=True)
     (unchecked,) = measured.edit(parse_requests([EIFFEL, TOWER]))  # the eval stage: measured as made, no checks
     assert unchecked.status == "applied" and unchecked.checks == []
+
+
+def test_a_batch_request_without_target_true_is_measured_against_the_models_own_answer(tiny_model_dir, tmp_path):
+    """As ROME's check does, a batch method's check puts the unedited model's own answer in for a missing
+    target_true: P(true) before and after is that word's, the table says "(was <answer>)", the ledger keeps it."""
+    from test_editors import identity_statistics
+
+    from rome.pipeline.editors.ledger import Ledger
+    from rome.pipeline.report.html import _entry_block
+
+    path = str(tiny_model_dir("gpt2"))
+    cfg = configure(
+        [f"model.name={path}", "edit.method=memit", "edit.layers=[1,2]", "edit.memit.v.steps=1"]
+        + ["edit.batch_size=2", "trainer.accelerator=cpu"]
+    )
+    loaded = load_model(path, device="cpu")
+    answer = model_answer(loaded.model, loaded.tokenizer, EIFFEL["prompt"].format(EIFFEL["subject"]), 4)
+    assert answer and answer.lower() not in {"rome", "paris"}  # the tiny model's own word, not the request's
+    editor = build_editor(cfg, loaded, statistics=identity_statistics(loaded))
+    unknown = {k: v for k, v in EIFFEL.items() if k != "target_true"}
+    (batch,) = editor.edit(parse_requests([unknown, TOWER]))
+    own, given = batch.checks
+    assert own["true_from_model"] == answer and own["known"] is True and own["warning"] is None
+    assert isinstance(own["p_before"]["true"], float) and isinstance(own["p_after"]["true"], float)
+    assert "true_from_model" not in given and given["known"] is False  # TOWER's Paris: given, checked as before
+    report = str(batch).splitlines()
+    label = report[2].split("  ")[1]  # the request column (56 wide: the prompt cut before the objects)
+    assert label.startswith("The Eiffel Tower is located in") and label.endswith(f"… -> Rome (was {answer})")
+    assert "(was Paris)" in report[3] and report[4].startswith("  (was ...): the request's target_true, or")
+    assert batch.requests[0].target_true is None  # the request itself is recorded as given
+    ledger = Ledger.open(tmp_path / "ledger", loaded.identity, "float32")
+    editor.record(batch, ledger, loaded.identity)
+    entry = Ledger.open(tmp_path / "ledger").entries[-1]
+    assert entry["verification"]["checks"][0]["true_from_model"] == answer
+    assert html.escape(f"Rome (was {answer}, the model's own answer)") in _entry_block(entry)  # the report's line
+
+
+def test_a_request_label_shortens_the_prompt_before_the_objects():
+    assert request_label("The Eiffel Tower is in", "Rome", "Paris") == "The Eiffel Tower is in -> Rome (was Paris)"
+    long = "The mother tongue of Danielle Darrieux, the French actress and singer, is"
+    label = request_label(long, "English", "French")
+    assert len(label) == 56 and label.endswith("… -> English (was French)") and label.startswith("The mother tongue")
+    assert request_label(long, "x" * 60, None) == (long + " -> " + "x" * 60)[:55] + "…"  # no room: cut the whole
 
 
 # the tiny tokenizers have no chat template: one as short as an instruct model's, for the chat-form checks

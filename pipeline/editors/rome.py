@@ -24,7 +24,6 @@ Nothing here moves or copies the model: its parameters stay where they are, in t
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -67,6 +66,7 @@ from rome.pipeline.editors.verification import (
     replies,
     said,
     took_problem,
+    with_own_answer,
 )
 from rome.pipeline.errors import UserError
 from rome.pipeline.evaluation.generative import continuation
@@ -249,12 +249,6 @@ def verification_problems(result: EditResult, post: Mapping[str, Mapping[str, li
 # ------------------------------------------------------------------------------------------- phases
 
 
-def model_answer(model: nn.Module, tokenizer: Any, prompt: str, max_tokens: int) -> str | None:
-    """The model's own answer to ``prompt``: the first word of its greedy continuation (None if it has none)."""
-    found = re.search(r"\w[\w'-]*", greedy_continuation(model, tokenizer, prompt, max_tokens))
-    return found.group(0) if found else None
-
-
 def begin(ctx: RomeEditor, request: EditRequest) -> EditResult:
     """Measure the unedited model (when verifying), compute k* and v₀, and set up the v* optimisation.
 
@@ -265,10 +259,10 @@ def begin(ctx: RomeEditor, request: EditRequest) -> EditResult:
     timings: dict[str, float] = {}
     clock = Clock(model, timings)
     probs, generations, true_from_model, checks = {}, {}, False, []
-    if hp.verify.enabled and request.target_true is None:
-        answer = model_answer(model, tok, request.text, int(hp.verify.answer_tokens))
-        if answer and answer.lower() != request.target_new.lower():
-            request, true_from_model = dataclasses.replace(request, target_true=answer), True
+    if hp.verify.enabled:
+        own = with_own_answer(model, tok, request, hp.verify)
+        if own is not None:
+            request, true_from_model = own, True
     if hp.verify.enabled:
         probs["pre"] = measure(model, tok, request, int(hp.verify.batch_size))
         check = {"p_before": on_prompt(probs["pre"])}

@@ -21,6 +21,8 @@ So, on the rewrite prompt, an edit must also pass one of (``edit.verify`` in con
 
 Before the edit, a request's ``target_true`` is checked the way the trace stage keeps only known facts
 (``pipeline.core.probability.predicts``: the greedy continuation, as long as the answer, starts with it).
+Without one, the model's own answer (the first word of its greedy continuation, ``with_own_answer``) stands in
+for it, for every method: P(true) before and after is then the old answer's, recorded as ``true_from_model``.
 A fact the model did not know is still edited, with a warning line (in the edit's ``warnings`` and its table;
 ROME's ledger entry records ``checks`` and ``warnings``): its "before" is not a fact being changed, so "the edit
 changed it" means little.
@@ -34,13 +36,15 @@ neighbours, a disabling update) and rolls a failed edit back; the batch methods 
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from rome.pipeline.core.generation import generate_tokens
-from rome.pipeline.core.probability import new_and_true_probs, predicts, target_token_ids
+from rome.pipeline.core.probability import greedy_continuation, new_and_true_probs, predicts, target_token_ids
 from rome.pipeline.core.requests import EditRequest
 from rome.pipeline.errors import UserError
 from rome.pipeline.evaluation.generative import chat_text, contains, continuation, exact_match, resolve_chat, settled
@@ -57,9 +61,12 @@ __all__ = [
     "said",
     "replies",
     "knowledge",
+    "model_answer",
+    "with_own_answer",
     "took_problem",
     "check_before",
     "check_after",
+    "request_label",
     "unit_report",
 ]
 
@@ -155,6 +162,24 @@ def knowledge(model: nn.Module, tokenizer: Any, request: EditRequest, p_true: fl
     return {"known": known, "said_before": text.strip(), "warning": warning}
 
 
+def model_answer(model: nn.Module, tokenizer: Any, prompt: str, max_tokens: int) -> str | None:
+    """The model's own answer to ``prompt``: the first word of its greedy continuation (None if it has none)."""
+    found = re.search(r"\w[\w'-]*", greedy_continuation(model, tokenizer, prompt, max_tokens))
+    return found.group(0) if found else None
+
+
+def with_own_answer(model: nn.Module, tokenizer: Any, request: EditRequest, verify: Any) -> EditRequest | None:
+    """``request`` with the unedited model's own answer as its ``target_true``, when it gives none: what
+    verification compares the new object with, so that an edit that leaves the old answer in place shows it.
+    None when a target_true is given, the model answers nothing, or it already answers the new object."""
+    if request.target_true is not None:
+        return None
+    answer = model_answer(model, tokenizer, request.text, int(verify.answer_tokens))
+    if not answer or answer.lower() == request.target_new.lower():
+        return None
+    return dataclasses.replace(request, target_true=answer)
+
+
 def took_problem(
     target_new: str, text: str | None, p_new: float, verify: Any, reply: str | None = None, prompt: str = ""
 ) -> str | None:
@@ -174,12 +199,27 @@ def took_problem(
 
 
 def check_before(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], verify: Any) -> list[dict]:
-    """Per request, on the unedited model: P(new) and P(true) on its prompt and whether it knows the fact."""
+    """Per request, on the unedited model: P(new) and P(true) on its prompt and whether it knows the fact; a
+    request without a target_true is measured against the model's own answer (``true_from_model``: known by
+    construction)."""
     checks = []
     for r in requests:
-        p = measure_prompt(model, tokenizer, r, int(verify.batch_size))
-        checks.append({"p_before": p, **knowledge(model, tokenizer, r, p["true"])})
+        own = with_own_answer(model, tokenizer, r, verify)
+        p = measure_prompt(model, tokenizer, own or r, int(verify.batch_size))
+        if own is not None:
+            answer = own.target_true
+            checks.append(
+                {"p_before": p, "true_from_model": answer, "known": True, "said_before": answer, "warning": None}
+            )
+        else:
+            checks.append({"p_before": p, **knowledge(model, tokenizer, r, p["true"])})
     return checks
+
+
+def _compared(request: EditRequest, check: dict) -> EditRequest:
+    """The request as its check measured it before the edit (with the model's own answer, if it stood in)."""
+    own = check.get("true_from_model")
+    return dataclasses.replace(request, target_true=own) if own else request
 
 
 def check_after(
@@ -194,7 +234,7 @@ def check_after(
     chats = replies(model, tokenizer, requests, verify, chat_form(verify, tokenizer))
     problems = []
     for r, check, text, reply in zip(requests, checks, texts, chats):
-        p = measure_prompt(model, tokenizer, r, int(verify.batch_size))
+        p = measure_prompt(model, tokenizer, _compared(r, check), int(verify.batch_size))
         problem = took_problem(r.target_new, text, p["new"], verify, reply, r.text)
         check.update(p_after=p, said_after=text, took=problem is None)
         if reply is not None:
@@ -221,6 +261,21 @@ def _p(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+REQUEST_WIDTH = 56  # the request column of a batch's table: the prompt is cut before its new object is
+
+
+def request_label(text: str, target_new: str, target_true: str | None, width: int = REQUEST_WIDTH) -> str:
+    """``text -> new (was true)`` in at most ``width`` characters: the prompt shortened first, so that what the
+    request writes stays readable."""
+    tail = f" -> {target_new}" + (f" (was {target_true})" if target_true else "")
+    if len(text) + len(tail) <= width:
+        return text + tail
+    room = width - len(tail) - 1
+    if room < 12:  # an object too long to keep whole: cut the whole label
+        return (text + tail)[: width - 1] + "…"
+    return text[:room].rstrip() + "…" + tail
+
+
 def unit_report(
     entry_id: int | None, requests: Sequence[EditRequest], checks: list[dict], status: str, reason: str
 ) -> str:
@@ -229,19 +284,22 @@ def unit_report(
     lines = [f"[{entry_id or '-'}] a batch of {len(requests)} request(s)"]
     if checks:
         lines.append(
-            f"  {'request':<48} {'P(true) before':>14} {'P(true) after':>14} {'P(new) before':>14} "
+            f"  {'request':<{REQUEST_WIDTH}} {'P(true) before':>14} {'P(true) after':>14} {'P(new) before':>14} "
             f"{'P(new) after':>13}  took  says after"
         )
     for i, r in enumerate(requests):
         c = checks[i] if i < len(checks) else {}
         before, after = c.get("p_before", {}), c.get("p_after", {})
         took = {True: "yes", False: "no", None: "-"}[c.get("took")]
-        name = f"{r.text} -> {r.target_new}"
-        name = name if len(name) <= 48 else name[:47] + "…"
+        name = request_label(r.text, r.target_new, r.target_true or c.get("true_from_model"))
         lines.append(
-            f"  {name:<48} {_p(before.get('true')):>14} {_p(after.get('true')):>14} {_p(before.get('new')):>14} "
-            f"{_p(after.get('new')):>13}  {took:<4}  {c.get('said_after') or ''}"
+            f"  {name:<{REQUEST_WIDTH}} {_p(before.get('true')):>14} {_p(after.get('true')):>14} "
+            f"{_p(before.get('new')):>14} {_p(after.get('new')):>13}  {took:<4}  {c.get('said_after') or ''}"
             + (f" | chat: {c['said_in_chat']}" if c.get("said_in_chat") is not None else "")
+        )
+    if any(c.get("true_from_model") for c in checks):
+        lines.append(
+            "  (was ...): the request's target_true, or the model's own answer before the edit where it gives none"
         )
     lines += [f"  {c['warning']}" for c in checks if c.get("warning")]
     lines.append(f"  status: {status}" + (f" ({reason})" if reason else ""))

@@ -467,7 +467,16 @@ def _entry_block(entry: dict) -> str:
     facts: list[tuple[str, object]] = []
     if entry.get("kind") == "batch":
         targets = entry.get("p_target") or []
-        rows = [[i, _request_line(r), targets[i] if i < len(targets) else None] for i, r in enumerate(requests)]
+        checks = (entry.get("verification") or {}).get("checks") or []
+        owns = [c.get("true_from_model") for c in checks] + [None] * (len(requests) - len(checks))
+        rows = [
+            [
+                i,
+                _request_line({**r, "target_true": own} if own else r, bool(own)),
+                targets[i] if i < len(targets) else None,
+            ]
+            for i, (r, own) in enumerate(zip(requests, owns))
+        ]
         parts.append(_first(rows, CASE_ROWS, "ledger.json"))
         parts.append(table(["#", "request", "P(new) its target value reached"], rows[:CASE_ROWS]))
         layers = [str(la) for la in entry.get("layers") or []]
