@@ -274,6 +274,9 @@ def test_rome_command_and_refusals(outputs, tmp_path, monkeypatch):
     )
     code, log = _rome("report")
     assert code == 2 and "nothing to report" in log
+    code, log = _rome("report", f"ledger={outputs['edit']}", f"report.out={tmp_path / 'ledger.html'}")
+    assert code == 0 and log.strip() == f"report: {tmp_path / 'ledger.html'}"  # the other stages' key for an edit.out
+    assert "The Eiffel Tower is located in the city of → Rome" in (tmp_path / "ledger.html").read_text()
     monkeypatch.chdir(tmp_path)
     (tmp_path / "2026-12-04").mkdir()
     code, log = _rome("report", "2026-12-04")  # the directory as typed: text, never a YAML date
