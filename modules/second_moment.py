@@ -201,7 +201,10 @@ class SecondMomentModule(L.LightningModule):
     def on_predict_start(self) -> None:
         self.model.to(self.device).eval()
         d = self.spec.key_size(self.model, self.layers[0])
-        self.sums = {layer: torch.zeros(d, d, dtype=self.acc_dtype, device=self.device) for layer in self.layers}
+        # the Trainer predicts in inference mode; the sums are made outside it, as normal tensors, so that once the
+        # pass is over C can be divided in them in place (``StatsEntry.save``) instead of in a second d x d buffer
+        with torch.inference_mode(False):
+            self.sums = {layer: torch.zeros(d, d, dtype=self.acc_dtype, device=self.device) for layer in self.layers}
         if self._state:
             for layer in self.layers:
                 self.sums[layer].copy_(self._state["sums"][layer])

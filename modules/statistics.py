@@ -183,7 +183,8 @@ def _compute(
                     "threshold": float(conv.threshold),
                     "plot": "convergence.png" if plotted else None,
                 }
-            saved[layer] = store.save(layer, module.sums[layer].cpu(), module.count, **record)
+            # the pass is over and its sums are not read again: C is divided in them, on their device
+            saved[layer] = store.save(layer, module.sums[layer], module.count, in_place=True, **record)
         partial.clear()
         _report(module.count, seconds, module.count - module.resumed)
     tr.strategy.barrier()

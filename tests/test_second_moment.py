@@ -53,6 +53,27 @@ def test_cache_round_trip_and_keys(tmp_path):
     assert manifest["key"]["dataset"] == {"files": {"a": "1"}} and manifest["layers"]["3"]["tokens"] == 5
 
 
+def test_saving_in_place_writes_the_same_bytes_without_a_second_buffer(tmp_path):
+    """The stats stage hands its sums over (``in_place=True``): C is divided in them, bit for bit the C and the
+    file of the copying path, and no second d x d tensor is made (the saved C is the caller's storage)."""
+    from rome.pipeline.stats.store import StatsEntry
+
+    torch.manual_seed(0)
+    keys = torch.randn(300, 6, dtype=torch.float64)
+    total = keys.T @ keys
+    copied = StatsEntry(tmp_path / "copy", key()).save(2, "m2", total, 300)
+    assert torch.equal(total, keys.T @ keys)  # the copying path leaves the sums alone
+    kept = total.data_ptr()
+    in_place = StatsEntry(tmp_path / "in-place", key()).save(2, "m2", total, 300, in_place=True)
+    assert in_place.second_moment.data_ptr() == kept and torch.equal(total, copied.second_moment)
+    assert torch.equal(in_place.second_moment, copied.second_moment)
+    assert in_place.path.read_bytes() == copied.path.read_bytes()
+    with torch.inference_mode():
+        made_in_inference = keys.T @ keys
+    fallback = StatsEntry(tmp_path / "inference", key()).save(2, "m2", made_in_inference, 300, in_place=True)
+    assert torch.equal(fallback.second_moment, copied.second_moment)  # such a tensor cannot change: copied
+
+
 def test_corrupt_file_is_reported_and_removed(tmp_path):
     cache = StatsCache(tmp_path)
     path = cache.save(key(), 3, "m3", torch.eye(4, dtype=torch.float64), 5)

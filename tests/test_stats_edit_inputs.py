@@ -55,6 +55,8 @@ def test_shortfall_is_recorded_and_warned_at_edit_time(made, capsys):
     warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and f"hold {count:,} tokens" in warning[0] and "stats.tokens=100,000" in warning[0]
     assert "data.files" in warning[0] and identity["tokens"] == count
+    # the pass's sums became C in place (no second buffer): normal tensors, equal to the file read back
+    assert not stats[1].second_moment.is_inference() and torch.equal(stats[1].second_moment, c)
 
 
 def test_any_directory_with_a_valid_manifest_is_accepted(made, tmp_path):
