@@ -69,10 +69,11 @@ def _teacher_forced(
     for b in range(0, len(order), batch_size):
         batch = order[b : b + batch_size]
         ids, mask = right_pad([pairs[i][0] for i in batch], tokenizer.pad_token_id or 0, device)
-        wanted = torch.zeros_like(ids, dtype=torch.bool)  # the positions that predict a target token
+        wanted = torch.zeros(ids.shape, dtype=torch.bool)  # the positions that predict a target token
         for row, i in enumerate(batch):
             row_ids, start = pairs[i]
             wanted[row, start - 1 : len(row_ids) - 1] = True
+        wanted = wanted.to(device)  # made on the host: one copy, not a launch per row
         logits = None
         if keep_only:  # [wanted positions, vocab], row by row, each row's positions in order
             logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=wanted).logits

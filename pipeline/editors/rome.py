@@ -263,7 +263,6 @@ def begin(ctx: RomeEditor, request: EditRequest) -> EditResult:
         own = with_own_answer(model, tok, request, hp.verify)
         if own is not None:
             request, true_from_model = own, True
-    if hp.verify.enabled:
         probs["pre"] = measure(model, tok, request, int(hp.verify.batch_size))
         check = {"p_before": on_prompt(probs["pre"])}
         if true_from_model:  # the model's own answer: known by construction
