@@ -46,6 +46,6 @@ def test_each_pair_gets_its_plain_log_probability_with_the_head_at_its_targets_o
 def test_a_forward_without_logits_to_keep_gives_the_same(tiny_model_dir, monkeypatch):
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     kept = target_log_probs(loaded.model, loaded.tokenizer, PROMPTS, TARGETS, batch_size=3)
-    monkeypatch.setattr(probability, "_reads_only_what_it_needs", lambda model: False)
+    monkeypatch.setattr(probability, "keeps_logits", lambda model: False)
     every = target_log_probs(loaded.model, loaded.tokenizer, PROMPTS, TARGETS, batch_size=3)
     torch.testing.assert_close(kept, every, rtol=0, atol=1e-6)

@@ -20,6 +20,7 @@ __all__ = [
     "target_argmax",
     "greedy_continuation",
     "target_token_ids",
+    "keeps_logits",
     "new_and_true_probs",
     "answer_tokens",
     "greedy_tokens",
@@ -33,7 +34,7 @@ def target_token_ids(tokenizer: Any, target: str) -> list[int]:
     return tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
 
 
-def _reads_only_what_it_needs(model: torch.nn.Module) -> bool:
+def keeps_logits(model: torch.nn.Module) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (every family transformers ships; a remote-code model
     may not): its LM head then runs on the positions asked for only."""
     try:
@@ -64,7 +65,7 @@ def _teacher_forced(
         p_ids = tokenizer(p)["input_ids"]
         pairs.append((p_ids + target_token_ids(tokenizer, t), len(p_ids)))
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
-    keep_only = _reads_only_what_it_needs(model)
+    keep_only = keeps_logits(model)
     out: list[Any] = [None] * len(pairs)
     for b in range(0, len(order), batch_size):
         batch = order[b : b + batch_size]

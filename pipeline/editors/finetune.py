@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rome.pipeline.core.arch import ArchSpec
-from rome.pipeline.core.probability import target_token_ids
+from rome.pipeline.core.probability import keeps_logits, target_token_ids
 from rome.pipeline.core.requests import EditRequest
 from rome.pipeline.editors.base import Edit, Editor, LayerStatistics, register
 from rome.pipeline.editors.hparams import FineTuneHparams, typed
@@ -46,6 +46,8 @@ class ConstrainedFineTuning:
         self.ids = torch.tensor([p_ids + t_ids[:-1]], device=device)
         self.positions = torch.arange(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids), device=device)
         self.targets = torch.tensor(t_ids, device=device)
+        # the LM head only where the loss reads (forward and backward), when the forward can be told so
+        self.head = {"logits_to_keep": self.positions} if keeps_logits(model) else {}
         self.originals = [p.detach().clone() for p in self.params]
         self.opt = torch.optim.Adam(self.params, lr=lr)
         self.steps, self.done = int(steps), False
@@ -57,7 +59,8 @@ class ConstrainedFineTuning:
         for p in self.params:
             p.requires_grad_(True)
         try:
-            logits = self.model(input_ids=self.ids).logits[0, self.positions].float()
+            out = self.model(input_ids=self.ids, **self.head).logits[0]
+            logits = (out if self.head else out[self.positions]).float()
             loss = torch.nn.functional.cross_entropy(logits, self.targets)
             self.losses[0].append(loss.item())
             self.p_target[0] = float(torch.exp(-loss.detach()))
