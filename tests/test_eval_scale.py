@@ -147,7 +147,6 @@ def test_sigterm_abandons_the_method_in_progress_and_the_same_command_resumes(
     from rome import cli
     from rome.pipeline.editors.base import Editor
 
-    os.environ.update(OFFLINE)
     args = scale_args(
         tiny_model_dir("gpt2"), small_wiki, tmp_path, "eval.generation.tokens=0", "eval.methods=[rome,memit]"
     )
@@ -201,7 +200,6 @@ def test_a_stopped_method_resumes_at_its_batch_boundary_bit_for_bit(
     from rome import cli
     from rome.pipeline.editors.base import Editor
 
-    os.environ.update(OFFLINE)
     base = tiny_model_dir("llama")
 
     def args(out):

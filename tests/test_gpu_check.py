@@ -58,7 +58,6 @@ def test_the_ultraedit_scale_check_runs_on_a_cpu(tmp_path, capsys):
     shape: every batch timed, the statistics counted over every batch, a stop by --seconds said as such."""
     import ultraedit_scale
 
-    os.environ.update(OFFLINE)
     out = tmp_path / "ue.json"
     assert ultraedit_scale.main(["--shape", "llama-tiny", "--edits", "25", "--batch", "10", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -87,7 +86,6 @@ def test_step_ops_counts_launches_and_host_reads_per_v_star_step(capsys):
     one read per step, where the original reads the loss and the norms)."""
     import step_ops
 
-    os.environ.update(OFFLINE)
     assert step_ops.main(["--shape", "llama-tiny", "--steps", "3"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| the ")]
     assert [r.split(" | ")[0] for r in rows] == ["| the edit stage (fit_edits)", "| the original's loop"]
@@ -114,7 +112,6 @@ def test_compile_lever_gives_the_eager_delta_from_compiled_blocks(capsys):
     recompile limit raised, so no block silently fell back to eager)."""
     import compile_lever
 
-    os.environ.update(OFFLINE)
     before = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     assert compile_lever.main(["--shape", "llama-tiny", "--num-layers", "5", "--cases", "2"]) == 0
     assert {k: os.environ.get(k) for k in before} == before  # the empty caches were the run's own

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, OFFLINE, tiny_edit_args
+from conftest import DATA, tiny_edit_args
 
 from rome.pipeline.core.loading import load_model
 from rome.pipeline.core.probability import greedy_tokens
@@ -35,7 +35,6 @@ def _main(*argv: object) -> tuple[int, str]:
     """``python train.py argv`` in this process: (exit code, stdout and stderr)."""
     from rome import cli
 
-    os.environ.update(OFFLINE)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         code = cli.main([str(a) for a in argv])
@@ -253,7 +252,6 @@ def _rome(*argv: object) -> tuple[int, str]:
     """The ``rome`` console script (cli.cli) in this process."""
     from rome import cli
 
-    os.environ.update(OFFLINE)
     buf, old = io.StringIO(), sys.argv
     sys.argv = ["rome", *map(str, argv)]
     try:
