@@ -59,10 +59,10 @@ from rome.pipeline.evaluation.report import (
     summarize,
 )
 from rome.pipeline.evaluation.retention import (
+    HeldoutPerplexity,
     fact_accuracy,
     heldout_texts,
     known_facts,
-    perplexity,
     texts_read,
     unrelated_facts,
     weight_change,
@@ -413,13 +413,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"the statistics read {read} articles, into the {len(records)} held out at the end; "
             "lower stats.tokens or eval.heldout.articles"
         )
-    ppl = lambda: perplexity(  # noqa: E731
+    ppl = HeldoutPerplexity(  # the blocks before the first edited one run once, not at every checkpoint
         loaded.model,
         loaded.tokenizer,
         loaded.spec,
         heldout,
         int(cfg.eval.heldout.max_length),
         int(cfg.eval.heldout.batch_size),
+        frozen_below=min(layers, default=0),
     )
     facts = load_facts(cfg.eval.known.dataset, int(cfg.eval.known.n))
     known_settings = OmegaConf.to_container(cfg.eval.known, resolve=True)

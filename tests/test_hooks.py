@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from rome.pipeline.core.hooks import StopForward, Trace, TraceDict, get_module
+from rome.pipeline.core.hooks import StopForward, Trace, TraceDict, get_module, skipped
 
 
 class Counter(nn.Module):
@@ -93,3 +93,21 @@ def test_stop_forward_does_not_escape():
         m(torch.randn(1, 4))
     with pytest.raises(StopForward):  # outside a Trace the exception is real
         raise StopForward
+
+
+def test_skipped_modules_hand_on_the_given_output_without_running_and_come_back_after():
+    m, x = net(), torch.randn(2, 4)
+    known = torch.relu(m[0].lin(x))  # what m[0] and the ReLU would give
+    seen = []
+    handle = m[0].register_forward_hook(lambda mod, args, out: seen.append(out))
+    with skipped([m[0], m[1]], lambda: known):
+        y = m(x)
+    assert torch.equal(y, m[3].lin(m[2].lin(known))) and m[0].calls == 0  # not run; its hook still fired
+    assert len(seen) == 1 and seen[0] is known
+    handle.remove()
+    m[0].forward = offload = lambda t: m[0].lin(t) * 0  # an instance forward (accelerate's hooks) is put back
+    with skipped([m[0]], lambda: known):
+        m(x)
+    assert m[0].forward is offload and "forward" not in m[1].__dict__
+    del m[0].forward
+    assert torch.equal(m(x), m[3].lin(m[2].lin(torch.relu(m[0].lin(x))))) and m[0].calls == 1

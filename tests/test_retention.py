@@ -5,11 +5,13 @@ import math
 
 import pytest
 import torch
+from conftest import FAMILIES
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rome.pipeline.core.arch import arch_for
+from rome.pipeline.core.hooks import get_module
 from rome.pipeline.core.probability import greedy_tokens, predicts, predicts_many
-from rome.pipeline.evaluation.retention import perplexity, unrelated_facts
+from rome.pipeline.evaluation.retention import HeldoutPerplexity, perplexity, unrelated_facts
 from rome.pipeline.tracing.facts import Fact
 
 
@@ -79,3 +81,47 @@ def test_facts_about_an_edited_subject_are_set_aside():
     kept, aside = unrelated_facts(facts, ["ITALY", "Madame de Montesson", "Danielle Darrieux"])
     assert [f.index for f in kept] == [1, 3] and [f.index for f in aside] == [0, 2]  # whole subjects only
     assert unrelated_facts(facts, []) == (facts, [])
+
+
+TEXTS = [
+    "The Eiffel Tower is located in Paris, the capital of France.",
+    "Toyota was founded in Japan in 1937 by Kiichiro Toyoda, and it makes cars and trucks and buses.",
+    "Michael Jordan plays basketball.",
+    "A cat sat on the mat and then it slept for a long time in the sun.",
+    "x y",
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_checkpoints_perplexity_skips_the_blocks_no_edit_changes_and_equals_the_whole_pass(tiny_model_dir, family):
+    """The blocks before the first edited one run once: every later call hands their kept output on and gives
+    what the whole model gives, bit for bit, before and after an edit of a later block."""
+    path = tiny_model_dir(family)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    spec = arch_for(model)
+    ppl = HeldoutPerplexity(model, tok, spec, TEXTS, max_length=16, batch_size=2, frozen_below=1)
+    whole = perplexity(model, tok, spec, TEXTS, max_length=16, batch_size=2)
+    assert ppl() == whole and ppl.kept is not None and ppl.skips == 0  # the first call: whole pass, then checked
+    first_block_ran = []
+    handle = get_module(model, spec.mlp_name(0)).register_forward_hook(lambda *a: first_block_ran.append(1))
+    try:
+        assert ppl() == whole and ppl.skips == 1 and not first_block_ran
+        weight = spec.down_proj_weight(model, 1)
+        with torch.no_grad():
+            weight.mul_(3.0)  # an edit of block 1: the perplexity moves, and the skipping call follows it
+        edited = perplexity(model, tok, spec, TEXTS, max_length=16, batch_size=2)
+        assert edited != whole and first_block_ran
+        first_block_ran.clear()
+        assert ppl() == edited and not first_block_ran
+    finally:
+        handle.remove()
+
+
+def test_a_perplexity_whose_kept_states_would_not_fit_runs_the_whole_model(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ppl = HeldoutPerplexity(model, tok, arch_for(model), TEXTS, 16, 2, frozen_below=1, keep_bytes=100)
+    whole = perplexity(model, tok, arch_for(model), TEXTS, 16, 2)
+    assert ppl() == whole and ppl() == whole and ppl.kept is None and ppl.skips == 0

@@ -12,13 +12,13 @@ forward pass in a context manager.  Leaving the context always removes the hooks
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["StopForward", "Trace", "TraceDict", "get_module", "hidden_of", "replace_hidden"]
+__all__ = ["StopForward", "Trace", "TraceDict", "get_module", "hidden_of", "replace_hidden", "skipped"]
 
 
 class StopForward(Exception):
@@ -166,3 +166,25 @@ class TraceDict(dict, contextlib.AbstractContextManager):
         for t in self.values():
             t.close()
         return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+@contextlib.contextmanager
+def skipped(modules: Sequence[nn.Module], output: Callable[[], Any]) -> Iterator[None]:
+    """Run forwards without computing ``modules``: inside the block each returns ``output()`` instead (its hooks
+    still fire). For blocks whose result is known already, such as the blocks before the first edited one in a
+    many-edit run. A ``forward`` set on the instance (accelerate's offload hooks) is put back on exit."""
+    saved = [m.__dict__.get("forward") for m in modules]
+
+    def stand_in(*args: Any, **kwargs: Any) -> Any:
+        return output()
+
+    try:
+        for m in modules:
+            m.forward = stand_in
+        yield
+    finally:
+        for m, forward in zip(modules, saved):
+            if forward is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = forward
