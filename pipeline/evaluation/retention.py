@@ -123,6 +123,7 @@ class HeldoutPerplexity:
         rows = sorted((r for r in rows if len(r) > 1), key=len, reverse=True)  # the sum does not depend on the order
         pad = tokenizer.pad_token_id or 0
         self.batches = [right_pad(rows[i : i + batch_size], pad, device) for i in range(0, len(rows), batch_size)]
+        self.count = sum(len(r) - 1 for r in rows)  # the tokens predicted: every one but each row's first
         self.kept: list[torch.Tensor] | None = None  # block frozen_below's input, per batch
         self.skips = 0  # calls that skipped the frozen blocks
 
@@ -150,8 +151,7 @@ class HeldoutPerplexity:
         return self._perplexity(total)
 
     def _perplexity(self, total: torch.Tensor) -> float:
-        count = sum(int(mask[:, 1:].sum()) for _, mask in self.batches)
-        return float(torch.exp(total / count))
+        return float(torch.exp(total / self.count))
 
     def _skipping_pass(self) -> torch.Tensor:
         """The summed NLL, the blocks before ``frozen_below`` handing on the kept states."""
