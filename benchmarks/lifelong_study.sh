@@ -77,6 +77,26 @@ ultraedit_subject() {  # one batch of 100 (records 0-99): the paper's rows (the 
       "edit.ultraedit.lr=$lr" "eval.out=outputs/seq100_ultraedit_subject_lr$lr"
   done
 }
+ultraedit_modules() {  # the release's Llama-3-8B modules (gate_proj 11-15, up_proj 18-24 of 32 layers) on SmolLM2,
+  # scaled to its 30 layers (gate 10-14, up 17-23) and one kind at a time: model.arch.down_proj points every editor at
+  # that projection instead of the down-projection. One batch of 50 (records 2000-2049, the model file's lr protocol)
+  # per setting, the model file's down-projections beside them; then 1,000 edits with the up-projections at two lrs
+  # (ultraedit_nullspace's 1,000-edit protocol, whose preserve=none run is the down-projections' comparison)
+  local setting kind layers lr
+  for setting in "down_proj [19,20,21,22,23,24,25,26,27] 3e-4" "up_proj [17,18,19,20,21,22,23] 1e-4" \
+    "up_proj [17,18,19,20,21,22,23] 3e-4" "up_proj [17,18,19,20,21,22,23] 1e-3" "gate_proj [10,11,12,13,14] 1e-3"; do
+    read -r kind layers lr <<<"$setting"
+    run stage=eval eval.mode=batch "${COMMON[@]}" 'eval.methods=[ultraedit]' eval.start=2000 eval.n=50 \
+      eval.generation.tokens=0 "model.arch.down_proj=mlp.$kind" "edit.ultraedit.layers=$layers" \
+      "edit.ultraedit.lr=$lr" "eval.out=outputs/batch50_ultraedit_${kind}_lr$lr"
+  done
+  for lr in 1e-4 2e-4; do
+    run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' eval.eval_every=2 \
+      eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 model.arch.down_proj=mlp.up_proj \
+      'edit.ultraedit.layers=[17,18,19,20,21,22,23]' "edit.ultraedit.lr=$lr" \
+      "eval.out=outputs/seq1000_ultraedit_up_lr$lr"
+  done
+}
 batch1000() {  # MEMIT and AlphaEdit (and UltraEdit), 1,000 edits in batches of 100, on one curve; NAS in a second run
   run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,memit,alphaedit,ultraedit]' eval.eval_every=1 \
     eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 eval.out=outputs/seq1000_batch
@@ -225,9 +245,10 @@ reproducibility_smollm2() {  # the same on SmolLM2-135M, 1 thread against 2: ROM
   done
 }
 
-STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject batch1000
-  nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300
-  gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2)
+STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
+  ultraedit_modules batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300
+  table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility
+  reproducibility_smollm2)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${STEPS[@]}")
 for step in "${steps[@]}"; do  # every name checked before the first (hours-long) step runs
