@@ -97,6 +97,12 @@ ultraedit_modules() {  # the release's Llama-3-8B modules (gate_proj 11-15, up_p
       "eval.out=outputs/seq1000_ultraedit_up_lr$lr"
   done
 }
+ultraedit_statistics() {  # the lifelong normalisation per layer (edit.ultraedit.statistics=per_layer) against the
+  # shared default, with ultraedit_nullspace's 1,000-edit protocol (its preserve=none run is the shared one)
+  run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' eval.eval_every=2 \
+    eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 edit.ultraedit.statistics=per_layer \
+    eval.out=outputs/seq1000_ultraedit_per_layer
+}
 ultraedit_range2() {  # UltraEdit on records 1000-1999 with second_range's protocol (MEMIT's second range: checkpoints
   # after every batch, the known-facts rule), today's defaults
   run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=100 eval.n=1000 eval.start=1000 \
@@ -252,9 +258,9 @@ reproducibility_smollm2() {  # the same on SmolLM2-135M, 1 thread against 2: ROM
 }
 
 STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
-  ultraedit_modules ultraedit_range2 batch1000 nas_checks alphaedit_range2 rome_range2 rome_reference
-  rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt variants
-  templates reproducibility reproducibility_smollm2)
+  ultraedit_modules ultraedit_statistics ultraedit_range2 batch1000 nas_checks alphaedit_range2 rome_range2
+  rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt
+  variants templates reproducibility reproducibility_smollm2)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${STEPS[@]}")
 for step in "${steps[@]}"; do  # every name checked before the first (hours-long) step runs
