@@ -488,6 +488,12 @@ def probes() -> list[Probe]:
             lambda w: _edit(w, "edit.method=memit", "edit.layers=null"),
             "layer set",
         ),
+        Probe(
+            "judged before work",
+            "rome on a module other than the down-projection",
+            lambda w: _edit(w, "model.arch.down_proj=mlp.c_fc"),
+            "writes its value at the MLP's output",
+        ),
     ]
     return out
 

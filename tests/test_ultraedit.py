@@ -314,3 +314,39 @@ def test_nullspace_preserving_shift_leaves_cs_frequent_keys_alone(tiny_model_dir
         )
         system = h.T @ h + mu * stats[layer].second_moment + ridge * torch.eye(d_ff, dtype=torch.float64)
         torch.testing.assert_close(dw @ system, v.T @ h, rtol=1e-7, atol=1e-9 * float((v.T @ h).abs().max()))
+
+
+def test_another_linear_module_is_edited_by_ultraedit_and_refused_by_the_value_methods(tiny_model_dir):
+    """``model.arch.down_proj=mlp.up_proj`` (how docs/many-edits.md runs the release's Llama modules): UltraEdit
+    reads its keys at the up-projection's input and writes its ridge shift there and nowhere else; ROME, MEMIT
+    and AlphaEdit, whose values are optimised at the MLP's output, refuse it in one line before asking for C."""
+    loaded = load_model(str(tiny_model_dir("llama")), device="cpu", arch={"down_proj": "mlp.up_proj"})
+    loaded.model.double()
+    editor = _editor(loaded, "edit.ultraedit.lr=0.01", "edit.verify.enabled=false")
+    assert editor.touched() == ["model.layers.1.mlp.up_proj.weight", "model.layers.2.mlp.up_proj.weight"]
+    before = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+    (edit,) = editor.edit(parse_requests(REQUESTS[:2]))
+    changed = [name for name, p in loaded.model.named_parameters() if not torch.equal(p, before[name])]
+    assert changed == editor.touched()
+    hp, stats = editor.hp, editor.stats["shared"]  # after the one batch: the statistics its shift was normalised by
+    for layer in (1, 2):
+        h, g = edit.features.keys[layer].double(), edit.features.grads[layer].double()
+        assert (h.shape[1], g.shape[1]) == (64, 160)  # the up-projection's input (d_model) and output (d_ff)
+        v = pseudo_targets(h, g, stats, hp.lr, hp.eps)
+        dw = (
+            loaded.spec.down_proj_matrix(loaded.model, layer).detach()
+            - before[f"model.layers.{layer}.mlp.up_proj.weight"]
+        )
+        normal = dw @ (h.T @ h + float(hp.ridge) * torch.eye(h.shape[1], dtype=torch.float64))
+        torch.testing.assert_close(normal, v.T @ h, rtol=1e-7, atol=1e-9 * float((v.T @ h).abs().max()))
+
+    def statistics(layers):
+        raise AssertionError("C asked for")
+
+    for method in ("rome", "memit", "alphaedit"):
+        cfg = configure([f"edit.method={method}", "edit.layer=1", "edit.layers=[1,2]"])
+        with pytest.raises(UserError) as refused:
+            build_editor(cfg, loaded, statistics=statistics)
+        message = str(refused.value)
+        assert message.startswith(f"{method} writes its value at the MLP's output (64 values)"), message
+        assert "model.layers.1.mlp.up_proj returns 160" in message and "ultraedit" in message and "\n" not in message

@@ -50,6 +50,7 @@ from rome.pipeline.editors.value import (
     build_rows,
     norm_anchor,
     optimise_values,
+    require_mlp_output,
     subject_rows,
 )
 from rome.pipeline.editors.verification import verification_record
@@ -410,6 +411,7 @@ class MemitEditor(BatchEditor):
         hp = method_hparams(cfg, conf, measure_only)
         refuse_mlp_out_norm(name, loaded.model, loaded.spec, bool(hp.memit.allow_mlp_out_norm))
         layers = [loaded.spec.check_layer(loaded.model, layer, "edit.layers") for layer in cfg.edit.layers]
+        require_mlp_output(name, loaded.model, loaded.spec, layers)
         micro_batch_setting(hp.memit.micro_batch)  # a bad value is refused before the statistics are computed
         templates = templates_for(cfg, loaded, hp.memit.templates)
         stats = statistics(layers)

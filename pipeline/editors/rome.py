@@ -54,6 +54,7 @@ from rome.pipeline.editors.value import (
     ValueOptimisation,
     build_rows,
     norm_anchor,
+    require_mlp_output,
     subject_rows,
 )
 from rome.pipeline.editors.verification import (
@@ -448,6 +449,7 @@ class RomeEditor(Editor):
             if conf.get("layer") is None
             else loaded.spec.check_layer(loaded.model, conf.layer, f"method.{name}.layer")
         )
+        require_mlp_output(name, loaded.model, loaded.spec, [layer])
         c, stats_id = None, None
         if hp.mom2_adjustment:
             if statistics is None:

@@ -39,10 +39,12 @@ the answer positions) while the damage grows with η; off by default.
 
 Where this differs from the release (github XiaojieGu/UltraEdit): it edits the down-projections only (the
 module every editor here edits; the release does so for GPT-J, Mistral-7B and Phi-4 but edits gate/up
-projections for Llama-3 and Qwen2.5); L is the sum over target tokens, not the mean over each forward pass of
-10 requests (a per-pass constant the normalisation divides out, except that it varied with the pass's token
-count; the sum makes a request's gradient independent of its batch-mates); the statistics merge exactly
-(the release adds n·Var_unbiased = n/(n−1)·M2_batch per batch, a slight over-count) and in float64.
+projections for Llama-3 and Qwen2.5; ``model.arch.down_proj=mlp.up_proj`` points it at another linear module,
+one kind per run, and on SmolLM2 that was no better: docs/many-edits.md); L is the sum over target tokens, not
+the mean over each forward pass of 10 requests (a per-pass constant the normalisation divides out, except that it
+varied with the pass's token count; the sum makes a request's gradient independent of its batch-mates); the
+statistics merge exactly (the release adds n·Var_unbiased = n/(n−1)·M2_batch per batch, a slight over-count) and
+in float64.
 """
 
 from __future__ import annotations

@@ -70,7 +70,25 @@ __all__ = [
     "MICRO_BATCH_MEMORY",
     "norm_anchor",
     "anchor_reference",
+    "require_mlp_output",
 ]
+
+
+def require_mlp_output(name: str, model: torch.nn.Module, spec: ArchSpec, layers: Sequence[int]) -> None:
+    """ROME's v* and MEMIT's / AlphaEdit's z are optimised at the MLP's output (``spec.mlp_name``) and written
+    into the edited module's weight, so that module must be the one whose output the MLP returns: the
+    down-projection. ``model.arch.down_proj`` may name another linear module (``mlp.up_proj``: UltraEdit's step
+    is the same on any of them, docs/many-edits.md); for these methods a module of another output width is
+    refused here, before any statistics are computed, instead of failing at the first v* step."""
+    width = get_module(model, spec.embed).weight.shape[-1]
+    for layer in layers:
+        out = spec.down_proj_matrix(model, layer).shape[0]
+        if out != width:
+            raise UserError(
+                f"{name} writes its value at the MLP's output ({width} values), but {spec.down_proj_name(layer)} "
+                f"returns {out}: model.arch.down_proj must name the module whose output the MLP returns (its "
+                "down-projection); other linear modules only edit.method=ultraedit edits"
+            )
 
 
 @contextlib.contextmanager
