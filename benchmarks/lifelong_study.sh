@@ -103,6 +103,12 @@ ultraedit_statistics() {  # the lifelong normalisation per layer (edit.ultraedit
     eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 edit.ultraedit.statistics=per_layer \
     eval.out=outputs/seq1000_ultraedit_per_layer
 }
+known_facts_count() {  # ultraedit_nullspace's preserve=none run scored on the known facts of the first 1,000 records
+  # of known_1000 (238 answered) instead of 300 (70): how well a collapse point is resolved
+  run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' eval.eval_every=2 \
+    eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 eval.known.n=1000 \
+    eval.out=outputs/seq1000_ultraedit_known1000
+}
 ultraedit_range2() {  # UltraEdit on records 1000-1999 with second_range's protocol (MEMIT's second range: checkpoints
   # after every batch, the known-facts rule), today's defaults
   run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=100 eval.n=1000 eval.start=1000 \
@@ -258,9 +264,9 @@ reproducibility_smollm2() {  # the same on SmolLM2-135M, 1 thread against 2: ROM
 }
 
 STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
-  ultraedit_modules ultraedit_statistics ultraedit_range2 batch1000 nas_checks alphaedit_range2 rome_range2
-  rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300 zsre1000 zsre_alt
-  variants templates reproducibility reproducibility_smollm2)
+  ultraedit_modules ultraedit_statistics known_facts_count ultraedit_range2 batch1000 nas_checks alphaedit_range2
+  rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300
+  zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${STEPS[@]}")
 for step in "${steps[@]}"; do  # every name checked before the first (hours-long) step runs
