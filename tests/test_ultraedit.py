@@ -350,3 +350,54 @@ def test_another_linear_module_is_edited_by_ultraedit_and_refused_by_the_value_m
         message = str(refused.value)
         assert message.startswith(f"{method} writes its value at the MLP's output (64 values)"), message
         assert "model.layers.1.mlp.up_proj returns 160" in message and "ultraedit" in message and "\n" not in message
+
+
+def test_modules_named_per_layer_are_edited_recorded_and_rebuilt_without_the_setting(tiny_model_dir, tmp_path):
+    """``model.arch.down_proj_by_layer`` (the release's Llama-3 set: gate_proj at some layers, up_proj at others):
+    UltraEdit edits each layer's named module and nothing else; the ledger records the modules, so a model loaded
+    without the setting is rebuilt onto them bitwise and ``ledger_applied`` restores them; modules of two shapes
+    (a down- and an up-projection) get one normaliser each, as the release keys them by shape."""
+    from rome.pipeline.editors.ledger import Ledger
+    from rome.pipeline.evaluation.ask import ledger_applied
+
+    path = str(tiny_model_dir("llama"))
+    by_layer = {"mlp.gate_proj": [1], "mlp.up_proj": [2]}
+    loaded = load_model(path, device="cpu", arch={"down_proj_by_layer": by_layer})
+    editor = _editor(loaded, "edit.ultraedit.lr=0.01", "edit.verify.enabled=false")
+    assert editor.touched() == ["model.layers.1.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"]
+    before = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+    (edit,) = editor.edit(parse_requests(REQUESTS[:2]))
+    edited = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+    assert [name for name in edited if not torch.equal(edited[name], before[name])] == editor.touched()
+    assert set(editor.stats) == {"shared"} and editor.stats["shared"].count == 2 * len(edit.features.owner)
+    ledger = Ledger.open(tmp_path / "ledger", model=loaded.identity)
+    editor.record(edit, ledger, loaded.identity)
+    assert ledger.entries[0]["modules"] == ["model.layers.1.mlp.gate_proj", "model.layers.2.mlp.up_proj"]
+
+    plain = load_model(path, device="cpu")  # the down-projections by default: the ledger says where its edits go
+    opened = Ledger.open(tmp_path / "ledger", create=False)
+    with ledger_applied(plain, opened) as n:
+        assert n == 1
+        assert all(torch.equal(p, edited[name]) for name, p in plain.model.named_parameters())
+    assert all(torch.equal(p, before[name]) for name, p in plain.model.named_parameters())  # restored bitwise
+
+    mixed = load_model(path, device="cpu", arch={"down_proj_by_layer": {"mlp.up_proj": [2]}})
+    editor = _editor(mixed, "edit.ultraedit.lr=0.01", "edit.verify.enabled=false")
+    (edit,) = editor.edit(parse_requests(REQUESTS[:2]))
+    rows = len(edit.features.owner)
+    assert {group: s.count for group, s in editor.stats.items()} == {"shared64x160": rows, "shared160x64": rows}
+
+
+@pytest.mark.parametrize(
+    ("by_layer", "message"),
+    [
+        ({"mlp.gate_proj": [1, 2], "mlp.up_proj": [2]}, "names layer 2 for both mlp.gate_proj and mlp.up_proj"),
+        ({"mlp.up_proj": [4]}, "layer 4 of mlp.up_proj is out of range: this model has layers 0..3"),
+        ({"mlp.nothing": [1]}, "has no module(s) model.layers.1.mlp.nothing"),
+        (["mlp.up_proj"], "must map modules to their layers"),
+    ],
+)
+def test_modules_named_per_layer_are_checked_in_one_line(tiny_model_dir, by_layer, message):
+    with pytest.raises(UserError, match="^[^\n]*$") as refused:
+        load_model(str(tiny_model_dir("llama")), device="cpu", arch={"down_proj_by_layer": by_layer})
+    assert message in str(refused.value)

@@ -72,18 +72,6 @@ def _balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, to
     return left * scale, (right / scale).T
 
 
-def _batch_modules(entry: dict[str, Any]) -> dict[int, str]:
-    """layer -> module name of a batch entry (recorded side by side, in the same increasing order)."""
-    layers, modules = entry.get("layers") or [], entry.get("modules") or []
-    pairs = dict(zip(layers, modules))
-    if len(layers) != len(modules) or any(str(layer) not in m.split(".") for layer, m in pairs.items()):
-        raise UserError(
-            f"ledger edit {entry.get('id')} records layers {layers} but modules {modules}; "
-            "restore the ledger from a copy"
-        )
-    return pairs
-
-
 def ledger_updates(ledger: Ledger) -> dict[str, ModuleUpdate]:
     """The remaining (applied) edits of ``ledger``, summed per module as LoRA factors in float64. Every file is
     read and checked against its checksum first."""
@@ -97,7 +85,7 @@ def ledger_updates(ledger: Ledger) -> dict[str, ModuleUpdate]:
     for entry in active:
         conv1d = bool(entry.get("conv1d"))
         if entry.get("kind") == "batch":
-            modules = _batch_modules(entry)
+            modules = ledger.modules(entry)
             for layer, update in ledger.low_rank(entry).items():
                 terms.setdefault(modules[layer], []).append((conv1d, update.left, update.right))
         else:

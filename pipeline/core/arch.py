@@ -40,6 +40,9 @@ class ArchSpec:
     # post_feedforward_layernorm); None where the down-projection's output is added as it is. MEMIT's targets
     # are residual-stream shifts that assume no such norm: MEMIT and AlphaEdit refuse these models (editors/memit.py).
     mlp_out_norm: str | None = None
+    # the edited module where it is not ``down_proj``, as (layer, module relative to a block) pairs: UltraEdit's
+    # release edits gate_proj in some Llama-3 layers and up_proj in others (config: model.arch.down_proj_by_layer)
+    down_proj_by_layer: tuple[tuple[int, str], ...] = ()
 
     def block_name(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -48,7 +51,7 @@ class ArchSpec:
         return f"{self.blocks}.{layer}.{self.mlp}"
 
     def down_proj_name(self, layer: int) -> str:
-        return f"{self.blocks}.{layer}.{self.down_proj}"
+        return f"{self.blocks}.{layer}.{dict(self.down_proj_by_layer).get(layer, self.down_proj)}"
 
     def mlp_out_norm_name(self, layer: int) -> str | None:
         return None if self.mlp_out_norm is None else f"{self.blocks}.{layer}.{self.mlp_out_norm}"
@@ -91,6 +94,7 @@ class ArchSpec:
         names = [self.blocks, self.embed, self.final_norm, self.lm_head]
         names += [self.mlp_name(0), self.down_proj_name(0), self.attn_name(0)]
         names += [self.mlp_out_norm_name(0)] if self.mlp_out_norm is not None else []
+        names += [self.down_proj_name(layer) for layer, _ in self.down_proj_by_layer]
         missing = [n for n in names if not _has(model, n)]
         if missing:
             raise UserError(
@@ -98,6 +102,34 @@ class ArchSpec:
                 "set the right paths with model.arch.<field>=... (see configs/config.yaml)"
             )
         return self
+
+
+def _module_per_layer(by_module: Any, num_layers: int) -> tuple[tuple[int, str], ...]:
+    """``{module: [layers]}`` (model.arch.down_proj_by_layer, the release's grouping) as sorted (layer, module)
+    pairs, one module per layer."""
+    example = "{mlp.gate_proj: [10, 11], mlp.up_proj: [17, 18]}"
+    if not isinstance(by_module, Mapping):
+        raise UserError(f"model.arch.down_proj_by_layer={by_module} must map modules to their layers, e.g. {example}")
+    owner: dict[int, str] = {}
+    for module, layers in by_module.items():
+        layers = [layers] if isinstance(layers, int) else layers
+        if not isinstance(module, str) or not isinstance(layers, list | tuple) or not layers:
+            raise UserError(
+                f"model.arch.down_proj_by_layer: {module}: {layers} must be a module and its layers, e.g. {example}"
+            )
+        for layer in layers:
+            if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < num_layers:
+                raise UserError(
+                    f"model.arch.down_proj_by_layer: layer {layer} of {module} is out of range: this model has layers "
+                    f"0..{num_layers - 1}"
+                )
+            if layer in owner and owner[layer] != module:
+                raise UserError(
+                    f"model.arch.down_proj_by_layer names layer {layer} for both {owner[layer]} and {module}: an "
+                    "editor edits one module per layer (edit the two in separate runs)"
+                )
+            owner[layer] = module
+    return tuple(sorted(owner.items()))
 
 
 def _has(model: nn.Module, name: str) -> bool:
@@ -186,4 +218,9 @@ def arch_for(model: nn.Module, overrides: Mapping[str, Any] | None = None) -> Ar
             f"unsupported architecture '{model_type}': known are {', '.join(sorted(FAMILIES))}; "
             f"name its modules with model.arch.{missing[0]}=... (fields: {', '.join(missing)})"
         )
-    return ArchSpec(**fields).validate(model)
+    by_layer = fields.pop("down_proj_by_layer", ())
+    spec = ArchSpec(**fields).validate(model)
+    if not by_layer:
+        return spec
+    by_layer = _module_per_layer(by_layer, spec.num_layers(model))
+    return dataclasses.replace(spec, down_proj_by_layer=by_layer).validate(model)

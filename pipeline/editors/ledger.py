@@ -217,16 +217,39 @@ class Ledger:
         return out
 
     def rebuild(self, model: torch.nn.Module, spec: ArchSpec) -> int:
-        """Apply every active entry, in order, to a model holding the base weights. Every file is read and
-        checked first: a damaged one raises before any weight changes."""
+        """Apply every active entry, in order, to a model holding the base weights, each to the modules it
+        records. Every file is read and every module found first: a damaged file or a missing module raises
+        before any weight changes."""
         updates = [(e, self.low_rank(e) if e.get("kind") == "batch" else self.rank_one(e)) for e in self.active()]
+        weights = {e["id"]: {layer: weight(model, name) for layer, name in self.modules(e).items()} for e, _ in updates}
         for e, update in updates:
+            conv1d = e.get("conv1d", spec.down_proj_conv1d)
             if e.get("kind") == "batch":
                 for layer, factors in update.items():
-                    apply_low_rank(spec.down_proj_weight(model, layer), factors, spec.down_proj_conv1d)
+                    apply_low_rank(weights[e["id"]][layer], factors, conv1d)
             else:
-                apply_rank_one(spec.down_proj_weight(model, e["layer"]), update, spec.down_proj_conv1d)
+                apply_rank_one(weights[e["id"]][e["layer"]], update, conv1d)
         return len(updates)
+
+    def edited_weights(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        """The weights the active entries change, by module name (what a caller restores after ``rebuild``)."""
+        return {name: weight(model, name) for e in self.active() for name in self.modules(e).values()}
+
+    @staticmethod
+    def modules(entry: dict[str, Any]) -> dict[int, str]:
+        """layer -> the module ``entry`` changed there, by the name it records: a run under model.arch.down_proj or
+        model.arch.down_proj_by_layer edits other modules than the down-projection, and a rebuild must not depend
+        on repeating those settings. A batch records its layers and modules side by side, in the same order."""
+        if entry.get("kind") != "batch":
+            return {entry["layer"]: entry["module"]}
+        layers, modules = entry.get("layers") or [], entry.get("modules") or []
+        pairs = dict(zip(layers, modules))
+        if len(layers) != len(modules) or any(str(layer) not in m.split(".") for layer, m in pairs.items()):
+            raise UserError(
+                f"ledger edit {entry.get('id')} records layers {layers} but modules {modules}; "
+                "restore the ledger from a copy"
+            )
+        return pairs
 
     def solved_after(self, reverted: list[int]) -> list[int]:
         """The active edits made after one of ``reverted`` while it was in the weights: they were solved on
@@ -247,6 +270,15 @@ class Ledger:
         for e in targets:
             e["status"] = "reverted"
         return [e["id"] for e in targets]
+
+
+def weight(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
+    try:
+        return model.get_submodule(name).weight
+    except AttributeError:
+        raise UserError(
+            f"the ledger edits {name}, which this model does not have; rebuild it on the model it was made on"
+        ) from None
 
 
 def content_checksum(data: dict[str, Any]) -> str:

@@ -37,14 +37,14 @@ last token (MEMIT's site, where other facts' keys overlap a batch's less), the r
 (layers 1-5, one batch of 100, docs/many-edits.md): one step there barely writes the edits (ES 52-57 against 93 at
 the answer positions) while the damage grows with η; off by default.
 
-Where this differs from the release (github XiaojieGu/UltraEdit): it edits the down-projections only (the
-module every editor here edits; the release does so for GPT-J, Mistral-7B and Phi-4 but edits gate/up
-projections for Llama-3 and Qwen2.5; ``model.arch.down_proj=mlp.up_proj`` points it at another linear module,
-one kind per run, and on SmolLM2 that was no better: docs/many-edits.md); L is the sum over target tokens, not
-the mean over each forward pass of 10 requests (a per-pass constant the normalisation divides out, except that it
-varied with the pass's token count; the sum makes a request's gradient independent of its batch-mates); the
-statistics merge exactly (the release adds n·Var_unbiased = n/(n−1)·M2_batch per batch, a slight over-count) and
-in float64.
+Where this differs from the release (github XiaojieGu/UltraEdit): it edits the down-projections by default (the
+module every editor here edits; the release does so for GPT-J, Mistral-7B and Phi-4 but edits gate/up projections
+for Llama-3 and Qwen2.5: ``model.arch.down_proj=mlp.up_proj`` points it at another linear module in every layer,
+``model.arch.down_proj_by_layer`` names one per layer, the release's Llama-3 set, and on SmolLM2 neither was
+better: docs/many-edits.md); L is the sum over target tokens, not the mean over each forward pass of 10 requests
+(a per-pass constant the normalisation divides out, except that it varied with the pass's token count; the sum
+makes a request's gradient independent of its batch-mates); the statistics merge exactly (the release adds
+n·Var_unbiased = n/(n−1)·M2_batch per batch, a slight over-count) and in float64.
 """
 
 from __future__ import annotations
@@ -321,9 +321,8 @@ class UltraEditEditor(BatchEditor):
             raise UserError(f"edit.ultraedit.position={hp.position} must be one of {', '.join(POSITIONS)}")
         super().__init__(name, model, tokenizer, spec, hp, layers, batch_size, "edit.ultraedit.layers", verify)
         device = model_device(model)
-        size = {
-            layer: spec.key_size(model, layer) + spec.down_proj_matrix(model, layer).shape[0] for layer in self.layers
-        }
+        self.shapes = {layer: tuple(spec.down_proj_matrix(model, layer).shape) for layer in self.layers}
+        size = {layer: sum(self.shapes[layer]) for layer in self.layers}
         self.stats = {self.group(layer): LifelongStats(size[layer], device) for layer in self.layers}
         self.projectors: dict[int, torch.Tensor] = {}  # preserve=nullspace: P per layer (``preserve_null_space``)
         self.preservers: dict[int, KeySolver] = {}  # preserve=covariance: μC + λI per layer (``preserve_covariance``)
@@ -378,8 +377,14 @@ class UltraEditEditor(BatchEditor):
 
     def group(self, layer: int) -> str:
         """The statistics a layer's features go into: ``shared`` (the release keys one normaliser per weight
-        shape, which every down-projection shares) or ``layer<l>``."""
-        return "shared" if self.hp.statistics == "shared" else f"layer{layer}"
+        shape, which every down-projection shares; ``shared<out>x<in>`` when the edited modules differ in shape,
+        as a down- and an up-projection do) or ``layer<l>``."""
+        if self.hp.statistics != "shared":
+            return f"layer{layer}"
+        if len(set(self.shapes.values())) == 1:
+            return "shared"
+        out, inp = self.shapes[layer]
+        return f"shared{out}x{inp}"
 
     def begin(self, requests: Sequence[EditRequest]) -> UltraEditBatch:
         clock = Clock(self.model)

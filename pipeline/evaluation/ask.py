@@ -189,25 +189,18 @@ class Answers:
         return "\n".join(lines)
 
 
-def _edited_layers(ledger: Ledger) -> list[int]:
-    layers = set()
-    for e in ledger.active():
-        layers |= set(e["layers"]) if e.get("kind") == "batch" else {e["layer"]}
-    return sorted(layers)
-
-
 @contextlib.contextmanager
 def ledger_applied(loaded: LoadedModel, ledger: Ledger) -> Iterator[int]:
     """``loaded`` with the ledger's active edits applied (it must hold the base weights), restored bitwise on
     exit; yields how many edits were applied."""
-    weights = {layer: loaded.spec.down_proj_weight(loaded.model, layer) for layer in _edited_layers(ledger)}
-    kept = {layer: w.detach().clone() for layer, w in weights.items()}
+    weights = ledger.edited_weights(loaded.model)
+    kept = {name: w.detach().clone() for name, w in weights.items()}
     try:
         yield ledger.rebuild(loaded.model, loaded.spec)
     finally:
         with torch.no_grad():
-            for layer, w in weights.items():
-                w.copy_(kept[layer])
+            for name, w in weights.items():
+                w.copy_(kept[name])
 
 
 def open_ledger(directory: str | os.PathLike, model_name: str | None = None) -> Ledger:
