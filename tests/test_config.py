@@ -175,3 +175,17 @@ def test_a_date_like_value_stays_text():
     from rome.pipeline.config import parse_overrides
 
     assert parse_overrides(["edit.out=2024-01-01", "report.dir=2026-12-04_10:00"]).edit.out == "2024-01-01"
+
+
+def test_results_tables_name_the_edit_and_adapter_settings_a_run_changed():
+    """A run that edits other modules (``model.arch.down_proj_by_layer``) or with another lr measured another
+    method: the tables' note names both; a run on configs/' settings names nothing."""
+    from rome.pipeline.editors.settings import changed_edit_settings
+
+    by_layer = "model.arch.down_proj_by_layer={mlp.gate_proj: [10, 11], mlp.up_proj: [17]}"
+    assert changed_edit_settings(compose([by_layer, "edit.ultraedit.lr=5e-5"])) == [
+        "edit.ultraedit.lr=5e-05",
+        'model.arch.down_proj_by_layer={"mlp.gate_proj": [10, 11], "mlp.up_proj": [17]}',
+    ]
+    assert changed_edit_settings(compose(["model.arch.down_proj=mlp.up_proj"])) == ["model.arch.down_proj=mlp.up_proj"]
+    assert changed_edit_settings(compose([])) == []

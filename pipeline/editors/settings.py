@@ -77,7 +77,8 @@ def edit_layer(cfg: DictConfig, loaded: Any) -> int:
 
 def changed_edit_settings(cfg: DictConfig) -> list[str]:
     """``edit.key=value`` for each ``edit`` setting of ``cfg`` (resolved) that differs from what ``configs/`` set for
-    its model: what a results table must name, since a run with another setting measured another method."""
+    its model, and ``model.arch.key=value`` for each adapter override: what a results table must name, since a
+    run with another setting measured another method."""
 
     def flat(node: Any, prefix: str = "edit") -> dict[str, Any]:
         if isinstance(node, dict):
@@ -86,8 +87,11 @@ def changed_edit_settings(cfg: DictConfig) -> list[str]:
 
     mine = flat(OmegaConf.to_container(cfg.edit, resolve=True))
     default = flat(OmegaConf.to_container(edit_defaults(str(cfg.model.name)), resolve=True))
-    changed = [key for key, value in mine.items() if key not in default or default[key] != value]
-    return [f"{key}={mine[key] if isinstance(mine[key], str) else json.dumps(mine[key])}" for key in changed]
+    changed = {key: value for key, value in mine.items() if key not in default or default[key] != value}
+    # the adapter's overrides too (configs/ sets none): model.arch.down_proj(_by_layer) names the edited module
+    arch = OmegaConf.to_container(cfg.model.arch, resolve=True) if cfg.model.get("arch") is not None else {}
+    changed.update({f"model.arch.{key}": value for key, value in arch.items() if value is not None})
+    return [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in changed.items()]
 
 
 def changed_edit_note(cfg: DictConfig) -> str | None:
