@@ -97,6 +97,27 @@ ultraedit_modules() {  # the release's Llama-3-8B modules (gate_proj 11-15, up_p
       "eval.out=outputs/seq1000_ultraedit_up_lr$lr"
   done
 }
+ultraedit_gate_up() {  # the release's Llama-3-8B set in one run, as the release edits it: gate_proj 10-14 and up_proj
+  # 17-23 (11-15 and 18-24 of 32, scaled to 30 layers) through model.arch.down_proj_by_layer, one lr for all twelve;
+  # ultraedit_modules' protocols (one batch of 50 at three lrs, then 1,000 edits at two), and the down-projections' run
+  # it is compared with
+  local by_layer='model.arch.down_proj_by_layer={mlp.gate_proj: [10,11,12,13,14], mlp.up_proj: [17,18,19,20,21,22,23]}'
+  local layers='edit.ultraedit.layers=[10,11,12,13,14,17,18,19,20,21,22,23]' lr
+  for lr in 5e-5 1e-4 3e-4; do
+    run stage=eval eval.mode=batch "${COMMON[@]}" 'eval.methods=[ultraedit]' eval.start=2000 eval.n=50 \
+      eval.generation.tokens=0 "$by_layer" "$layers" "edit.ultraedit.lr=$lr" \
+      "eval.out=outputs/batch50_ultraedit_gate_up_lr$lr"
+  done
+  for lr in 5e-5 1e-4; do
+    run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' eval.eval_every=2 \
+      eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 "$by_layer" "$layers" "edit.ultraedit.lr=$lr" \
+      "eval.out=outputs/seq1000_ultraedit_gate_up_lr$lr"
+  done
+  # the down-projections (the model file's layers) at lr 1e-4, where they write about as few edits as gate+up at 5e-5
+  run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' eval.eval_every=2 \
+    eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 edit.ultraedit.lr=1e-4 \
+    eval.out=outputs/seq1000_ultraedit_lr1e-4
+}
 ultraedit_statistics() {  # the lifelong normalisation per layer (edit.ultraedit.statistics=per_layer) against the
   # shared default, with ultraedit_nullspace's 1,000-edit protocol (its preserve=none run is the shared one)
   run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,ultraedit]' eval.eval_every=2 \
@@ -264,9 +285,9 @@ reproducibility_smollm2() {  # the same on SmolLM2-135M, 1 thread against 2: ROM
 }
 
 STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
-  ultraedit_modules ultraedit_statistics known_facts_count ultraedit_range2 batch1000 nas_checks alphaedit_range2
-  rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300 gemma_rome_nas300
-  zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2)
+  ultraedit_modules ultraedit_gate_up ultraedit_statistics known_facts_count ultraedit_range2 batch1000 nas_checks
+  alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300
+  gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${STEPS[@]}")
 for step in "${steps[@]}"; do  # every name checked before the first (hours-long) step runs

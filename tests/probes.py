@@ -494,6 +494,14 @@ def probes() -> list[Probe]:
             lambda w: _edit(w, "model.arch.down_proj=mlp.c_fc"),
             "writes its value at the MLP's output",
         ),
+        Probe(
+            "judged before work",
+            "one layer named for two modules",
+            lambda w: _edit(
+                w, "edit.method=ultraedit", "model.arch.down_proj_by_layer={mlp.c_fc: [1], mlp.c_proj: [1, 2]}"
+            ),
+            "names layer 1 for both mlp.c_fc and mlp.c_proj",
+        ),
     ]
     return out
 
