@@ -40,6 +40,7 @@ from rome.pipeline.editors import rome
 from rome.pipeline.editors.base import REGISTRY
 from rome.pipeline.editors.factory import build_editor
 from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.editors.verification import prompt_wins
 from rome.pipeline.errors import UserError
 
 SAVE_FORMATS = ("model", "adapter")  # edit.save_format
@@ -186,12 +187,8 @@ def run(cfg: DictConfig) -> list:
         if editor.method != "rome" and not any(e.checks for e in edits):
             known = [r for e in edits for r in e.requests if r.target_true]
             if known:
-                won = sum(
-                    p["prompt"]["new"][0] > p["prompt"]["true"][0]
-                    for p in (
-                        rome.measure(loaded.model, loaded.tokenizer, r, int(cfg.edit.verify.batch_size)) for r in known
-                    )
-                )
+                print(f"after the edits: scoring P(new) against P(true) on {len(known)} requests' prompts", flush=True)
+                won = prompt_wins(loaded.model, loaded.tokenizer, known, int(cfg.edit.verify.batch_size))
                 print(f"after the edits: P(new) > P(true) on {won} of {len(known)} requests' prompts")
         run_.save_and_report(loaded, ledger)
         check_stop(run_.resume_hint())

@@ -244,3 +244,24 @@ def test_an_instruct_tokenizer_is_also_asked_through_its_chat_template(tiny_mode
         f"asked through its chat template it answers '{reply}')"
     )
     assert f"the rejected edit, asked through the chat template: {reply!r}" in str(rejected)  # not the restored model's
+
+
+def test_prompt_wins_counts_what_measuring_each_request_counts(tiny_model_dir):
+    """The batch methods' summary without verification (``prompt_wins``: one batched pass over every request)
+    counts the requests whose prompt has P(new) > P(true), as ``measure`` finds request by request."""
+    from rome.pipeline.editors.verification import measure, prompt_wins
+
+    loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
+    objects = ["Rome", "Paris", "and", "the", "London", "of"]
+    requests = parse_requests(
+        [
+            {**EIFFEL, "target_new": new, "target_true": true}
+            for new in objects
+            for true in objects
+            if new != true
+        ]
+    )
+    each = [measure(loaded.model, loaded.tokenizer, r, 4)["prompt"] for r in requests]
+    want = sum(p["new"][0] > p["true"][0] for p in each)
+    assert 0 < want < len(requests)  # both outcomes occur: the count is not trivially all or none
+    assert prompt_wins(loaded.model, loaded.tokenizer, requests, 7) == want

