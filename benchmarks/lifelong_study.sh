@@ -284,10 +284,26 @@ reproducibility_smollm2() {  # the same on SmolLM2-135M, 1 thread against 2: ROM
   done
 }
 
+reproducibility_10k() {  # where 1 and 2 threads part over UltraEdit's 10,000 edits (records 0-9,999, batches of 100):
+  # the edit stage writes every batch's factors into a ledger (no checkpoints), run_diff compares them batch by
+  # batch, ledger_perplexity scores both ledgers' models on one thread after N edits (and the first on two: the
+  # scoring's own share)
+  local out=outputs/reproducibility threads
+  for threads in 1 2; do
+    THREADS=$threads run stage=edit "${COMMON[@]}" edit.method=ultraedit edit.batch_size=100 \
+      request=$DATA/counterfact/counterfact-edit.json edit.verify.enabled=false edit.generate_tokens=0 \
+      "edit.out=$out/ultraedit10k_ledger_$threads"
+  done
+  python benchmarks/run_diff.py "$out/ultraedit10k_ledger_1" "$out/ultraedit10k_ledger_2"
+  OMP_NUM_THREADS=1 python benchmarks/ledger_perplexity.py "$out/ultraedit10k_ledger_1" "$out/ultraedit10k_ledger_2" \
+    --at 1000,6000,6500,7000,10000 --threads 1
+  OMP_NUM_THREADS=2 python benchmarks/ledger_perplexity.py "$out/ultraedit10k_ledger_1" --at 7000,10000 --threads 2
+}
+
 STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
   ultraedit_modules ultraedit_gate_up ultraedit_statistics known_facts_count ultraedit_range2 batch1000 nas_checks
   alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300
-  gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2)
+  gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2 reproducibility_10k)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${STEPS[@]}")
 for step in "${steps[@]}"; do  # every name checked before the first (hours-long) step runs
