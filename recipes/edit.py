@@ -188,7 +188,8 @@ def run(cfg: DictConfig) -> list:
             known = [r for e in edits for r in e.requests if r.target_true]
             if known:
                 print(f"after the edits: scoring P(new) against P(true) on {len(known)} requests' prompts", flush=True)
-                won = prompt_wins(loaded.model, loaded.tokenizer, known, int(cfg.edit.verify.batch_size))
+                batch_size = int(cfg.edit.verify.batch_size)
+                won = prompt_wins(loaded.model, loaded.tokenizer, known, batch_size, desc="after the edits")
                 print(f"after the edits: P(new) > P(true) on {won} of {len(known)} requests' prompts")
         run_.save_and_report(loaded, ledger)
         check_stop(run_.resume_hint())

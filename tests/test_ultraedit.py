@@ -4,6 +4,7 @@ target positions, the editor writes the shift of its pseudo-targets, and the edi
 sequence bitwise (the statistics travel with it), reverts bitwise and saves a loadable model."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -243,6 +244,12 @@ def test_edit_stage_continues_a_ledger_bitwise_reverts_and_saves(tiny_model_dir,
     bare, orig = weights(tmp_path / "bare"), weights(base)
     assert "model.layers.2.mlp.down_proj.weight" in set(bare) & set(orig)
     assert all(torch.equal(bare[k], orig[k]) for k in set(bare) & set(orig))  # every edit reverted: the base, bitwise
+    # requests with their true objects, not verified: the summary scores every prompt after the edits
+    known = [{**REQUESTS[0], "target_true": "Paris"}, {**REQUESTS[1], "target_true": "French"}]
+    scored = cli(known, tmp_path / "three", tmp_path / "m_three")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "after the edits: scoring P(new) against P(true) on 2 requests' prompts" in scored.stdout
+    assert re.search(r"after the edits: P\(new\) > P\(true\) on [0-2] of 2 requests' prompts", scored.stdout)
 
 
 def test_nullspace_preserving_shift_leaves_cs_frequent_keys_alone(tiny_model_dir, tmp_path):

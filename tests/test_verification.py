@@ -254,14 +254,11 @@ def test_prompt_wins_counts_what_measuring_each_request_counts(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir("gpt2")), device="cpu")
     objects = ["Rome", "Paris", "and", "the", "London", "of"]
     requests = parse_requests(
-        [
-            {**EIFFEL, "target_new": new, "target_true": true}
-            for new in objects
-            for true in objects
-            if new != true
-        ]
+        [{**EIFFEL, "target_new": new, "target_true": true} for new in objects for true in objects if new != true]
     )
     each = [measure(loaded.model, loaded.tokenizer, r, 4)["prompt"] for r in requests]
     want = sum(p["new"][0] > p["true"][0] for p in each)
     assert 0 < want < len(requests)  # both outcomes occur: the count is not trivially all or none
     assert prompt_wins(loaded.model, loaded.tokenizer, requests, 7) == want
+    many = requests * 20  # 600 requests: two chunks, the bar shown
+    assert prompt_wins(loaded.model, loaded.tokenizer, many, 64, desc="after the edits") == 20 * want
