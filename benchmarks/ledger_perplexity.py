@@ -20,6 +20,7 @@ import torch
 
 from rome.pipeline.core.loading import configure, load_configured
 from rome.pipeline.editors.ledger import Ledger
+from rome.pipeline.evaluation.ask import ledger_applied
 from rome.pipeline.evaluation.retention import heldout_texts, perplexity
 
 
@@ -46,27 +47,22 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_configured(cfg.model, "cpu")
     texts, records = heldout_texts(args.data, int(cfg.eval.heldout.articles))
     ledgers = [Ledger.open(d, create=False) for d in args.ledgers]
-    base = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
     print(f"held-out perplexity (records {records.start}-{records.stop - 1}), {args.threads} thread(s)")
     for edits in (int(n) for n in args.at.split(",")):
         weights = []
         for ledger in ledgers:
             prefix = first_entries(ledger, edits)
-            prefix.rebuild(loaded.model, loaded.spec)
-            ppl = perplexity(
-                loaded.model,
-                loaded.tokenizer,
-                loaded.spec,
-                texts,
-                int(cfg.eval.heldout.max_length),
-                int(cfg.eval.heldout.batch_size),
-            )
-            edited = prefix.edited_weights(loaded.model)
-            weights.append({name: w.detach().clone() for name, w in edited.items()})
+            with ledger_applied(loaded, prefix):  # the base weights again on leaving, bitwise
+                ppl = perplexity(
+                    loaded.model,
+                    loaded.tokenizer,
+                    loaded.spec,
+                    texts,
+                    int(cfg.eval.heldout.max_length),
+                    int(cfg.eval.heldout.batch_size),
+                )
+                weights.append({name: w.detach().clone() for name, w in prefix.edited_weights(loaded.model).items()})
             print(f"  {ledger.dir}: after {edits} edits: ppl {ppl:.6g}", flush=True)
-            with torch.no_grad():  # back to the base weights for the next ledger
-                for name in edited:
-                    edited[name].copy_(base[f"{name}.weight"])
         for other in weights[1:]:
             diff = max(
                 float((other[n].double() - w.double()).norm() / w.double().norm()) for n, w in weights[0].items()

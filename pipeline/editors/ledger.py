@@ -23,6 +23,7 @@ from safetensors.torch import load as load_bytes
 from rome.pipeline.config import plain
 from rome.pipeline.core.arch import ArchSpec
 from rome.pipeline.core.atomic import write_json, write_tensors
+from rome.pipeline.core.hooks import get_module
 from rome.pipeline.core.locks import LOCK_FILE
 from rome.pipeline.core.paths import contained
 from rome.pipeline.editors.rank_one import LowRank, RankOne, apply_low_rank, apply_rank_one
@@ -274,8 +275,8 @@ class Ledger:
 
 def weight(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
     try:
-        return model.get_submodule(name).weight
-    except AttributeError:
+        return get_module(model, name).weight
+    except KeyError:
         raise UserError(
             f"the ledger edits {name}, which this model does not have; rebuild it on the model it was made on"
         ) from None
