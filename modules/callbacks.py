@@ -161,7 +161,7 @@ class EditProgress(L.Callback):
 
     @staticmethod
     def _name(pl_module: EditLoop) -> str:
-        return "v*" if pl_module.editor.method == "rome" else f"{pl_module.editor.method} batch"
+        return "v*" if pl_module.editor.method == "rome" else f"{pl_module.editor.name} batch"
 
     @staticmethod
     def _summary(edit: Edit, one_request: bool) -> str:

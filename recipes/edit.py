@@ -38,7 +38,7 @@ from rome.pipeline.core.signals import check_stop
 from rome.pipeline.core.timing import Clock
 from rome.pipeline.editors import rome
 from rome.pipeline.editors.base import REGISTRY
-from rome.pipeline.editors.factory import build_editor
+from rome.pipeline.editors.factory import build_editor, method_class
 from rome.pipeline.editors.ledger import Ledger
 from rome.pipeline.editors.verification import prompt_wins
 from rome.pipeline.errors import UserError
@@ -64,7 +64,8 @@ class Run:
             if cfg.edit.save_to
             else None
         )
-        batching = {"batch_size": int(cfg.edit.batch_size)} if cfg.edit.method != "rome" else {}  # units of work
+        one_each = method_class(cfg, None)[0] == "rome"  # the units of work: one request each, or batches
+        batching = {} if one_each else {"batch_size": int(cfg.edit.batch_size)}
         self.digest = json_digest(
             {"requests": [r.as_dict() for r in requests], "method": str(cfg.edit.method), **batching}
         )
@@ -141,8 +142,9 @@ def _todo(ledger: Ledger, run: Run, total: int, unit: str) -> list[int]:
 def run(cfg: DictConfig) -> list:
     requests = parse_requests(cfg.request)  # every request checked before the model is touched
     recordable = sorted(name for name, cls in REGISTRY.items() if cls.recordable)
-    if cfg.edit.method not in recordable:  # the ledger records, rebuilds and reverts these
-        raise UserError(f"edit.method={cfg.edit.method} is not one of {', '.join(recordable)}")
+    files = sorted(m for m in cfg.method if m not in REGISTRY and cfg.method[m].get("class") in recordable)
+    if str(cfg.edit.method) not in recordable + files:  # the ledger records, rebuilds and reverts these
+        raise UserError(f"edit.method={cfg.edit.method} is not one of {', '.join(recordable + files)}")
     run_ = Run(cfg, requests)  # edit.out and edit.save_to checked before any work
     loaded = load_configured(cfg.model)
     if run_.save_to is not None and run_.save_format == "model":  # room for the model before any edit (its size

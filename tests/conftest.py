@@ -208,6 +208,7 @@ def check_fast_value_loss(loaded, layer: int, delta_scale: float, v0_norm: float
     for a, b in ((fast.nll, ref.nll), (fast.kl, ref.kl), (fast.total, ref.total), (fast.p_target, ref.p_target)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
     assert float(fast0.kl) == 0
+    assert torch.equal(fast0.target_top, ref0.target_top) and torch.equal(fast.target_top, ref.target_top)  # MPES
     return fast0, fast
 
 

@@ -27,7 +27,9 @@ for _module in pkgutil.iter_modules(rome.pipeline.editors.__path__):  # every ed
 
 def method_class(cfg: DictConfig, method: str | None) -> tuple[str, DictConfig]:
     """(the editor's registry name, the method's own config) for ``method`` (a configs/method/ name) or, with
-    None, for ``edit.method``."""
+    None, for ``edit.method`` (an editor's name, or a configs/method/ file such as ``encore``)."""
+    if method is None and str(cfg.edit.method) not in REGISTRY and str(cfg.edit.method) in cfg.method:
+        method = str(cfg.edit.method)
     if method is None:
         name = str(cfg.edit.method)
         conf = OmegaConf.create({"class": name})
@@ -59,4 +61,4 @@ def build_editor(
     lacks); ``measure_only``: verification, rollback and generated text off (the evaluation measures the edit
     as made)."""
     name, conf = method_class(cfg, method)
-    return REGISTRY[name].from_config(method or name, cfg, loaded, conf, statistics, measure_only)
+    return REGISTRY[name].from_config(method or str(cfg.edit.method), cfg, loaded, conf, statistics, measure_only)

@@ -44,6 +44,7 @@ class ValueHparams:
     kl_factor: float  # weight of the KL term that keeps the subject's other predictions
     weight_decay: float  # weight of ‖δ‖ / ‖v₀‖²
     clamp_norm_factor: float  # ‖δ‖ ≤ this x ‖v₀‖ after every step
+    most_probable_stop: int  # MPES (ENCORE): stop at the N-th step the new object is on top in every row; 0: off
 
 
 @dataclasses.dataclass
@@ -106,6 +107,8 @@ class RomeHparams:
 @dataclasses.dataclass
 class MemitHparams:
     mom2_update_weight: float  # λ in R Kᵀ (λC + K Kᵀ)⁻¹
+    norm_constraint: float  # ENCORE's λ_n in R Kᵀ (λC + λ_n I + K Kᵀ)⁻¹: the penalty λ_n ‖ΔW‖² per batch (memit only)
+    preserve_edits: bool  # ENCORE / EMMET: + Σ K Kᵀ of every earlier batch, so later batches keep the earlier edits
     rows_per_pass: int
     micro_batch: Any  # requests per z micro-batch: null / auto or a number (the same z either way: not identity)
     templates: TemplateHparams

@@ -146,12 +146,13 @@ class Ledger:
         verification: dict[str, Any] | None = None,
     ) -> int:
         """Record a MEMIT / AlphaEdit batch: its requests and, per layer, ΔW = L Rᵀ as the factors L, R
-        (float64), plus for AlphaEdit the batch's keys K, whose K Kᵀ later batches preserve; ``verification``:
+        (float64), plus for AlphaEdit (and MEMIT with preserve_edits) the batch's keys K, whose K Kᵀ later
+        batches preserve; ``verification``:
         what its checks found (``verification.verification_record``)."""
         tensors = {}
         for layer, update in result.updates.items():
             tensors[f"left.{layer}"], tensors[f"right.{layer}"] = update.left, update.right
-            if ctx.method == "alphaedit":
+            if ctx.keeps_keys:
                 tensors[f"keys.{layer}"] = result.keys[layer]
         entry = {
             "kind": "batch",
@@ -207,12 +208,15 @@ class Ledger:
         return {layer: LowRank(t[f"left.{layer}"], t[f"right.{layer}"]) for layer in entry["layers"]}
 
     def preserved_keys(self, method: str = "alphaedit") -> dict[int, torch.Tensor]:
-        """Σ K Kᵀ per layer over the active AlphaEdit batches: what a new AlphaEdit batch must preserve."""
+        """Σ K Kᵀ per layer over the active batches of ``method`` that recorded their keys (AlphaEdit's all do,
+        MEMIT's with preserve_edits): what a new batch of that method must preserve."""
         out: dict[int, torch.Tensor] = {}
         for e in self.active():
             if e.get("kind") == "batch" and e["method"] == method:
                 t = self.tensors(e)
                 for layer in e["layers"]:
+                    if f"keys.{layer}" not in t:
+                        continue
                     k = t[f"keys.{layer}"].double()
                     out[layer] = k @ k.T if layer not in out else out[layer] + k @ k.T
         return out

@@ -15,7 +15,9 @@ For a batch of n requests and consecutive MLP layers l_1 < ... < l_L (the "layer
    original takes it from the bare prompt while K is averaged: the mismatch r-ROME fixed in ROME),
    and ΔW = R · rightᵀ, written in place so later layers see it:
    - MEMIT:     ΔW = R Kᵀ (λC + K Kᵀ)⁻¹, right = C⁻¹K (λI + Kᵀ C⁻¹K)⁻¹ by Woodbury on the cached Cholesky
-                factor of C (an n x n solve instead of a d_ff x d_ff one), float64;
+                factor of C (an n x n solve instead of a d_ff x d_ff one), float64; ENCORE (Gupta et al. 2025)
+                adds λ_n I (``norm_constraint``: a penalty λ_n ‖ΔW‖²) and, with ``preserve_edits``, the earlier
+                batches' Σ K Kᵀ to λC (then C is factorised again per batch);
    - AlphaEdit: ΔW = R Kᵀ P (K_all K_allᵀ P + α I)⁻¹ with P the projector onto C's null space (eigenvalues
                 below a threshold relative to the mean eigenvalue) and K_all K_allᵀ = K Kᵀ + the keys of every
                 earlier batch (``preserved``); right = (P B + α I)⁻¹ P K, which lies in P's range, so
@@ -90,7 +92,9 @@ def prepare(ctx: MemitEditor, stats: dict[int, LayerStats]) -> dict[int, tuple[i
     device = model_device(ctx.model)
     null_space = {}
     for layer in ctx.layers:
-        ctx.solvers[layer] = KeySolver(stats[layer].second_moment, float(ctx.hp.ridge), device)
+        if ctx.method == "memit" and ctx.hp.memit.preserve_edits:
+            ctx.second_moments[layer] = stats[layer].second_moment  # refactorised with the earlier keys per batch
+        ctx.solvers[layer] = KeySolver(stats[layer].second_moment, memit_ridge(ctx), device)
         if ctx.method == "alphaedit":
             values, vectors = cached_eigendecomposition(stats[layer], device)
             threshold = float(ctx.hp.alphaedit.nullspace_threshold)
@@ -226,6 +230,25 @@ def refuse_mlp_out_norm(name: str, model: nn.Module, spec: ArchSpec, allowed: bo
     )
 
 
+def memit_ridge(ctx: MemitEditor) -> float:
+    """The ridge of C in MEMIT's solve: λC + λ_n I = λ(C + (λ_n/λ) I) with λ_n ENCORE's norm constraint
+    (``edit.memit.norm_constraint``, MEMIT only), plus ``edit.ridge``."""
+    ridge = float(ctx.hp.ridge)
+    if ctx.method == "memit":
+        ridge += float(ctx.hp.memit.norm_constraint) / float(ctx.hp.memit.mom2_update_weight)
+    return ridge
+
+
+def memit_solver(ctx: MemitEditor, layer: int) -> KeySolver:
+    """C's solver for this batch: the run's, or with ``edit.memit.preserve_edits`` one of
+    C + (Σ K Kᵀ of the earlier batches) / λ, so the solve is (λC + λ_n I + Σ K_prev K_prevᵀ + K Kᵀ)⁻¹K."""
+    if layer not in ctx.preserved:
+        return ctx.solvers[layer]
+    preserved = ctx.preserved[layer]
+    moment = ctx.second_moments[layer].to(device=preserved.device, dtype=torch.float64)
+    return KeySolver(moment + preserved / float(ctx.hp.memit.mom2_update_weight), memit_ridge(ctx), preserved.device)
+
+
 def memit_right(keys: torch.Tensor, solver: KeySolver, mom2_update_weight: float) -> torch.Tensor:
     """(λC + K Kᵀ)⁻¹ K [d_ff, n] by Woodbury: C⁻¹K (λI + Kᵀ C⁻¹ K)⁻¹ (float64)."""
     c_inv_k = solver.solve(keys)  # [d_ff, n]
@@ -340,7 +363,7 @@ def write_targets(ctx: MemitEditor, requests: Sequence[EditRequest], z: torch.Te
         share = r / (len(layers) - i)  # this layer's share of what is still missing
         clock.lap("keys")
         if ctx.method == "memit":
-            right = memit_right(k, ctx.solvers[layer], float(hp.memit.mom2_update_weight))
+            right = memit_right(k, memit_solver(ctx, layer), float(hp.memit.mom2_update_weight))
         else:
             right = alphaedit_right(k, ctx.projectors[layer], ctx.preserved.get(layer), float(hp.alphaedit.l2))
         update = LowRank(share, right.to(share.device))
@@ -353,7 +376,7 @@ def write_targets(ctx: MemitEditor, requests: Sequence[EditRequest], z: torch.Te
     keys, h_end = subject_states(ctx, prompts, layers, layers[-1])  # the final model's keys: AlphaEdit keeps them
     residual.append(float((z - h_end.double()).norm(dim=-1).mean()))
     final_keys = {layer: k.double().T for layer, k in keys.items()}
-    if ctx.method == "alphaedit":
+    if ctx.keeps_keys:
         for layer, k in final_keys.items():
             add = k @ k.T
             ctx.preserved[layer] = add if layer not in ctx.preserved else ctx.preserved[layer] + add
@@ -364,8 +387,10 @@ def write_targets(ctx: MemitEditor, requests: Sequence[EditRequest], z: torch.Te
 @register("memit")
 class MemitEditor(BatchEditor):
     """MEMIT: batches of ``edit.batch_size`` requests, one z optimisation and one solve per layer each.
-    ``solvers[l]`` factorises C of layer l; AlphaEdit adds ``projectors[l]`` (P) and ``preserved[l]``
-    (the Σ K Kᵀ of every earlier batch, updated as batches are written)."""
+    ``solvers[l]`` factorises C of layer l (+ ENCORE's λ_n/λ); AlphaEdit adds ``projectors[l]`` (P); AlphaEdit
+    and MEMIT with ``preserve_edits`` keep ``preserved[l]`` (the Σ K Kᵀ of every earlier batch, updated as
+    batches are written). ENCORE (configs/method/encore.yaml) is this editor with MPES, λ_n and
+    preserve_edits on."""
 
     recordable = True
 
@@ -387,8 +412,15 @@ class MemitEditor(BatchEditor):
         self.solvers: dict[int, KeySolver] = {}
         self.projectors: dict[int, torch.Tensor] = {}
         self.preserved: dict[int, torch.Tensor] = {}
+        self.second_moments: dict[int, torch.Tensor] = {}  # C per layer, kept for preserve_edits
         self.norm_reference = NormReference(self.hp.nas.reference_values, self.hp.nas.trim)  # NAS (norm_anchor)
         self.micro_batch = micro_batch_setting(self.hp.memit.micro_batch)  # requests per z micro-batch (None: auto)
+
+    @property
+    def keeps_keys(self) -> bool:
+        """Whether each batch's keys are kept for later batches to preserve (AlphaEdit always; MEMIT with
+        ``edit.memit.preserve_edits``): in ``preserved``, in the editor's state and in the ledger."""
+        return self.method == "alphaedit" or bool(self.hp.memit.preserve_edits)
 
     @property
     def norm_anchor(self) -> bool:
@@ -447,6 +479,28 @@ class MemitEditor(BatchEditor):
         checked = verification_record(edit.checks, edit.status, edit.reason)
         return ledger.append_batch(self, edit.result, model_identity, self.stats_id, run, checked)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        kept = {f"preserved.{layer}": k.detach().cpu().clone() for layer, k in self.preserved.items()}
+        return {**super().state(), **kept}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_state(tensors)
+        device = model_device(self.model)
+        self.preserved = {
+            int(name.split(".")[1]): k.to(device) for name, k in tensors.items() if name.startswith("preserved.")
+        }
+
+    def continue_from(self, ledger: Ledger) -> str | None:
+        if not self.keeps_keys:
+            return None
+        device = model_device(self.model)
+        earlier = ledger.preserved_keys(self.method)
+        self.preserved = {layer: k.to(device) for layer, k in earlier.items() if layer in self.layers}
+        if self.preserved:
+            name = "AlphaEdit" if self.method == "alphaedit" else "MEMIT"
+            return f"preserving the keys of the ledger's earlier {name} batches (layers {sorted(self.preserved)})"
+        return None
+
     def info(self, edit: BatchEdit) -> dict[str, Any]:
         out = {"timings": dict(edit.timings), "residual": edit.result.residual if edit.result else None}
         return {**out, "norm_anchor": edit.anchor} if edit.anchor else out
@@ -461,21 +515,3 @@ class MemitEditor(BatchEditor):
 class AlphaEditEditor(MemitEditor):
     """AlphaEdit: MEMIT's batches with the update projected onto C's null space and the keys of earlier
     batches (of this run and of the ledger it continues) preserved."""
-
-    def state(self) -> dict[str, torch.Tensor]:
-        kept = {f"preserved.{layer}": k.detach().cpu().clone() for layer, k in self.preserved.items()}
-        return {**super().state(), **kept}
-
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().load_state(tensors)
-        device = model_device(self.model)
-        self.preserved = {
-            int(name.split(".")[1]): k.to(device) for name, k in tensors.items() if name.startswith("preserved.")
-        }
-
-    def continue_from(self, ledger: Ledger) -> str | None:
-        device = model_device(self.model)
-        self.preserved = {layer: k.to(device) for layer, k in ledger.preserved_keys().items() if layer in self.layers}
-        if self.preserved:
-            return f"preserving the keys of the ledger's earlier AlphaEdit batches (layers {sorted(self.preserved)})"
-        return None

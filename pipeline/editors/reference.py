@@ -50,6 +50,8 @@ def reference_loss(
         [logp[i, lengths[i] - t + torch.arange(t, device=device)].gather(-1, target)[:, 0] for i in range(n)]
     )  # [n, t]
     nll = (-target_logp.sum(1) / t).mean()
+    predicted = torch.stack([logp[i, lengths[i] - t + torch.arange(t, device=device)].argmax(-1) for i in range(n)])
+    on_top = (predicted == target[:, 0]).all()  # MPES's test: every target token on top in every row
     kl_logp = logp[torch.arange(n, len(rows.ids), device=device), idx[n:]]
     kl = torch.zeros((), device=device)
     if kl_init is not None:
@@ -57,5 +59,11 @@ def reference_loss(
     wd = hp.weight_decay * delta[0].norm() / v0_norm[0] ** 2
     one = lambda x: x.reshape(1)  # noqa: E731
     return LossParts(
-        one(nll + kl + wd), one(nll), one(kl), one(wd), one(torch.exp(target_logp.sum(1) / t).mean()), kl_logp
+        one(nll + kl + wd),
+        one(nll),
+        one(kl),
+        one(wd),
+        one(torch.exp(target_logp.sum(1) / t).mean()),
+        kl_logp,
+        one(on_top),
     )

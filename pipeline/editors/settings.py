@@ -27,14 +27,17 @@ __all__ = [
     "changed_edit_note",
 ]
 
-# a method file's keys that override the edit group (the rest: its class and its own settings)
-_EDIT_KEYS = ("layer", "variant", "mom2_adjustment")
+# a method file's keys that override the edit group (the rest: its class and its own settings); a method file's
+# ``memit`` block is merged over edit.memit (encore.yaml: its tunable values point at edit.encore)
+_EDIT_KEYS = ("layer", "variant", "mom2_adjustment", "memit")
 
 
 def method_hparams(cfg: DictConfig, conf: DictConfig, measure_only: bool) -> DictConfig:
     """The ``edit`` group with the method file's overrides (its layer, variant, mom2_adjustment when set);
     ``measure_only`` turns verification, rollback and generated text off."""
     own = {k: conf[k] for k in _EDIT_KEYS if k in conf and conf[k] is not None}
+    # resolved here: a method file's ${edit.*} references belong to the run's config, not to the merged group
+    own = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v for k, v in own.items()}
     hp = OmegaConf.merge(cfg.edit, own)
     if measure_only:
         hp = OmegaConf.merge(hp, {"generate_tokens": 0, "verify": {"enabled": False, "rollback": False}})

@@ -153,6 +153,7 @@ class LossParts:
     weight_decay: torch.Tensor
     p_target: torch.Tensor  # mean over rewriting rows of exp(-NLL per row): how sure the model is
     kl_logp: torch.Tensor  # [KL rows, vocab]: the step's KL log-probabilities (the first become the reference)
+    target_top: torch.Tensor  # [R] bool: every target token is the most probable one in every rewriting row
 
 
 @dataclasses.dataclass
@@ -244,6 +245,36 @@ class ValueBatch:
             len(requests),
         )
 
+    def subset(self, requests: Sequence[int]) -> tuple[ValueBatch, torch.Tensor]:
+        """The rows of ``requests`` only (indices keep their meaning: ``row_request`` and the per-request
+        outputs still count all ``n_requests``), and which of the KL rows stay (to slice their reference).
+        Finished requests leave the batch so later steps do not compute them; nothing a row computes depends
+        on the others (``batch_invariant``), so the rest go on as before."""
+        wanted = torch.zeros(self.n_requests, dtype=torch.bool, device=self.row_request.device)
+        wanted[list(requests)] = True
+        keep = wanted[self.row_request]  # [rows]
+        new_index = keep.long().cumsum(0) - 1  # old row -> new row (valid where kept)
+        rows = keep.nonzero()[:, 0]
+        kept_targets, kept_rewrite, kept_kl = keep[self.target_row], keep[self.rewrite_rows], keep[self.kl_rows]
+        kv = None if self.prefix_kv is None else [(k[rows], v[rows]) for k, v in self.prefix_kv]
+        batch = ValueBatch(
+            self.suffix_ids[rows],
+            self.full_mask[rows],
+            self.suffix_pos[rows],
+            kv,
+            self.row_request[rows],
+            new_index[self.target_row[kept_targets]],
+            self.target_col[kept_targets],
+            self.target_id[kept_targets],
+            self.target_scale[kept_targets],
+            new_index[self.rewrite_rows[kept_rewrite]],
+            self.rewrite_weight[kept_rewrite],
+            new_index[self.kl_rows[kept_kl]],
+            self.kl_weight[kept_kl],
+            self.n_requests,
+        )
+        return batch, kept_kl
+
     def cache(self) -> DynamicCache | None:
         if self.prefix_kv is None:
             return None
@@ -271,6 +302,7 @@ def _add_at_column0(delta: torch.Tensor, row_request: torch.Tensor):
 def _loss_parts(
     batch: ValueBatch,
     target_logp: torch.Tensor,
+    target_top: torch.Tensor,
     kl_logp: torch.Tensor,
     kl_init: torch.Tensor | None,
     delta: torch.Tensor,
@@ -287,7 +319,11 @@ def _loss_parts(
         row_kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(current || initial) per KL row
         kl = hp.kl_factor * batch.per_request(row_kl, batch.kl_rows, batch.kl_weight)
     wd = hp.weight_decay * delta.norm(dim=-1) / v0_norm**2
-    return LossParts(nll + kl + wd, nll, kl, wd, p_target, kl_logp)
+    # MPES's test per request: no target position of any of its rewriting rows has another token on top
+    row_miss = torch.zeros(batch.suffix_ids.shape[0], dtype=nll.dtype, device=nll.device)
+    row_miss = row_miss.index_add(0, batch.target_row, (~target_top).to(nll.dtype))[batch.rewrite_rows]
+    top = batch.per_request(row_miss, batch.rewrite_rows, torch.ones_like(batch.rewrite_weight)) == 0
+    return LossParts(nll + kl + wd, nll, kl, wd, p_target, kl_logp, top)
 
 
 def value_loss(
@@ -317,16 +353,21 @@ def value_loss(
     h = out.output
     target_logits = spec.logits(model, h[batch.target_row, batch.target_col])  # [T, vocab]
     target_logp = torch.log_softmax(target_logits, -1).gather(-1, batch.target_id[:, None])[:, 0]
+    target_top = target_logits.argmax(-1) == batch.target_id
     kl_logp = torch.log_softmax(spec.logits(model, h[batch.kl_rows, 0]), -1)
-    return _loss_parts(batch, target_logp, kl_logp, kl_init, delta, v0_norm, hp)
+    return _loss_parts(batch, target_logp, target_top, kl_logp, kl_init, delta, v0_norm, hp)
 
 
 class ValueOptimisation:
     """ROME's v* loop for one or more requests, one ``step()`` at a time (a Trainer or a plain loop drives it).
 
     Adam (lr ``hp.lr``) on δ, zero-initialised; a request stops, as in the original, *before* stepping
-    when its loss is below ``hp.early_stop_loss`` or at the last of ``hp.steps`` iterations; after every
-    step each δ_r is clamped to ``hp.clamp_norm_factor`` x ‖v₀_r‖. One host sync per step: the losses
+    when its loss is below ``hp.early_stop_loss`` or at the last of ``hp.steps`` iterations, or, with
+    ``hp.most_probable_stop`` = N > 0, at the N-th evaluation where the new object's every token is the
+    model's most probable one in every rewriting row (ENCORE's most-probable early stopping, MPES: Gupta et
+    al. 2025, arXiv 2502.01636; their release counts the context-prefixed rows only, here the bare prompt
+    counts too); after every step each δ_r is clamped to ``hp.clamp_norm_factor`` x ‖v₀_r‖. A finished
+    request's rows leave the batch (``ValueBatch.subset``). One host sync per step: the losses and tests
     the early stop needs (the progress display reads the same numbers).
     """
 
@@ -339,6 +380,9 @@ class ValueOptimisation:
         self.opt = torch.optim.Adam([self.delta], lr=float(hp.lr))
         self.kl_init: torch.Tensor | None = None
         self.steps, self.early_stop = int(hp.steps), float(hp.early_stop_loss)
+        self.most_probable_stop = int(hp.most_probable_stop)
+        self.times_on_top = [0] * batch.n_requests  # MPES: evaluations where the new object was on top
+        self.in_batch = batch.n_requests  # requests whose rows the batch still holds (the active ones)
         self.max_norm = float(hp.clamp_norm_factor) * self.v0_norm
         self.active = [True] * batch.n_requests
         self.losses: list[list[float]] = [[] for _ in range(batch.n_requests)]
@@ -360,7 +404,8 @@ class ValueOptimisation:
         )
         if self.kl_init is None:
             self.kl_init = parts.kl_logp.detach()
-        totals, p_target = torch.stack([parts.total.detach(), parts.p_target]).tolist()  # the one sync
+        checks = torch.stack([parts.total.detach(), parts.p_target, parts.target_top.float()])
+        totals, p_target, on_top = checks.tolist()  # the one sync
         last = self.step_index == self.steps - 1
         stepping = []
         for r, active in enumerate(self.active):
@@ -368,7 +413,9 @@ class ValueOptimisation:
                 continue
             self.losses[r].append(totals[r])
             self.p_target[r] = p_target[r]
-            if totals[r] < self.early_stop or last:
+            self.times_on_top[r] += int(on_top[r])
+            most_probable = 0 < self.most_probable_stop <= self.times_on_top[r]
+            if totals[r] < self.early_stop or last or most_probable:
                 self.active[r] = False
             else:
                 stepping.append(r)
@@ -388,6 +435,9 @@ class ValueOptimisation:
                 self.delta.copy_(torch.where(frozen[:, None], kept, self.delta))
             scale = (self.max_norm / self.delta.norm(dim=-1).clamp_min(1e-30)).clamp(max=1.0)
             self.delta.mul_(scale[:, None])
+        if len(stepping) < self.in_batch:  # the finished leave the batch
+            self.batch, kept_kl = self.batch.subset(stepping)
+            self.kl_init, self.in_batch = self.kl_init[kept_kl], len(stepping)
         return False
 
     def result(self) -> torch.Tensor:
