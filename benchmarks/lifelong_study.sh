@@ -300,8 +300,14 @@ reproducibility_10k() {  # where 1 and 2 threads part over UltraEdit's 10,000 ed
   OMP_NUM_THREADS=2 python benchmarks/ledger_perplexity.py "$out/ultraedit10k_ledger_1" --at 7000,10000 --threads 2
 }
 
+encore1000() {  # ENCORE (configs/method/encore.yaml: MEMIT with MPES, lambda_n and the earlier batches' keys), the
+  # batch1000 protocol (records 0-999 in batches of 100, a checkpoint after every batch, all 70 known facts counted)
+  run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,encore]' eval.eval_every=1 eval.curve_cases=50 \
+    eval.final_cases=200 eval.generation.tokens=0 eval.out=outputs/seq1000_encore
+}
+
 STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
-  ultraedit_modules ultraedit_gate_up ultraedit_statistics known_facts_count ultraedit_range2 batch1000 nas_checks
+  ultraedit_modules ultraedit_gate_up ultraedit_statistics known_facts_count ultraedit_range2 batch1000 encore1000 nas_checks
   alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300
   gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2 reproducibility_10k)
 steps=("$@")

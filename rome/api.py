@@ -12,8 +12,8 @@
 
 ``edit`` does what ``python train.py stage=edit`` does, minus the ledger and saving: the configuration of
 ``configs/`` for the model (``overrides=["edit.v.steps=25", ...]`` changes it), the editor ``build_editor``
-builds (``method=``: rome, memit, alphaedit, ultraedit), C from the statistics cache or computed into it, the
-same context templates, the editor's plain loop (``Editor.edit``: no Trainer for the edit itself), the same
+builds (``method=``: rome, memit, alphaedit, encore, ultraedit), C from the statistics cache or computed into
+it, the same context templates, the editor's plain loop (``Editor.edit``: no Trainer for the edit itself), the same
 verification and the same table. ``pipeline.editors.rome.edit(model, tokenizer, request, ...)`` stays the
 one-page algorithm on any loaded Hugging Face model, with C passed in.
 
@@ -160,19 +160,20 @@ def edit(
     device, or ``load_model(...)``'s result, edited where it is. ``requests``: one request or a list (mappings
     with ``prompt`` (``{}`` for the subject), ``subject``, ``target_new``, optional ``target_true``,
     ``paraphrases``, ``neighbours``; CounterFact records; a .json/.jsonl/.yaml file). ``method``: rome (one
-    edit per request) | memit | alphaedit | ultraedit (batches of ``edit.batch_size``). ``data_files``: the text
-    C is computed over when the cache lacks it (``data.files``); without it, the cache's statistics for this
+    edit per request) | memit | alphaedit | encore | ultraedit (batches of ``edit.batch_size``). ``data_files``: the
+    text C is computed over when the cache lacks it (``data.files``); without it, the cache's statistics for this
     model. ``overrides``: ``key=value`` strings as on the command line (``"edit.layer=5"``). ``progress``: a
     callable given a ``Step`` after every optimisation step; None: a bar on a terminal; False: nothing.
 
     Every edit is verified (``edit.verify``): ROME rolls back an edit the model does not now say; a warning is
     printed (and kept in ``report.warnings``) for a fact the model did not know before the edit."""
-    if method not in REGISTRY:
-        raise UserError(f"method={method} is not one of {', '.join(sorted(REGISTRY))}")
     argv = [f"edit.method={method}", *([f"data.files={data_files}"] if data_files is not None else []), *overrides]
     todo = _requests(requests)  # every request checked before the model is loaded
     _quiet()
     cfg, loaded = _configure(model, argv)
+    methods = sorted({*REGISTRY, *cfg.method})  # the editors and the configs/method/ files (encore: MEMIT's)
+    if method not in methods:
+        raise UserError(f"method={method} is not one of {', '.join(methods)}")
     loaded = loaded or load_configured(cfg.model)
     editor = build_editor(cfg, loaded, statistics=_statistics(cfg, loaded))
     steps = (
@@ -180,7 +181,7 @@ def edit(
         if progress is False
         else StepProgress(
             len(editor.units(todo)),
-            editor.method,
+            editor.name,
             progress if callable(progress) else None,
             bar=True if progress is True else None,
         )
@@ -190,7 +191,7 @@ def edit(
     finally:
         if steps is not None:
             steps.close()
-    report = EditReport(editor.method, list(editor.layers), edits)
+    report = EditReport(editor.name, list(editor.layers), edits)
     for line in report.warnings:
         print(line, file=sys.stderr)
     return loaded, report

@@ -60,21 +60,18 @@ def test_edit_by_name_computes_c_from_data_files_and_reports_like_the_edit_stage
 def test_batch_methods_through_the_same_call(tiny_model_dir, small_wiki, tmp_path, capsys):
     path = str(tiny_model_dir("gpt2"))
     requests = [TOWER, {**TOWER, "subject": "the Big Ben", "target_new": "of"}]
-    _, result = rome.edit(
-        path,
-        requests,
-        method="memit",
-        data_files=small_wiki,
-        overrides=_overrides(
-            tmp_path, "model.device=cpu", "trainer.accelerator=cpu", "edit.layers=[1,2]", "edit.memit.v.steps=2"
-        ),
-    )
+    batch_args = ("model.device=cpu", "trainer.accelerator=cpu", "edit.layers=[1,2]", "edit.memit.v.steps=2")
+    overrides = _overrides(tmp_path, *batch_args)
+    _, result = rome.edit(path, requests, method="memit", data_files=small_wiki, overrides=overrides)
     (batch,) = result
     assert result.method == "memit" and result.layers == [1, 2] and len(batch.checks) == 2
     assert result.status == batch.status and str(result) == str(batch)
     assert str(result).startswith("[-] a batch of 2 request(s)")
     assert sum(line.startswith("warning: the model did not know") for line in capsys.readouterr().err.splitlines()) == 2
-    with pytest.raises(UserError, match="method=romee is not one of"):
+    # a configs/method/ file by its name: MEMIT's editor with ENCORE's settings
+    _, encore = rome.edit(path, requests, method="encore", data_files=small_wiki, overrides=overrides)
+    assert encore.method == "encore" and len(encore[0].checks) == 2
+    with pytest.raises(UserError, match="method=romee is not one of .*encore"):
         rome.edit(path, TOWER, method="romee")
 
 

@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from test_memit import REQUESTS, TEMPLATES, context, random_spd
+from test_memit import REQUESTS, TEMPLATES, batch_edit_args, context, random_spd
 
 from rome.pipeline.core.hooks import Trace, get_module
 from rome.pipeline.core.loading import configure, load_model
@@ -154,22 +154,7 @@ def test_edit_method_encore_records_its_keys_and_a_later_run_preserves_them(tiny
 
     def cli(requests, *extra):
         return run_main(
-            "stage=edit",
-            f"model.name={tiny_model_dir('llama')}",
-            f"data.files={small_wiki}",
-            f"stats.dir={tmp_path / 'stats'}",
-            f"model.cache_dir={tmp_path / 'cache'}",
-            "stats.tokens=2000",
-            "data.max_length=64",
-            "data.batch_tokens=256",
-            "trainer.accelerator=cpu",
-            "model.device=cpu",
-            "edit.method=encore",
-            "edit.layers=[1,2]",
-            "edit.batch_size=2",
-            "edit.memit.v.steps=2",
-            "edit.verify.enabled=false",  # about the ledger: 2 z steps on a random model do not make it say the objects
-            f"edit.out={out}",
+            *batch_edit_args(tiny_model_dir("llama"), small_wiki, tmp_path, "encore"),
             f"request={json.dumps(requests)}",
             *extra,
             env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},

@@ -187,6 +187,29 @@ def cfg_args(method: str) -> list[str]:
     return [f"edit.method={method}", "edit.layers=[1,2]"]
 
 
+def batch_edit_args(model_dir, small_wiki, tmp_path, method: str) -> list[str]:
+    """The edit stage with a batch ``method`` on a tiny model: small statistics, 2 z steps, batches of 2, no
+    verification, the ledger in ``tmp_path / "ledger"``."""
+    return [
+        "stage=edit",
+        f"model.name={model_dir}",
+        f"data.files={small_wiki}",
+        f"stats.dir={tmp_path / 'stats'}",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        "stats.tokens=2000",
+        "data.max_length=64",
+        "data.batch_tokens=256",
+        "trainer.accelerator=cpu",
+        "model.device=cpu",
+        f"edit.method={method}",
+        "edit.layers=[1,2]",
+        "edit.batch_size=2",
+        "edit.memit.v.steps=2",
+        "edit.verify.enabled=false",  # about the ledger: 2 z steps on a random model do not make it say the objects
+        f"edit.out={tmp_path / 'ledger'}",
+    ]
+
+
 def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_dir, small_wiki, tmp_path):
     import json
 
@@ -199,22 +222,7 @@ def test_edit_stage_batches_ledger_continuation_and_bitwise_revert(tiny_model_di
 
     def cli(requests, method, saved, *extra):
         return run_main(
-            "stage=edit",
-            f"model.name={base}",
-            f"data.files={small_wiki}",
-            f"stats.dir={tmp_path / 'stats'}",
-            f"model.cache_dir={tmp_path / 'cache'}",
-            "stats.tokens=2000",
-            "data.max_length=64",
-            "data.batch_tokens=256",
-            "trainer.accelerator=cpu",
-            "model.device=cpu",
-            f"edit.method={method}",
-            "edit.layers=[1,2]",
-            "edit.batch_size=2",
-            "edit.memit.v.steps=2",
-            "edit.verify.enabled=false",  # about the ledger: 2 z steps on a random model do not make it say the objects
-            f"edit.out={out}",
+            *batch_edit_args(base, small_wiki, tmp_path, method),
             f"edit.save_to={saved}",
             f"request={json.dumps(requests)}",
             *extra,
