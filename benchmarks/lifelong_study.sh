@@ -305,9 +305,13 @@ encore1000() {  # ENCORE (configs/method/encore.yaml: MEMIT with MPES, lambda_n 
   run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,encore]' eval.eval_every=1 eval.curve_cases=50 \
     eval.final_cases=200 eval.generation.tokens=0 eval.out=outputs/seq1000_encore
 }
+encore_norm20() {  # encore1000 with the release's lambda_n = 20 as it stands (10x SmolLM2's scaled 2)
+  run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,encore]' eval.eval_every=1 eval.curve_cases=50 \
+    eval.final_cases=200 eval.generation.tokens=0 edit.encore.norm_constraint=20 eval.out=outputs/seq1000_encore_norm20
+}
 
 STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
-  ultraedit_modules ultraedit_gate_up ultraedit_statistics known_facts_count ultraedit_range2 batch1000 encore1000 nas_checks
+  ultraedit_modules ultraedit_gate_up ultraedit_statistics known_facts_count ultraedit_range2 batch1000 encore1000 encore_norm20 nas_checks
   alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300
   gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2 reproducibility_10k)
 steps=("$@")
