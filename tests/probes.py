@@ -496,6 +496,18 @@ def probes() -> list[Probe]:
         ),
         Probe(
             "judged before work",
+            "a negative norm constraint for ENCORE",
+            lambda w: _edit(w, "edit.method=encore", "edit.layers=[1,2]", "edit.encore.norm_constraint=-1"),
+            "edit.memit.norm_constraint=-1 must be >= 0",
+        ),
+        Probe(
+            "judged before work",
+            "a negative MPES count",
+            lambda w: _edit(w, "edit.v.most_probable_stop=-2"),
+            "edit.v.most_probable_stop=-2 must be a count >= 0",
+        ),
+        Probe(
+            "judged before work",
             "one layer named for two modules",
             lambda w: _edit(
                 w, "edit.method=ultraedit", "model.arch.down_proj_by_layer={mlp.c_fc: [1], mlp.c_proj: [1, 2]}"

@@ -50,6 +50,7 @@ from rome.pipeline.editors.value import (
     NormReference,
     ValueOptimisation,
     build_rows,
+    check_value_settings,
     norm_anchor,
     optimise_values,
     require_mlp_output,
@@ -441,6 +442,12 @@ class MemitEditor(BatchEditor):
         if statistics is None:
             raise UserError(f"{name} needs C for its layers but no statistics were given")
         hp = method_hparams(cfg, conf, measure_only)
+        check_value_settings(hp.memit.v, "edit.memit.v")
+        if float(hp.memit.norm_constraint) < 0:
+            raise UserError(
+                f"edit.memit.norm_constraint={hp.memit.norm_constraint} must be >= 0: ENCORE's λ_n, 0: off "
+                "(method encore takes edit.encore.norm_constraint)"
+            )
         refuse_mlp_out_norm(name, loaded.model, loaded.spec, bool(hp.memit.allow_mlp_out_norm))
         layers = [loaded.spec.check_layer(loaded.model, layer, "edit.layers") for layer in cfg.edit.layers]
         require_mlp_output(name, loaded.model, loaded.spec, layers)

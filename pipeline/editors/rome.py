@@ -53,6 +53,7 @@ from rome.pipeline.editors.value import (
     ValueBatch,
     ValueOptimisation,
     build_rows,
+    check_value_settings,
     norm_anchor,
     require_mlp_output,
     subject_rows,
@@ -444,6 +445,7 @@ class RomeEditor(Editor):
         from rome.pipeline.stats.store import stats_identity
 
         hp = method_hparams(cfg, conf, measure_only)
+        check_value_settings(hp.v, "edit.v")
         layer = (
             edit_layer(cfg, loaded)
             if conf.get("layer") is None

@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # transformers is imported where the cache is built
     from transformers import DynamicCache
 
 __all__ = [
+    "check_value_settings",
     "NormReference",
     "Rows",
     "build_rows",
@@ -533,6 +534,17 @@ def _free_memory(device: torch.device) -> int:
     """Bytes free on a CUDA device: the driver's free memory and what PyTorch's allocator holds unused."""
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def check_value_settings(hp: Any, where: str) -> None:
+    """A value optimisation's settings a run cannot start with, refused before any work (``where``: the key
+    prefix, e.g. ``edit.memit.v``)."""
+    stop = hp.most_probable_stop
+    if isinstance(stop, bool) or not isinstance(stop, int) or stop < 0:
+        raise UserError(
+            f"{where}.most_probable_stop={stop} must be a count >= 0: stop at the N-th step the new object is "
+            "the most probable token (MPES), 0: off (method encore takes edit.encore.most_probable_stop)"
+        )
 
 
 def optimise_values(
