@@ -147,8 +147,7 @@ class Ledger:
     ) -> int:
         """Record a MEMIT / AlphaEdit batch: its requests and, per layer, ΔW = L Rᵀ as the factors L, R
         (float64), plus for AlphaEdit (and MEMIT with preserve_edits) the batch's keys K, whose K Kᵀ later
-        batches preserve; ``verification``:
-        what its checks found (``verification.verification_record``)."""
+        batches preserve; ``verification``: what its checks found (``verification.verification_record``)."""
         tensors = {}
         for layer, update in result.updates.items():
             tensors[f"left.{layer}"], tensors[f"right.{layer}"] = update.left, update.right

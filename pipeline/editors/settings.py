@@ -33,7 +33,7 @@ _EDIT_KEYS = ("layer", "variant", "mom2_adjustment", "memit")
 
 
 def method_hparams(cfg: DictConfig, conf: DictConfig, measure_only: bool) -> DictConfig:
-    """The ``edit`` group with the method file's overrides (its layer, variant, mom2_adjustment when set);
+    """The ``edit`` group with the method file's overrides (its layer, variant, mom2_adjustment, memit when set);
     ``measure_only`` turns verification, rollback and generated text off."""
     own = {k: conf[k] for k in _EDIT_KEYS if k in conf and conf[k] is not None}
     # resolved here: a method file's ${edit.*} references belong to the run's config, not to the merged group
