@@ -8,11 +8,10 @@ import pytest
 import torch
 from test_memit import REQUESTS, TEMPLATES, batch_edit_args, context, random_spd
 
-from rome.pipeline.core.hooks import Trace, get_module
 from rome.pipeline.core.loading import configure, load_model
-from rome.pipeline.core.padding import right_pad
 from rome.pipeline.core.requests import parse_requests
 from rome.pipeline.editors import memit
+from rome.pipeline.editors.reference import reference_loss
 from rome.pipeline.editors.settings import method_hparams
 from rome.pipeline.editors.value import ValueBatch, ValueOptimisation, build_rows
 
@@ -26,24 +25,13 @@ ROWS = [
 
 
 def on_top(model, spec, tok, rows, delta):
-    """Whether every target token is the argmax in every rewriting row, by a plain forward of the whole rows
-    with δ added to layer 1's MLP output at the subject's last token (no prefix cache, no suffix tricks)."""
-    ids, mask = right_pad(rows.ids[: rows.n_rewrite], tok.pad_token_id or 0, torch.device("cpu"))
-    last = torch.tensor(rows.subject_last[: rows.n_rewrite])
-
-    def add(h):
-        h = h.clone()
-        h[torch.arange(len(last)), last] += delta.to(h.dtype)
-        return h
-
-    with torch.no_grad(), Trace(get_module(model, spec.mlp_name(1)), edit_output=add):
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    t = len(rows.target)
-    for i, row in enumerate(rows.ids[: rows.n_rewrite]):
-        predicted = logits[i, len(row) - t : len(row)].argmax(-1).tolist()  # row = prompt + target[:-1]
-        if predicted != rows.target:
-            return False
-    return True
+    """Whether every target token is the argmax in every rewriting row, by the plain full-forward loss
+    (``reference_loss``: the whole rows, δ added to layer 1's MLP output, no prefix cache, no suffix tricks)."""
+    v0_norm, hp = torch.ones(1), configure([]).edit.v
+    with torch.no_grad():
+        pad = tok.pad_token_id or 0
+        parts = reference_loss(model, spec, spec.mlp_name(1), rows, pad, delta[None], v0_norm, None, hp)
+    return bool(parts.target_top)
 
 
 def optimisation(loaded, requests, hp, v0):
