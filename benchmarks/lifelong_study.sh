@@ -309,9 +309,22 @@ encore_norm20() {  # encore1000 with the release's lambda_n = 20 as it stands (1
   run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,encore]' eval.eval_every=1 eval.curve_cases=50 \
     eval.final_cases=200 eval.generation.tokens=0 edit.encore.norm_constraint=20 eval.out=outputs/seq1000_encore_norm20
 }
+encore_keys_off() {  # encore1000 without its third part (the earlier batches' keys in each solve): MPES and lambda_n
+  # alone, which part keeps the known facts (the method file's own value overridden; reported under "encore")
+  run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,encore]' eval.eval_every=1 eval.curve_cases=50 \
+    eval.final_cases=200 eval.generation.tokens=0 method.encore.memit.preserve_edits=false \
+    eval.out=outputs/seq1000_encore_keys_off
+}
+encore_range2() {  # ENCORE on records 1000-1999 with second_range's protocol (today's defaults, the known-facts rule),
+  # beside MEMIT's and AlphaEdit's second range
+  run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=100 eval.n=1000 eval.start=1000 \
+    'eval.methods=[none,encore]' eval.eval_every=1 eval.curve_cases=50 eval.final_cases=200 \
+    eval.generation.tokens=0 eval.out=outputs/seq1000_start1000_encore
+}
 
 STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
-  ultraedit_modules ultraedit_gate_up ultraedit_statistics known_facts_count ultraedit_range2 batch1000 encore1000 encore_norm20 nas_checks
+  ultraedit_modules ultraedit_gate_up ultraedit_statistics known_facts_count ultraedit_range2 batch1000 encore1000 encore_norm20
+  encore_keys_off encore_range2 nas_checks
   alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300
   gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2 reproducibility_10k)
 steps=("$@")

@@ -71,17 +71,21 @@ def model_file_for(name: str, config_dir: Path = CONFIG_DIR, model_type: str | N
 
 def _define_methods(base: DictConfig, cli: DictConfig) -> None:
     """``method.<new name>={class: rome, layer: 4}`` on the command line defines a method for ``eval.methods``:
-    the keys it does not set come from the file of its class (``configs/method/<class>.yaml``)."""
+    the keys it does not set come from the file of its class (``configs/method/<class>.yaml``). ``class`` may
+    also name a method file of another class (``{class: encore, memit: {preserve_edits: false}}``): that file
+    is the template, its class the new method's, so a variant of it runs beside it under its own name."""
     for name, value in (cli.get("method") or {}).items():
         if name in base.method or not isinstance(value, DictConfig) or "class" not in value:
             continue  # an existing method's override, or no definition: the struct merge judges it
         files = [n for n, conf in base.method.items() if conf.get("class") == value["class"]]
-        if not files:
+        if not files and value["class"] not in base.method:
             raise UserError(
-                f"method.{name}: class '{value['class']}' is not the class of any configs/method/ file "
-                f"(classes: {', '.join(sorted({str(c.get('class')) for c in base.method.values()}))})"
+                f"method.{name}: class '{value['class']}' is neither an editor's class nor a configs/method/ file "
+                f"(classes: {', '.join(sorted({str(c.get('class')) for c in base.method.values()}))}; "
+                f"files: {', '.join(sorted(base.method))})"
             )
-        template = base.method[value["class"] if value["class"] in files else files[0]]
+        template = base.method[value["class"] if value["class"] in base.method else files[0]]
+        value["class"] = template["class"]  # the command line's value is merged over this definition later
         base.method[name] = OmegaConf.merge(template, {k: v for k, v in value.items() if k in template})
         unknown = [k for k in value if k not in template]
         if unknown:
@@ -89,6 +93,11 @@ def _define_methods(base: DictConfig, cli: DictConfig) -> None:
                 f"method.{name}: unknown key(s) {', '.join(unknown)} for class '{value['class']}' "
                 f"(it has: {', '.join(template)})"
             )
+        for k in value:  # a block merged over an edit group (encore's memit:) holds only that group's keys
+            if isinstance(value[k], DictConfig) and k in base.edit and OmegaConf.is_dict(base.edit[k]):
+                group = OmegaConf.to_container(base.edit[k], resolve=True)
+                prefix = f"method.{name}.{k}."
+                _check_types(OmegaConf.to_container(value[k]), group, [prefix + c for c in config_keys(group)], prefix)
 
 
 _MODEL_FILE_IDS = ("name", "aliases", "model_types")  # how a model file is found, not configuration

@@ -185,6 +185,7 @@ def probes() -> list[Probe]:
         ("method.ft_l.lrr=1", "unknown"),
         ("method.x={class: nope}", "class 'nope'"),
         ("method.rome_x={class: rome, lr: 1}", "unknown key"),
+        ("method.e2={class: encore, memit: {preserve_edit: false}}", "did you mean method.e2.memit.preserve_edits"),
     ]
     for override, expect in config:
         out.append(Probe("configuration", override, lambda w, o=override: ["stage=stats", *w.base, o], expect))

@@ -48,6 +48,22 @@ def test_a_study_method_is_defined_on_the_command_line_from_its_class_file():
         compose(["method.ft_l.lrr=1"])
 
 
+def test_a_variant_of_a_method_file_is_defined_from_that_file_and_runs_under_its_own_name():
+    from rome.pipeline.editors.factory import method_class
+    from rome.pipeline.editors.settings import method_hparams
+
+    cfg = compose(["method.encore_keys_off={class: encore, memit: {preserve_edits: false}}"])
+    name, conf = method_class(cfg, "encore_keys_off")
+    variant, encore = method_hparams(cfg, conf, True).memit, method_hparams(cfg, cfg.method.encore, True).memit
+    assert name == "memit" and conf["class"] == "memit"
+    assert (variant.preserve_edits, encore.preserve_edits) == (False, True)
+    assert variant.norm_constraint == encore.norm_constraint > 0 and variant.v.most_probable_stop == 2
+    with pytest.raises(UserError, match=r"e2.memit.preserve_edit' \(did you mean method.e2.memit.preserve_edits"):
+        compose(["method.e2={class: encore, memit: {preserve_edit: false}}"])
+    with pytest.raises(UserError, match="method.e2.memit.v.most_probable_stp"):
+        compose(["method.e2={class: encore, memit: {v: {most_probable_stp: 3}}}"])
+
+
 def test_model_files_set_the_releases_edit_and_method_hyperparameters(tmp_path):
     from omegaconf import OmegaConf
 

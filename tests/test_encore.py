@@ -157,5 +157,15 @@ def test_edit_method_encore_records_its_keys_and_a_later_run_preserves_them(tiny
     second = cli([{"prompt": "{} is in", "subject": "Madrid", "target_new": "Oslo"}])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "preserving the keys of the ledger's earlier MEMIT batches (layers [1, 2])" in second.stdout
+    variant = cli(  # a variant defined from the method file runs under its own name, without the keys
+        REQUESTS,
+        "method.encore_keys_off={class: encore, memit: {preserve_edits: false}}",
+        "edit.method=encore_keys_off",
+        f"edit.out={tmp_path / 'ledger_keys_off'}",
+    )
+    assert variant.returncode == 0, variant.stderr[-3000:]
+    assert variant.stderr.count("encore_keys_off batch [") == 2
+    entries = json.loads((tmp_path / "ledger_keys_off" / "ledger.json").read_text())["entries"]
+    assert not any(k.startswith("keys.") for k in load_file(tmp_path / "ledger_keys_off" / entries[0]["file"]))
     bad = cli(REQUESTS, "edit.method=encor")
     assert bad.returncode == 2 and "edit.method=encor is not one of" in bad.stderr and "encore" in bad.stderr
