@@ -205,3 +205,13 @@ def test_results_tables_name_the_edit_and_adapter_settings_a_run_changed():
     ]
     assert changed_edit_settings(compose(["model.arch.down_proj=mlp.up_proj"])) == ["model.arch.down_proj=mlp.up_proj"]
     assert changed_edit_settings(compose([])) == []
+    # a method file's value changed, or a method defined on the command line: named too (a value of a method file
+    # that points at edit.*, as encore's ${edit.encore.*}, once, as the edit key)
+    assert changed_edit_settings(compose(["method.encore.memit.preserve_edits=false"])) == [
+        "method.encore.memit.preserve_edits=false"
+    ]
+    assert changed_edit_settings(compose(["edit.encore.norm_constraint=20"])) == ["edit.encore.norm_constraint=20"]
+    assert changed_edit_settings(compose(["method.rome_l4={class: rome, layer: 4}"])) == [
+        "method.rome_l4.class=rome",
+        "method.rome_l4.layer=4",
+    ]

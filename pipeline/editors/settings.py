@@ -80,17 +80,30 @@ def edit_layer(cfg: DictConfig, loaded: Any) -> int:
 
 def changed_edit_settings(cfg: DictConfig) -> list[str]:
     """``edit.key=value`` for each ``edit`` setting of ``cfg`` (resolved) that differs from what ``configs/`` set for
-    its model, and ``model.arch.key=value`` for each adapter override: what a results table must name, since a
-    run with another setting measured another method."""
+    its model, ``method.name.key=value`` for each method file's value changed or method defined on the command line,
+    and ``model.arch.key=value`` for each adapter override: what a results table must name, since a run with another
+    setting measured another method."""
 
-    def flat(node: Any, prefix: str = "edit") -> dict[str, Any]:
+    def flat(node: Any, prefix: str) -> dict[str, Any]:
         if isinstance(node, dict):
             return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}.{key}").items()}
         return {prefix: node}
 
-    mine = flat(OmegaConf.to_container(cfg.edit, resolve=True))
-    default = flat(OmegaConf.to_container(edit_defaults(str(cfg.model.name)), resolve=True))
+    model = [f"model.name={cfg.model.name}"] if cfg.model.get("name") else []
+    mine = flat(OmegaConf.to_container(cfg.edit, resolve=True), "edit")
+    default = flat(OmegaConf.to_container(configure(model).edit, resolve=True), "edit")
     changed = {key: value for key, value in mine.items() if key not in default or default[key] != value}
+    # the method files as configs/ sets them under the run's edit group, so that a method value that points at
+    # edit.* (encore's ${edit.encore.*}) is named once, as the edit key; a method defined on the command line
+    # is named by its class and what differs from its class's file
+    files = configure([*model, *(f"{key}={json.dumps(value)}" for key, value in changed.items())]).method
+    for name, conf in OmegaConf.to_container(cfg.method, resolve=True).items():
+        file = files.get(name) or files.get(conf["class"])
+        ours = flat(conf, f"method.{name}")
+        theirs = flat(OmegaConf.to_container(file, resolve=True) if file is not None else {}, f"method.{name}")
+        if name not in files:
+            theirs.pop(f"method.{name}.class", None)
+        changed.update({key: value for key, value in ours.items() if key not in theirs or theirs[key] != value})
     # the adapter's overrides too (configs/ sets none): model.arch.down_proj(_by_layer) names the edited module
     arch = OmegaConf.to_container(cfg.model.arch, resolve=True) if cfg.model.get("arch") is not None else {}
     changed.update({f"model.arch.{key}": value for key, value in arch.items() if value is not None})
