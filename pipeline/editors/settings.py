@@ -96,7 +96,10 @@ def changed_edit_settings(cfg: DictConfig) -> list[str]:
     # the method files as configs/ sets them under the run's edit group, so that a method value that points at
     # edit.* (encore's ${edit.encore.*}) is named once, as the edit key; a method defined on the command line
     # is named by its class and what differs from its class's file
-    files = configure([*model, *(f"{key}={json.dumps(value)}" for key, value in changed.items())]).method
+    try:
+        files = configure([*model, *(f"{key}={json.dumps(value)}" for key, value in changed.items())]).method
+    except UserError:  # a value the command line cannot spell back: compare with the files as configs/ sets them
+        files = configure(model).method
     for name, conf in OmegaConf.to_container(cfg.method, resolve=True).items():
         file = files.get(name) or files.get(conf["class"])
         ours = flat(conf, f"method.{name}")
