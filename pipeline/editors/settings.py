@@ -89,24 +89,28 @@ def changed_edit_settings(cfg: DictConfig) -> list[str]:
             return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}.{key}").items()}
         return {prefix: node}
 
+    def differing(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in ours.items() if key not in theirs or theirs[key] != value}
+
     model = [f"model.name={cfg.model.name}"] if cfg.model.get("name") else []
-    mine = flat(OmegaConf.to_container(cfg.edit, resolve=True), "edit")
-    default = flat(OmegaConf.to_container(configure(model).edit, resolve=True), "edit")
-    changed = {key: value for key, value in mine.items() if key not in default or default[key] != value}
+    configured = configure(model)
+    changed = differing(
+        flat(OmegaConf.to_container(cfg.edit, resolve=True), "edit"),
+        flat(OmegaConf.to_container(configured.edit, resolve=True), "edit"),
+    )
     # the method files as configs/ sets them under the run's edit group, so that a method value that points at
     # edit.* (encore's ${edit.encore.*}) is named once, as the edit key; a method defined on the command line
     # is named by its class and what differs from its class's file
     try:
         files = configure([*model, *(f"{key}={json.dumps(value)}" for key, value in changed.items())]).method
     except UserError:  # a value the command line cannot spell back: compare with the files as configs/ sets them
-        files = configure(model).method
+        files = configured.method
     for name, conf in OmegaConf.to_container(cfg.method, resolve=True).items():
         file = files.get(name) or files.get(conf["class"])
-        ours = flat(conf, f"method.{name}")
         theirs = flat(OmegaConf.to_container(file, resolve=True) if file is not None else {}, f"method.{name}")
         if name not in files:
             theirs.pop(f"method.{name}.class", None)
-        changed.update({key: value for key, value in ours.items() if key not in theirs or theirs[key] != value})
+        changed.update(differing(flat(conf, f"method.{name}"), theirs))
     # the adapter's overrides too (configs/ sets none): model.arch.down_proj(_by_layer) names the edited module
     arch = OmegaConf.to_container(cfg.model.arch, resolve=True) if cfg.model.get("arch") is not None else {}
     changed.update({f"model.arch.{key}": value for key, value in arch.items() if value is not None})
