@@ -322,9 +322,21 @@ encore_range2() {  # ENCORE on records 1000-1999 with second_range's protocol (t
     eval.generation.tokens=0 eval.out=outputs/seq1000_start1000_encore
 }
 
+encore_lambda() {  # encore1000 with MEMIT's lambda (the pull towards C) at 2x and 4x the model file's 1500, lambda_n
+  # scaled with it (the model file's ratio): does a stronger pull keep the known facts, and at what efficacy?
+  # One eval.out per value; the steps encore_lambda3000 / encore_lambda6000 run one value each (side by side)
+  for lambda in "$@"; do
+    run "${SEQ[@]}" eval.batch_size=100 eval.n=1000 'eval.methods=[none,encore]' eval.eval_every=1 \
+      eval.curve_cases=50 eval.final_cases=200 eval.generation.tokens=0 "edit.memit.mom2_update_weight=$lambda" \
+      "edit.encore.norm_constraint=$((lambda / 750))" "eval.out=outputs/seq1000_encore_lambda$lambda"
+  done
+}
+encore_lambda3000() { encore_lambda 3000; }
+encore_lambda6000() { encore_lambda 6000; }
+
 STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
   ultraedit_modules ultraedit_gate_up ultraedit_statistics known_facts_count ultraedit_range2 batch1000 encore1000 encore_norm20
-  encore_keys_off encore_range2 nas_checks
+  encore_keys_off encore_range2 encore_lambda3000 encore_lambda6000 nas_checks
   alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300
   gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2 reproducibility_10k)
 steps=("$@")
