@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lifelong-editing measurements of docs/many-edits.md, one command each (CPU; hours on 2 cores).
 # Usage: bash benchmarks/lifelong_study.sh [STEP ...]   (the steps: STEPS at the end, and zsre_ultraedit | zsre_memit |
-# zsre_alphaedit for one method of zsre1000; default: all of STEPS). Each writes its own eval.out under
+# zsre_alphaedit | zsre_encore for one method of zsre1000; default: all of STEPS). Each writes its own eval.out under
 # outputs/; a stopped step resumes where it stopped
 # (the same command: finished methods are kept, the method in progress continues at its batch boundary).
 set -euo pipefail
@@ -213,7 +213,8 @@ gemma_rome_nas300() {  # the same with ROME's v* norm-anchored (NAS, its referen
 zsre1000() {  # zsRE, UltraEdit's own dataset: the 1,000 records here (the MEND 1k train subset) in batches of 100
   # (UltraEdit's batch), today's defaults (MEMIT with NAS, known facts about edited subjects set aside); edits
   # write answers[0] (ROME's convention, eval.zsre_target=answer); one process per method into one eval.out
-  # (steps zsre_ultraedit, zsre_memit and zsre_alphaedit run one method each: side by side, a process each).
+  # (steps zsre_ultraedit, zsre_memit, zsre_alphaedit and zsre_encore run one method each: side by side, a process
+  # each; ENCORE, added later, is not among the default three).
   # MEMIT's z for 100 zsRE requests at once takes about 15 GiB: micro-batches of 25 (the same z within 1e-6)
   # leave room on a 24 GB machine
   local method methods=("$@")
@@ -333,23 +334,29 @@ encore_lambda() {  # encore1000 with MEMIT's lambda (the pull towards C) at 2x a
 }
 encore_lambda3000() { encore_lambda 3000; }
 encore_lambda6000() { encore_lambda 6000; }
+encore_keys_off_range2() {  # encore_keys_off on encore_range2's records and protocol (1000-1999, the known-facts
+  # rule): do the earlier batches' keys keep the known facts on a second range too?
+  run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=100 eval.n=1000 eval.start=1000 \
+    'eval.methods=[none,encore]' eval.eval_every=1 eval.curve_cases=50 eval.final_cases=200 \
+    eval.generation.tokens=0 method.encore.memit.preserve_edits=false eval.out=outputs/seq1000_start1000_encore_keys_off
+}
 
 STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
   ultraedit_modules ultraedit_gate_up ultraedit_statistics known_facts_count ultraedit_range2 batch1000 encore1000 encore_norm20
-  encore_keys_off encore_range2 encore_lambda3000 encore_lambda6000 nas_checks
+  encore_keys_off encore_range2 encore_lambda3000 encore_lambda6000 encore_keys_off_range2 nas_checks
   alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300
   gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2 reproducibility_10k)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${STEPS[@]}")
 for step in "${steps[@]}"; do  # every name checked before the first (hours-long) step runs
-  case " ${STEPS[*]} zsre_ultraedit zsre_memit zsre_alphaedit " in
+  case " ${STEPS[*]} zsre_ultraedit zsre_memit zsre_alphaedit zsre_encore " in
     *" $step "*) ;;
-    *) echo "error: unknown step '$step' (${STEPS[*]} zsre_ultraedit zsre_memit zsre_alphaedit)" >&2; exit 2 ;;
+    *) echo "error: unknown step '$step' (${STEPS[*]} zsre_ultraedit zsre_memit zsre_alphaedit zsre_encore)" >&2; exit 2 ;;
   esac
 done
 for step in "${steps[@]}"; do
   case "$step" in
-    zsre_ultraedit | zsre_memit | zsre_alphaedit) zsre1000 "${step#zsre_}" ;;  # one method of zsre1000
+    zsre_ultraedit | zsre_memit | zsre_alphaedit | zsre_encore) zsre1000 "${step#zsre_}" ;;  # one method of zsre1000
     *) "$step" ;;
   esac
 done
