@@ -346,17 +346,18 @@ STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraed
   encore_keys_off encore_range2 encore_lambda3000 encore_lambda6000 encore_keys_off_range2 nas_checks
   alphaedit_range2 rome_range2 rome_reference rome_reference_range2 rome300 table300 gemma1000 gemma_rome300
   gemma_rome_nas300 zsre1000 zsre_alt variants templates reproducibility reproducibility_smollm2 reproducibility_10k)
+ZSRE_STEPS=(zsre_ultraedit zsre_memit zsre_alphaedit zsre_encore)  # one method of zsre1000 each
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${STEPS[@]}")
 for step in "${steps[@]}"; do  # every name checked before the first (hours-long) step runs
-  case " ${STEPS[*]} zsre_ultraedit zsre_memit zsre_alphaedit zsre_encore " in
+  case " ${STEPS[*]} ${ZSRE_STEPS[*]} " in
     *" $step "*) ;;
-    *) echo "error: unknown step '$step' (${STEPS[*]} zsre_ultraedit zsre_memit zsre_alphaedit zsre_encore)" >&2; exit 2 ;;
+    *) echo "error: unknown step '$step' (${STEPS[*]} ${ZSRE_STEPS[*]})" >&2; exit 2 ;;
   esac
 done
 for step in "${steps[@]}"; do
-  case "$step" in
-    zsre_ultraedit | zsre_memit | zsre_alphaedit | zsre_encore) zsre1000 "${step#zsre_}" ;;  # one method of zsre1000
+  case " ${ZSRE_STEPS[*]} " in
+    *" $step "*) zsre1000 "${step#zsre_}" ;;
     *) "$step" ;;
   esac
 done
