@@ -316,12 +316,15 @@ encore_keys_off() {  # encore1000 without its third part (the earlier batches' k
     eval.final_cases=200 eval.generation.tokens=0 method.encore.memit.preserve_edits=false \
     eval.out=outputs/seq1000_encore_keys_off
 }
-encore_range2() {  # ENCORE on records 1000-1999 with second_range's protocol (today's defaults, the known-facts rule),
-  # beside MEMIT's and AlphaEdit's second range
+encore_on_range2() {  # SUFFIX [OVERRIDE ...]: ENCORE on records 1000-1999 with second_range's protocol (today's
+  # defaults, the known-facts rule) and the overrides, into outputs/seq1000_start1000_encoreSUFFIX
+  local suffix=$1
+  shift
   run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=100 eval.n=1000 eval.start=1000 \
     'eval.methods=[none,encore]' eval.eval_every=1 eval.curve_cases=50 eval.final_cases=200 \
-    eval.generation.tokens=0 eval.out=outputs/seq1000_start1000_encore
+    eval.generation.tokens=0 "$@" "eval.out=outputs/seq1000_start1000_encore$suffix"
 }
+encore_range2() { encore_on_range2 ""; }  # beside MEMIT's and AlphaEdit's second range
 
 encore_lambda() {  # encore1000 with MEMIT's lambda (the pull towards C) at 2x and 4x the model file's 1500, lambda_n
   # scaled with it (the model file's ratio): does a stronger pull keep the known facts, and at what efficacy?
@@ -334,11 +337,9 @@ encore_lambda() {  # encore1000 with MEMIT's lambda (the pull towards C) at 2x a
 }
 encore_lambda3000() { encore_lambda 3000; }
 encore_lambda6000() { encore_lambda 6000; }
-encore_keys_off_range2() {  # encore_keys_off on encore_range2's records and protocol (1000-1999, the known-facts
-  # rule): do the earlier batches' keys keep the known facts on a second range too?
-  run stage=eval eval.mode=sequential "${COMMON[@]}" eval.batch_size=100 eval.n=1000 eval.start=1000 \
-    'eval.methods=[none,encore]' eval.eval_every=1 eval.curve_cases=50 eval.final_cases=200 \
-    eval.generation.tokens=0 method.encore.memit.preserve_edits=false eval.out=outputs/seq1000_start1000_encore_keys_off
+encore_keys_off_range2() {  # encore_keys_off on encore_range2's records and protocol: do the earlier batches'
+  # keys keep the known facts on a second range too?
+  encore_on_range2 _keys_off method.encore.memit.preserve_edits=false
 }
 
 STEPS=(ultraedit10k ultraedit_unrelated ultraedit_lr ultraedit_nullspace ultraedit_covariance ultraedit_subject
